@@ -1,0 +1,1 @@
+"""Built-in components, registered as ordinary plugins through the public hooks."""

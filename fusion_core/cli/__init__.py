@@ -1,0 +1,1 @@
+"""The ``fuse`` command line: one module per command group."""

@@ -1,0 +1,94 @@
+"""The ``fuse`` entry point: builds a fresh plugin manager, lets plugins add commands, runs click."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import FuseError
+
+
+class State:
+    """Per-invocation state on ``ctx.obj``: the plugin manager and a lazily built registry."""
+
+    def __init__(self, pm, debug: bool = False) -> None:
+        self.pm = pm
+        self.debug = debug
+        self._registry = None
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from ..registry import build_registry
+
+            self._registry = build_registry(self.pm)
+        return self._registry
+
+
+def make_cli(pm) -> click.Group:
+    """The root group with every command plugins registered (built-ins included)."""
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, "--version", prog_name="fuse", message="%(prog)s (fusion-core) %(version)s")
+    @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+    @click.pass_context
+    def cli(ctx: click.Context, debug: bool) -> None:
+        """fusion: merge, ensemble and upscale fine-tuned models, and benchmark the methods.
+
+        \b
+        fuse run                       TIES on the embedded mini benchmark
+        fuse run method=task_arithmetic method.scaling_factor=0.3
+        fuse merge ties --base B --model M1 --model M2 --output out/
+        fuse list methods              what the installed plugins provide
+        """
+        ctx.ensure_object(State)
+        ctx.obj.debug = debug
+
+    pm.hook.fusion_register_commands(cli=cli)
+    return cli
+
+
+def _report_plugin_failures(pm) -> None:
+    for record in pm.failures:
+        click.echo(
+            f"warning: {record.describe()} failed to load: {record.error} "
+            "(set FUSE_STRICT_PLUGINS=1 to make this fatal, FUSE_DISABLE_PLUGINS to skip it)",
+            err=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    from ..plugins import get_plugin_manager
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FUSE_DEBUG") == "1"
+    try:
+        pm = get_plugin_manager()
+        _report_plugin_failures(pm)
+        cli = make_cli(pm)
+        state = State(pm, debug)
+        return cli.main(args=argv, prog_name="fuse", obj=state, standalone_mode=False) or 0
+    except FuseError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted; no partial output was kept", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+
+
+def entry() -> None:  # pragma: no cover - console script
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The three kinds of component (methods, model pools, task pools) and what they share.
+
+A component is a class with a few class attributes that describe it, so that
+``fuse list`` and ``fuse show`` can render it and configs can be validated
+against it *before* anything heavy is imported:
+
+- ``name``: the registry name used in configs (``method=ties``).
+- ``summary``: one line.
+- ``Config``: a frozen attrs class; each field has a type, a default and
+  ``metadata={"help": ...}`` (use :func:`fusion_core.config.option`).
+- ``reference_url``: the paper or documentation, optional.
+- ``capabilities``: what the component needs and gives (:class:`Capabilities`).
+
+Modules that define components must not import torch/transformers/datasets at
+module level: import them inside the methods that need them.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import attrs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .run_context import RunContext
+
+OUTPUT_KINDS = ("model", "models", "ensemble", "state_dict")
+
+
+@attrs.frozen
+class Capabilities:
+    """What a component needs and what it gives; shown by ``fuse list``/``fuse show``."""
+
+    needs_base: bool = False
+    """The method needs the pretrained (base) model of the pool."""
+    needs_data: bool = False
+    """The method reads data batches (train split unless ``transductive``)."""
+    needs_labels: bool = False
+    """The data must carry labels (Fisher, RegMean)."""
+    trains: bool = False
+    """The method runs gradient steps."""
+    transductive: bool = False
+    """The method adapts on unlabelled *test* inputs (AdaMerging, WEMoE)."""
+    random: bool = False
+    """The output depends on the seed (DARE, DELLA)."""
+    output: str = attrs.field(default="model", validator=attrs.validators.in_(OUTPUT_KINDS))
+    """``model`` (one merged model), ``models`` (several named), ``ensemble`` or ``state_dict``."""
+
+    def flags(self) -> list[str]:
+        """Short labels of the capabilities that are set, for tables."""
+        out = [f.name.replace("_", "-") for f in attrs.fields(Capabilities) if f.type in (bool, "bool") and getattr(self, f.name)]
+        if self.output != "model":
+            out.append(f"output={self.output}")
+        return out
+
+
+@attrs.frozen
+class EmptyConfig:
+    """A component with no fields."""
+
+
+class Component(abc.ABC):
+    """Base of every registered component.  Subclasses set the class attributes."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type] = EmptyConfig
+    reference_url: ClassVar[str | None] = None
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.name} {self.config!r}>"
+
+
+class Method(Component):
+    """A fusion method: turns the models of a pool into one or more models.
+
+    Override :meth:`run`.  Tensor-by-tensor methods should instead subclass
+    :class:`fusion_core.engine.KernelMethod` and write only the kernel.
+    """
+
+    kind = "method"
+
+    @abc.abstractmethod
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
+        """Fuse the pool's models.
+
+        :returns: an ``nn.Module``, a state dict (``Mapping[str, Tensor]``, turned into a
+            module by :meth:`ModelPool.model_from_state_dict`), or a ``dict`` of such,
+            keyed by a label, when ``capabilities.output == "models"`` (a sweep).
+        """
+
+
+class ModelPool(Component):
+    """A set of models to fuse: a base (pretrained) model and named fine-tuned models.
+
+    Model names conventionally equal task names of the matching task pool, so
+    that each fine-tuned model can be scored on its own task ("individual").
+    Loading is lazy: nothing heavy happens before :meth:`load_model`/:meth:`reader`.
+    """
+
+    kind = "model-pool"
+
+    @property
+    @abc.abstractmethod
+    def model_names(self) -> list[str]:
+        """Names of the fine-tuned models (the base excluded)."""
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the pool has a base (pretrained) model."""
+        return False
+
+    def validate(self) -> None:
+        """Check everything that can be checked cheaply (files exist, names); load nothing heavy."""
+
+    def describe(self) -> dict:
+        """Inputs for the report (paths, revisions...)."""
+        return {"models": self.model_names, "has_base": self.has_base}
+
+    @abc.abstractmethod
+    def load_model(self, name: str | None = None):
+        """Return the ``nn.Module`` of model ``name`` (``None`` = the base)."""
+
+    def reader(self, name: str | None = None):
+        """Return a :class:`fusion_core.engine.TensorReader` over model ``name``'s mergeable tensors
+        (``None`` = the base).  The default wraps :meth:`load_model`'s state dict."""
+        from .engine.readers import StateDictReader
+
+        model = self.load_model(name)
+        return StateDictReader(model.state_dict(), label=name or "base")
+
+    def model_from_state_dict(self, state_dict: Mapping[str, Any]):
+        """Build a module of the pool's architecture holding ``state_dict`` (for evaluation)."""
+        model = self.load_model(None) if self.has_base else self.load_model(self.model_names[0])
+        missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
+        if unexpected:
+            from .errors import InputError
+
+            raise InputError(f"merged state dict has keys the model lacks: {', '.join(unexpected[:5])}")
+        return model
+
+    def save_model(self, model: Any, path: str, *, recipe: Mapping[str, Any]) -> None:
+        """Write ``model`` to the folder ``path`` (safetensors), recording ``recipe``."""
+        from .engine.writer import save_state_dict_folder
+
+        state = model if isinstance(model, Mapping) else model.state_dict()
+        save_state_dict_folder(state, path, recipe=recipe)
+
+    def data(self, name: str, split: str):
+        """Data for data-driven methods: an iterable of batches of model ``name``'s task, or ``None``."""
+        return None
+
+
+class TaskPool(Component):
+    """A set of evaluation tasks: scores a model on each task."""
+
+    kind = "task-pool"
+
+    @property
+    @abc.abstractmethod
+    def task_names(self) -> list[str]:
+        """Names of the tasks."""
+
+    def validate(self) -> None:
+        """Check what can be checked cheaply; load nothing heavy."""
+
+    def describe(self) -> dict:
+        return {"tasks": self.task_names}
+
+    @abc.abstractmethod
+    def evaluate(self, model: Any, *, tasks: list[str] | None = None, ctx: "RunContext | None" = None) -> dict[str, dict[str, float]]:
+        """Score ``model`` on ``tasks`` (all when ``None``): ``{task: {metric: value}}``."""
+
+    def primary_metric(self) -> str:
+        """The metric averaged in summary tables."""
+        return "accuracy"
+
+
+KINDS = {"method": Method, "model-pool": ModelPool, "task-pool": TaskPool}

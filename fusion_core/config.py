@@ -1,0 +1,251 @@
+"""Typed component configs: field declarations, validation and conversion from YAML values."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Literal, Mapping
+
+import attrs
+
+from .errors import ConfigError, did_you_mean
+
+_NOTHING = attrs.NOTHING
+
+
+def option(default: Any = _NOTHING, *, help: str, validator=None, factory=None):
+    """Declare a config field with its help text (shown by ``fuse show``).
+
+    ``default`` may be omitted for a required field; use ``factory`` for mutable defaults.
+    """
+    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if validator is not None:
+        kwargs["validator"] = validator
+    if factory is not None:
+        kwargs["factory"] = factory
+    elif default is not _NOTHING:
+        kwargs["default"] = default
+    return attrs.field(**kwargs)
+
+
+def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """Validator: a number (or every number of a list) in [lo, hi] (ends open if asked); ``None`` passes."""
+
+    def check(instance, attribute, value):
+        if value is None:
+            return
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (
+                hi is not None and (v > hi or (hi_open and v == hi))
+            )
+            if bad:
+                left = "(" if lo_open else "["
+                right = ")" if hi_open else "]"
+                span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+                raise ValueError(f"{attribute.name} must be in {span}, got {v!r}")
+
+    return check
+
+
+def positive(instance, attribute, value):
+    """Validator: a number > 0 (``None`` passes)."""
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------- values and overrides
+
+_KEY_SEGMENT = __import__("re").compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def parse_value(text: str) -> Any:
+    """Type a command-line value the way YAML would (``0.2`` → float, ``[1,2]`` → list, ``null`` → None)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read value {text!r}: {str(exc).splitlines()[0]}") from None
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (``["a", "b"]``, typed value); malformed overrides raise ConfigError."""
+    if "=" not in arg:
+        raise ConfigError(f"malformed override {arg!r}: expected key=value (e.g. method.density=0.2)")
+    key, _, raw = arg.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"malformed override {arg!r}: the key before '=' is empty")
+    parts = key.split(".")
+    for part in parts:
+        if not _KEY_SEGMENT.match(part):
+            raise ConfigError(f"malformed override {arg!r}: {'empty' if not part else 'invalid'} key segment {part!r} in {key!r}")
+    return parts, parse_value(raw)
+
+
+def load_yaml_file(path) -> dict:
+    """Read a YAML mapping safely; errors name file:line:col."""
+    import os
+
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError(f"invalid YAML at {where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- typed conversion
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, str):
+        return tp
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """Convert a YAML value to ``tp`` or raise _Mismatch.  Accepts int for float, list for tuple."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin in (list, tuple, typing.Sequence, __import__("collections.abc").abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise _Mismatch
+            return tuple(_convert(v, a) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        items = [_convert(v, inner) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, typing.Mapping, __import__("collections.abc").abc.Mapping):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        kt, vt = (args + (Any, Any))[:2] if args else (Any, Any)
+        return {_convert(k, kt): _convert(v, vt) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _Mismatch
+
+
+def config_fields(config_cls) -> list:
+    """The attrs fields of a component's ``Config`` with types resolved."""
+    attrs.resolve_types(config_cls)
+    return list(attrs.fields(config_cls))
+
+
+def make_config(config_cls, mapping: Mapping[str, Any] | None, *, where: str = "config"):
+    """Build a validated ``config_cls`` from a mapping of YAML values.
+
+    Unknown keys → "did you mean"; wrong types → key, expected type and value;
+    validator failures → the validator's message, prefixed with the key.
+    """
+    mapping = dict(mapping or {})
+    fields = {f.name: f for f in config_fields(config_cls)}
+    kwargs = {}
+    for key, value in mapping.items():
+        if key not in fields:
+            raise ConfigError(f"unknown field {where}.{key}{did_you_mean(str(key), fields)}")
+        field = fields[key]
+        try:
+            kwargs[key] = _convert(value, field.type) if field.type is not None else value
+        except _Mismatch:
+            raise ConfigError(
+                f"{where}.{key}: expected {_type_name(field.type)}, got {value!r} ({type(value).__name__})"
+            ) from None
+    missing = [name for name, f in fields.items() if f.default is attrs.NOTHING and name not in kwargs]
+    if missing:
+        raise ConfigError(f"{where}: missing required field(s): {', '.join(missing)}")
+    try:
+        return config_cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{where}: {msg}") from None
+
+
+def config_to_dict(config) -> dict:
+    """A component config as plain YAML-able data."""
+    return attrs.asdict(config, recurse=True, retain_collection_types=False)
+
+
+def describe_fields(config_cls) -> list[dict]:
+    """Name, type, default and help of each field (for ``fuse show``)."""
+    out = []
+    for f in config_fields(config_cls):
+        if f.default is attrs.NOTHING:
+            default = "(required)"
+        elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
+            default = repr(f.default.factory())
+        else:
+            default = repr(f.default)
+        out.append({"name": f.name, "type": _type_name(f.type), "default": default, "help": f.metadata.get("help", "")})
+    return out

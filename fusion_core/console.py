@@ -1,0 +1,19 @@
+"""The two rich consoles: results on stdout, messages and progress on stderr."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def console():
+    from rich.console import Console
+
+    return Console()
+
+
+@functools.lru_cache(maxsize=None)
+def error_console():
+    from rich.console import Console
+
+    return Console(stderr=True)

@@ -1,0 +1,192 @@
+"""Building the plugin manager: built-in plugins plus entry points of the ``fusion`` group.
+
+The manager is built by :func:`get_plugin_manager`, fresh for every CLI invocation
+and every test; nothing is loaded at import time.  Each entry point is loaded on
+its own: one that fails to import or that implements unknown hooks is recorded
+(and reported once on stderr by the CLI) while the rest keep working.
+
+Environment:
+
+- ``FUSE_LOAD_PLUGINS=a,b``: only load these entry points (entry-point or
+  distribution names); ``FUSE_LOAD_PLUGINS=`` (empty) loads none.
+- ``FUSE_DISABLE_PLUGINS=a,b``: never load these.
+- ``FUSE_STRICT_PLUGINS=1``: a broken plugin is a fatal error (for plugin authors).
+- ``FUSE_TRACE_PLUGINS=1``: print every hook call with its arguments on stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Iterable, Mapping
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, did_you_mean
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "fusion_core.builtins.methods",
+    "fusion_core.builtins.model_pools",
+    "fusion_core.builtins.task_pools",
+    "fusion_core.cli.commands",
+)
+
+
+@attrs.define
+class PluginRecord:
+    """What the loader knows about one plugin."""
+
+    name: str
+    module: str
+    dist: str | None = None
+    version: str | None = None
+    builtin: bool = False
+    status: str = "ok"  # ok | failed | skipped
+    error: str | None = None
+
+    def describe(self) -> str:
+        where = f"{self.dist} {self.version}" if self.dist else self.module
+        return f"plugin {self.name!r} ({where})"
+
+
+class FusionPluginManager(pluggy.PluginManager):
+    """A pluggy manager that remembers where each plugin came from and what failed."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+
+    @property
+    def failures(self) -> list[PluginRecord]:
+        return [r for r in self.records.values() if r.status == "failed"]
+
+    def record_failure(self, name: str, error: BaseException | str) -> PluginRecord:
+        record = self.records[name]
+        record.status = "failed"
+        record.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        if self.get_plugin(name) is not None:
+            self.unregister(name=name)
+        return record
+
+
+def _env_list(environ: Mapping[str, str], key: str) -> list[str] | None:
+    if key not in environ:
+        return None
+    return [item.strip() for item in environ[key].split(",") if item.strip()]
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _check_hooks(pm: FusionPluginManager, name: str, strict: bool) -> None:
+    """Refuse hookimpls whose names are not hooks (misspellings), naming the plugin."""
+    plugin = pm.get_plugin(name)
+    known = [n for n in dir(hookspecs) if n.startswith("fusion_")]
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        bad = [
+            attr
+            for attr in dir(plugin)
+            if attr.startswith("fusion_") and attr not in known and pm.parse_hookimpl_opts(plugin, attr) is not None
+        ]
+        hook = bad[0] if bad else "?"
+        message = f"unknown hook {hook!r}{did_you_mean(hook, known)}"
+        record = pm.record_failure(name, message)
+        if strict:
+            raise PluginError(f"{record.describe()}: {message}") from None
+
+
+def get_plugin_manager(
+    *,
+    load_entrypoints: bool = True,
+    environ: Mapping[str, str] | None = None,
+    entry_points: Iterable | None = None,
+    extra_plugins: Iterable[tuple[str, object]] = (),
+) -> FusionPluginManager:
+    """Build a fresh plugin manager.
+
+    :param load_entrypoints: load the ``fusion`` entry-point group (off in some tests).
+    :param environ: environment to read ``FUSE_*`` settings from (default ``os.environ``).
+    :param entry_points: entry points to load instead of the installed ones (tests).
+    :param extra_plugins: ``(name, module_or_object)`` pairs registered after the built-ins.
+    """
+    environ = os.environ if environ is None else environ
+    strict = _truthy(environ.get("FUSE_STRICT_PLUGINS"))
+    pm = FusionPluginManager()
+
+    for modname in DEFAULT_PLUGINS:
+        short = modname.rsplit(".", 1)[-1]
+        name = f"fusion_core.{short}" if not modname.startswith("fusion_core.cli") else "fusion_core.commands"
+        pm.records[name] = PluginRecord(name=name, module=modname, dist="fusion-core", version=_core_version(), builtin=True)
+        pm.register(importlib.import_module(modname), name=name)
+
+    for name, obj in extra_plugins:
+        pm.records[name] = PluginRecord(name=name, module=getattr(obj, "__name__", repr(obj)))
+        pm.register(obj, name=name)
+        _check_hooks(pm, name, strict)
+
+    if load_entrypoints:
+        _load_entrypoints(pm, environ, entry_points, strict)
+
+    if _truthy(environ.get("FUSE_TRACE_PLUGINS")):
+        def before(hook_name, hook_impls, kwargs):
+            print(f"[fuse trace] {hook_name}({', '.join(kwargs)}) -> {[i.plugin_name for i in hook_impls]}", file=sys.stderr)
+
+        def after(outcome, hook_name, hook_impls, kwargs):
+            print(f"[fuse trace] {hook_name} done", file=sys.stderr)
+
+        pm.add_hookcall_monitoring(before, after)
+    return pm
+
+
+def _load_entrypoints(pm: FusionPluginManager, environ, entry_points, strict: bool) -> None:
+    if entry_points is None:
+        from importlib.metadata import entry_points as _eps
+
+        entry_points = _eps(group=hookspecs.PROJECT)
+    allow = _env_list(environ, "FUSE_LOAD_PLUGINS")
+    deny = _env_list(environ, "FUSE_DISABLE_PLUGINS") or []
+    seen: set[str] = set()
+    for ep in sorted(entry_points, key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else None
+        version = dist.version if dist is not None else None
+        names = {ep.name, dist_name}
+        if ep.name in seen:
+            continue
+        seen.add(ep.name)
+        record = PluginRecord(name=ep.name, module=ep.value, dist=dist_name, version=version)
+        pm.records[ep.name] = record
+        if (allow is not None and not names & set(allow)) or names & set(deny):
+            record.status = "skipped"
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:  # a broken plugin must not take the CLI down
+            pm.record_failure(ep.name, exc)
+            if strict:
+                raise PluginError(f"{record.describe()} failed to load: {type(exc).__name__}: {exc}") from exc
+            continue
+        _check_hooks(pm, ep.name, strict)
+
+
+def _core_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def plugin_versions(pm: FusionPluginManager) -> dict[str, str | None]:
+    """``{distribution: version}`` of every loaded plugin, for reports."""
+    out: dict[str, str | None] = {"fusion-core": _core_version()}
+    for record in pm.records.values():
+        if record.status == "ok" and record.dist:
+            out[record.dist] = record.version
+    return out

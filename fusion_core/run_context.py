@@ -1,0 +1,54 @@
+"""What a running method can see: seed, device, dtype, the task pool, progress and timings."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import attrs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+    from .components import TaskPool
+    from .engine.kernel import KernelContext
+
+
+@attrs.define
+class RunContext:
+    """Passed to :meth:`Method.run` and :meth:`TaskPool.evaluate`; holds no global state."""
+
+    seed: int = 0
+    device: str = "cpu"
+    compute_dtype: str = "float32"
+    taskpool: "TaskPool | None" = None
+    console: "Console | None" = None
+    show_progress: bool = True
+    timings: dict[str, float] = attrs.field(factory=dict)
+    extras: dict[str, Any] = attrs.field(factory=dict)
+
+    def kernel_context(self, name: str) -> "KernelContext":
+        from .engine.kernel import KernelContext
+
+        return KernelContext(name=name, seed=self.seed, compute_dtype=self.compute_dtype, device=self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; the report lists every phase's seconds."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def track(self, iterable: Iterable, description: str, total: int | None = None) -> Iterator:
+        """Iterate with a rich progress bar (on stderr) when progress is on."""
+        if not self.show_progress:
+            yield from iterable
+            return
+        from rich.progress import track
+
+        from .console import error_console
+
+        yield from track(iterable, description=description, total=total, console=error_console(), transient=True)

@@ -1,0 +1,18 @@
+"""Registers the data-free merge methods of fusion-merging through the public hook."""
+
+from __future__ import annotations
+
+import fusion_core
+
+
+def all_methods() -> list[type]:
+    """Every method class this plugin provides, module by module."""
+    from . import basic, geometric, subspace, task_arithmetic
+
+    return [*basic.METHODS, *task_arithmetic.METHODS, *geometric.METHODS, *subspace.METHODS]
+
+
+@fusion_core.hookimpl
+def fusion_register_methods(register):
+    for cls in all_methods():
+        register(cls)
