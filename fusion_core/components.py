@@ -138,6 +138,8 @@ class ModelPool(Component):
     def model_from_state_dict(self, state_dict: Mapping[str, Any]):
         """Build a module of the pool's architecture holding ``state_dict`` (for evaluation)."""
         model = self.load_model(None) if self.has_base else self.load_model(self.model_names[0])
+        if isinstance(model, Mapping):  # a pool of plain state dicts
+            return dict(state_dict)
         missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
         if unexpected:
             from .errors import InputError

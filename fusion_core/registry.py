@@ -111,11 +111,12 @@ def build_registry(pm) -> Registry:
     import os
 
     strict = os.environ.get("FUSE_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+    trace = os.environ.get("FUSE_TRACE_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
     registry = Registry()
 
     def call(hook_name: str, make_register: Callable[[str], Callable]) -> None:
         caller = getattr(pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        for impl in caller.get_hookimpls():  # registration order
             plugin = impl.plugin_name
             pending: list = []
             try:
@@ -128,6 +129,11 @@ def build_registry(pm) -> Registry:
                     raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
                 pm.record_failure(plugin, exc)
                 continue
+            if trace:
+                import sys
+
+                names = ", ".join(e.name for e in pending) or "nothing"
+                print(f"[fuse trace] {hook_name} <- plugin {plugin!r}: {names}", file=sys.stderr)
             for entry in pending:
                 registry.add(entry)
 

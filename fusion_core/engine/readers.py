@@ -167,7 +167,7 @@ class SafetensorsFile:
             return self._fd
 
     def _read_into(self, out: torch.Tensor, offset: int) -> None:
-        view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         fd, done, total = self._descriptor(), 0, len(view)
         while done < total:
             got = os.preadv(fd, [view[done:]], self.data_start + offset + done)

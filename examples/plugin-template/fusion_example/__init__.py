@@ -1,0 +1,44 @@
+"""fusion-example: a template plugin registering one merge method."""
+
+from __future__ import annotations
+
+import attrs
+
+import fusion_core
+from fusion_core.components import Capabilities
+from fusion_core.config import option
+from fusion_core.engine.kernel import KernelMethod
+
+
+@attrs.frozen
+class MedianConfig:
+    use_base: bool = option(False, help="Take the median of task vectors and add it to the base instead of the weights.")
+
+
+class Median(KernelMethod):
+    """Element-wise median of the fine-tuned models (robust to one outlier among three)."""
+
+    name = "median"
+    summary = "Element-wise median of the models (or of their task vectors with use_base)."
+    Config = MedianConfig
+    reference_url = "https://en.wikipedia.org/wiki/Median"
+    capabilities = Capabilities(needs_base=False)
+    elementwise = True
+
+    def kernel(self, name, base, tensors, ctx):
+        import torch
+
+        stacked = torch.stack(list(tensors))
+        if self.config.use_base:
+            if base is None:
+                from fusion_core.errors import InputError
+
+                raise InputError("median: use_base=true needs a base model")
+            return base + torch.quantile(stacked - base, 0.5, dim=0)
+        # quantile interpolates for an even count (mean of the two middle values)
+        return torch.quantile(stacked, 0.5, dim=0)
+
+
+@fusion_core.hookimpl
+def fusion_register_methods(register):
+    register(Median)

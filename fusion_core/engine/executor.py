@@ -1,0 +1,490 @@
+"""The streaming merge executor: one tensor name at a time, reading ahead on a thread.
+
+Two entry points share one loop:
+
+- :func:`merge_pool` merges an in-memory model pool (``KernelMethod.run``) and
+  returns the merged state dict;
+- :func:`merge_to_path` merges readers (files, folders) straight to a
+  ``.safetensors`` file or a sharded HF folder (``fuse merge``).
+
+Memory.  For each output tensor the engine holds at most two *work units*
+(the one being computed and the one being read ahead).  A unit is the tensor of
+every input, or, for large tensors, a block of rows of every input:
+
+- ``method.elementwise`` kernels see row blocks of at most ``chunk_bytes`` in all;
+- kernels that also define the two-phase protocol below see, for large tensors,
+  one input at a time (plus the base), then row blocks;
+- other kernels see whole tensors.
+
+Two-phase protocol (optional, duck-typed on the method), for kernels that need
+a per-tensor statistic of each input (TIES's top-k threshold, an L1 norm)::
+
+    def chunk_stats(self, name, base, tensor, index, ctx) -> Any
+        # whole tensors: the base (or None) and input ``index``; return what phase 2 needs
+    def kernel_chunk(self, name, base, tensors, ctx, stats, start) -> Tensor
+        # rows [start, start + len) of the base and of every input; ``stats`` is the list
+        # of chunk_stats results in input order; return those rows of the merge
+
+The engine uses it only for tensors above ``chunk_bytes``; smaller ones go through
+``kernel``, so both paths must agree (test them against each other).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+import attrs
+import torch
+
+from ..errors import FuseError, InputError, PluginError
+from .kernel import KernelContext, KernelMethod
+from .readers import TensorReader, as_reader
+from .validate import ALIAS, COPY, MERGE, PASSTHROUGH, TensorPlan, dtype_name, parse_dtype, plan_merge
+from .writer import DEFAULT_SHARD_SIZE, ModelWriter, atomic_output, copy_model_files, parse_size, write_model_card
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..components import ModelPool
+    from ..run_context import RunContext
+
+
+def _stderr(message: str) -> None:
+    from ..console import error_console
+
+    error_console().print(message, markup=False, highlight=False)
+
+
+@attrs.define
+class MergeOptions:
+    """Settings of one merge (the ``fuse merge`` flags)."""
+
+    seed: int = 0
+    compute_dtype: str = "float32"
+    out_dtype: str | None = None
+    """Output dtype of float tensors; ``None``: the base's (or the inputs') dtype."""
+    device: str = "cpu"
+    shard_size: int | str = DEFAULT_SHARD_SIZE
+    common_keys_only: bool = False
+    overwrite: bool = False
+    chunk_bytes: int = 64 * 2**20
+    """Largest work unit (all inputs together, compute dtype) for chunkable kernels."""
+    prefetch: bool = True
+    """Read the next unit on a thread while the current one is computed."""
+    check_finite: bool = True
+    copy_files: bool = True
+    """Copy the base's config/tokenizer files into an HF output folder."""
+    recipe: dict | None = None
+    """Recorded in the model card."""
+    progress: bool = False
+    notify: Callable[[str], None] | None = None
+    """Where notes go (default: stderr)."""
+
+
+# ---------------------------------------------------------------------------
+# work units
+
+
+@attrs.frozen
+class _Unit:
+    plan: TensorPlan
+    step: str  # "whole" | "rows" | "stats" | "copy" | "alias" | "pass"
+    start: int = 0
+    stop: int = 0
+    index: int = -1  # stats: the input
+    last: bool = True  # the unit completing this tensor
+
+
+class _Loader:
+    """Reads the inputs of a unit (on the prefetch thread), cast to the compute dtype and device."""
+
+    def __init__(self, inputs: Sequence[TensorReader], has_base: bool, dtype: torch.dtype, device: str, check_finite: bool) -> None:
+        self.inputs, self.has_base, self.dtype, self.device, self.check_finite = inputs, has_base, dtype, device, check_finite
+        self._base_cache: tuple[str, torch.Tensor] | None = None
+
+    def _prepare(self, reader: TensorReader, name: str, tensor: torch.Tensor, check: bool) -> torch.Tensor:
+        out = tensor.to(device=self.device, dtype=self.dtype)
+        if out is tensor and not reader.owns_tensors:
+            out = tensor.clone()
+        if check and self.check_finite and out.numel() and not bool(torch.isfinite(out.sum())):
+            bad = ~torch.isfinite(out)
+            if bool(bad.any()):
+                n_nan = int(torch.isnan(out).sum())
+                what = "NaN" if n_nan else "Inf"
+                raise InputError(f"tensor {name!r} of {reader.label} contains {what} values ({int(bad.sum())} non-finite); fix or drop that input")
+        return out
+
+    def read(self, unit: _Unit) -> Any:
+        name, inputs = unit.plan.name, self.inputs
+        if unit.step in ("alias",):
+            return None
+        if unit.step == "copy":
+            return [r.get(name) for r in inputs]
+        if unit.step == "pass":
+            reader = inputs[unit.plan.source_index]
+            src = unit.plan.source
+            tensor = reader.get_rows(src, unit.start, unit.stop) if unit.stop > unit.start else reader.get(src)
+            return self._prepare(reader, src, tensor, check=False)
+        if unit.step == "whole":
+            tensors = [self._prepare(r, name, r.get(name), True) for r in inputs]
+        elif unit.step == "rows":
+            check = unit.index != -2
+            tensors = [self._prepare(r, name, r.get_rows(name, unit.start, unit.stop), check) for r in inputs]
+        elif unit.step == "stats":
+            base = None
+            if self.has_base:
+                if self._base_cache is None or self._base_cache[0] != name:
+                    self._base_cache = None
+                    self._base_cache = (name, self._prepare(inputs[0], name, inputs[0].get(name), True))
+                base = self._base_cache[1]
+            reader = inputs[unit.index + (1 if self.has_base else 0)]
+            tensor = self._prepare(reader, name, reader.get(name), True)
+            if unit.index == len(inputs) - (2 if self.has_base else 1):
+                self._base_cache = None
+            return base, tensor
+        else:  # pragma: no cover - internal
+            raise AssertionError(unit.step)
+        if self.has_base:
+            return tensors[0], tensors[1:]
+        return None, tensors
+
+
+class _Prefetcher:
+    """Iterates ``(unit, data)`` with at most two units loaded (one in use, one read ahead)."""
+
+    def __init__(self, units: Sequence[_Unit], load: Callable[[_Unit], Any], enabled: bool) -> None:
+        self.units, self.load, self.enabled = units, load, enabled
+        self._slots = threading.Semaphore(2)
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _produce(self) -> None:
+        try:
+            for unit in self.units:
+                while not self._slots.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    return
+                self._queue.put(("ok", unit, self.load(unit)))
+            self._queue.put(("end", None, None))
+        except BaseException as exc:  # handed to the consumer
+            self._queue.put(("error", None, exc))
+
+    def __iter__(self) -> Iterator[tuple[_Unit, Any]]:
+        if not self.enabled:
+            for unit in self.units:
+                yield unit, self.load(unit)
+            return
+        self._thread = threading.Thread(target=self._produce, name="fuse-prefetch", daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                status, unit, data = self._queue.get()
+                if status == "end":
+                    return
+                if status == "error":
+                    raise data
+                yield unit, data
+                del data
+                self._slots.release()
+        finally:
+            self._stop.set()
+            self._thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------
+# sinks
+
+
+class _MemorySink:
+    def __init__(self, plans: Sequence[TensorPlan]) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+        self.plans = {p.name: p for p in plans}
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.state[name] = tensor
+
+    def put_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        if name not in self.state:
+            plan = self.plans[name]
+            self.state[name] = torch.empty(plan.shape, dtype=plan.out_dtype)
+        self.state[name][start : start + tensor.shape[0]] = tensor
+
+    def alias(self, name: str, source: str) -> None:
+        self.state[name] = self.state[source]
+
+
+class _FileSink:
+    def __init__(self, writer: ModelWriter) -> None:
+        self.writer = writer
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.writer.write(name, tensor)
+
+    def put_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        self.writer.write(name, tensor, start)
+
+    def alias(self, name: str, source: str) -> None:
+        """Tied tensors are stored once (``from_pretrained`` ties them again)."""
+
+
+# ---------------------------------------------------------------------------
+# the engine
+
+
+def _rows_per_unit(plan: TensorPlan, n_inputs: int, itemsize: int, chunk_bytes: int) -> int:
+    row = math.prod(plan.shape[1:]) * itemsize * n_inputs
+    return max(1, chunk_bytes // max(1, row))
+
+
+def _plan_units(method: Any, plans: Sequence[TensorPlan], n_inputs: int, n_models: int, itemsize: int, chunk_bytes: int) -> list[_Unit]:
+    elementwise = bool(getattr(method, "elementwise", False))
+    two_phase = callable(getattr(method, "chunk_stats", None)) and callable(getattr(method, "kernel_chunk", None))
+    units: list[_Unit] = []
+    for plan in plans:
+        numel = math.prod(plan.shape)
+        if plan.kind == ALIAS:
+            units.append(_Unit(plan, "alias"))
+            continue
+        if plan.kind == COPY:
+            units.append(_Unit(plan, "copy"))
+            continue
+        big = len(plan.shape) >= 1 and plan.shape[0] > 1
+        if plan.kind == PASSTHROUGH:
+            rows = _rows_per_unit(plan, 1, itemsize, chunk_bytes)
+            if big and numel * itemsize > chunk_bytes:
+                starts = list(range(0, plan.shape[0], rows))
+                units += [_Unit(plan, "pass", s, min(s + rows, plan.shape[0]), last=s == starts[-1]) for s in starts]
+            else:
+                units.append(_Unit(plan, "pass"))
+            continue
+        big = big and numel * itemsize * n_inputs > chunk_bytes
+        if big and (elementwise or two_phase):
+            rows = _rows_per_unit(plan, n_inputs, itemsize, chunk_bytes)
+            if two_phase and not elementwise:
+                units += [_Unit(plan, "stats", index=i, last=False) for i in range(n_models)]
+            starts = list(range(0, plan.shape[0], rows))
+            # rows already checked for NaN/Inf in the stats pass are not checked again
+            index = -2 if (two_phase and not elementwise) else -1
+            units += [_Unit(plan, "rows", s, min(s + rows, plan.shape[0]), index=index, last=s == starts[-1]) for s in starts]
+        else:
+            units.append(_Unit(plan, "whole"))
+    return units
+
+
+def _check_output(method: Any, name: str, out: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise PluginError(f"method {method.name!r} returned a {type(out).__name__} for tensor {name!r}, not a tensor")
+    if tuple(out.shape) != tuple(shape):
+        raise PluginError(f"method {method.name!r} returned shape {list(out.shape)} for tensor {name!r} of shape {list(shape)}")
+    return out
+
+
+def _run(method: Any, inputs: Sequence[TensorReader], has_base: bool, plans: Sequence[TensorPlan], sink: Any, *,
+         kernel_context: Callable[[str], KernelContext], compute_dtype: torch.dtype, device: str, opts: MergeOptions,
+         progress: Callable[[], None] | None = None) -> None:
+    n_models = len(inputs) - (1 if has_base else 0)
+    units = _plan_units(method, plans, len(inputs), n_models, compute_dtype.itemsize, opts.chunk_bytes)
+    loader = _Loader(inputs, has_base, compute_dtype, device, opts.check_finite)
+    stats: dict[str, list] = {}
+    labels = [r.label for r in inputs]
+    iterator = iter(_Prefetcher(units, loader.read, opts.prefetch))
+    try:
+        _consume(method, iterator, sink, stats, labels, kernel_context, progress)
+    finally:
+        iterator.close()
+
+
+def _consume(method, iterator, sink, stats, labels, kernel_context, progress) -> None:
+    while True:
+        try:
+            unit, data = next(iterator)
+        except StopIteration:
+            break
+        _process(method, unit, data, sink, stats, labels, kernel_context)
+        del data  # before the next read is allowed to start
+        if unit.last and progress is not None:
+            progress()
+
+
+def _finish(plan: TensorPlan, out: torch.Tensor) -> torch.Tensor:
+    return out.detach().to(device="cpu", dtype=plan.out_dtype)
+
+
+def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str], kernel_context) -> None:
+    plan, name = unit.plan, unit.plan.name
+    if unit.step == "alias":
+        sink.alias(name, plan.source)
+    elif unit.step == "copy":
+        first = data[0]
+        for label, other in zip(labels[1:], data[1:]):
+            if not torch.equal(first, other):
+                raise InputError(f"non-float tensor {name!r} ({dtype_name(first.dtype)}) differs between {labels[0]} and {label}; "
+                                 "integer tensors cannot be merged")
+        sink.put(name, first)
+    elif unit.step == "pass":
+        if unit.stop > unit.start:
+            sink.put_rows(name, unit.start, _finish(plan, data))
+        else:
+            sink.put(name, _finish(plan, data))
+    elif unit.step == "whole":
+        base, tensors = data
+        out = method.kernel(name, base, tensors, kernel_context(name))
+        sink.put(name, _finish(plan, _check_output(method, name, out, plan.shape)))
+    elif unit.step == "stats":
+        base, tensor = data
+        stats.setdefault(name, []).append(method.chunk_stats(name, base, tensor, unit.index, kernel_context(name)))
+    elif unit.step == "rows":
+        base, tensors = data
+        shape = (unit.stop - unit.start,) + tuple(plan.shape[1:])
+        if name in stats:
+            out = method.kernel_chunk(name, base, tensors, kernel_context(name), stats[name], unit.start)
+        else:
+            out = method.kernel(name, base, tensors, kernel_context(name))
+        sink.put_rows(name, unit.start, _finish(plan, _check_output(method, name, out, shape)))
+        if unit.last:
+            stats.pop(name, None)
+
+
+def _prepare_method(method: Any, n_models: int, has_base: bool) -> None:
+    if callable(getattr(method, "check_inputs", None)):
+        method.check_inputs(n_models, has_base)
+    elif not isinstance(method, KernelMethod) and not callable(getattr(method, "passthrough_plan", None)):
+        raise InputError(f"method {getattr(method, 'name', method)!r} is not a per-tensor method; it cannot be used by the merge engine")
+
+
+def _plans(method: Any, inputs: Sequence[TensorReader], has_base: bool, opts: MergeOptions, notify: Callable[[str], None]) -> list[TensorPlan]:
+    out_dtype = parse_dtype(opts.out_dtype, what="output dtype")
+    if callable(getattr(method, "passthrough_plan", None)):
+        return method.passthrough_plan(inputs, has_base, out_dtype=out_dtype)
+    return plan_merge(inputs, has_base, common_keys_only=opts.common_keys_only, out_dtype=out_dtype, notify=notify)
+
+
+def _check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} but no CUDA device is available (use --device cpu)")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r} (use cpu or cuda)") from None
+    return device
+
+
+def merge_readers(method: Any, base: Any, models: Sequence[Any], options: MergeOptions | None = None,
+                  kernel_context: Callable[[str], KernelContext] | None = None,
+                  progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+    """Merge in memory: ``base`` (or ``None``) and ``models`` are readers, paths, state dicts or modules."""
+    opts = options or MergeOptions()
+    notify = opts.notify or _stderr
+    inputs = ([as_reader(base, label="base")] if base is not None else []) + [as_reader(m, label=f"model {i + 1}") for i, m in enumerate(models)]
+    has_base = base is not None
+    _prepare_method(method, len(models), has_base)
+    compute = parse_dtype(opts.compute_dtype, what="compute dtype")
+    device = _check_device(opts.device)
+    plans = _plans(method, inputs, has_base, opts, notify)
+    sink = _MemorySink(plans)
+    ctx_for = kernel_context or (lambda name: KernelContext(name=name, seed=opts.seed, compute_dtype=dtype_name(compute), device=device))
+    _run(method, inputs, has_base, plans, sink, kernel_context=ctx_for, compute_dtype=compute, device=device, opts=opts, progress=progress)
+    return sink.state
+
+
+def merge_pool(method: Any, pool: "ModelPool", ctx: "RunContext") -> dict[str, torch.Tensor]:
+    """Merge the models of ``pool`` in memory with ``method``'s kernel; returns the merged state dict."""
+    names = list(pool.model_names)
+    base = pool.reader(None) if pool.has_base else None
+    readers = [pool.reader(name) for name in names]
+    opts = MergeOptions(seed=ctx.seed, compute_dtype=ctx.compute_dtype, device=ctx.device, prefetch=False)
+    total = len(readers[0].keys()) if readers else 0
+    ticks = ctx.track(range(total), f"merging ({method.name})", total=total) if getattr(ctx, "show_progress", False) and total else None
+    try:
+        return merge_readers(method, base, readers, opts, kernel_context=ctx.kernel_context,
+                             progress=(lambda: next(ticks, None)) if ticks is not None else None)
+    finally:
+        if ticks is not None:
+            for _ in ticks:  # finish the bar (keys skipped or tied) and close it
+                pass
+        for reader in ([base] if base is not None else []) + readers:
+            reader.close()
+
+
+def merge_to_path(method: Any, base_reader: TensorReader | None, readers: Sequence[TensorReader], output: str | Path,
+                  options: MergeOptions | None = None) -> Path:
+    """Merge ``readers`` (with ``base_reader``) to ``output``: a ``.safetensors`` file, or else an HF folder.
+
+    Validates everything from headers first; writes to a temporary path beside
+    ``output`` and renames it into place when complete.
+    """
+    opts = options or MergeOptions()
+    notify = opts.notify or _stderr
+    output = Path(output)
+    has_base = base_reader is not None
+    inputs = ([base_reader] if has_base else []) + list(readers)
+    _prepare_method(method, len(readers), has_base)
+    compute = parse_dtype(opts.compute_dtype, what="compute dtype")
+    out_dtype = parse_dtype(opts.out_dtype, what="output dtype")
+    device = _check_device(opts.device)
+    shard_size = parse_size(opts.shard_size)
+    if output.exists() and not opts.overwrite:
+        raise InputError(f"output {output} already exists; pass --overwrite to replace it")
+    plans = _plans(method, inputs, has_base, opts, notify)
+    entries = [(p.name, p.shape, p.out_dtype) for p in plans if p.kind != ALIAS]
+    single = output.suffix == ".safetensors"
+    ctx_for = lambda name: KernelContext(name=name, seed=opts.seed, compute_dtype=dtype_name(compute), device=device)  # noqa: E731
+    with atomic_output(output, overwrite=opts.overwrite) as tmp:
+        writer = ModelWriter(tmp, entries, shard_size=shard_size, single_file=single)
+        try:
+            with _cli_progress(opts.progress, f"merging ({getattr(method, 'name', 'merge')})", len(plans)) as advance:
+                _run(method, inputs, has_base, plans, _FileSink(writer), kernel_context=ctx_for, compute_dtype=compute,
+                     device=device, opts=opts, progress=advance)
+            writer.finish()
+        finally:
+            writer.close()
+        if not single:
+            source = inputs[0].folder
+            if opts.copy_files:
+                copy_model_files(source, tmp, dtype=out_dtype)
+                update = getattr(method, "update_config", None)
+                if callable(update):
+                    update(tmp / "config.json")
+            recipe = dict(opts.recipe or {})
+            tied = {p.name: p.source for p in plans if p.kind == ALIAS}
+            if tied:
+                recipe.setdefault("tied", tied)
+            write_model_card(tmp, recipe)
+    return output
+
+
+class _cli_progress:
+    """A transient rich progress bar on stderr (a no-op when off or not a terminal)."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled, self.description, self.total = enabled, description, total
+        self._progress = None
+
+    def __enter__(self) -> Callable[[], None] | None:
+        if not self.enabled:
+            return None
+        from ..console import error_console
+
+        console = error_console()
+        if not console.is_terminal:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                  console=console, transient=True)
+        self._progress.__enter__()
+        task = self._progress.add_task(self.description, total=self.total)
+        return lambda: self._progress.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+__all__ = ["MergeOptions", "merge_pool", "merge_readers", "merge_to_path", "FuseError"]

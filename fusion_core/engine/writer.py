@@ -1,0 +1,345 @@
+"""Streaming safetensors output: planned shards, positioned writes, atomic rename.
+
+The shapes and dtypes of every output tensor are known before merging starts
+(they come from the input headers), so each shard's header is written first and
+each tensor (or block of rows) is written straight to its place in the file as
+soon as it is computed.  Nothing is buffered beyond the block being written,
+whatever ``shard_size`` is.
+
+Everything goes to a hidden temporary path beside the output, which is renamed
+into place only when complete; an error or Ctrl-C removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from ..errors import ConfigError, InputError
+from .readers import DTYPE_CODES, find_aliases
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+COPIED_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "*.py")
+SKIPPED_NAMES = {"README.md"}
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GB"`` → 2·10⁹ bytes; ``"500MB"``, ``"1.5GiB"``, ``"4096"`` (bytes) work too."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _UNITS:
+            raise ConfigError(f"bad size {text!r}: use a number of bytes with an optional unit, e.g. 2GB, 500MB, 1GiB")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConfigError(f"bad size {text!r}: must be positive")
+    return value
+
+
+def tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+# ---------------------------------------------------------------------------
+# atomic output
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on any error.
+
+    Refuses an existing ``path`` unless ``overwrite``.  Parent folders created here are
+    removed again on failure.
+    """
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise InputError(f"output {path} already exists; pass --overwrite to replace it")
+    created: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.fuse-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        if path.exists() or path.is_symlink():
+            trash = path.parent / f".{path.name}.fuse-old-{secrets.token_hex(4)}"
+            os.replace(path, trash)
+            os.replace(tmp, path)
+            _remove(trash)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------
+# shard planning and writing
+
+
+class SafetensorsFileWriter:
+    """One safetensors file whose header is written first; tensors are written in place with ``pwrite``."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None) -> None:
+        self.path = path
+        # widest dtypes first keeps every tensor aligned to its element size
+        ordered = sorted(entries, key=lambda e: -e[2].itemsize)
+        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self.offsets: dict[str, tuple[int, int, int]] = {}
+        offset = 0
+        for name, shape, dtype in ordered:
+            nbytes = tensor_bytes(shape, dtype)
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            row = math.prod(shape[1:]) * dtype.itemsize if shape else nbytes
+            self.offsets[name] = (offset, nbytes, row)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + offset
+        self.written: dict[str, int] = {name: 0 for name in self.offsets}
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, self.size)
+        self._write(len(raw).to_bytes(8, "little") + raw, 0)
+
+    def _write(self, data, position: int) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], position + done)
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        offset, nbytes, row = self.offsets[name]
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.numel() == 0:
+            return
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        start = row_start * row
+        if start + data.nbytes > nbytes:
+            raise InputError(f"internal error: write past the end of tensor {name!r}")
+        self._write(data, self.data_start + offset + start)
+        self.written[name] += data.nbytes
+
+    def missing(self) -> list[str]:
+        return [name for name, (_, nbytes, _) in self.offsets.items() if self.written[name] != nbytes]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ModelWriter:
+    """Writes planned tensors to one ``.safetensors`` file or to a sharded HF folder.
+
+    :param target: the (temporary) output path: a file when ``single_file``, else a folder.
+    :param entries: ``(name, shape, dtype)`` of every output tensor in the order they will arrive.
+    :param shard_size: the most bytes per shard (a tensor larger than that gets its own shard).
+    """
+
+    def __init__(self, target: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], *, shard_size: int = DEFAULT_SHARD_SIZE,
+                 single_file: bool = False, metadata: Mapping[str, str] | None = None) -> None:
+        self.target = Path(target)
+        self.single_file = single_file
+        shards: list[list] = [[]]
+        size = 0
+        for entry in entries:
+            nbytes = tensor_bytes(entry[1], entry[2])
+            if not single_file and shards[-1] and size + nbytes > shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        if single_file:
+            names = [self.target]
+        else:
+            self.target.mkdir(parents=True, exist_ok=True)
+            n = len(shards)
+            names = [self.target / (SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors") for i in range(n)]
+        meta = {"format": "pt", **dict(metadata or {})}
+        self.files: list[SafetensorsFileWriter] = []
+        self.where: dict[str, SafetensorsFileWriter] = {}
+        try:
+            for path, shard in zip(names, shards):
+                file = SafetensorsFileWriter(path, shard, meta)
+                self.files.append(file)
+                for name, _, _ in shard:
+                    self.where[name] = file
+        except BaseException:
+            self.close()
+            raise
+        self.total_size = sum(tensor_bytes(e[1], e[2]) for e in entries)
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        self.where[name].write(name, tensor, row_start)
+
+    def finish(self) -> None:
+        """Check every byte was written, close the files and write the index (sharded folders)."""
+        missing = [name for file in self.files for name in file.missing()]
+        self.close()
+        if missing:
+            raise InputError(f"internal error: output tensors not written: {', '.join(missing[:5])}")
+        if not self.single_file and len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {name: file.path.name for name, file in sorted(self.where.items())},
+            }
+            (self.target / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        for file in self.files:
+            file.close()
+
+
+# ---------------------------------------------------------------------------
+# folder extras: config/tokenizer files and the model card
+
+
+def copy_model_files(source: Path | None, folder: Path, *, dtype: torch.dtype | None = None) -> list[str]:
+    """Copy config, tokenizer and other small files of the HF folder ``source`` into ``folder``.
+
+    Weights, shard indexes and the model card are not copied.  When ``dtype`` is given
+    and ``config.json`` records a dtype, it is updated to match the output.
+    """
+    if source is None or not Path(source).is_dir():
+        return []
+    copied = []
+    for pattern in COPIED_PATTERNS:
+        for path in sorted(Path(source).glob(pattern)):
+            if not path.is_file() or path.name in SKIPPED_NAMES or path.name.endswith(".index.json") or (folder / path.name).exists():
+                continue
+            shutil.copyfile(path, folder / path.name)
+            copied.append(path.name)
+    config = folder / "config.json"
+    if dtype is not None and config.exists():
+        try:
+            data = json.loads(config.read_text())
+        except ValueError:
+            return copied
+        name = str(dtype).removeprefix("torch.")
+        changed = False
+        for key in ("torch_dtype", "dtype"):
+            if isinstance(data, dict) and key in data and data[key] != name:
+                data[key] = name
+                changed = True
+        if changed:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+
+    from .. import __version__
+
+    return {"fusion-core": __version__, "torch": torch.__version__.split("+")[0], "safetensors": safetensors.__version__}
+
+
+def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
+    """Write ``README.md`` recording ``recipe`` (method, fields, inputs, seed, versions)."""
+    import yaml
+
+    recipe = dict(recipe)
+    recipe.setdefault("versions", versions())
+    method = recipe.get("method", "?")
+    inputs = [str(recipe["base"])] if recipe.get("base") else []
+    front: dict[str, Any] = {"tags": ["merge", "fusion", f"fusion-{method}"]}
+    if (folder / "config.json").exists():
+        front["library_name"] = "transformers"
+    if inputs:
+        front["base_model"] = inputs
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"This model was made with `fuse merge` (fusion) using the method **{method}**.",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(_plain(recipe), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------------------
+
+
+def save_state_dict_folder(state: Mapping[str, torch.Tensor], path: str | os.PathLike, *, recipe: Mapping[str, Any] | None = None,
+                           files_from: str | os.PathLike | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                           overwrite: bool = False) -> Path:
+    """Write an in-memory state dict as an HF-style folder (or one file if ``path`` ends in ``.safetensors``).
+
+    Tied tensors (names sharing storage with an earlier name) are stored once, as
+    ``save_pretrained`` does; the model card lists them.  ``files_from``: an HF folder
+    whose config/tokenizer files are copied.
+    """
+    path = Path(path)
+    aliases = find_aliases(state)
+    entries = []
+    for name, tensor in state.items():
+        if name in aliases:
+            continue
+        if tensor.dtype not in DTYPE_CODES:
+            raise InputError(f"cannot save tensor {name!r}: dtype {tensor.dtype} has no safetensors code")
+        entries.append((name, tuple(tensor.shape), tensor.dtype))
+    single = path.suffix == ".safetensors"
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        writer = ModelWriter(tmp, entries, shard_size=parse_size(shard_size), single_file=single)
+        try:
+            for name, _, _ in entries:
+                writer.write(name, state[name])
+            writer.finish()
+        finally:
+            writer.close()
+        if not single:
+            copy_model_files(Path(files_from) if files_from else None, tmp)
+            card = dict(recipe or {})
+            if aliases:
+                card.setdefault("tied", dict(aliases))
+            write_model_card(tmp, card)
+    return path

@@ -1,0 +1,159 @@
+"""One test per hook (``test_hook_<name>``), and a check that no hook goes untested or undocumented."""
+
+from __future__ import annotations
+
+import sys
+
+import attrs
+import click
+import pytest
+
+import fusion_core
+from fusion_core import hookspecs
+from fusion_core.components import Method, ModelPool, TaskPool
+from fusion_core.config import option
+from fusion_core.plugins import get_plugin_manager
+from fusion_core.registry import build_registry
+
+HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("fusion_"))
+
+
+def test_every_hook_has_a_test():
+    module = sys.modules[__name__]
+    missing = [h for h in HOOKS if not hasattr(module, f"test_hook_{h}")]
+    assert not missing, f"hooks without a test_hook_<name>: {missing}"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_documents_its_parameters(hook):
+    doc = getattr(hookspecs, hook).__doc__ or ""
+    import inspect
+
+    for param in inspect.signature(getattr(hookspecs, hook)).parameters:
+        assert f":param {param}:" in doc, f"{hook} does not document {param}"
+    assert "Called" in doc or "called" in doc or "use them" in doc
+
+
+def _manager_with(plugin):
+    return get_plugin_manager(load_entrypoints=False, extra_plugins=[("undo-test-plugin", plugin)])
+
+
+@attrs.frozen
+class ScaleConfig:
+    factor: float = option(2.0, help="Multiplier.")
+
+
+class Scale(Method):
+    name = "scale_test"
+    summary = "Multiply the base by a factor."
+    Config = ScaleConfig
+
+    def run(self, pool, ctx):
+        return {k: v * self.config.factor for k, v in pool.load_model(None).items()}
+
+
+class ListPool(ModelPool):
+    name = "list_test"
+    summary = "A pool of in-memory state dicts."
+
+    @property
+    def model_names(self):
+        return ["a"]
+
+    def load_model(self, name=None):
+        import torch
+
+        return {"w": torch.ones(2)}
+
+
+class CountTasks(TaskPool):
+    name = "count_test"
+    summary = "Counts tensors."
+
+    @property
+    def task_names(self):
+        return ["count"]
+
+    def evaluate(self, model, *, tasks=None, ctx=None):
+        return {"count": {"accuracy": float(len(model))}}
+
+
+def test_hook_fusion_register_methods():
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_methods(self, register):
+            register(Scale)
+
+    entry = build_registry(_manager_with(Plugin())).get("method", "scale_test")
+    assert entry.cls is Scale and entry.plugin == "undo-test-plugin"
+
+
+def test_hook_fusion_register_model_pools():
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_model_pools(self, register):
+            register(ListPool)
+
+    assert build_registry(_manager_with(Plugin())).get("model-pool", "list_test").cls is ListPool
+
+
+def test_hook_fusion_register_task_pools():
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_task_pools(self, register):
+            register(CountTasks)
+
+    assert build_registry(_manager_with(Plugin())).get("task-pool", "count_test").cls is CountTasks
+
+
+def test_hook_fusion_register_benchmarks():
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_benchmarks(self, register):
+            register("tiny", summary="A tiny benchmark.", modelpool={"name": "files"}, taskpool={"name": "weight_stats"},
+                     methods=["dummy", {"name": "dummy"}])
+
+    bench = build_registry(_manager_with(Plugin())).get("benchmark", "tiny")
+    assert bench.modelpool == {"name": "files"} and bench.methods == ({"name": "dummy"}, {"name": "dummy"})
+
+
+def test_hook_fusion_register_commands():
+    from click.testing import CliRunner
+
+    from fusion_core.cli.main import State, make_cli
+
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_commands(self, cli):
+            @cli.command("hello")
+            @click.argument("who")
+            def hello(who):
+                click.echo(f"hello {who}")
+
+    pm = _manager_with(Plugin())
+    result = CliRunner().invoke(make_cli(pm), ["hello", "fusion"], obj=State(pm))
+    assert result.exit_code == 0 and result.output == "hello fusion\n"
+
+
+def test_registered_components_run_end_to_end(tmp_path):
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_methods(self, register):
+            register(Scale)
+
+        @fusion_core.hookimpl
+        def fusion_register_model_pools(self, register):
+            register(ListPool)
+
+        @fusion_core.hookimpl
+        def fusion_register_task_pools(self, register):
+            register(CountTasks)
+
+    pm = _manager_with(Plugin())
+    report = fusion_core.run(
+        {"method": {"name": "scale_test", "factor": 3}, "modelpool": "list_test", "taskpool": "count_test",
+         "output_dir": str(tmp_path / "out"), "evaluate_inputs": False, "progress": False},
+        plugin_manager=pm,
+    )
+    assert report["results"] == {"merged": {"count": {"accuracy": 1.0}}}
+    assert report["config"]["method"] == {"name": "scale_test", "factor": 3.0}
