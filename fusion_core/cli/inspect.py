@@ -43,8 +43,10 @@ def list_command(state, what, as_json):
 
     for title, items in rows.items():
         table = Table(title=title, title_justify="left")
-        for col in ("name", "plugin", "summary", "flags"):
-            table.add_column(col, overflow="fold")
+        table.add_column("name", no_wrap=True)
+        table.add_column("plugin", no_wrap=True)
+        table.add_column("summary", overflow="fold", ratio=1)
+        table.add_column("flags", overflow="fold")
         for item in items:
             table.add_row(item["name"], item["plugin"], item["summary"], " ".join(item["flags"]))
         _console().print(table)

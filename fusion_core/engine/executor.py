@@ -127,7 +127,7 @@ class _Loader:
             reader = inputs[unit.plan.source_index]
             src = unit.plan.source
             tensor = reader.get_rows(src, unit.start, unit.stop) if unit.stop > unit.start else reader.get(src)
-            return self._prepare(reader, src, tensor, check=False)
+            return tensor if reader.owns_tensors else tensor.clone()
         if unit.step == "whole":
             tensors = [self._prepare(r, name, r.get(name), True) for r in inputs]
         elif unit.step == "rows":

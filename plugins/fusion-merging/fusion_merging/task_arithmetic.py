@@ -1,0 +1,456 @@
+"""The task-arithmetic family: methods that combine task vectors τᵢ = θᵢ − θ₀ per tensor.
+
+Every method here returns ``θ₀ + scaling_factor · merged(τ₁ … τ_N)``; they differ in how
+each τᵢ is sparsified (:mod:`fusion_merging.sparsify`) and how the sparse vectors are
+combined:
+
+- **linear**: ``Σ wᵢτᵢ`` (divided by ``Σ wᵢ`` with ``normalize``);
+- **TIES** (elect + disjoint mean): a sign γ is elected per entry, only entries whose sign
+  agrees with γ are kept, and they are averaged (see :func:`ties_merge`).
+
+Conventions differ between the papers, mergekit and PEFT; each is an explicit option whose
+default is the paper's.  Notes on mergekit/PEFT compatibility are in the option help.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
+
+import attrs
+
+from fusion_core.components import Capabilities
+from fusion_core.config import in_range, option
+from fusion_core.engine.kernel import KernelContext, KernelMethod
+
+from . import sparsify
+from .basic import check_weight_sum, resolve_weights
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+SIGN_ELECTIONS = ("sum", "weighted_sum", "count")
+DIVISORS = ("count", "weights", "none")
+RESCALES = ("inverse_p", "l1", "none")
+VARIANTS = ("linear", "ties")
+
+
+# ---------------------------------------------------------------------------------------
+# combining task vectors
+
+
+def task_vectors(base: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> list["torch.Tensor"]:
+    """τᵢ = θᵢ − θ₀."""
+    return [t - base for t in tensors]
+
+
+def linear_merge(deltas: Sequence["torch.Tensor"], weights: Sequence[float], normalize: bool = False) -> "torch.Tensor":
+    """``Σ wᵢτᵢ``, divided by ``Σ wᵢ`` when ``normalize`` (the caller checks the sum is not 0)."""
+    total = deltas[0] * weights[0]
+    for w, d in zip(weights[1:], deltas[1:]):
+        total += w * d
+    if normalize:
+        return total / sum(weights)
+    return total
+
+
+def elect_sign(deltas: Sequence["torch.Tensor"], weights: Sequence[float], sign_election: str) -> "torch.Tensor":
+    """The elected sign γ ∈ {+1, −1} per entry (a zero vote elects +1).
+
+    ``sum``: sign of Σ τᵢ (TIES paper, PEFT "total"); ``weighted_sum``: sign of Σ wᵢτᵢ
+    (mergekit); ``count``: sign of Σ sign(τᵢ) (a majority vote, PEFT "frequency").
+    """
+    import torch
+
+    if sign_election not in SIGN_ELECTIONS:
+        raise ValueError(f"sign_election must be one of {', '.join(SIGN_ELECTIONS)}, got {sign_election!r}")
+    votes = torch.zeros_like(deltas[0])
+    for w, d in zip(weights, deltas):
+        if sign_election == "sum":
+            votes += d
+        elif sign_election == "weighted_sum":
+            votes += w * d
+        else:
+            votes += torch.sign(d)
+    return torch.where(votes >= 0, torch.ones_like(votes), -torch.ones_like(votes))
+
+
+def ties_merge(
+    deltas: Sequence["torch.Tensor"], weights: Sequence[float], sign_election: str = "sum", divisor: str = "count"
+) -> "torch.Tensor":
+    """TIES elect + disjoint merge of already-sparsified task vectors.
+
+    Model i *agrees* at an entry when the sign of its vote (τᵢ, or wᵢτᵢ for
+    ``weighted_sum``) equals the elected sign γ; a zero entry never agrees.  The result is
+    ``Σ_agreeing wᵢτᵢ / D`` with D = the number of agreeing models (``count``, the paper's
+    disjoint mean), ``Σ_agreeing wᵢ`` (``weights``, mergekit ``normalize: true``) or 1
+    (``none``, mergekit ``normalize: false``).  Where D = 0 (nobody agrees) it is 0.
+    """
+    import torch
+
+    if divisor not in DIVISORS:
+        raise ValueError(f"divisor must be one of {', '.join(DIVISORS)}, got {divisor!r}")
+    gamma = elect_sign(deltas, weights, sign_election)
+    numerator = torch.zeros_like(deltas[0])
+    denominator = torch.zeros_like(deltas[0])
+    for w, d in zip(weights, deltas):
+        vote = w * d if sign_election == "weighted_sum" else d
+        agree = torch.sign(vote) == gamma
+        numerator += torch.where(agree, w * d, torch.zeros_like(d))
+        if divisor == "count":
+            denominator += agree.to(denominator.dtype)
+        elif divisor == "weights":
+            denominator += agree.to(denominator.dtype) * w
+    if divisor == "none":
+        return numerator
+    denominator = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return numerator / denominator
+
+
+def add_scaled(base: "torch.Tensor", merged: "torch.Tensor", scaling_factor: float) -> "torch.Tensor":
+    """θ₀ + λ·merged."""
+    return base + float(scaling_factor) * merged
+
+
+# ---------------------------------------------------------------------------------------
+# option declarations shared by the configs (each call makes a fresh attrs field)
+
+
+def _scaling_factor():
+    return option(
+        1.0,
+        help="λ: θ = θ₀ + λ·merged task vector (the papers tune λ on validation data; "
+        "FusionBench uses 0.3 for TA/TIES on CLIP ViT-B/32 × 8 tasks)",
+    )
+
+
+def _weights():
+    return option(None, help="one weight wᵢ per model, in pool order (may be negative); default 1 each")
+
+
+def _normalize(what: str = ""):
+    return option(False, help=f"divide Σ wᵢτᵢ by Σ wᵢ (an error if they sum to 0){what}")
+
+
+def _density(default: float, what: str):
+    return option(default, help=what, validator=in_range(0.0, 1.0))
+
+
+def _sign_election(what: str = ""):
+    return option(
+        "sum",
+        help="how the sign of each entry is elected: sum = sign of Σ τᵢ (paper, PEFT), "
+        f"weighted_sum = sign of Σ wᵢτᵢ (mergekit), count = sign of Σ sign(τᵢ) (majority vote){what}",
+        validator=attrs.validators.in_(SIGN_ELECTIONS),
+    )
+
+
+def _divisor(what: str = ""):
+    return option(
+        "count",
+        help="disjoint-merge divisor over agreeing models: count (paper's mean, PEFT), "
+        f"weights = Σ agreeing wᵢ (mergekit normalize: true), none = plain sum (mergekit normalize: false){what}",
+        validator=attrs.validators.in_(DIVISORS),
+    )
+
+
+def _variant(default: str, what: str):
+    return option(default, help=what, validator=attrs.validators.in_(VARIANTS))
+
+
+def _rescale(what: str):
+    return option("inverse_p", help=what, validator=attrs.validators.in_(RESCALES))
+
+
+_TIES_ONLY = " (variant=ties only)"
+_LINEAR_ONLY = " (variant=linear only)"
+
+
+# ---------------------------------------------------------------------------------------
+# the methods
+
+
+class _TaskVectorMethod(KernelMethod):
+    """Shared plumbing: weights, and combining sparsified task vectors per ``variant``."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
+
+    def _weights(self, n: int) -> list[float]:
+        return resolve_weights(self.name, getattr(self.config, "weights", None), n)
+
+    def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str) -> "torch.Tensor":
+        cfg = self.config
+        if variant == "ties":
+            merged = ties_merge(deltas, weights, cfg.sign_election, cfg.divisor)
+        else:
+            merged = linear_merge(deltas, weights, cfg.normalize)
+        return add_scaled(base, merged, cfg.scaling_factor)
+
+
+class TaskArithmetic(_TaskVectorMethod):
+    """θ₀ + λ·Σ wᵢτᵢ (÷ Σ wᵢ with ``normalize``)."""
+
+    name = "task_arithmetic"
+    summary = "Adds the scaled sum of task vectors to the base: θ₀ + λ·Σ wᵢ(θᵢ − θ₀)."
+    reference_url = "https://arxiv.org/abs/2212.04089"
+    elementwise = True
+
+    @attrs.frozen
+    class Config:
+        scaling_factor: float = _scaling_factor()
+        weights: list[float] | None = _weights()
+        normalize: bool = _normalize()
+
+        def __attrs_post_init__(self) -> None:
+            check_weight_sum("task_arithmetic", self.weights, self.normalize)
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        deltas = task_vectors(base, tensors)
+        return self._combine(base, deltas, self._weights(len(deltas)), "linear")
+
+
+class MagnitudePrune(_TaskVectorMethod):
+    """Task arithmetic on task vectors trimmed to their top-``density`` magnitudes (no rescale)."""
+
+    name = "magnitude_prune"
+    summary = "Task arithmetic on task vectors trimmed to their largest-magnitude entries (PEFT magnitude_prune)."
+    reference_url = "https://huggingface.co/docs/peft/developer_guides/model_merging"
+
+    @attrs.frozen
+    class Config:
+        density: float = _density(
+            0.2, "fraction of each task vector's entries kept, by magnitude, per tensor: 1 keeps all, 0 keeps none"
+        )
+        scaling_factor: float = _scaling_factor()
+        weights: list[float] | None = _weights()
+        normalize: bool = _normalize()
+
+        def __attrs_post_init__(self) -> None:
+            check_weight_sum("magnitude_prune", self.weights, self.normalize)
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        import torch
+
+        deltas = [
+            torch.where(sparsify.magnitude_mask(tau, self.config.density), tau, torch.zeros_like(tau))
+            for tau in task_vectors(base, tensors)
+        ]
+        return self._combine(base, deltas, self._weights(len(deltas)), "linear")
+
+
+class Ties(_TaskVectorMethod):
+    """TIES-Merging: trim each τᵢ to its top-``density`` magnitudes, elect signs, disjoint mean."""
+
+    name = "ties"
+    summary = "TIES-Merging: trim task vectors by magnitude, elect a sign per entry, average the agreeing entries."
+    reference_url = "https://arxiv.org/abs/2306.01708"
+
+    @attrs.frozen
+    class Config:
+        density: float = _density(
+            0.2,
+            "fraction of each task vector kept by magnitude, per tensor: k = max(1, floor(density·n)); "
+            "1 = no trim, 0 = all dropped (θ₀); paper: 0.2",
+        )
+        scaling_factor: float = _scaling_factor()
+        weights: list[float] | None = _weights()
+        sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election()
+        divisor: Literal["count", "weights", "none"] = _divisor()
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        import torch
+
+        deltas = [
+            torch.where(sparsify.magnitude_mask(tau, self.config.density), tau, torch.zeros_like(tau))
+            for tau in task_vectors(base, tensors)
+        ]
+        return self._combine(base, deltas, self._weights(len(deltas)), "ties")
+
+
+class Dare(_TaskVectorMethod):
+    """DARE: drop each task-vector entry with probability 1 − density, rescale, then merge."""
+
+    name = "dare"
+    summary = "DARE: randomly drops task-vector entries and rescales the rest, then merges linearly or with TIES."
+    reference_url = "https://arxiv.org/abs/2311.03099"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, random=True)
+
+    @attrs.frozen
+    class Config:
+        variant: Literal["linear", "ties"] = _variant(
+            "linear", "how the sparse task vectors are merged: linear (task arithmetic) or ties (sign election + disjoint mean)"
+        )
+        density: float = _density(0.1, "probability of keeping each entry (1 − drop rate); paper: drop 90%, i.e. 0.1")
+        rescale: Literal["inverse_p", "l1", "none"] = _rescale(
+            "inverse_p = divide kept entries by density (paper, PEFT; density 0 gives zeros); "
+            "l1 = match ‖τ‖₁ (mergekit rescale: true); none = no rescale"
+        )
+        scaling_factor: float = _scaling_factor()
+        weights: list[float] | None = _weights()
+        normalize: bool = _normalize(_LINEAR_ONLY)
+        sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election(_TIES_ONLY)
+        divisor: Literal["count", "weights", "none"] = _divisor(_TIES_ONLY)
+
+        def __attrs_post_init__(self) -> None:
+            check_weight_sum("dare", self.weights, self.normalize and self.variant == "linear")
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        cfg = self.config
+        deltas = []
+        for i, tau in enumerate(task_vectors(base, tensors)):
+            mask = sparsify.bernoulli_mask(tau, cfg.density, ctx, salt=str(i))
+            deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, cfg.density))
+        return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
+
+
+class Breadcrumbs(_TaskVectorMethod):
+    """Model Breadcrumbs: drop the largest ``gamma`` fraction and the smallest entries of each τᵢ."""
+
+    name = "breadcrumbs"
+    summary = "Model Breadcrumbs: masks out both the largest outliers and the smallest task-vector entries, then merges."
+    reference_url = "https://arxiv.org/abs/2312.06795"
+
+    @attrs.frozen
+    class Config:
+        variant: Literal["linear", "ties"] = _variant(
+            "linear", "how the masked task vectors are merged: linear (paper, task arithmetic) or ties (mergekit breadcrumbs_ties)"
+        )
+        density: float = _density(
+            0.9, "fraction of each task vector kept, per tensor (floor(density·n) entries); 1 keeps everything"
+        )
+        gamma: float = option(
+            0.01,
+            help="fraction of largest-magnitude entries dropped as outliers (floor(gamma·n); 0 on tensors under 1/gamma entries)",
+            validator=in_range(0.0, 1.0),
+        )
+        scaling_factor: float = _scaling_factor()
+        weights: list[float] | None = _weights()
+        normalize: bool = _normalize(_LINEAR_ONLY)
+        sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election(_TIES_ONLY)
+        divisor: Literal["count", "weights", "none"] = _divisor(_TIES_ONLY)
+
+        def __attrs_post_init__(self) -> None:
+            check_weight_sum("breadcrumbs", self.weights, self.normalize and self.variant == "linear")
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        import torch
+
+        cfg = self.config
+        deltas = [
+            torch.where(sparsify.breadcrumbs_mask(tau, cfg.density, cfg.gamma), tau, torch.zeros_like(tau))
+            for tau in task_vectors(base, tensors)
+        ]
+        return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
+
+
+class Della(_TaskVectorMethod):
+    """DELLA-Merging: MagPrune (magnitude-ranked keep probabilities per row), then elect and fuse."""
+
+    name = "della"
+    summary = "DELLA: drops task-vector entries with probabilities ranked by magnitude per row, rescales, then TIES or linear merge."
+    reference_url = "https://arxiv.org/abs/2406.11617"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, random=True)
+
+    @attrs.frozen
+    class Config:
+        variant: Literal["linear", "ties"] = _variant(
+            "ties", "how the pruned task vectors are merged: ties (paper: elect + fuse; mergekit della) or linear (mergekit della_linear)"
+        )
+        density: float = _density(0.5, "mean keep probability d; keep probabilities span [d − epsilon, d + epsilon] within each row")
+        epsilon: float = option(
+            0.15,
+            help="half-width ε of the keep-probability range; requires 0 < density − epsilon and density + epsilon ≤ 1",
+            validator=in_range(0.0, 0.5),
+        )
+        rescale: Literal["inverse_p", "l1", "none"] = _rescale(
+            "inverse_p = divide each kept entry by its own keep probability (paper); "
+            "l1 = match ‖τ‖₁ per tensor (mergekit); none = no rescale"
+        )
+        scaling_factor: float = _scaling_factor()
+        weights: list[float] | None = _weights()
+        normalize: bool = _normalize(_LINEAR_ONLY)
+        sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election(_TIES_ONLY)
+        divisor: Literal["count", "weights", "none"] = _divisor(_TIES_ONLY)
+
+        def __attrs_post_init__(self) -> None:
+            low, high = self.density - self.epsilon, self.density + self.epsilon
+            if not (low > 0 and high <= 1 + 1e-12):
+                raise ValueError(
+                    f"della: keep probabilities must lie in (0, 1], but density ± epsilon = [{low:g}, {high:g}] "
+                    f"(density={self.density}, epsilon={self.epsilon}); lower epsilon or move density"
+                )
+            check_weight_sum("della", self.weights, self.normalize and self.variant == "linear")
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        cfg = self.config
+        deltas = []
+        for i, tau in enumerate(task_vectors(base, tensors)):
+            probs = sparsify.della_keep_probs(tau, cfg.density, cfg.epsilon)
+            mask = sparsify.probability_mask(tau, probs, ctx, salt=str(i))
+            deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, probs))
+        return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
+
+
+class Sce(_TaskVectorMethod):
+    """SCE (FuseChat): Select by variance across models, Calculate weights from τ², Erase minority signs."""
+
+    name = "sce"
+    summary = "SCE: keeps the highest-variance positions, weights models by mean τ², merges the sign-agreeing entries."
+    reference_url = "https://arxiv.org/abs/2408.07990"
+
+    @attrs.frozen
+    class Config:
+        select_topk: float = option(
+            1.0,
+            help="fraction of positions with non-zero variance across models that are kept "
+            "(floor(topk · count of non-zero variances), highest variance first); 1 keeps all",
+            validator=in_range(0.0, 1.0),
+        )
+        scaling_factor: float = _scaling_factor()
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        import torch
+
+        deltas = task_vectors(base, tensors)
+        topk = self.config.select_topk
+        if topk < 1:
+            variance = torch.stack(deltas).var(dim=0, unbiased=False)
+            k = sparsify.fraction_count(topk, int(torch.count_nonzero(variance)))
+            keep = sparsify.top_k_mask(variance, k)
+            deltas = [torch.where(keep, d, torch.zeros_like(d)) for d in deltas]
+        energies = [float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 / max(1, d.numel()) for d in deltas]
+        total = sum(energies)
+        weights = [1.0 / len(deltas)] * len(deltas) if abs(total) < 1e-6 else [e / total for e in energies]
+        gamma = elect_sign(deltas, weights, "sum")
+        numerator = torch.zeros_like(deltas[0])
+        denominator = torch.zeros_like(deltas[0])
+        for w, d in zip(weights, deltas):
+            agree = (torch.sign(d) == gamma).to(d.dtype)
+            numerator += w * agree * d
+            denominator += w * agree
+        merged = numerator / denominator.clamp(min=1e-6)
+        return add_scaled(base, merged, self.config.scaling_factor)
+
+
+class MagMax(_TaskVectorMethod):
+    """MagMax: per entry, the task-vector value of largest magnitude."""
+
+    name = "magmax"
+    summary = "MagMax: per entry keeps the task-vector value with the largest magnitude, then adds it to the base."
+    reference_url = "https://arxiv.org/abs/2407.06322"
+    elementwise = True
+
+    @attrs.frozen
+    class Config:
+        scaling_factor: float = _scaling_factor()
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        import torch
+
+        deltas = task_vectors(base, tensors)
+        best = deltas[0]
+        for d in deltas[1:]:
+            best = torch.where(d.abs() > best.abs(), d, best)  # equal magnitudes: the earlier model wins
+        return add_scaled(base, best, self.config.scaling_factor)
+
+
+METHODS = [TaskArithmetic, Ties, Dare, Breadcrumbs, Della, MagnitudePrune, Sce, MagMax]
