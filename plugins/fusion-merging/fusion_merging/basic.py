@@ -5,7 +5,8 @@ None of these needs a base model (a base given to them is ignored).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
@@ -59,7 +60,7 @@ class SimpleAverage(KernelMethod):
 
 
 class WeightedAverage(KernelMethod):
-    """θ = Σ wᵢθᵢ / Σ wᵢ (or Σ wᵢθᵢ with ``normalize=false``)."""
+    """θ = Σ wᵢθᵢ / Σ wᵢ (or Σ wᵢθᵢ with normalize=false)."""
 
     name = "weighted_average"
     summary = "Weighted sum of the fine-tuned models, divided by the weight sum unless normalize=false."
@@ -82,7 +83,7 @@ class WeightedAverage(KernelMethod):
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         weights = resolve_weights(self.name, self.config.weights, len(tensors))
         total = tensors[0] * weights[0]
-        for w, t in zip(weights[1:], tensors[1:]):
+        for w, t in zip(weights[1:], tensors[1:], strict=True):
             total += w * t
         if self.config.normalize:
             return total / sum(weights)

@@ -1,7 +1,7 @@
 """Sparsifiers and rescalers for task vectors (τ = θᵢ − θ₀), shared by the task-arithmetic family.
 
 Every statistic is computed inside one tensor (never across the model).  Selections by
-magnitude use O(n) selection (``torch.kthvalue``), not a full sort, and break ties in a
+magnitude use O(n) selection (:func:`kth_largest`), not a full sort, and break ties in a
 fixed, device-independent order: **larger magnitude first, equal magnitudes in flat index
 order**.  Masks are boolean tensors shaped like their input.
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
     from fusion_core.engine.kernel import KernelContext
 
 L1_NORM_FLOOR = 1e-7
@@ -47,11 +48,28 @@ def keep_count(density: float, n: int) -> int:
     return max(1, fraction_count(density, n))
 
 
+def kth_largest(flat: "torch.Tensor", k: int) -> "torch.Tensor":
+    """The ``k``-th largest value (1 ≤ k ≤ n) of a 1-D tensor, by O(n) selection.
+
+    On CPU, for dtypes numpy has, numpy's introselect (``np.partition``, about 3× faster than
+    ``torch.kthvalue`` there); elsewhere ``torch.kthvalue``.  The value is the same either way.
+    """
+    import torch
+
+    n = flat.numel()
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16):
+        import numpy as np
+
+        array = flat.detach().numpy()
+        return torch.as_tensor(np.partition(array, n - k)[n - k])
+    return torch.kthvalue(flat, n - k + 1).values
+
+
 def top_k_mask(scores: "torch.Tensor", k: int) -> "torch.Tensor":
     """Mask of the ``k`` largest ``scores``; among equal scores the lower flat indices win.
 
-    O(n): one ``torch.kthvalue`` for the threshold, then comparisons; the tie-break needs a
-    cumulative sum only when several entries share the threshold.
+    O(n): one selection for the threshold (:func:`kth_largest`), then comparisons; the
+    tie-break needs a cumulative sum only when several entries share the threshold.
     """
     import torch
 
@@ -61,13 +79,13 @@ def top_k_mask(scores: "torch.Tensor", k: int) -> "torch.Tensor":
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
-    above = flat > threshold
-    tied = flat == threshold
-    need = k - int(above.sum())
-    if int(tied.sum()) > need:
-        tied = tied & (torch.cumsum(tied, dim=0) <= need)
-    return (above | tied).reshape(scores.shape)
+    threshold = kth_largest(flat, k).to(device=flat.device)
+    keep = flat >= threshold
+    if int(keep.sum()) > k:  # several entries equal the threshold: keep the first ones
+        tied = flat == threshold
+        need = k - int((flat > threshold).sum())
+        keep = (flat > threshold) | (tied & (torch.cumsum(tied, dim=0) <= need))
+    return keep.reshape(scores.shape)
 
 
 def rank_window_mask(scores: "torch.Tensor", start: int, stop: int) -> "torch.Tensor":

@@ -14,7 +14,8 @@ default is the paper's.  Notes on mergekit/PEFT compatibility are in the option 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import attrs
 
@@ -46,7 +47,7 @@ def task_vectors(base: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> lis
 def linear_merge(deltas: Sequence["torch.Tensor"], weights: Sequence[float], normalize: bool = False) -> "torch.Tensor":
     """``Σ wᵢτᵢ``, divided by ``Σ wᵢ`` when ``normalize`` (the caller checks the sum is not 0)."""
     total = deltas[0] * weights[0]
-    for w, d in zip(weights[1:], deltas[1:]):
+    for w, d in zip(weights[1:], deltas[1:], strict=True):
         total += w * d
     if normalize:
         return total / sum(weights)
@@ -64,7 +65,7 @@ def elect_sign(deltas: Sequence["torch.Tensor"], weights: Sequence[float], sign_
     if sign_election not in SIGN_ELECTIONS:
         raise ValueError(f"sign_election must be one of {', '.join(SIGN_ELECTIONS)}, got {sign_election!r}")
     votes = torch.zeros_like(deltas[0])
-    for w, d in zip(weights, deltas):
+    for w, d in zip(weights, deltas, strict=True):
         if sign_election == "sum":
             votes += d
         elif sign_election == "weighted_sum":
@@ -92,7 +93,7 @@ def ties_merge(
     gamma = elect_sign(deltas, weights, sign_election)
     numerator = torch.zeros_like(deltas[0])
     denominator = torch.zeros_like(deltas[0])
-    for w, d in zip(weights, deltas):
+    for w, d in zip(weights, deltas, strict=True):
         vote = w * d if sign_election == "weighted_sum" else d
         agree = torch.sign(vote) == gamma
         numerator += torch.where(agree, w * d, torch.zeros_like(d))
@@ -170,7 +171,7 @@ _LINEAR_ONLY = " (variant=linear only)"
 
 
 class _TaskVectorMethod(KernelMethod):
-    """Shared plumbing: weights, and combining sparsified task vectors per ``variant``."""
+    """Shared plumbing: weights, and combining sparsified task vectors per variant."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
 
@@ -187,7 +188,7 @@ class _TaskVectorMethod(KernelMethod):
 
 
 class TaskArithmetic(_TaskVectorMethod):
-    """θ₀ + λ·Σ wᵢτᵢ (÷ Σ wᵢ with ``normalize``)."""
+    """θ₀ + λ·Σ wᵢτᵢ (÷ Σ wᵢ with normalize)."""
 
     name = "task_arithmetic"
     summary = "Adds the scaled sum of task vectors to the base: θ₀ + λ·Σ wᵢ(θᵢ − θ₀)."
@@ -209,7 +210,7 @@ class TaskArithmetic(_TaskVectorMethod):
 
 
 class MagnitudePrune(_TaskVectorMethod):
-    """Task arithmetic on task vectors trimmed to their top-``density`` magnitudes (no rescale)."""
+    """Task arithmetic on task vectors trimmed to their top-density magnitudes (no rescale)."""
 
     name = "magnitude_prune"
     summary = "Task arithmetic on task vectors trimmed to their largest-magnitude entries (PEFT magnitude_prune)."
@@ -238,7 +239,7 @@ class MagnitudePrune(_TaskVectorMethod):
 
 
 class Ties(_TaskVectorMethod):
-    """TIES-Merging: trim each τᵢ to its top-``density`` magnitudes, elect signs, disjoint mean."""
+    """TIES-Merging: trim each τᵢ to its top-density magnitudes, elect signs, disjoint mean."""
 
     name = "ties"
     summary = "TIES-Merging: trim task vectors by magnitude, elect a sign per entry, average the agreeing entries."
@@ -303,7 +304,7 @@ class Dare(_TaskVectorMethod):
 
 
 class Breadcrumbs(_TaskVectorMethod):
-    """Model Breadcrumbs: drop the largest ``gamma`` fraction and the smallest entries of each τᵢ."""
+    """Model Breadcrumbs: drop the largest gamma fraction and the smallest entries of each τᵢ."""
 
     name = "breadcrumbs"
     summary = "Model Breadcrumbs: masks out both the largest outliers and the smallest task-vector entries, then merges."
@@ -423,7 +424,7 @@ class Sce(_TaskVectorMethod):
         gamma = elect_sign(deltas, weights, "sum")
         numerator = torch.zeros_like(deltas[0])
         denominator = torch.zeros_like(deltas[0])
-        for w, d in zip(weights, deltas):
+        for w, d in zip(weights, deltas, strict=True):
             agree = (torch.sign(d) == gamma).to(d.dtype)
             numerator += w * agree * d
             denominator += w * agree

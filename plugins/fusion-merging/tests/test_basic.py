@@ -5,11 +5,11 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
+from fusion_merging import basic
+from fusion_merging.basic import LinearInterpolation, SimpleAverage, WeightedAverage
 
 from fusion_core.engine.kernel import KernelContext
 from fusion_core.errors import InputError
-from fusion_merging import basic
-from fusion_merging.basic import LinearInterpolation, SimpleAverage, WeightedAverage
 
 torch.set_num_threads(1)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fusion_merging import sparsify
 
 from fusion_core.engine.kernel import KernelContext
-from fusion_merging import sparsify
 
 torch.set_num_threads(1)
 
@@ -48,6 +48,26 @@ def test_top_k_mask_keeps_exactly_k_under_ties_lowest_index_first():
     assert kept(sparsify.top_k_mask(scores, 2)) == {1, 2}
     assert kept(sparsify.top_k_mask(scores, 4)) == {0, 1, 2, 3}
     assert kept(sparsify.top_k_mask(torch.ones(10), 3)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_top_k_mask_matches_a_stable_full_sort(dtype):
+    # small integers force many ties; the oracle is a stable descending sort (lower index first)
+    gen = torch.Generator().manual_seed(11)
+    scores = torch.randint(0, 7, (300,), generator=gen).to(dtype)
+    order = torch.argsort(-scores.double(), stable=True)
+    for k in (1, 17, 150, 299):
+        expected = torch.zeros(300, dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(sparsify.top_k_mask(scores, k), expected), k
+
+
+def test_kth_largest_agrees_with_kthvalue():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(1001, generator=gen)
+    for k in (1, 500, 1001):
+        assert sparsify.kth_largest(x, k).item() == torch.kthvalue(x, 1001 - k + 1).values.item()
+    assert sparsify.kth_largest(x.to(torch.bfloat16), 3).item() == torch.sort(x.to(torch.bfloat16)).values[-3].item()
 
 
 def test_top_k_mask_keeps_the_shape_of_2d_and_0d_inputs():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
+from fusion_merging import task_arithmetic as ta
+from fusion_merging.task_arithmetic import Breadcrumbs, Dare, Della, MagMax, MagnitudePrune, Sce, TaskArithmetic, Ties
 
 from fusion_core.engine.kernel import KernelContext
 from fusion_core.errors import InputError
-from fusion_merging import task_arithmetic as ta
-from fusion_merging.task_arithmetic import Breadcrumbs, Dare, Della, MagMax, MagnitudePrune, Sce, TaskArithmetic, Ties
 
 torch.set_num_threads(1)
 
@@ -415,6 +415,13 @@ def test_sce_identical_models_give_base_plus_their_task_vector():
     assert torch.equal(merge(Sce, ONES5, [ONES5, ONES5]), ONES5)
     out = merge(Sce, ONES5, [ONES5 + TAU1, ONES5 + TAU1])
     torch.testing.assert_close(out, ONES5 + TAU1)
+
+
+def test_sce_tiny_energies_fall_back_to_uniform_weights():
+    # mean τ² = 1e-8 and 9e-8 sum to 1e-7 < 1e-6 → w = [1/2, 1/2] → plain mean 2e-4
+    # (energy weights [0.1, 0.9] would give 2.8e-4)
+    out = merge(Sce, torch.zeros(2, dtype=torch.float64), [torch.full((2,), 1e-4, dtype=torch.float64), torch.full((2,), 3e-4, dtype=torch.float64)])
+    torch.testing.assert_close(out, torch.full((2,), 2e-4, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- MagMax
