@@ -158,6 +158,12 @@ class ModelPool(Component):
         """Data for data-driven methods: an iterable of batches of model ``name``'s task, or ``None``."""
         return None
 
+    def forward(self, model: Any, inputs: Any) -> Any:
+        """Run ``model`` on one batch's inputs (see :mod:`fusion_core.adapters`); override for other calls."""
+        from .adapters import forward
+
+        return forward(model, inputs)
+
 
 class TaskPool(Component):
     """A set of evaluation tasks: scores a model on each task."""
@@ -182,6 +188,14 @@ class TaskPool(Component):
     def primary_metric(self) -> str:
         """The metric averaged in summary tables."""
         return "accuracy"
+
+    def classifier(self, task: str):
+        """The fixed head mapping a model's output to ``task``'s logits, or ``None`` (the output is the logits)."""
+        return None
+
+    def unlabelled_batches(self, task: str):
+        """Unlabelled test inputs of ``task`` for test-time adaptation (an iterable of inputs), or ``None``."""
+        return None
 
 
 KINDS = {"method": Method, "model-pool": ModelPool, "task-pool": TaskPool}

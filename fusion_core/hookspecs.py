@@ -87,6 +87,20 @@ def fusion_register_benchmarks(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def fusion_register_executors(register: Callable[[type], None]) -> None:
+    """Register executors: where the runs of ``fuse sweep`` execute.
+
+    :param register: call ``register(cls)`` with a subclass of
+        :class:`fusion_core.executors.Executor`; ``cls.name`` is used as
+        ``fuse sweep --executor NAME``.  The core registers ``local``
+        (sequential, or ``--jobs N`` processes); ``fusion-ray`` adds ``ray``.
+
+    Called when the registry is built, like :func:`fusion_register_methods`.
+    Must be cheap: import the distributed engine inside the executor's methods.
+    """
+
+
+@hookspec
 def fusion_register_commands(cli: "click.Group") -> None:
     """Add subcommands to the ``fuse`` CLI.
 

@@ -7,8 +7,13 @@ from typing import Any, Callable
 
 import attrs
 
-from .components import KINDS, Component
+from .components import KINDS as _COMPONENT_KINDS
+from .components import Component
 from .errors import ConfigError, PluginError, did_you_mean
+from .executors import Executor
+
+#: component kind → the base class its registered classes must subclass
+KINDS = {**_COMPONENT_KINDS, "executor": Executor}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
@@ -17,9 +22,11 @@ HOOK_KINDS = {
     "fusion_register_methods": "method",
     "fusion_register_model_pools": "model-pool",
     "fusion_register_task_pools": "task-pool",
+    "fusion_register_executors": "executor",
 }
 
-KIND_PLURALS = {"method": "methods", "model-pool": "model-pools", "task-pool": "task-pools", "benchmark": "benchmarks"}
+KIND_PLURALS = {"method": "methods", "model-pool": "model-pools", "task-pool": "task-pools", "benchmark": "benchmarks",
+                "executor": "executors"}
 
 
 @attrs.frozen

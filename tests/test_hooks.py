@@ -157,3 +157,48 @@ def test_registered_components_run_end_to_end(tmp_path):
     )
     assert report["results"] == {"merged": {"count": {"accuracy": 1.0}}}
     assert report["config"]["method"] == {"name": "scale_test", "factor": 3.0}
+
+
+def test_hook_fusion_register_executors():
+    from fusion_core.executors import Executor, Job
+
+    class Inline(Executor):
+        name = "inline_test"
+        summary = "Runs jobs in this process, last first."
+
+        def runs_out_of_process(self):
+            return False
+
+        def map(self, jobs, env, on_result, *, plugin_manager=None, registry=None):
+            for job in reversed(jobs):
+                on_result(job, {"status": "ok", "key": job.key})
+
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_executors(self, register):
+            register(Inline)
+
+    registry = build_registry(_manager_with(Plugin()))
+    entry = registry.get("executor", "inline_test")
+    assert entry.cls is Inline and entry.plugin == "undo-test-plugin"
+    assert registry.names("executor") == ["inline_test", "local"]  # the core's own executor is registered the same way
+    seen = []
+    entry.cls().map([Job("a", {}), Job("b", {})], None, lambda job, result: seen.append(result["key"]))
+    assert seen == ["b", "a"]
+
+    class NotAnExecutor(Method):
+        name = "oops"
+        summary = "A method registered as an executor."
+
+        def run(self, pool, ctx):
+            return None
+
+    class Wrong:
+        @fusion_core.hookimpl
+        def fusion_register_executors(self, register):
+            register(NotAnExecutor)
+
+    from fusion_core.errors import PluginError
+
+    with pytest.raises(PluginError, match="registered .* as a executor, but it is not a subclass of fusion_core.executors.Executor"):
+        build_registry(_manager_with(Wrong()))

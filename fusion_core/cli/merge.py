@@ -1,0 +1,155 @@
+"""``fuse merge``: merge checkpoints on disk into a new checkpoint, streaming tensor by tensor."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..errors import ConfigError, FuseError
+
+
+class MergeInterrupted(FuseError):
+    """Ctrl-C during a merge (the partial output has been removed)."""
+
+    exit_code = 130
+
+
+def _registry(ctx: click.Context):
+    state = ctx.obj
+    registry = getattr(state, "registry", None)
+    if registry is not None:
+        return registry, getattr(state, "pm", None)
+    from ..plugins import get_plugin_manager
+    from ..registry import build_registry
+
+    pm = get_plugin_manager()
+    return build_registry(pm), pm
+
+
+def _parse_sets(sets: tuple[str, ...]) -> dict:
+    from ..config import parse_value
+
+    fields = {}
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"malformed --set {item!r}: expected FIELD=VALUE (e.g. --set density=0.2)")
+        if key.startswith("method."):
+            key = key[len("method."):]
+        if "." in key:
+            raise ConfigError(f"malformed --set {item!r}: FIELD is one of the method's config fields (e.g. density), without dots")
+        fields[key] = parse_value(raw)
+    return fields
+
+
+def _dist_version(dist: str | None) -> str | None:
+    if not dist:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+@click.command("merge")
+@click.argument("method", required=False)
+@click.option("--base", metavar="PATH", help="The base (pretrained) model: a .safetensors file or an HF folder.")
+@click.option("--model", "models", metavar="PATH", multiple=True, help="A fine-tuned model (repeat for each).")
+@click.option("--output", "-o", metavar="PATH", required=True, help="A .safetensors file, or else an HF model folder.")
+@click.option("--set", "sets", metavar="FIELD=VALUE", multiple=True, help="A method field, e.g. --set density=0.2 (repeat).")
+@click.option("--mergekit-config", metavar="FILE", help="Read method, models and parameters from a mergekit YAML instead.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-tensor generators (random methods).")
+@click.option("--dtype", metavar="DTYPE", help="Output dtype of float tensors (default: the base's).")
+@click.option("--compute-dtype", metavar="DTYPE", default="float32", show_default=True, help="Dtype the kernels compute in.")
+@click.option("--device", default="cpu", show_default=True, help="Where kernels compute: cpu or cuda.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt pickle checkpoints (torch.load weights_only); only for trusted files.")
+@click.option("--common-keys-only", is_flag=True, help="Merge only the tensors every model has (instead of an error).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary line.")
+@click.pass_context
+def merge_command(ctx, method, base, models, output, sets, mergekit_config, seed, dtype, compute_dtype, device, shard_size, overwrite,
+                  allow_pickle, common_keys_only, quiet):
+    """Merge checkpoints with METHOD into OUTPUT, one tensor at a time.
+
+    \b
+      fuse merge task_arithmetic --base base/ --model a/ --model b/ --set scaling_factor=0.3 -o out/
+      fuse merge ties --base base/ --model a/ --model b/ --set density=0.2 -o merged.safetensors
+      fuse merge simple_average --model a.safetensors --model b.safetensors -o avg.safetensors
+      fuse merge --mergekit-config ties.yaml -o out/
+
+    Inputs are .safetensors files or HF folders (sharded or not); an output ending in
+    .safetensors is one file, anything else an HF folder with the base's config and
+    tokenizer files and a model card recording the recipe.
+    """
+    from ..config import config_to_dict, make_config
+
+    start = time.perf_counter()
+    mergekit_method = None
+    if mergekit_config:
+        if method or base or models or sets:
+            raise ConfigError("give either --mergekit-config or METHOD with --base/--model/--set, not both")
+        from ..mergekit_yaml import load
+
+        recipe_mk = load(mergekit_config)
+        mergekit_method = recipe_mk.mergekit_method
+        method, fields, base, models = recipe_mk.method, dict(recipe_mk.fields), recipe_mk.base, list(recipe_mk.models)
+        dtype = dtype or recipe_mk.out_dtype
+    else:
+        if not method:
+            raise ConfigError("missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)")
+        fields = _parse_sets(sets)
+    registry, _ = _registry(ctx)
+    entry = registry.get("method", method)
+    config = make_config(entry.cls.Config, fields, where=f"method {method}")
+    instance = entry.cls(config)
+
+    from ..engine.kernel import KernelMethod
+
+    if not isinstance(instance, KernelMethod) and not callable(getattr(instance, "passthrough_plan", None)):
+        raise ConfigError(f"method {method!r} is not a per-tensor method, so fuse merge cannot stream it; run it with `fuse run method={method}`")
+    if not models and not (base and callable(getattr(instance, "passthrough_plan", None))):
+        raise ConfigError("no models to merge: give --model PATH (once per fine-tuned model)")
+
+    from ..engine.executor import MergeOptions, merge_to_path
+    from ..engine.readers import open_reader
+
+    readers = []
+    try:
+        base_reader = open_reader(base, allow_pickle=allow_pickle, label=str(base)) if base else None
+        if base_reader is not None:
+            readers.append(base_reader)
+        model_readers = []
+        for path in models:
+            model_readers.append(open_reader(path, allow_pickle=allow_pickle, label=str(path)))
+            readers.append(model_readers[-1])
+        recipe = {
+            "method": method,
+            "fields": config_to_dict(config),
+            "base": base,
+            "models": list(models),
+            "seed": seed,
+            "dtype": dtype or ("same as the base" if base else "same as the inputs"),
+            "compute_dtype": compute_dtype,
+        }
+        if mergekit_method:
+            recipe["mergekit"] = {"config": str(mergekit_config), "merge_method": mergekit_method}
+        plugin_version = _dist_version(entry.dist)
+        if entry.dist:
+            recipe["plugin"] = f"{entry.dist} {plugin_version or ''}".strip()
+        options = MergeOptions(seed=seed, compute_dtype=compute_dtype, out_dtype=dtype, device=device, shard_size=shard_size,
+                               common_keys_only=common_keys_only, overwrite=overwrite, recipe=recipe, progress=not quiet)
+        try:
+            out = merge_to_path(instance, base_reader, model_readers, output, options)
+        except KeyboardInterrupt:
+            raise MergeInterrupted(f"interrupted: nothing was written to {output}") from None
+    finally:
+        for reader in readers:
+            reader.close()
+    if not quiet:
+        n_inputs = len(models) + (1 if base else 0)
+        click.echo(f"{method}: {n_inputs} input(s) → {out} in {time.perf_counter() - start:.1f} s", err=True)

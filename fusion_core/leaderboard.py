@@ -1,0 +1,233 @@
+"""Leaderboards from the results database: a rich table, Markdown, CSV and a PNG plot.
+
+Rows are (label, config summary) pairs — a method with its non-default fields, or a
+baseline — and columns are the tasks plus their average.  With several seeds each
+cell is ``mean ± std`` over seeds (sample standard deviation); the average column is
+the mean over seeds of each seed's task average.  Rows are sorted by average, best
+first.  Accuracy-like metrics in [0, 1] are shown in percent.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import attrs
+
+from .results_db import Row
+
+PERCENT_METRICS = ("accuracy", "acc", "top1", "f1")
+
+
+@attrs.frozen
+class Stat:
+    mean: float
+    std: float | None  # None with a single seed
+    n: int
+
+
+def _stat(values: Sequence[float]) -> Stat:
+    n = len(values)
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return Stat(mean, std, n)
+
+
+@attrs.frozen
+class LeaderboardRow:
+    label: str
+    kind: str
+    config: str
+    seeds: tuple[int, ...]
+    tasks: dict  # task -> Stat
+    average: Stat | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} ({self.config})" if self.config else self.label
+
+
+@attrs.frozen
+class Leaderboard:
+    title: str
+    metric: str
+    tasks: tuple[str, ...]
+    rows: tuple[LeaderboardRow, ...]
+
+    @property
+    def percent(self) -> bool:
+        return self.metric in PERCENT_METRICS
+
+
+def build_leaderboard(rows: Iterable[Row], *, title: str, metric: str | None = None, tasks: Sequence[str] | None = None) -> Leaderboard:
+    """Aggregate ``ok`` rows into a leaderboard (failed rows are ignored).
+
+    :param metric: the metric to show (default: the rows' primary metric).
+    :param tasks: column order (default: tasks in order of first appearance).
+    """
+    ok = [r for r in rows if r.status == "ok"]
+    if metric is None:
+        metric = next((r.metric for r in ok if r.metric), "accuracy")
+    order: list[str] = list(tasks or [])
+    groups: dict[tuple[str, str, str], dict[int, dict[str, float]]] = {}
+    kinds: dict[tuple[str, str, str], str] = {}
+    for r in ok:
+        value = r.metrics.get(metric, r.value if r.metric == metric else None)
+        if value is None:
+            continue
+        if r.task not in order and tasks is None:
+            order.append(r.task)
+        key = (r.label, r.config_summary, r.config_hash)
+        kinds[key] = r.kind
+        groups.setdefault(key, {}).setdefault(r.seed, {})[r.task] = float(value)
+    out = []
+    for key, by_seed in groups.items():
+        label, summary, _ = key
+        per_task = {}
+        for task in order:
+            values = [seed_values[task] for seed_values in by_seed.values() if task in seed_values]
+            if values:
+                per_task[task] = _stat(values)
+        seed_averages = []
+        for seed_values in by_seed.values():
+            shown = [v for t, v in seed_values.items() if t in order]
+            if shown:
+                seed_averages.append(math.fsum(shown) / len(shown))
+        out.append(LeaderboardRow(label=label, kind=kinds[key], config=summary, seeds=tuple(sorted(by_seed)),
+                                  tasks=per_task, average=_stat(seed_averages) if seed_averages else None))
+    out.sort(key=lambda row: (-(row.average.mean if row.average else -math.inf), row.label, row.config))
+    return Leaderboard(title=title, metric=metric, tasks=tuple(order), rows=tuple(out))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_stat(stat: Stat | None, percent: bool) -> str:
+    if stat is None:
+        return "–"
+    scale = 100.0 if percent else 1.0
+    text = f"{scale * stat.mean:.1f}" if percent else f"{stat.mean:.4g}"
+    if stat.std is not None:
+        text += f" ± {scale * stat.std:.1f}" if percent else f" ± {stat.std:.2g}"
+    return text
+
+
+def _seed_text(row: LeaderboardRow) -> str:
+    return str(len(row.seeds))
+
+
+def to_markdown(board: Leaderboard) -> str:
+    """A GitHub Markdown table (values in percent for accuracy-like metrics)."""
+    unit = f"{board.metric} (%)" if board.percent else board.metric
+    header = ["#", "method", "config", "seeds", *board.tasks, "average"]
+    lines = [f"**{board.title}** — {unit}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join(["---:", "---", "---", "---:"] + ["---:"] * (len(board.tasks) + 1)) + "|"]
+    for rank, row in enumerate(board.rows, 1):
+        label = f"*{row.label}*" if row.kind == "baseline" else row.label
+        cells = [str(rank), label, row.config or "–", _seed_text(row),
+                 *[format_stat(row.tasks.get(t), board.percent) for t in board.tasks],
+                 f"**{format_stat(row.average, board.percent)}**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(round(value, 6))
+
+
+def to_csv(board: Leaderboard) -> str:
+    """CSV with raw values (not percent): mean per task and average, then their std over seeds."""
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["rank", "method", "kind", "config", "seeds", *board.tasks, "average",
+                     *[f"{t}_std" for t in board.tasks], "average_std"])
+    for rank, row in enumerate(board.rows, 1):
+        means = [_num(row.tasks[t].mean) if t in row.tasks else "" for t in board.tasks]
+        stds = [_num(row.tasks[t].std) if t in row.tasks else "" for t in board.tasks]
+        avg = row.average
+        writer.writerow([rank, row.label, row.kind, row.config, " ".join(map(str, row.seeds)), *means,
+                         _num(avg.mean if avg else None), *stds, _num(avg.std if avg else None)])
+    return buf.getvalue()
+
+
+def render_rich(board: Leaderboard, console) -> None:
+    from rich.table import Table
+
+    unit = f"{board.metric} (%)" if board.percent else board.metric
+    table = Table(title=f"{board.title} — {unit}")
+    for col, justify in (("#", "right"), ("method", "left"), ("config", "left"), ("seeds", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for task in board.tasks:
+        table.add_column(task, justify="right")
+    table.add_column("average", justify="right")
+    for rank, row in enumerate(board.rows, 1):
+        style = "dim" if row.kind == "baseline" else None
+        table.add_row(str(rank), row.label, row.config or "–", _seed_text(row),
+                      *[format_stat(row.tasks.get(t), board.percent) for t in board.tasks],
+                      f"[bold]{format_stat(row.average, board.percent)}[/]", style=style)
+    console.print(table if board.rows else f"{board.title}: no results yet")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_png(board: Leaderboard, path: str | os.PathLike) -> None:
+    """Grouped bars: per task (and the average), one bar per leaderboard row, error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = [*board.tasks, "average"]
+    scale = 100.0 if board.percent else 1.0
+    n = max(1, len(board.rows))
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 0.15 * n * len(groups)), 4.5))
+    try:
+        cmap = plt.get_cmap("tab20")
+        for i, row in enumerate(board.rows):
+            stats = [row.tasks.get(t) for t in board.tasks] + [row.average]
+            xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+            heights = [scale * s.mean if s else 0.0 for s in stats]
+            errors = [scale * s.std if s and s.std is not None else 0.0 for s in stats]
+            ax.bar(xs, heights, width, yerr=errors if any(errors) else None, label=row.name, color=cmap(i % 20),
+                   hatch="//" if row.kind == "baseline" else None, edgecolor="white", linewidth=0.3)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=30, ha="right")
+        ax.set_ylabel(f"{board.metric} (%)" if board.percent else board.metric)
+        ax.set_title(board.title)
+        ax.legend(fontsize=7, ncol=2 if n > 8 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png", dpi=120)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    finally:
+        plt.close(fig)

@@ -1,0 +1,123 @@
+"""AdaMerging: merge coefficients learned by entropy minimisation on unlabelled test inputs.
+
+The merged parameters are ``θ = θ₀ + Σᵢ λᵢ τᵢ`` (task-wise: one λ per model) or
+``θₖ = θ₀ₖ + Σᵢ λᵢₖ τᵢₖ`` (layer-wise: one λ per model and parameter tensor).  The λ
+start at ``init`` and follow Adam on the sum over tasks of the mean prediction entropy of the
+merged model on a batch of that task's unlabelled test inputs (through the task's head).
+Each step builds the merged tensors from the base and the task vectors and runs the base
+module functionally (``torch.func.functional_call``): no module is copied, and memory stays
+near base + N task vectors + one set of merged tensors with its autograd graph.
+
+This is test-time adaptation: it reads the *test* inputs (never their labels) and is flagged
+``transductive`` in ``fuse show`` and in the run report (``extras.transductive``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
+
+import attrs
+
+from fusion_core.components import Capabilities
+from fusion_core.config import in_range, option, positive
+
+from .common import (
+    AdaptationTask,
+    AdaptiveMethod,
+    adapt,
+    adaptation_tasks,
+    entropy,
+    float_params,
+    mark_transductive,
+    note,
+    prepare,
+    state_with,
+    summarize_history,
+    task_vector,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fusion_core.components import ModelPool
+    from fusion_core.run_context import RunContext
+
+
+def merge_parameters(base: Mapping[str, "torch.Tensor"], task_vectors: Sequence[Mapping[str, "torch.Tensor"]],
+                     coefficients: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+    """``θ₀ₖ + Σᵢ λᵢₖ τᵢₖ`` for every tensor ``k`` of ``base``.
+
+    :param coefficients: ``(N, 1)`` (task-wise: the same λᵢ for every tensor) or ``(N, K)``
+        (layer-wise, K = number of tensors of ``base``, in its order).
+    """
+    out = {}
+    layer_wise = coefficients.shape[1] > 1
+    for k, (key, value) in enumerate(base.items()):
+        merged = value
+        for i, tv in enumerate(task_vectors):
+            merged = merged + coefficients[i, k if layer_wise else 0].to(value.dtype) * tv[key]
+        out[key] = merged
+    return out
+
+
+def entropy_objective(model: Any, params: Mapping[str, "torch.Tensor"], tasks: Sequence[AdaptationTask], batches: Sequence[Any],
+                      pool: "ModelPool | None" = None) -> "torch.Tensor":
+    """Σ over tasks of the mean prediction entropy of ``model`` with ``params`` on that task's batch."""
+    from fusion_core.adapters import apply_classifier, functional_forward
+
+    total = None
+    for task, inputs in zip(tasks, batches):
+        value = entropy(apply_classifier(task.head, functional_forward(model, params, inputs, pool)))
+        total = value if total is None else total + value
+    assert total is not None
+    return total
+
+
+class AdaMerging(AdaptiveMethod):
+    """AdaMerging (Yang et al., ICLR 2024), task-wise or layer-wise."""
+
+    name = "adamerging"
+    summary = "Task arithmetic whose coefficients (per model or per model and tensor) minimise prediction entropy on unlabelled test inputs."
+    reference_url = "https://arxiv.org/abs/2310.02575"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True, transductive=True)
+
+    @attrs.frozen
+    class Config:
+        granularity: Literal["task", "layer"] = option("layer", help="one coefficient per model (task) or per model and parameter tensor (layer)")
+        init: float = option(0.3, help="initial value of every coefficient (0.3 = task arithmetic's usual scale)")
+        lr: float = option(1e-3, help="Adam learning rate of the coefficients", validator=positive)
+        steps: int = option(100, help="adaptation steps (each reads one unlabelled test batch per task); the paper uses 500-1000", validator=in_range(0, None))
+        clamp: bool = option(True, help="keep every coefficient in [0, 1] after each step")
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+        import torch
+
+        cfg, names = self.config, list(pool.model_names)
+        tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
+        base = prepare(pool.load_model(None), ctx.device)
+        base_params = float_params(base)
+        vectors = [task_vector(pool, n, base_params, method=self.name, device=ctx.device) for n in names]
+        width = len(base_params) if cfg.granularity == "layer" else 1
+        coefficients = torch.full((len(names), width), float(cfg.init), dtype=torch.float32, device=ctx.device, requires_grad=True)
+
+        def loss(step: int) -> torch.Tensor:
+            merged = merge_parameters(base_params, vectors, coefficients)
+            return entropy_objective(base, merged, tasks, [t.next_inputs() for t in tasks], pool)
+
+        def clamp() -> None:
+            if cfg.clamp:
+                with torch.no_grad():
+                    coefficients.clamp_(0.0, 1.0)
+
+        history = adapt([coefficients], loss, steps=cfg.steps, lr=cfg.lr, method=self.name, ctx=ctx, after_step=clamp)
+        with torch.no_grad():
+            merged = merge_parameters(base_params, vectors, coefficients.detach())
+            state = state_with(base, merged)
+        final = coefficients.detach().cpu()
+        per_model = {n: (float(final[i, 0]) if width == 1 else float(final[i].mean())) for i, n in enumerate(names)}
+        note(ctx, self.name, granularity=cfg.granularity, coefficients=per_model, **summarize_history(history))
+        mark_transductive(ctx, self.name, names)
+        return state
+
+
+METHODS = [AdaMerging]

@@ -1,0 +1,221 @@
+"""What the methods of this plugin share: the base class, task vectors, entropy, the adaptation loop.
+
+Torch is imported inside the functions (this module is imported at registration).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+
+from fusion_core.components import Method
+from fusion_core.errors import FuseError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fusion_core.components import ModelPool, TaskPool
+    from fusion_core.run_context import RunContext
+
+
+class AdaptiveMethod(Method):
+    """A method of this plugin: checks its inputs before anything is loaded."""
+
+    min_models: ClassVar[int] = 1
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        """Raise :class:`InputError` when the pool cannot feed this method (no base, too few models)."""
+        if self.capabilities.needs_base and not has_base:
+            raise InputError(f"method {self.name!r} needs a base (pretrained) model; give the model pool a base")
+        if n_models < self.min_models:
+            raise InputError(f"method {self.name!r} needs at least {self.min_models} fine-tuned model(s), got {n_models}")
+
+
+# --------------------------------------------------------------------------- report notes
+
+
+def note(ctx: "RunContext", method: str, **info: Any) -> None:
+    """Record facts about the run in ``ctx.extras[method]`` (for the report)."""
+    ctx.extras.setdefault(method, {}).update(info)
+
+
+def mark_transductive(ctx: "RunContext", method: str, tasks: Sequence[str]) -> None:
+    """Record that ``method`` adapted on the unlabelled test inputs of ``tasks``."""
+    ctx.extras["transductive"] = {"method": method, "split": "test (inputs only, no labels)", "tasks": list(tasks)}
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def to_device(inputs: Any, device: str) -> Any:
+    """``inputs`` with every tensor (in mappings, lists, tuples) moved to ``device``."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def batch_size(inputs: Any) -> int:
+    """The leading dimension of the first tensor in ``inputs``."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (list, tuple)) else []
+    for value in values:
+        try:
+            return batch_size(value)
+        except InputError:
+            continue
+    raise InputError(f"cannot find a batch tensor in inputs of type {type(inputs).__name__}")
+
+
+def float_params(model: Any) -> dict[str, "torch.Tensor"]:
+    """The model's floating-point parameters by name, detached (shared storage, no copy)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.is_floating_point()}
+
+
+def prepare(model: Any, device: str) -> Any:
+    """Put ``model`` on ``device`` in eval mode with no parameter requiring gradients."""
+    model = model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def task_vector(pool: "ModelPool", name: str, base: Mapping[str, "torch.Tensor"], *, method: str, device: str) -> dict[str, "torch.Tensor"]:
+    """``θ_name − θ_base`` for every tensor of ``base`` (model ``name`` is loaded, read and dropped)."""
+    model = pool.load_model(name)
+    params = dict(model.named_parameters())
+    missing = [k for k in base if k not in params]
+    if missing:
+        raise InputError(
+            f"method {method!r}: model {name!r} lacks parameter(s) of the base: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; all models must share the base's architecture"
+        )
+    out = {}
+    for key, ref in base.items():
+        value = params[key].detach().to(device=device, dtype=ref.dtype)
+        if value.shape != ref.shape:
+            raise InputError(f"method {method!r}: {key!r} of model {name!r} has shape {list(value.shape)}, the base's {list(ref.shape)}")
+        out[key] = value - ref
+    del model, params
+    return out
+
+
+def tied_aliases(model: Any) -> dict[str, str]:
+    """Second names of tied parameters → the first name (the one ``named_parameters()`` gives)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def with_aliases(model: Any, state: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """``state`` with every tied parameter's second name given the value of its first name."""
+    out = dict(state)
+    for alias, source in tied_aliases(model).items():
+        if source in out:
+            out[alias] = out[source]
+    return out
+
+
+def state_with(model: Any, params: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """``model``'s state dict (on CPU, detached, own storage) with the tensors of ``params`` substituted.
+
+    Tied parameters get the value of their first name.
+    """
+    params = with_aliases(model, params)
+    out = {}
+    for key, value in model.state_dict().items():
+        chosen = params.get(key, value)
+        out[key] = chosen.detach().to("cpu").clone()
+    return out
+
+
+def entropy(logits: "torch.Tensor") -> "torch.Tensor":
+    """Mean Shannon entropy of the softmax of ``logits`` (the last dimension is the classes)."""
+    import torch
+
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    log_p = logits.log_softmax(dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1).mean()
+
+
+# --------------------------------------------------------------------------- test-time adaptation
+
+
+class AdaptationTask:
+    """One task of a test-time adaptation: its head and an endless stream of unlabelled test inputs."""
+
+    def __init__(self, name: str, head: Callable | None, batches: Iterator, device: str) -> None:
+        self.name, self.head, self._batches, self.device = name, head, batches, device
+
+    def next_inputs(self) -> Any:
+        batch = next(self._batches)
+        return to_device(batch, self.device)
+
+
+def adaptation_tasks(pool: "ModelPool", taskpool: "TaskPool | None", *, method: str, device: str) -> list[AdaptationTask]:
+    """One :class:`AdaptationTask` per fine-tuned model (its name is the task), or a clear InputError."""
+    from fusion_core.adapters import cycle, get_classifier, require_unlabelled
+
+    tasks = []
+    for name in pool.model_names:
+        batches = require_unlabelled(taskpool, name, method=method)
+        tasks.append(AdaptationTask(name, get_classifier(taskpool, name), cycle(batches), device))
+    return tasks
+
+
+def check_finite(loss: "torch.Tensor", step: int, *, method: str) -> None:
+    """Stop the adaptation on a NaN/Inf loss: no output is kept."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FuseError(
+            f"method {method!r}: the adaptation loss became {value} at step {step}; stopped, and no model was output "
+            "(lower lr, or check the inputs and heads for NaN/Inf)"
+        )
+
+
+def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tensor"], *, steps: int, lr: float, method: str,
+          ctx: "RunContext", after_step: Callable[[], None] | None = None) -> list[float]:
+    """Minimise ``loss_fn(step)`` over ``params`` with Adam for ``steps`` steps; returns the loss history.
+
+    A non-finite loss (or a non-finite gradient) stops the run with a :class:`FuseError` naming the step.
+    """
+    import torch
+
+    params = list(params)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    history: list[float] = []
+    for step in ctx.track(range(steps), f"adapting ({method})", total=steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(step)
+        check_finite(loss, step, method=method)
+        loss.backward()
+        for p in params:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise FuseError(f"method {method!r}: a gradient became NaN/Inf at step {step}; stopped, and no model was output (lower lr)")
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        history.append(float(loss.detach()))
+    return history
+
+
+def summarize_history(history: Sequence[float]) -> dict[str, Any]:
+    """First, last and best loss of an adaptation, for the report."""
+    if not history:
+        return {"steps": 0}
+    return {"steps": len(history), "loss_first": history[0], "loss_last": history[-1], "loss_min": min(history)}

@@ -1,0 +1,322 @@
+"""RegMean and RegMean++: per linear layer, the weight that best reproduces every model's outputs on its own inputs.
+
+For a linear layer with weights ``Wᵢ`` (written ``(in, out)``, i.e. ``nn.Linear.weight.T``) and
+inputs ``Xᵢ`` (the rows reaching that layer on model ``i``'s training batches), RegMean solves
+
+    min_W  Σᵢ ‖Xᵢ W − Xᵢ Wᵢ‖²   ⇒   W* = (Σᵢ Gᵢ)⁻¹ Σᵢ Gᵢ Wᵢ,   Gᵢ = XᵢᵀXᵢ / nᵢ
+
+(Gram matrices are averaged over each model's rows so that every task counts the same).
+``reduce_non_diagonal_ratio`` α shrinks the off-diagonal entries of each ``Gᵢ`` (``α·G +
+(1−α)·diag(G)``; α = 0 gives a per-input-feature weighted average).  The solve uses a
+pseudo-inverse around the average, ``W* = W̄ + (ΣGᵢ)⁺ Σᵢ Gᵢ (Wᵢ − W̄)``, equal to the closed form when
+``ΣGᵢ`` is invertible and falling back to the average along input directions no data reached.
+Biases are averaged (``bias: average``) or solved with the weight by appending a constant-1
+input feature (``bias: regression``).  Every other tensor is averaged.
+
+RegMean++ differs in the inputs: layer ``l``'s Gram matrices of model ``i`` are computed on
+model ``i``'s data passed through the *merged* layers that run before ``l`` (the merge proceeds
+layer by layer in execution order), so each layer accounts for the errors of the merged layers
+below it.  FusionBench does this per transformer block; here every linear layer is a step,
+which needs no knowledge of the architecture (the order is recorded from one forward pass).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal, Mapping, Sequence
+
+import attrs
+
+from fusion_core.components import Capabilities
+from fusion_core.config import in_range, option, positive
+from fusion_core.errors import InputError
+
+from .common import AdaptiveMethod, note, prepare, tied_aliases, to_device
+from .modules import execution_order, select_modules, transposed
+from .modules import key as pkey
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fusion_core.components import ModelPool
+    from fusion_core.run_context import RunContext
+
+
+def batch_inputs(batch: Any) -> Any:
+    """The inputs of a data batch: the first item of an ``(inputs, labels)`` pair, else the batch itself."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0]
+    return batch
+
+
+class GramCollector:
+    """Forward hooks summing ``XᵀX`` (and counting rows) of the inputs of some linear layers."""
+
+    def __init__(self, layers: Mapping[str, Any], *, with_bias: bool, dtype: "torch.dtype") -> None:
+        self.layers, self.with_bias, self.dtype = dict(layers), with_bias, dtype
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {name: 0 for name in self.layers}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        import torch
+
+        def hook(module, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            if self.with_bias:
+                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+            gram = x.t() @ x
+            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+            self.rows[name] += int(x.shape[0])
+
+        return hook
+
+    def __enter__(self) -> "GramCollector":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def mean_gram(self, name: str) -> "torch.Tensor | None":
+        """``XᵀX / n`` of layer ``name`` (``None`` when no input reached it)."""
+        if self.rows[name] == 0:
+            return None
+        return self.grams[name] / self.rows[name]
+
+
+def reduce_non_diagonal(gram: "torch.Tensor", ratio: float) -> "torch.Tensor":
+    """``ratio·G + (1 − ratio)·diag(G)``: off-diagonal entries scaled by ``ratio``, the diagonal kept."""
+    import torch
+
+    if ratio == 1.0:
+        return gram
+    return gram * ratio + torch.diag(torch.diagonal(gram)) * (1.0 - ratio)
+
+
+def stacked_weight(is_transposed: bool, state: Mapping[str, "torch.Tensor"], prefix: str, with_bias: bool) -> "torch.Tensor":
+    """The layer's weight as ``(in, out)``, with its bias as one more row when ``with_bias``.
+
+    ``is_transposed``: the layer stores its weight ``(in, out)`` (``Conv1D``) rather than ``(out, in)``.
+    """
+    import torch
+
+    stored = state[pkey(prefix, "weight")]
+    w = stored if is_transposed else stored.t()
+    if not with_bias:
+        return w
+    bias = state.get(pkey(prefix, "bias"))
+    row = torch.zeros(1, w.shape[1], dtype=w.dtype, device=w.device) if bias is None else bias.reshape(1, -1).to(w.dtype)
+    return torch.cat([w, row], dim=0)
+
+
+def regmean_solve(gram_sum: "torch.Tensor", gram_weight_sum: "torch.Tensor", mean_weight: "torch.Tensor") -> "torch.Tensor":
+    """``W̄ + (ΣG)⁺ (ΣGW − ΣG·W̄)`` in float64: the RegMean closed form, the average where no data reached."""
+    g = gram_sum.double()
+    w_bar = mean_weight.double()
+    rhs = gram_weight_sum.double() - g @ w_bar
+    return w_bar + torch_pinv(g) @ rhs
+
+
+def torch_pinv(g: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    return torch.linalg.pinv(g, hermitian=True)
+
+
+class _Accumulator:
+    """Per layer Σ Gᵢ and Σ Gᵢ Wᵢ; per float tensor the plain sum; integer tensors kept from the first model."""
+
+    def __init__(self, ratio: float, with_bias: bool) -> None:
+        self.ratio, self.with_bias = ratio, with_bias
+        self.gram: dict[str, torch.Tensor] = {}
+        self.gram_weight: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.fixed: dict[str, torch.Tensor] = {}
+        self.layouts: dict[str, bool] = {}
+        self.count = 0
+
+    def add_state(self, state: Mapping[str, "torch.Tensor"]) -> None:
+        for key, value in state.items():
+            value = value.detach()
+            if not value.is_floating_point():
+                self.fixed.setdefault(key, value)
+            else:
+                self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def add_layer(self, name: str, module: Any, gram: "torch.Tensor", state: Mapping[str, "torch.Tensor"]) -> None:
+        self.layouts[name] = transposed(module)
+        gram = reduce_non_diagonal(gram, self.ratio)
+        w = stacked_weight(self.layouts[name], state, name, self.with_bias).to(gram.dtype)
+        gw = gram @ w
+        if name in self.gram:
+            self.gram[name] += gram
+            self.gram_weight[name] += gw
+        else:
+            self.gram[name], self.gram_weight[name] = gram, gw
+
+    def mean(self, key: str) -> "torch.Tensor":
+        return self.sums[key] / self.count
+
+    def solve_layer(self, name: str) -> dict[str, "torch.Tensor"]:
+        """The merged tensors of layer ``name`` (weight, and bias when solved by regression)."""
+        mean_state = {pkey(name, "weight"): self.mean(pkey(name, "weight"))}
+        if pkey(name, "bias") in self.sums:
+            mean_state[pkey(name, "bias")] = self.mean(pkey(name, "bias"))
+        is_transposed = self.layouts[name]
+        w_bar = stacked_weight(is_transposed, mean_state, name, self.with_bias)
+        solved = regmean_solve(self.gram[name], self.gram_weight[name], w_bar)
+        dtype = mean_state[pkey(name, "weight")].dtype
+        w_in_out = solved[: w_bar.shape[0] - (1 if self.with_bias else 0)]
+        out = {pkey(name, "weight"): (w_in_out if is_transposed else w_in_out.t()).contiguous().to(dtype)}
+        if self.with_bias and pkey(name, "bias") in mean_state:
+            out[pkey(name, "bias")] = solved[-1].to(dtype)
+        return out
+
+    def result(self, merged: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+        out = {k: merged[k] if k in merged else v / self.count for k, v in self.sums.items()}
+        out.update(self.fixed)
+        return out
+
+
+def _gram_dtype(model: Any) -> "torch.dtype":
+    import torch
+
+    return torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) else torch.float32
+
+
+class _RegMeanBase(AdaptiveMethod):
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_data=True)
+
+    @attrs.frozen
+    class Config:
+        num_batches: int | None = option(8, help="train batches per model whose layer inputs form the Gram matrices (null = all)", validator=positive)
+        split: str = option("train", help="the model pool's data split to read (ModelPool.data(model, split)); labels are not used")
+        reduce_non_diagonal_ratio: float = option(
+            0.95, help="α in [0, 1]: off-diagonal Gram entries are multiplied by α (1 = exact RegMean, 0 = diagonal only)",
+            validator=in_range(0.0, 1.0),
+        )
+        bias: Literal["average", "regression"] = option(
+            "average", help="average the biases, or solve them with the weights (a constant-1 input feature)"
+        )
+        exclude: list[str] = option(factory=list, help="glob patterns of linear layer names to average instead (e.g. '*classifier*')")
+
+    def _inputs(self, pool: "ModelPool", name: str) -> Iterable:
+        from fusion_core.adapters import require_data
+
+        data = require_data(pool, name, self.config.split, method=self.name)
+        for index, batch in enumerate(data):
+            if self.config.num_batches is not None and index >= self.config.num_batches:
+                break
+            yield batch_inputs(batch)
+
+    def _note(self, ctx: "RunContext", layers: Sequence[str], solved: Sequence[str]) -> None:
+        averaged = [n for n in layers if n not in solved]
+        note(ctx, self.name, layers_solved=len(solved), layers_without_inputs=averaged)
+
+
+class RegMean(_RegMeanBase):
+    """Regression mean (Jin et al., 2023): per linear layer the closed-form least-squares merge."""
+
+    name = "regmean"
+    summary = "Per linear layer, the least-squares weight over all models' inputs (Gram matrices from train batches)."
+    reference_url = "https://arxiv.org/abs/2212.09849"
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+        import torch
+
+        from fusion_core.adapters import require_data
+
+        cfg, names = self.config, list(pool.model_names)
+        for n in names:  # fail before loading anything when a split is missing
+            require_data(pool, n, cfg.split, method=self.name)
+        streams = {n: self._inputs(pool, n) for n in names}
+        acc = _Accumulator(cfg.reduce_non_diagonal_ratio, cfg.bias == "regression")
+        layer_names: list[str] | None = None
+        aliases: dict[str, str] = {}
+        forward = pool.forward
+        for name in ctx.track(names, f"Gram matrices ({self.name})", total=len(names)):
+            model = prepare(pool.load_model(name), ctx.device)
+            layers = select_modules(model, None, method=self.name, field="exclude", exclude=cfg.exclude)
+            if layer_names is None:
+                layer_names, aliases = list(layers), tied_aliases(model)
+            with GramCollector(layers, with_bias=acc.with_bias, dtype=_gram_dtype(model)) as grams, torch.no_grad():
+                for inputs in streams[name]:
+                    forward(model, to_device(inputs, ctx.device))
+            state = model.state_dict()
+            for layer, module in layers.items():
+                gram = grams.mean_gram(layer)
+                if gram is not None:
+                    acc.add_layer(layer, module, gram, state)
+            acc.add_state(state)
+            del model, state, grams
+        merged: dict[str, torch.Tensor] = {}
+        for layer in acc.gram:
+            merged.update(acc.solve_layer(layer))
+        out = acc.result(merged)
+        for alias, source in aliases.items():
+            out[alias] = out[source]
+        self._note(ctx, layer_names or [], list(acc.gram))
+        return {k: v.detach().to("cpu") for k, v in out.items()}
+
+
+class RegMeanPlusPlus(_RegMeanBase):
+    """RegMean++ (Nguyen et al., 2025): RegMean whose layer inputs come through the already merged layers."""
+
+    name = "regmean_plusplus"
+    summary = "RegMean layer by layer in execution order, each layer's Grams computed through the merged layers before it."
+    reference_url = "https://arxiv.org/abs/2508.03121"
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+        import torch
+
+        from fusion_core.adapters import functional_forward
+
+        cfg, names = self.config, list(pool.model_names)
+        batches = {n: [to_device(x, ctx.device) for x in self._inputs(pool, n)] for n in names}
+        for n in names:
+            if not batches[n]:
+                raise InputError(f"method {self.name!r}: the {cfg.split!r} data of model {n!r} gave no batches")
+        models = [prepare(pool.load_model(n), ctx.device) for n in names]
+        acc = _Accumulator(cfg.reduce_non_diagonal_ratio, cfg.bias == "regression")
+        for model in models:
+            acc.add_state(model.state_dict())
+        reference = models[0]
+        layers = select_modules(reference, None, method=self.name, field="exclude", exclude=cfg.exclude)
+        with torch.no_grad():
+            order = execution_order(reference, lambda: pool.forward(reference, batches[names[0]][0]))
+        merged: dict[str, torch.Tensor] = {}  # tensors of the modules already merged (earlier in execution order)
+        solved_all: dict[str, torch.Tensor] = {}
+        dtype = _gram_dtype(reference)
+        for module_name in ctx.track(order, f"merging layers ({self.name})", total=len(order)):
+            module = reference.get_submodule(module_name)
+            own = [pkey(module_name, p) for p, _ in module.named_parameters(recurse=False)]
+            if module_name in layers:
+                for model, name in zip(models, names):
+                    target = {module_name: model.get_submodule(module_name)}
+                    with GramCollector(target, with_bias=acc.with_bias, dtype=dtype) as grams, torch.no_grad():
+                        for inputs in batches[name]:
+                            functional_forward(model, merged, inputs, pool)
+                    gram = grams.mean_gram(module_name)
+                    if gram is not None:
+                        acc.add_layer(module_name, target[module_name], gram, model.state_dict())
+                solved = acc.solve_layer(module_name) if module_name in acc.gram else {}
+                solved_all.update(solved)
+                for key in own:
+                    merged[key] = solved[key].to(ctx.device) if key in solved else acc.mean(key)
+            else:
+                for key in own:
+                    if key in acc.sums:
+                        merged[key] = acc.mean(key)
+        out = acc.result(solved_all)
+        for alias, source in tied_aliases(reference).items():
+            out[alias] = out[source]
+        self._note(ctx, list(layers), list(acc.gram))
+        note(ctx, self.name, order=[n for n in order if n in layers])
+        return {k: v.detach().to("cpu") for k, v in out.items()}
+
+
+METHODS = [RegMean, RegMeanPlusPlus]

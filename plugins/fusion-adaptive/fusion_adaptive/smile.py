@@ -1,0 +1,102 @@
+"""SMILE: a zero-shot sparse mixture of low-rank experts built from the SVD of task vectors.
+
+Each chosen linear layer (``target_modules``; default every linear layer) becomes a
+:class:`~fusion_adaptive.layers.SmileLinear`: the base layer plus, per fine-tuned model, the
+rank-``rank`` truncated SVD of its task vector ``τᵢ = Wᵢ − W₀`` and its bias delta.  Inputs are
+routed without any training: expert ``i``'s logit is the norm of the input's projection on its
+top ``gate_k`` right singular vectors (an input that lies in the subspace a fine-tune changed
+goes to that expert), the ``top_k`` best are mixed by the softmax of their logits.  Every other
+parameter is the simple average of the fine-tuned models.  With one model, ``top_k = 1`` and a
+full rank, a layer reproduces the fine-tuned layer exactly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from fusion_core.components import Capabilities
+from fusion_core.config import option, positive
+from fusion_core.errors import InputError
+
+from .common import AdaptiveMethod, float_params, note, prepare
+from .modules import select_modules, set_submodule, weight_out_in
+from .modules import key as pkey
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fusion_core.components import ModelPool
+    from fusion_core.run_context import RunContext
+
+
+def low_rank_factors(delta: "torch.Tensor", rank: int | None, gate_k: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """``(U·S, V, V_gate)`` of the rank-``rank`` SVD of ``delta`` (``(out, in)``): ``(out, k)``, ``(in, k)``, ``(in, g)``."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    k = s.shape[0] if rank is None else min(rank, s.shape[0])
+    g = min(gate_k, s.shape[0])
+    dtype = delta.dtype
+    return (u[:, :k] * s[:k]).to(dtype), vh[:k].t().contiguous().to(dtype), vh[:g].t().contiguous().to(dtype)
+
+
+class Smile(AdaptiveMethod):
+    """SMILE upscaling (Tang et al., 2024)."""
+
+    name = "smile"
+    summary = "Upscales linear layers into a sparse mixture of low-rank (SVD) task-vector experts, routed zero-shot by subspace projection."
+    reference_url = "https://arxiv.org/abs/2408.10174"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
+
+    @attrs.frozen
+    class Config:
+        target_modules: list[str] | None = option(None, help="glob patterns of the linear layers to upscale; null = every linear layer")
+        rank: int | None = option(32, help="rank k kept of each task vector's SVD (null = full rank)", validator=positive)
+        gate_k: int = option(16, help="right singular vectors per expert used for routing", validator=positive)
+        top_k: int = option(1, help="experts mixed per input row", validator=positive)
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
+        import torch
+
+        from .layers import SmileLinear
+
+        cfg, names = self.config, list(pool.model_names)
+        if cfg.top_k > len(names):
+            raise InputError(f"method {self.name!r}: top_k={cfg.top_k} but the pool has only {len(names)} model(s) (experts)")
+        base = prepare(pool.load_model(None), ctx.device)
+        targets = select_modules(base, cfg.target_modules, method=self.name, field="target_modules")
+        base_params = float_params(base)
+        owned = {pkey(t, p) for t, m in targets.items() for p, _ in m.named_parameters()}
+        sums = {k: torch.zeros_like(v) for k, v in base_params.items() if k not in owned}
+        factors: dict[str, list] = {t: [] for t in targets}
+        for name in ctx.track(names, f"SVD of task vectors ({self.name})", total=len(names)):
+            model = pool.load_model(name)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for key in sums:
+                    sums[key] += params[key].detach().to(ctx.device, sums[key].dtype)
+                for target, module in targets.items():
+                    w = weight_out_in(module, params[pkey(target, "weight")].detach().to(ctx.device))
+                    delta = w - weight_out_in(module)
+                    bias = params.get(pkey(target, "bias"))
+                    bias_delta = None if bias is None else bias.detach().to(ctx.device) - module.bias
+                    factors[target].append((*low_rank_factors(delta, cfg.rank, cfg.gate_k), bias_delta))
+            del model, params
+        with torch.no_grad():
+            for key, total in sums.items():
+                base_params[key].copy_(total / len(names))
+        ranks = {}
+        for target, module in targets.items():
+            parts = factors.pop(target)
+            up, down, gate = (torch.stack([p[j] for p in parts]) for j in range(3))
+            bias_delta = None if parts[0][3] is None else torch.stack([p[3] for p in parts])
+            base = set_submodule(base, target, SmileLinear(module, up, down, gate, bias_delta, top_k=cfg.top_k))
+            ranks[target] = int(up.shape[-1])
+        base.eval()
+        note(ctx, self.name, upscaled=list(targets), rank=sorted(set(ranks.values())), experts=names)
+        return base
+
+
+METHODS = [Smile]

@@ -1,0 +1,119 @@
+"""Loading models safely: ``from_pretrained`` with safetensors only, no remote code, no hanging on the hub."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from fusion_core.errors import InputError
+
+from . import hub
+from .sources import CACHED, LOCAL, Location
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@attrs.frozen
+class LoadOptions:
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    cache_dir: str | None = None
+    dtype: str | None = None
+
+
+def pretrained_kwargs(loc: Location, opts: LoadOptions) -> tuple[str, dict[str, Any]]:
+    """The first argument and keyword arguments of ``from_pretrained`` for ``loc``.
+
+    Local and cached entries load with ``local_files_only``; hub-only entries first check
+    that the hub can be reached (:func:`fusion_hf.hub.require_network`).
+    """
+    src = loc.source
+    kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code}
+    if opts.cache_dir:
+        kwargs["cache_dir"] = opts.cache_dir
+    if loc.kind in (LOCAL, CACHED):
+        return str(loc.folder), {**kwargs, "local_files_only": True}
+    hub.require_network(f"{src.label}: hub id {src.path}@{src.revision or 'main'}")
+    if src.revision:
+        kwargs["revision"] = src.revision
+    if src.subfolder:
+        kwargs["subfolder"] = src.subfolder
+    return src.path, kwargs
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def quiet_transformers():
+    """Silence transformers' load reports and progress bars (the run has its own progress)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:  # pragma: no cover - older versions
+        pass
+
+
+def load_pretrained(cls, loc: Location, opts: LoadOptions):
+    """``cls.from_pretrained`` for ``loc`` with the safety settings; errors become one line."""
+    loc.check_weights(opts.allow_pickle)
+    target, kwargs = pretrained_kwargs(loc, opts)
+    kwargs["use_safetensors"] = None if opts.allow_pickle else True
+    if opts.dtype:
+        kwargs["dtype"] = opts.dtype
+    quiet_transformers()
+    try:
+        model = cls.from_pretrained(target, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"{loc.source.label}: cannot load {loc.source.spec()} as {cls.__name__}: {one_line(exc)}") from None
+    model.eval()
+    return model
+
+
+def load_config(loc: Location, opts: LoadOptions):
+    """``AutoConfig`` of ``loc`` (local or cached only: used to build meta-device models)."""
+    from transformers import AutoConfig
+
+    target, kwargs = pretrained_kwargs(loc, opts)
+    try:
+        return AutoConfig.from_pretrained(target, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{loc.source.label}: cannot read the config of {loc.source.spec()}: {one_line(exc)}") from None
+
+
+def meta_model(cls, config):
+    """An instance of ``cls`` on the meta device (no memory, no weights) for ``config``."""
+    import torch
+
+    from .architectures import SUB_CONFIGS
+
+    sub = SUB_CONFIGS.get(cls.__name__)
+    if sub and hasattr(config, sub) and not isinstance(config, getattr(cls, "config_class", type(None))):
+        config = getattr(config, sub)
+    with torch.device("meta"):
+        if hasattr(cls, "from_config"):
+            return cls.from_config(config)
+        return cls._from_config(config)
+
+
+def load_processor(loc: Location, opts: LoadOptions):
+    """The processor (or tokenizer, or image processor) stored with ``loc``; ``None`` when there is none."""
+    import transformers
+
+    target, kwargs = pretrained_kwargs(loc, opts)
+    quiet_transformers()
+    for name in ("AutoProcessor", "AutoTokenizer", "AutoImageProcessor"):
+        try:
+            return getattr(transformers, name).from_pretrained(target, **kwargs)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return None
+
+
+def floating_state(model) -> dict[str, "torch.Tensor"]:
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}

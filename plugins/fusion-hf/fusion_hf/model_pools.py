@@ -1,0 +1,350 @@
+"""Hugging Face model pools: a base and named fine-tuned models (hub ids, local folders, LoRA adapters).
+
+Nothing is loaded when a pool is built or validated: :meth:`HFModelPool.validate` reads
+``config.json`` files only, and hub ids that are not in the local cache are reported as
+"would fetch".  :meth:`HFModelPool.reader` streams tensors straight from the safetensors
+files of local (or cached) folders, under the names of the model the pool builds, so
+data-free methods merge tensor by tensor as ``fuse merge`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Mapping
+
+import attrs
+
+from fusion_core.components import ModelPool
+from fusion_core.config import option
+from fusion_core.errors import ConfigError, InputError, did_you_mean
+
+from .architectures import AUTO_CLASSES, TASKS, describe_signature, signature, signature_difference
+from .sources import REMOTE, Location, ModelSource, parse_entry
+
+Entry = str | dict[str, Any]
+DTYPES = Literal["auto", "float32", "float16", "bfloat16"]
+
+ENTRY_HELP = "a hub id ('org/name'), a local folder, or {path, revision, subfolder}"
+
+
+@attrs.frozen
+class HFPoolFields:
+    """Fields every Hugging Face pool has."""
+
+    base: Entry | None = option(None, help=f"The base (pretrained) model: {ENTRY_HELP}.")
+    models: dict[str, Entry] = option(factory=dict, help=f"Fine-tuned models {{name: entry}}; an entry is {ENTRY_HELP}, "
+                                      "or {adapter: folder-or-id} for a LoRA/PEFT adapter merged into the base on load.")
+    processor: Entry | None = option(None, help="Where the processor/tokenizer saved with the merged model comes from (default: the base).")
+    dtype: DTYPES | None = option(None, help="dtype to load weights in (default: transformers' default).")
+    trust_remote_code: bool = option(False, help="Run model code shipped with a checkpoint (off: only transformers' own classes).")
+    allow_pickle: bool = option(False, help="Allow pickle weights (pytorch_model.bin); only for files you trust.")
+    cache_dir: str | None = option(None, help="Hugging Face hub cache folder (default: HF_HOME's).")
+    stream: bool = option(True, help="Let data-free methods read tensors lazily from safetensors files (false: load whole models).")
+
+
+@attrs.frozen
+class HFPoolConfig(HFPoolFields):
+    auto_class: Literal[AUTO_CLASSES] = option("AutoModel", help="The transformers class that loads the models (a fixed allowlist).")  # type: ignore[valid-type]
+    task: Literal[tuple(TASKS)] | None = option(None, help="Shortcut choosing auto_class by task (e.g. causal-lm, seq2seq, clip-vision).")  # type: ignore[valid-type]
+
+
+@attrs.frozen
+class SeqClassificationPoolConfig(HFPoolFields):
+    per_task_heads: bool = option(True, help="Keep each model's classification head out of the merge and evaluate each task with its own head.")
+
+
+class HFModelPool(ModelPool):
+    """Transformers models from hub ids or local folders, loaded lazily with a chosen auto class."""
+
+    name = "hf"
+    summary = "Hugging Face models (hub ids or local folders, LoRA adapters) loaded lazily by an allowlisted auto class."
+    Config = HFPoolConfig
+    reference_url = "https://huggingface.co/docs/transformers/model_doc/auto"
+    fixed_class: ClassVar[str | None] = None
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        cfg = self.config
+        self._base = parse_entry("base", cfg.base) if cfg.base is not None else None
+        if self._base is not None and self._base.adapter:
+            raise ConfigError("base: the base model cannot be an adapter; adapters go under models")
+        self._models = {name: parse_entry(f"model {name!r}", value) for name, value in cfg.models.items()}
+        self._processor = parse_entry("processor", cfg.processor) if cfg.processor is not None else None
+        self._locations: dict[str | None, Location] = {}
+
+    # ------------------------------------------------------------------ names and sources
+
+    @property
+    def auto_class(self) -> str:
+        if self.fixed_class is not None:
+            return self.fixed_class
+        cfg = self.config
+        if cfg.task is not None:
+            chosen = TASKS[cfg.task]
+            if cfg.auto_class not in ("AutoModel", chosen):
+                raise ConfigError(f"modelpool: task {cfg.task!r} means auto_class {chosen!r}, but auto_class is {cfg.auto_class!r}; give one of them")
+            return chosen
+        return cfg.auto_class
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self._models)
+
+    @property
+    def has_base(self) -> bool:
+        return self._base is not None
+
+    def source(self, name: str | None) -> ModelSource:
+        if name is None:
+            if self._base is None:
+                raise InputError(f"model pool {self.name!r} has no base model; set modelpool.base")
+            return self._base
+        try:
+            return self._models[name]
+        except KeyError:
+            raise InputError(f"model pool {self.name!r} has no model {name!r}{did_you_mean(name, self._models)}") from None
+
+    def location(self, name: str | None) -> Location:
+        if name not in self._locations:
+            self._locations[name] = self.source(name).locate(self.config.cache_dir)
+        return self._locations[name]
+
+    def _options(self):
+        from .loading import LoadOptions
+
+        cfg = self.config
+        return LoadOptions(trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, cache_dir=cfg.cache_dir, dtype=cfg.dtype)
+
+    # ------------------------------------------------------------------ dry-run checks
+
+    def validate(self) -> None:
+        """Local paths exist, configs are readable, weights are safetensors, architectures agree; no network."""
+        _ = self.auto_class
+        if not self._models:
+            raise ConfigError(f"model pool {self.name!r} has no models; set modelpool.models={{name: entry, ...}}")
+        reference: tuple[str, dict] | None = None
+        entries = ([(None, self._base)] if self._base is not None else []) + list(self._models.items())
+        for name, source in entries:
+            loc = self.location(name)
+            data = loc.read_config()
+            if source.adapter:
+                self._validate_adapter(source, loc, data)
+                continue
+            loc.check_weights(self.config.allow_pickle)
+            if data is None:
+                continue
+            sig = signature(data, self.auto_class)
+            if reference is None:
+                reference = (source.label, sig)
+                continue
+            diff = signature_difference(reference[1], sig)
+            if diff:
+                raise InputError(f"architectures differ across the pool: {reference[0]} is {describe_signature(reference[1])} but "
+                                 f"{source.label} is {describe_signature(sig)} (differs in {', '.join(diff)}); all models must share one architecture")
+        if self._processor is not None:
+            self._processor.locate(self.config.cache_dir)
+
+    def _validate_adapter(self, source: ModelSource, loc: Location, data: dict | None) -> None:
+        from .adapters import PEFT_MISSING, check_recorded_base, peft_available
+
+        if not peft_available():
+            raise InputError(PEFT_MISSING.format(label=source.label))
+        if data is not None:
+            check_recorded_base(source, data, self._base)
+        elif self._base is None:
+            check_recorded_base(source, {}, None)
+
+    def describe(self) -> dict:
+        out: dict[str, Any] = {"auto_class": self.auto_class}
+        fetch = []
+        if self._base is not None:
+            loc = self.location(None)
+            out["base"] = loc.describe()
+            if loc.kind == REMOTE:
+                fetch.append(f"{self._base.path}@{self._base.revision or 'main'}")
+        models = {}
+        for name, source in self._models.items():
+            loc = self.location(name)
+            models[name] = ("adapter " if source.adapter else "") + loc.describe()
+            if loc.kind == REMOTE:
+                fetch.append(f"{source.path}@{source.revision or 'main'}")
+        out["models"] = models
+        if fetch:
+            out["would_fetch"] = fetch
+        return out
+
+    def inputs(self) -> dict[str, str]:
+        """``{name: spec}`` of every input with its revision, for model cards."""
+        out = {"base": self._base.spec()} if self._base is not None else {}
+        out.update({name: ("adapter " if s.adapter else "") + s.spec() for name, s in self._models.items()})
+        return out
+
+    # ------------------------------------------------------------------ loading
+
+    def model_class(self):
+        from .architectures import model_class
+
+        return model_class(self.auto_class)
+
+    def load_model(self, name: str | None = None):
+        """A fresh ``nn.Module`` of model ``name`` (``None``: the base), in eval mode."""
+        from .loading import load_pretrained
+
+        source = self.source(name)
+        if source.adapter:
+            from .adapters import merge_adapter
+
+            base = self.load_model(None)
+            return merge_adapter(base, source, self.location(name).folder, self.config.allow_pickle)
+        model = load_pretrained(self.model_class(), self.location(name), self._options())
+        return self._after_load(model, name)
+
+    def _after_load(self, model, name: str | None):
+        return model
+
+    def _meta(self, name: str | None):
+        from .loading import load_config, meta_model
+
+        return meta_model(self.model_class(), load_config(self.location(name), self._options()))
+
+    def _keep_key(self, meta):
+        return None
+
+    def reader(self, name: str | None = None):
+        """Lazy tensors of model ``name`` under the model's own names (streamed from safetensors when possible)."""
+        from fusion_core.engine.readers import ShardedReader, StateDictReader
+
+        label = "base" if name is None else str(name)
+        source, loc = self.source(name), self.location(name)
+        if self.config.stream and not source.adapter and loc.folder is not None:
+            safes, _ = loc.weight_files()
+            if safes:
+                from .keymap import MappedReader, checkpoint_key_map
+
+                meta = self._meta(name)
+                inner = ShardedReader(loc.folder, label=label)
+                mapping = checkpoint_key_map(meta, inner.keys())
+                if mapping and _covers(mapping, meta):
+                    return MappedReader(inner, mapping, label=label, keep=self._keep_key(meta))
+                inner.close()
+        model = self.load_model(name)
+        keep = self._keep_key(model)
+        state = {k: v for k, v in model.state_dict().items() if keep is None or keep(k)}
+        return StateDictReader(state, label=label)
+
+    def model_from_state_dict(self, state_dict: Mapping[str, Any]):
+        """The base architecture holding the merged tensors (tied and unmerged tensors keep the base's values)."""
+        model = self.load_model(None) if self.has_base else self.load_model(self.model_names[0])
+        expected = model.state_dict()
+        unexpected = [k for k in state_dict if k not in expected]
+        if unexpected:
+            raise InputError(f"merged state dict has tensors the model lacks: {', '.join(unexpected[:5])}")
+        bad = [k for k, v in state_dict.items() if tuple(v.shape) != tuple(expected[k].shape)]
+        if bad:
+            raise InputError(f"merged tensor {bad[0]!r} has shape {list(state_dict[bad[0]].shape)}, the model expects {list(expected[bad[0]].shape)}")
+        model.load_state_dict(dict(state_dict), strict=False)
+        return self._after_merge(model)
+
+    def _after_merge(self, model):
+        return model
+
+    # ------------------------------------------------------------------ saving
+
+    def processor_location(self) -> Location | None:
+        if self._processor is not None:
+            return self._processor.locate(self.config.cache_dir)
+        if self._base is not None:
+            return self.location(None)
+        return None
+
+    def save_model(self, model: Any, path: str, *, recipe: Mapping[str, Any]) -> None:
+        """``save_pretrained`` (safetensors) + processor/tokenizer + README recipe, written atomically."""
+        from .loading import load_processor
+        from .saving import build_recipe, save_model_folder
+
+        if isinstance(model, Mapping):
+            model = self.model_from_state_dict(model)
+        loc = self.processor_location()
+        processor = load_processor(loc, self._options()) if loc is not None else None
+        card = build_recipe(recipe, self.inputs())
+        save_model_folder(model, path, recipe=card, base=self._base.spec() if self._base else None, processor=processor)
+
+
+def _covers(mapping: dict[str, str], meta) -> bool:
+    """The checkpoint provides every parameter of the model, except tied ones."""
+    params = dict(meta.named_parameters(remove_duplicate=False))
+    unique = {id(p) for name, p in meta.named_parameters()}
+    seen: set[int] = set()
+    for name, p in params.items():
+        if name in mapping:
+            seen.add(id(p))
+    return unique <= seen
+
+
+class CLIPVisionPool(HFModelPool):
+    """CLIP vision encoders (``CLIPVisionModel``); a full CLIP base checkpoint works, its vision tower is used."""
+
+    name = "hf_clip_vision"
+    summary = "CLIP vision encoders (hub ids or folders; a full CLIP base works) with their processor, as in FusionBench."
+    Config = HFPoolFields
+    fixed_class = "CLIPVisionModel"
+    reference_url = "https://huggingface.co/docs/transformers/model_doc/clip"
+
+
+class CausalLMPool(HFModelPool):
+    """Causal language models (``AutoModelForCausalLM``) with their tokenizer."""
+
+    name = "hf_causal_lm"
+    summary = "Causal language models (AutoModelForCausalLM) with their tokenizer; LoRA adapters merge into the base."
+    Config = HFPoolFields
+    fixed_class = "AutoModelForCausalLM"
+
+
+class Seq2SeqPool(HFModelPool):
+    """Encoder-decoder models (``AutoModelForSeq2SeqLM``, e.g. Flan-T5) with their tokenizer."""
+
+    name = "hf_seq2seq"
+    summary = "Encoder-decoder models (AutoModelForSeq2SeqLM, e.g. Flan-T5) with their tokenizer."
+    Config = HFPoolFields
+    fixed_class = "AutoModelForSeq2SeqLM"
+
+
+class SeqClassificationPool(HFModelPool):
+    """Sequence classifiers; with ``per_task_heads`` only backbones merge and each task keeps its own head."""
+
+    name = "hf_seq_classification"
+    summary = "Sequence classifiers (AutoModelForSequenceClassification); backbones merge, each task keeps its own head."
+    Config = SeqClassificationPoolConfig
+    fixed_class = "AutoModelForSequenceClassification"
+
+    def _keep_key(self, model):
+        if not self.config.per_task_heads:
+            return None
+        from .heads import is_backbone_key
+
+        prefix = getattr(model, "base_model_prefix", None)
+        return lambda key: is_backbone_key(key, prefix)
+
+    def head_state(self, name: str) -> dict:
+        """The classification head tensors of model ``name``."""
+        from .heads import is_backbone_key
+
+        model = self.load_model(name)
+        prefix = model.base_model_prefix
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if not is_backbone_key(k, prefix)}
+
+    def _with_heads(self, model):
+        if self.config.per_task_heads:
+            from .heads import attach
+
+            attach(model, {name: self.head_state(name) for name in self.model_names})
+        return model
+
+    def load_model(self, name: str | None = None):
+        model = super().load_model(name)
+        return self._with_heads(model) if name is None else model
+
+    def _after_merge(self, model):
+        return model  # load_model(None) attached the heads already
+
+
+POOLS = [HFModelPool, CLIPVisionPool, CausalLMPool, Seq2SeqPool, SeqClassificationPool]

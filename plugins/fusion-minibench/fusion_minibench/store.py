@@ -1,0 +1,90 @@
+"""Read access to one built pool (a verified cache folder): encoders, heads, tokenised splits, meta."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fusion_core.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class Built:
+    """The artefacts of one build; tensors are loaded on first use and kept."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.folder / "meta.json").read_text())
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.meta["recipe"]["tasks"])
+
+    @property
+    def recipe_hash(self) -> str:
+        return self.meta["recipe_hash"]
+
+    def check_task(self, name: str) -> None:
+        if name not in self.tasks:
+            from fusion_core.errors import did_you_mean
+
+            raise InputError(f"the mini benchmark has no task {name!r}{did_you_mean(name, self.tasks)}")
+
+    def state_dict(self, name: str | None) -> dict[str, "torch.Tensor"]:
+        """The encoder state dict of the expert ``name`` (``None``: the pretrained base), freshly loaded."""
+        from safetensors.torch import load_file
+
+        if name is not None:
+            self.check_task(name)
+        file = "encoder-base.safetensors" if name is None else f"expert-{name}.safetensors"
+        return load_file(str(self.folder / file))
+
+    @functools.cached_property
+    def _heads(self) -> dict[str, "torch.Tensor"]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.folder / "heads.safetensors"))
+
+    @functools.cached_property
+    def _data(self) -> dict[str, "torch.Tensor"]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.folder / "data.safetensors"))
+
+    def head(self, task: str):
+        """A fresh :class:`~fusion_minibench.model.PromptHead` of ``task`` (fixed; buffers only)."""
+        from .model import PromptHead
+
+        self.check_task(task)
+        return PromptHead(self._heads[task], self.meta["recipe"]["logit_scale"])
+
+    def split(self, task: str, split: str) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """``(ids, labels)`` of a split: padded vocabulary ids (int64, 0 = padding) and class labels."""
+        from .data import SPLITS
+
+        self.check_task(task)
+        if split not in SPLITS:
+            raise InputError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
+        return self._data[f"{task}/{split}/ids"].long(), self._data[f"{task}/{split}/labels"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+
+@functools.lru_cache(maxsize=8)
+def _open(folder: str, stamp: float) -> Built:
+    return Built(Path(folder))
+
+
+def open_built(folder: Path) -> Built:
+    """The :class:`Built` of ``folder``, shared within the process until the folder is rebuilt."""
+    manifest = Path(folder) / "manifest.json"
+    return _open(str(folder), manifest.stat().st_mtime_ns if manifest.exists() else -1)

@@ -1,0 +1,195 @@
+"""Readers and the writer of the merge engine: headers, row reads, shards, index, atomic output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fusion_core.engine.readers import ModuleReader, PickleReader, SafetensorsReader, ShardedReader, StateDictReader, open_reader
+from fusion_core.engine.writer import ModelWriter, atomic_output, parse_size, save_state_dict_folder
+from fusion_core.errors import ConfigError, InputError
+
+torch.set_num_threads(1)
+
+
+def tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "emb": torch.randn(10, 4, generator=g),
+        "half": torch.randn(3, 5, generator=g).to(torch.float16),
+        "bf": torch.randn(7, generator=g).to(torch.bfloat16),
+        "ids": torch.arange(6, dtype=torch.int64),
+        "flag": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5),
+    }
+
+
+def test_safetensors_reader_headers_full_and_row_reads(tmp_path):
+    state = tensors()
+    save_file(state, str(tmp_path / "m.safetensors"))
+    reader = open_reader(tmp_path / "m.safetensors")
+    assert isinstance(reader, SafetensorsReader)
+    assert set(reader.keys()) == set(state)
+    for key, value in state.items():
+        assert reader.shape(key) == tuple(value.shape) and reader.dtype(key) == value.dtype
+        assert torch.equal(reader.get(key), value)
+    assert torch.equal(reader.get_rows("emb", 3, 7), state["emb"][3:7])
+    assert torch.equal(reader.get_rows("bf", 5, 99), state["bf"][5:])
+    assert torch.equal(reader.get_rows("scalar", 0, 1), state["scalar"])
+    reader.close()
+
+
+def test_sharded_folder_reader_follows_the_index(tmp_path):
+    state = tensors()
+    save_file({k: state[k] for k in ("emb", "ids")}, str(tmp_path / "a.safetensors"))
+    save_file({k: state[k] for k in ("half", "bf", "flag", "scalar")}, str(tmp_path / "b.safetensors"))
+    weight_map = {"emb": "a.safetensors", "ids": "a.safetensors", "half": "b.safetensors", "bf": "b.safetensors",
+                  "flag": "b.safetensors", "scalar": "b.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    reader = open_reader(tmp_path)
+    assert isinstance(reader, ShardedReader) and reader.folder == tmp_path
+    assert set(reader.keys()) == set(state)
+    assert all(torch.equal(reader.get(k), v) for k, v in state.items())
+    assert torch.equal(reader.get_rows("half", 1, 3), state["half"][1:3])
+
+
+def test_index_naming_a_missing_shard_or_tensor_is_an_input_error(tmp_path):
+    save_file({"x": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "gone.safetensors"}}))
+    with pytest.raises(InputError, match="names shard gone.safetensors which is missing"):
+        open_reader(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "a.safetensors"}}))
+    with pytest.raises(InputError, match="puts tensor 'y' in a.safetensors, which does not hold it"):
+        open_reader(tmp_path)
+
+
+def test_truncated_and_corrupt_files_name_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(InputError, match=r"cut\.safetensors is truncated: tensor 'w' ends at byte"):
+        open_reader(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(InputError, match=r"junk\.safetensors has a corrupt safetensors header"):
+        open_reader(tmp_path / "junk.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(InputError, match=r"tiny\.safetensors is not a safetensors file"):
+        open_reader(tmp_path / "tiny.safetensors")
+    (tmp_path / "huge.safetensors").write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(InputError, match=r"huge\.safetensors is not a valid safetensors file \(header length 1000000"):
+        open_reader(tmp_path / "huge.safetensors")
+
+
+def test_pickle_is_refused_unless_opted_in(tmp_path):
+    state = {"w": torch.randn(3, 2), "b": torch.arange(3)}
+    torch.save(state, tmp_path / "m.bin")
+    with pytest.raises(InputError, match=r"m\.bin is a pickle checkpoint.*--allow-pickle"):
+        open_reader(tmp_path / "m.bin")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="pickle checkpoint"):
+        open_reader(folder)
+    reader = open_reader(tmp_path / "m.bin", allow_pickle=True)
+    assert isinstance(reader, PickleReader) and all(torch.equal(reader.get(k), v) for k, v in state.items())
+    assert torch.equal(open_reader(folder, allow_pickle=True).get("w"), state["w"])
+
+
+def test_missing_path_and_unknown_format(tmp_path):
+    with pytest.raises(InputError, match="model path not found"):
+        open_reader(tmp_path / "nope")
+    (tmp_path / "m.npz").write_bytes(b"x")
+    with pytest.raises(InputError, match="unknown model format '.npz'"):
+        open_reader(tmp_path / "m.npz")
+
+
+def test_in_memory_readers_report_tied_weights():
+    emb = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    module = torch.nn.ModuleDict({"emb": emb, "head": head})
+    reader = ModuleReader(module)
+    assert reader.keys() == ["emb.weight", "head.weight"]
+    assert reader.aliases() == {"head.weight": "emb.weight"}
+    assert StateDictReader({"a": torch.ones(2), "b": torch.ones(2)}).aliases() == {}
+    with pytest.raises(InputError, match="entry 'x' is a int, not a tensor"):
+        StateDictReader({"x": 3})
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2GB", 2 * 10**9), ("500MB", 5 * 10**8), ("1GiB", 2**30), ("4096", 4096), ("1.5kb", 1500)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "2 parsecs", "-1GB", "0"])
+def test_parse_size_rejects_nonsense(text):
+    with pytest.raises(ConfigError, match="bad size"):
+        parse_size(text)
+
+
+def test_writer_plans_shards_and_index_and_round_trips(tmp_path):
+    state = tensors()
+    order = ["emb", "half", "bf", "ids", "flag", "scalar"]
+    entries = [(k, tuple(state[k].shape), state[k].dtype) for k in order]
+    out = tmp_path / "out"
+    writer = ModelWriter(out, entries, shard_size=60)  # emb (160 B) alone, then half+bf (44 B), then ids+flag+scalar (54 B)
+    writer.write("emb", state["emb"][:4], 0)
+    writer.write("emb", state["emb"][4:], 4)
+    for k in order[1:]:
+        writer.write(k, state[k])
+    writer.finish()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
+    assert index["weight_map"] == {"emb": files[0], "half": files[1], "bf": files[1], "ids": files[2], "flag": files[2], "scalar": files[2]}
+    loaded = {}
+    for name in files:
+        loaded.update(load_file(str(out / name)))  # the reference safetensors reader accepts our files
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_writer_refuses_incomplete_output(tmp_path):
+    writer = ModelWriter(tmp_path / "o.safetensors", [("a", (4,), torch.float32), ("b", (2,), torch.float32)], single_file=True)
+    writer.write("a", torch.ones(4))
+    with pytest.raises(InputError, match="output tensors not written: b"):
+        writer.finish()
+
+
+def test_atomic_output_leaves_nothing_on_error_and_refuses_existing(tmp_path):
+    target = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.mkdir()
+            (tmp / "x").write_text("partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []  # parents created for the output are removed too
+    existing = tmp_path / "out"
+    existing.mkdir()
+    (existing / "old").write_text("old")
+    with pytest.raises(InputError, match="already exists; pass --overwrite"):
+        with atomic_output(existing):
+            pass
+    with atomic_output(existing, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in existing.iterdir()) == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_save_state_dict_folder_stores_tied_tensors_once(tmp_path):
+    emb = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    state = torch.nn.ModuleDict({"emb": emb, "head": head}).state_dict()
+    out = save_state_dict_folder(state, tmp_path / "saved", recipe={"method": "demo", "seed": 3})
+    loaded = load_file(str(out / "model.safetensors"))
+    assert list(loaded) == ["emb.weight"] and torch.equal(loaded["emb.weight"], emb.weight.detach())
+    card = (out / "README.md").read_text()
+    assert "method: demo" in card and "seed: 3" in card and "head.weight: emb.weight" in card and "fusion-core:" in card
+    single = save_state_dict_folder({"w": torch.ones(2)}, tmp_path / "one.safetensors")
+    assert torch.equal(load_file(str(single))["w"], torch.ones(2))
