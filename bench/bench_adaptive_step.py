@@ -4,8 +4,8 @@ Model: an MLP encoder of ``--layers`` Linear(d, d) + ReLU (d = ``--width``; 4 ×
 parameters by default), a fixed linear head, N = ``--models`` fine-tunes (base + seeded noise),
 a batch of ``--batch`` unlabelled inputs per task.  Each variant runs in its own child process
 (so peak memory is its own), does ``--warmup`` + ``--steps`` adaptation steps (forward, entropy,
-backward, Adam step), and reports the median step time and the peak RSS above the RSS after
-setup (models and task vectors loaded):
+backward, Adam step), and reports the median step time and the peak RSS of the measured steps above the RSS
+before them (models, task vectors and warm-up done; Linux ``clear_refs`` resets the peak):
 
 - ``adamerging``: fusion-adaptive's step (``merge_parameters`` + ``functional_call`` of the base).
 - ``adamerging-naive``: every step deep-copies the base module and swaps in the merged tensors
@@ -39,7 +39,25 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
+    """Peak RSS since the last :func:`reset_peak` (VmHWM), else since the start."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5), so warm-up steps do not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def build(args):
@@ -134,13 +152,16 @@ def child(args) -> dict:
             loss.backward()
             opt.step()
 
-    for i in range(args.warmup + args.steps):
+    for _ in range(args.warmup):
+        step()
+    reset = reset_peak()
+    steady_rss = rss_mb() if reset else setup_rss
+    for _ in range(args.steps):
         start = time.perf_counter()
         step()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
     n_params = sum(v.numel() for v in params.values())
-    return {"variant": args.variant, "step_ms": 1000 * statistics.median(times), "peak_extra_mb": peak_mb() - setup_rss,
+    return {"variant": args.variant, "step_ms": 1000 * statistics.median(times), "peak_extra_mb": peak_mb() - steady_rss,
             "setup_mb": setup_rss, "params_m": n_params / 1e6}
 
 

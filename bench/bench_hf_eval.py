@@ -7,7 +7,7 @@ process and alternating, the task pool's ``evaluate`` and a hand-written loop do
 work (preprocess with the processor, vision tower, projection, normalized text head, argmax)
 on the same model and data, and prints both throughputs and their ratio:
 
-    python bench/bench_hf_eval.py                  # 384 images, batch 64, 1 thread, best of 3
+    python bench/bench_hf_eval.py                  # 256 images, batch 64, 1 thread, best of 3
     python bench/bench_hf_eval.py --images 1024 --threads 2
 
 Target (issue 4): task pool throughput >= 0.9x the bare loop.
@@ -42,7 +42,7 @@ def build_assets(root: Path, n_images: int, seed: int = 0) -> tuple[Path, Path]:
     words = ["a", "photo", "of", "."] + CLASSES
     vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 0), ("<eos>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
     config = CLIPConfig(
@@ -56,7 +56,9 @@ def build_assets(root: Path, n_images: int, seed: int = 0) -> tuple[Path, Path]:
     tokenizer.save_pretrained(model_dir)
     CLIPImageProcessor().save_pretrained(model_dir)
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n_images)]
+    colours = rng.integers(0, 256, (n_images, 1, 1, 3))  # a colour per image plus noise: embeddings differ
+    pixels = np.clip(colours + rng.normal(0, 40, (n_images, 64, 64, 3)), 0, 255).astype(np.uint8)
+    images = [Image.fromarray(p) for p in pixels]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
     ds = datasets.Dataset.from_dict({"image": images, "label": [i % len(CLASSES) for i in range(n_images)]}, features=features)
     datasets.DatasetDict({"test": ds}).save_to_disk(str(data_dir))
@@ -93,7 +95,7 @@ def bare_loop(model_dir: Path, data_dir: Path, batch_size: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import CLIPVisionModel
 
     quiet_transformers()
+    import datasets
+
+    datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="bench-hf-eval-") as tmp:
         start = time.perf_counter()
         model_dir, data_dir = build_assets(Path(tmp), args.images)
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             accuracy["bare loop"] = bare(vision)
             times["bare loop"].append(time.perf_counter() - start)
-    if not (accuracy["task pool"] == accuracy["bare loop"] == first):
+    # an untrained model's logits nearly tie, so summation order may flip a few argmaxes
+    if abs(accuracy["task pool"] - accuracy["bare loop"]) > 0.01 or accuracy["task pool"] != first:
         print(f"MISMATCH: accuracies differ {accuracy} (first call {first})", file=sys.stderr)
         return 1
     print(f"{'':>10} {'best s':>8} {'images/s':>9}   (threads {args.threads}, batch {args.batch_size}, best of {args.repeats})")
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("bare loop", "task pool"):
         print(f"{key:>10} {best[key]:8.2f} {args.images / best[key]:9.1f}")
     ratio = best["bare loop"] / best["task pool"]
-    print(f"task pool first call (dataset load + text head): {cold:.2f}s; accuracy {first:.4f} on both sides")
+    print(f"task pool first call (dataset load + text head): {cold:.2f}s; "
+          f"accuracy task pool {accuracy['task pool']:.4f}, bare loop {accuracy['bare loop']:.4f}")
     print(f"throughput ratio task pool / bare loop = {ratio:.3f} (target >= {TARGET}) {'OK' if ratio >= TARGET else 'BELOW TARGET'}")
     return 0 if ratio >= TARGET else 2
 

@@ -92,12 +92,18 @@ def gpt2_small_shapes() -> list[tuple[str, tuple[int, ...]]]:
     for i in range(n):
         h = f"transformer.h.{i}."
         shapes += [
-            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
-            (h + "attn.c_attn.weight", (d, 3 * d)), (h + "attn.c_attn.bias", (3 * d,)),
-            (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
-            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
-            (h + "mlp.c_fc.weight", (d, 4 * d)), (h + "mlp.c_fc.bias", (4 * d,)),
-            (h + "mlp.c_proj.weight", (4 * d, d)), (h + "mlp.c_proj.bias", (d,)),
+            (h + "ln_1.weight", (d,)),
+            (h + "ln_1.bias", (d,)),
+            (h + "attn.c_attn.weight", (d, 3 * d)),
+            (h + "attn.c_attn.bias", (3 * d,)),
+            (h + "attn.c_proj.weight", (d, d)),
+            (h + "attn.c_proj.bias", (d,)),
+            (h + "ln_2.weight", (d,)),
+            (h + "ln_2.bias", (d,)),
+            (h + "mlp.c_fc.weight", (d, 4 * d)),
+            (h + "mlp.c_fc.bias", (4 * d,)),
+            (h + "mlp.c_proj.weight", (4 * d, d)),
+            (h + "mlp.c_proj.bias", (d,)),
         ]
     shapes += [("transformer.ln_f.weight", (d,)), ("transformer.ln_f.bias", (d,))]
     return shapes
@@ -144,8 +150,13 @@ def run_child(argv: list[str], env: dict) -> tuple[float, float, int, str]:
     import tempfile
 
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", report.name, *argv], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%e %M", "-o", report.name, *argv],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         fields = report.read().split()
     seconds, kb = float(fields[-2]), float(fields[-1])
     return seconds, kb / 1024**2, proc.returncode, proc.stderr.strip()[-500:]
@@ -176,9 +187,18 @@ def main() -> int:
     args.scratch.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     folders = make_models(args.scratch, max(args.n), args.seed)
-    print(f"models: {len(folders)} GPT-2-small-shaped fp32 folders in {args.scratch} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), BENCH_THREADS=str(args.threads),
-               HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    print(
+        f"models: {len(folders)} GPT-2-small-shaped fp32 folders in {args.scratch} ({time.perf_counter() - t0:.0f} s)",
+        file=sys.stderr,
+    )
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        BENCH_THREADS=str(args.threads),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     import_torch = run_child([sys.executable, "-c", "import torch"], env)
     rows = []
     for method in args.methods:
@@ -187,21 +207,37 @@ def main() -> int:
             out = args.scratch / f"out-{method}-{n}"
             naive_out = args.scratch / f"naive-{method}-{n}.safetensors"
             shutil.rmtree(out, ignore_errors=True)
-            fuse_argv = [sys.executable, "-c", FUSE_CHILD, "merge", method, "--base", str(base), *sum((["--model", str(m)] for m in models), []),
-                         "--output", str(out), "--quiet", *METHOD_ARGS[method]]
+            fuse_argv = [
+                sys.executable,
+                "-c",
+                FUSE_CHILD,
+                "merge",
+                method,
+                "--base",
+                str(base),
+                *sum((["--model", str(m)] for m in models), []),
+                "--output",
+                str(out),
+                "--quiet",
+                *METHOD_ARGS[method],
+            ]
             secs, rss, code, err = run_child(fuse_argv, env)
             if code:
                 print(f"fuse merge {method} N={n} failed ({code}): {err}", file=sys.stderr)
                 return 1
             row = {"method": method, "n": n, "fuse_s": secs, "fuse_gb": rss}
             if not args.no_naive:
-                nsecs, nrss, ncode, nerr = run_child([sys.executable, "-c", NAIVE_CHILD, method, str(naive_out), str(base), *map(str, models)], env)
+                nsecs, nrss, ncode, nerr = run_child(
+                    [sys.executable, "-c", NAIVE_CHILD, method, str(naive_out), str(base), *map(str, models)], env
+                )
                 if ncode:
                     print(f"naive {method} N={n} failed ({ncode}): {nerr}", file=sys.stderr)
                     return 1
                 row.update(naive_s=nsecs, naive_gb=nrss)
                 if method != "dare":  # DARE's masks come from different generators
-                    row["max_abs_diff"] = compare(out, naive_out, ["transformer.h.3.mlp.c_fc.weight", "transformer.ln_f.bias", "transformer.wpe.weight"])
+                    row["max_abs_diff"] = compare(
+                        out, naive_out, ["transformer.h.3.mlp.c_fc.weight", "transformer.ln_f.bias", "transformer.wpe.weight"]
+                    )
                 naive_out.unlink(missing_ok=True)
             shutil.rmtree(out, ignore_errors=True)
             rows.append(row)
@@ -223,9 +259,20 @@ def main() -> int:
         if r["n"] == 8 and (r["method"], 4) in by:
             growth = r["fuse_gb"] / by[(r["method"], 4)]["fuse_gb"] - 1
             target.append(f"{'ok' if growth < 0.15 else 'MISS'} RSS {growth:+.0%} vs N=4")
-        cells = [f"{r['naive_s']:.1f}", f"{r['naive_gb']:.2f}", f"{r['naive_s'] / r['fuse_s']:.1f}", f"{r['naive_gb'] / r['fuse_gb']:.1f}"] if naive else ["-"] * 4
-        print(f"{r['method']:<16}{r['n']:>3} {r['fuse_s']:>8.1f} {r['fuse_gb']:>8.2f} {cells[0]:>8} {cells[1]:>9} {cells[2]:>7} {cells[3]:>6}  "
-              f"{', '.join(target):<22}")
+        cells = (
+            [
+                f"{r['naive_s']:.1f}",
+                f"{r['naive_gb']:.2f}",
+                f"{r['naive_s'] / r['fuse_s']:.1f}",
+                f"{r['naive_gb'] / r['fuse_gb']:.1f}",
+            ]
+            if naive
+            else ["-"] * 4
+        )
+        print(
+            f"{r['method']:<16}{r['n']:>3} {r['fuse_s']:>8.1f} {r['fuse_gb']:>8.2f} {cells[0]:>8} {cells[1]:>9} {cells[2]:>7} {cells[3]:>6}  "
+            f"{', '.join(target):<22}"
+        )
     diffs = [r["max_abs_diff"] for r in rows if "max_abs_diff" in r]
     if diffs:
         print(f"\nmax |fuse − naive| on sampled tensors (TA/TIES): {max(diffs):.2e}")

@@ -204,7 +204,8 @@ def plot_png(board: Leaderboard, path: str | os.PathLike) -> None:
     scale = 100.0 if board.percent else 1.0
     n = max(1, len(board.rows))
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 0.15 * n * len(groups)), 4.5))
+    legend_width = 3.5  # inches beside the axes
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) + 0.12 * n * len(groups)) + legend_width, 4.8))
     try:
         cmap = plt.get_cmap("tab20")
         for i, row in enumerate(board.rows):

@@ -14,8 +14,9 @@ Compute stays in fp32; mergekit's ``dtype`` (or ``out_dtype``) sets the output d
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 
@@ -41,18 +42,50 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "passthrough": ("layer_stack", {}),
 }
 #: mergekit's default for ``normalize`` per method
-NORMALIZE_DEFAULTS = {"linear": True, "task_arithmetic": False, "ties": True, "dare_ties": False, "dare_linear": False, "breadcrumbs": False,
-                      "breadcrumbs_ties": False, "della": True, "della_linear": False}
+NORMALIZE_DEFAULTS = {
+    "linear": True,
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_ties": False,
+    "dare_linear": False,
+    "breadcrumbs": False,
+    "breadcrumbs_ties": False,
+    "della": True,
+    "della_linear": False,
+}
 TIES_FAMILY = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 RESCALING = {"dare_ties", "dare_linear", "della", "della_linear"}
 SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 NEEDS_BASE = {"task_arithmetic", *SPARSIFYING, "slerp", "model_stock", "sce"}
 #: mergekit parameter → fusion field
 RENAMES = {"lambda": "scaling_factor", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
-SHARED = {"lambda", "t", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps", "max_iter", "tol", "filter_wise",
-          "normalize", "rescale", "int8_mask"}
+SHARED = {
+    "lambda",
+    "t",
+    "select_topk",
+    "nuslerp_flatten",
+    "nuslerp_row_wise",
+    "normalize_weights",
+    "eps",
+    "max_iter",
+    "tol",
+    "filter_wise",
+    "normalize",
+    "rescale",
+    "int8_mask",
+}
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
-TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer"}
+TOP_LEVEL = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+}
 
 
 @attrs.frozen
@@ -74,8 +107,12 @@ def _where(path: str | None) -> str:
 def _scalar(value: Any, key: str, where: str) -> Any:
     if isinstance(value, list):
         if value and all(isinstance(v, Mapping) for v in value):
-            raise ConfigError(f"{where}: parameter {key!r} uses filters (per-tensor values), which fuse merge does not support yet")
-        raise ConfigError(f"{where}: parameter {key!r} is a gradient (a list of values over layers), which fuse merge does not support yet")
+            raise ConfigError(
+                f"{where}: parameter {key!r} uses filters (per-tensor values), which fuse merge does not support yet"
+            )
+        raise ConfigError(
+            f"{where}: parameter {key!r} is a gradient (a list of values over layers), which fuse merge does not support yet"
+        )
     if isinstance(value, Mapping):
         raise ConfigError(f"{where}: parameter {key!r} is a mapping; only plain values are supported")
     return value
@@ -87,7 +124,9 @@ def _model_ref(entry: Any, where: str, what: str) -> str:
     if not isinstance(entry, str) or not entry:
         raise ConfigError(f"{where}: {what} must be a path, got {entry!r}")
     if "+" in entry and not os.path.exists(entry):
-        raise ConfigError(f"{where}: {what} {entry!r} looks like a model+LoRA reference, which fuse merge does not support; merge the adapter first")
+        raise ConfigError(
+            f"{where}: {what} {entry!r} looks like a model+LoRA reference, which fuse merge does not support; merge the adapter first"
+        )
     return entry
 
 
@@ -105,9 +144,13 @@ def translate(data: Mapping[str, Any], *, path: str | None = None) -> MergekitRe
             hint = " (multi-module merges are not supported)" if key == "modules" else ""
             raise ConfigError(f"{where}: unsupported key {key!r}{hint}; fuse merge reads {', '.join(sorted(TOP_LEVEL))}")
     if "tokenizer_source" in data and data["tokenizer_source"] != "base":
-        raise ConfigError(f"{where}: tokenizer_source {data['tokenizer_source']!r} is not supported (only 'base': the base's tokenizer is copied)")
+        raise ConfigError(
+            f"{where}: tokenizer_source {data['tokenizer_source']!r} is not supported (only 'base': the base's tokenizer is copied)"
+        )
     if "tokenizer" in data and data["tokenizer"] not in ({"source": "base"},):
-        raise ConfigError(f"{where}: unsupported key 'tokenizer' (vocabulary merging is not supported; the base's tokenizer files are copied)")
+        raise ConfigError(
+            f"{where}: unsupported key 'tokenizer' (vocabulary merging is not supported; the base's tokenizer files are copied)"
+        )
     mk = data.get("merge_method")
     if not isinstance(mk, str):
         raise ConfigError(f"{where}: merge_method is missing")
@@ -126,14 +169,18 @@ def translate(data: Mapping[str, Any], *, path: str | None = None) -> MergekitRe
         raise ConfigError(f"{where}: give exactly one of models or slices")
     if has_slices:
         if mk != "passthrough":
-            raise ConfigError(f"{where}: slices are supported only with merge_method: passthrough (layer stacking); use models for {mk}")
+            raise ConfigError(
+                f"{where}: slices are supported only with merge_method: passthrough (layer stacking); use models for {mk}"
+            )
         if data.get("parameters"):
             raise ConfigError(f"{where}: parameters are not supported with passthrough slices")
         models, slices = _slices(data["slices"], base, where)
         fields["slices"] = slices
         return MergekitRecipe(mk, method, fields, base, models, out_dtype)
     if mk == "passthrough":
-        raise ConfigError(f"{where}: passthrough with models copies one model; fuse merge supports passthrough only with slices (layer stacking)")
+        raise ConfigError(
+            f"{where}: passthrough with models copies one model; fuse merge supports passthrough only with slices (layer stacking)"
+        )
 
     global_params = data.get("parameters") or {}
     if not isinstance(global_params, Mapping):
@@ -155,7 +202,9 @@ def translate(data: Mapping[str, Any], *, path: str | None = None) -> MergekitRe
             raise ConfigError(f"{where}: models[{i}].parameters must be a mapping")
         for key in params:
             if key not in PER_MODEL:
-                raise ConfigError(f"{where}: models[{i}].parameters.{key} is not supported per model (per-model keys: {', '.join(sorted(PER_MODEL))})")
+                raise ConfigError(
+                    f"{where}: models[{i}].parameters.{key} is not supported per model (per-model keys: {', '.join(sorted(PER_MODEL))})"
+                )
         is_base = base is not None and _same(ref, base)
         if is_base and (mk in NEEDS_BASE or mk in {"nuslerp", "multislerp"}):
             continue  # the base is not one of the inputs (mergekit adds it to models silently)
@@ -168,7 +217,9 @@ def translate(data: Mapping[str, Any], *, path: str | None = None) -> MergekitRe
         base = None  # karcher treats the base as an ordinary input
     if base is not None and mk == "linear":
         if not any(_same(m, base) for m in models):
-            raise ConfigError(f"{where}: linear does not use base_model {base!r}; list it under models with a weight, or drop base_model")
+            raise ConfigError(
+                f"{where}: linear does not use base_model {base!r}; list it under models with a weight, or drop base_model"
+            )
         base = None
     if mk in NEEDS_BASE and base is None:
         raise ConfigError(f"{where}: merge_method {mk} needs base_model")
@@ -206,7 +257,9 @@ def translate(data: Mapping[str, Any], *, path: str | None = None) -> MergekitRe
             fields["weights"] = [1.0 if v is None else v for v in values]
             continue
         if len(given) != len(values) or len(set(given)) > 1:
-            raise ConfigError(f"{where}: per-model {key} values differ ({', '.join(map(str, values))}); fusion's {method} takes one {key} for all models")
+            raise ConfigError(
+                f"{where}: per-model {key} values differ ({', '.join(map(str, values))}); fusion's {method} takes one {key} for all models"
+            )
         fields[key] = given[0]
     if mk in SPARSIFYING and "density" not in fields:
         fields["density"] = 1.0  # mergekit's default: no sparsification
@@ -232,14 +285,18 @@ def _slices(slices: Any, base: str | None, where: str) -> tuple[list[str], list[
     out: list[dict] = []
     for i, item in enumerate(slices):
         if not isinstance(item, Mapping) or set(item) - {"sources"}:
-            raise ConfigError(f"{where}: slices[{i}] supports only 'sources' (slice-level base_model/parameters are not supported)")
+            raise ConfigError(
+                f"{where}: slices[{i}] supports only 'sources' (slice-level base_model/parameters are not supported)"
+            )
         sources = item.get("sources")
         if not isinstance(sources, list) or len(sources) != 1:
             raise ConfigError(f"{where}: slices[{i}] must have exactly one source (merging inside a slice is not supported)")
         src = sources[0]
         if not isinstance(src, Mapping) or set(src) - {"model", "layer_range"} or "layer_range" not in src:
             bad = sorted(set(src) - {"model", "layer_range"}) if isinstance(src, Mapping) else []
-            raise ConfigError(f"{where}: slices[{i}].sources[0] supports model and layer_range only{f' (got {bad})' if bad else ''}")
+            raise ConfigError(
+                f"{where}: slices[{i}].sources[0] supports model and layer_range only{f' (got {bad})' if bad else ''}"
+            )
         ref = _model_ref(src.get("model"), where, f"slices[{i}].sources[0].model")
         layers = src["layer_range"]
         if base is not None and _same(ref, base):

@@ -308,7 +308,7 @@ class ResultsDB:
         names = [d[0] for d in cur.description]
         out = []
         for values in cur.fetchall():
-            r = dict(zip(names, values))
+            r = dict(zip(names, values, strict=True))
             out.append(Row(
                 label=r["label"], kind=r["kind"], config_summary=r["config_summary"], config_hash=r["config_hash"],
                 pools_hash=r["pools_hash"], seed=r["seed"], task=r["task"], metric=r["metric"], value=r["value"],

@@ -22,8 +22,8 @@ from __future__ import annotations
 import decimal
 import re
 import typing
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 
@@ -197,7 +197,7 @@ def expand(axes: Sequence[tuple[str, list]], points: Sequence[dict] | None = Non
         if clash:
             raise ConfigError(f"key {clash[0]!r} is set both by a point of the points file and by a grid axis")
         for combo in itertools.product(*[values for _, values in axes]):
-            overrides = tuple(base.items()) + tuple(zip(keys, combo))
+            overrides = tuple(base.items()) + tuple(zip(keys, combo, strict=True))
             out.append(Point(index=len(out), overrides=overrides))
     return out
 
@@ -264,12 +264,14 @@ def resolve_point(sources: Sequence[Any], fixed: Sequence[str], point: Point, re
         raise ConfigError(f"point {point.index + 1} ({point.label}): {exc}") from None
 
 
-def check_keys(sources: Sequence[Any], fixed: Sequence[str], keys: Sequence[str], registry) -> None:
-    """Every swept key exists in the config (did-you-mean otherwise), checked once per key, before any point."""
-    from .config import config_fields
-    from .runconfig import COMPONENT_KEYS, raw_run_config, resolve_run_config
+def check_keys(sources: Sequence[Any], fixed: Sequence[str], keys: Sequence[str], registry,
+               varying: Sequence[str] = ()) -> None:
+    """Every swept key exists in the config (did-you-mean otherwise), checked once per key, before any point.
 
-    from .runconfig import RunSettings
+    Fields of a component that itself varies (``method=ties,dare``) are checked per point instead.
+    """
+    from .config import config_fields
+    from .runconfig import COMPONENT_KEYS, RunSettings, raw_run_config, resolve_run_config
 
     allowed = set(COMPONENT_KEYS) | {f.name for f in attrs.fields(RunSettings)}
     try:
@@ -288,7 +290,7 @@ def check_keys(sources: Sequence[Any], fixed: Sequence[str], keys: Sequence[str]
             choice = getattr(base, head) if base is not None else None
             if choice is None or field == "name":
                 continue
-            if any(k == head or k == f"{head}.name" for k in keys):  # the component itself is swept
+            if any(k == head or k == f"{head}.name" for k in varying):  # the component itself is swept
                 continue
             names = {f.name for f in config_fields(choice.cls.Config)}
             if field not in names:
@@ -360,13 +362,13 @@ def plan_sweep(registry, sources: Sequence[Any], args: Sequence[str], *, points_
     points = expand(swept, load_points(points_file) if points_file else None) if (swept or points_file) else []
     if not points:
         raise ConfigError("empty grid: give axes like key=a,b,c or key=range(start, stop, step), or --points FILE.yaml")
-    keys = [k for k, _ in axes] + sorted({k for p in points for k, _ in p.overrides})
-    check_keys(sources, fixed, keys, registry)
+    varying = sorted({k for p in points for k, _ in p.overrides})
+    check_keys(sources, fixed, [k for k, _ in axes] + varying, registry, varying)
     first = resolve_point(sources, fixed, points[0], registry, split=None)
     splits = splits_for(first, select_on)
     settings = {"progress": False, "evaluate_inputs": False, "output_dir": None}
     configs = [resolve_point(sources, fixed, p, registry, split=splits.select, settings=settings) for p in points]
-    for point, config in zip(points, configs):
+    for point, config in zip(points, configs, strict=True):
         if config.taskpool is None or config.taskpool.cls is not first.taskpool.cls:
             raise ConfigError(f"point {point.index + 1} ({point.label}): every point must use task pool {first.taskpool.name!r}")
     dicts = [c.to_dict() for c in configs]
@@ -397,7 +399,7 @@ def run_sweep(plan: SweepPlan, db, executor, *, registry, plugin_manager,
     executor.check()
     by_job: dict[str, Point] = {}
     jobs = []
-    for point, cd in zip(plan.points, plan.config_dicts):
+    for point, cd in zip(plan.points, plan.config_dicts, strict=True):
         key, seed = config_hash(cd), cd.get("seed", 0)
         job_key = f"{key}/{seed}"
         if job_key in by_job:  # two points with the same resolved config run once
@@ -436,7 +438,7 @@ def _select_and_finish(plan: SweepPlan, db, executor, env, registry, plugin_mana
 
     rows, scored = [], []
     metric = plan.metric
-    for point, cd in zip(plan.points, plan.config_dicts):
+    for point, cd in zip(plan.points, plan.config_dicts, strict=True):
         key, seed = config_hash(cd), cd.get("seed", 0)
         entry = {"index": point.index + 1, "label": point.label, "overrides": point.as_dict(), "config_hash": key,
                  "seed": seed}

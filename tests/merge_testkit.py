@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import attrs
 import torch
@@ -24,7 +24,9 @@ torch.set_num_threads(1)
 def tiny_gpt2_config(n_layer: int = 2):
     from transformers import GPT2Config
 
-    return GPT2Config(n_embd=32, n_layer=n_layer, n_head=4, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return GPT2Config(
+        n_embd=32, n_layer=n_layer, n_head=4, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=1, pad_token_id=2
+    )
 
 
 def tiny_gpt2(seed: int = 0, n_layer: int = 2):
@@ -118,7 +120,7 @@ class TrimMax(KernelMethod):
 
     def kernel_chunk(self, name, base, tensors, ctx, stats, start):
         out = base.clone()
-        for t, thr in zip(tensors, stats):
+        for t, thr in zip(tensors, stats, strict=True):
             tau = t - base
             out += torch.where(tau.abs() >= thr, tau, torch.zeros_like(tau))
         return out
@@ -175,7 +177,7 @@ class LocalTaskArithmetic(KernelMethod):
 
     def kernel(self, name, base, tensors, ctx):
         w = self.config.weights or [1.0] * len(tensors)
-        merged = sum(wi * (t - base) for wi, t in zip(w, tensors))
+        merged = sum(wi * (t - base) for wi, t in zip(w, tensors, strict=True))
         if self.config.normalize:
             merged = merged / sum(w)
         return base + self.config.scaling_factor * merged
@@ -187,17 +189,8 @@ TEST_METHODS = [MeanDelta, Average, TrimMax, RandomDrop, Interrupting, LocalTask
 class MergeTestPlugin:
     @fusion_core.hookimpl
     def fusion_register_methods(self, register):
-        from fusion_core.engine.stacking import METHODS
-
-        for cls in TEST_METHODS + METHODS:
+        for cls in TEST_METHODS:
             register(cls)
-
-    @fusion_core.hookimpl
-    def fusion_register_commands(self, cli):
-        from fusion_core.cli.merge import merge_command
-
-        if "merge" not in cli.commands:
-            cli.add_command(merge_command)
 
 
 def use_test_plugins(monkeypatch) -> None:

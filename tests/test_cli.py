@@ -67,7 +67,9 @@ def test_plugins_all_json(capsys):
 def test_plugins_without_all_hides_builtins(capsys, monkeypatch):
     monkeypatch.setenv("FUSE_LOAD_PLUGINS", "")
     code, out, _ = fuse(capsys, "plugins", "--json")
-    assert code == 0 and json.loads(out) == []
+    rows = json.loads(out)
+    assert code == 0 and not any(r["builtin"] for r in rows)
+    assert all(r["status"] == "skipped" and r["registered"] == [] for r in rows)  # installed but not allowed
 
 
 def test_broken_plugin_warns_once_on_stderr_and_cli_still_works(capsys, make_dist, monkeypatch):
@@ -76,7 +78,7 @@ def test_broken_plugin_warns_once_on_stderr_and_cli_still_works(capsys, make_dis
     code, out, err = fuse(capsys, "plugins", "--json")
     assert code == 0
     assert err.count("warning: plugin 'broken' (fusion-broken 0.9) failed to load: ImportError: missing dependency xyz") == 1
-    row = json.loads(out)[0]
+    row = next(r for r in json.loads(out) if r["name"] == "broken")
     assert (row["status"], row["error"]) == ("failed", "ImportError: missing dependency xyz")
 
 

@@ -32,7 +32,11 @@ from fusion_core.engine.executor import MergeOptions, merge_readers  # noqa: E40
 def gpt2_folders(tmp_path):
     base = tiny_gpt2(0)
     fts = [perturbed(base, 1), perturbed(base, 2)]
-    paths = [save_hf(base, tmp_path / "base"), save_hf(fts[0], tmp_path / "ft1", max_shard_size="30KB"), save_hf(fts[1], tmp_path / "ft2")]
+    paths = [
+        save_hf(base, tmp_path / "base"),
+        save_hf(fts[0], tmp_path / "ft1", max_shard_size="30KB"),
+        save_hf(fts[1], tmp_path / "ft2"),
+    ]
     return tmp_path, (base, *fts), paths
 
 
@@ -52,7 +56,9 @@ def reference(method, modules, seed=0):
 def test_merge_reloads_with_from_pretrained_and_keeps_tied_weights(gpt2_folders, capsys):
     tmp, modules, (base, ft1, ft2) = gpt2_folders
     assert "lm_head.weight" not in load_file(str(Path(base) / "model.safetensors"))  # stored once, tied to wte
-    code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft1, "--model", ft2, "-o", tmp / "out", "--set", "scale=0.7")
+    code, _, err = fuse(
+        capsys, "merge", "t_mean", "--base", base, "--model", ft1, "--model", ft2, "-o", tmp / "out", "--set", "scale=0.7"
+    )
     assert code == 0, err
     out = tmp / "out"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
@@ -70,8 +76,25 @@ def test_merge_reloads_with_from_pretrained_and_keeps_tied_weights(gpt2_folders,
 def test_sharded_input_and_output_round_trip_equals_in_memory_merge(gpt2_folders, capsys):
     tmp, modules, (base, ft1, ft2) = gpt2_folders
     assert (Path(ft1) / "model.safetensors.index.json").exists()  # the input is sharded
-    code, _, err = fuse(capsys, "merge", "t_drop", "--base", base, "--model", ft1, "--model", ft2, "-o", tmp / "out",
-                        "--shard-size", "40KB", "--seed", "3", "--set", "density=0.3")
+    code, _, err = fuse(
+        capsys,
+        "merge",
+        "t_drop",
+        "--base",
+        base,
+        "--model",
+        ft1,
+        "--model",
+        ft2,
+        "-o",
+        tmp / "out",
+        "--shard-size",
+        "40KB",
+        "--seed",
+        "3",
+        "--set",
+        "density=0.3",
+    )
     assert code == 0, err
     out = tmp / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -84,8 +107,9 @@ def test_sharded_input_and_output_round_trip_equals_in_memory_merge(gpt2_folders
         assert sum(v.numel() * v.element_size() for v in part.values()) <= 40_000 or len(part) == 1
         stored.update(part)
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in stored.values())
-    expected = merge_readers(RandomDrop(RandomDrop.Config(density=0.3)), modules[0], list(modules[1:]),
-                             MergeOptions(seed=3, notify=lambda m: None))
+    expected = merge_readers(
+        RandomDrop(RandomDrop.Config(density=0.3)), modules[0], list(modules[1:]), MergeOptions(seed=3, notify=lambda m: None)
+    )
     assert set(stored) == set(expected) - {"lm_head.weight"}
     assert all(torch.equal(stored[k], expected[k]) for k in stored)
     assert torch.equal(logits(load_hf(out)), logits(reference(RandomDrop(RandomDrop.Config(density=0.3)), modules, seed=3)))
@@ -95,14 +119,19 @@ def test_same_seed_gives_identical_bytes(gpt2_folders, capsys):
     tmp, _, (base, ft1, ft2) = gpt2_folders
     digests = []
     for name in ("a.safetensors", "b.safetensors"):
-        assert fuse(capsys, "merge", "t_drop", "--base", base, "--model", ft1, "--model", ft2, "-o", tmp / name, "--seed", "11")[0] == 0
+        assert (
+            fuse(capsys, "merge", "t_drop", "--base", base, "--model", ft1, "--model", ft2, "-o", tmp / name, "--seed", "11")[0]
+            == 0
+        )
         digests.append(hashlib.sha256((tmp / name).read_bytes()).hexdigest())
     assert digests[0] == digests[1]
 
 
 def test_output_dtype_and_config(gpt2_folders, capsys):
     tmp, _, (base, ft1, ft2) = gpt2_folders
-    code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft1, "--model", ft2, "-o", tmp / "half", "--dtype", "bfloat16")
+    code, _, err = fuse(
+        capsys, "merge", "t_mean", "--base", base, "--model", ft1, "--model", ft2, "-o", tmp / "half", "--dtype", "bfloat16"
+    )
     assert code == 0, err
     stored = load_file(str(tmp / "half" / "model.safetensors"))
     assert {v.dtype for v in stored.values()} == {torch.bfloat16}
@@ -126,41 +155,111 @@ def test_bad_inputs_give_one_line_and_no_output(gpt2_folders, capsys, tmp_path):
     other = tmp / "other.safetensors"
     state = load_file(str(Path(ft2) / "model.safetensors"))
     save_file({**state, "extra.weight": torch.ones(2)}, str(other))
-    assert_failed(capsys, tmp, out, "t_mean", "--base", base, "--model", ft1, "--model", other,
-                  match="has 1 extra: 'extra.weight' (pass --common-keys-only")
-    code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft1, "--model", other, "-o", out, "--common-keys-only")
+    assert_failed(
+        capsys,
+        tmp,
+        out,
+        "t_mean",
+        "--base",
+        base,
+        "--model",
+        ft1,
+        "--model",
+        other,
+        match="has 1 extra: 'extra.weight' (pass --common-keys-only",
+    )
+    code, _, err = fuse(
+        capsys, "merge", "t_mean", "--base", base, "--model", ft1, "--model", other, "-o", out, "--common-keys-only"
+    )
     assert code == 0 and "skipping 1 that some models lack" in err
     # different shapes
     shaped = tmp / "shaped.safetensors"
     save_file({**state, "transformer.wpe.weight": torch.zeros(65, 32)}, str(shaped))
-    assert_failed(capsys, tmp, tmp / "o2", "t_mean", "--base", base, "--model", ft1, "--model", shaped,
-                  match="'transformer.wpe.weight' is [64, 32] in base")
+    assert_failed(
+        capsys,
+        tmp,
+        tmp / "o2",
+        "t_mean",
+        "--base",
+        base,
+        "--model",
+        ft1,
+        "--model",
+        shaped,
+        match="'transformer.wpe.weight' is [64, 32] in base",
+    )
     # method needs a base
     assert_failed(capsys, tmp, tmp / "o3", "t_mean", "--model", ft1, "--model", ft2, match="method 't_mean' needs a base model")
     # field out of range, unknown field, unknown method
-    assert_failed(capsys, tmp, tmp / "o4", "t_drop", "--base", base, "--model", ft1, "--set", "density=1.5",
-                  match="density must be in [0.0, 1.0], got 1.5")
-    assert_failed(capsys, tmp, tmp / "o4", "t_drop", "--base", base, "--model", ft1, "--set", "densty=0.5",
-                  match="unknown field method t_drop.densty (did you mean 'density'?)")
-    assert_failed(capsys, tmp, tmp / "o4", "t_dorp", "--base", base, "--model", ft1, match="unknown method 't_dorp' (did you mean")
+    assert_failed(
+        capsys,
+        tmp,
+        tmp / "o4",
+        "t_drop",
+        "--base",
+        base,
+        "--model",
+        ft1,
+        "--set",
+        "density=1.5",
+        match="density must be in [0.0, 1.0], got 1.5",
+    )
+    assert_failed(
+        capsys,
+        tmp,
+        tmp / "o4",
+        "t_drop",
+        "--base",
+        base,
+        "--model",
+        ft1,
+        "--set",
+        "densty=0.5",
+        match="unknown field method t_drop.densty (did you mean 'density'?)",
+    )
+    assert_failed(
+        capsys, tmp, tmp / "o4", "t_dorp", "--base", base, "--model", ft1, match="unknown method 't_dorp' (did you mean"
+    )
     # NaN in an input
     nan = tmp / "nan.safetensors"
     poisoned = dict(state)
     poisoned["transformer.h.1.mlp.c_fc.bias"] = poisoned["transformer.h.1.mlp.c_fc.bias"].clone()
     poisoned["transformer.h.1.mlp.c_fc.bias"][3] = float("nan")
     save_file(poisoned, str(nan))
-    assert_failed(capsys, tmp, tmp / "o5", "t_mean", "--base", base, "--model", ft1, "--model", nan,
-                  match="tensor 'transformer.h.1.mlp.c_fc.bias' of")
+    assert_failed(
+        capsys,
+        tmp,
+        tmp / "o5",
+        "t_mean",
+        "--base",
+        base,
+        "--model",
+        ft1,
+        "--model",
+        nan,
+        match="tensor 'transformer.h.1.mlp.c_fc.bias' of",
+    )
     # truncated safetensors
     cut = tmp / "cut.safetensors"
     cut.write_bytes(nan.read_bytes()[:-1000])
     assert_failed(capsys, tmp, tmp / "o6", "t_mean", "--base", base, "--model", cut, match="cut.safetensors is truncated")
     # non-float tensors that differ
     ints = [tmp / "i1.safetensors", tmp / "i2.safetensors", tmp / "i3.safetensors"]
-    for path, last in zip(ints, (4, 4, 5)):
+    for path, last in zip(ints, (4, 4, 5), strict=True):
         save_file({"w": torch.ones(3), "ids": torch.tensor([1, 2, last])}, str(path))
-    assert_failed(capsys, tmp, tmp / "o7", "t_mean", "--base", ints[0], "--model", ints[1], "--model", ints[2],
-                  match="non-float tensor 'ids' (int64) differs between")
+    assert_failed(
+        capsys,
+        tmp,
+        tmp / "o7",
+        "t_mean",
+        "--base",
+        ints[0],
+        "--model",
+        ints[1],
+        "--model",
+        ints[2],
+        match="non-float tensor 'ids' (int64) differs between",
+    )
     # output exists without --overwrite
     exists = tmp / "exists"
     exists.mkdir()
@@ -173,8 +272,21 @@ def test_bad_inputs_give_one_line_and_no_output(gpt2_folders, capsys, tmp_path):
     code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", pkl, "-o", tmp / "o8", "--allow-pickle")
     assert code == 0, err
     # interrupt mid-merge
-    line = assert_failed(capsys, tmp, tmp / "o9", "t_interrupt", "--base", base, "--model", ft1, "--model", ft2, "--shard-size", "20KB",
-                         match="interrupted")
+    line = assert_failed(
+        capsys,
+        tmp,
+        tmp / "o9",
+        "t_interrupt",
+        "--base",
+        base,
+        "--model",
+        ft1,
+        "--model",
+        ft2,
+        "--shard-size",
+        "20KB",
+        match="interrupted",
+    )
     assert line == f"error: interrupted: nothing was written to {tmp / 'o9'}"
 
 

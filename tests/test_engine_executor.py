@@ -23,7 +23,9 @@ torch.set_num_threads(1)
 
 def models(n=3, seed=0, shape=(40, 6)):
     g = torch.Generator().manual_seed(seed)
-    return [{"w": torch.randn(*shape, generator=g), "b": torch.randn(shape[1], generator=g), "pos": torch.arange(5)} for _ in range(n)]
+    return [
+        {"w": torch.randn(*shape, generator=g), "b": torch.randn(shape[1], generator=g), "pos": torch.arange(5)} for _ in range(n)
+    ]
 
 
 def files(tmp_path, states, prefix="m"):
@@ -63,7 +65,9 @@ def test_chunked_elementwise_equals_whole_tensor(tmp_path, prefetch):
     states = models(3, shape=(300, 8))
     readers = files(tmp_path, states)
     whole = merge_to_path(MeanDelta(), readers[0], readers[1:], tmp_path / "whole.safetensors", quiet(prefetch=prefetch))
-    chunked = merge_to_path(MeanDelta(), readers[0], readers[1:], tmp_path / "chunked.safetensors", quiet(chunk_bytes=1000, prefetch=prefetch))
+    chunked = merge_to_path(
+        MeanDelta(), readers[0], readers[1:], tmp_path / "chunked.safetensors", quiet(chunk_bytes=1000, prefetch=prefetch)
+    )
     assert whole.read_bytes() == chunked.read_bytes()
 
 
@@ -117,7 +121,9 @@ def test_key_mismatch_names_the_tensors_and_common_keys_only(tmp_path):
         merge_readers(MeanDelta(), base, [StateDict(a, "a"), StateDict(b, "b")], quiet())
     notes = []
     merged = merge_readers(MeanDelta(), base, [a, b], MergeOptions(common_keys_only=True, notify=notes.append))
-    assert sorted(merged) == ["pos", "w"] and notes == ["note: merging the 2 tensors every model has; skipping 2 that some models lack"]
+    assert sorted(merged) == ["pos", "w"] and notes == [
+        "note: merging the 2 tensors every model has; skipping 2 that some models lack"
+    ]
     with pytest.raises(InputError, match=r"model 2 \(model 2\) lacks 1 tensor\(s\) of base \(base\): 'b'"):
         merge_readers(MeanDelta(), base, [models()[1], b], quiet())
 
@@ -131,7 +137,9 @@ def StateDict(state, label):
 def test_shape_mismatch_names_the_tensor():
     base, a, b = models()
     b["w"] = torch.zeros(40, 7)
-    with pytest.raises(InputError, match=r"tensor shapes differ between models: 'w' is \[40, 6\] in base \(base\) but \[40, 7\] in model 2"):
+    with pytest.raises(
+        InputError, match=r"tensor shapes differ between models: 'w' is \[40, 6\] in base \(base\) but \[40, 7\] in model 2"
+    ):
         merge_readers(MeanDelta(), base, [a, b], quiet())
 
 
@@ -160,7 +168,9 @@ def test_mixed_float_dtypes_promote_and_say_so():
     b = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()}
     notes = []
     merged = merge_readers(MeanDelta(), base, [a, b], MergeOptions(notify=notes.append))
-    assert notes == ["note: inputs mix bfloat16 and float16 and float32 (e.g. tensor 'w'): promoting to the compute dtype and writing the base's dtype"]
+    assert notes == [
+        "note: inputs mix bfloat16 and float16 and float32 (e.g. tensor 'w'): promoting to the compute dtype and writing the base's dtype"
+    ]
     expected = base["w"] + ((a["w"].float() - base["w"]) + (b["w"].float() - base["w"])) / 2
     assert merged["w"].dtype == torch.float32 and torch.allclose(merged["w"], expected, atol=1e-6)
     no_base = merge_readers(Average(), None, [a, b], quiet())

@@ -46,8 +46,14 @@ def test_sharded_folder_reader_follows_the_index(tmp_path):
     state = tensors()
     save_file({k: state[k] for k in ("emb", "ids")}, str(tmp_path / "a.safetensors"))
     save_file({k: state[k] for k in ("half", "bf", "flag", "scalar")}, str(tmp_path / "b.safetensors"))
-    weight_map = {"emb": "a.safetensors", "ids": "a.safetensors", "half": "b.safetensors", "bf": "b.safetensors",
-                  "flag": "b.safetensors", "scalar": "b.safetensors"}
+    weight_map = {
+        "emb": "a.safetensors",
+        "ids": "a.safetensors",
+        "half": "b.safetensors",
+        "bf": "b.safetensors",
+        "flag": "b.safetensors",
+        "scalar": "b.safetensors",
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     reader = open_reader(tmp_path)
     assert isinstance(reader, ShardedReader) and reader.folder == tmp_path
@@ -121,7 +127,9 @@ def test_in_memory_readers_report_tied_weights():
         StateDictReader({"x": 3})
 
 
-@pytest.mark.parametrize(("text", "expected"), [("2GB", 2 * 10**9), ("500MB", 5 * 10**8), ("1GiB", 2**30), ("4096", 4096), ("1.5kb", 1500)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("2GB", 2 * 10**9), ("500MB", 5 * 10**8), ("1GiB", 2**30), ("4096", 4096), ("1.5kb", 1500)]
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -147,7 +155,14 @@ def test_writer_plans_shards_and_index_and_round_trips(tmp_path):
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
-    assert index["weight_map"] == {"emb": files[0], "half": files[1], "bf": files[1], "ids": files[2], "flag": files[2], "scalar": files[2]}
+    assert index["weight_map"] == {
+        "emb": files[0],
+        "half": files[1],
+        "bf": files[1],
+        "ids": files[2],
+        "flag": files[2],
+        "scalar": files[2],
+    }
     loaded = {}
     for name in files:
         loaded.update(load_file(str(out / name)))  # the reference safetensors reader accepts our files

@@ -23,7 +23,7 @@ from fusion_core.cli.main import main
 from fusion_core.components import TaskPool
 from fusion_core.config import option
 from fusion_core.errors import ConfigError
-from fusion_core.executors import LocalExecutor, LocalConfig
+from fusion_core.executors import LocalConfig, LocalExecutor
 from fusion_core.registry import build_registry
 from fusion_core.results_db import open_db
 from fusion_core.sweep import expand, load_points, parse_axis, parse_range, plan_sweep, run_sweep
@@ -300,3 +300,12 @@ def test_plugins_registered_as_objects_cannot_go_to_worker_processes(exp):
                                                ("sweep-test", SweepPlugin), ("inline", Inline())])
     with pytest.raises(ConfigError, match=r"plugin 'inline' was registered as an object \(Inline\); workers in other processes"):
         sweep(pm, [exp], LAMBDAS, "r.sqlite", jobs=2)
+
+
+def test_points_file_gives_the_points(exp, cli_pm, capsys, tmp_path):
+    (tmp_path / "points.yaml").write_text("- method.scaling_factor: 0.1\n- {method: {scaling_factor: 0.5}}\n")
+    code = main(["sweep", exp, "--points", "points.yaml", "--report", "sweep.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert [p["label"] for p in report["points"]] == ["method.scaling_factor=0.1", "method.scaling_factor=0.5"]
+    assert report["winner"]["index"] == 2 and report["grid"] == {}

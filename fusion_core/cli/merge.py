@@ -37,9 +37,11 @@ def _parse_sets(sets: tuple[str, ...]) -> dict:
         if not eq or not key:
             raise ConfigError(f"malformed --set {item!r}: expected FIELD=VALUE (e.g. --set density=0.2)")
         if key.startswith("method."):
-            key = key[len("method."):]
+            key = key[len("method.") :]
         if "." in key:
-            raise ConfigError(f"malformed --set {item!r}: FIELD is one of the method's config fields (e.g. density), without dots")
+            raise ConfigError(
+                f"malformed --set {item!r}: FIELD is one of the method's config fields (e.g. density), without dots"
+            )
         fields[key] = parse_value(raw)
     return fields
 
@@ -68,12 +70,30 @@ def _dist_version(dist: str | None) -> str | None:
 @click.option("--device", default="cpu", show_default=True, help="Where kernels compute: cpu or cuda.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt pickle checkpoints (torch.load weights_only); only for trusted files.")
+@click.option(
+    "--allow-pickle", is_flag=True, help="Read .bin/.pt pickle checkpoints (torch.load weights_only); only for trusted files."
+)
 @click.option("--common-keys-only", is_flag=True, help="Merge only the tensors every model has (instead of an error).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary line.")
 @click.pass_context
-def merge_command(ctx, method, base, models, output, sets, mergekit_config, seed, dtype, compute_dtype, device, shard_size, overwrite,
-                  allow_pickle, common_keys_only, quiet):
+def merge_command(
+    ctx,
+    method,
+    base,
+    models,
+    output,
+    sets,
+    mergekit_config,
+    seed,
+    dtype,
+    compute_dtype,
+    device,
+    shard_size,
+    overwrite,
+    allow_pickle,
+    common_keys_only,
+    quiet,
+):
     """Merge checkpoints with METHOD into OUTPUT, one tensor at a time.
 
     \b
@@ -101,7 +121,9 @@ def merge_command(ctx, method, base, models, output, sets, mergekit_config, seed
         dtype = dtype or recipe_mk.out_dtype
     else:
         if not method:
-            raise ConfigError("missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)")
+            raise ConfigError(
+                "missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)"
+            )
         fields = _parse_sets(sets)
     registry, _ = _registry(ctx)
     entry = registry.get("method", method)
@@ -111,7 +133,9 @@ def merge_command(ctx, method, base, models, output, sets, mergekit_config, seed
     from ..engine.kernel import KernelMethod
 
     if not isinstance(instance, KernelMethod) and not callable(getattr(instance, "passthrough_plan", None)):
-        raise ConfigError(f"method {method!r} is not a per-tensor method, so fuse merge cannot stream it; run it with `fuse run method={method}`")
+        raise ConfigError(
+            f"method {method!r} is not a per-tensor method, so fuse merge cannot stream it; run it with `fuse run method={method}`"
+        )
     if not models and not (base and callable(getattr(instance, "passthrough_plan", None))):
         raise ConfigError("no models to merge: give --model PATH (once per fine-tuned model)")
 
@@ -141,8 +165,17 @@ def merge_command(ctx, method, base, models, output, sets, mergekit_config, seed
         plugin_version = _dist_version(entry.dist)
         if entry.dist:
             recipe["plugin"] = f"{entry.dist} {plugin_version or ''}".strip()
-        options = MergeOptions(seed=seed, compute_dtype=compute_dtype, out_dtype=dtype, device=device, shard_size=shard_size,
-                               common_keys_only=common_keys_only, overwrite=overwrite, recipe=recipe, progress=not quiet)
+        options = MergeOptions(
+            seed=seed,
+            compute_dtype=compute_dtype,
+            out_dtype=dtype,
+            device=device,
+            shard_size=shard_size,
+            common_keys_only=common_keys_only,
+            overwrite=overwrite,
+            recipe=recipe,
+            progress=not quiet,
+        )
         try:
             out = merge_to_path(instance, base_reader, model_readers, output, options)
         except KeyboardInterrupt:

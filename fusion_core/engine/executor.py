@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import math
 import queue
-import sys
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -44,7 +44,7 @@ import torch
 from ..errors import FuseError, InputError, PluginError
 from .kernel import KernelContext, KernelMethod
 from .readers import TensorReader, as_reader
-from .validate import ALIAS, COPY, MERGE, PASSTHROUGH, TensorPlan, dtype_name, parse_dtype, plan_merge
+from .validate import ALIAS, COPY, PASSTHROUGH, TensorPlan, dtype_name, parse_dtype, plan_merge
 from .writer import DEFAULT_SHARD_SIZE, ModelWriter, atomic_output, copy_model_files, parse_size, write_model_card
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,7 +101,9 @@ class _Unit:
 class _Loader:
     """Reads the inputs of a unit (on the prefetch thread), cast to the compute dtype and device."""
 
-    def __init__(self, inputs: Sequence[TensorReader], has_base: bool, dtype: torch.dtype, device: str, check_finite: bool) -> None:
+    def __init__(
+        self, inputs: Sequence[TensorReader], has_base: bool, dtype: torch.dtype, device: str, check_finite: bool
+    ) -> None:
         self.inputs, self.has_base, self.dtype, self.device, self.check_finite = inputs, has_base, dtype, device, check_finite
         self._base_cache: tuple[str, torch.Tensor] | None = None
 
@@ -114,7 +116,9 @@ class _Loader:
             if bool(bad.any()):
                 n_nan = int(torch.isnan(out).sum())
                 what = "NaN" if n_nan else "Inf"
-                raise InputError(f"tensor {name!r} of {reader.label} contains {what} values ({int(bad.sum())} non-finite); fix or drop that input")
+                raise InputError(
+                    f"tensor {name!r} of {reader.label} contains {what} values ({int(bad.sum())} non-finite); fix or drop that input"
+                )
         return out
 
     def read(self, unit: _Unit) -> Any:
@@ -242,7 +246,9 @@ def _rows_per_unit(plan: TensorPlan, n_inputs: int, itemsize: int, chunk_bytes: 
     return max(1, chunk_bytes // max(1, row))
 
 
-def _plan_units(method: Any, plans: Sequence[TensorPlan], n_inputs: int, n_models: int, itemsize: int, chunk_bytes: int) -> list[_Unit]:
+def _plan_units(
+    method: Any, plans: Sequence[TensorPlan], n_inputs: int, n_models: int, itemsize: int, chunk_bytes: int
+) -> list[_Unit]:
     elementwise = bool(getattr(method, "elementwise", False))
     two_phase = callable(getattr(method, "chunk_stats", None)) and callable(getattr(method, "kernel_chunk", None))
     units: list[_Unit] = []
@@ -285,9 +291,19 @@ def _check_output(method: Any, name: str, out: Any, shape: tuple[int, ...]) -> t
     return out
 
 
-def _run(method: Any, inputs: Sequence[TensorReader], has_base: bool, plans: Sequence[TensorPlan], sink: Any, *,
-         kernel_context: Callable[[str], KernelContext], compute_dtype: torch.dtype, device: str, opts: MergeOptions,
-         progress: Callable[[], None] | None = None) -> None:
+def _run(
+    method: Any,
+    inputs: Sequence[TensorReader],
+    has_base: bool,
+    plans: Sequence[TensorPlan],
+    sink: Any,
+    *,
+    kernel_context: Callable[[str], KernelContext],
+    compute_dtype: torch.dtype,
+    device: str,
+    opts: MergeOptions,
+    progress: Callable[[], None] | None = None,
+) -> None:
     n_models = len(inputs) - (1 if has_base else 0)
     units = _plan_units(method, plans, len(inputs), n_models, compute_dtype.itemsize, opts.chunk_bytes)
     loader = _Loader(inputs, has_base, compute_dtype, device, opts.check_finite)
@@ -322,10 +338,12 @@ def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str
         sink.alias(name, plan.source)
     elif unit.step == "copy":
         first = data[0]
-        for label, other in zip(labels[1:], data[1:]):
+        for label, other in zip(labels[1:], data[1:], strict=True):
             if not torch.equal(first, other):
-                raise InputError(f"non-float tensor {name!r} ({dtype_name(first.dtype)}) differs between {labels[0]} and {label}; "
-                                 "integer tensors cannot be merged")
+                raise InputError(
+                    f"non-float tensor {name!r} ({dtype_name(first.dtype)}) differs between {labels[0]} and {label}; "
+                    "integer tensors cannot be merged"
+                )
         sink.put(name, first)
     elif unit.step == "pass":
         if unit.stop > unit.start:
@@ -355,10 +373,14 @@ def _prepare_method(method: Any, n_models: int, has_base: bool) -> None:
     if callable(getattr(method, "check_inputs", None)):
         method.check_inputs(n_models, has_base)
     elif not isinstance(method, KernelMethod) and not callable(getattr(method, "passthrough_plan", None)):
-        raise InputError(f"method {getattr(method, 'name', method)!r} is not a per-tensor method; it cannot be used by the merge engine")
+        raise InputError(
+            f"method {getattr(method, 'name', method)!r} is not a per-tensor method; it cannot be used by the merge engine"
+        )
 
 
-def _plans(method: Any, inputs: Sequence[TensorReader], has_base: bool, opts: MergeOptions, notify: Callable[[str], None]) -> list[TensorPlan]:
+def _plans(
+    method: Any, inputs: Sequence[TensorReader], has_base: bool, opts: MergeOptions, notify: Callable[[str], None]
+) -> list[TensorPlan]:
     out_dtype = parse_dtype(opts.out_dtype, what="output dtype")
     if callable(getattr(method, "passthrough_plan", None)):
         return method.passthrough_plan(inputs, has_base, out_dtype=out_dtype)
@@ -375,21 +397,41 @@ def _check_device(device: str) -> str:
     return device
 
 
-def merge_readers(method: Any, base: Any, models: Sequence[Any], options: MergeOptions | None = None,
-                  kernel_context: Callable[[str], KernelContext] | None = None,
-                  progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+def merge_readers(
+    method: Any,
+    base: Any,
+    models: Sequence[Any],
+    options: MergeOptions | None = None,
+    kernel_context: Callable[[str], KernelContext] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Merge in memory: ``base`` (or ``None``) and ``models`` are readers, paths, state dicts or modules."""
     opts = options or MergeOptions()
     notify = opts.notify or _stderr
-    inputs = ([as_reader(base, label="base")] if base is not None else []) + [as_reader(m, label=f"model {i + 1}") for i, m in enumerate(models)]
+    inputs = ([as_reader(base, label="base")] if base is not None else []) + [
+        as_reader(m, label=f"model {i + 1}") for i, m in enumerate(models)
+    ]
     has_base = base is not None
     _prepare_method(method, len(models), has_base)
     compute = parse_dtype(opts.compute_dtype, what="compute dtype")
     device = _check_device(opts.device)
     plans = _plans(method, inputs, has_base, opts, notify)
     sink = _MemorySink(plans)
-    ctx_for = kernel_context or (lambda name: KernelContext(name=name, seed=opts.seed, compute_dtype=dtype_name(compute), device=device))
-    _run(method, inputs, has_base, plans, sink, kernel_context=ctx_for, compute_dtype=compute, device=device, opts=opts, progress=progress)
+    ctx_for = kernel_context or (
+        lambda name: KernelContext(name=name, seed=opts.seed, compute_dtype=dtype_name(compute), device=device)
+    )
+    _run(
+        method,
+        inputs,
+        has_base,
+        plans,
+        sink,
+        kernel_context=ctx_for,
+        compute_dtype=compute,
+        device=device,
+        opts=opts,
+        progress=progress,
+    )
     return sink.state
 
 
@@ -400,10 +442,20 @@ def merge_pool(method: Any, pool: "ModelPool", ctx: "RunContext") -> dict[str, t
     readers = [pool.reader(name) for name in names]
     opts = MergeOptions(seed=ctx.seed, compute_dtype=ctx.compute_dtype, device=ctx.device, prefetch=False)
     total = len(readers[0].keys()) if readers else 0
-    ticks = ctx.track(range(total), f"merging ({method.name})", total=total) if getattr(ctx, "show_progress", False) and total else None
+    ticks = (
+        ctx.track(range(total), f"merging ({method.name})", total=total)
+        if getattr(ctx, "show_progress", False) and total
+        else None
+    )
     try:
-        return merge_readers(method, base, readers, opts, kernel_context=ctx.kernel_context,
-                             progress=(lambda: next(ticks, None)) if ticks is not None else None)
+        return merge_readers(
+            method,
+            base,
+            readers,
+            opts,
+            kernel_context=ctx.kernel_context,
+            progress=(lambda: next(ticks, None)) if ticks is not None else None,
+        )
     finally:
         if ticks is not None:
             for _ in ticks:  # finish the bar (keys skipped or tied) and close it
@@ -412,8 +464,13 @@ def merge_pool(method: Any, pool: "ModelPool", ctx: "RunContext") -> dict[str, t
             reader.close()
 
 
-def merge_to_path(method: Any, base_reader: TensorReader | None, readers: Sequence[TensorReader], output: str | Path,
-                  options: MergeOptions | None = None) -> Path:
+def merge_to_path(
+    method: Any,
+    base_reader: TensorReader | None,
+    readers: Sequence[TensorReader],
+    output: str | Path,
+    options: MergeOptions | None = None,
+) -> Path:
     """Merge ``readers`` (with ``base_reader``) to ``output``: a ``.safetensors`` file, or else an HF folder.
 
     Validates everything from headers first; writes to a temporary path beside
@@ -439,8 +496,18 @@ def merge_to_path(method: Any, base_reader: TensorReader | None, readers: Sequen
         writer = ModelWriter(tmp, entries, shard_size=shard_size, single_file=single)
         try:
             with _cli_progress(opts.progress, f"merging ({getattr(method, 'name', 'merge')})", len(plans)) as advance:
-                _run(method, inputs, has_base, plans, _FileSink(writer), kernel_context=ctx_for, compute_dtype=compute,
-                     device=device, opts=opts, progress=advance)
+                _run(
+                    method,
+                    inputs,
+                    has_base,
+                    plans,
+                    _FileSink(writer),
+                    kernel_context=ctx_for,
+                    compute_dtype=compute,
+                    device=device,
+                    opts=opts,
+                    progress=advance,
+                )
             writer.finish()
         finally:
             writer.close()
@@ -476,8 +543,14 @@ class _cli_progress:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                  console=console, transient=True)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self._progress.__enter__()
         task = self._progress.add_task(self.description, total=self.total)
         return lambda: self._progress.advance(task)

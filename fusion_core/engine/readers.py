@@ -18,8 +18,9 @@ import json
 import math
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -91,7 +92,7 @@ class TensorReader(abc.ABC):
         """A sort key giving the storage order of ``name`` (file, offset)."""
         return ("", 0)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: in-memory readers hold no files
         """Release open files."""
 
     def __contains__(self, name: str) -> bool:
@@ -137,7 +138,9 @@ class SafetensorsFile:
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
         except (UnicodeDecodeError, ValueError) as exc:
-            raise InputError(f"{self.path} has a corrupt safetensors header ({exc}); the file is truncated or not safetensors") from None
+            raise InputError(
+                f"{self.path} has a corrupt safetensors header ({exc}); the file is truncated or not safetensors"
+            ) from None
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         data_size = size - self.data_start
@@ -249,7 +252,9 @@ class ShardedReader(TensorReader):
         if len(indexes) > 1 and (self.folder / "model.safetensors.index.json").exists():
             indexes = [self.folder / "model.safetensors.index.json"]
         if len(indexes) > 1:
-            raise InputError(f"{self.folder} holds several shard indexes ({', '.join(p.name for p in indexes)}); give the file or a folder with one model")
+            raise InputError(
+                f"{self.folder} holds several shard indexes ({', '.join(p.name for p in indexes)}); give the file or a folder with one model"
+            )
         if indexes:
             self._open_index(indexes[0])
         elif singles:
@@ -327,7 +332,14 @@ def find_aliases(state: Mapping[str, Any]) -> dict[str, str]:
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+            tensor.device,
+        )
         if key in seen:
             out[name] = seen[key]
         else:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -36,12 +37,18 @@ def _check_slices(instance, attribute, value) -> None:
         raise ValueError("slices must list at least one {model, layers: [start, end]}")
     for i, item in enumerate(value):
         if not isinstance(item, dict) or set(item) - {"model", "layers"} or "layers" not in item:
-            raise ValueError(f"slices[{i}] must be a mapping with keys model (an index or 'base') and layers [start, end], got {item!r}")
+            raise ValueError(
+                f"slices[{i}] must be a mapping with keys model (an index or 'base') and layers [start, end], got {item!r}"
+            )
         model = item.get("model", "base")
         if not (model == "base" or (isinstance(model, int) and not isinstance(model, bool) and model >= 0)):
             raise ValueError(f"slices[{i}].model must be 'base' or a model index 0, 1, ..., got {model!r}")
         layers = item["layers"]
-        ok = isinstance(layers, (list, tuple)) and len(layers) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+        ok = (
+            isinstance(layers, (list, tuple))
+            and len(layers) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+        )
         if not ok or not 0 <= layers[0] < layers[1]:
             raise ValueError(f"slices[{i}].layers must be [start, end] with 0 <= start < end (end excluded), got {layers!r}")
 
@@ -91,7 +98,9 @@ class LayerStack(Method):
             if model == "base" and not has_base:
                 raise InputError(f"layer_stack: slices[{i}] takes layers from the base, but no base model was given")
             if model != "base" and model >= n_models:
-                raise InputError(f"layer_stack: slices[{i}] takes layers from model {model}, but only {n_models} model(s) were given (indices start at 0)")
+                raise InputError(
+                    f"layer_stack: slices[{i}] takes layers from model {model}, but only {n_models} model(s) were given (indices start at 0)"
+                )
 
     def _input_index(self, model: Any, has_base: bool) -> int:
         return 0 if model == "base" else model + (1 if has_base else 0)
@@ -101,7 +110,9 @@ class LayerStack(Method):
 
     # -- the plan ---------------------------------------------------------------
 
-    def passthrough_plan(self, inputs: Sequence["TensorReader"], has_base: bool, out_dtype: "torch.dtype | None" = None) -> list["TensorPlan"]:
+    def passthrough_plan(
+        self, inputs: Sequence["TensorReader"], has_base: bool, out_dtype: "torch.dtype | None" = None
+    ) -> list["TensorPlan"]:
         """Output name → (input, tensor name) for every output tensor, in storage order of the first input."""
         from .validate import PASSTHROUGH, TensorPlan
 
@@ -138,7 +149,9 @@ class LayerStack(Method):
             for layer in range(start, end):
                 if layer not in table:
                     have = f"0..{max(table)}" if table else "none"
-                    raise InputError(f"layer_stack: slices[{i}] wants layer {layer} of {inputs[index].label}, which has layers {have}")
+                    raise InputError(
+                        f"layer_stack: slices[{i}] wants layer {layer} of {inputs[index].label}, which has layers {have}"
+                    )
                 for name in table[layer]:
                     match = self.layer_of(name)
                     out_name = name[: match.start(1)] + str(out_layer) + name[match.end(1) :]

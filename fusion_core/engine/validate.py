@@ -7,7 +7,7 @@ tensors must share a dtype and are copied when their values agree.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -40,7 +40,15 @@ def parse_dtype(name: str | None, *, what: str = "dtype") -> torch.dtype | None:
     """``"bfloat16"``/``"bf16"``/``"float16"``/``"fp16"``/``"float32"``... → a float ``torch.dtype``."""
     if name is None:
         return None
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64", "float": "float32", "double": "float64"}
+    aliases = {
+        "fp32": "float32",
+        "fp16": "float16",
+        "half": "float16",
+        "bf16": "bfloat16",
+        "fp64": "float64",
+        "float": "float32",
+        "double": "float64",
+    }
     key = aliases.get(str(name).lower(), str(name).lower().removeprefix("torch."))
     dtype = getattr(torch, key, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -49,7 +57,9 @@ def parse_dtype(name: str | None, *, what: str = "dtype") -> torch.dtype | None:
 
 
 def _labels(inputs: Sequence[TensorReader], has_base: bool) -> list[str]:
-    return [("base" if has_base and i == 0 else f"model {i + (0 if has_base else 1)}") + f" ({r.label})" for i, r in enumerate(inputs)]
+    return [
+        ("base" if has_base and i == 0 else f"model {i + (0 if has_base else 1)}") + f" ({r.label})" for i, r in enumerate(inputs)
+    ]
 
 
 def _names(items: Sequence[str], n: int = 3) -> str:
@@ -57,7 +67,9 @@ def _names(items: Sequence[str], n: int = 3) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def common_keys(inputs: Sequence[TensorReader], has_base: bool, *, common_keys_only: bool, notify: Callable[[str], None]) -> list[str]:
+def common_keys(
+    inputs: Sequence[TensorReader], has_base: bool, *, common_keys_only: bool, notify: Callable[[str], None]
+) -> list[str]:
     """The names to merge, in the first input's storage order; mismatched key sets are an error unless ``common_keys_only``."""
     labels = _labels(inputs, has_base)
     ref = inputs[0]
@@ -65,7 +77,7 @@ def common_keys(inputs: Sequence[TensorReader], has_base: bool, *, common_keys_o
     keysets = [set(r.keys()) for r in inputs]
     common = set.intersection(*keysets)
     if not common_keys_only:
-        for label, reader, keys in zip(labels[1:], inputs[1:], keysets[1:]):
+        for label, keys in zip(labels[1:], keysets[1:], strict=True):
             missing = [k for k in ref_keys if k not in keys]
             extra = sorted(keys - keysets[0])
             if missing or extra:
@@ -74,7 +86,9 @@ def common_keys(inputs: Sequence[TensorReader], has_base: bool, *, common_keys_o
                     parts.append(f"lacks {len(missing)} tensor(s) of {labels[0]}: {_names(missing)}")
                 if extra:
                     parts.append(f"has {len(extra)} extra: {_names(extra)}")
-                raise InputError(f"{label} {'; '.join(parts)} (pass --common-keys-only to merge only the tensors every model has)")
+                raise InputError(
+                    f"{label} {'; '.join(parts)} (pass --common-keys-only to merge only the tensors every model has)"
+                )
     keys = [k for k in ref_keys if k in common]
     if not keys:
         raise InputError("the models have no tensor names in common")
@@ -89,7 +103,7 @@ def check_shapes(inputs: Sequence[TensorReader], has_base: bool, keys: Sequence[
     bad = []
     for key in keys:
         ref = inputs[0].shape(key)
-        for label, reader in zip(labels[1:], inputs[1:]):
+        for label, reader in zip(labels[1:], inputs[1:], strict=True):
             shape = reader.shape(key)
             if shape != ref:
                 bad.append(f"{key!r} is {list(ref)} in {labels[0]} but {list(shape)} in {label}")
@@ -100,8 +114,14 @@ def check_shapes(inputs: Sequence[TensorReader], has_base: bool, keys: Sequence[
         raise InputError("tensor shapes differ between models: " + "; ".join(bad))
 
 
-def plan_merge(inputs: Sequence[TensorReader], has_base: bool, *, common_keys_only: bool = False,
-               out_dtype: torch.dtype | None = None, notify: Callable[[str], None] = lambda msg: None) -> list[TensorPlan]:
+def plan_merge(
+    inputs: Sequence[TensorReader],
+    has_base: bool,
+    *,
+    common_keys_only: bool = False,
+    out_dtype: torch.dtype | None = None,
+    notify: Callable[[str], None] = lambda msg: None,
+) -> list[TensorPlan]:
     """Validate the inputs (base first when ``has_base``) and plan every output tensor."""
     if not inputs:
         raise InputError("no models to merge")
@@ -134,13 +154,15 @@ def plan_merge(inputs: Sequence[TensorReader], has_base: bool, *, common_keys_on
             plans.append(TensorPlan(key, shape, out))
         elif not any(floats):
             if len(set(dtypes)) > 1:
-                detail = ", ".join(f"{dtype_name(d)} in {label}" for d, label in zip(dtypes, labels))
+                detail = ", ".join(f"{dtype_name(d)} in {label}" for d, label in zip(dtypes, labels, strict=True))
                 raise InputError(f"non-float tensor {key!r} has different dtypes ({detail}); it cannot be merged")
             plans.append(TensorPlan(key, shape, dtypes[0], kind=COPY))
         else:
-            detail = ", ".join(f"{dtype_name(d)} in {label}" for d, label in zip(dtypes, labels))
+            detail = ", ".join(f"{dtype_name(d)} in {label}" for d, label in zip(dtypes, labels, strict=True))
             raise InputError(f"tensor {key!r} is float in some models and not in others ({detail})")
     for names, key in mixed.items():
         target = "the --dtype given" if out_dtype is not None else ("the base's dtype" if has_base else "the promoted dtype")
-        notify(f"note: inputs mix {' and '.join(names)} (e.g. tensor {key!r}): promoting to the compute dtype and writing {target}")
+        notify(
+            f"note: inputs mix {' and '.join(names)} (e.g. tensor {key!r}): promoting to the compute dtype and writing {target}"
+        )
     return plans + tied

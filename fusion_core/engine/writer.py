@@ -19,8 +19,9 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -31,8 +32,22 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
 COPIED_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "*.py")
 SKIPPED_NAMES = {"README.md"}
 
@@ -109,7 +124,9 @@ def _remove(path: Path) -> None:
 class SafetensorsFileWriter:
     """One safetensors file whose header is written first; tensors are written in place with ``pwrite``."""
 
-    def __init__(self, path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None
+    ) -> None:
         self.path = path
         # widest dtypes first keeps every tensor aligned to its element size
         ordered = sorted(entries, key=lambda e: -e[2].itemsize)
@@ -166,8 +183,15 @@ class ModelWriter:
     :param shard_size: the most bytes per shard (a tensor larger than that gets its own shard).
     """
 
-    def __init__(self, target: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], *, shard_size: int = DEFAULT_SHARD_SIZE,
-                 single_file: bool = False, metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        target: Path,
+        entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        single_file: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         self.target = Path(target)
         self.single_file = single_file
         shards: list[list] = [[]]
@@ -189,7 +213,7 @@ class ModelWriter:
         self.files: list[SafetensorsFileWriter] = []
         self.where: dict[str, SafetensorsFileWriter] = {}
         try:
-            for path, shard in zip(names, shards):
+            for path, shard in zip(names, shards, strict=True):
                 file = SafetensorsFileWriter(path, shard, meta)
                 self.files.append(file)
                 for name, _, _ in shard:
@@ -235,7 +259,12 @@ def copy_model_files(source: Path | None, folder: Path, *, dtype: torch.dtype | 
     copied = []
     for pattern in COPIED_PATTERNS:
         for path in sorted(Path(source).glob(pattern)):
-            if not path.is_file() or path.name in SKIPPED_NAMES or path.name.endswith(".index.json") or (folder / path.name).exists():
+            if (
+                not path.is_file()
+                or path.name in SKIPPED_NAMES
+                or path.name.endswith(".index.json")
+                or (folder / path.name).exists()
+            ):
                 continue
             shutil.copyfile(path, folder / path.name)
             copied.append(path.name)
@@ -309,9 +338,15 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def save_state_dict_folder(state: Mapping[str, torch.Tensor], path: str | os.PathLike, *, recipe: Mapping[str, Any] | None = None,
-                           files_from: str | os.PathLike | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
-                           overwrite: bool = False) -> Path:
+def save_state_dict_folder(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    recipe: Mapping[str, Any] | None = None,
+    files_from: str | os.PathLike | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+) -> Path:
     """Write an in-memory state dict as an HF-style folder (or one file if ``path`` ends in ``.safetensors``).
 
     Tied tensors (names sharing storage with an earlier name) are stored once, as

@@ -10,7 +10,8 @@ map is returned and the pool falls back to loading the model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from fusion_core.engine.readers import TensorReader
 

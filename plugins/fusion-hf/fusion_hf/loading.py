@@ -12,7 +12,7 @@ from . import hub
 from .sources import CACHED, LOCAL, Location
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    pass
 
 
 @attrs.frozen
@@ -114,6 +114,3 @@ def load_processor(loc: Location, opts: LoadOptions):
             continue
     return None
 
-
-def floating_state(model) -> dict[str, "torch.Tensor"]:
-    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}

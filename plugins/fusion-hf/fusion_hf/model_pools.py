@@ -9,7 +9,8 @@ data-free methods merge tensor by tensor as ``fuse merge`` does.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import attrs
 

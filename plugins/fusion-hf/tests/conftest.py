@@ -163,7 +163,15 @@ def clip_run_config(assets, output_dir: Path, **overrides) -> dict:
 def text_assets(tmp_path_factory):
     """Tiny GPT-2 (LM + sequence classification), BERT classifier, T5 and a tokenizer folder, plus a text dataset."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     root = tmp_path_factory.mktemp("text")
     tok = make_tokenizer(max_length=64)

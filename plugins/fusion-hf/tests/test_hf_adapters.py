@@ -9,8 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fusion_core.errors import InputError  # noqa: E402
 from fusion_hf.model_pools import CLIPVisionPool, HFPoolFields  # noqa: E402
+
+from fusion_core.errors import InputError  # noqa: E402
 
 R, ALPHA = 2, 8
 

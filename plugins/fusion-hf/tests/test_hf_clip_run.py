@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from conftest import CLIP_TASKS, TEMPLATE, clip_run_config
 
 torch = pytest.importorskip("torch")
@@ -91,10 +92,10 @@ def test_merged_and_individual_scores_match_an_independent_evaluation(run_report
 
 
 def test_saved_model_reloads_with_the_same_outputs_as_the_in_memory_merge(run_report, clip_assets):
+    from fusion_hf.model_pools import CLIPVisionPool, HFPoolFields
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel
 
     from fusion_core.run_context import RunContext
-    from fusion_hf.model_pools import CLIPVisionPool, HFPoolFields
 
     _, out = run_report
     pool = CLIPVisionPool(HFPoolFields(base=str(clip_assets["base"]), models={k: str(v) for k, v in clip_assets["ft"].items()}))

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import yaml
+
 from conftest import clip_run_config, save_clip_base, save_clip_finetuned
 
 pytest.importorskip("torch")
@@ -43,8 +44,9 @@ def test_hub_id_offline_fails_fast(clip_assets, tmp_path, capsys):
 
 
 def test_unreachable_hub_fails_fast_when_not_offline(monkeypatch):
-    from fusion_core.errors import InputError
     from fusion_hf import hub
+
+    from fusion_core.errors import InputError
 
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(key, "0")
@@ -88,9 +90,9 @@ def test_dataset_problems(clip_assets, tmp_path, capsys, task_fields, needles):
 
 def test_class_names_shorter_than_the_labels_of_a_plain_column(tmp_path):
     import datasets
+    from fusion_hf.task_pools.clip_zero_shot import ClipZeroShot, ClipZeroShotConfig
 
     from fusion_core.errors import InputError
-    from fusion_hf.task_pools.clip_zero_shot import ClipZeroShot, ClipZeroShotConfig
 
     folder = tmp_path / "plain"
     datasets.Dataset.from_dict({"image": [[[0] * 4] * 4] * 3, "label": [0, 1, 4]}).save_to_disk(str(folder))

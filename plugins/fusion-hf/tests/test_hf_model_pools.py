@@ -6,7 +6,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fusion_core.errors import ConfigError, InputError  # noqa: E402
 from fusion_hf.model_pools import (  # noqa: E402
     CausalLMPool,
     CLIPVisionPool,
@@ -18,6 +17,8 @@ from fusion_hf.model_pools import (  # noqa: E402
     SeqClassificationPoolConfig,
 )
 
+from fusion_core.errors import ConfigError, InputError  # noqa: E402
+
 
 def clip_pool(assets, **kw):
     return CLIPVisionPool(HFPoolFields(base=str(assets["base"]), models={k: str(v) for k, v in assets["ft"].items()}, **kw))
@@ -27,7 +28,6 @@ def clip_pool(assets, **kw):
 def no_loading(monkeypatch):
     """Make any model or dataset load fail loudly."""
     import datasets
-
     import fusion_hf.loading
 
     def refuse(*a, **k):
@@ -55,9 +55,8 @@ def test_construction_validate_describe_and_dry_run_load_nothing(clip_assets, no
 
 
 def test_reader_streams_the_vision_tower_under_the_model_names_without_loading(clip_assets, no_loading):
-    from safetensors.torch import load_file
-
     from fusion_hf.keymap import MappedReader
+    from safetensors.torch import load_file
 
     pool = clip_pool(clip_assets)
     files = {"base": load_file(str(clip_assets["base"] / "model.safetensors")),
@@ -122,9 +121,10 @@ def test_auto_class_is_an_allowlist_in_the_config():
 
 
 def test_causal_lm_pool_merges_tied_weights_and_rebuilds_the_model(text_assets):
+    from fusion_merging.basic import METHODS
+
     from fusion_core.engine.executor import merge_pool
     from fusion_core.run_context import RunContext
-    from fusion_merging.basic import METHODS
 
     average = next(m for m in METHODS if m.name == "simple_average")
     pool = CausalLMPool(HFPoolFields(models={"a": str(text_assets["gpt2_ft1"]), "b": str(text_assets["gpt2_ft2"])}))
@@ -195,3 +195,20 @@ def test_trust_remote_code_is_off_unless_configured(clip_assets, monkeypatch):
     clip_pool(clip_assets).load_model(None)
     clip_pool(clip_assets, trust_remote_code=True).load_model(None)
     assert seen == [(False, True, True), (True, True, True)]
+
+
+def test_hub_id_found_in_the_local_cache_loads_without_network(clip_assets, tmp_path):
+    import shutil
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someorg--tiny-clip"
+    shutil.copytree(clip_assets["ft"]["animals"], repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    pool = CLIPVisionPool(HFPoolFields(base=str(clip_assets["base"]), models={"hubbed": "someorg/tiny-clip"}, cache_dir=str(cache)))
+    pool.validate()
+    assert pool.describe()["models"]["hubbed"].startswith("someorg/tiny-clip@main (hub cache: ")
+    expected = pool.load_model("hubbed").state_dict()
+    direct = CLIPVisionPool(HFPoolFields(base=str(clip_assets["base"]), models={"a": str(clip_assets["ft"]["animals"])})).load_model("a").state_dict()
+    assert all(torch.equal(expected[k], direct[k]) for k in direct)
+    assert sorted(pool.reader("hubbed").keys()) == sorted(direct)

@@ -8,9 +8,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fusion_core.errors import InputError  # noqa: E402
 from fusion_hf.task_pools.perplexity import CausalLMPerplexity, PerplexityConfig  # noqa: E402
 from fusion_hf.task_pools.text_classification import TextClassification, TextClassificationConfig  # noqa: E402
+
+from fusion_core.errors import InputError  # noqa: E402
 
 TEXTS = ["this movie is great", "this movie was awful", "a very good movie", "not good", "bad and awful", "fine", "the dog is great",
          "a cat is not bad"]
@@ -39,9 +40,8 @@ def direct_classification(model, tokenizer, texts, labels):
 
 
 def test_text_classification_uses_each_tasks_own_head(text_assets, text_files):
-    from transformers import AutoTokenizer, GPT2ForSequenceClassification
-
     from fusion_hf.model_pools import SeqClassificationPool, SeqClassificationPoolConfig
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
 
     pool = SeqClassificationPool(SeqClassificationPoolConfig(base=str(text_assets["gpt2_base"]),
                                                              models={"binary": str(text_assets["gpt2_cls0"]), "three": str(text_assets["gpt2_cls1"])}))
@@ -115,7 +115,6 @@ def test_split_missing_in_local_files_lists_the_splits(text_files):
 
 def test_dry_run_checks_csv_headers_and_saved_splits(text_files, tmp_path):
     import datasets
-
     from fusion_hf.data import DatasetFields, check_dataset
 
     with pytest.raises(InputError, match="column 'sentence' not found in .*rows.csv; columns: text, label"):

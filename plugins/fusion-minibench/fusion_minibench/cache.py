@@ -5,14 +5,15 @@ Layout: ``<root>/minibench/<recipe hash>/`` with the builder's files plus ``mani
 ``cache_dir`` field, ``$FUSE_CACHE_DIR``, ``$XDG_CACHE_HOME/fusion``, ``~/.cache/fusion``.
 
 A build runs in a temporary sibling folder that is renamed into place when complete, so a
-crash never leaves a half-written cache under the final name.  A folder whose manifest is
+crash never leaves a half-written cache under the final name; a lock file next to it makes a
+second process wait for the first build instead of building the same recipe again.  A folder whose manifest is
 missing or does not match its files (truncated or edited file, missing file) is moved aside
 with a :class:`CacheRebuiltWarning` and rebuilt.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import json
 import os
@@ -113,15 +114,38 @@ def ensure_built(
         key = (str(target), _mtime(target / MANIFEST))
         if _verified.get(key):
             return target
-        problem = check(target) if target.exists() else "not built"
-        if problem is None:
+        if target.exists() and check(target) is None:
             _verified[key] = True
             return target
-        if target.exists():
-            warnings.warn(f"mini-benchmark cache {target} is corrupt ({problem}); rebuilding it", CacheRebuiltWarning, stacklevel=2)
-        _build_into(recipe, target, show_progress=show_progress, builder=builder or build)
+        with _build_lock(target):  # another process may be building it: wait, then look again
+            problem = check(target) if target.exists() else "not built"
+            if problem is not None:
+                if target.exists():
+                    warnings.warn(f"mini-benchmark cache {target} is corrupt ({problem}); rebuilding it", CacheRebuiltWarning, stacklevel=2)
+                _build_into(recipe, target, show_progress=show_progress, builder=builder or build)
         _verified[(str(target), _mtime(target / MANIFEST))] = True
         return target
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """An exclusive lock on ``<hash>.lock`` next to the build folder (POSIX ``flock``)."""
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        handle = open(parent / f"{target.name}.lock", "a")
+    except OSError as exc:
+        raise _not_writable(parent, exc) from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: concurrent builds just race (the rename settles it)
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()
 
 
 def _mtime(path: Path) -> float:
@@ -134,12 +158,9 @@ def _mtime(path: Path) -> float:
 def _build_into(recipe: Recipe, target: Path, *, show_progress: bool, builder: Callable[..., object]) -> None:
     parent = target.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=parent))
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or isinstance(exc, PermissionError):
-            raise _not_writable(parent, exc) from None
-        raise
+        raise _not_writable(parent, exc) from None
     try:
         builder(recipe, tmp, show_progress=show_progress)
         write_manifest(tmp)

@@ -15,6 +15,7 @@ from typing import Literal
 import attrs
 import pytest
 import torch
+from fusion_ray.executor import RayConfig, RayExecutor, check_reachable, parse_address
 
 import fusion_core
 import fusion_core.plugins
@@ -25,7 +26,6 @@ from fusion_core.executors import Job, LocalConfig, LocalExecutor, executor_from
 from fusion_core.registry import build_registry
 from fusion_core.results_db import open_db
 from fusion_core.sweep import plan_sweep, run_sweep
-from fusion_ray.executor import RayConfig, RayExecutor, check_reachable, parse_address
 
 
 @attrs.frozen
@@ -59,7 +59,6 @@ class RayTestPlugin:
 
 def make_pm(with_ray=True):
     import fusion_merging.plugin
-
     import fusion_ray.plugin
 
     extra = [("merging", fusion_merging.plugin), ("ray-test", RayTestPlugin)]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fusion_core.components import TaskPool
 from fusion_core.config import make_config
 from fusion_core.errors import ConfigError, did_you_mean
 
-from ..data import DatasetFields, check_dataset, check_columns, describe_dataset, load_split
+from ..data import DatasetFields, check_columns, check_dataset, describe_dataset, load_split
 from ..sources import REMOTE, ModelSource, parse_entry
 
 if TYPE_CHECKING:  # pragma: no cover
