@@ -129,6 +129,9 @@ def test_save_model_writes_a_safetensors_folder(files, tmp_path):
     for f in saved.glob("*.safetensors"):
         tensors.update(load_file(str(f)))
     assert torch.equal(tensors["w"], torch.tensor([1.0, 2.0, 2.0])) and "save" in report["timings"]
+    card = (saved / "README.md").read_text()
+    assert "made with `fuse run` (fusion) using the method **dummy**" in card
+    assert f"base_model:\n- {files[0]}" in card and "seed: 0" in card
 
 
 def test_method_returning_several_models_is_evaluated_per_label(files, tmp_path):

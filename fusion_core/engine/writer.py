@@ -300,7 +300,11 @@ def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
     recipe = dict(recipe)
     recipe.setdefault("versions", versions())
     method = recipe.get("method", "?")
-    inputs = [str(recipe["base"])] if recipe.get("base") else []
+    if isinstance(method, Mapping):  # a `fuse run` config: {"name": ..., **fields}
+        method = method.get("name", "?")
+    tool = "fuse run" if "modelpool" in recipe else "fuse merge"
+    base = recipe.get("base") or (recipe.get("modelpool") or {}).get("base")
+    inputs = [str(base)] if base else []
     front: dict[str, Any] = {"tags": ["merge", "fusion", f"fusion-{method}"]}
     if (folder / "config.json").exists():
         front["library_name"] = "transformers"
@@ -313,7 +317,7 @@ def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
         "",
         "# Merged model",
         "",
-        f"This model was made with `fuse merge` (fusion) using the method **{method}**.",
+        f"This model was made with `{tool}` (fusion) using the method **{method}**.",
         "",
         "## Recipe",
         "",

@@ -263,7 +263,9 @@ CLASS_PROMPTS: dict[str, tuple[str, ...]] = {
 the fixed zero-shot heads."""
 
 
+@functools.lru_cache(maxsize=None)
 def load_task(name: str) -> LabelledTexts:
+    """The whole labelled pool of task ``name`` (read once per process; immutable)."""
     if name not in LOADERS:
         from fusion_core.errors import did_you_mean
 
