@@ -86,6 +86,7 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     from fusion_adaptive.adamerging import merge_parameters
     from fusion_adaptive.common import entropy
+
     from fusion_core.adapters import functional_forward
 
     base, params, vectors, head, x = build(args)
@@ -134,7 +135,7 @@ def child(args) -> dict:
                 rows = []
                 for b in range(x.shape[0]):
                     h = x[b : b + 1]
-                    for name, layer in model.named_children():
+                    for layer in model.children():
                         if isinstance(layer, WeightEnsemblingMoE):
                             w = layer.routing_weights(h)[0]
                             copy_ = copy.deepcopy(layer.base)

@@ -37,8 +37,8 @@ merged module: they call :func:`functional_forward` with a dict of merged tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 

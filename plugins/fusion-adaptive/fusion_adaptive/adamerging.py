@@ -14,7 +14,8 @@ This is test-time adaptation: it reads the *test* inputs (never their labels) an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -66,7 +67,7 @@ def entropy_objective(model: Any, params: Mapping[str, "torch.Tensor"], tasks: S
     from fusion_core.adapters import apply_classifier, functional_forward
 
     total = None
-    for task, inputs in zip(tasks, batches):
+    for task, inputs in zip(tasks, batches, strict=True):
         value = entropy(apply_classifier(task.head, functional_forward(model, params, inputs, pool)))
         total = value if total is None else total + value
     assert total is not None

@@ -6,7 +6,8 @@ Torch is imported inside the functions (this module is imported at registration)
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fusion_core.components import Method
 from fusion_core.errors import FuseError, InputError

@@ -21,7 +21,8 @@ Other tensors (biases, norms, embeddings) are merged by task arithmetic with sca
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
@@ -29,8 +30,8 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 
 from .common import AdaptiveMethod, check_finite, float_params, note, prepare, state_with, task_vector
-from .modules import linear_layers, weight_out_in
 from .modules import key as pkey
+from .modules import linear_layers, weight_out_in
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -144,7 +145,7 @@ class DOGE(AdaptiveMethod):
         merged = {}
         with torch.no_grad():
             for i, vector in enumerate(vectors):
-                masks = dict(zip(layers, top_fraction_masks([vector[k] for k in layers], cfg.keep)))
+                masks = dict(zip(layers, top_fraction_masks([vector[k] for k in layers], cfg.keep), strict=True))
                 for key, value in vector.items():
                     if key in layers:
                         term = scales[key][i] * (value + deltas[key]) * masks[key]

@@ -14,7 +14,8 @@ are simply averaged.  Equal Fishers give exactly the simple average.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -101,7 +102,7 @@ def diagonal_fisher(model: Any, params: Mapping[str, "torch.Tensor"], batches: I
                 o = functional_forward(model, leaves, slice_inputs(x, j, j + 1), pool)
                 loss = log_likelihood_loss(apply_classifier(head, o), y[j : j + 1])
                 gs = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-            for k, g in zip(names, gs):
+            for k, g in zip(names, gs, strict=True):
                 out[k].append(torch.zeros_like(params[k]) if g is None else g)
         return {k: torch.stack(v) for k, v in out.items()}
 
@@ -142,7 +143,7 @@ def fisher_weighted_average(params: Sequence[Mapping[str, "torch.Tensor"]], fish
         num = torch.zeros_like(params[0][key])
         den = torch.zeros_like(params[0][key])
         total = torch.zeros_like(params[0][key])
-        for p, f in zip(params, fishers):
+        for p, f in zip(params, fishers, strict=True):
             w = f[key] + min_fisher
             num += w * p[key]
             den += w

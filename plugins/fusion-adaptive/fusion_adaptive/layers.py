@@ -12,7 +12,8 @@ This module imports torch at module level: it is imported only when such a metho
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -179,7 +180,7 @@ class EnsembleModel(nn.Module):
     def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.mode == "mean":
             total = None
-            for w, y in zip(self.weights.tolist(), outputs):
+            for w, y in zip(self.weights.tolist(), outputs, strict=True):
                 total = w * y if total is None else total + w * y
             assert total is not None
             return total

@@ -7,7 +7,8 @@ A *linear layer* is an ``nn.Linear`` (weight ``(out, in)``) or a Hugging Face ``
 from __future__ import annotations
 
 import fnmatch
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fusion_core.errors import InputError
 

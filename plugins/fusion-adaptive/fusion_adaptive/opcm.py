@@ -26,7 +26,8 @@ After each step the merged model is scored on the tasks seen so far through the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -35,8 +36,8 @@ from fusion_core.config import in_range, option
 from fusion_core.engine.kernel import tensor_seed
 
 from .common import AdaptiveMethod, float_params, note, prepare, state_with, task_vector
-from .modules import linear_layers, weight_out_in
 from .modules import key as pkey
+from .modules import linear_layers, weight_out_in
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

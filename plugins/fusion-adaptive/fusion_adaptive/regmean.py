@@ -22,7 +22,8 @@ which needs no knowledge of the architecture (the order is recorded from one for
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -295,7 +296,7 @@ class RegMeanPlusPlus(_RegMeanBase):
             module = reference.get_submodule(module_name)
             own = [pkey(module_name, p) for p, _ in module.named_parameters(recurse=False)]
             if module_name in layers:
-                for model, name in zip(models, names):
+                for model, name in zip(models, names, strict=True):
                     target = {module_name: model.get_submodule(module_name)}
                     with GramCollector(target, with_bias=acc.with_bias, dtype=dtype) as grams, torch.no_grad():
                         for inputs in batches[name]:

@@ -21,8 +21,8 @@ from fusion_core.config import option, positive
 from fusion_core.errors import InputError
 
 from .common import AdaptiveMethod, float_params, note, prepare
-from .modules import select_modules, set_submodule, weight_out_in
 from .modules import key as pkey
+from .modules import select_modules, set_submodule, weight_out_in
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

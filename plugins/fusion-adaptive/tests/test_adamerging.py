@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from fusion_adaptive.adamerging import AdaMerging, entropy_objective, merge_parameters
 from fusion_adaptive.common import AdaptationTask, float_params, task_vector
+from torch import nn
+
 from fusion_core.errors import FuseError
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
-from conftest import MemoryPool
+from adaptive_fixtures import MemoryPool
 from fusion_adaptive.adamerging import AdaMerging
 from fusion_adaptive.fisher import FisherMerging
 from fusion_adaptive.regmean import RegMean, RegMeanPlusPlus
 from fusion_adaptive.smile import Smile
 from fusion_adaptive.wemoe import WEMoE
+
 from fusion_core.errors import InputError
 from fusion_core.run_context import RunContext
 
@@ -61,7 +60,7 @@ def test_methods_that_need_a_base_refuse_a_pool_without_one(method):
 
 
 def test_models_of_another_architecture_are_refused(world):
-    from conftest import Encoder
+    from adaptive_fixtures import Encoder
 
     other = Encoder(hidden=5)
     pool = MemoryPool(world.base, {"alpha": world.models["alpha"], "beta": other})

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from fusion_adaptive.ensemble import MaxModelPredictor, SimpleEnsemble, WeightedEnsemble
 from fusion_adaptive.layers import EnsembleModel
+from torch import nn
+
 from fusion_core.adapters import logits
-from fusion_core.errors import ConfigError, InputError
 from fusion_core.config import make_config
+from fusion_core.errors import ConfigError, InputError
 
 
 def test_simple_ensemble_logits_are_the_mean_of_the_members_logits_through_the_head(world):

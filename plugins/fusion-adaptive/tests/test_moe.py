@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
-from conftest import Encoder, MemoryPool
+from adaptive_fixtures import Encoder, MemoryPool
 from fusion_adaptive.layers import SmileLinear, WeightEnsemblingMoE
 from fusion_adaptive.smile import Smile
 from fusion_adaptive.wemoe import WEMoE
+from torch import nn
+
 from fusion_core.errors import InputError
 
 

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
-from conftest import MemoryPool
+from adaptive_fixtures import MemoryPool
 from fusion_adaptive.doge import DOGE, delta_loss, optimize_delta, shared_projection, top_fraction_masks
 from fusion_adaptive.opcm import OPCM, project_out
+from torch import nn
+
 from fusion_core.run_context import RunContext
 
 
@@ -20,7 +20,7 @@ def block_pool(blocks, scales, same=False):
     base = nn.Linear(6, 6, bias=False).double()
     g = torch.Generator().manual_seed(2)
     models, vectors = {}, []
-    for i, (rows, scale) in enumerate(zip(blocks, scales)):
+    for i, (rows, scale) in enumerate(zip(blocks, scales, strict=True)):
         tv = torch.zeros(6, 6, dtype=torch.float64)
         tv[rows[0] : rows[-1] + 1, rows[0] : rows[-1] + 1] = torch.randn(len(rows), len(rows), generator=g, dtype=torch.float64) * scale
         if same and vectors:

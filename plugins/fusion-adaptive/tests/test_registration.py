@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import attrs
-
 from fusion_adaptive.plugin import all_methods
 
 EXPECTED = {"fisher_merging", "regmean", "regmean_plusplus", "adamerging", "wemoe", "smile", "simple_ensemble",

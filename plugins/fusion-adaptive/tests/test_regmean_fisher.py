@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from torch import nn
-
-from conftest import MemoryPool
+from adaptive_fixtures import MemoryPool
 from fusion_adaptive.fisher import FisherMerging, diagonal_fisher, fisher_weighted_average
 from fusion_adaptive.regmean import RegMean, RegMeanPlusPlus
+from torch import nn
+
 from fusion_core.run_context import RunContext
 
 

@@ -14,10 +14,13 @@ torch is imported inside the functions so that importing this module stays cheap
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
     from fusion_core.engine.kernel import KernelContext
@@ -68,24 +71,239 @@ def kth_largest(flat: "torch.Tensor", k: int) -> "torch.Tensor":
 def top_k_mask(scores: "torch.Tensor", k: int) -> "torch.Tensor":
     """Mask of the ``k`` largest ``scores``; among equal scores the lower flat indices win.
 
-    O(n): one selection for the threshold (:func:`kth_largest`), then comparisons; the
-    tie-break needs a cumulative sum only when several entries share the threshold.
+    O(n): the threshold comes from :func:`top_k` (a selection, not a sort); the tie-break
+    touches only the entries equal to the threshold, and only when there are too many.
     """
     import torch
 
     flat = scores.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
+    selection = top_k(flat, k)
+    if selection.keep_none:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k >= n:
+    if selection.keep_all:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    threshold = kth_largest(flat, k).to(device=flat.device)
-    keep = flat >= threshold
-    if int(keep.sum()) > k:  # several entries equal the threshold: keep the first ones
-        tied = flat == threshold
-        need = k - int((flat > threshold).sum())
-        keep = (flat > threshold) | (tied & (torch.cumsum(tied, dim=0) <= need))
-    return keep.reshape(scores.shape)
+    return selection.keep_mask(flat, 0).reshape(scores.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# top-k selection by blocks (TIES's trim; the engine's two-phase path)
+
+BLOCK = 1 << 16
+"""Elements per block of the fused loops (a few such buffers stay in cache)."""
+
+_SAMPLED_MIN = 1 << 16
+"""Tensors at least this large are selected from a sample-bracketed band (below: a full selection)."""
+
+_DROPPED_MAX = 4096
+"""At most this many dropped threshold-equal indices are kept in a :class:`TopK` (else they are found by a scan)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """The outcome of a top-``k`` selection over ``n`` flat scores.
+
+    Entry ``j`` is kept when ``score > threshold``, or ``score == threshold`` and ``j ≤ cut``
+    (``cut`` is ``None`` when every threshold-equal entry is kept): the ``k`` largest, equal
+    scores in flat index order, exactly as a stable descending sort would pick them.
+    ``dropped`` lists the threshold-equal indices after ``cut`` when there are few of them.
+    """
+
+    n: int
+    k: int
+    threshold: float = math.nan
+    cut: int | None = None
+    dropped: "np.ndarray | None" = None
+
+    @property
+    def keep_all(self) -> bool:
+        return self.k >= self.n
+
+    @property
+    def keep_none(self) -> bool:
+        return self.k <= 0 and self.n > 0
+
+    def keep_mask(self, scores: "torch.Tensor", offset: int) -> "torch.Tensor":
+        """Boolean keep mask of the 1-D ``scores`` at flat positions ``offset …``."""
+        import torch
+
+        if self.keep_all:
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        if self.keep_none:
+            return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        keep = scores >= self.threshold
+        tail = self._tail_start(offset, scores.numel())
+        if tail is not None:
+            keep[tail:] = scores[tail:] > self.threshold
+        return keep
+
+    def _tail_start(self, offset: int, length: int) -> int | None:
+        """Where, in a block of ``length`` at ``offset``, threshold-equal entries stop being kept."""
+        if self.cut is None or self.cut >= offset + length - 1:
+            return None
+        return max(0, self.cut + 1 - offset)
+
+    def drop_ties(self, values: "torch.Tensor", offset: int) -> None:
+        """Zero, in place, the threshold-equal entries past ``cut`` of the 1-D block ``values``
+        (at flat positions ``offset …``), whose magnitudes are the scores."""
+        tail = self._tail_start(offset, values.numel())
+        if tail is None:
+            return
+        import torch
+
+        if self.dropped is not None:
+            import numpy as np
+
+            lo, hi = np.searchsorted(self.dropped, [offset + tail, offset + values.numel()])
+            if hi > lo:
+                index = torch.from_numpy(self.dropped[lo:hi] - offset).to(values.device)
+                values.index_fill_(0, index, 0.0)
+            return
+        part = values[tail:]
+        part.masked_fill_(part.abs() == self.threshold, 0.0)
+
+
+def top_k(scores: "torch.Tensor", k: int) -> TopK:
+    """Select the ``k`` largest entries of the 1-D ``scores`` (see :class:`TopK`)."""
+    return _select(_Scores(scores.reshape(-1)), k)
+
+
+def magnitude_top_k(base: "torch.Tensor", tensor: "torch.Tensor", density: float) -> TopK:
+    """TIES's trim of τ = ``tensor − base``: the :func:`keep_count` largest ``|τ|``.
+
+    Reads τ by blocks and never materialises it (nor ``|τ|``) for large tensors.
+    """
+    source = _Scores(tensor.reshape(-1), base.reshape(-1))
+    return _select(source, keep_count(density, source.n))
+
+
+class _Scores:
+    """Flat scores by blocks: ``|a − b|`` (a task vector's magnitudes) or ``a`` itself."""
+
+    def __init__(self, a: "torch.Tensor", b: "torch.Tensor | None" = None) -> None:
+        self.a, self.b = a, b
+        self.n = a.numel()
+
+    def block(self, start: int, stop: int, out: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        if self.b is None:
+            return self.a[start:stop]
+        part = out[: stop - start]
+        torch.sub(self.a[start:stop], self.b[start:stop], out=part)
+        return part.abs_()
+
+    def full(self) -> "torch.Tensor":
+        return self.a if self.b is None else (self.a - self.b).abs_()
+
+    def sample(self, step: int) -> "torch.Tensor":
+        if self.b is None:
+            return self.a[::step].clone()
+        return (self.a[::step] - self.b[::step]).abs_()
+
+    def blocks(self) -> "Iterator[tuple[int, torch.Tensor]]":
+        import torch
+
+        size = min(self.n, BLOCK)
+        out = torch.empty(size, dtype=self.a.dtype, device=self.a.device) if self.b is not None else None
+        for start in range(0, self.n, BLOCK):
+            yield start, self.block(start, min(self.n, start + BLOCK), out)
+
+
+def _select(source: _Scores, k: int) -> TopK:
+    n = source.n
+    if k <= 0 or k >= n:
+        return TopK(n, k)
+    a = source.a
+    if n >= _SAMPLED_MIN and a.device.type == "cpu" and a.dtype in (_torch().float32, _torch().float64):
+        found = _select_in_band(source, k)
+        if found is not None:
+            return found
+    return _select_exact(source, k)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _select_exact(source: _Scores, k: int) -> TopK:
+    """A selection over the materialised scores (small tensors, other devices, NaN, a missed band)."""
+    flat = source.full()
+    threshold = float(kth_largest(flat, k))
+    del flat
+    at_least = greater = 0
+    for _, part in source.blocks():
+        at_least += int((part >= threshold).sum())
+        greater += int((part > threshold).sum())
+    if at_least <= k:
+        return TopK(source.n, k, threshold)
+    need = k - greater  # threshold-equal entries kept, in flat order (≤ 0 only with NaN scores)
+    cut, seen = -1, 0
+    if need > 0:
+        for start, part in source.blocks():
+            tied = (part == threshold).nonzero().reshape(-1)
+            if seen + tied.numel() >= need:
+                cut = start + int(tied[need - seen - 1])
+                break
+            seen += tied.numel()
+    return TopK(source.n, k, threshold, cut)
+
+
+def _select_in_band(source: _Scores, k: int) -> TopK | None:
+    """Bracket the ``k``-th largest score between two order statistics of a strided sample,
+    count what lies above the bracket and collect what lies in it (one pass), and select in
+    the bracket.  Exact; ``None`` when the bracket missed (or scores hold NaN)."""
+    import numpy as np
+
+    n = source.n
+    step = max(1, n // max(1 << 14, n // 31)) | 1
+    sample = source.sample(step).numpy()
+    m = sample.size
+    expected = k * m / n  # the k-th largest's rank (from the top) in the sample
+    margin = 6.0 * math.sqrt(max(expected * (1.0 - expected / m), 1.0)) + 8.0
+    upper_rank, lower_rank = math.floor(expected - margin), math.ceil(expected + margin)
+    picks = [m - r for r in (lower_rank, upper_rank) if 1 <= r <= m]
+    parted = np.partition(sample, picks) if picks else sample
+    hi = float(parted[m - upper_rank]) if 1 <= upper_rank <= m else math.inf
+    lo = float(parted[m - lower_rank]) if 1 <= lower_rank <= m else -math.inf
+    del sample, parted
+    limit = max(_DROPPED_MAX, n // 16)
+    size = min(n, BLOCK)
+    ge, le = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
+    at_least_lo = at_most_hi = in_band = 0
+    values: list = []
+    indices: list = []
+    for start, part in source.blocks():
+        x = part.numpy()
+        length = x.size
+        g, l = ge[:length], le[:length]
+        np.greater_equal(x, lo, out=g)
+        np.less_equal(x, hi, out=l)
+        at_least_lo += int(np.count_nonzero(g))
+        at_most_hi += int(np.count_nonzero(l))
+        np.logical_and(g, l, out=g)
+        where = np.flatnonzero(g)
+        in_band += where.size
+        if in_band > limit:
+            return None  # a wide band (heavy ties or a skewed sample): select exactly instead
+        if where.size:
+            values.append(x[where])
+            indices.append(where + start)
+    if at_least_lo + at_most_hi - in_band != n:
+        return None  # NaN scores: the exact path reproduces their ordering
+    above = at_least_lo - in_band
+    if not above < k <= above + in_band:
+        return None
+    band = np.concatenate(values)
+    threshold = float(np.partition(band, in_band - (k - above))[in_band - (k - above)])
+    greater = above + int(np.count_nonzero(band > threshold))
+    tied = np.concatenate(indices)[band == threshold]
+    if greater + tied.size <= k:
+        return TopK(n, k, threshold)
+    need = k - greater
+    rest = tied[need:]
+    return TopK(n, k, threshold, int(tied[need - 1]), rest.copy() if rest.size <= _DROPPED_MAX else None)
 
 
 def rank_window_mask(scores: "torch.Tensor", start: int, stop: int) -> "torch.Tensor":
@@ -109,6 +327,113 @@ def bernoulli_mask(tau: "torch.Tensor", density: float, ctx: "KernelContext", sa
     name, salt) — pass the model's index as ``salt`` — and not on order, threads or device.
     """
     return ctx.rand_like(tau, salt=salt) < density
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedMask:
+    """A keep mask over ``n`` flat entries, one bit each (``numpy.packbits`` order), plus the
+    L1 rescale factor when one was computed (:func:`with_l1_scale`).
+
+    ``packed`` is ``None`` when the mask keeps everything (``keep_all``) or nothing.
+    """
+
+    n: int
+    keep_all: bool
+    packed: "np.ndarray | None" = None
+    l1_scale: float | None = None
+
+    @property
+    def keep_none(self) -> bool:
+        return self.packed is None and not self.keep_all
+
+    def block(self, offset: int, length: int, device: "torch.device | str" = "cpu") -> "torch.Tensor":
+        """The mask at flat positions ``offset … offset + length`` as a uint8 tensor of 0/1."""
+        import numpy as np
+        import torch
+
+        if self.packed is None:
+            fill = torch.ones if self.keep_all else torch.zeros
+            return fill(length, dtype=torch.uint8, device=device)
+        first, skip = divmod(offset, 8)
+        bits = np.unpackbits(self.packed[first : (offset + length + 7) // 8])[skip : skip + length]
+        return torch.from_numpy(bits).to(device)
+
+
+def packed_bernoulli_mask(n: int, density: float, ctx: "KernelContext", salt: str) -> PackedMask:
+    """:func:`bernoulli_mask` of an ``n``-entry tensor, drawn by blocks and kept packed.
+
+    The same draws as ``ctx.rand_like(τ, salt) < density`` (the CPU generator fills
+    consecutive blocks from one stream), in n/8 bytes instead of 4n.  Density ≥ 1 keeps every
+    entry and ≤ 0 none (uniform noise lies in [0, 1)), without drawing.
+    """
+    import numpy as np
+    import torch
+
+    if density >= 1 or n == 0:
+        return PackedMask(n, True)
+    if density <= 0:
+        return PackedMask(n, False)
+    generator = ctx.generator(salt)
+    size = min(n, BLOCK)
+    noise = torch.empty(size, dtype=torch.float32)
+    keep = torch.empty(size, dtype=torch.bool)
+    packed = np.empty((n + 7) // 8, dtype=np.uint8)
+    for start in range(0, n, size):  # size is a multiple of 8 except for a single block
+        length = min(size, n - start)
+        torch.rand(length, generator=generator, dtype=torch.float32, out=noise[:length])
+        torch.lt(noise[:length], density, out=keep[:length])
+        bits = np.packbits(keep[:length].numpy())
+        packed[start // 8 : start // 8 + bits.size] = bits
+    return PackedMask(n, False, packed)
+
+
+def with_l1_scale(mask: PackedMask, base: "torch.Tensor", tensor: "torch.Tensor") -> PackedMask:
+    """``mask`` with :func:`rescale_l1`'s factor ``‖τ‖₁ / ‖mask⊙τ‖₁`` for τ = ``tensor − base``
+    (``l1_scale`` ``None``: the rescale is skipped).
+
+    The norms are the same float64 sums as :func:`rescale_l1`'s (a float64 sum of a tensor
+    converts it to float64 first; here ``|τ|`` is written into one float64 tensor by
+    blocks), so the factor is the same float.
+    """
+    import torch
+
+    magnitudes = torch.empty(tensor.shape, dtype=torch.float64, device=tensor.device)
+    flat, a, b = magnitudes.reshape(-1), tensor.reshape(-1), base.reshape(-1)
+    size = min(flat.numel(), BLOCK)
+    buffer = torch.empty(size, dtype=tensor.dtype, device=tensor.device)
+    for start in range(0, flat.numel(), BLOCK):
+        stop = min(flat.numel(), start + BLOCK)
+        part = buffer[: stop - start]
+        torch.sub(a[start:stop], b[start:stop], out=part)
+        flat[start:stop].copy_(part.abs_())
+    before = float(magnitudes.sum(dtype=torch.float64))
+    if mask.keep_all:
+        after = before
+    else:
+        factor = torch.empty(size, dtype=torch.float64, device=tensor.device)
+        for start in range(0, flat.numel(), BLOCK):
+            part = flat[start : start + BLOCK]
+            keep = factor[: part.numel()]
+            keep.copy_(mask.block(start, part.numel(), flat.device))
+            part.mul_(keep)
+        after = float(magnitudes.sum(dtype=torch.float64))
+    scale = None if before < L1_NORM_FLOOR or after < L1_NORM_FLOOR else before / after
+    return dataclasses.replace(mask, l1_scale=scale)
+
+
+def apply_packed_rescale(kind: str, masked: "torch.Tensor", mask: PackedMask, p: float) -> "torch.Tensor":
+    """:func:`apply_rescale` for an already masked ``τ``, in place (the same operations)."""
+    if kind == "inverse_p":
+        if p <= 0:
+            return masked.zero_()
+        return masked.div_(p)
+    if kind == "l1":
+        if mask.l1_scale is not None:
+            masked.mul_(mask.l1_scale)
+        return masked
+    if kind == "none":
+        return masked
+    raise ValueError(f"rescale must be one of inverse_p, l1, none, got {kind!r}")
 
 
 def breadcrumbs_mask(tau: "torch.Tensor", density: float, gamma: float) -> "torch.Tensor":

@@ -14,8 +14,9 @@ default is the paper's.  Notes on mergekit/PEFT compatibility are in the option 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -110,6 +111,186 @@ def ties_merge(
 def add_scaled(base: "torch.Tensor", merged: "torch.Tensor", scaling_factor: float) -> "torch.Tensor":
     """θ₀ + λ·merged."""
     return base + float(scaling_factor) * merged
+
+
+# ---------------------------------------------------------------------------------------
+# fused block kernels (TIES, DARE): the same numbers as the functions above, bit for bit,
+# computed block by block in a few reused buffers.
+#
+# The reference functions above allocate a full-size temporary per step (``where``,
+# ``zeros_like``, boolean masks), which costs more than the arithmetic.  The fused loops
+# below work on blocks of :data:`sparsify.BLOCK` elements and use float-only operations:
+#
+# - trim: ``hardshrink(τ, λ)`` with λ the float just below the top-k threshold keeps
+#   exactly the entries with ``|τ| ≥ threshold`` (then :meth:`TopK.drop_ties`);
+# - elect: γ = sign(sign(votes) + ½) is +1 where votes ≥ 0 (also −0) and −1 elsewhere;
+# - agree: ``pᵢ = relu(vᵢ·γ)`` is ``|vᵢ|`` where sign(vᵢ) = γ and 0 elsewhere, so the
+#   disjoint sum is γ·Σ qᵢ (qᵢ = pᵢ, or wᵢ·pᵢ) and the count is Σ sign(pᵢ).  Multiplying
+#   by ±1 is exact and rounding is symmetric, so γ·Σ qᵢ equals Σ γ·qᵢ; ``+ 0.0`` turns the
+#   one possible difference, a −0, into the +0 the reference produces.
+#
+# Entries are treated independently, so any split into blocks gives the same bytes.
+
+
+class _Workspace:
+    """Reused block buffers: one per model (its sparse τ) and a few shared ones."""
+
+    def __init__(self, n_models: int, size: int, dtype: "torch.dtype", device: "torch.device") -> None:
+        import torch
+
+        def empty() -> "torch.Tensor":
+            return torch.empty(size, dtype=dtype, device=device)
+
+        self.deltas = [empty() for _ in range(n_models)]
+        self.gamma, self.total, self.count, self.tmp = empty(), empty(), empty(), empty()
+
+
+def fused_supported(base: "torch.Tensor") -> bool:
+    """Whether the fused loops apply (float32/float64 compute); others use the reference ops."""
+    import torch
+
+    return base.dtype in (torch.float32, torch.float64)
+
+
+def _row_offset(base: "torch.Tensor", start: int) -> int:
+    """The flat offset of row ``start`` of a tensor shaped like ``base``'s rows."""
+    return start * (math.prod(base.shape[1:]) if base.dim() > 1 else 1)
+
+
+def fused_merge(
+    base: "torch.Tensor",
+    tensors: Sequence["torch.Tensor"],
+    offset: int,
+    fill: "Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], bool]",
+    weights: Sequence[float],
+    variant: str,
+    config: Any,
+) -> "torch.Tensor":
+    """θ₀ + λ·merge(sparse τ₁ … τ_N), block by block.
+
+    ``fill(i, base_block, model_block, out, flat_offset)`` writes model ``i``'s sparse task
+    vector for the block into ``out`` and returns ``False`` when it is all zero (a model
+    trimmed to nothing; TIES then leaves it out, which changes nothing).
+    ``offset`` is the flat position of ``base[0]`` in the whole tensor.
+    """
+    import torch
+
+    flat_base = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    n = flat_base.numel()
+    out = torch.empty_like(flat_base)
+    if n == 0:
+        return out.reshape(base.shape)
+    size = min(n, sparsify.BLOCK)
+    ws = _Workspace(len(flats), size, flat_base.dtype, flat_base.device)
+    scale = float(config.scaling_factor)
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        length = stop - start
+        b = flat_base[start:stop]
+        deltas: list[tuple[float, torch.Tensor]] = []
+        for i, (w, t) in enumerate(zip(weights, flats, strict=True)):
+            d = ws.deltas[i][:length]
+            if fill(i, b, t[start:stop], d, offset + start) or variant != "ties":
+                deltas.append((w, d))
+        if variant == "ties":
+            merged = _ties_block(deltas, ws, length, config.sign_election, config.divisor)
+        else:
+            merged = _linear_block(deltas, ws, length, config.normalize)
+        torch.mul(merged, scale, out=merged)
+        torch.add(b, merged, out=out[start:stop])
+    return out.reshape(base.shape)
+
+
+def _linear_block(deltas: list, ws: _Workspace, length: int, normalize: bool) -> "torch.Tensor":
+    """:func:`linear_merge` of one block (the same operations, in place)."""
+    import torch
+
+    total, tmp = ws.total[:length], ws.tmp[:length]
+    w, d = deltas[0]
+    if w == 1.0:
+        total.copy_(d)
+    else:
+        torch.mul(d, w, out=total)
+    for w, d in deltas[1:]:
+        if w == 1.0:
+            total += d
+        else:
+            torch.mul(d, w, out=tmp)
+            total += tmp
+    if normalize:
+        total.div_(sum(w for w, _ in deltas))
+    return total
+
+
+def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, divisor: str) -> "torch.Tensor":
+    """:func:`ties_merge` of one block; ``deltas`` are (wᵢ, τᵢ) and τᵢ may be overwritten."""
+    import torch
+
+    if sign_election not in SIGN_ELECTIONS:
+        raise ValueError(f"sign_election must be one of {', '.join(SIGN_ELECTIONS)}, got {sign_election!r}")
+    if divisor not in DIVISORS:
+        raise ValueError(f"divisor must be one of {', '.join(DIVISORS)}, got {divisor!r}")
+    gamma, total, count, tmp = ws.gamma[:length], ws.total[:length], ws.count[:length], ws.tmp[:length]
+    total.zero_()
+    if not deltas:
+        return total  # nobody votes: numerator 0 (and D = 0 → 1)
+    weighted = sign_election == "weighted_sum"
+    if weighted:  # the vote and the contribution are both wᵢτᵢ
+        for w, d in deltas:
+            if w != 1.0:
+                d.mul_(w)
+    # votes → γ
+    if sign_election == "count":
+        torch.sign(deltas[0][1], out=gamma)
+        for _, d in deltas[1:]:
+            torch.sign(d, out=tmp)
+            gamma += tmp
+    else:
+        gamma.copy_(deltas[0][1])
+        for _, d in deltas[1:]:
+            gamma += d
+    torch.sign(gamma, out=gamma)
+    gamma.add_(0.5)
+    torch.sign(gamma, out=gamma)
+    # agreeing entries
+    if divisor != "none":
+        count.zero_()
+    for w, d in deltas:
+        torch.mul(d, gamma, out=d)
+        d.relu_()  # pᵢ: |vᵢ| where model i agrees with γ, else 0
+        if divisor == "count":
+            torch.sign(d, out=tmp)
+            count += tmp
+        elif divisor == "weights":
+            torch.sign(d, out=tmp)
+            tmp.mul_(w)
+            count += tmp
+        if not weighted and w != 1.0:
+            d.mul_(w)
+        total += d
+    torch.mul(total, gamma, out=total)
+    total.add_(0.0)  # −0 → +0
+    if divisor == "none":
+        return total
+    if divisor == "count":
+        count.clamp_(min=1.0)
+    else:  # D = 0 → 1, other values unchanged: D + (1 − sign|D|)
+        torch.abs(count, out=tmp)
+        torch.sign(tmp, out=tmp)
+        tmp.neg_()
+        tmp.add_(1.0)
+        count += tmp
+    return total.div_(count)
+
+
+def _lambda_below(threshold: float, dtype: "torch.dtype") -> float:
+    """The largest value of ``dtype`` below ``threshold``: ``|x| > it`` ⇔ ``|x| ≥ threshold``."""
+    import numpy as np
+    import torch
+
+    kind = np.float32 if dtype == torch.float32 else np.float64
+    return float(np.nextafter(kind(threshold), kind(-np.inf)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,14 +438,52 @@ class Ties(_TaskVectorMethod):
         sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election()
         divisor: Literal["count", "weights", "none"] = _divisor()
 
+    # The whole-tensor kernel is the two-phase protocol run on one block: a per-model
+    # top-k selection (phase 1), then the trim, election and disjoint merge (phase 2).
+
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
+        return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
+
+    def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.TopK:
+        """Phase 1: the top-``density`` selection of ``|τᵢ|`` over the whole tensor."""
+        return sparsify.magnitude_top_k(base, tensor, self.config.density)
+
+    def kernel_chunk(
+        self,
+        name: str,
+        base: "torch.Tensor",
+        tensors: Sequence["torch.Tensor"],
+        ctx: KernelContext,
+        stats: Sequence[sparsify.TopK],
+        start: int,
+    ) -> "torch.Tensor":
+        """Phase 2: rows ``start …`` of the merge, given every model's selection."""
         import torch
 
-        deltas = [
-            torch.where(sparsify.magnitude_mask(tau, self.config.density), tau, torch.zeros_like(tau))
-            for tau in task_vectors(base, tensors)
-        ]
-        return self._combine(base, deltas, self._weights(len(deltas)), "ties")
+        weights = self._weights(len(tensors))
+        offset = _row_offset(base, start)
+        if not fused_supported(base):  # the reference operations on this block
+            deltas = []
+            for t, selection in zip(tensors, stats, strict=True):
+                tau = (t - base).reshape(-1)
+                keep = selection.keep_mask(tau.abs(), offset)
+                deltas.append(torch.where(keep, tau, torch.zeros_like(tau)).reshape(base.shape))
+            return self._combine(base, deltas, weights, "ties")
+        lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, base.dtype) for s in stats]
+
+        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+            selection = stats[i]
+            if selection.keep_none:
+                return False
+            torch.sub(t, b, out=out)
+            if lambdas[i] is not None:
+                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
+                if selection.threshold != 0:  # at 0 the tied entries are zeros either way
+                    selection.drop_ties(out, at)
+            return True
+
+        return fused_merge(base, tensors, offset, fill, weights, "ties", self.config)
 
 
 class Dare(_TaskVectorMethod):
@@ -294,13 +513,63 @@ class Dare(_TaskVectorMethod):
         def __attrs_post_init__(self) -> None:
             check_weight_sum("dare", self.weights, self.normalize and self.variant == "linear")
 
+    # Like TIES, the whole-tensor kernel is the two-phase protocol on one block: phase 1
+    # draws model i's mask (the same stream as ``ctx.rand_like(τᵢ, salt=str(i)) < density``)
+    # and keeps it packed, one bit per entry, with the L1 norms when rescale = l1.
+
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
+        return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
+
+    def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.PackedMask:
+        """Phase 1: model ``index``'s Bernoulli mask over the whole tensor (and L1 rescale)."""
         cfg = self.config
-        deltas = []
-        for i, tau in enumerate(task_vectors(base, tensors)):
-            mask = sparsify.bernoulli_mask(tau, cfg.density, ctx, salt=str(i))
-            deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, cfg.density))
-        return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
+        mask = sparsify.packed_bernoulli_mask(tensor.numel(), cfg.density, ctx, salt=str(index))
+        if cfg.rescale == "l1":
+            mask = sparsify.with_l1_scale(mask, base, tensor)
+        return mask
+
+    def kernel_chunk(
+        self,
+        name: str,
+        base: "torch.Tensor",
+        tensors: Sequence["torch.Tensor"],
+        ctx: KernelContext,
+        stats: Sequence[sparsify.PackedMask],
+        start: int,
+    ) -> "torch.Tensor":
+        """Phase 2: rows ``start …`` of the merge, given every model's mask."""
+        import torch
+
+        cfg = self.config
+        if cfg.rescale not in RESCALES:
+            raise ValueError(f"rescale must be one of inverse_p, l1, none, got {cfg.rescale!r}")
+        weights = self._weights(len(tensors))
+        offset = _row_offset(base, start)
+        if not fused_supported(base):  # the reference operations on this block
+            deltas = []
+            for t, mask in zip(tensors, stats, strict=True):
+                tau = t - base
+                keep = mask.block(offset, tau.numel(), tau.device).to(torch.bool).reshape(tau.shape)
+                deltas.append(sparsify.apply_packed_rescale(cfg.rescale, torch.where(keep, tau, torch.zeros_like(tau)), mask, cfg.density))
+            return self._combine(base, deltas, weights, cfg.variant)
+        keep_f = torch.empty(min(base.numel(), sparsify.BLOCK), dtype=base.dtype, device=base.device)
+
+        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+            mask = stats[i]
+            torch.sub(t, b, out=out)
+            if mask.keep_none:
+                out.zero_()
+                return False
+            if not mask.keep_all:
+                keep = keep_f[: out.numel()]
+                keep.copy_(mask.block(at, out.numel(), out.device))
+                out.mul_(keep)
+                out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference
+            sparsify.apply_packed_rescale(cfg.rescale, out, mask, cfg.density)
+            return True
+
+        return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg)
 
 
 class Breadcrumbs(_TaskVectorMethod):

@@ -254,7 +254,7 @@ def _build(recipe: Recipe, out_dir: Path, *, show_progress: bool) -> dict[str, A
                 loss.backward()
                 for o in opts:
                     o.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
                 advance()
             pretrain_loss.append(round(total / len(corpus), 5))
         encoder.eval()

@@ -1,0 +1,98 @@
+"""Measure the mini benchmark end to end: a cold ``fuse run`` (build + merge + evaluate), a cached
+``fuse run``, and pretrained / individual / merged accuracies over several recipe seeds.
+
+    python plugins/fusion-minibench/scripts/measure.py --seeds 0 1 2 --out /tmp/minibench-measure
+
+Each seed is its own recipe (splits, initialisation, training order), built once into
+``--out/cache``.  The cold run uses an empty cache folder of its own.  Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = {
+    "simple_average": ["method=simple_average"],
+    "task_arithmetic (λ=0.3)": ["method=task_arithmetic", "method.scaling_factor=0.3"],
+    "ties (k=0.2, λ=1)": ["method=ties"],
+}
+
+
+def timed_fuse_run(cache: Path, out: Path, extra: list[str]) -> tuple[float, dict]:
+    env = dict(os.environ, FUSE_CACHE_DIR=str(cache))
+    start = time.perf_counter()
+    subprocess.run(["fuse", "run", f"output_dir={out}", "threads=1", *extra], check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start, json.loads((out / "report.json").read_text())
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def averages(report: dict) -> dict[str, float]:
+    results = report["results"]
+    return {label: mean(v["accuracy"] for v in per_task.values()) for label, per_task in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/minibench-measure"))
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold/cached fuse run timings")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    if not args.skip_cold:
+        stamp = int(time.time())
+        cold_cache = args.out / f"cold-cache-{stamp}"
+        t_cold, report = timed_fuse_run(cold_cache, args.out / f"run-cold-{stamp}", [])
+        t_warm, report2 = timed_fuse_run(cold_cache, args.out / f"run-cached-{stamp}", [])
+        lines.append(f"cold `fuse run` (build + TIES + evaluate): {t_cold:.1f} s; cached `fuse run`: {t_warm:.1f} s")
+        lines.append(f"cold-run averages: {json.dumps({k: round(v, 4) for k, v in averages(report).items()})}")
+        lines.append(f"cached run identical results: {report['results'] == report2['results']}")
+        meta = next((cold_cache / "minibench").glob("*/meta.json"))
+        lines.append(f"build timings (s): {json.loads(meta.read_text())['timings_s']}")
+
+    import fusion_core
+
+    os.environ["FUSE_CACHE_DIR"] = str(args.out / "cache")
+    table: dict[str, dict[int, float]] = {}
+    per_task: dict[str, dict[int, dict[str, float]]] = {}
+    for seed in args.seeds:
+        recipe = ["modelpool=minibench", f"modelpool.seed={seed}", "taskpool=minibench", f"taskpool.seed={seed}", "threads=1", "progress=false"]
+        for label, overrides in METHODS.items():
+            report = fusion_core.run(None, overrides=[*recipe, *overrides, f"evaluate_inputs={label == 'simple_average'}"], write=False)
+            for key, value in averages(report).items():
+                name = label if key == "merged" else key
+                table.setdefault(name, {})[seed] = value
+                per_task.setdefault(name, {})[seed] = {t: v["accuracy"] for t, v in report["results"][key].items()}
+    order = ["pretrained", "individual", *METHODS]
+    tasks = list(per_task["pretrained"][args.seeds[0]])
+    lines.append("")
+    lines.append("| model | " + " | ".join(tasks) + " | avg (seed " + ", ".join(map(str, args.seeds)) + ") | mean ± sd |")
+    lines.append("|---" * (len(tasks) + 3) + "|")
+    for name in order:
+        accs = [table[name][s] for s in args.seeds]
+        cells = [f"{100 * mean(per_task[name][s][t] for s in args.seeds):.1f}" for t in tasks]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * mean(accs):.1f} ± {100 * sd:.1f} |")
+    gaps = {s: table["individual"][s] - table["pretrained"][s] for s in args.seeds}
+    sa = {s: table["individual"][s] - table["simple_average"][s] for s in args.seeds}
+    lines.append("")
+    lines.append("individual − pretrained: " + ", ".join(f"{100 * g:.1f}" for g in gaps.values()) + " points")
+    lines.append("individual − simple average: " + ", ".join(f"{100 * g:.1f}" for g in sa.values()) + " points")
+    text = "\n".join(lines)
+    print(text)
+    (args.out / "measure.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

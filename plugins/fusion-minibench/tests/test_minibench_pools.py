@@ -1,0 +1,162 @@
+"""A small recipe builds in seconds from the real data and MiniLM; the pools and the plugin work end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import attrs
+import pytest
+
+from fusion_core.errors import InputError
+from fusion_minibench import cache, plugin
+from fusion_minibench.pools import MiniBenchConfig, MiniBenchModelPool, MiniBenchTaskPool
+from fusion_minibench.recipe import recipe_hash, recipe_of
+
+SMALL = dict(
+    tasks=("chatter_topic", "language_id"),
+    n_train=120,
+    n_val=40,
+    n_test=80,
+    hidden=32,
+    pretrain_headlines=60,
+    pretrain_per_task=20,
+    pretrain_epochs=2,
+    finetune_epochs=3,
+    finetune_lr=1e-3,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minibench-cache")
+    config = MiniBenchConfig(cache_dir=str(root), **SMALL)
+    return MiniBenchModelPool(config), MiniBenchTaskPool(config)
+
+
+def test_build_records_the_recipe_and_the_splits(small):
+    pool, _ = small
+    built = pool.built()
+    meta = built.meta
+    assert built.folder.name == recipe_hash(recipe_of(pool.config))
+    assert meta["recipe"]["tasks"] == list(SMALL["tasks"]) and meta["recipe"]["seed"] == 0
+    for task in SMALL["tasks"]:
+        sizes = meta["tasks"][task]["split_sizes"]
+        assert abs(sizes["train"] - 120) <= 6 and abs(sizes["val"] - 40) <= 6 and abs(sizes["test"] - 80) <= 6
+        assert len(meta["finetune"][task]["val_curve"]) == SMALL["finetune_epochs"] + 1
+        assert meta["tasks"][task]["prompts"][0].startswith("a ")
+    assert len(meta["pretrain_loss"]) == 2 and all(0 < loss < 2 for loss in meta["pretrain_loss"])
+    assert cache.check(built.folder) is None
+
+
+def test_model_pool_serves_encoders_readers_and_data(small):
+    import torch
+
+    pool, _ = small
+    assert pool.model_names == ["chatter_topic", "language_id"] and pool.has_base
+    base = pool.load_model(None)
+    expert = pool.load_model("language_id")
+    assert set(base.state_dict()) == set(expert.state_dict()) == {
+        "embed.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias"
+    }
+    assert base.embed.weight.shape == (pool.built().vocab_size, 384)
+    reader = pool.reader("language_id")
+    assert sorted(reader.keys()) == sorted(expert.state_dict())
+    assert torch.equal(reader.get("mlp.0.weight"), expert.state_dict()["mlp.0.weight"])
+    # an expert is the base unless some epoch beat the base on val; the padding row never moves
+    for task in pool.model_names:
+        moved = not torch.equal(base.state_dict()["mlp.0.weight"], pool.load_model(task).state_dict()["mlp.0.weight"])
+        assert moved == (pool.built().meta["finetune"][task]["best_epoch"] > 0)
+    assert pool.built().meta["finetune"]["language_id"]["best_epoch"] > 0
+    assert torch.count_nonzero(expert.embed.weight[0]) == 0
+    batches = pool.data("chatter_topic", "train")
+    seen = list(batches)
+    assert len(seen) == len(batches) and sum(len(y) for _, y in seen) == pool.built().meta["tasks"]["chatter_topic"]["split_sizes"]["train"]
+    ids, labels = seen[0]
+    assert ids.dtype == torch.long and ids.shape[0] == labels.shape[0] == 32 and int(labels.max()) < 6
+    assert base(ids).shape == (32, 384)
+    with pytest.raises(InputError, match="unknown split"):
+        pool.data("chatter_topic", "dev")
+    with pytest.raises(InputError, match="did you mean 'language_id'"):
+        pool.load_model("languag_id")
+
+
+def test_task_pool_evaluates_through_the_fixed_heads(small):
+    import torch
+    import torch.nn.functional as F
+
+    pool, taskpool = small
+    assert taskpool.task_names == ["chatter_topic", "language_id"]
+    base = pool.load_model(None)
+    result = taskpool.evaluate(base)
+    assert set(result) == {"chatter_topic", "language_id"}
+    for task, metrics in result.items():
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+        # same numbers by hand: test split → encoder → head
+        ids, labels = pool.built().split(task, "test")
+        with torch.no_grad():
+            logits = taskpool.head(task)(base(ids))
+        assert metrics["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()), abs=1e-9)
+        assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+    assert taskpool.evaluate(base, tasks=["language_id"]) == {"language_id": result["language_id"]}
+    assert taskpool.evaluate(base.state_dict()) == result  # a state dict is accepted too
+    # the expert was kept at its best validation epoch, so it is no worse than the base there
+    for task in taskpool.task_names:
+        expert = pool.load_model(task)
+        val_expert = taskpool.evaluate(expert, tasks=[task], split="val")[task]["accuracy"]
+        val_base = taskpool.evaluate(base, tasks=[task], split="val")[task]["accuracy"]
+        assert val_expert >= val_base
+        assert val_expert == pytest.approx(pool.built().meta["finetune"][task]["best_val_accuracy"], abs=1e-4)
+
+
+def test_merged_state_dict_becomes_an_encoder(small):
+    import torch
+
+    pool, taskpool = small
+    experts = [pool.reader(name) for name in pool.model_names]
+    average = {k: sum(r.get(k) for r in experts) / len(experts) for k in experts[0].keys()}
+    merged = pool.model_from_state_dict(average)
+    assert torch.equal(merged.state_dict()["mlp.2.weight"], average["mlp.2.weight"])
+    partial = pool.model_from_state_dict({"mlp.4.bias": average["mlp.4.bias"]})  # the rest comes from the base
+    assert torch.equal(partial.state_dict()["mlp.0.weight"], pool.load_model(None).state_dict()["mlp.0.weight"])
+    scores = taskpool.evaluate(merged)
+    assert all(0 <= m["accuracy"] <= 1 and math.isfinite(m["loss"]) for m in scores.values())
+    with pytest.raises(InputError, match="lacks: extra"):
+        pool.model_from_state_dict({"extra": torch.zeros(1)})
+    with pytest.raises(InputError, match="shape"):
+        pool.model_from_state_dict({"mlp.4.bias": torch.zeros(3)})
+
+
+def test_build_is_deterministic_and_pools_must_agree(small, tmp_path):
+    pool, taskpool = small
+    again = MiniBenchModelPool(attrs.evolve(pool.config, cache_dir=str(tmp_path)))
+    first = json.loads((pool.built().folder / "manifest.json").read_text())
+    second = json.loads((again.built().folder / "manifest.json").read_text())
+    for name in first:
+        if name.endswith(".safetensors"):
+            assert first[name]["sha256"] == second[name]["sha256"], name
+    other = MiniBenchModelPool(attrs.evolve(pool.config, cache_dir=str(tmp_path), seed=1))
+    with pytest.raises(InputError, match="same recipe fields"):
+        taskpool.evaluate(other.load_model(None))
+
+
+def test_plugin_registers_pools_and_the_mini_benchmark():
+    pools, taskpools, benches = [], [], []
+    plugin.fusion_register_model_pools(pools.append)
+    plugin.fusion_register_task_pools(taskpools.append)
+    plugin.fusion_register_benchmarks(lambda name, **kw: benches.append((name, kw)))
+    assert pools == [MiniBenchModelPool] and taskpools == [MiniBenchTaskPool]
+    (name, spec), = benches
+    assert name == "mini" and spec["modelpool"] == {"name": "minibench"} and spec["taskpool"] == {"name": "minibench"}
+    assert spec["methods"][0] == {"name": "ties"}
+    assert {m["name"] for m in spec["methods"]} >= {"ties", "simple_average", "task_arithmetic"}
+
+
+def test_plugin_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, fusion_minibench.plugin; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
