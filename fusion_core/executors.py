@@ -195,20 +195,20 @@ class LocalExecutor(Executor):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # no forked torch threads or locks
-        with cf.ProcessPoolExecutor(max_workers=min(self.config.jobs, max(1, len(jobs))), mp_context=context) as pool:
-            futures = {pool.submit(run_job, job, env): job for job in jobs}
-            try:
-                for future in cf.as_completed(futures):
-                    job = futures[future]
-                    try:
-                        result = future.result()
-                    except Exception as exc:  # the worker process died (killed, out of memory)
-                        result = {"status": "failed", "error": one_line(exc)}
-                    on_result(job, result)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        pool = cf.ProcessPoolExecutor(max_workers=min(self.config.jobs, max(1, len(jobs))), mp_context=context)
+        futures = {pool.submit(run_job, job, env): job for job in jobs}
+        try:
+            for future in cf.as_completed(futures):
+                job = futures[future]
+                try:
+                    result = future.result()
+                except Exception as exc:  # the worker process died (killed, out of memory)
+                    result = {"status": "failed", "error": one_line(exc)}
+                on_result(job, result)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: do not wait for the queue
+            raise
+        pool.shutdown(wait=True)
 
 
 def executor_from_options(registry, name: str, options: Mapping[str, Any]) -> Executor:

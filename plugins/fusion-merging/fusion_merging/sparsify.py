@@ -1,9 +1,17 @@
 """Sparsifiers and rescalers for task vectors (τ = θᵢ − θ₀), shared by the task-arithmetic family.
 
 Every statistic is computed inside one tensor (never across the model).  Selections by
-magnitude use O(n) selection (:func:`kth_largest`), not a full sort, and break ties in a
-fixed, device-independent order: **larger magnitude first, equal magnitudes in flat index
-order**.  Masks are boolean tensors shaped like their input.
+magnitude use O(n) selection, not a full sort, and break ties in a fixed, device-independent
+order: **larger magnitude first, equal magnitudes in flat index order**.  Masks are boolean
+tensors shaped like their input.
+
+For the merge engine's two-phase path (statistics of one model at a time, then row blocks)
+a selection is also available as a small :class:`TopK` (threshold and tie cut-off, read by
+blocks, see :func:`magnitude_top_k`), and a Bernoulli mask as a :class:`PackedMask` (one bit
+per entry, drawn from the same random stream as :func:`bernoulli_mask`).  Large CPU
+selections bracket the k-th largest value with a strided sample, count what lies above the
+bracket and select inside it: exact (a missed bracket falls back to a full selection), and
+several times faster than selecting over the whole tensor.
 
 Counts come from :func:`fraction_count`: ``floor(fraction · n)``, computed so that float
 error does not lose an element (0.29 · 100 = 28.999… counts as 29; a plain ``int()``, as in
@@ -98,7 +106,7 @@ _DROPPED_MAX = 4096
 """At most this many dropped threshold-equal indices are kept in a :class:`TopK` (else they are found by a scan)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TopK:
     """The outcome of a top-``k`` selection over ``n`` flat scores.
 
@@ -180,7 +188,7 @@ class _Scores:
     """Flat scores by blocks: ``|a − b|`` (a task vector's magnitudes) or ``a`` itself."""
 
     def __init__(self, a: "torch.Tensor", b: "torch.Tensor | None" = None) -> None:
-        self.a, self.b = a, b
+        self.a, self.b = a.detach(), (None if b is None else b.detach())
         self.n = a.numel()
 
     def block(self, start: int, stop: int, out: "torch.Tensor") -> "torch.Tensor":
@@ -257,7 +265,7 @@ def _select_in_band(source: _Scores, k: int) -> TopK | None:
     import numpy as np
 
     n = source.n
-    step = max(1, n // max(1 << 14, n // 31)) | 1
+    step = max(1, n // min(max(1 << 14, n // 31), 1 << 18)) | 1
     sample = source.sample(step).numpy()
     m = sample.size
     expected = k * m / n  # the k-th largest's rank (from the top) in the sample
@@ -329,7 +337,7 @@ def bernoulli_mask(tau: "torch.Tensor", density: float, ctx: "KernelContext", sa
     return ctx.rand_like(tau, salt=salt) < density
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PackedMask:
     """A keep mask over ``n`` flat entries, one bit each (``numpy.packbits`` order), plus the
     L1 rescale factor when one was computed (:func:`with_l1_scale`).

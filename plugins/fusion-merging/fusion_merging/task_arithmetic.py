@@ -10,6 +10,12 @@ combined:
 
 Conventions differ between the papers, mergekit and PEFT; each is an explicit option whose
 default is the paper's.  Notes on mergekit/PEFT compatibility are in the option help.
+
+TIES and DARE also implement the engine's two-phase protocol (``chunk_stats`` per model,
+then ``kernel_chunk`` per row block), so a large tensor never has all N task vectors in
+memory, and their whole-tensor ``kernel`` is that protocol run on one block.  Phase 2 runs
+fused block loops (:func:`fused_merge`) that give the same bytes as the reference functions
+(:func:`ties_merge`, :func:`linear_merge`, :func:`fusion_merging.sparsify.apply_rescale`).
 """
 
 from __future__ import annotations
@@ -557,10 +563,10 @@ class Dare(_TaskVectorMethod):
 
         def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
             mask = stats[i]
-            torch.sub(t, b, out=out)
-            if mask.keep_none:
+            if mask.keep_none:  # rescaled or not, nothing is left
                 out.zero_()
                 return False
+            torch.sub(t, b, out=out)
             if not mask.keep_all:
                 keep = keep_f[: out.numel()]
                 keep.copy_(mask.block(at, out.numel(), out.device))
