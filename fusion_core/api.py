@@ -109,7 +109,7 @@ def run(
         if taskpool is not None and settings.evaluate_inputs:
             results.update(_evaluate_inputs(pool, taskpool, ctx))
 
-    report = build_report(config, results, taskpool, ctx.timings, started, provenance(plugin_manager))
+    report = build_report(config, results, taskpool, ctx.timings, started, provenance(plugin_manager), ctx.extras)
     if not write:
         return report
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:

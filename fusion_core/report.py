@@ -50,8 +50,9 @@ def averages(results: Mapping[str, Mapping[str, Mapping[str, float]]], metric: s
     return out
 
 
-def build_report(config, results, taskpool, timings, started: float, prov: dict) -> dict:
+def build_report(config, results, taskpool, timings, started: float, prov: dict, extras: Mapping | None = None) -> dict:
     metric = taskpool.primary_metric() if taskpool is not None else None
+    caps = config.method.cls.capabilities
     return {
         "fusion_report": 1,
         "config": config.to_dict(),
@@ -63,8 +64,23 @@ def build_report(config, results, taskpool, timings, started: float, prov: dict)
         "primary_metric": metric,
         "results": results,
         "averages": averages(results, metric) if metric else {},
+        "method_capabilities": caps.flags(),
+        "transductive": caps.transductive,
+        "method_extras": _plain(extras or {}),
         **prov,
     }
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of what a method left in ``ctx.extras`` (tensors become lists, objects strings)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    tolist = getattr(value, "tolist", None)
+    return _plain(tolist()) if callable(tolist) else str(value)
 
 
 ROW_ORDER = ("pretrained", "individual")
@@ -102,6 +118,8 @@ def render_report(report: Mapping, console) -> None:
     table.add_section()
     table.add_row("[bold]average[/]", *[f"[bold]{fmt(avgs.get(col))}[/]" for col in columns])
     console.print(table)
+    if report.get("transductive"):
+        console.print("[yellow]transductive: the method adapted on unlabelled test inputs[/]")
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in report.get("timings", {}).items())
     console.print(f"[dim]{timing}; peak RSS {report.get('peak_rss_mb')} MiB[/]")
     if report.get("output_dir"):

@@ -139,3 +139,30 @@ def test_help_list_and_plugins_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
+
+
+def test_warnings_are_one_line_without_debug(capsys):
+    import warnings
+
+    import fusion_core
+    from fusion_core.plugins import get_plugin_manager
+
+    class Warner:
+        @fusion_core.hookimpl
+        def fusion_register_commands(self, cli):
+            import click
+
+            @cli.command("warn")
+            def warn():
+                warnings.warn("cache was corrupt; rebuilt", UserWarning, stacklevel=1)
+
+    import fusion_core.plugins as plugins
+
+    original = plugins.get_plugin_manager
+    plugins.get_plugin_manager = lambda **kw: original(load_entrypoints=False, extra_plugins=[("undo-warn", Warner())])
+    try:
+        code = main(["warn"])
+    finally:
+        plugins.get_plugin_manager = original
+    assert code == 0 and capsys.readouterr().err == "warning: cache was corrupt; rebuilt\n"
+    assert get_plugin_manager is original

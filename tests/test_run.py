@@ -36,6 +36,7 @@ def test_run_reports_closed_form_numbers_and_provenance(files, tmp_path):
     assert report["results"]["individual"] == {"weights": {"parameters": 4.0, "l2_norm": 3.0, "mean": 0.75}}
     assert report["averages"] == {"merged": 5.0, "pretrained": 5.0, "individual": 3.0}
     assert report["seed"] == 3 and report["config"]["method"] == {"name": "dummy"}
+    assert report["transductive"] is False and report["method_extras"] == {}
     assert report["versions"]["fusion-core"] == fusion_core.__version__ and "torch" in report["versions"]
     assert set(report["timings"]) >= {"setup", "method", "evaluate"} and report["peak_rss_mb"] > 0
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())

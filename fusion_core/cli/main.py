@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FUSE_DEBUG") == "1"
+    previous_showwarning = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _one_line_warning
     try:
         pm = get_plugin_manager()
         _report_plugin_failures(pm)
@@ -88,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    finally:
+        warnings.showwarning = previous_showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings reach the user as one ``warning: ...`` line (file and line only with --debug)."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def entry() -> None:  # pragma: no cover - console script

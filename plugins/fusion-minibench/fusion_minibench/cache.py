@@ -21,8 +21,8 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fusion_core.errors import FuseError
 
@@ -121,7 +121,9 @@ def ensure_built(
             problem = check(target) if target.exists() else "not built"
             if problem is not None:
                 if target.exists():
-                    warnings.warn(f"mini-benchmark cache {target} is corrupt ({problem}); rebuilding it", CacheRebuiltWarning, stacklevel=2)
+                    warnings.warn(
+                        f"mini-benchmark cache {target} is corrupt ({problem}); rebuilding it", CacheRebuiltWarning, stacklevel=2
+                    )
                 _build_into(recipe, target, show_progress=show_progress, builder=builder or build)
         _verified[(str(target), _mtime(target / MANIFEST))] = True
         return target

