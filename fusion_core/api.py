@@ -94,6 +94,11 @@ def run(
             taskpool.validate()
         ctx.taskpool = taskpool
 
+    with ctx.phase("prepare"):
+        pool.prepare()
+        if taskpool is not None:
+            taskpool.prepare()
+
     with ctx.phase("method"):
         output = method.run(pool, ctx)
     outputs = _named_outputs(output, method)

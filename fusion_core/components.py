@@ -119,6 +119,9 @@ class ModelPool(Component):
     def validate(self) -> None:
         """Check everything that can be checked cheaply (files exist, names); load nothing heavy."""
 
+    def prepare(self) -> None:
+        """Build or fetch what the pool needs before the method runs (timed as the run's ``prepare`` phase)."""
+
     def describe(self) -> dict:
         """Inputs for the report (paths, revisions...)."""
         return {"models": self.model_names, "has_base": self.has_base}
@@ -177,6 +180,9 @@ class TaskPool(Component):
 
     def validate(self) -> None:
         """Check what can be checked cheaply; load nothing heavy."""
+
+    def prepare(self) -> None:
+        """Build or fetch what the task pool needs before evaluating (timed as the run's ``prepare`` phase)."""
 
     def describe(self) -> dict:
         return {"tasks": self.task_names}

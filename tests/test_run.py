@@ -38,7 +38,7 @@ def test_run_reports_closed_form_numbers_and_provenance(files, tmp_path):
     assert report["seed"] == 3 and report["config"]["method"] == {"name": "dummy"}
     assert report["transductive"] is False and report["method_extras"] == {}
     assert report["versions"]["fusion-core"] == fusion_core.__version__ and "torch" in report["versions"]
-    assert set(report["timings"]) >= {"setup", "method", "evaluate"} and report["peak_rss_mb"] > 0
+    assert set(report["timings"]) >= {"setup", "prepare", "method", "evaluate"} and report["peak_rss_mb"] > 0
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["results"] == report["results"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp leftovers

@@ -102,6 +102,10 @@ class _Shared:
             "cache": str(build_dir(self.recipe, self.config.cache_dir)),
         }
 
+    def prepare(self) -> None:
+        """Build the pool (or check the cache) before the run's method phase."""
+        self.built()
+
     def data(self, name: str, split: str, batch_size: int | None = None) -> Batches:
         """Labelled batches of task ``name``'s ``split`` (train, val or test)."""
         ids, labels = self.built().split(name, split)
