@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import InputError
 from .output import atomic_dir, check_output_path, write_json_atomic

@@ -18,7 +18,8 @@ module level: import them inside the methods that need them.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -60,7 +61,7 @@ class EmptyConfig:
     """A component with no fields."""
 
 
-class Component(abc.ABC):
+class Component(abc.ABC):  # noqa: B024 - the kinds below declare the abstract methods
     """Base of every registered component.  Subclasses set the class attributes."""
 
     kind: ClassVar[str] = "component"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import typing
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import attrs
 
@@ -56,6 +57,28 @@ def positive(instance, attribute, value):
 # --------------------------------------------------------------------------- values and overrides
 
 _KEY_SEGMENT = __import__("re").compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets, braces, parentheses and quotes."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
 
 
 def parse_value(text: str) -> Any:
@@ -163,7 +186,7 @@ def _convert(value: Any, tp: Any) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise _Mismatch
-            return tuple(_convert(v, a) for v, a in zip(value, args))
+            return tuple(_convert(v, a) for v, a in zip(value, args, strict=True))
         inner = args[0] if args else Any
         items = [_convert(v, inner) for v in value]
         return tuple(items) if origin is tuple else items

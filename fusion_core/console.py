@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def console():
     from rich.console import Console
 
     return Console()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def error_console():
     from rich.console import Console
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 import pluggy

@@ -10,7 +10,8 @@ weight is loaded.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import attrs
 

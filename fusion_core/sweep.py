@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 
+from .config import split_top_level
 from .errors import ConfigError, did_you_mean
 
 VAL_SPLITS = ("val", "validation", "valid", "dev")
@@ -38,26 +39,6 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 # --------------------------------------------------------------------------- grid syntax
 
 
-def split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside brackets, braces, parentheses and quotes."""
-    parts, depth, quote, current = [], 0, None, []
-    for ch in text:
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(ch)
-    parts.append("".join(current))
-    return parts
 
 
 def parse_range(text: str, where: str) -> list:

@@ -150,7 +150,6 @@ def test_warnings_are_one_line_without_debug(capsys):
     class Warner:
         @fusion_core.hookimpl
         def fusion_register_commands(self, cli):
-            import click
 
             @cli.command("warn")
             def warn():

@@ -13,29 +13,11 @@ from typing import Any
 import attrs
 import click
 
+from ..config import split_top_level
+
 # --------------------------------------------------------------------------- method specs
 
 
-def _split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside brackets, braces, parentheses and quotes."""
-    parts, depth, quote, current = [], 0, None, []
-    for ch in text:
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(ch)
-    parts.append("".join(current))
-    return parts
 
 
 def parse_method_spec(text: str) -> dict:
@@ -49,7 +31,7 @@ def parse_method_spec(text: str) -> dict:
         raise ConfigError(f"malformed --method {text!r}: expected NAME or NAME:key=value,key=value")
     spec: dict[str, Any] = {"name": name}
     if fields.strip():
-        for item in _split_top_level(fields):
+        for item in split_top_level(fields):
             key, eq, raw = item.partition("=")
             key = key.strip()
             if not eq or not key.isidentifier():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 

@@ -285,13 +285,13 @@ def _select_in_band(source: _Scores, k: int) -> TopK | None:
     for start, part in source.blocks():
         x = part.numpy()
         length = x.size
-        g, l = ge[:length], le[:length]
-        np.greater_equal(x, lo, out=g)
-        np.less_equal(x, hi, out=l)
-        at_least_lo += int(np.count_nonzero(g))
-        at_most_hi += int(np.count_nonzero(l))
-        np.logical_and(g, l, out=g)
-        where = np.flatnonzero(g)
+        above_lo, below_hi = ge[:length], le[:length]
+        np.greater_equal(x, lo, out=above_lo)
+        np.less_equal(x, hi, out=below_hi)
+        at_least_lo += int(np.count_nonzero(above_lo))
+        at_most_hi += int(np.count_nonzero(below_hi))
+        np.logical_and(above_lo, below_hi, out=above_lo)
+        where = np.flatnonzero(above_lo)
         in_band += where.size
         if in_band > limit:
             return None  # a wide band (heavy ties or a skewed sample): select exactly instead

@@ -175,9 +175,15 @@ def test_two_phase_path_is_taken_for_large_tensors(monkeypatch):
     calls: list = []
     method = Ties(Ties.Config(density=0.2))
     stats, chunk = method.chunk_stats, method.kernel_chunk
-    monkeypatch.setattr(method, "chunk_stats", lambda name, b, t, i, ctx: calls.append(("stats", name, i)) or stats(name, b, t, i, ctx))
     monkeypatch.setattr(
-        method, "kernel_chunk", lambda name, b, ts, ctx, st, start: calls.append(("rows", name, start, tuple(b.shape[:1]))) or chunk(name, b, ts, ctx, st, start)
+        method, "chunk_stats", lambda name, b, t, i, ctx: calls.append(("stats", name, i)) or stats(name, b, t, i, ctx)
+    )
+    monkeypatch.setattr(
+        method,
+        "kernel_chunk",
+        lambda name, b, ts, ctx, st, start: (
+            calls.append(("rows", name, start, tuple(b.shape[:1]))) or chunk(name, b, ts, ctx, st, start)
+        ),
     )
     engine(method, base, models, 100)
     big = [c for c in calls if c[1] == BIG]
@@ -188,7 +194,10 @@ def test_two_phase_path_is_taken_for_large_tensors(monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
 def test_other_compute_dtypes_chunk_identically(dtype):
     base, models = pool(3, 6, quantized=True)
-    for method in (Ties(Ties.Config(density=0.25, divisor="weights", weights=[1.0, 2.0, -1.0])), Dare(Dare.Config(density=0.5, variant="ties"))):
+    for method in (
+        Ties(Ties.Config(density=0.25, divisor="weights", weights=[1.0, 2.0, -1.0])),
+        Dare(Dare.Config(density=0.5, variant="ties")),
+    ):
         whole = engine(method, base, models, None, seed=2, dtype=dtype)
         chunked = engine(method, base, models, 11, seed=2, dtype=dtype)
         assert all(same_bytes(chunked[k], whole[k]) for k in base), method.name

@@ -1,7 +1,8 @@
 import json
 
-from fusion_core.cli.main import main
 from fusion_merging.plugin import all_methods
+
+from fusion_core.cli.main import main
 
 EXPECTED = {
     "simple_average", "weighted_average", "linear_interpolation", "task_arithmetic", "ties", "dare", "breadcrumbs",

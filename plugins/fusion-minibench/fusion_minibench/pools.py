@@ -18,7 +18,7 @@ For data-driven methods:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Literal, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
