@@ -97,7 +97,8 @@ def top_k_mask(scores: "torch.Tensor", k: int) -> "torch.Tensor":
 # top-k selection by blocks (TIES's trim; the engine's two-phase path)
 
 BLOCK = 1 << 16
-"""Elements per block of the fused loops (a few such buffers stay in cache)."""
+"""Elements per block of the fused loops (a few such buffers stay in cache); a multiple of 8,
+so that the blocks of a :class:`PackedMask` start on byte boundaries."""
 
 _SAMPLED_MIN = 1 << 16
 """Tensors at least this large are selected from a sample-bracketed band (below: a full selection)."""
