@@ -46,17 +46,15 @@ class Built:
         file = "encoder-base.safetensors" if name is None else f"expert-{name}.safetensors"
         return load_file(str(self.folder / file))
 
+    # Cached tensors must not be inference tensors, even when first read inside
+    # ``torch.inference_mode`` (an evaluation): methods that train on them later need autograd.
     @functools.cached_property
     def _heads(self) -> dict[str, "torch.Tensor"]:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.folder / "heads.safetensors"))
+        return _load_normal(self.folder / "heads.safetensors")
 
     @functools.cached_property
     def _data(self) -> dict[str, "torch.Tensor"]:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.folder / "data.safetensors"))
+        return _load_normal(self.folder / "data.safetensors")
 
     def head(self, task: str):
         """A fresh :class:`~fusion_minibench.model.PromptHead` of ``task`` (fixed; buffers only)."""
@@ -77,6 +75,14 @@ class Built:
     @property
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
+
+
+def _load_normal(path: Path) -> dict[str, "torch.Tensor"]:
+    import torch
+    from safetensors.torch import load_file
+
+    with torch.inference_mode(False):
+        return load_file(str(path))
 
 
 @functools.lru_cache(maxsize=8)

@@ -173,3 +173,23 @@ def test_plugin_module_does_not_import_torch():
     code = "import sys, fusion_minibench.plugin; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_data_first_read_in_inference_mode_still_trains(small):
+    """A data-driven method after an evaluation: cached splits and heads must not be inference tensors."""
+    import torch
+
+    from fusion_minibench.store import Built
+
+    pool, taskpool = small
+    fresh = Built(pool.built().folder)
+    with torch.inference_mode():
+        ids, labels = fresh.split(pool.model_names[0], "train")
+        head = fresh.head(pool.model_names[0])
+    assert not fresh._data[f"{pool.model_names[0]}/train/ids"].is_inference()
+    assert not any(t.is_inference() for t in fresh._heads.values())
+    encoder = pool.load_model(None)
+    loss = torch.nn.functional.cross_entropy(fresh.head(pool.model_names[0])(encoder(fresh.split(pool.model_names[0], "train")[0][:8])), labels[:8])
+    loss.backward()
+    assert any(p.grad is not None for p in encoder.parameters())
+    assert head is not None
