@@ -95,9 +95,9 @@ def run(
         ctx.taskpool = taskpool
 
     with ctx.phase("prepare"):
-        pool.prepare()
+        pool.materialize()
         if taskpool is not None:
-            taskpool.prepare()
+            taskpool.materialize()
 
     with ctx.phase("method"):
         output = method.run(pool, ctx)

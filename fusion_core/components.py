@@ -120,7 +120,7 @@ class ModelPool(Component):
     def validate(self) -> None:
         """Check everything that can be checked cheaply (files exist, names); load nothing heavy."""
 
-    def prepare(self) -> None:
+    def materialize(self) -> None:
         """Build or fetch what the pool needs before the method runs (timed as the run's ``prepare`` phase)."""
 
     def describe(self) -> dict:
@@ -182,7 +182,7 @@ class TaskPool(Component):
     def validate(self) -> None:
         """Check what can be checked cheaply; load nothing heavy."""
 
-    def prepare(self) -> None:
+    def materialize(self) -> None:
         """Build or fetch what the task pool needs before evaluating (timed as the run's ``prepare`` phase)."""
 
     def describe(self) -> dict:

@@ -73,7 +73,7 @@ def test_adapter_for_another_base_is_refused(clip_assets, adapter, tmp_path):
 
 
 def test_adapter_with_other_shapes_is_refused_before_peft_runs(clip_assets, tmp_path):
-    from conftest import save_clip_base
+    from hf_testkit import save_clip_base
 
     wide = save_clip_base(tmp_path / "wide", hidden=48)
     folder = make_adapter(wide, tmp_path / "wide_adapter")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import CLIP_TASKS, TEMPLATE, clip_run_config
+from hf_testkit import CLIP_TASKS, TEMPLATE, clip_run_config
 
 torch = pytest.importorskip("torch")
 

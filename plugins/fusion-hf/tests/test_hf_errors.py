@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from conftest import clip_run_config, save_clip_base, save_clip_finetuned
+from hf_testkit import clip_run_config, save_clip_base, save_clip_finetuned
 
 pytest.importorskip("torch")
 

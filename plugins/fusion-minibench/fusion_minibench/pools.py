@@ -102,7 +102,7 @@ class _Shared:
             "cache": str(build_dir(self.recipe, self.config.cache_dir)),
         }
 
-    def prepare(self) -> None:
+    def materialize(self) -> None:
         """Build the pool (or check the cache) before the run's method phase."""
         self.built()
 
