@@ -202,3 +202,13 @@ def test_hook_fusion_register_executors():
 
     with pytest.raises(PluginError, match="registered .* as a executor, but it is not a subclass of fusion_core.executors.Executor"):
         build_registry(_manager_with(Wrong()))
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_in_the_plugin_guide(hook):
+    import inspect
+    import pathlib
+
+    guide = (pathlib.Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+    signature = f"{hook}({', '.join(inspect.signature(getattr(hookspecs, hook)).parameters)})"
+    assert signature in guide, f"CONTRIBUTING.md does not document {signature}"
