@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import attrs
 
 from fusion_core.components import ModelPool
-from fusion_core.config import option
+from fusion_core.config import make_config, option, positive
 from fusion_core.errors import ConfigError, InputError, did_you_mean
 
 from .architectures import AUTO_CLASSES, TASKS, describe_signature, signature, signature_difference
@@ -43,13 +43,24 @@ class HFPoolFields:
 
 
 @attrs.frozen
-class HFPoolConfig(HFPoolFields):
+class DataPoolFields(HFPoolFields):
+    """Fields of pools whose models can read data (image and sequence classifiers): see :mod:`fusion_hf.pool_data`."""
+
+    datasets: dict[str, dict[str, Any]] = option(
+        factory=dict, help="Data for data-driven methods {model name: {dataset, splits, config, data_files, max_samples, <columns>}}; "
+        "splits maps the protocol's train/val/test to the dataset's splits (default {train: train, val: validation, test: test}).")
+    batch_size: int = option(32, help="Examples per batch of that data.", validator=positive)
+    max_length: int = option(128, help="Truncate text inputs of that data to this many tokens.", validator=positive)
+
+
+@attrs.frozen
+class HFPoolConfig(DataPoolFields):
     auto_class: Literal[AUTO_CLASSES] = option("AutoModel", help="The transformers class that loads the models (a fixed allowlist).")  # type: ignore[valid-type]
     task: Literal[tuple(TASKS)] | None = option(None, help="Shortcut choosing auto_class by task (e.g. causal-lm, seq2seq, clip-vision).")  # type: ignore[valid-type]
 
 
 @attrs.frozen
-class SeqClassificationPoolConfig(HFPoolFields):
+class SeqClassificationPoolConfig(DataPoolFields):
     per_task_heads: bool = option(True, help="Keep each model's classification head out of the merge and evaluate each task with its own head.")
 
 
@@ -71,6 +82,22 @@ class HFModelPool(ModelPool):
         self._models = {name: parse_entry(f"model {name!r}", value) for name, value in cfg.models.items()}
         self._processor = parse_entry("processor", cfg.processor) if cfg.processor is not None else None
         self._locations: dict[str | None, Location] = {}
+        self._data_specs = self._parse_datasets(getattr(cfg, "datasets", None) or {})
+        self._data: dict[tuple[str, str], Any] = {}
+        self._encoder_parts: dict[str, Any] = {}
+
+    def _parse_datasets(self, raw: Mapping[str, Any]) -> dict:
+        from .pool_data import ModelDataFields
+
+        specs = {}
+        for name, fields in raw.items():
+            if name not in self._models:
+                raise ConfigError(f"modelpool.datasets: {name!r} is not a model of the pool{did_you_mean(str(name), self._models)}; "
+                                  "datasets are keyed by model (= task) name")
+            if not isinstance(fields, Mapping):
+                raise ConfigError(f"modelpool.datasets.{name}: expected a mapping {{dataset, splits, ...}}, got {fields!r}")
+            specs[name] = make_config(ModelDataFields, fields, where=f"modelpool.datasets.{name}")
+        return specs
 
     # ------------------------------------------------------------------ names and sources
 
@@ -143,6 +170,7 @@ class HFModelPool(ModelPool):
                                  f"{source.label} is {describe_signature(sig)} (differs in {', '.join(diff)}); all models must share one architecture")
         if self._processor is not None:
             self._processor.locate(self.config.cache_dir)
+        self._check_datasets()
 
     def _validate_adapter(self, source: ModelSource, loc: Location, data: dict | None) -> None:
         from .adapters import PEFT_MISSING, check_recorded_base, peft_available
@@ -248,6 +276,104 @@ class HFModelPool(ModelPool):
     def _after_merge(self, model):
         return model
 
+    # ------------------------------------------------------------------ data for data-driven methods (fusion_core.adapters)
+
+    def input_kind(self) -> str:
+        """``"image"`` or ``"text"``: what the pool's models read; a ConfigError for classes that read no data here."""
+        from .pool_data import IMAGE_CLASSES, TEXT_CLASSES, input_kind
+
+        kind = input_kind(self.auto_class)
+        if kind is None:
+            raise ConfigError(f"model pool {self.name!r}: datasets are read for image models ({', '.join(IMAGE_CLASSES)}) and "
+                              f"sequence classifiers ({', '.join(TEXT_CLASSES)}), not for {self.auto_class}; remove modelpool.datasets")
+        return kind
+
+    def _check_datasets(self) -> None:
+        """Dry-run checks of ``datasets``: the class reads data, paths exist, explicitly mapped splits and columns exist."""
+        from pathlib import Path
+
+        from .data import BUILDERS, _is_local, check_dataset
+
+        if not self._data_specs:
+            return
+        kind = self.input_kind()
+        for name, spec in self._data_specs.items():
+            if spec.splits is not None:
+                for split in spec.splits:
+                    check_dataset(spec.for_split(split), f"model {name!r} ({split} data)", spec.columns(kind))
+            elif spec.dataset not in BUILDERS and _is_local(spec.dataset) and not Path(spec.dataset).expanduser().exists():
+                raise InputError(f"modelpool.datasets.{name}: local dataset path not found: {spec.dataset}")
+
+    def data(self, name: str, split: str):
+        """Labelled batches ``(inputs, labels)`` of model ``name``'s dataset for ``split`` (``None``: none configured).
+
+        ``split`` is a protocol split (``train``, ``val``, ``test``), mapped to the dataset's own
+        split by ``datasets.<name>.splits``.  Re-iterable; the dataset loads on first use.
+        """
+        from .batches import EncodedBatches
+        from .data import check_columns, check_dataset, describe_dataset, load_split
+
+        spec = self._data_specs.get(name)
+        fields = spec.for_split(split) if spec is not None else None
+        if fields is None:
+            return None
+        key = (name, split)
+        if key not in self._data:
+            kind = self.input_kind()
+            label = f"model {name!r} ({split} data)"
+            columns = spec.columns(kind)
+            check_dataset(fields, label, columns)
+
+            def load():
+                ds = load_split(fields, label, cache_dir=self.config.cache_dir)
+                check_columns(ds, label, columns, describe_dataset(fields))
+                return ds
+
+            self._data[key] = EncodedBatches(load, self._encoder(spec, kind), self.config.batch_size, spec.label_column)
+        return self._data[key]
+
+    def _preprocessing_source(self) -> ModelSource:
+        """Where the image processor / tokenizer of the data comes from: ``processor``, else the base, else the first model."""
+        if self._processor is not None:
+            return self._processor
+        if self._base is not None:
+            return self._base
+        return next(iter(self._models.values()))
+
+    def image_processor(self):
+        if "image" not in self._encoder_parts:
+            from .batches import load_image_processor
+
+            source = self._preprocessing_source()
+            self._encoder_parts["image"] = load_image_processor(source.locate(self.config.cache_dir), self._options(), source.label)
+        return self._encoder_parts["image"]
+
+    def tokenizer(self):
+        if "text" not in self._encoder_parts:
+            from .task_pools.text_classification import load_tokenizer
+
+            self._encoder_parts["text"] = load_tokenizer(self._preprocessing_source(), self.config.cache_dir)
+        return self._encoder_parts["text"]
+
+    def _encoder(self, spec, kind: str):
+        from .batches import ImageEncoder, TextEncoder
+
+        if kind == "image":
+            return ImageEncoder(self.image_processor(), spec.image_column)
+        return TextEncoder(self.tokenizer(), spec.text_column, spec.text_pair_column, self.config.max_length)
+
+    def forward(self, model: Any, inputs: Any) -> Any:
+        """``model(**inputs)`` (a full CLIPModel given images: its image features); decoder classifiers get a pad id first."""
+        from .forward import hf_forward
+
+        if isinstance(inputs, Mapping) and "input_ids" in inputs:
+            config = getattr(model, "config", None)
+            if config is not None and getattr(config, "pad_token_id", 0) is None:
+                from .task_pools.text_classification import pad_for_model
+
+                pad_for_model(model, self.tokenizer())
+        return hf_forward(model, inputs)
+
     # ------------------------------------------------------------------ saving
 
     def processor_location(self) -> Location | None:
@@ -286,7 +412,7 @@ class CLIPVisionPool(HFModelPool):
 
     name = "hf_clip_vision"
     summary = "CLIP vision encoders (hub ids or folders; a full CLIP base works) with their processor, as in FusionBench."
-    Config = HFPoolFields
+    Config = DataPoolFields
     fixed_class = "CLIPVisionModel"
     reference_url = "https://huggingface.co/docs/transformers/model_doc/clip"
 

@@ -9,6 +9,7 @@ goes through ``clip_model``'s visual projection, as for FusionBench's checkpoint
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -64,6 +65,7 @@ class ClipZeroShot(HFTaskPool):
                     raise ConfigError(f"taskpool.tasks.{name}: template {template!r} must contain '{{}}' exactly once")
         self._clip = None
         self._heads: dict[tuple[str, str], Any] = {}
+        self._classifiers: dict[str, ClipHead] = {}
 
     def columns(self, spec) -> list[str]:
         return [spec.image_column, spec.label_column]
@@ -97,7 +99,7 @@ class ClipZeroShot(HFTaskPool):
 
             opts = LoadOptions(cache_dir=self.config.cache_dir)
             loc = self.companion.locate(self.config.cache_dir)
-            model = load_pretrained(CLIPModel, loc, opts)
+            model = load_pretrained(CLIPModel, loc, opts).eval().requires_grad_(False)
             target, kwargs = pretrained_kwargs(loc, opts)
             quiet_transformers()
             try:
@@ -120,7 +122,7 @@ class ClipZeroShot(HFTaskPool):
             prompts = [t.format(c) for c in prepared.class_names for t in prepared.templates]
             max_length = getattr(clip.config.text_config, "max_position_embeddings", None)
             chunks = []
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: the head is also used under autograd (test-time adaptation)
                 for start in range(0, len(prompts), self.config.batch_size):
                     enc = tokenizer(prompts[start : start + self.config.batch_size], padding=True, truncation=True,
                                     max_length=max_length, return_tensors="pt").to(device)
@@ -132,30 +134,56 @@ class ClipZeroShot(HFTaskPool):
                 self._heads[key] = emb * clip.logit_scale.exp().float()
         return self._heads[key]
 
+    # ------------------------------------------------------------------ the adapter protocol (fusion_core.adapters)
+
+    def classifier(self, task: str) -> "ClipHead":
+        """The task's zero-shot head: a model's image output (pooled or projected) → logits ``(batch, classes)``.
+
+        Built once per task (text embeddings on the CPU, copied to a model's device on use); the
+        same head scores models in :meth:`evaluate`.
+        """
+        self.selected([task])
+        if task not in self._classifiers:
+            self._classifiers[task] = ClipHead(self, task)
+        return self._classifiers[task]
+
+    def unlabelled_batches(self, task: str):
+        """The task's test images as ``{"pixel_values"}`` batches, without labels (for test-time adaptation)."""
+        from ..batches import EncodedBatches
+
+        self.selected([task])
+        return EncodedBatches(lambda: self.dataset(task).data, self.image_inputs(task), self.config.batch_size)
+
+    def image_inputs(self, task: str):
+        from ..batches import ImageEncoder
+
+        return ImageEncoder(self.clip_parts()[2], self.specs[task].image_column)
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, model, *, tasks=None, ctx=None) -> dict[str, dict[str, float]]:
         import torch
 
+        from fusion_core import adapters
+
+        from ..batches import EncodedBatches
+        from ..forward import MODEL_CALL
+
         device = self.device(ctx)
         names = self.selected(tasks)
-        clip, _, images = self.clip_parts()
+        check_vision_model(model, self.clip_parts()[0])
         model.to(device).eval()
-        encode = image_encoder(model, clip.to(device))
         results = {}
         for task in names:
             prepared, spec = self.dataset(task), self.specs[task]
-            head = self.head(task, device)
+            head = self.classifier(task)
             n = correct = 0
             loss = 0.0
-            batches = self.batches(prepared.data, [spec.image_column, spec.label_column], self.config.batch_size)
-            total = -(-len(prepared.data) // self.config.batch_size)
+            batches = EncodedBatches(prepared.data, self.image_inputs(task), self.config.batch_size, spec.label_column)
             with torch.inference_mode():
-                for batch in self.track(ctx, batches, f"evaluating {task}", total):
-                    pixels = images(images=to_rgb(batch[spec.image_column]), return_tensors="pt")["pixel_values"].to(device)
-                    labels = torch.as_tensor(batch[spec.label_column], device=device)
-                    feats = encode(pixels).float()
-                    logits = (feats / feats.norm(dim=-1, keepdim=True)) @ head.T
+                for inputs, labels in self.track(ctx, batches, f"evaluating {task}", len(batches)):
+                    inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+                    logits = adapters.logits(model, inputs, head, MODEL_CALL).float()
                     loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
                     correct += int((logits.argmax(dim=-1) == labels).sum())
                     n += len(labels)
@@ -163,31 +191,76 @@ class ClipZeroShot(HFTaskPool):
         return results
 
 
+class ClipHead:
+    """The zero-shot head of one task: image output → logits ``(batch, classes)``.
+
+    Reads ``image_embeds`` (a ``CLIPVisionModelWithProjection``, or a full CLIPModel run by
+    :func:`fusion_hf.forward.hf_forward`) or ``pooler_output`` (a ``CLIPVisionModel``, put
+    through ``clip_model``'s visual projection) from the output, or a tensor whose width says
+    which of the two it is; then normalises and takes the dot product with the task's text
+    embeddings (times CLIP's logit scale).  Fixed: no tensor of the head takes gradients, but
+    gradients flow through it to the model (test-time adaptation).
+    """
+
+    def __init__(self, pool: ClipZeroShot, task: str) -> None:
+        self.task = task
+        text = pool.head(task, "cpu")  # built now, on the CPU: never inside a method's autograd/vmap transforms
+        projection = pool.clip_parts()[0].visual_projection.weight.detach().clone()  # (joint dim, hidden)
+        self._tensors = {"cpu": (text, projection)}
+
+    def tensors(self, device: Any) -> tuple:
+        """(text embeddings × logit scale, visual projection weight) on ``device`` (copied there once)."""
+        key = str(device)
+        if key not in self._tensors:
+            text, projection = self._tensors["cpu"]
+            self._tensors[key] = (text.to(device), projection.to(device))
+        return self._tensors[key]
+
+    def __call__(self, output: Any):
+        import torch.nn.functional as F
+
+        kind, value = _image_output(output)
+        text, projection = self.tensors(value.device)
+        if kind == "tensor":
+            if projection.shape[0] == projection.shape[1]:
+                raise InputError(f"clip_zero_shot task {self.task!r}: a bare tensor output is ambiguous (the visual projection is "
+                                 "square, so pooled and projected features have the same width); return pooler_output or image_embeds")
+            kind = "pooled" if value.shape[-1] == projection.shape[1] else "embeds"
+        if kind == "pooled":
+            if value.shape[-1] != projection.shape[1]:
+                raise InputError(f"clip_zero_shot task {self.task!r}: the model's pooled output has {value.shape[-1]} features, but the "
+                                 f"clip_model's visual projection takes {projection.shape[1]}: the model is not a vision tower of that CLIP")
+            value = F.linear(value, projection.to(value.dtype))
+        if value.shape[-1] != text.shape[-1]:
+            raise InputError(f"clip_zero_shot task {self.task!r}: the model's image embeddings have {value.shape[-1]} features, "
+                             f"but the clip_model's text embeddings have {text.shape[-1]}")
+        feats = value.float()
+        return (feats / feats.norm(dim=-1, keepdim=True)) @ text.T
+
+
+def _image_output(output: Any):
+    """``(kind, tensor)`` of an image output: ``("embeds", image_embeds)``, ``("pooled", pooler_output)`` or ``("tensor", output)``."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return "tensor", output
+    for name, kind in (("image_embeds", "embeds"), ("pooler_output", "pooled")):
+        value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return kind, value
+    raise InputError(f"clip_zero_shot: cannot read image features from a model output of type {type(output).__name__} "
+                     "(expected pooler_output or image_embeds)")
+
+
 def _tensor(output):
     """``get_*_features`` return tensors in transformers 4 and model outputs in 5."""
     return output if hasattr(output, "norm") else output.pooler_output
 
 
-def image_encoder(model, clip):
-    """A function pixel_values → image embeddings in CLIP's joint space, for the kind of ``model`` given."""
-    if hasattr(model, "get_image_features"):
-        return lambda pixels: _tensor(model.get_image_features(pixel_values=pixels))
-    if hasattr(model, "visual_projection"):
-        return lambda pixels: model(pixel_values=pixels).image_embeds
+def check_vision_model(model, clip) -> None:
+    """Refuse, before running it, a plain model that is not a CLIP vision model matching ``clip``'s visual projection."""
+    if callable(getattr(model, "ensemble_logits", None)) or hasattr(model, "get_image_features") or hasattr(model, "visual_projection"):
+        return
     if not hasattr(model, "config") or getattr(model.config, "hidden_size", None) != clip.visual_projection.in_features:
         raise InputError(f"cannot evaluate a {type(model).__name__} with clip_zero_shot: it is not a CLIP vision model "
                          f"matching the clip_model's visual projection ({clip.visual_projection.in_features} inputs)")
-    return lambda pixels: clip.visual_projection(model(pixel_values=pixels).pooler_output)
-
-
-def to_rgb(images) -> list:
-    """PIL images (or uint8 arrays, grey or colour) → RGB PIL images."""
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    for image in images:
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-        out.append(image if image.mode == "RGB" else image.convert("RGB"))
-    return out

@@ -50,27 +50,53 @@ class TextClassification(HFTaskPool):
             self._tokenizer = load_tokenizer(self.companion, self.config.cache_dir)
         return self._tokenizer
 
+    # ------------------------------------------------------------------ the adapter protocol (fusion_core.adapters)
+
+    def classifier(self, task: str) -> None:
+        """``None``: a sequence classifier's output already holds the logits (per-task heads are carried by the model)."""
+        self.selected([task])
+        return None
+
+    def unlabelled_batches(self, task: str):
+        """The task's texts as tokenized batches, without labels (for test-time adaptation)."""
+        from ..batches import EncodedBatches
+
+        self.selected([task])
+        return EncodedBatches(lambda: self.dataset(task), self.text_inputs(task), self.config.batch_size)
+
+    def text_inputs(self, task: str):
+        from ..batches import TextEncoder
+
+        spec = self.specs[task]
+        return TextEncoder(self.tokenizer(), spec.text_column, spec.text_pair_column, self.config.max_length)
+
+    # ------------------------------------------------------------------ evaluation
+
     def evaluate(self, model, *, tasks=None, ctx=None) -> dict[str, dict[str, float]]:
         import torch
+
+        from fusion_core import adapters
+
+        from ..batches import EncodedBatches
+        from ..forward import MODEL_CALL
 
         device = self.device(ctx)
         tokenizer = self.tokenizer()
         model.to(device).eval()
-        pad_for_model(model, tokenizer)
+        for scored in scored_models(model):
+            pad_for_model(scored, tokenizer)
         results = {}
         for task in self.selected(tasks):
             ds, spec = self.dataset(task), self.specs[task]
             n = correct = 0
             loss = 0.0
-            total = -(-len(ds) // self.config.batch_size)
+            batches = EncodedBatches(ds, self.text_inputs(task), self.config.batch_size, spec.label_column)
             with task_head(model, task), torch.inference_mode():
-                self._check_head(task, ds, spec, model)
-                for batch in self.track(ctx, self.batches(ds, self.columns(spec), self.config.batch_size), f"evaluating {task}", total):
-                    pair = batch[spec.text_pair_column] if spec.text_pair_column else None
-                    enc = tokenizer(batch[spec.text_column], pair, padding=True, truncation=True, max_length=self.config.max_length,
-                                    return_tensors="pt").to(device)
-                    labels = torch.as_tensor(batch[spec.label_column], device=device)
-                    logits = model(**enc).logits.float()
+                for scored in scored_models(model):
+                    self._check_head(task, ds, spec, scored)
+                for inputs, labels in self.track(ctx, batches, f"evaluating {task}", len(batches)):
+                    inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+                    logits = adapters.logits(model, inputs, None, MODEL_CALL).float()
                     loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
                     correct += int((logits.argmax(dim=-1) == labels).sum())
                     n += len(labels)
@@ -78,7 +104,7 @@ class TextClassification(HFTaskPool):
         return results
 
     def _check_head(self, task: str, ds, spec, model) -> None:
-        outputs = getattr(model.config, "num_labels", None)
+        outputs = getattr(getattr(model, "config", None), "num_labels", None)
         weight = _head_outputs(model)
         outputs = weight if weight is not None else outputs
         names = label_names(ds, spec.label_column)
@@ -90,6 +116,14 @@ class TextClassification(HFTaskPool):
             lo, hi = label_range(ds, spec.label_column)
             if lo < 0 or hi >= outputs:
                 raise InputError(f"task {task!r}: labels span {lo}..{hi} but the model's head has {outputs} outputs")
+
+
+def scored_models(model) -> list:
+    """The classifiers that produce the logits: an ensemble's members, else the model itself."""
+    members = getattr(model, "members", None)
+    if callable(getattr(model, "ensemble_logits", None)) and members is not None:
+        return list(members)
+    return [model]
 
 
 def _head_outputs(model) -> int | None:
@@ -121,5 +155,6 @@ def load_tokenizer(source, cache_dir: str | None):
 
 def pad_for_model(model, tokenizer) -> None:
     """Decoder classifiers (GPT-2) find the last token through ``pad_token_id``: make sure it is set."""
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
