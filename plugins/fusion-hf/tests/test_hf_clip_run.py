@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from hf_testkit import CLIP_TASKS, TEMPLATE, clip_run_config
 
 torch = pytest.importorskip("torch")

@@ -6,7 +6,6 @@ import time
 
 import pytest
 import yaml
-
 from hf_testkit import clip_run_config, save_clip_base, save_clip_finetuned
 
 pytest.importorskip("torch")

@@ -39,8 +39,9 @@ def no_loading(monkeypatch):
 
 
 def test_construction_validate_describe_and_dry_run_load_nothing(clip_assets, no_loading, tmp_path):
-    import fusion_core
     from hf_testkit import clip_run_config
+
+    import fusion_core
 
     pool = clip_pool(clip_assets)
     pool.validate()

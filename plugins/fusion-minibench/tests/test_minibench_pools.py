@@ -178,7 +178,6 @@ def test_plugin_module_does_not_import_torch():
 def test_data_first_read_in_inference_mode_still_trains(small):
     """A data-driven method after an evaluation: cached splits and heads must not be inference tensors."""
     import torch
-
     from fusion_minibench.store import Built
 
     pool, taskpool = small
