@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
@@ -10,9 +10,6 @@ from fusion_core.errors import InputError
 
 from . import hub
 from .sources import CACHED, LOCAL, Location
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
 
 
 @attrs.frozen
