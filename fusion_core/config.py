@@ -257,15 +257,9 @@ def make_config(config_cls, mapping: Mapping[str, Any] | None, *, where: str = "
 
 def config_to_dict(config) -> dict:
     """A component config as plain YAML-able data (tuples become lists)."""
+    from .output import plain_data
 
-    def plain(value):
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(attrs.asdict(config, recurse=True))
+    return plain_data(attrs.asdict(config, recurse=True))
 
 
 def describe_fields(config_cls) -> list[dict]:

@@ -14,6 +14,18 @@ from typing import Any
 from .errors import InputError
 
 
+def plain_data(value: Any) -> Any:
+    """A JSON/YAML-safe copy: mappings and sequences recursively, tensors/arrays as lists, other objects as strings."""
+    if isinstance(value, dict) or hasattr(value, "items") and callable(value.items):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    tolist = getattr(value, "tolist", None)
+    return plain_data(tolist()) if callable(tolist) else str(value)
+
+
 def check_output_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
     """Refuse an existing output (unless ``overwrite``) or an unwritable parent, before any work."""
     path = Path(path)

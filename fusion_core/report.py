@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import __version__
+from .output import plain_data
 
 
 def is_state_dict(obj: Any) -> bool:
@@ -66,21 +67,11 @@ def build_report(config, results, taskpool, timings, started: float, prov: dict,
         "averages": averages(results, metric) if metric else {},
         "method_capabilities": caps.flags(),
         "transductive": caps.transductive,
-        "method_extras": _plain(extras or {}),
+        "method_extras": plain_data(extras or {}),
         **prov,
     }
 
 
-def _plain(value: Any) -> Any:
-    """JSON-able copy of what a method left in ``ctx.extras`` (tensors become lists, objects strings)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    tolist = getattr(value, "tolist", None)
-    return _plain(tolist()) if callable(tolist) else str(value)
 
 
 ROW_ORDER = ("pretrained", "individual")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InputError
+from ..output import plain_data
 from .readers import DTYPE_CODES, find_aliases
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -322,21 +323,13 @@ def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
         "## Recipe",
         "",
         "```yaml",
-        yaml.safe_dump(_plain(recipe), sort_keys=False).rstrip(),
+        yaml.safe_dump(plain_data(recipe), sort_keys=False).rstrip(),
         "```",
         "",
     ]
     (folder / "README.md").write_text("\n".join(lines))
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fusion_core.output import plain_data
+
 CARD_TITLE = "# Merged model"
 
 
@@ -44,14 +46,6 @@ def build_recipe(config: Mapping[str, Any], inputs: Mapping[str, str]) -> dict[s
     }
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def write_card(folder: Path, recipe: Mapping[str, Any], base: str | None) -> None:
@@ -78,7 +72,7 @@ def write_card(folder: Path, recipe: Mapping[str, Any], base: str | None) -> Non
         "## Recipe",
         "",
         "```yaml",
-        yaml.safe_dump(_plain(dict(recipe)), sort_keys=False).rstrip(),
+        yaml.safe_dump(plain_data(dict(recipe)), sort_keys=False).rstrip(),
         "```",
         "",
     ]
