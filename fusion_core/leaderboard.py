@@ -157,6 +157,7 @@ def to_csv(board: Leaderboard) -> str:
 
 
 def render_rich(board: Leaderboard, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     unit = f"{board.metric} (%)" if board.percent else board.metric
@@ -168,7 +169,7 @@ def render_rich(board: Leaderboard, console) -> None:
     table.add_column("average", justify="right")
     for rank, row in enumerate(board.rows, 1):
         style = "dim" if row.kind == "baseline" else None
-        table.add_row(str(rank), row.label, row.config or "–", _seed_text(row),
+        table.add_row(str(rank), escape(row.label), escape(row.config or "–"), _seed_text(row),
                       *[format_stat(row.tasks.get(t), board.percent) for t in board.tasks],
                       f"[bold]{format_stat(row.average, board.percent)}[/]", style=style)
     console.print(table if board.rows else f"{board.title}: no results yet")

@@ -165,3 +165,39 @@ def test_warnings_are_one_line_without_debug(capsys):
         plugins.get_plugin_manager = original
     assert code == 0 and capsys.readouterr().err == "warning: cache was corrupt; rebuilt\n"
     assert get_plugin_manager is original
+
+
+def test_show_table_keeps_brackets_in_types(capsys):
+    import attrs
+
+    import fusion_core
+    from fusion_core.components import Method
+    from fusion_core.config import option
+
+    @attrs.frozen
+    class Cfg:
+        weights: list[float] | None = option(None, help="per-model [w1, w2] weights")
+
+    class Weighted(Method):
+        name = "weighted_test"
+        summary = "Uses [brackets] in its summary."
+        Config = Cfg
+
+        def run(self, pool, ctx):
+            return None
+
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_methods(self, register):
+            register(Weighted)
+
+    import fusion_core.plugins as plugins
+
+    original = plugins.get_plugin_manager
+    plugins.get_plugin_manager = lambda **kw: original(load_entrypoints=False, extra_plugins=[("undo-brackets", Plugin())])
+    try:
+        assert main(["show", "weighted_test"]) == 0
+    finally:
+        plugins.get_plugin_manager = original
+    out = capsys.readouterr().out
+    assert "list[float] | None" in out and "[w1, w2]" in out and "Uses [brackets]" in out

@@ -39,6 +39,7 @@ def list_command(state, what, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     for title, items in rows.items():
@@ -48,7 +49,7 @@ def list_command(state, what, as_json):
         table.add_column("summary", overflow="fold", ratio=1)
         table.add_column("flags", overflow="fold")
         for item in items:
-            table.add_row(item["name"], item["plugin"], item["summary"], " ".join(item["flags"]))
+            table.add_row(*(escape(v) for v in (item["name"], item["plugin"], item["summary"], " ".join(item["flags"]))))
         _console().print(table)
 
 
@@ -82,15 +83,16 @@ def show_command(state, name, kind, as_json):
 
 
 def _render_show(info: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = _console()
-    console.print(f"[bold]{info['name']}[/] ({info['kind']}, plugin {info['plugin']}): {info['summary']}")
+    console.print(f"[bold]{escape(info['name'])}[/] ({info['kind']}, plugin {escape(info['plugin'])}): {escape(info['summary'])}")
     if info["kind"] == "benchmark":
         console.print(f"modelpool: {info['modelpool']}\ntaskpool: {info['taskpool']}\nmethods: {info['methods']}")
         return
     if info.get("doc") and info["doc"] != info["summary"]:
-        console.print(info["doc"])
+        console.print(escape(info["doc"]))
     if info.get("reference"):
         console.print(f"reference: {info['reference']}")
     if info.get("capabilities"):
@@ -99,7 +101,7 @@ def _render_show(info: dict) -> None:
     for col in ("field", "type", "default", "help"):
         table.add_column(col, overflow="fold")
     for f in info["fields"]:
-        table.add_row(f["name"], f["type"], f["default"], f["help"])
+        table.add_row(*(escape(f[key]) for key in ("name", "type", "default", "help")))
     console.print(table if info["fields"] else "no fields")
 
 
@@ -136,11 +138,13 @@ def plugins_command(state, show_all, as_json):
         return
     from rich.table import Table
 
+    from rich.markup import escape
+
     table = Table(title="plugins", title_justify="left")
     for col in ("name", "distribution", "version", "hooks", "registered", "status"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        status = r["status"] if r["status"] != "failed" else f"[red]failed: {r['error']}[/]"
-        table.add_row(r["name"], r["distribution"] or "", r["version"] or "", "\n".join(r["hooks"]),
-                      ", ".join(r["registered"]), status)
+        status = r["status"] if r["status"] != "failed" else f"[red]failed: {escape(r['error'])}[/]"
+        table.add_row(escape(r["name"]), r["distribution"] or "", r["version"] or "", "\n".join(r["hooks"]),
+                      escape(", ".join(r["registered"])), status)
     _console().print(table if rows else "no plugins installed (use --all to see the built-ins)")

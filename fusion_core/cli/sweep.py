@@ -21,6 +21,7 @@ def _point_line(point, status: str, detail: str | None) -> None:
 
 def render_sweep(report: dict, console) -> None:
     """The points (score on the selection split) and the winner's final evaluation."""
+    from rich.markup import escape
     from rich.table import Table
 
     sel = report["selection"]
@@ -30,11 +31,11 @@ def render_sweep(report: dict, console) -> None:
     winner = report["winner"]["index"]
     for p in report["points"]:
         score = "–" if p["score"] is None else f"{p['score']:.6g}"
-        status = p["status"] if p["status"] == "ok" else f"[red]failed: {p['error']}[/]"
+        status = p["status"] if p["status"] == "ok" else f"[red]failed: {escape(str(p['error']))}[/]"
         style = "bold green" if p["index"] == winner else None
-        table.add_row(str(p["index"]), p["label"], status, score, style=style)
+        table.add_row(str(p["index"]), escape(p["label"]), status, score, style=style)
     console.print(table)
-    console.print(f"winner: {report['why']}", highlight=False)
+    console.print(f"winner: {escape(report['why'])}", highlight=False)
     console.print(f"[dim]{sel['note']}[/]", highlight=False)
     final = report["final"]
     if final["status"] == "ok":
