@@ -136,9 +136,8 @@ def plugins_command(state, show_all, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     table = Table(title="plugins", title_justify="left")
     for col in ("name", "distribution", "version", "hooks", "registered", "status"):
