@@ -124,6 +124,7 @@ def ensure_built(
                     warnings.warn(
                         f"mini-benchmark cache {target} is corrupt ({problem}); rebuilding it", CacheRebuiltWarning, stacklevel=2
                     )
+                _remove_abandoned_builds(target)
                 _build_into(recipe, target, show_progress=show_progress, builder=builder or build)
         _verified[(str(target), _mtime(target / MANIFEST))] = True
         return target
@@ -155,6 +156,15 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return -1.0
+
+
+def _remove_abandoned_builds(target: Path) -> None:
+    """Drop temp folders of builds of ``target`` that a killed process left behind.
+
+    Safe only under the build lock: no live process is building this recipe then.
+    """
+    for stale in target.parent.glob(f".{target.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _build_into(recipe: Recipe, target: Path, *, show_progress: bool, builder: Callable[..., object]) -> None:

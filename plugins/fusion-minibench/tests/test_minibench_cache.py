@@ -134,6 +134,18 @@ def test_a_failed_build_leaves_nothing_behind(fresh):
     assert [p.name for p in (fresh / "minibench").iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_builds_abandoned_by_a_killed_process_are_removed(fresh):
+    recipe = Recipe(seed=3)
+    root = fresh / "minibench"
+    stale = root / f".{recipe_hash(recipe)}.building-killed"
+    stale.mkdir(parents=True)
+    (stale / "encoder-base.safetensors").write_bytes(b"half")
+    other = root / f".{recipe_hash(Recipe(seed=4))}.building-alive"  # another recipe's build: not ours to touch
+    other.mkdir()
+    folder = cache.ensure_built(recipe, str(fresh), builder=FakeBuilder())
+    assert not stale.exists() and other.exists() and cache.check(folder) is None
+
+
 def test_read_only_cache_dir_is_one_clear_error(fresh, monkeypatch):
     root = fresh
     (root / "minibench").mkdir(parents=True)
