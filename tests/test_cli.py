@@ -201,3 +201,12 @@ def test_show_table_keeps_brackets_in_types(capsys):
         plugins.get_plugin_manager = original
     out = capsys.readouterr().out
     assert "list[float] | None" in out and "[w1, w2]" in out and "Uses [brackets]" in out
+
+
+def test_plugin_failing_in_registration_is_reported_once(capsys, make_dist, monkeypatch):
+    source = "import fusion_core\n\n@fusion_core.hookimpl\ndef fusion_register_methods(register):\n    raise ValueError('bad registration')\n"
+    make_dist("fusion-badreg", "fusion_badreg", source, entry="badreg", version="0.2")
+    monkeypatch.setenv("FUSE_LOAD_PLUGINS", "badreg")
+    code, out, err = fuse(capsys, "list", "methods", "--json")
+    assert code == 0 and "dummy" in out
+    assert err.count("warning: plugin 'badreg' (fusion-badreg 0.2) failed to load: ValueError: bad registration") == 1

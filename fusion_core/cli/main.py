@@ -19,6 +19,7 @@ class State:
         self.pm = pm
         self.debug = debug
         self._registry = None
+        self.reported: set[str] = set()
 
     @property
     def registry(self):
@@ -26,6 +27,7 @@ class State:
             from ..registry import build_registry
 
             self._registry = build_registry(self.pm)
+            report_plugin_failures(self.pm, self.reported)  # plugins whose registration hook raised
         return self._registry
 
 
@@ -52,8 +54,12 @@ def make_cli(pm) -> click.Group:
     return cli
 
 
-def _report_plugin_failures(pm) -> None:
+def report_plugin_failures(pm, reported: set[str]) -> None:
+    """One stderr line per failed plugin, once per invocation."""
     for record in pm.failures:
+        if record.name in reported:
+            continue
+        reported.add(record.name)
         click.echo(
             f"warning: {record.describe()} failed to load: {record.error} "
             "(set FUSE_STRICT_PLUGINS=1 to make this fatal, FUSE_DISABLE_PLUGINS to skip it)",
@@ -72,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _one_line_warning
     try:
         pm = get_plugin_manager()
-        _report_plugin_failures(pm)
-        cli = make_cli(pm)
         state = State(pm, debug)
+        report_plugin_failures(pm, state.reported)
+        cli = make_cli(pm)
         return cli.main(args=argv, prog_name="fuse", obj=state, standalone_mode=False) or 0
     except FuseError as exc:
         if debug:
