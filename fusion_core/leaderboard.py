@@ -194,7 +194,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def plot_png(board: Leaderboard, path: str | os.PathLike) -> None:
     """Grouped bars: per task (and the average), one bar per leaderboard row, error bars over seeds."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from .errors import FuseError
+
+        raise FuseError("--plot needs matplotlib: pip install matplotlib (or fusion-core[plot])") from None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
