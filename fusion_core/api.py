@@ -95,9 +95,9 @@ def run(
         ctx.taskpool = taskpool
 
     with ctx.phase("prepare"):
-        pool.materialize()
+        pool.materialize(ctx)
         if taskpool is not None:
-            taskpool.materialize()
+            taskpool.materialize(ctx)
 
     with ctx.phase("method"):
         output = method.run(pool, ctx)

@@ -120,8 +120,11 @@ class ModelPool(Component):
     def validate(self) -> None:
         """Check everything that can be checked cheaply (files exist, names); load nothing heavy."""
 
-    def materialize(self) -> None:
-        """Build or fetch what the pool needs before the method runs (timed as the run's ``prepare`` phase)."""
+    def materialize(self, ctx: "RunContext | None" = None) -> None:
+        """Build or fetch what the pool needs before the method runs (timed as the run's ``prepare`` phase).
+
+        Show progress only when ``ctx.show_progress`` (the run's ``progress`` setting) is on.
+        """
 
     def describe(self) -> dict:
         """Inputs for the report (paths, revisions...)."""
@@ -182,7 +185,7 @@ class TaskPool(Component):
     def validate(self) -> None:
         """Check what can be checked cheaply; load nothing heavy."""
 
-    def materialize(self) -> None:
+    def materialize(self, ctx: "RunContext | None" = None) -> None:
         """Build or fetch what the task pool needs before evaluating (timed as the run's ``prepare`` phase)."""
 
     def describe(self) -> dict:

@@ -80,11 +80,12 @@ class _Shared:
     def recipe(self) -> Recipe:
         return recipe_of(self.config)
 
-    def built(self) -> "Built":
+    def built(self, *, show_progress: bool = True) -> "Built":
         from .cache import ensure_built
         from .store import open_built
 
-        return open_built(ensure_built(self.recipe, self.config.cache_dir, show_progress=self.config.progress))
+        progress = self.config.progress and show_progress
+        return open_built(ensure_built(self.recipe, self.config.cache_dir, show_progress=progress))
 
     def _validate(self) -> None:
         from . import data, minilm
@@ -102,9 +103,9 @@ class _Shared:
             "cache": str(build_dir(self.recipe, self.config.cache_dir)),
         }
 
-    def materialize(self) -> None:
-        """Build the pool (or check the cache) before the run's method phase."""
-        self.built()
+    def materialize(self, ctx: "RunContext | None" = None) -> None:
+        """Build the pool (or check the cache) before the run's method phase; quiet when the run is."""
+        self.built(show_progress=ctx is None or ctx.show_progress)
 
     def data(self, name: str, split: str, batch_size: int | None = None) -> Batches:
         """Labelled batches of task ``name``'s ``split`` (train, val or test)."""

@@ -192,3 +192,45 @@ def test_data_first_read_in_inference_mode_still_trains(small):
     loss.backward()
     assert any(p.grad is not None for p in encoder.parameters())
     assert head is not None
+
+
+def _run_config(small, **settings):
+    pool, _ = small
+    fields = {**{k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()}, "cache_dir": pool.config.cache_dir}
+    return {"method": "simple_average", "modelpool": {"name": "minibench", **fields},
+            "taskpool": {"name": "minibench", **fields}, "progress": False, **settings}
+
+
+def test_fuse_run_on_the_small_recipe_matches_a_direct_evaluation(small, tmp_path):
+    import torch
+
+    import fusion_core
+
+    pool, taskpool = small
+    report = fusion_core.run(_run_config(small, output_dir=str(tmp_path / "out")))
+    states = [pool.load_model(name).state_dict() for name in pool.model_names]
+    average = {key: torch.stack([s[key] for s in states]).mean(0) for key in states[0]}
+    expected = taskpool.evaluate(pool.model_from_state_dict(average))
+    for task, metrics in expected.items():
+        assert report["results"]["merged"][task] == pytest.approx(metrics, abs=1e-6)
+    assert report["results"]["pretrained"] == taskpool.evaluate(pool.load_model(None))
+    assert report["results"]["individual"] == {n: taskpool.evaluate(pool.load_model(n), tasks=[n])[n] for n in pool.model_names}
+    assert set(report["timings"]) >= {"prepare", "method", "evaluate"}
+
+
+def test_materialize_follows_the_run_progress_setting(small, monkeypatch):
+    from fusion_core.run_context import RunContext
+
+    pool, _ = small
+    seen = []
+    real = cache.ensure_built
+
+    def spy(recipe, cache_dir=None, *, show_progress=True, builder=None):
+        seen.append(show_progress)
+        return real(recipe, cache_dir, show_progress=show_progress)
+
+    monkeypatch.setattr(cache, "ensure_built", spy)
+    loud = MiniBenchModelPool(attrs.evolve(pool.config, progress=True))
+    loud.materialize(RunContext(show_progress=False))
+    loud.materialize(RunContext(show_progress=True))
+    assert seen == [False, True]
