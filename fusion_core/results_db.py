@@ -386,42 +386,65 @@ def open_db(path: str | os.PathLike | None = None, *, readonly: bool = False) ->
     else:
         _check_writable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if readonly:
-            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                   isolation_level=None)
-        else:
-            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        version = _schema_version(conn, path)
-    except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc) or "malformed" in str(exc):
-            raise InputError(f"{path} is not an SQLite database ({exc}); pass --db with another path, or move the file aside") from None
-        raise _db_error(path, exc) from None
-    if version is not None and version != SCHEMA_VERSION:
-        conn.close()
-        if version > SCHEMA_VERSION:
-            raise InputError(
-                f"results database {path} has schema version {version}, newer than this fusion-core understands "
-                f"({SCHEMA_VERSION}); upgrade fusion-core, or pass --db with another path")
-        raise InputError(
-            f"results database {path} has schema version {version}, which cannot be migrated to {SCHEMA_VERSION}; "
-            f"move it aside (mv {path} {path}.v{version}) and rerun to start a new database")
-    if not readonly:
+    with _init_lock(path, enabled=not readonly):  # two processes creating one file at once: one at a time
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if version is None:
-                _create(conn)
-        except sqlite3.OperationalError as exc:
-            conn.close()
+            if readonly:
+                conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                       isolation_level=None)
+            else:
+                conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            version = _schema_version(conn, path)
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise InputError(f"{path} is not an SQLite database ({exc}); pass --db with another path, or move the file aside") from None
             raise _db_error(path, exc) from None
-        if str(mode).lower() != "wal":
+        if version is not None and version != SCHEMA_VERSION:
             conn.close()
-            raise InputError(f"results database {path}: cannot switch to WAL journaling (got {mode}); put it on a local disk")
-    elif version is None:
-        conn.close()
-        raise InputError(f"{path} is an empty file, not a results database; run `fuse bench` first or pass --db PATH")
+            if version > SCHEMA_VERSION:
+                raise InputError(
+                    f"results database {path} has schema version {version}, newer than this fusion-core understands "
+                    f"({SCHEMA_VERSION}); upgrade fusion-core, or pass --db with another path")
+            raise InputError(
+                f"results database {path} has schema version {version}, which cannot be migrated to {SCHEMA_VERSION}; "
+                f"move it aside (mv {path} {path}.v{version}) and rerun to start a new database")
+        if not readonly:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if version is None:
+                    _create(conn)
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                raise _db_error(path, exc) from None
+            if str(mode).lower() != "wal":
+                conn.close()
+                raise InputError(f"results database {path}: cannot switch to WAL journaling (got {mode}); put it on a local disk")
+        elif version is None:
+            conn.close()
+            raise InputError(f"{path} is an empty file, not a results database; run `fuse bench` first or pass --db PATH")
     return ResultsDB(path, conn)
+
+
+@contextlib.contextmanager
+def _init_lock(path: Path, *, enabled: bool):
+    """Serialise opening (WAL switch, schema creation) across processes with ``flock`` on ``<db>.lock``.
+
+    Without it two processes creating a new database can deadlock in rollback-journal mode,
+    and SQLite then answers "database is locked" at once instead of waiting.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: rely on SQLite's busy timeout
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _create(conn) -> None:
