@@ -33,6 +33,7 @@ def plan(config: RunConfig) -> dict:
     if config.taskpool is not None:
         taskpool = config.taskpool.instantiate()
         taskpool.validate()
+        taskpool.check_pool(pool)
         described["taskpool"] = taskpool.describe()
     return described
 
@@ -92,6 +93,7 @@ def run(
         taskpool = config.taskpool.instantiate() if config.taskpool else None
         if taskpool is not None:
             taskpool.validate()
+            taskpool.check_pool(pool)
         ctx.taskpool = taskpool
 
     with ctx.phase("prepare"):

@@ -195,6 +195,13 @@ class TaskPool(Component):
     def evaluate(self, model: Any, *, tasks: list[str] | None = None, ctx: "RunContext | None" = None) -> dict[str, dict[str, float]]:
         """Score ``model`` on ``tasks`` (all when ``None``): ``{task: {metric: value}}``."""
 
+    def check_pool(self, pool: ModelPool) -> None:
+        """Refuse, before anything is loaded, a model pool whose models this task pool cannot score.
+
+        Called by ``fuse run`` (and ``--dry-run``) with the run's model pool.  Raise a
+        :class:`~fusion_core.errors.ConfigError` naming the mismatch and the override that fixes it.
+        """
+
     def primary_metric(self) -> str:
         """The metric averaged in summary tables."""
         return "accuracy"

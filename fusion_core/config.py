@@ -81,6 +81,13 @@ def split_top_level(text: str, sep: str = ",") -> list[str]:
     return parts
 
 
+def plain_override(key: str, value: Any) -> str:
+    """``key=value`` with the value written so that :func:`parse_override` reads it back (for messages)."""
+    import json
+
+    return f"{key}={json.dumps(value, separators=(',', ':'))}" if not isinstance(value, str) else f"{key}={value}"
+
+
 def parse_value(text: str) -> Any:
     """Type a command-line value the way YAML would (``0.2`` → float, ``[1,2]`` → list, ``null`` → None)."""
     import yaml

@@ -157,3 +157,21 @@ def test_method_returning_several_models_is_evaluated_per_label(files, tmp_path)
     report = fusion_core.run(config(files, tmp_path, method="sweep_test", evaluate_inputs=False), plugin_manager=pm)
     assert math.isclose(report["results"]["merged:x2"]["weights"]["l2_norm"], 10.0)
     assert report["results"]["merged:x1"]["weights"]["l2_norm"] == 5.0
+
+
+def test_task_pool_can_refuse_the_model_pool_before_anything_loads(files, tmp_path, monkeypatch):
+    from fusion_core.builtins.task_pools import WeightStats
+    from fusion_core.errors import ConfigError
+
+    seen = []
+
+    def refuse(self, pool):
+        seen.append(pool.name)
+        raise ConfigError("this task pool cannot score that pool")
+
+    monkeypatch.setattr(WeightStats, "check_pool", refuse)
+    with pytest.raises(ConfigError, match="cannot score that pool"):
+        fusion_core.run(config(files, tmp_path), dry_run=True)
+    with pytest.raises(ConfigError, match="cannot score that pool"):
+        fusion_core.run(config(files, tmp_path))
+    assert seen == ["files", "files"] and not (tmp_path / "out").exists()

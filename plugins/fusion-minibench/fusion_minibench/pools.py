@@ -201,6 +201,22 @@ class MiniBenchTaskPool(_Shared, TaskPool):
         """The fixed head of ``task``: encoder outputs ``(batch, 384)`` → logits ``(batch, classes)``."""
         return self.built().head(task)
 
+    def check_pool(self, pool) -> None:
+        """A minibench model pool must be built from the same recipe, or its encoders cannot be scored here."""
+        if not isinstance(pool, MiniBenchModelPool):
+            return
+        mine, theirs = self.recipe.to_dict(), pool.recipe.to_dict()
+        differ = [name for name in mine if mine[name] != theirs[name]]
+        if differ:
+            from fusion_core.config import plain_override
+            from fusion_core.errors import ConfigError
+
+            fixes = " ".join(plain_override(f"taskpool.{name}", theirs[name]) for name in differ)
+            raise ConfigError(
+                f"the model pool and the task pool use different mini-benchmark recipes ({', '.join(differ)}); "
+                f"give both the same fields, e.g. {fixes}"
+            )
+
     def classifier(self, task: str):
         """The protocol name of :meth:`head` (see :mod:`fusion_core.adapters`)."""
         return self.head(task)

@@ -234,3 +234,15 @@ def test_materialize_follows_the_run_progress_setting(small, monkeypatch):
     loud.materialize(RunContext(show_progress=False))
     loud.materialize(RunContext(show_progress=True))
     assert seen == [False, True]
+
+
+def test_pools_built_from_different_recipes_are_refused_before_any_build(tmp_path):
+    from fusion_core.errors import ConfigError
+
+    pool = MiniBenchModelPool(MiniBenchConfig(cache_dir=str(tmp_path), seed=1, n_train=500))
+    taskpool = MiniBenchTaskPool(MiniBenchTaskPoolConfig(cache_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"different mini-benchmark recipes \(seed, n_train\); give both the same fields, "
+                                          r"e.g. taskpool.seed=1 taskpool.n_train=500$"):
+        taskpool.check_pool(pool)
+    MiniBenchTaskPool(MiniBenchTaskPoolConfig(cache_dir=str(tmp_path), seed=1, n_train=500, split="val")).check_pool(pool)
+    assert not any(tmp_path.iterdir())  # nothing was built
