@@ -113,8 +113,8 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     return parts, parse_value(raw)
 
 
-def load_yaml_file(path) -> dict:
-    """Read a YAML mapping safely; errors name file:line:col."""
+def read_yaml(path, *, what: str = "config file"):
+    """Read any YAML value safely; a missing/unreadable file or invalid YAML is a ConfigError naming file:line:col."""
     import os
 
     import yaml
@@ -124,22 +124,29 @@ def load_yaml_file(path) -> dict:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
+        raise ConfigError(f"{what} path is a directory, not a YAML file: {path}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         raise ConfigError(f"invalid YAML at {where}: {problem}") from None
+
+
+def load_yaml_file(path) -> dict:
+    """Read a YAML mapping safely; errors name file:line:col."""
+    import os
+
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{os.fspath(path)}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 

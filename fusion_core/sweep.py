@@ -27,7 +27,7 @@ from typing import Any
 
 import attrs
 
-from .config import split_top_level
+from .config import read_yaml, split_top_level
 from .errors import ConfigError, did_you_mean
 
 VAL_SPLITS = ("val", "validation", "valid", "dev")
@@ -85,17 +85,8 @@ def parse_axis(arg: str) -> tuple[str, list]:
 
 def load_points(path: str) -> list[dict]:
     """A YAML list of points, each a mapping ``{dotted.key: value}`` (or nested mappings)."""
-    import yaml
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read points file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ConfigError(f"invalid YAML at {where}: {getattr(exc, 'problem', None) or exc}") from None
+    data = read_yaml(path, what="points file")
     if isinstance(data, dict) and "points" in data:
         data = data["points"]
     if data is None:

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import click
 
-from ..config import split_top_level
+from ..config import read_yaml, split_top_level
 
 # --------------------------------------------------------------------------- method specs
 
@@ -42,19 +42,10 @@ def parse_method_spec(text: str) -> dict:
 
 def load_methods_file(path: str) -> list[dict]:
     """A YAML list (or ``{methods: [...]}``) of ``NAME``, ``NAME:k=v`` strings or ``{name: ..., field: ...}`` mappings."""
-    import yaml
 
     from ..errors import ConfigError
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read methods file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ConfigError(f"invalid YAML at {where}: {getattr(exc, 'problem', None) or exc}") from None
+    data = read_yaml(path, what="methods file")
     if isinstance(data, dict) and "methods" in data:
         data = data["methods"]
     if not isinstance(data, list) or not data:
