@@ -35,6 +35,8 @@ def plan(config: RunConfig) -> dict:
         taskpool.validate()
         taskpool.check_pool(pool)
         described["taskpool"] = taskpool.describe()
+    else:
+        described["taskpool"] = "none: merge only, nothing is evaluated (save_model keeps the merged model)"
     return described
 
 

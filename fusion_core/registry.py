@@ -127,16 +127,21 @@ def build_registry(pm) -> Registry:
         for impl in caller.get_hookimpls():  # registration order
             plugin = impl.plugin_name
             pending: list = []
-            try:
-                kwargs = {"register": make_register(plugin, pending)} if "register" in impl.argnames else {}
-                impl.function(**kwargs)
-            except PluginError:
-                raise
-            except Exception as exc:
-                if strict or not hasattr(pm, "record_failure"):
+            kwargs = {"register": make_register(plugin, pending)} if "register" in impl.argnames else {}
+            if plugin in getattr(pm, "records", {}):
+                from .plugins import guarded  # stdout captured, any exception (SystemExit too) recorded
+
+                with guarded(pm, plugin, hook_name, strict=strict) as record:
+                    impl.function(**kwargs)
+                if record.status != "ok":
+                    continue
+            else:
+                try:
+                    impl.function(**kwargs)
+                except PluginError:
+                    raise
+                except Exception as exc:
                     raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
-                pm.record_failure(plugin, exc)
-                continue
             if trace:
                 import sys
 

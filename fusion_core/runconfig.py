@@ -15,7 +15,17 @@ from typing import Any, Literal
 
 import attrs
 
-from .config import config_to_dict, load_yaml_file, make_config, option, parse_override
+from .config import (
+    at_least_one,
+    config_to_dict,
+    known_device,
+    load_yaml_file,
+    make_config,
+    option,
+    parse_override,
+    seed_range,
+    summarize,
+)
 from .errors import ConfigError, did_you_mean
 
 COMPONENT_KEYS = {"method": "method", "modelpool": "model-pool", "taskpool": "task-pool"}
@@ -27,13 +37,13 @@ class RunSettings:
     """Settings of a run besides its three components."""
 
     benchmark: str | None = option(None, help="A registered benchmark supplying modelpool/taskpool (default: 'mini' when none is given).")
-    seed: int = option(0, help="Seed for random methods (per-tensor generators) and torch.")
+    seed: int = option(0, help="Seed for random methods (per-tensor generators) and torch, in [0, 2**63 - 1].", validator=seed_range)
     output_dir: str | None = option(None, help="Where the report (and model) go; default runs/<method>-<time>.")
     save_model: bool = option(False, help="Also save the merged model in the output directory.")
     evaluate_inputs: bool = option(True, help="Also evaluate the pretrained model and each individual fine-tuned model.")
-    device: str = option("cpu", help="Device for merging and evaluation (cpu, cuda, cuda:1...).")
+    device: str = option("cpu", help="Device for merging and evaluation (cpu, cuda, cuda:N, mps).", validator=known_device)
     compute_dtype: Literal["float32", "float64", "bfloat16", "float16"] = option("float32", help="dtype kernels compute in.")
-    threads: int | None = option(None, help="torch intra-op threads (default: torch's choice).")
+    threads: int | None = option(None, help="torch intra-op threads, >= 1 (default: torch's choice).", validator=at_least_one)
     progress: bool = option(True, help="Show progress bars on stderr.")
 
 
@@ -82,7 +92,7 @@ def _as_component(value: Any, key: str) -> dict:
         return dict(value)
     if value is None:
         return {}
-    raise ConfigError(f"{key}: expected a component name or a mapping with 'name', got {value!r}")
+    raise ConfigError(f"{key}: expected a component name or a mapping with 'name', got {summarize(value)}")
 
 
 def _merge_component(current: dict | None, new: dict) -> dict:
@@ -141,13 +151,49 @@ def raw_run_config(sources: Iterable[Any] = (), overrides: Iterable[str] = ()) -
     return raw
 
 
+def _named(raw: Mapping[str, Any], key: str) -> bool:
+    return isinstance(raw.get(key), dict) and "name" in raw[key]
+
+
+def _check_pools(raw: Mapping[str, Any], settings: RunSettings) -> bool:
+    """Whether the run merges only (a model pool and no task pool); pools are never filled in unasked.
+
+    A benchmark supplies both pools (``benchmark=NAME``, or ``mini`` when neither pool is named).
+    A named model pool without a task pool merges only, which is refused unless the merged model
+    is kept (``save_model=true``); a task pool without a model pool is refused.
+    """
+    if settings.benchmark is not None or _named(raw, "modelpool") == _named(raw, "taskpool"):
+        return False
+    if _named(raw, "taskpool"):
+        raise ConfigError(
+            f"taskpool {summarize(raw['taskpool']['name'])} is given without a modelpool; set modelpool=NAME "
+            "(or benchmark=NAME to take the benchmark's models)"
+        )
+    pool = summarize(raw["modelpool"]["name"])
+    if raw.get("taskpool"):
+        fields = ", ".join(sorted(str(k) for k in raw["taskpool"]))
+        raise ConfigError(f"taskpool fields ({summarize(fields)}) are given but no task pool; set taskpool=NAME")
+    if not settings.save_model:
+        raise ConfigError(
+            f"modelpool {pool} is given without a taskpool, so nothing would be evaluated or kept; "
+            "set taskpool=NAME to evaluate the merged model, or save_model=true to merge only and save it"
+        )
+    return True
+
+
+MERGE_ONLY_NOTE = "note: no task pool: merging only, nothing is evaluated; the merged model is saved under output_dir/model"
+
+
 def resolve_run_config(raw: Mapping[str, Any], registry) -> RunConfig:
     """Validate a raw mapping against the registry; fill in the benchmark's pools and method."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     settings = make_config(RunSettings, {k: v for k, v in raw.items() if k not in COMPONENT_KEYS}, where="run")
 
+    merge_only = _check_pools(raw, settings)
     needs_bench = "modelpool" not in raw or "taskpool" not in raw or not raw.get("method", {}).get("name")
-    bench_name = settings.benchmark or (DEFAULT_BENCHMARK if needs_bench else None)
+    if merge_only and not raw.get("method", {}).get("name"):
+        raise ConfigError("no method given; set method=NAME (`fuse list methods` shows them)")
+    bench_name = settings.benchmark or (DEFAULT_BENCHMARK if needs_bench and not merge_only else None)
     if bench_name is not None and needs_bench:
         if bench_name not in registry.entries["benchmark"]:
             hint = (

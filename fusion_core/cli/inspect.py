@@ -132,6 +132,7 @@ def plugins_command(state, show_all, as_json):
             "name": record.name, "distribution": record.dist, "version": record.version, "module": record.module,
             "builtin": record.builtin, "status": record.status, "error": record.error,
             "hooks": hooks, "registered": sorted(registered.get(record.name, [])),
+            "load_seconds": round(record.load_seconds, 4),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -140,10 +141,11 @@ def plugins_command(state, show_all, as_json):
     from rich.table import Table
 
     table = Table(title="plugins", title_justify="left")
-    for col in ("name", "distribution", "version", "hooks", "registered", "status"):
-        table.add_column(col, overflow="fold")
+    for col in ("name", "distribution", "version", "hooks", "registered", "load", "status"):
+        table.add_column(col, overflow="fold", justify="right" if col == "load" else "left")
     for r in rows:
         status = r["status"] if r["status"] != "failed" else f"[red]failed: {escape(r['error'])}[/]"
+        load = f"{r['load_seconds'] * 1000:.0f} ms" if r["status"] != "skipped" else ""
         table.add_row(escape(r["name"]), r["distribution"] or "", r["version"] or "", "\n".join(r["hooks"]),
-                      escape(", ".join(r["registered"])), status)
+                      escape(", ".join(r["registered"])), load, status)
     _console().print(table if rows else "no plugins installed (use --all to see the built-ins)")

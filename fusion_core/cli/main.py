@@ -50,12 +50,22 @@ def make_cli(pm) -> click.Group:
         ctx.ensure_object(State)
         ctx.obj.debug = debug
 
-    pm.hook.fusion_register_commands(cli=cli)
+    from ..plugins import guarded
+
+    for impl in reversed(pm.hook.fusion_register_commands.get_hookimpls()):  # pluggy's order: built-ins last
+        if impl.plugin_name in getattr(pm, "records", {}):
+            with guarded(pm, impl.plugin_name, "fusion_register_commands"):
+                impl.function(cli=cli)
+        else:
+            impl.function(cli=cli)
     return cli
 
 
 def report_plugin_failures(pm, reported: set[str]) -> None:
-    """One stderr line per failed plugin, once per invocation."""
+    """One stderr line per failed, slow or printing plugin, once per invocation."""
+    from ..config import clip
+    from ..plugins import slow_plugins
+
     for record in pm.failures:
         if record.name in reported:
             continue
@@ -65,6 +75,16 @@ def report_plugin_failures(pm, reported: set[str]) -> None:
             "(set FUSE_STRICT_PLUGINS=1 to make this fatal, FUSE_DISABLE_PLUGINS to skip it)",
             err=True,
         )
+    for record in pm.records.values():
+        if record.stdout and f"stdout:{record.name}" not in reported and record.name not in reported:
+            reported.add(f"stdout:{record.name}")
+            click.echo(f"warning: {record.describe()} printed to stdout while loading (kept out of fuse's output): "
+                       f"{clip(record.stdout, 80)!r}", err=True)
+    for record in slow_plugins(pm):
+        if f"slow:{record.name}" not in reported and record.name not in reported:
+            reported.add(f"slow:{record.name}")
+            click.echo(f"note: {record.describe()} took {record.load_seconds:.1f} s to load "
+                       f"(FUSE_DISABLE_PLUGINS={record.name} skips it; `fuse plugins --all` shows load times)", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,9 @@ def _registry(ctx: click.Context):
 
 
 def _parse_sets(sets: tuple[str, ...]) -> dict:
-    from ..config import parse_value
+    from ..config import parse_value, refuse_repeated_keys
 
+    refuse_repeated_keys(sets, what="--set")
     fields = {}
     for item in sets:
         key, eq, raw = item.partition("=")
@@ -106,9 +107,12 @@ def merge_command(
     .safetensors is one file, anything else an HF folder with the base's config and
     tokenizer files and a model card recording the recipe.
     """
-    from ..config import config_to_dict, make_config
+    from ..config import SEED_MAX, check_device, config_to_dict, make_config, summarize
 
     start = time.perf_counter()
+    check_device(device, what="--device")
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {summarize(seed)}")
     mergekit_method = None
     if mergekit_config:
         if method or base or models or sets:

@@ -44,10 +44,14 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
                'modelpool.models={a: a.safetensors, b: b.safetensors}' \\
                method=simple_average taskpool=weight_stats
     """
-    from ..runconfig import load_run_config
+    from ..config import refuse_repeated_keys
+    from ..runconfig import MERGE_ONLY_NOTE, load_run_config
 
     files, overrides = split_run_args(args)
+    refuse_repeated_keys(overrides)
     config = load_run_config(files, overrides, registry=state.registry)
+    if config.taskpool is None and not print_config:
+        click.echo(MERGE_ONLY_NOTE, err=True)  # the same line for --dry-run and the run
     if print_config:
         import yaml
 
