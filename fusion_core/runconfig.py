@@ -111,7 +111,7 @@ def _set_nested(target: dict, path: list[str], value: Any, full: str) -> None:
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ConfigError(f"cannot set {full}: {part!r} is not a mapping")
+            raise ConfigError(f"cannot set {summarize(full)}: {summarize(part)} is not a mapping")
         node = child
     node[path[-1]] = value
 
@@ -125,7 +125,7 @@ def raw_run_config(sources: Iterable[Any] = (), overrides: Iterable[str] = ()) -
         where = "config" if isinstance(source, Mapping) else os.fspath(source)
         for key, value in data.items():
             if key not in allowed:
-                raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(str(key), allowed)}")
+                raise ConfigError(f"{where}: unknown key {summarize(key)}{did_you_mean(str(key)[:100], allowed)}")
             if key in COMPONENT_KEYS:
                 raw[key] = _merge_component(raw.get(key), _as_component(value, key))
             else:
@@ -134,7 +134,7 @@ def raw_run_config(sources: Iterable[Any] = (), overrides: Iterable[str] = ()) -
         path, value = parse_override(arg)
         head = path[0]
         if head not in allowed:
-            raise ConfigError(f"unknown key {head!r} in override {arg!r}{did_you_mean(head, allowed)}")
+            raise ConfigError(f"unknown key {summarize(head)} in override {summarize(arg)}{did_you_mean(head[:100], allowed)}")
         if head in COMPONENT_KEYS:
             if len(path) == 1:
                 raw[head] = _merge_component(raw.get(head), _as_component(value, head))
@@ -145,7 +145,7 @@ def raw_run_config(sources: Iterable[Any] = (), overrides: Iterable[str] = ()) -
                 else:
                     _set_nested(component, path[1:], value, arg)
         elif len(path) > 1:
-            raise ConfigError(f"{head!r} is a plain setting, it has no field {'.'.join(path[1:])!r} (override {arg!r})")
+            raise ConfigError(f"{head!r} is a plain setting, it has no field {summarize('.'.join(path[1:]))} (override {summarize(arg)})")
         else:
             raw[head] = value
     return raw
@@ -199,9 +199,9 @@ def resolve_run_config(raw: Mapping[str, Any], registry) -> RunConfig:
             hint = (
                 "; install the embedded benchmark (pip install -e plugins/fusion-minibench) or give modelpool=... taskpool=..."
                 if bench_name == DEFAULT_BENCHMARK
-                else did_you_mean(bench_name, registry.names("benchmark"))
+                else did_you_mean(str(bench_name)[:100], registry.names("benchmark"))
             )
-            raise ConfigError(f"unknown benchmark {bench_name!r}{hint}")
+            raise ConfigError(f"unknown benchmark {summarize(bench_name)}{hint}")
         bench = registry.entries["benchmark"][bench_name]
         for key, spec in (("modelpool", bench.modelpool), ("taskpool", bench.taskpool)):
             if key not in raw:
@@ -225,7 +225,9 @@ def resolve_run_config(raw: Mapping[str, Any], registry) -> RunConfig:
         if "name" not in spec:
             raise ConfigError(f"{key}: no component name; set {key}=NAME")
         name = spec.pop("name")
-        entry = registry.get(kind, str(name))
+        if not isinstance(name, str) or len(name) > 100:
+            raise ConfigError(f"{key}.name: expected a component name, got {summarize(name)}; `fuse list {kind}s` shows them")
+        entry = registry.get(kind, name)
         config = make_config(entry.cls.Config, spec, where=key)
         choices[key] = Choice(kind=kind, name=entry.name, cls=entry.cls, config=config, plugin=entry.plugin)
     return RunConfig(method=choices["method"], modelpool=choices["modelpool"], taskpool=choices["taskpool"], settings=settings)

@@ -123,6 +123,10 @@ def load_text(text: str):
         value = loader.get_single_data()
     except RecursionError:
         raise YamlBombError("YAML nesting is too deep; refusing it") from None
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError) as exc:
+        # PyYAML's constructors crash on some explicit tags (``!!float ''``, ``!!timestamp x``)
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConfigError(f"YAML value cannot be read ({type(exc).__name__}: {text}); check explicit tags like !!float") from None
     finally:
         loader.dispose()
     expanded_size(value)
