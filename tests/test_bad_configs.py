@@ -299,3 +299,90 @@ def test_plugins_all_shows_load_times(capsys):
     rows = json.loads(out)
     assert all(isinstance(r["load_seconds"], float) for r in rows)
     assert {r["name"] for r in rows} >= {"fusion_core.methods", "fusion_core.commands"}
+
+
+# --------------------------------------------------------------------------- trust_remote_code
+
+REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class FuseTinyConfig(PretrainedConfig):
+    model_type = "fuse_tiny"
+
+    def __init__(self, hidden=4, **kwargs):
+        self.hidden = hidden
+        super().__init__(**kwargs)
+"""
+REMOTE_MODEL = """
+import torch
+from transformers import PreTrainedModel
+
+from .configuration_fuse_tiny import FuseTinyConfig
+
+
+class FuseTinyModel(PreTrainedModel):
+    config_class = FuseTinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Linear(config.hidden, config.hidden)
+        self.post_init()
+
+    def forward(self, x):
+        return self.proj(x)
+"""
+
+
+def remote_code_checkpoint(folder, seed: int, write_safetensors):
+    """An HF folder whose model is defined by code shipped in it (``auto_map`` + two .py files)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "fuse_tiny", "hidden": 4, "architectures": ["FuseTinyModel"],
+        "auto_map": {"AutoConfig": "configuration_fuse_tiny.FuseTinyConfig", "AutoModel": "modeling_fuse_tiny.FuseTinyModel"}}))
+    (folder / "configuration_fuse_tiny.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_fuse_tiny.py").write_text(REMOTE_MODEL)
+    gen = torch.Generator().manual_seed(seed)
+    write_safetensors(folder / "model.safetensors", {"proj.weight": torch.randn(4, 4, generator=gen), "proj.bias": torch.randn(4, generator=gen)})
+    return str(folder)
+
+
+@pytest.fixture
+def remote_pool(tmp_path, write_safetensors, monkeypatch):
+    pytest.importorskip("fusion_hf")
+    import builtins
+
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # keep the copied code in tmp
+
+    def prompt(*args, **kwargs):
+        raise AssertionError(f"transformers asked on stdin: {args[0][:80] if args else ''}")
+
+    monkeypatch.setattr(builtins, "input", prompt)
+    base = remote_code_checkpoint(tmp_path / "base", 0, write_safetensors)
+    a = remote_code_checkpoint(tmp_path / "a", 1, write_safetensors)
+    return f"modelpool={{name: hf, base: {base}, models: {{a: {a}}}, trust_remote_code: {{trust}}}}"
+
+
+def test_trust_remote_code_names_the_code_and_reaches_every_load_path(remote_pool, capsys, tmp_path):
+    argv = ["run", "method=simple_average", remote_pool.replace("{trust}", "true"), "taskpool=weight_stats",
+            "output_dir=out", "progress=false", "evaluate_inputs=false"]
+    _, err = fuse(capsys, [*argv, "--dry-run"], code=0, lines=2)
+    warning = err.splitlines()[0]
+    assert warning.startswith("warning: trust_remote_code is on for model pool 'hf': this code from the checkpoints will run: base: ")
+    assert "AutoModel=modeling_fuse_tiny.FuseTinyModel, configuration_fuse_tiny.py, modeling_fuse_tiny.py; model 'a': " in warning
+    _, err = fuse(capsys, [*argv, "--json"], code=0, seconds=60)  # streams through the meta model, evaluates the merge
+    assert err.startswith("warning: trust_remote_code is on")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["results"]["merged"]["weights"]["parameters"] == 20.0
+
+
+def test_checkpoint_code_is_refused_in_one_line_without_trust_remote_code(remote_pool, capsys):
+    argv = ["run", "method=simple_average", remote_pool.replace("{trust}", "false"), "taskpool=weight_stats",
+            "output_dir=out", "progress=false"]
+    _, err = fuse(capsys, argv, seconds=60)
+    assert err.startswith("error: base: cannot read the config of ")
+    assert err.endswith(": it ships its own model code (auto_map in config.json, *.py files), which runs only with "
+                        "modelpool.trust_remote_code: true; set it only if you trust that code")

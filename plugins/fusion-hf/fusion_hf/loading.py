@@ -41,6 +41,9 @@ def pretrained_kwargs(loc: Location, opts: LoadOptions) -> tuple[str, dict[str, 
 
 
 def one_line(exc: BaseException) -> str:
+    if "contains custom code which must be executed" in str(exc) or "trust_remote_code=True" in str(exc):
+        return ("it ships its own model code (auto_map in config.json, *.py files), which runs only with "
+                "modelpool.trust_remote_code: true; set it only if you trust that code")
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
