@@ -54,6 +54,18 @@ FuseLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_EXP, list("-+
 FuseLoader.add_constructor("tag:yaml.org,2002:float", FuseLoader.construct_yaml_float)
 
 
+class FuseDumper(yaml.SafeDumper):
+    """The safe dumper, quoting strings that :class:`FuseLoader` would read as numbers (``'1e5'``)."""
+
+
+FuseDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_EXP, list("-+0123456789."))
+
+
+def dump(value, **kwargs) -> str:
+    """``yaml.safe_dump`` whose output :func:`load_text` reads back identically."""
+    return yaml.dump(value, Dumper=FuseDumper, **kwargs)
+
+
 def expanded_size(value, *, limit: int = MAX_ALIAS_NODES) -> int:
     """Nodes of ``value`` with every shared (aliased) container counted each time it appears.
 

@@ -133,11 +133,10 @@ class Point:
 
 def override_value_text(value: Any) -> str:
     """A value written so that YAML reads it back identically (``'0.1'`` stays a string)."""
-    import yaml
-
     from .config import parse_value
+    from .safe_yaml import dump
 
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    text = dump(value, default_flow_style=True, width=10**9).strip()
     if text.endswith("\n..."):
         text = text[: -len("\n...")].strip()
     elif text.endswith("..."):

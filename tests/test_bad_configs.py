@@ -96,6 +96,24 @@ def test_merge_key_chain_stays_small(models, capsys, tmp_path):
     assert err.startswith("error: exp.yaml: unknown key 'a0'")
 
 
+def test_merge_keys_are_bounded_even_where_pyyaml_would_copy_them(monkeypatch):
+    import fusion_core.safe_yaml as safe_yaml
+    from fusion_core.errors import ConfigError
+
+    monkeypatch.setattr(safe_yaml, "MAX_ALIAS_NODES", 5)  # PyYAML >= 6.0.2 dedups merged keys; older ones copy every pair
+    text = "a: &a {" + ", ".join(f"k{i}: {i}" for i in range(10)) + "}\nb: {<<: *a}\n"
+    with pytest.raises(ConfigError, match=r"merge keys \('<<'\) expand a mapping to more than 5 entries"):
+        safe_yaml.load_text(text)
+
+
+def test_the_c_loader_is_used_where_libyaml_is_installed():
+    import yaml
+
+    from fusion_core.safe_yaml import FuseLoader
+
+    assert issubclass(FuseLoader, yaml.CSafeLoader) == bool(yaml.__with_libyaml__)
+
+
 def test_recursive_alias_is_refused(models, capsys):
     _, err = fuse(capsys, run_args("method.scaling_factor=&a [*a]"))
     assert err.endswith("YAML aliases refer to themselves (a recursive structure); refusing it")
@@ -386,3 +404,13 @@ def test_checkpoint_code_is_refused_in_one_line_without_trust_remote_code(remote
     assert err.startswith("error: base: cannot read the config of ")
     assert err.endswith(": it ships its own model code (auto_map in config.json, *.py files), which runs only with "
                         "modelpool.trust_remote_code: true; set it only if you trust that code")
+
+
+def test_strings_that_read_as_numbers_are_quoted_when_written_back():
+    from fusion_core.config import parse_value
+    from fusion_core.safe_yaml import dump
+    from fusion_core.sweep import override_value_text
+
+    value = {"name": "1e5", "paths": ["2E3", ".5e-2"], "density": 1e-3}
+    assert parse_value(dump(value)) == value
+    assert override_value_text("1e5") == "'1e5'" and parse_value(override_value_text(1e-05)) == 1e-05

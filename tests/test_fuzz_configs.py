@@ -108,3 +108,18 @@ def test_mergekit_recipes_translate_or_fail_in_one_line(tmp_path_factory, text):
         read_mergekit_yaml(path)
     except FuseError as exc:
         one_line(exc)
+
+
+ROUND_TRIP = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8) | TOKENS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6) | TOKENS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(ROUND_TRIP)
+def test_written_values_read_back_identically(value):
+    from fusion_core.safe_yaml import dump, load_text
+
+    assert load_text(dump(value)) == value

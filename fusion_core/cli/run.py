@@ -53,9 +53,9 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
     if config.taskpool is None and not print_config:
         click.echo(MERGE_ONLY_NOTE, err=True)  # the same line for --dry-run and the run
     if print_config:
-        import yaml
+        from ..safe_yaml import dump
 
-        click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+        click.echo(dump(config.to_dict(), sort_keys=False).rstrip())
         return
     from ..api import run
     from ..console import console
@@ -65,9 +65,9 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif dry_run:
-        import yaml
+        from ..safe_yaml import dump
 
-        click.echo(yaml.safe_dump(report["plan"], sort_keys=False).rstrip())
+        click.echo(dump(report["plan"], sort_keys=False).rstrip())
         click.echo("dry run: config, names and files are valid; nothing was loaded", err=True)
     else:
         render_report(report, console())
