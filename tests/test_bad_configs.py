@@ -269,6 +269,14 @@ from fusion_core import hookimpl
 def fusion_register_methods(register):
     print("registering")
 """
+COMMAND_EXITS = """
+import sys
+from fusion_core import hookimpl
+
+@hookimpl
+def fusion_register_commands(cli):
+    sys.exit(3)
+"""
 SLEEPS = """
 import time
 time.sleep(1.2)
@@ -281,6 +289,8 @@ time.sleep(1.2)
     (INTERRUPTS, ["list", "--json"], "warning: plugin 'bad' (fusion-bad 1.2.3) failed to load: KeyboardInterrupt (set"),
     (PRINTS, ["list", "methods", "--json"], "warning: plugin 'bad' (fusion-bad 1.2.3) printed to stdout while loading "
                                             "(kept out of fuse's output): 'hello from a noisy plugin'"),
+    (COMMAND_EXITS, ["--help"], "warning: plugin 'bad' (fusion-bad 1.2.3) failed to load: SystemExit(3) in "
+                                "fusion_register_commands (set FUSE_STRICT_PLUGINS"),
     (SLEEPS, ["plugins", "--json"], "note: plugin 'bad' (fusion-bad 1.2.3) took 1.2 s to load (FUSE_DISABLE_PLUGINS=bad "
                                     "skips it; `fuse plugins --all` shows load times)"),
 ])

@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pm = get_plugin_manager()
         state = State(pm, debug)
-        report_plugin_failures(pm, state.reported)
         cli = make_cli(pm)
+        report_plugin_failures(pm, state.reported)  # import failures and those of fusion_register_commands
         return cli.main(args=argv, prog_name="fuse", obj=state, standalone_mode=False) or 0
     except FuseError as exc:
         if debug:
