@@ -424,3 +424,10 @@ def test_strings_that_read_as_numbers_are_quoted_when_written_back():
     value = {"name": "1e5", "paths": ["2E3", ".5e-2"], "density": 1e-3}
     assert parse_value(dump(value)) == value
     assert override_value_text("1e5") == "'1e5'" and parse_value(override_value_text(1e-05)) == 1e-05
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999"])
+def test_out_of_range_benchmark_seed_is_refused(capsys, seed):
+    pytest.importorskip("fusion_minibench")
+    _, err = fuse(capsys, ["run", f"modelpool.seed={seed}", "--dry-run"])
+    assert err == f"error: modelpool: seed must be in [0, 9007199254740992], got {seed}"

@@ -49,7 +49,8 @@ def _task_names(instance, attribute, value):
 class Recipe:
     """Every choice that determines the built pool; its hash keys the cache."""
 
-    seed: int = option(0, help="seed of the splits, the initialisation and the training order")
+    seed: int = option(0, help="seed of the splits, the initialisation and the training order (0 to 2**53; "
+                       "per-task generators take seed * 1000 + task)", validator=in_range(0, 2**53))
     tasks: tuple[str, ...] = option(
         tuple(data_mod.LOADERS), help="tasks to build (each gets a split, a head and an expert)", validator=_task_names
     )
