@@ -1,0 +1,179 @@
+"""fuse ui's server: the catalog, composing and validating with the core's own messages, the dry run,
+the results endpoints, and the request guard (Host / Origin)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fusion_core.cli.main import main
+from fusion_core.config import make_config
+from fusion_core.errors import ConfigError
+from fusion_core.runconfig import load_run_config
+
+TIES_ON_MINI = {"mode": "benchmark", "benchmark": "mini", "method": "ties", "values": {"method": {"density": "0.3"}}}
+
+
+def test_plugin_is_installed(capsys):
+    assert main(["plugins", "--json"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out) if r["name"] == "ui")
+    assert (row["distribution"], row["status"], row["hooks"]) == ("fusion-ui", "ok", ["fusion_register_commands"])
+
+
+def test_help_imports_neither_torch_nor_the_web_stack():
+    code = ("import sys; from fusion_core.cli.main import main; main(['--help']); main(['ui', '--help']); "
+            "print(sorted(m for m in ('torch', 'starlette', 'uvicorn', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert "--db PATH" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_catalog_groups_components_by_plugin_with_typed_fields(client):
+    catalog = client.get("/api/catalog").json()
+    methods = {item["name"]: (group["plugin"], item) for group in catalog["sections"]["method"] for item in group["items"]}
+    plugin, ties = methods["ties"]
+    assert plugin == "merging" and ties["data_free"] is True
+    density = next(f for f in ties["fields"] if f["name"] == "density")
+    assert (density["default"], density["widget"], density["required"]) == ("0.2", "text", False)
+    assert "fraction of each task vector" in density["help"]
+    # the template's method, a third-party plugin, shows with its field
+    template = [item for name, (plugin, item) in methods.items() if plugin == "example"]
+    assert [f["name"] for f in template[0]["fields"]] == ["use_base"] and template[0]["fields"][0]["widget"] == "bool"
+    assert "mini" in [b["name"] for b in catalog["benchmarks"]]
+    compute = next(f for f in catalog["settings"] if f["name"] == "compute_dtype")
+    assert compute["widget"] == "choice" and compute["choices"] == ["float32", "float64", "bfloat16", "float16"]
+
+
+def test_compose_gives_the_command_yaml_and_merge_the_core_accepts(client, registry_and_pm):
+    data = client.post("/api/compose", json=TIES_ON_MINI).json()
+    assert data["ok"], data
+    assert data["command"] == "fuse run benchmark=mini method=ties method.density=0.3"
+    assert yaml.safe_load(data["yaml"]) == {"benchmark": "mini", "method": {"name": "ties", "density": 0.3}}
+    registry, _ = registry_and_pm
+    expected = load_run_config([], ["benchmark=mini", "method=ties", "method.density=0.3"], registry=registry).to_dict()
+    assert yaml.safe_load(data["resolved"]) == expected
+    assert data["merge"] == "fuse merge ties --base BASE --model MODEL_A --model MODEL_B --set density=0.3 --output merged/"
+    # a value typed back to its default drops out of the command
+    same = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"method": {"density": " 0.20 "}}}).json()
+    assert same["command"] == "fuse run benchmark=mini method=ties"
+
+
+def test_bad_values_get_the_core_s_own_message_next_to_the_field(client, registry_and_pm):
+    registry, _ = registry_and_pm
+    data = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"method": {"density": "1.5"}}}).json()
+    with pytest.raises(ConfigError) as core:
+        make_config(registry.get("method", "ties").cls.Config, {"density": 1.5}, where="method")
+    assert not data["ok"] and data["field_errors"] == {"method.density": str(core.value)}
+    assert "density must be in [0" in data["error"]
+    wrong_type = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"method": {"density": "high"}}}).json()
+    assert wrong_type["field_errors"]["method.density"] == "method.density: expected float, got 'high' (str)"
+    unknown = client.post("/api/compose", json={**TIES_ON_MINI, "method": "tiess"}).json()
+    assert not unknown["ok"] and "did you mean" in unknown["error"] and "'ties'" in unknown["error"]
+    setting = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"settings": {"seed": "1.5"}}}).json()
+    assert setting["field_errors"] == {"settings.seed": "run.seed: expected int, got 1.5 (float)"}
+
+
+def test_pools_mode_with_files_pool_fills_the_merge_command(client):
+    state = {"mode": "pools", "modelpool": "files", "taskpool": "weight_stats", "method": "task_arithmetic",
+             "values": {"modelpool": {"base": "b.safetensors", "models": "{a: a.safetensors, b: b.safetensors}"},
+                        "method": {"scaling_factor": "0.5"}, "settings": {"seed": "3"}}}
+    data = client.post("/api/compose", json=state).json()
+    assert data["ok"], data
+    assert data["command"] == ("fuse run modelpool=files taskpool=weight_stats method=task_arithmetic "
+                               "modelpool.base=b.safetensors 'modelpool.models={a: a.safetensors, b: b.safetensors}' "
+                               "method.scaling_factor=0.5 seed=3")
+    assert data["merge"] == ("fuse merge task_arithmetic --base b.safetensors --model a.safetensors --model b.safetensors "
+                             "--set scaling_factor=0.5 --seed 3 --output merged/")
+
+
+def test_dry_run_runs_the_core_s_dry_run_in_process(client, tmp_path):
+    data = client.post("/api/dry-run", json=TIES_ON_MINI).json()
+    assert data["ok"], data
+    plan = yaml.safe_load(data["plan"])
+    assert plan["method"] == {"name": "ties", "density": 0.3, "scaling_factor": 1.0, "weights": None} or plan["method"]["density"] == 0.3
+    assert plan["modelpool"]["has_base"] is True and len(plan["taskpool"]["tasks"]) == 6
+    missing = {"mode": "pools", "modelpool": "files", "taskpool": "weight_stats", "method": "ties",
+               "values": {"modelpool": {"base": str(tmp_path / "nope.safetensors"), "models": "{a: a.safetensors}"}}}
+    failed = client.post("/api/dry-run", json=missing).json()
+    assert not failed["ok"] and "nope.safetensors" in failed["error"]
+
+
+def test_results_leaderboard_run_record_and_diff(client):
+    data = client.get("/api/results").json()
+    assert data["metric"] == "accuracy" and data["percent"] is True
+    assert data["tasks"] == ["rt_sentiment", "language_id"]
+    averages = [(r["label"], r["config"], round(r["average"]["mean"], 4)) for r in data["rows"]]
+    assert averages == [("individual", "", 0.85), ("ties", "density=0.2", 0.825), ("ties", "density=0.4", 0.78),
+                        ("pretrained", "", 0.635)]
+    assert data["filters"] == {"benchmarks": ["mini"], "methods": ["ties"], "seeds": [0]}
+    ties = next(r for r in data["runs"] if r["config"] == "density=0.4")
+    record = client.get("/api/run", params={"id": ties["id"]}).json()
+    assert record["results"] == {"ties": {"rt_sentiment": 0.66, "language_id": 0.90},
+                                 "pretrained": {"rt_sentiment": 0.64, "language_id": 0.63},
+                                 "individual": {"rt_sentiment": 0.74, "language_id": 0.96}}
+    assert record["timings"] == {"setup": 1.5, "method": 2.0, "evaluate": 0.5} and record["duration_s"] == 4.0
+    assert record["versions"]["fusion-core"] == "0.1.0" and record["config"]["method"]["density"] == 0.4
+    other = next(r for r in data["runs"] if r["config"] == "density=0.2")
+    diff = client.get("/api/diff", params={"a": other["id"], "b": ties["id"]}).json()
+    assert diff["differences"] == [{"key": "method.density", "a": "0.2", "b": "0.4"}]
+    filtered = client.get("/api/results", params={"method": "ties", "seed": "0"}).json()
+    assert len(filtered["rows"]) == 4
+    assert client.get("/api/run", params={"id": "nope"}).json()["ok"] is False
+
+
+def test_results_db_is_opened_read_only(client, results_db, monkeypatch):
+    import sqlite3
+
+    before = results_db.read_bytes()
+    opened = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda target, *a, **k: opened.append(target) or real_connect(target, *a, **k))
+    assert client.get("/api/results").json()["rows"]
+    assert opened and all(str(t).endswith("?mode=ro") for t in opened)
+    assert results_db.read_bytes() == before
+
+
+def test_missing_db_is_a_message_not_a_crash(registry_and_pm, tmp_path):
+    from starlette.testclient import TestClient
+
+    from fusion_ui.server import allowed_hosts_for, create_app
+
+    registry, pm = registry_and_pm
+    app = create_app(pm, registry, db_path=str(tmp_path / "none.sqlite"), allowed_hosts=allowed_hosts_for("127.0.0.1", 80))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        data = c.get("/api/results").json()
+    assert "no results database" in data["missing"] and not (tmp_path / "none.sqlite").exists()
+
+
+@pytest.mark.parametrize(("headers", "reason"), [
+    ({"Host": "evil.example:8765"}, "Host"),             # DNS rebinding: a foreign name resolving to 127.0.0.1
+    ({"Origin": "http://evil.example"}, "Origin"),       # a cross-site POST
+    ({"Origin": None}, "Origin"),                        # no Origin on a state-changing request
+    ({"Content-Type": "text/plain"}, "JSON"),            # a "simple" cross-site form post
+])
+def test_guard_refuses_foreign_hosts_and_origins(client, headers, reason):
+    headers = {"Content-Type": "application/json", **headers}
+    if headers.get("Origin", "") is None:
+        client.headers.pop("Origin")
+        headers.pop("Origin")
+    response = client.post("/api/dry-run", content=json.dumps(TIES_ON_MINI), headers=headers)
+    assert response.status_code == 403 and reason in response.json()["error"]
+
+
+def test_pages_forbid_framing_and_foreign_scripts(client):
+    response = client.get("/")
+    assert response.status_code == 200 and "<title>fusion</title>" in response.text
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_non_loopback_host_needs_allow_remote(capsys):
+    assert main(["ui", "--host", "0.0.0.0"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err
