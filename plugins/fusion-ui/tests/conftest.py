@@ -45,9 +45,8 @@ def results_db(tmp_path):
 
 @pytest.fixture
 def client(registry_and_pm, results_db):
-    from starlette.testclient import TestClient
-
     from fusion_ui.server import allowed_hosts_for, create_app
+    from starlette.testclient import TestClient
 
     registry, pm = registry_and_pm
     app = create_app(pm, registry, db_path=str(results_db), allowed_hosts=allowed_hosts_for("127.0.0.1", 8765))

@@ -140,9 +140,8 @@ def test_results_db_is_opened_read_only(client, results_db, monkeypatch):
 
 
 def test_missing_db_is_a_message_not_a_crash(registry_and_pm, tmp_path):
-    from starlette.testclient import TestClient
-
     from fusion_ui.server import allowed_hosts_for, create_app
+    from starlette.testclient import TestClient
 
     registry, pm = registry_and_pm
     app = create_app(pm, registry, db_path=str(tmp_path / "none.sqlite"), allowed_hosts=allowed_hosts_for("127.0.0.1", 80))
