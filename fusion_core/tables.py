@@ -74,6 +74,7 @@ class Column:
     drop: int = 0
     flex: bool = False
     min_width: int = 12
+    group: str | None = None  # columns of one group are dropped together (e.g. every per-task column)
 
     @property
     def title(self) -> str:
@@ -120,7 +121,7 @@ def fit_columns(records: Sequence[Mapping], columns: Sequence[Column], width: in
     for column in sorted((c for c in columns if not c.keep), key=lambda c: c.drop):
         if need(shown) <= width:
             break
-        shown.remove(column)
+        shown = [c for c in shown if c is not column and (column.group is None or c.group != column.group)]
     widths = {c.key: natural[c.key] for c in shown}
     flex = [c for c in shown if c.flex]
     if flex:
