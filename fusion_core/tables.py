@@ -38,6 +38,11 @@ def format_score(value: float | None, metric: str | None, *, unit: bool = True) 
     return f"{value:.4g}"
 
 
+def format_delta(value: float, metric: str | None) -> str:
+    """A difference of two scores: ``0.023`` of accuracy → ``2.3 points``; other metrics with 4 significant digits."""
+    return f"{100 * value:.1f} points" if is_percent(metric) else f"{value:.4g}"
+
+
 def format_duration(seconds: float) -> str:
     """``75`` → ``1 min 15 s``; ``4000`` → ``1 h 07 min``."""
     seconds = max(0.0, seconds)
