@@ -210,3 +210,11 @@ def test_plugin_failing_in_registration_is_reported_once(capsys, make_dist, monk
     code, out, err = fuse(capsys, "list", "methods", "--json")
     assert code == 0 and "dummy" in out
     assert err.count("warning: plugin 'badreg' (fusion-badreg 0.2) failed to load: ValueError: bad registration") == 1
+
+
+def test_merge_refuses_a_field_set_twice(capsys, tmp_path):
+    code = main(["merge", "ties", "--model", "a", "--model", "b", "-o", str(tmp_path / "out"),
+                 "--set", "density=0.2", "--set", "method.density=0.5"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: --set density is given twice; give each field once (e.g. --set density=0.5)"
+    assert not (tmp_path / "out").exists()

@@ -42,6 +42,8 @@ def _parse_sets(sets: tuple[str, ...]) -> dict:
             raise ConfigError(
                 f"malformed --set {item!r}: FIELD is one of the method's config fields (e.g. density), without dots"
             )
+        if key in fields:
+            raise ConfigError(f"--set {key} is given twice; give each field once (e.g. --set {key}={raw})")
         fields[key] = parse_value(raw)
     return fields
 
