@@ -123,7 +123,7 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     assert template, "the template plugin's method is not in the page"
     method.select_by_value(template[0].get_attribute("value"))
     WebDriverWait(browser, 10).until(ec.presence_of_element_located((By.ID, "f-method-use_base")))
-    assert "median" in browser.find_element(By.ID, "method-info").text
+    assert "example_median" in browser.find_element(By.ID, "method-info").text
 
     # ties on mini; change density and see the command follow
     method.select_by_value("ties")

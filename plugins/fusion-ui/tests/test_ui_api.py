@@ -43,8 +43,9 @@ def test_catalog_groups_components_by_plugin_with_typed_fields(client):
     assert (density["default"], density["widget"], density["required"]) == ("0.2", "text", False)
     assert "fraction of each task vector" in density["help"]
     # the template's method, a third-party plugin, shows with its field
-    template = [item for name, (plugin, item) in methods.items() if plugin == "example"]
-    assert [f["name"] for f in template[0]["fields"]] == ["use_base"] and template[0]["fields"][0]["widget"] == "bool"
+    plugin, template = methods["example_median"]
+    assert plugin == "example" and [f["name"] for f in template["fields"]] == ["use_base"]
+    assert template["fields"][0]["widget"] == "bool" and template["fields"][0]["default"] == "false"
     assert "mini" in [b["name"] for b in catalog["benchmarks"]]
     compute = next(f for f in catalog["settings"] if f["name"] == "compute_dtype")
     assert compute["widget"] == "choice" and compute["choices"] == ["float32", "float64", "bfloat16", "float16"]
