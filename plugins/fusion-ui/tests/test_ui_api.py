@@ -97,7 +97,7 @@ def test_dry_run_runs_the_core_s_dry_run_in_process(client, tmp_path):
     data = client.post("/api/dry-run", json=TIES_ON_MINI).json()
     assert data["ok"], data
     plan = yaml.safe_load(data["plan"])
-    assert plan["method"] == {"name": "ties", "density": 0.3, "scaling_factor": 1.0, "weights": None} or plan["method"]["density"] == 0.3
+    assert (plan["method"]["name"], plan["method"]["density"]) == ("ties", 0.3)
     assert plan["modelpool"]["has_base"] is True and len(plan["taskpool"]["tasks"]) == 6
     missing = {"mode": "pools", "modelpool": "files", "taskpool": "weight_stats", "method": "ties",
                "values": {"modelpool": {"base": str(tmp_path / "nope.safetensors"), "models": "{a: a.safetensors}"}}}
