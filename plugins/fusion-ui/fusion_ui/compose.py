@@ -41,7 +41,7 @@ class Composed:
             "field_errors": self.field_errors,
             "overrides": self.overrides,
             "command": "fuse run " + " ".join(shlex.quote(o) for o in self.overrides),
-            "yaml": to_yaml(self.raw) if self.raw else "",
+            "yaml": to_yaml(self.raw, flow=False) if self.raw else "",
         }
         if self.config is not None:
             out["resolved"] = to_yaml(self.config.to_dict())
@@ -49,10 +49,11 @@ class Composed:
         return out
 
 
-def to_yaml(data: Mapping) -> str:
+def to_yaml(data: Mapping, *, flow: bool | None = None) -> str:
+    """YAML as a person writes it (``flow=False``: block style throughout, for config files)."""
     import yaml
 
-    return yaml.safe_dump(plain_data(dict(data)), sort_keys=False, allow_unicode=True, default_flow_style=None)
+    return yaml.safe_dump(plain_data(dict(data)), sort_keys=False, allow_unicode=True, default_flow_style=flow, width=100)
 
 
 def _text(values: Mapping, section: str, name: str) -> str | None:

@@ -9,6 +9,7 @@ accepted; no shell is ever run.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
@@ -85,13 +86,18 @@ def allowed_hosts_for(host: str, port: int) -> set[str]:
     return {f"{name}:{port}" for name in names} | ({f"{name}" for name in names} if port == 80 else set())
 
 
-def create_app(pm, registry, *, db_path: str, allowed_hosts: set[str]):
-    """The ASGI app; ``allowed_hosts`` are the ``Host`` header values accepted (``name:port``)."""
+def create_app(pm, registry, *, db_path: str, allowed_hosts: set[str], allow_runs: bool = True):
+    """The ASGI app; ``allowed_hosts`` are the ``Host`` header values accepted (``name:port``).
+
+    ``allow_runs``: the page may start ``fuse run`` (only when served on a loopback address).
+    """
     from . import store
     from .catalog import catalog
     from .compose import compose, dry_run
+    from .runner import Runner
 
     cached_catalog = catalog(registry)
+    runner = Runner()
 
     async def body(request: Request) -> dict:
         try:
@@ -115,7 +121,31 @@ def create_app(pm, registry, *, db_path: str, allowed_hosts: set[str]):
         return FileResponse(STATIC / "index.html")
 
     async def get_catalog(request: Request):
-        return {**cached_catalog, "db": db_path}
+        return {**cached_catalog, "db": db_path, "runs": allow_runs}
+
+    def _runs_allowed():
+        if not allow_runs:
+            raise FuseError("runs can be started only from a page served on 127.0.0.1 (fuse ui without --allow-remote)")
+
+    async def post_run(request: Request):
+        _runs_allowed()
+        composed = compose(await body(request), registry)
+        if composed.config is None:
+            raise FuseError(composed.error or "the config is not valid")
+        return runner.start(composed.overrides)
+
+    async def post_stop(request: Request):
+        _runs_allowed()
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(runner.stop)
+
+    async def get_run_status(request: Request):
+        try:
+            since = max(0, int(request.query_params.get("since", "0")))
+        except ValueError:
+            since = 0
+        return runner.status(since)
 
     async def post_compose(request: Request):
         return compose(await body(request), registry).to_json(registry)
@@ -151,12 +181,20 @@ def create_app(pm, registry, *, db_path: str, allowed_hosts: set[str]):
         Route("/api/catalog", failing(get_catalog)),
         Route("/api/compose", failing(post_compose), methods=["POST"]),
         Route("/api/dry-run", failing(post_dry_run), methods=["POST"]),
+        Route("/api/runs/start", failing(post_run), methods=["POST"]),
+        Route("/api/runs/stop", failing(post_stop), methods=["POST"]),
+        Route("/api/runs/status", failing(get_run_status)),
         Route("/api/results", failing(get_results)),
         Route("/api/run", failing(get_run)),
         Route("/api/diff", failing(get_diff)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        runner.shutdown()  # Ctrl-C on `fuse ui` also stops a run started from the page
+
+    app = Starlette(routes=routes, lifespan=lifespan)
 
     async def not_found(request, exc):
         return Response("not found", status_code=404)
@@ -192,8 +230,8 @@ def serve(pm, registry, *, host: str, port: int, db_path: str, allow_remote: boo
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     url = f"http://{shown}:{port}/"
-    app = create_app(pm, registry, db_path=db_path, allowed_hosts=allowed_hosts_for(host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    app = create_app(pm, registry, db_path=db_path, allowed_hosts=allowed_hosts_for(host, port), allow_runs=is_loopback(host))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
     print(f"fuse ui: {url}  (results: {db_path}; Ctrl-C stops)", flush=True)
     if open_browser:
         import threading

@@ -148,6 +148,7 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     browser.find_element(By.ID, "dry-run").click()
     plan = wait_text(browser, "dry-run-output", lambda t: "nothing was loaded" in t or t.startswith("error"), timeout=60)
     assert "nothing was loaded" in plan and "density: 0.35" in plan and "rt_sentiment" in plan
+    assert browser.find_element(By.ID, "run-start").is_displayed()  # served on 127.0.0.1: runs may start here
     screenshot(browser, "compose.png", 1250)
 
     # results: the leaderboard, then one stored run with its per-task plot and provenance

@@ -177,3 +177,61 @@ def test_pages_forbid_framing_and_foreign_scripts(client):
 def test_non_loopback_host_needs_allow_remote(capsys):
     assert main(["ui", "--host", "0.0.0.0"]) == 2
     assert "not a loopback address" in capsys.readouterr().err
+
+
+def _wait_run(client, timeout=120):
+    import time
+
+    deadline, lines = time.time() + timeout, []
+    while True:
+        status = client.get("/api/runs/status", params={"since": len(lines)}).json()
+        lines += status["lines"]
+        if status["state"] != "running" or time.time() > deadline:
+            return status, lines
+        time.sleep(0.2)
+
+
+def test_run_from_the_page_runs_the_validated_command_and_streams_its_log(client, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    base, a, b = (str(tmp_path / f"{n}.safetensors") for n in ("base", "a", "b"))
+    for path, value in ((base, 0.0), (a, 2.0), (b, 4.0)):
+        save_file({"w": torch.full((4,), value)}, path)
+    state = {"mode": "pools", "modelpool": "files", "taskpool": "weight_stats", "method": "simple_average",
+             "values": {"modelpool": {"base": base, "models": f"{{a: {a}, b: {b}}}"},
+                        "settings": {"output_dir": "runs/page", "progress": "false"}}}
+    started = client.post("/api/runs/start", json=state).json()
+    assert started["state"] == "running" and started["command"].startswith("fuse run modelpool=files taskpool=weight_stats")
+    assert client.post("/api/runs/start", json=state).json() == {"ok": False, "error": "a run is already going; stop it first"}
+    status, lines = _wait_run(client)
+    assert status["state"] == "finished" and status["returncode"] == 0, lines
+    report = json.loads((tmp_path / "runs" / "page" / "report.json").read_text())
+    # simple average of [2, 2, 2, 2] and [4, 4, 4, 4] = 3 everywhere: L2 norm 6
+    assert report["results"]["merged"]["weights"]["l2_norm"] == pytest.approx(6.0)
+    assert any("report: runs/page/report.json" in line for line in lines)
+    bad = client.post("/api/runs/start", json={**state, "method": "no_such_method"}).json()
+    assert bad["ok"] is False and "unknown method 'no_such_method'" in bad["error"]
+
+
+def test_stop_ends_a_run_from_the_page(client, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FUSE_CACHE_DIR", str(tmp_path / "cache"))  # an empty cache: the run builds mini (minutes)
+    assert client.post("/api/runs/start", json=TIES_ON_MINI).json()["state"] == "running"
+    stopped = client.post("/api/runs/stop", json={}).json()
+    assert stopped["state"] == "stopped" and stopped["returncode"] != 0
+    assert client.post("/api/runs/stop", json={}).json() == {"ok": False, "error": "no run is going"}
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_runs_are_refused_when_served_beyond_localhost(registry_and_pm, results_db):
+    from fusion_ui.server import allowed_hosts_for, create_app
+    from starlette.testclient import TestClient
+
+    registry, pm = registry_and_pm
+    app = create_app(pm, registry, db_path=str(results_db), allowed_hosts=allowed_hosts_for("10.0.0.5", 8765), allow_runs=False)
+    with TestClient(app, base_url="http://10.0.0.5:8765") as c:
+        response = c.post("/api/runs/start", json=TIES_ON_MINI, headers={"Origin": "http://10.0.0.5:8765"})
+        assert c.get("/api/catalog").json()["runs"] is False
+    assert response.status_code == 400 and "only from a page served on 127.0.0.1" in response.json()["error"]

@@ -173,6 +173,7 @@ function renderComposed(data) {
   $("merge-command").textContent = data.merge || "";
   $("command").classList.toggle("stale", !data.ok);
   $("dry-run").disabled = !data.ok;
+  if ($("run-stop").classList.contains("hidden")) $("run-start").disabled = !data.ok;
 }
 
 async function onDryRun() {
@@ -191,6 +192,49 @@ async function onDryRun() {
     out.classList.add("failed");
     out.textContent = `error: ${err.message || err}`;
   }
+}
+
+// ---------------------------------------------------------------- run (localhost only)
+
+let runNext = 0;
+let runTimer = null;
+
+function showRunStatus(data) {
+  const log = $("run-log");
+  if (data.state !== "idle") log.classList.remove("hidden");
+  if (data.lines.length) {
+    log.textContent += data.lines.join("\n") + "\n";
+    log.scrollTop = log.scrollHeight;
+  }
+  runNext = data.next;
+  const running = data.state === "running";
+  $("run-stop").classList.toggle("hidden", !running);
+  $("run-start").disabled = running || !(composed && composed.ok);
+  const seconds = data.seconds === null ? "" : ` (${data.seconds} s)`;
+  $("run-state").textContent = data.state === "idle" ? "starts the command above in the server's folder (output under runs/); Stop ends it" : `${data.state}${seconds}: ${data.command}` +
+    (data.returncode !== null && data.state !== "running" ? `, exit ${data.returncode}` : "");
+  clearTimeout(runTimer);
+  if (running) runTimer = setTimeout(pollRun, 1000);
+}
+
+async function pollRun() {
+  try { showRunStatus(await api(`/api/runs/status?since=${runNext}`)); } catch (err) { reportError(err); }
+}
+
+async function onRunStart() {
+  $("run-log").textContent = "";
+  runNext = 0;
+  try {
+    showRunStatus(await api("/api/runs/start", pageState()));
+  } catch (err) {
+    $("run-state").textContent = `error: ${err.message || err}`;
+  }
+}
+
+async function onRunStop() {
+  $("run-stop").disabled = true;
+  try { showRunStatus(await api("/api/runs/stop", {})); } catch (err) { reportError(err); }
+  $("run-stop").disabled = false;
 }
 
 function copyText(id) {
@@ -225,6 +269,12 @@ function initCompose() {
   $("copy-command").addEventListener("click", () => copyText("command"));
   $("copy-merge").addEventListener("click", () => copyText("merge-command"));
   $("download-yaml").addEventListener("click", downloadYaml);
+  if (catalog.runs) {
+    $("run-box").classList.remove("hidden");
+    $("run-start").addEventListener("click", onRunStart);
+    $("run-stop").addEventListener("click", onRunStop);
+    pollRun();
+  }
   for (const section of ["method", "modelpool", "taskpool"]) {
     const component = findComponent(section, $(section).value);
     if (section === "method" && component) renderMethodInfo(component);
