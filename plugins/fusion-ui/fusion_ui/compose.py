@@ -109,6 +109,7 @@ def compose(state: Mapping[str, Any], registry) -> Composed:
         for section in sections:
             name = str(state.get(section) or "")
             if section == "taskpool" and not name:
+                overrides.append("taskpool=null")  # no evaluation (an absent taskpool would be the default benchmark's)
                 continue
             entries[section] = registry.get(SECTIONS[section], name)
             overrides.append(f"{section}={name}")

@@ -93,6 +93,15 @@ def test_pools_mode_with_files_pool_fills_the_merge_command(client):
                              "--set scaling_factor=0.5 --seed 3 --output merged/")
 
 
+def test_pools_mode_without_a_task_pool_evaluates_nothing(client):
+    state = {"mode": "pools", "modelpool": "files", "taskpool": "", "method": "simple_average",
+             "values": {"modelpool": {"models": "{a: a.safetensors, b: b.safetensors}"}}}
+    data = client.post("/api/compose", json=state).json()
+    assert data["ok"], data
+    assert data["command"] == "fuse run modelpool=files taskpool=null method=simple_average 'modelpool.models={a: a.safetensors, b: b.safetensors}'"
+    assert yaml.safe_load(data["resolved"])["taskpool"] is None
+
+
 def test_dry_run_runs_the_core_s_dry_run_in_process(client, tmp_path):
     data = client.post("/api/dry-run", json=TIES_ON_MINI).json()
     assert data["ok"], data
