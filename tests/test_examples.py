@@ -25,6 +25,7 @@ def test_every_config_file_the_readme_commands_name_is_shipped():
 
 
 def test_experiment_yaml_validates_and_resolves_as_documented(capsys):
+    pytest.importorskip("fusion_minibench", reason="the example runs on the mini benchmark (plugins/fusion-minibench)")
     path = str(EXAMPLES / "experiment.yaml")
     assert main(["run", path, "--print-config"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
@@ -37,6 +38,7 @@ def test_experiment_yaml_validates_and_resolves_as_documented(capsys):
 
 
 def test_exp_yaml_plans_the_readme_sweep():
+    pytest.importorskip("fusion_minibench", reason="the example runs on the mini benchmark (plugins/fusion-minibench)")
     from fusion_core.plugins import get_plugin_manager
     from fusion_core.registry import build_registry
     from fusion_core.sweep import plan_sweep
