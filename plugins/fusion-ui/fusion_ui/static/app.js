@@ -401,6 +401,7 @@ async function loadResults() {
   results = data;
   $("db-path").textContent = `database: ${data.db}`;
   $("results-missing").classList.toggle("hidden", !data.missing);
+  $("results-body").classList.toggle("hidden", Boolean(data.missing));
   if (data.missing) { $("results-missing").textContent = data.missing; return; }
   renderFilters(data);
   renderLeaderboard(data);
@@ -459,7 +460,8 @@ async function route() {
   $("tab-compose").classList.toggle("active", !onResults);
   $("tab-results").classList.toggle("active", onResults);
   if (!onResults) return;
-  if (!results) await loadResults();
+  setStatus("");
+  if (!results || !hash.startsWith("#run=")) await loadResults();  // fresh on each visit: a bench may be writing
   if (hash.startsWith("#run=")) await showRun(decodeURIComponent(hash.slice(5)));
   else $("run-detail").classList.add("hidden");
 }
