@@ -116,6 +116,7 @@ def compose(state: Mapping[str, Any], registry) -> Composed:
         for section, entry in entries.items():
             overrides += _section_overrides(section, entry.cls.Config, values, f"{section}.", errors)
         overrides += _section_overrides("settings", RunSettings, values, "", errors)
+        overrides += _extra_overrides(str(state.get("extra") or ""), errors)
     except FuseError as exc:
         return Composed(overrides=overrides, field_errors=errors, error=str(exc))
     if errors:
@@ -128,12 +129,30 @@ def compose(state: Mapping[str, Any], registry) -> Composed:
     return Composed(overrides=overrides, field_errors={}, error=None, config=config, raw=raw)
 
 
+def _extra_overrides(text: str, errors: dict) -> list[str]:
+    """Free ``key=value`` arguments typed as on the command line (split like a shell would, never run by one)."""
+    from fusion_core.config import parse_override
+
+    try:
+        args = shlex.split(text)
+    except ValueError as exc:
+        errors["extra.overrides"] = f"cannot split the extra arguments: {exc}"
+        return []
+    for arg in args:
+        try:
+            parse_override(arg)
+        except ConfigError as exc:
+            errors["extra.overrides"] = str(exc)
+            return []
+    return args
+
+
 def _attribute(message: str) -> dict[str, str]:
     """Point a whole-config error at the field it names (``method.density`` or ``method: density ...``)."""
     import re
 
     match = re.search(r"\b(method|modelpool|taskpool)[.:] ?([A-Za-z_]\w*)\b", message)
-    return {f"{match.group(1)}.{match.group(2)}": message} if match else {}
+    return {f"{match.group(1)}.{match.group(2)}": message, "extra.overrides": message} if match else {"extra.overrides": message}
 
 
 def merge_command(config, overrides: list[str], registry) -> str | None:

@@ -100,14 +100,18 @@ def wait_text(driver, element_id, predicate, timeout=30):
 
 
 def set_field(driver, element_id, text):
+    """Replace a text field's value as a person would (select all, then type), firing input events."""
+    from selenium.webdriver.common.keys import Keys
+
     field = driver.find_element(By.ID, element_id)
-    field.clear()
-    field.send_keys(text)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(text or Keys.BACKSPACE)
 
 
 def screenshot(driver, name, height):
     if os.environ.get("FUSE_UI_SCREENSHOTS") == "1":
         driver.set_window_size(1360, height)
+        driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
         time.sleep(0.3)
         driver.save_screenshot(str(DOCS / name))
 
@@ -143,13 +147,20 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     set_field(browser, "f-method-density", "0.35")
     wait_text(browser, "error-method-density", lambda t: t == "")
 
+    # a misspelled key among the extra arguments: the core's "did you mean"
+    set_field(browser, "extra-overrides", "method.densty=0.5")
+    assert wait_text(browser, "error-extra-overrides", lambda t: "did you mean" in t) == \
+        "unknown field method.densty (did you mean 'density'?)"
+    set_field(browser, "extra-overrides", "")
+    wait_text(browser, "error-extra-overrides", lambda t: t == "")
+
     # the dry run, in the server process
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "dry-run").is_enabled())
     browser.find_element(By.ID, "dry-run").click()
     plan = wait_text(browser, "dry-run-output", lambda t: "nothing was loaded" in t or t.startswith("error"), timeout=60)
     assert "nothing was loaded" in plan and "density: 0.35" in plan and "rt_sentiment" in plan
     assert browser.find_element(By.ID, "run-start").is_displayed()  # served on 127.0.0.1: runs may start here
-    screenshot(browser, "compose.png", 1250)
+    screenshot(browser, "compose.png", 1320)
 
     # results: the leaderboard, then one stored run with its per-task plot and provenance
     browser.get(server + "#results")

@@ -80,6 +80,18 @@ def test_bad_values_get_the_core_s_own_message_next_to_the_field(client, registr
     assert setting["field_errors"] == {"settings.seed": "run.seed: expected int, got 1.5 (float)"}
 
 
+def test_extra_arguments_are_validated_with_did_you_mean(client):
+    typo = client.post("/api/compose", json={**TIES_ON_MINI, "extra": "method.densty=0.5"}).json()
+    assert not typo["ok"] and typo["error"] == "unknown field method.densty (did you mean 'density'?)"
+    assert typo["field_errors"]["extra.overrides"] == typo["error"]
+    setting = client.post("/api/compose", json={**TIES_ON_MINI, "extra": "sed=3"}).json()
+    assert "unknown key 'sed'" in setting["error"] and "did you mean 'seed'" in setting["error"]
+    good = client.post("/api/compose", json={**TIES_ON_MINI, "extra": "'method.weights=[0.6, 0.4]' seed=2"}).json()
+    assert good["ok"] and good["command"].endswith("method.density=0.3 'method.weights=[0.6, 0.4]' seed=2")
+    malformed = client.post("/api/compose", json={**TIES_ON_MINI, "extra": "justaword"}).json()
+    assert malformed["field_errors"] == {"extra.overrides": "malformed override 'justaword': expected key=value (e.g. method.density=0.2)"}
+
+
 def test_pools_mode_with_files_pool_fills_the_merge_command(client):
     state = {"mode": "pools", "modelpool": "files", "taskpool": "weight_stats", "method": "task_arithmetic",
              "values": {"modelpool": {"base": "b.safetensors", "models": "{a: a.safetensors, b: b.safetensors}"},

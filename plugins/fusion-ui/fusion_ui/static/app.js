@@ -124,7 +124,7 @@ function pageState() {
     (values[section] = values[section] || {})[input.dataset.field] = input.value;
   }
   return { mode: mode(), benchmark: $("benchmark").value, method: $("method").value,
-           modelpool: $("modelpool").value, taskpool: $("taskpool").value, values };
+           modelpool: $("modelpool").value, taskpool: $("taskpool").value, values, extra: $("extra-overrides").value };
 }
 
 let composeTimer = null;
@@ -266,6 +266,7 @@ function initCompose() {
   for (const section of ["method", "modelpool", "taskpool"]) $(section).addEventListener("change", () => onComponentChange(section));
   for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", onModeChange);
   $("dry-run").addEventListener("click", onDryRun);
+  $("extra-overrides").addEventListener("input", scheduleCompose);
   $("copy-command").addEventListener("click", () => copyText("command"));
   $("copy-merge").addEventListener("click", () => copyText("merge-command"));
   $("download-yaml").addEventListener("click", downloadYaml);
