@@ -86,10 +86,11 @@ def allowed_hosts_for(host: str, port: int) -> set[str]:
     return {f"{name}:{port}" for name in names} | ({f"{name}" for name in names} if port == 80 else set())
 
 
-def create_app(pm, registry, *, db_path: str, allowed_hosts: set[str], allow_runs: bool = True):
+def create_app(pm, registry, *, db_path: str, allowed_hosts: set[str], allow_runs: bool = True, runs_dir: str = "runs"):
     """The ASGI app; ``allowed_hosts`` are the ``Host`` header values accepted (``name:port``).
 
     ``allow_runs``: the page may start ``fuse run`` (only when served on a loopback address).
+    ``runs_dir``: where the reports of ``fuse run`` are listed from (``runs/<name>/report.json``).
     """
     from . import store
     from .catalog import catalog
@@ -172,6 +173,12 @@ def create_app(pm, registry, *, db_path: str, allowed_hosts: set[str], allow_run
     async def get_run(request: Request):
         return store.run_record(db_path, request.query_params.get("id", ""))
 
+    async def get_reports(request: Request):
+        return {"runs_dir": runs_dir, "reports": store.reports(runs_dir)}
+
+    async def get_report(request: Request):
+        return store.report_record(runs_dir, request.query_params.get("name", ""))
+
     async def get_diff(request: Request):
         q = request.query_params
         return store.diff(db_path, q.get("a", ""), q.get("b", ""))
@@ -187,6 +194,8 @@ def create_app(pm, registry, *, db_path: str, allowed_hosts: set[str], allow_run
         Route("/api/results", failing(get_results)),
         Route("/api/run", failing(get_run)),
         Route("/api/diff", failing(get_diff)),
+        Route("/api/reports", failing(get_reports)),
+        Route("/api/report", failing(get_report)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     @contextlib.asynccontextmanager
@@ -219,7 +228,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(pm, registry, *, host: str, port: int, db_path: str, allow_remote: bool = False,
-          open_browser: bool = False) -> None:
+          open_browser: bool = False, runs_dir: str = "runs") -> None:
     """Serve the page until Ctrl-C; prints the URL first."""
     import uvicorn
 
@@ -230,7 +239,8 @@ def serve(pm, registry, *, host: str, port: int, db_path: str, allow_remote: boo
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     url = f"http://{shown}:{port}/"
-    app = create_app(pm, registry, db_path=db_path, allowed_hosts=allowed_hosts_for(host, port), allow_runs=is_loopback(host))
+    app = create_app(pm, registry, db_path=db_path, allowed_hosts=allowed_hosts_for(host, port), allow_runs=is_loopback(host),
+                     runs_dir=runs_dir)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
     print(f"fuse ui: {url}  (results: {db_path}; Ctrl-C stops)", flush=True)
     if open_browser:

@@ -151,3 +151,73 @@ def diff(path: str | Path, a: str, b: str) -> dict:
     return {"a": {"id": a, "label": left["label"], "config": left["config_summary"]},
             "b": {"id": b, "label": right["label"], "config": right["config_summary"]},
             "differences": rows, "same": len(fa) - sum(1 for r in rows if r["key"] in fa)}
+
+
+# --------------------------------------------------------------------------- reports of `fuse run` (runs/*/report.json)
+
+MAX_REPORT_BYTES = 20 * 2**20
+
+
+def _report_path(runs_dir: str | Path, name: str) -> Path:
+    """``runs_dir/name/report.json`` for a plain folder name only (no separators, no dot-folders)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]*", name or ""):
+        raise FuseError(f"not a run folder name: {name!r}")
+    return Path(runs_dir) / name / "report.json"
+
+
+def _read_report(path: Path) -> dict | None:
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("fusion_report") else None
+
+
+def _labelled(results: Mapping, method: str) -> dict:
+    return {_db.method_label(label, method): per_task for label, per_task in (results or {}).items()}
+
+
+def reports(runs_dir: str | Path) -> list[dict]:
+    """The reports ``fuse run`` wrote under ``runs_dir`` (one folder per run), newest first."""
+    root = Path(runs_dir)
+    out = []
+    if not root.is_dir():
+        return out
+    for folder in sorted(root.iterdir()):
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        report = _read_report(folder / "report.json")
+        if report is None:
+            continue
+        config = report.get("config") or {}
+        method = (config.get("method") or {}).get("name", "?")
+        averages = _labelled(report.get("averages") or {}, method)
+        out.append({"name": folder.name, "method": method, "benchmark": config.get("benchmark"), "seed": report.get("seed"),
+                    "started": report.get("started"), "duration_s": report.get("duration_s"),
+                    "peak_rss_mb": report.get("peak_rss_mb"), "metric": report.get("primary_metric"),
+                    "percent": report.get("primary_metric") in _lb.PERCENT_METRICS, "average": averages.get(method)})
+    return sorted(out, key=lambda r: str(r["started"]), reverse=True)
+
+
+def report_record(runs_dir: str | Path, name: str) -> dict:
+    """One ``fuse run`` report in the shape of :func:`run_record` (peak memory included)."""
+    report = _read_report(_report_path(runs_dir, name))
+    if report is None:
+        raise FuseError(f"no readable report.json in {Path(runs_dir) / name}")
+    config = report.get("config") or {}
+    method = (config.get("method") or {}).get("name", "?")
+    metric = report.get("primary_metric")
+    results = {label: {task: (metrics or {}).get(metric) for task, metrics in per_task.items()}
+               for label, per_task in _labelled(report.get("results") or {}, method).items()}
+    return {
+        "id": name, "label": method, "kind": "method", "config_summary": "", "benchmark": config.get("benchmark"),
+        "sweep": None, "seed": report.get("seed"), "status": "ok", "error": None, "config": config,
+        "versions": report.get("versions") or {}, "timings": report.get("timings") or {},
+        "duration_s": report.get("duration_s"), "peak_rss_mb": report.get("peak_rss_mb"),
+        "created_at": report.get("started") or "", "metric": metric, "percent": metric in _lb.PERCENT_METRICS,
+        "results": results,
+    }

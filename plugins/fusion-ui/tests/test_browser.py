@@ -166,6 +166,7 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     browser.get(server + "#results")
     board = wait_text(browser, "leaderboard", lambda t: "individual" in t)
     assert "52.5" in board and "70.0" in board  # pretrained and ties averages of the README table, in percent
+    assert "none yet" in wait_text(browser, "reports", lambda t: "run" in t)  # no fuse run report in runs/ here
     run_link = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr:not(.baseline) a.run-link")[-1]
     run_link.click()
     wait_text(browser, "run-title", lambda t: t.startswith("Run "))
@@ -176,5 +177,5 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     browser.find_element(By.ID, "diff-button").click()
     assert "method.density" in wait_text(browser, "diff", lambda t: "density" in t or "identical" in t)
     browser.execute_script("window.scrollTo(0, 0)")
-    screenshot(browser, "results.png", 1500)
+    screenshot(browser, "results.png", 2000)
     print(f"browser test steps took {time.perf_counter() - started:.1f}s")

@@ -256,3 +256,34 @@ def test_runs_are_refused_when_served_beyond_localhost(registry_and_pm, results_
         response = c.post("/api/runs/start", json=TIES_ON_MINI, headers={"Origin": "http://10.0.0.5:8765"})
         assert c.get("/api/catalog").json()["runs"] is False
     assert response.status_code == 400 and "only from a page served on 127.0.0.1" in response.json()["error"]
+
+
+def test_reports_of_fuse_run_are_listed_with_peak_memory_and_confined(registry_and_pm, tmp_path, capsys):
+    import torch
+    from fusion_ui.server import allowed_hosts_for, create_app
+    from safetensors.torch import save_file
+    from starlette.testclient import TestClient
+
+    paths = {}
+    for name, value in (("base", 0.0), ("a", 2.0), ("b", 4.0)):
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        save_file({"w": torch.full((4,), value)}, paths[name])
+    runs = tmp_path / "runs"
+    assert main(["run", "modelpool=files", f"modelpool.base={paths['base']}",
+                 f"modelpool.models={{a: {paths['a']}, b: {paths['b']}}}", "taskpool=weight_stats", "method=simple_average",
+                 "progress=false", f"output_dir={runs / 'avg-1'}", "--json"]) == 0
+    capsys.readouterr()
+    (runs / ".avg-2.tmp-x").mkdir()  # a run still being written: not listed
+    registry, pm = registry_and_pm
+    app = create_app(pm, registry, db_path=str(tmp_path / "none.sqlite"), allowed_hosts=allowed_hosts_for("127.0.0.1", 80),
+                     runs_dir=str(runs))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        listed = c.get("/api/reports").json()["reports"]
+        record = c.get("/api/report", params={"name": "avg-1"}).json()
+        outside = [c.get("/api/report", params={"name": n}).json() for n in ("../avg-1", ".avg-2.tmp-x", "/etc")]
+    assert [r["name"] for r in listed] == ["avg-1"] and listed[0]["method"] == "simple_average"
+    assert listed[0]["peak_rss_mb"] > 0 and record["peak_rss_mb"] == listed[0]["peak_rss_mb"]
+    # simple average of [2]*4 and [4]*4 = [3]*4: L2 norm 6 (weight_stats' primary metric)
+    assert record["metric"] == "l2_norm" and record["results"]["simple_average"] == {"weights": pytest.approx(6.0)}
+    assert record["config"]["method"]["name"] == "simple_average" and "setup" in record["timings"]
+    assert all(o["ok"] is False and "not a run folder name" in o["error"] for o in outside)

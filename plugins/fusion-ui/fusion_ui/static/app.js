@@ -409,8 +409,29 @@ async function loadResults() {
   renderRuns(data);
 }
 
+async function loadReports() {
+  const data = await api("/api/reports");
+  $("reports-title").replaceChildren("Reports of ", el("code", { text: "fuse run" }), ` in ${data.runs_dir}/`);
+  const head = el("tr", {}, ["run", "method", "benchmark", "seed", "average", "duration", "peak memory", "started"].map((h) => el("th", { text: h })));
+  const rows = data.reports.map((r) => el("tr", {},
+    el("td", {}, el("a", { href: `#report=${encodeURIComponent(r.name)}`, class: "report-link", text: r.name })),
+    el("td", { text: r.method }), el("td", { text: r.benchmark || "–" }), el("td", { text: r.seed }),
+    el("td", { class: "num", text: fmt(r.average, r.percent) }),
+    el("td", { class: "num", text: r.duration_s === null || r.duration_s === undefined ? "–" : `${Number(r.duration_s).toFixed(1)} s` }),
+    el("td", { class: "num", text: r.peak_rss_mb ? `${r.peak_rss_mb} MiB` : "–" }), el("td", { text: r.started || "" })));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 8, class: "muted", text: "none yet (fuse run writes runs/<method>-<time>/report.json)" })));
+  $("reports").replaceChildren(el("thead", {}, head), el("tbody", {}, rows));
+}
+
 async function showRun(id) {
-  const data = await api(`/api/run?id=${encodeURIComponent(id)}`);
+  renderRunDetail(await api(`/api/run?id=${encodeURIComponent(id)}`));
+}
+
+async function showReport(name) {
+  renderRunDetail(await api(`/api/report?name=${encodeURIComponent(name)}`));
+}
+
+function renderRunDetail(data) {
   $("run-detail").classList.remove("hidden");
   $("run-title").textContent = `Run ${data.kind === "baseline" ? "baselines" : data.label}${data.config_summary ? ` (${data.config_summary})` : ""}, seed ${data.seed}`;
   const labels = Object.keys(data.results);
@@ -455,15 +476,17 @@ function reportError(err) { setStatus(`error: ${err.message || err}`); }
 
 async function route() {
   const hash = location.hash || "#compose";
-  const onResults = hash.startsWith("#results") || hash.startsWith("#run=");
+  const onResults = hash.startsWith("#results") || hash.startsWith("#run=") || hash.startsWith("#report=");
   $("page-compose").classList.toggle("hidden", onResults);
   $("page-results").classList.toggle("hidden", !onResults);
   $("tab-compose").classList.toggle("active", !onResults);
   $("tab-results").classList.toggle("active", onResults);
   if (!onResults) return;
   setStatus("");
-  if (!results || !hash.startsWith("#run=")) await loadResults();  // fresh on each visit: a bench may be writing
+  const detail = hash.startsWith("#run=") || hash.startsWith("#report=");
+  if (!results || !detail) await Promise.all([loadResults(), loadReports()]);  // fresh on each visit: a bench may be writing
   if (hash.startsWith("#run=")) await showRun(decodeURIComponent(hash.slice(5)));
+  else if (hash.startsWith("#report=")) await showReport(decodeURIComponent(hash.slice(8)));
   else $("run-detail").classList.add("hidden");
 }
 
