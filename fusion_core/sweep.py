@@ -437,10 +437,12 @@ def _select_and_finish(plan: SweepPlan, db, executor, env, registry, plugin_mana
                   "selected on the TEST split (explicitly requested with --select-on test): the final score is optimistic")
     margin = None if runner_up is None else abs(best.score - runner_up.score)
     direction = "lowest" if plan.minimize else "highest"
+    from .tables import format_delta, format_score
+
     why = (f"point {best.point.index + 1} ({best.point.label}) has the {direction} mean {metric} on the "
-           f"{plan.splits.select or 'test'} split: {best.score:.6g}"
-           + (f", {margin:.6g} ahead of point {runner_up.point.index + 1} ({runner_up.point.label}, {runner_up.score:.6g})"
-              if runner_up else " (the only point that finished)"))
+           f"{plan.splits.select or 'test'} split: {format_score(best.score, metric)}"
+           + (f", {format_delta(margin, metric)} ahead of point {runner_up.point.index + 1} ({runner_up.point.label}, "
+              f"{format_score(runner_up.score, metric)})" if runner_up else " (the only point that finished)"))
     return {
         "fusion_sweep": 1,
         "sweep": plan.sweep_id,

@@ -128,12 +128,12 @@ EXPECTED_MD = """\
 """
 
 EXPECTED_CSV = """\
-rank,method,kind,config,seeds,a,b,average,a_std,b_std,average_std
-1,individual,baseline,,0,1.0,1.0,1.0,,,
-2,shift_test,method,,0 2,0.83,0.83,0.83,0.113137,0.113137,0.113137
-3,simple_average,method,,0 2,0.75,0.75,0.75,0.0,0.0,0.0
-4,task_arithmetic,method,scaling_factor=0.5,0 2,0.75,0.75,0.75,0.0,0.0,0.0
-5,pretrained,baseline,,0,0.0,0.0,0.0,,,
+rank,method,kind,config,seeds,seed_list,a,b,average,a_std,b_std,average_std
+1,individual,baseline,,1,0,1.0,1.0,1.0,,,
+2,shift_test,method,,2,0 2,0.83,0.83,0.83,0.113137,0.113137,0.113137
+3,simple_average,method,,2,0 2,0.75,0.75,0.75,0.0,0.0,0.0
+4,task_arithmetic,method,scaling_factor=0.5,2,0 2,0.75,0.75,0.75,0.0,0.0,0.0
+5,pretrained,baseline,,1,0,0.0,0.0,0.0,,,
 """
 
 METHODS = ("--method", "task_arithmetic:scaling_factor=0.5", "--method", "simple_average", "--method", "shift_test")
@@ -289,3 +289,43 @@ def test_two_bench_runs_on_one_database_at_once_lose_no_rows(bench_pm, tmp_path)
     assert {(r.config_summary, r.seed) for r in stored} == {(f"step={s}", seed) for s in (0.01, 0.02) for seed in range(4)}
     # both runs may have evaluated the baselines; the cell is kept once
     assert len(rows("shared.sqlite", "kind = 'baseline'")) == 4
+
+
+def test_progress_reads_in_percent_with_an_estimate_and_piped_leaderboard_is_records(bench_pm, capsys):
+    code, out, err = fuse(capsys, "tiny", "--method", "simple_average", *SEEDS)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line]
+    assert lines[0] == "bench tiny: 2 cells, 2 to run, 0 done before (results: runs/results.sqlite)"
+    # simple average of a and b: w = [0.5, 0.5] → accuracy 1 - 0.25 = 75.0 % on both tasks
+    assert lines[1].startswith("[1/2] simple_average seed 0: average 75.0 %, ")
+    assert "s; about " in lines[1] and lines[1].endswith("s left (1 more × " + lines[1].split("× ")[1])
+    assert lines[2].startswith("[2/2] simple_average seed 2: average 75.0 %, ") and "left" not in lines[2]
+    out_lines = out.splitlines()
+    assert out_lines[0] == "tiny leaderboard — accuracy (%)"
+    assert out_lines[1] == "#\tmethod\tconfig\tseeds\ta\tb\taverage"
+    assert out_lines[2] == "1\tindividual\t–\t1\t100.0\t100.0\t100.0"
+    assert out_lines[3] == "2\tsimple_average\t–\t2\t75.0 ± 0.0\t75.0 ± 0.0\t75.0 ± 0.0"
+
+
+def test_leaderboard_at_80_columns_leaves_out_every_task_column_together():
+    import io
+
+    from rich.console import Console
+
+    from fusion_core.leaderboard import Leaderboard as Board
+    from fusion_core.leaderboard import LeaderboardRow, Stat, render_rich
+
+    tasks = ("rt_sentiment", "rt_subjectivity", "debate_party", "convention_party", "chatter_topic", "language_id")
+    row = LeaderboardRow(label="task_arithmetic", kind="method", config="scaling_factor=0.3", seeds=(0, 1, 2),
+                         tasks={t: Stat(0.7, 0.01, 3) for t in tasks}, average=Stat(0.725, 0.004, 3))
+    board = Board(title="mini leaderboard", metric="accuracy", tasks=tasks, rows=(row,))
+    buf = io.StringIO()
+    render_rich(board, Console(file=buf, width=80, force_terminal=True, color_system=None), fmt="table")
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "task_arithmetic" in text and "scaling_factor=0.3" in text and "72.5 ± 0.4" in text
+    assert not any(t[:6] in text for t in tasks)  # no task column, not even cut to "rt_…"
+    assert "per-task columns left out at 80 columns" in text
+    wide = io.StringIO()
+    render_rich(board, Console(file=wide, width=200, force_terminal=True, color_system=None), fmt="table")
+    assert "rt_sentiment" in wide.getvalue() and "left out" not in wide.getvalue()

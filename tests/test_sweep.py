@@ -160,7 +160,7 @@ def test_selection_uses_validation_and_only_the_winner_sees_test(exp, tmp_path):
     assert report["runner_up"]["index"] == 1 and report["margin"] == pytest.approx(0.16, abs=1e-6)
     assert report["selection"] == {"split": "val", "final_split": "test", "metric": "accuracy", "mode": "max",
                                    "honest": True, "note": "selected on the 'val' split; the final score is on 'test'"}
-    assert report["why"].startswith("point 2 (method.scaling_factor=0.5) has the highest mean accuracy on the val split: 1, 0.16")
+    assert report["why"].startswith("point 2 (method.scaling_factor=0.5) has the highest mean accuracy on the val split: 100.0 %, 16.0 points")
     final = report["final"]
     assert final["status"] == "ok" and final["split"] == "test" and not final["reused_selection_run"]
     assert final["results"]["merged"] == {"a": {"accuracy": 0.75}, "b": {"accuracy": 0.75}}
@@ -228,6 +228,8 @@ def test_cli_sweep_writes_its_report_and_a_rerun_resumes(exp, cli_pm, capsys, tm
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert report["winner"]["label"] == "method.scaling_factor=0.5" and report["db"] == "r.sqlite"
     assert "winner: point 2 (method.scaling_factor=0.5)" in " ".join(out.split())
+    # scores in percent with one decimal: λ = 0.1, 0.5, 1.0 score 1 - 0.4², 1, 1 - 0.5² on val
+    assert "mean accuracy (%)" in out and all(f" {s} │" in out for s in ("84.0", "100.0", "75.0"))
     assert err.count(": done") == 3
     evaluations = len(Closeness.evaluated)
     code = main(["sweep", exp, *LAMBDAS, "--report", "again.json", "--db", "r.sqlite"])

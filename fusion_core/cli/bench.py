@@ -156,6 +156,7 @@ class CellOutcome:
     seconds: float = 0.0
     error: str | None = None
     average: float | None = None
+    metric: str | None = None
 
 
 def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin_manager=None,
@@ -194,7 +195,8 @@ def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin
                 store_report(db, report, cell.config_dict, summary=cell.summary, source="bench", benchmark=plan.benchmark)
                 if any(k in report["results"] for k in ("pretrained", "individual")):
                     need_baselines = False
-                outcome = CellOutcome(cell, "ok", seconds, average=report.get("averages", {}).get("merged"))
+                outcome = CellOutcome(cell, "ok", seconds, average=report.get("averages", {}).get("merged"),
+                                      metric=report.get("primary_metric"))
         outcomes.append(outcome)
         if on_cell is not None:
             on_cell(i, total, outcome)
@@ -218,19 +220,38 @@ def failed_cells(db, plan: BenchPlan) -> list:
 # --------------------------------------------------------------------------- the command
 
 
-def _progress_line(i: int, total: int, outcome: CellOutcome) -> None:
-    from ..console import error_console
+class Progress:
+    """One plain line per cell on stderr (readable piped), with the time left once a cell has run.
 
-    cell = outcome.cell
-    where = f"[{i}/{total}] {cell.name} seed {cell.seed}"
-    if outcome.status == "skipped":
-        text = f"{where}: done before, skipped (--force reruns it)"
-    elif outcome.status == "failed":
-        text = f"[red]{where}: failed after {outcome.seconds:.1f}s: {outcome.error}[/]"
-    else:
-        avg = "" if outcome.average is None else f" average {outcome.average:.4g},"
-        text = f"{where}:{avg} {outcome.seconds:.1f}s"
-    error_console().print(text, markup=True, highlight=False)
+    The estimate is cells still to run × the mean time of the cells run so far (leaving out the
+    first once there are others: it also builds the pools and evaluates the baselines).
+    """
+
+    def __init__(self, to_run: int) -> None:
+        self.to_run = to_run
+        self.ran: list[float] = []
+
+    def __call__(self, i: int, total: int, outcome: CellOutcome) -> None:
+        from ..console import error_console
+        from ..tables import format_duration, format_score
+
+        cell = outcome.cell
+        where = f"[{i}/{total}] {cell.name} seed {cell.seed}"
+        if outcome.status == "skipped":
+            text = f"{where}: done before, skipped (--force reruns it)"
+        else:
+            self.ran.append(outcome.seconds)
+            if outcome.status == "failed":
+                text = f"[red]{where}: failed after {outcome.seconds:.1f}s: {outcome.error}[/]"
+            else:
+                avg = "" if outcome.average is None else f" average {format_score(outcome.average, outcome.metric)},"
+                text = f"{where}:{avg} {outcome.seconds:.1f}s"
+            left = self.to_run - len(self.ran)
+            if left > 0:
+                times = self.ran[1:] or self.ran
+                each = sum(times) / len(times)
+                text += f"; about {format_duration(left * each)} left ({left} more × {each:.1f}s)"
+        error_console().print(text, markup=True, highlight=False, soft_wrap=True)
 
 
 @click.command("bench")
@@ -265,7 +286,10 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
     outcomes: list[CellOutcome] = []
     with open_db(db_path, readonly=show_only) as db:
         if not show_only:
-            outcomes = run_bench(plan, db, force=force, registry=registry, plugin_manager=state.pm, on_cell=_progress_line)
+            to_run = sum(1 for c in plan.cells if force or not db.is_done(c.config_hash, c.seed))
+            click.echo(f"bench {benchmark}: {len(plan.cells)} cells, {to_run} to run, "
+                       f"{len(plan.cells) - to_run} done before (results: {db.path})", err=True)
+            outcomes = run_bench(plan, db, force=force, registry=registry, plugin_manager=state.pm, on_cell=Progress(to_run))
         board = bench_leaderboard(db, plan)
         render_rich(board, console())
         for row in failed_cells(db, plan):

@@ -24,13 +24,16 @@ def render_sweep(report: dict, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from ..tables import format_score, is_percent
+
     sel = report["selection"]
-    table = Table(title=f"sweep {report['sweep']} — mean {sel['metric']} on the {sel['split']!r} split")
+    unit = " (%)" if is_percent(sel["metric"]) else ""
+    table = Table(title=f"sweep {report['sweep']} — mean {sel['metric']}{unit} on the {sel['split']!r} split")
     for col, justify in (("#", "right"), ("point", "left"), ("status", "left"), ("score", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     winner = report["winner"]["index"]
     for p in report["points"]:
-        score = "–" if p["score"] is None else f"{p['score']:.6g}"
+        score = format_score(p["score"], sel["metric"], unit=False)
         status = p["status"] if p["status"] == "ok" else f"[red]failed: {escape(str(p['error']))}[/]"
         style = "bold green" if p["index"] == winner else None
         table.add_row(str(p["index"]), escape(p["label"]), status, score, style=style)
@@ -40,7 +43,7 @@ def render_sweep(report: dict, console) -> None:
     final = report["final"]
     if final["status"] == "ok":
         avgs = final["averages"]
-        parts = ", ".join(f"{label} {value:.6g}" for label, value in avgs.items())
+        parts = ", ".join(f"{label} {format_score(value, final['metric'])}" for label, value in avgs.items())
         console.print(f"final evaluation on {final['split']!r}: mean {final['metric']}: {parts}", highlight=False)
     else:
         console.print(f"[red]final evaluation on {final['split']!r} failed: {final['error']}[/]", highlight=False)

@@ -313,7 +313,7 @@ def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
         front["base_model"] = inputs
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         "",
         "# Merged model",
@@ -323,11 +323,11 @@ def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
         "## Recipe",
         "",
         "```yaml",
-        yaml.safe_dump(plain_data(recipe), sort_keys=False).rstrip(),
+        yaml.safe_dump(plain_data(recipe), sort_keys=False, allow_unicode=True).rstrip(),
         "```",
         "",
     ]
-    (folder / "README.md").write_text("\n".join(lines))
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 
