@@ -105,12 +105,16 @@ def test_pools_mode_with_files_pool_fills_the_merge_command(client):
                              "--set scaling_factor=0.5 --seed 3 --output merged/")
 
 
-def test_pools_mode_without_a_task_pool_evaluates_nothing(client):
+def test_pools_mode_without_a_task_pool_merges_only(client):
     state = {"mode": "pools", "modelpool": "files", "taskpool": "", "method": "simple_average",
              "values": {"modelpool": {"models": "{a: a.safetensors, b: b.safetensors}"}}}
+    refused = client.post("/api/compose", json=state).json()
+    assert not refused["ok"] and "without a taskpool" in refused["error"]
+    state["values"]["settings"] = {"save_model": "true"}
     data = client.post("/api/compose", json=state).json()
     assert data["ok"], data
-    assert data["command"] == "fuse run modelpool=files taskpool=null method=simple_average 'modelpool.models={a: a.safetensors, b: b.safetensors}'"
+    assert data["command"] == ("fuse run modelpool=files taskpool=null method=simple_average "
+                               "'modelpool.models={a: a.safetensors, b: b.safetensors}' save_model=true")
     assert yaml.safe_load(data["resolved"])["taskpool"] is None
 
 
