@@ -51,10 +51,10 @@ def test_list_at_80_columns_cuts_summaries_instead_of_wrapping(narrow_terminal):
 def test_plugins_piped_and_at_80_columns(capsys, narrow_terminal):
     assert main(["plugins", "--all", "--format", "plain"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "name\tdistribution\tversion\tstatus\thooks\tregistered"
+    assert lines[0] == "name\tdistribution\tversion\tstatus\thooks\tregistered\tload"
     merging = next(line.split("\t") for line in lines if line.startswith("merging\t"))
     assert merging[1] == "fusion-merging" and merging[3] == "ok" and merging[4] == "methods"
-    assert "method:ties" in merging[5].split(", ")
+    assert "method:ties" in merging[5].split(", ") and merging[6].endswith(" ms")
     assert main(["plugins", "--all", "--format", "table"]) == 0
     table = narrow_terminal().splitlines()
     assert max(len(line) for line in table) <= 80

@@ -192,6 +192,6 @@ def plugins_command(state, show_all, as_json, fmt):
                           else r["registered"],
         })
     columns = [Column("name", keep=True), Column("distribution", drop=2), Column("version", drop=1),
-               Column("load", justify="right", drop=1),
-               Column("status", keep=True, flex=True, min_width=6), Column("hooks", drop=0), Column("registered", keep=True)]
+               Column("status", keep=True, flex=True, min_width=6), Column("hooks", drop=0), Column("registered", keep=True),
+               Column("load", justify="right", drop=1)]
     emit(records, columns, fmt, title="plugins", styles=["red" if r["status"] == "failed" else None for r in rows])
