@@ -89,11 +89,11 @@ def fusion_register_benchmarks(register: Callable[..., None]) -> None:
 
 @hookspec
 def fusion_register_executors(register: Callable[[type], None]) -> None:
-    """Register executors: where the runs of ``fuse sweep`` execute.
+    """Register executors: where the runs of ``fuse sweep`` and ``fuse bench`` execute.
 
-    :param register: call ``register(cls)`` with a subclass of
-        :class:`fusion_core.executors.Executor`; ``cls.name`` is used as
-        ``fuse sweep --executor NAME``.  The core registers ``local``
+    :param register: call ``register(cls)`` with a component class whose ``kind`` is
+        ``"executor"`` (in practice a subclass of ``fusion_lab.executors.Executor``);
+        ``cls.name`` is used as ``--executor NAME``.  fusion-lab registers ``local``
         (sequential, or ``--jobs N`` processes); ``fusion-ray`` adds ``ray``.
 
     Called when the registry is built, like :func:`fusion_register_methods`.

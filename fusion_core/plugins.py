@@ -31,7 +31,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fusion_core.builtins.methods",
     "fusion_core.builtins.model_pools",
     "fusion_core.builtins.task_pools",
-    "fusion_core.executors",
     "fusion_core.cli.commands",
 )
 

@@ -160,18 +160,17 @@ def test_registered_components_run_end_to_end(tmp_path):
 
 
 def test_hook_fusion_register_executors():
-    from fusion_core.executors import Executor, Job
+    """The core keeps the executor kind (its base class lives in fusion-lab): any component of kind ``executor``."""
+    from fusion_core.components import Component
 
-    class Inline(Executor):
+    class Inline(Component):
+        kind = "executor"
         name = "inline_test"
         summary = "Runs jobs in this process, last first."
 
-        def runs_out_of_process(self):
-            return False
-
         def map(self, jobs, env, on_result, *, plugin_manager=None, registry=None):
             for job in reversed(jobs):
-                on_result(job, {"status": "ok", "key": job.key})
+                on_result(job, {"status": "ok", "key": job})
 
     class Plugin:
         @fusion_core.hookimpl
@@ -181,9 +180,9 @@ def test_hook_fusion_register_executors():
     registry = build_registry(_manager_with(Plugin()))
     entry = registry.get("executor", "inline_test")
     assert entry.cls is Inline and entry.plugin == "undo-test-plugin"
-    assert registry.names("executor") == ["inline_test", "local"]  # the core's own executor is registered the same way
+    assert registry.names("executor") == ["inline_test"]  # the core registers none itself (fusion-lab adds local)
     seen = []
-    entry.cls().map([Job("a", {}), Job("b", {})], None, lambda job, result: seen.append(result["key"]))
+    entry.cls().map(["a", "b"], None, lambda job, result: seen.append(result["key"]))
     assert seen == ["b", "a"]
 
     class NotAnExecutor(Method):
@@ -200,7 +199,7 @@ def test_hook_fusion_register_executors():
 
     from fusion_core.errors import PluginError
 
-    with pytest.raises(PluginError, match="registered .* as a executor, but it is not a subclass of fusion_core.executors.Executor"):
+    with pytest.raises(PluginError, match="registered .* as a executor, but it is a method"):
         build_registry(_manager_with(Wrong()))
 
 

@@ -11,7 +11,7 @@ manager from a :class:`WorkerEnv` (which entry points and extra plugin modules t
 load) and call :func:`run_job`, an ordinary :func:`fusion_core.api.run` with
 ``write=False``.
 
-The core ships ``local``: sequential in this process by default, or a pool of
+fusion-lab ships ``local``: sequential in this process by default, or a pool of
 ``jobs`` processes (each job a separate process).  ``fusion-ray`` adds ``ray``.
 """
 
@@ -28,10 +28,9 @@ from typing import Any
 
 import attrs
 
-from .components import Component
-from .config import option, positive
-from .errors import ConfigError
-from .hookspecs import hookimpl
+from fusion_core.components import Component
+from fusion_core.config import option, positive
+from fusion_core.errors import ConfigError
 
 #: called in the driver with (job, result) as each job finishes
 OnResult = Callable[["Job", dict], None]
@@ -84,7 +83,7 @@ class WorkerEnv:
 
     def plugin_manager(self):
         """Rebuild the plugin manager in a worker."""
-        from .plugins import get_plugin_manager
+        from fusion_core.plugins import get_plugin_manager
 
         extras = [(name, _load_object(module, attr, path)) for name, module, attr, path in self.extra_plugins]
         environ = {k: v for k, v in os.environ.items() if k != "FUSE_DISABLE_PLUGINS"}
@@ -124,7 +123,7 @@ def run_job(job: Job, env: WorkerEnv | None = None, *, plugin_manager=None, regi
     """
     import time
 
-    from .api import run
+    from fusion_core.api import run
 
     started = time.time()
     try:
@@ -216,7 +215,7 @@ def executor_from_options(registry, name: str, options: Mapping[str, Any]) -> Ex
 
     Options the executor's Config has no field for are refused, naming the executor.
     """
-    from .config import config_fields, make_config
+    from fusion_core.config import config_fields, make_config
 
     if name not in registry.entries["executor"] and name == "ray":
         raise ConfigError("unknown executor 'ray': install the fusion-ray plugin (pip install fusion-ray)")
@@ -228,8 +227,3 @@ def executor_from_options(registry, name: str, options: Mapping[str, Any]) -> Ex
         flags = ", ".join(f"--{k}" for k in extra)
         raise ConfigError(f"executor {name!r} takes no {flags} (its options: {', '.join(sorted(fields)) or 'none'})")
     return entry.cls(make_config(entry.cls.Config, given, where=f"executor {name}"))
-
-
-@hookimpl
-def fusion_register_executors(register):
-    register(LocalExecutor)

@@ -14,13 +14,13 @@ from typing import ClassVar, Literal
 import attrs
 import pytest
 import torch
+from fusion_lab.results_db import config_hash, open_db
 
 import fusion_core
 import fusion_core.plugins
 from fusion_core.cli.main import main
 from fusion_core.components import Capabilities, Method, TaskPool
 from fusion_core.config import option
-from fusion_core.results_db import config_hash, open_db
 
 
 @attrs.frozen
@@ -74,6 +74,7 @@ class Explode(Method):
 @pytest.fixture
 def bench_pm(tmp_path, write_safetensors, monkeypatch):
     """A plugin manager with fusion-merging, the test components and the benchmark ``tiny``; used by ``fuse``."""
+    import fusion_lab.plugin
     import fusion_merging.plugin
 
     base = write_safetensors(tmp_path / "base.safetensors", {"w": torch.zeros(2)})
@@ -97,7 +98,7 @@ def bench_pm(tmp_path, write_safetensors, monkeypatch):
                      methods=[{"name": "task_arithmetic", "scaling_factor": 0.5}, "simple_average"])
 
     pm = fusion_core.plugins.get_plugin_manager(
-        load_entrypoints=False, extra_plugins=[("merging", fusion_merging.plugin), ("bench-test", Plugin())])
+        load_entrypoints=False, extra_plugins=[("lab", fusion_lab.plugin), ("merging", fusion_merging.plugin), ("bench-test", Plugin())])
     monkeypatch.setattr(fusion_core.plugins, "get_plugin_manager", lambda **kw: pm)
     monkeypatch.chdir(tmp_path)
     Shift.calls = Explode.calls = 0
@@ -266,7 +267,8 @@ def test_unwritable_database_location_is_one_line(bench_pm, capsys, tmp_path):
 
 
 def test_two_bench_runs_on_one_database_at_once_lose_no_rows(bench_pm, tmp_path):
-    from fusion_core.cli.bench import plan_bench, run_bench
+    from fusion_lab.cli.bench import plan_bench, run_bench
+
     from fusion_core.registry import build_registry
 
     registry = build_registry(bench_pm)

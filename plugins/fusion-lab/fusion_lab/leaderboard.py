@@ -197,7 +197,7 @@ def plot_png(board: Leaderboard, path: str | os.PathLike) -> None:
     try:
         import matplotlib
     except ImportError:
-        from .errors import FuseError
+        from fusion_core.errors import FuseError
 
         raise FuseError("--plot needs matplotlib: pip install matplotlib (or fusion-core[plot])") from None
 

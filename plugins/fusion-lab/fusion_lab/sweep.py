@@ -27,8 +27,8 @@ from typing import Any
 
 import attrs
 
-from .config import read_yaml, split_top_level
-from .errors import ConfigError, did_you_mean
+from fusion_core.config import read_yaml, split_top_level
+from fusion_core.errors import ConfigError, did_you_mean
 
 VAL_SPLITS = ("val", "validation", "valid", "dev")
 TEST_SPLITS = ("test",)
@@ -67,7 +67,7 @@ def parse_range(text: str, where: str) -> list:
 
 def parse_axis(arg: str) -> tuple[str, list]:
     """``key=a,b,range(0,1,0.5)`` → ``("key", ["a", "b", 0.0, 0.5])`` (YAML-typed items)."""
-    from .config import parse_override, parse_value
+    from fusion_core.config import parse_override, parse_value
 
     if "=" not in arg:
         raise ConfigError(f"malformed grid axis {arg!r}: expected key=a,b,c or key=range(start, stop, step)")
@@ -135,7 +135,7 @@ def override_value_text(value: Any) -> str:
     """A value written so that YAML reads it back identically (``'0.1'`` stays a string)."""
     import yaml
 
-    from .config import parse_value
+    from fusion_core.config import parse_value
 
     text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
     if text.endswith("\n..."):
@@ -188,7 +188,7 @@ class Splits:
 
 def splits_for(run_config, select_on: str) -> Splits:
     """Validation/test values of the task pool's ``split`` field; refuses selection without one unless asked."""
-    from .config import config_fields
+    from fusion_core.config import config_fields
 
     taskpool = run_config.taskpool
     if taskpool is None:
@@ -223,7 +223,7 @@ def _split_value(field, names: Sequence[str], taskpool: str, what: str) -> str:
 def resolve_point(sources: Sequence[Any], fixed: Sequence[str], point: Point, registry, *, split: str | None,
                   settings: Mapping[str, Any] | None = None):
     """The RunConfig of ``point``: config files, then fixed overrides, the point, the split and settings."""
-    from .runconfig import raw_run_config, resolve_run_config
+    from fusion_core.runconfig import raw_run_config, resolve_run_config
 
     overrides = [*fixed, *(f"{k}={override_value_text(v)}" for k, v in point.overrides)]
     if split is not None:
@@ -242,8 +242,8 @@ def check_keys(sources: Sequence[Any], fixed: Sequence[str], keys: Sequence[str]
 
     Fields of a component that itself varies (``method=ties,dare``) are checked per point instead.
     """
-    from .config import config_fields
-    from .runconfig import COMPONENT_KEYS, RunSettings, raw_run_config, resolve_run_config
+    from fusion_core.config import config_fields
+    from fusion_core.runconfig import COMPONENT_KEYS, RunSettings, raw_run_config, resolve_run_config
 
     allowed = set(COMPONENT_KEYS) | {f.name for f in attrs.fields(RunSettings)}
     try:
@@ -362,8 +362,9 @@ def run_sweep(plan: SweepPlan, db, executor, *, registry, plugin_manager,
     Each result is committed to ``db`` as it arrives.  ``on_point(point, status, detail)``
     is called with ``status`` in ``resumed``/``ok``/``failed``.
     """
+    from fusion_core.report import provenance
+
     from .executors import Job, WorkerEnv
-    from .report import provenance
     from .results_db import config_hash, store_failure, store_report
 
     versions = provenance(plugin_manager)["versions"]
@@ -475,8 +476,9 @@ def _primary_metric(db, key: str, seed: int) -> str:
 
 def _final_evaluation(plan: SweepPlan, point: Point, db, executor, env, registry, plugin_manager, versions) -> dict:
     """The winner on the test split (reused when selection already ran on test, or when stored)."""
+    from fusion_core.report import averages
+
     from .executors import Job
-    from .report import averages
     from .results_db import config_hash, pools_hash, store_failure, store_report
 
     if not plan.splits.honest:

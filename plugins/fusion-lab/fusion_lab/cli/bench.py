@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import click
 
-from ..config import read_yaml, split_top_level
+from fusion_core.config import read_yaml, split_top_level
 
 # --------------------------------------------------------------------------- method specs
 
@@ -22,8 +22,8 @@ from ..config import read_yaml, split_top_level
 
 def parse_method_spec(text: str) -> dict:
     """``ties:density=0.2,scaling_factor=1.0`` → ``{"name": "ties", "density": 0.2, "scaling_factor": 1.0}``."""
-    from ..config import parse_value
-    from ..errors import ConfigError
+    from fusion_core.config import parse_value
+    from fusion_core.errors import ConfigError
 
     name, _, fields = text.partition(":")
     name = name.strip()
@@ -43,7 +43,7 @@ def parse_method_spec(text: str) -> dict:
 def load_methods_file(path: str) -> list[dict]:
     """A YAML list (or ``{methods: [...]}``) of ``NAME``, ``NAME:k=v`` strings or ``{name: ..., field: ...}`` mappings."""
 
-    from ..errors import ConfigError
+    from fusion_core.errors import ConfigError
 
     data = read_yaml(path, what="methods file")
     if isinstance(data, dict) and "methods" in data:
@@ -95,8 +95,8 @@ class BenchPlan:
 
 
 def resolve_benchmark(registry, name: str):
-    from ..errors import ConfigError, did_you_mean
-    from ..runconfig import DEFAULT_BENCHMARK
+    from fusion_core.errors import ConfigError, did_you_mean
+    from fusion_core.runconfig import DEFAULT_BENCHMARK
 
     if name not in registry.entries["benchmark"]:
         hint = (" (install the embedded benchmark: pip install -e plugins/fusion-minibench)"
@@ -114,9 +114,10 @@ def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, 
     :param settings: extra run settings (``device``, ``compute_dtype``, ``progress``...).
     :param cells: ``False`` only resolves the benchmark (for ``--show-only``).
     """
-    from ..errors import ConfigError
+    from fusion_core.errors import ConfigError
+    from fusion_core.runconfig import resolve_run_config
+
     from ..results_db import config_hash, method_summary, pools_hash
-    from ..runconfig import resolve_run_config
 
     bench = resolve_benchmark(registry, benchmark)
     base = {**(settings or {}), "benchmark": benchmark}
@@ -166,9 +167,10 @@ def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin
     Baselines (pretrained, individual) are evaluated once per pools hash: by the first
     cell that runs while none are stored (with ``force``: once per invocation).
     """
-    from ..api import run
+    from fusion_core.api import run
+    from fusion_core.report import provenance
+
     from ..executors import one_line
-    from ..report import provenance
     from ..results_db import store_failure, store_report
 
     need_baselines = force or not db.has_baselines(plan.pools_hash)
@@ -219,7 +221,7 @@ def failed_cells(db, plan: BenchPlan) -> list:
 
 
 def _progress_line(i: int, total: int, outcome: CellOutcome) -> None:
-    from ..console import error_console
+    from fusion_core.console import error_console
 
     cell = outcome.cell
     where = f"[{i}/{total}] {cell.name} seed {cell.seed}"
@@ -255,7 +257,8 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
       fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png
       fuse bench mini --show-only --csv leaderboard.csv
     """
-    from ..console import console
+    from fusion_core.console import console
+
     from ..leaderboard import plot_png, render_rich, to_csv, to_markdown, write_text_atomic
     from ..results_db import open_db
 
@@ -280,7 +283,7 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
         console().print(f"[dim]results: {db.path}[/]")
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     if outcomes:
-        from ..console import error_console
+        from fusion_core.console import error_console
 
         error_console().print(f"{counts['ok']} run, {counts['skipped']} skipped, {counts['failed']} failed", highlight=False)
     if counts["failed"]:

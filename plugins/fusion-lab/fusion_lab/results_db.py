@@ -39,7 +39,7 @@ from typing import Any
 
 import attrs
 
-from .errors import InputError
+from fusion_core.errors import InputError
 
 SCHEMA_VERSION = 1
 DEFAULT_DB = os.path.join("runs", "results.sqlite")
@@ -109,7 +109,7 @@ def pools_hash(config_dict: Mapping[str, Any]) -> str:
 
 def method_summary(run_config) -> str:
     """The method's fields that differ from their defaults, as ``k=v, k=v`` (``''`` for all defaults)."""
-    from .config import config_to_dict
+    from fusion_core.config import config_to_dict
 
     cls = run_config.method.cls
     current = config_to_dict(run_config.method.config)
