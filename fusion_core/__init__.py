@@ -15,8 +15,8 @@ __all__ = ["__version__", "hookimpl", "run", "load_config"]
 
 
 def run(config, **kwargs):
-    """Run model pool → method → task pool → report; see :func:`fusion_core.api.run`."""
-    from .api import run as _run
+    """Run model pool → method → task pool → report; see :func:`fusion_core.program.run`."""
+    from .program import run as _run
 
     return _run(config, **kwargs)
 

@@ -53,7 +53,7 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
 
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
         return
-    from ..api import run
+    from ..program import run
     from ..console import console
     from ..report import render_report
 

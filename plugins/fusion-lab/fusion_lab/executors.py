@@ -8,7 +8,7 @@ it (an interrupted sweep loses nothing that finished).
 A job is plain data: a resolved config mapping (models and datasets referenced by
 path, never as objects) and a key.  Out-of-process workers rebuild the plugin
 manager from a :class:`WorkerEnv` (which entry points and extra plugin modules to
-load) and call :func:`run_job`, an ordinary :func:`fusion_core.api.run` with
+load) and call :func:`run_job`, an ordinary :func:`fusion_core.program.run` with
 ``write=False``.
 
 fusion-lab ships ``local``: sequential in this process by default, or a pool of
@@ -123,7 +123,7 @@ def run_job(job: Job, env: WorkerEnv | None = None, *, plugin_manager=None, regi
     """
     import time
 
-    from fusion_core.api import run
+    from fusion_core.program import run
 
     started = time.time()
     try:

@@ -167,7 +167,7 @@ def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin
     Baselines (pretrained, individual) are evaluated once per pools hash: by the first
     cell that runs while none are stored (with ``force``: once per invocation).
     """
-    from fusion_core.api import run
+    from fusion_core.program import run
     from fusion_core.report import provenance
 
     from ..executors import one_line
