@@ -46,7 +46,7 @@ def fusion_register_methods(register: Callable[[type], None]) -> None:
         ``cls.name`` is the name configs use (``method=NAME``).
 
     Called when the registry is built: by ``fuse list``/``show``/``run``/``merge``
-    and by :func:`fusion_core.api.run`.  Must be cheap: do not import torch here.
+    and by :func:`fusion_core.program.run`.  Must be cheap: do not import torch here.
     """
 
 
@@ -110,4 +110,42 @@ def fusion_register_commands(cli: "click.Group") -> None:
         through this same hook.
 
     Called once per CLI invocation, before the arguments are parsed.
+    """
+
+
+# --------------------------------------------------------------------------- lifecycle (observers of a run)
+
+
+@hookspec
+def fusion_run_start(config) -> None:
+    """A run is about to start (after validation, before anything heavy is loaded).
+
+    :param config: the resolved :class:`fusion_core.runconfig.RunConfig`.
+
+    Called by the run program (``fuse run``, :func:`fusion_core.run`, every job of
+    ``fuse bench``/``fuse sweep``) in the process that runs it, with the run's plugin
+    manager.  Observers (loggers, trackers, the results database) implement it; the
+    return value is ignored.  Not called for ``--dry-run``.
+    """
+
+
+@hookspec
+def fusion_phase_end(name: str, seconds: float) -> None:
+    """A phase of the run finished (``setup``, ``prepare``, ``method``, ``evaluate``, ``save``).
+
+    :param name: the phase's name, as in the report's ``timings``.
+    :param seconds: its wall time (this occurrence).
+
+    Called by the run program at the end of every phase, also when the phase raised.
+    """
+
+
+@hookspec
+def fusion_run_end(report: dict) -> None:
+    """A run finished: its report is complete (and written, when the run writes one).
+
+    :param report: the report, as :func:`fusion_core.run` returns it.
+
+    Called by the run program once per successful run; fusion-lab records results
+    through it.  A failing run raises instead (no call).
     """

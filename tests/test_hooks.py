@@ -203,6 +203,80 @@ def test_hook_fusion_register_executors():
         build_registry(_manager_with(Wrong()))
 
 
+class Observer:
+    """Components of a tiny run, and every lifecycle call it receives, in order."""
+
+    def __init__(self, fail_in=None):
+        self.calls = []
+        self.fail_in = fail_in
+
+    @fusion_core.hookimpl
+    def fusion_register_methods(self, register):
+        register(Scale)
+
+    @fusion_core.hookimpl
+    def fusion_register_model_pools(self, register):
+        register(ListPool)
+
+    @fusion_core.hookimpl
+    def fusion_register_task_pools(self, register):
+        register(CountTasks)
+
+    @fusion_core.hookimpl
+    def fusion_run_start(self, config):
+        self.calls.append(("start", config.method.name, config.settings.seed))
+
+    @fusion_core.hookimpl
+    def fusion_phase_end(self, name, seconds):
+        assert seconds >= 0
+        self.calls.append(("phase", name))
+
+    @fusion_core.hookimpl
+    def fusion_run_end(self, report):
+        self.calls.append(("end", report["results"]["merged"]["count"]["accuracy"], report["output_dir"]))
+
+
+def _observed_run(tmp_path, observer, **settings):
+    return fusion_core.run(
+        {"method": {"name": "scale_test", "factor": 3}, "modelpool": "list_test", "taskpool": "count_test", "seed": 4,
+         "output_dir": str(tmp_path / "out"), "evaluate_inputs": False, "progress": False, **settings},
+        plugin_manager=_manager_with(observer),
+    )
+
+
+def test_hook_fusion_run_start(tmp_path):
+    observer = Observer()
+    _observed_run(tmp_path, observer)
+    assert observer.calls[0] == ("start", "scale_test", 4)
+    dry = Observer()
+    fusion_core.run({"method": "scale_test", "modelpool": "list_test", "taskpool": "count_test"},
+                    plugin_manager=_manager_with(dry), dry_run=True)
+    assert dry.calls == []  # a dry run is not a run
+
+
+def test_hook_fusion_phase_end(tmp_path, monkeypatch):
+    observer = Observer()
+    _observed_run(tmp_path, observer, save_model=True)
+    assert [c[1] for c in observer.calls if c[0] == "phase"] == ["setup", "prepare", "method", "evaluate", "save"]
+
+    def explode(self, pool, ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Scale, "run", explode)
+    failing = Observer()
+    with pytest.raises(RuntimeError, match="boom"):
+        _observed_run(tmp_path / "again", failing)
+    # the failing phase still ends (timed), and the run does not
+    assert failing.calls == [("start", "scale_test", 4), ("phase", "setup"), ("phase", "prepare"), ("phase", "method")]
+
+
+def test_hook_fusion_run_end(tmp_path):
+    observer = Observer()
+    report = _observed_run(tmp_path, observer)
+    assert observer.calls[-1] == ("end", 1.0, str(tmp_path / "out")) and report["results"]["merged"]["count"]["accuracy"] == 1.0
+    assert (tmp_path / "out" / "report.json").is_file()  # written before observers hear of it
+
+
 @pytest.mark.parametrize("hook", HOOKS)
 def test_every_hook_is_in_the_plugin_guide(hook):
     import inspect

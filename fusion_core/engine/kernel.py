@@ -73,7 +73,7 @@ class KernelMethod(Method):
 
     Class attributes a subclass may set:
 
-    - ``min_models`` / ``max_models``: how many fine-tuned inputs it accepts.
+    - ``min_models`` (default 1) / ``max_models``: how many fine-tuned inputs it accepts.
     - ``capabilities.needs_base``: whether a base tensor is required.
     - ``elementwise``: ``True`` when the kernel treats elements independently, so the
       engine may chunk very large tensors; ``False`` for methods that need the whole
@@ -82,7 +82,6 @@ class KernelMethod(Method):
 
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
     min_models: ClassVar[int] = 1
-    max_models: ClassVar[int | None] = None
     elementwise: ClassVar[bool] = False
 
     @abc.abstractmethod
@@ -103,15 +102,10 @@ class KernelMethod(Method):
         """
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
-        """Raise :class:`~fusion_core.errors.InputError` when the inputs do not fit this method."""
+        """:meth:`Method.check_inputs`, plus: per-model ``weights`` (when the Config has them) match the models."""
         from ..errors import InputError
 
-        if self.capabilities.needs_base and not has_base:
-            raise InputError(f"method {self.name!r} needs a base model; give one with --base (or `base:` in the model pool)")
-        if n_models < self.min_models:
-            raise InputError(f"method {self.name!r} needs at least {self.min_models} fine-tuned model(s), got {n_models}")
-        if self.max_models is not None and n_models > self.max_models:
-            raise InputError(f"method {self.name!r} takes at most {self.max_models} fine-tuned model(s), got {n_models}")
+        super().check_inputs(n_models, has_base)
         weights = getattr(self.config, "weights", None)
         if weights is not None and len(weights) != n_models:
             raise InputError(f"method {self.name!r}: weights has {len(weights)} value(s) for {n_models} model(s)")
@@ -121,3 +115,69 @@ class KernelMethod(Method):
         from .executor import merge_pool
 
         return merge_pool(self, pool, ctx)
+
+
+def _defines(cls: type, *names: str) -> bool:
+    """Whether ``cls`` (or a base) defines every attribute in ``names`` as a callable."""
+    return all(callable(getattr(cls, name, None)) for name in names)
+
+
+class TwoPhaseKernel(abc.ABC):
+    """The optional two-phase interface of a :class:`KernelMethod`, for kernels that need a
+    per-tensor statistic of each input (TIES's top-k threshold, an L1 norm).
+
+    Declare it by subclassing (``class Ties(KernelMethod, TwoPhaseKernel)``); a class that
+    defines both methods is recognised too (``isinstance`` answers for it).  The engine uses
+    it only for tensors above ``chunk_bytes`` (one input at a time, then row blocks); smaller
+    tensors go through ``kernel``, so both paths must agree (test them against each other).
+    """
+
+    @abc.abstractmethod
+    def chunk_stats(self, name: str, base: "torch.Tensor | None", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> Any:
+        """Whole tensors: the base (or ``None``) and input ``index``; return what phase 2 needs."""
+
+    @abc.abstractmethod
+    def kernel_chunk(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext,
+                     stats: Sequence[Any], start: int) -> "torch.Tensor":
+        """Rows ``[start, start + len)`` of the base and of every input → those rows of the merge.
+
+        ``stats`` is the list of :meth:`chunk_stats` results in input order.
+        """
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if cls is TwoPhaseKernel:
+            return _defines(other, "chunk_stats", "kernel_chunk") or NotImplemented
+        return NotImplemented
+
+
+class PassthroughMethod(Method):
+    """A method that copies tensors (possibly renamed) from its inputs instead of computing them
+    (layer stacking, "frankenmerges"): the engine asks it for the plan and copies.
+
+    Declare it by subclassing; a :class:`Method` that defines ``passthrough_plan`` and
+    ``update_config`` is recognised too (``isinstance`` answers for it).
+    """
+
+    @abc.abstractmethod
+    def passthrough_plan(self, inputs: Sequence[Any], has_base: bool, out_dtype: "torch.dtype | None" = None) -> list:
+        """Every output tensor as a :class:`~fusion_core.engine.validate.TensorPlan` of kind ``PASSTHROUGH``."""
+
+    def update_config(self, path: Any) -> None:
+        """Adjust the output folder's ``config.json`` at ``path`` (layer counts...); default: leave it."""
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
+        from .executor import merge_pool
+
+        return merge_pool(self, pool, ctx)
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if cls is PassthroughMethod:
+            return (Method in getattr(other, "__mro__", ()) and _defines(other, "passthrough_plan", "update_config")) or NotImplemented
+        return NotImplemented
+
+
+def streams(method: Any) -> bool:
+    """Whether the merge engine can run ``method`` (a per-tensor kernel or a passthrough plan)."""
+    return isinstance(method, (KernelMethod, PassthroughMethod))
