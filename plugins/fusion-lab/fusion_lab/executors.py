@@ -120,21 +120,27 @@ def run_job(job: Job, env: WorkerEnv | None = None, *, plugin_manager=None, regi
 
     :returns: ``{"status": "ok", "report": report}`` or
         ``{"status": "failed", "error": "Type: message", "duration_s": seconds}``.
+
+    The report is the one the run announced through ``fusion_run_end`` (recorded by
+    :mod:`fusion_lab.recording`).
     """
     import time
 
     from fusion_core.program import run
 
+    from .recording import recording
+
     started = time.time()
     try:
-        if plugin_manager is None and registry is None:
-            if env is not None and env.cwd and os.path.isdir(env.cwd):
+        if plugin_manager is None:
+            if registry is None and env is not None and env.cwd and os.path.isdir(env.cwd):
                 os.chdir(env.cwd)
             plugin_manager = (env or WorkerEnv()).plugin_manager()
-        report = run(dict(job.config), plugin_manager=plugin_manager, registry=registry, write=False)
+        with recording(plugin_manager) as rec:
+            run(dict(job.config), plugin_manager=plugin_manager, registry=registry, write=False)
     except Exception as exc:  # one failing point must not stop the others
         return {"status": "failed", "error": one_line(exc), "duration_s": round(time.time() - started, 3)}
-    return {"status": "ok", "report": report}
+    return {"status": "ok", "report": rec.report}
 
 
 class Executor(Component):
@@ -194,7 +200,8 @@ class LocalExecutor(Executor):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # no forked torch threads or locks
-        pool = cf.ProcessPoolExecutor(max_workers=min(self.config.jobs, max(1, len(jobs))), mp_context=context)
+        pool = cf.ProcessPoolExecutor(max_workers=min(self.config.jobs, max(1, len(jobs))), mp_context=context,
+                                      initializer=exit_with_parent, initargs=(os.getpid(),))
         futures = {pool.submit(run_job, job, env): job for job in jobs}
         try:
             for future in cf.as_completed(futures):
@@ -208,6 +215,27 @@ class LocalExecutor(Executor):
             pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: do not wait for the queue
             raise
         pool.shutdown(wait=True)
+
+
+PARENT_CHECK_S = 0.5
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """In a worker process: exit as soon as ``parent_pid`` (the driver) is gone, whatever killed it.
+
+    A watchdog thread compares the parent's pid every :data:`PARENT_CHECK_S` seconds (an
+    orphan is re-parented), so a driver stopped by SIGTERM or ``kill -9`` leaves no worker
+    behind, even one in the middle of a run.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fuse-parent-watch", daemon=True).start()
 
 
 def executor_from_options(registry, name: str, options: Mapping[str, Any]) -> Executor:

@@ -19,3 +19,21 @@ def fusion_register_executors(register):
     from .executors import LocalExecutor
 
     register(LocalExecutor)
+
+
+@fusion_core.hookimpl
+def fusion_phase_end(name, seconds):
+    from .recording import current
+
+    rec = current()
+    if rec is not None:
+        rec.phases.append((name, seconds))
+
+
+@fusion_core.hookimpl
+def fusion_run_end(report):
+    from .recording import current
+
+    rec = current()
+    if rec is not None:
+        rec.report = report

@@ -364,43 +364,26 @@ def run_sweep(plan: SweepPlan, db, executor, *, registry, plugin_manager,
     """
     from fusion_core.report import provenance
 
-    from .executors import Job, WorkerEnv
-    from .results_db import config_hash, store_failure, store_report
+    from .cells import PlannedCell, run_cells
+    from .executors import WorkerEnv
 
     versions = provenance(plugin_manager)["versions"]
     env = WorkerEnv.from_plugin_manager(plugin_manager) if executor.runs_out_of_process() else None
     executor.check()
-    by_job: dict[str, Point] = {}
-    jobs = []
-    for point, cd in zip(plan.points, plan.config_dicts, strict=True):
-        key, seed = config_hash(cd), cd.get("seed", 0)
-        job_key = f"{key}/{seed}"
-        if job_key in by_job:  # two points with the same resolved config run once
-            continue
-        by_job[job_key] = point
-        if db.is_done(key, seed):
-            if on_point:
-                on_point(point, "resumed", None)
-            continue
-        jobs.append(Job(key=job_key, config=cd))
+    cells = [PlannedCell(cd, plan.summaries[point.index]) for point, cd in zip(plan.points, plan.config_dicts, strict=True)]
+    point_of = {}
+    for point, cell in zip(plan.points, cells, strict=True):
+        point_of.setdefault(cell.key, point)  # two points with the same resolved config run once
 
-    def store(job, result):
-        point = by_job[job.key]
-        summary = plan.summaries[point.index]
-        if result["status"] == "ok":
-            store_report(db, result["report"], job.config, summary=summary, source="sweep", sweep=plan.sweep_id)
-            if on_point:
-                on_point(point, "ok", None)
-        else:
-            store_failure(db, job.config, result["error"], summary=summary, source="sweep", sweep=plan.sweep_id,
-                          versions=versions, duration_s=result.get("duration_s"))
-            if on_point:
-                on_point(point, "failed", result["error"])
+    def report(cell, status, result):
+        if on_point:
+            on_point(point_of[cell.key], "resumed" if status == "skipped" else status,
+                     result["error"] if status == "failed" else None)
 
     executor.start()
     try:
-        if jobs:
-            executor.map(jobs, env, store, plugin_manager=plugin_manager, registry=registry)
+        run_cells(cells, db, executor, registry=registry, plugin_manager=plugin_manager, source="sweep", sweep=plan.sweep_id,
+                  on_cell=report)
         return _select_and_finish(plan, db, executor, env, registry, plugin_manager, versions)
     finally:
         executor.stop()

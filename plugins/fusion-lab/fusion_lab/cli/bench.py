@@ -6,7 +6,6 @@ separate from the click command so Python code and tests can drive it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -159,47 +158,47 @@ class CellOutcome:
     average: float | None = None
 
 
-def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin_manager=None,
+def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin_manager=None, executor=None,
               on_cell: Callable[[int, int, CellOutcome], None] | None = None) -> list[CellOutcome]:
-    """Run every cell not already done (all with ``force``), committing each as it finishes.
+    """Run every cell not already done (all with ``force``) on ``executor``, committing each as it finishes.
 
-    A failing cell is recorded with its one-line error and the rest continue.
-    Baselines (pretrained, individual) are evaluated once per pools hash: by the first
-    cell that runs while none are stored (with ``force``: once per invocation).
+    The same job path as ``fuse sweep`` (:func:`fusion_lab.cells.run_cells`): a failing cell is
+    recorded with its one-line error and the rest continue; baselines (pretrained, individual)
+    are evaluated once per pools hash while none are stored (with ``force``: once per invocation).
+    ``executor`` defaults to ``local`` in this process.
     """
-    from fusion_core.program import run
-    from fusion_core.report import provenance
+    from ..cells import PlannedCell, run_cells
+    from ..executors import LocalConfig, LocalExecutor
 
-    from ..executors import one_line
-    from ..results_db import store_failure, store_report
+    if plugin_manager is None:
+        from fusion_core.plugins import get_plugin_manager
 
-    need_baselines = force or not db.has_baselines(plan.pools_hash)
-    outcomes = []
-    total = len(plan.cells)
-    for i, cell in enumerate(plan.cells, 1):
-        if not force and db.is_done(cell.config_hash, cell.seed):
+        plugin_manager = get_plugin_manager()
+    executor = executor or LocalExecutor(LocalConfig())
+    planned = {id(cell): PlannedCell(cell.config_dict, cell.summary) for cell in plan.cells}
+    by_key = {planned[id(cell)].key: cell for cell in plan.cells}
+    outcomes: list[CellOutcome] = []
+
+    def done(planned_cell, status: str, result: dict | None) -> None:
+        cell = by_key[planned_cell.key]
+        if status == "skipped":
             outcome = CellOutcome(cell, "skipped")
+        elif status == "failed":
+            outcome = CellOutcome(cell, "failed", result.get("duration_s") or 0.0, result["error"])
         else:
-            settings = attrs.evolve(cell.config.settings, evaluate_inputs=need_baselines, output_dir=None)
-            config = attrs.evolve(cell.config, settings=settings)
-            started = time.time()
-            try:
-                report = run(config, registry=registry, plugin_manager=plugin_manager, write=False)
-            except Exception as exc:  # recorded; the other cells still run
-                seconds = time.time() - started
-                error = one_line(exc)
-                store_failure(db, cell.config_dict, error, summary=cell.summary, source="bench", benchmark=plan.benchmark,
-                              versions=provenance(plugin_manager)["versions"], duration_s=round(seconds, 3))
-                outcome = CellOutcome(cell, "failed", seconds, error)
-            else:
-                seconds = time.time() - started
-                store_report(db, report, cell.config_dict, summary=cell.summary, source="bench", benchmark=plan.benchmark)
-                if any(k in report["results"] for k in ("pretrained", "individual")):
-                    need_baselines = False
-                outcome = CellOutcome(cell, "ok", seconds, average=report.get("averages", {}).get("merged"))
+            report = result["report"]
+            outcome = CellOutcome(cell, "ok", report.get("duration_s") or 0.0, average=report.get("averages", {}).get("merged"))
         outcomes.append(outcome)
         if on_cell is not None:
-            on_cell(i, total, outcome)
+            on_cell(len(outcomes), len(plan.cells), outcome)
+
+    executor.check()
+    executor.start()
+    try:
+        run_cells([planned[id(cell)] for cell in plan.cells], db, executor, registry=registry, plugin_manager=plugin_manager,
+                  source="bench", benchmark=plan.benchmark, force=force, baselines=True, on_cell=done)
+    finally:
+        executor.stop()
     return outcomes
 
 
@@ -247,14 +246,18 @@ def _progress_line(i: int, total: int, outcome: CellOutcome) -> None:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the leaderboard as CSV here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a PNG plot (per-task score by method) here.")
 @click.option("--show-only", is_flag=True, help="Run nothing: render the leaderboard stored in the database.")
+@click.option("--jobs", type=int, default=None, help="Cells at once (local: worker processes; ray: CPUs of a local Ray).")
+@click.option("--executor", "executor_name", default="local", show_default=True, help="Where cells run: local, or ray (fusion-ray plugin).")
+@click.option("--address", default=None, metavar="ADDR", help="Cluster address for the executor (ray: host:port of the head).")
 @click.pass_obj
-def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, markdown, csv_path, plot, show_only):
+def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, markdown, csv_path, plot, show_only, jobs,
+                  executor_name, address):
     """Run methods on a benchmark, store every result in SQLite and show the leaderboard.
 
     \b
       fuse bench                                  # every default method on the mini benchmark
       fuse bench mini --method ties:density=0.2 --method task_arithmetic:scaling_factor=0.3
-      fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png
+      fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png --jobs 2
       fuse bench mini --show-only --csv leaderboard.csv
     """
     from fusion_core.console import console
@@ -265,10 +268,17 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
     registry = state.registry
     specs = (load_methods_file(methods_file) if methods_file else []) + [parse_method_spec(m) for m in methods]
     plan = plan_bench(registry, benchmark, specs or None, seeds or (0,), cells=not show_only)
+    executor = None
+    if not show_only:
+        from ..executors import executor_from_options
+
+        executor = executor_from_options(registry, executor_name, {"jobs": jobs, "address": address})
+        executor.check()  # a missing package or an unreachable cluster fails before anything is written
     outcomes: list[CellOutcome] = []
     with open_db(db_path, readonly=show_only) as db:
         if not show_only:
-            outcomes = run_bench(plan, db, force=force, registry=registry, plugin_manager=state.pm, on_cell=_progress_line)
+            outcomes = run_bench(plan, db, force=force, registry=registry, plugin_manager=state.pm, executor=executor,
+                                 on_cell=_progress_line)
         board = bench_leaderboard(db, plan)
         render_rich(board, console())
         for row in failed_cells(db, plan):
