@@ -22,13 +22,29 @@ both providers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     import click
+
+    from .components import Component
+    from .runconfig import RunConfig
+
+
+class RegisterComponent(Protocol):
+    """The ``register`` callable of the component hooks: one call per component class."""
+
+    def __call__(self, cls: "type[Component]") -> None: ...
+
+
+class RegisterBenchmark(Protocol):
+    """The ``register`` callable of :func:`fusion_register_benchmarks`: one call per benchmark."""
+
+    def __call__(self, name: str, *, summary: str, modelpool: Mapping, taskpool: Mapping,
+                 methods: Sequence[str | Mapping] = ()) -> None: ...
 
 PROJECT = "fusion"
 
@@ -37,7 +53,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def fusion_register_methods(register: Callable[[type], None]) -> None:
+def fusion_register_methods(register: RegisterComponent) -> None:
     """Register fusion methods.
 
     :param register: call ``register(cls)`` with a subclass of
@@ -51,7 +67,7 @@ def fusion_register_methods(register: Callable[[type], None]) -> None:
 
 
 @hookspec
-def fusion_register_model_pools(register: Callable[[type], None]) -> None:
+def fusion_register_model_pools(register: RegisterComponent) -> None:
     """Register model pools.
 
     :param register: call ``register(cls)`` with a subclass of
@@ -63,7 +79,7 @@ def fusion_register_model_pools(register: Callable[[type], None]) -> None:
 
 
 @hookspec
-def fusion_register_task_pools(register: Callable[[type], None]) -> None:
+def fusion_register_task_pools(register: RegisterComponent) -> None:
     """Register task pools.
 
     :param register: call ``register(cls)`` with a subclass of
@@ -75,7 +91,7 @@ def fusion_register_task_pools(register: Callable[[type], None]) -> None:
 
 
 @hookspec
-def fusion_register_benchmarks(register: Callable[..., None]) -> None:
+def fusion_register_benchmarks(register: RegisterBenchmark) -> None:
     """Register benchmarks: named pairs of a model pool and a task pool with their settings.
 
     :param register: call ``register(name, summary=..., modelpool={"name": ..., **fields},
@@ -88,7 +104,7 @@ def fusion_register_benchmarks(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def fusion_register_executors(register: Callable[[type], None]) -> None:
+def fusion_register_executors(register: RegisterComponent) -> None:
     """Register executors: where the runs of ``fuse sweep`` and ``fuse bench`` execute.
 
     :param register: call ``register(cls)`` with a component class whose ``kind`` is
@@ -117,7 +133,7 @@ def fusion_register_commands(cli: "click.Group") -> None:
 
 
 @hookspec
-def fusion_run_start(config) -> None:
+def fusion_run_start(config: "RunConfig") -> None:
     """A run is about to start (after validation, before anything heavy is loaded).
 
     :param config: the resolved :class:`fusion_core.runconfig.RunConfig`.

@@ -11,6 +11,7 @@ import attrs
 from .components import KINDS as _COMPONENT_KINDS
 from .components import Component
 from .errors import ConfigError, PluginError, did_you_mean
+from .hookspecs import RegisterBenchmark, RegisterComponent
 
 #: component kind → the base class its registered classes must subclass.  Executors (kind
 #: ``executor``) belong to a plugin (fusion-lab): any :class:`Component` whose ``kind`` is
@@ -119,10 +120,9 @@ def build_registry(pm) -> Registry:
     ``FUSE_STRICT_PLUGINS`` is set; duplicate names are always an error naming
     both providers.
     """
-    import os
+    from .plugins import env_flag
 
-    strict = os.environ.get("FUSE_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
-    trace = os.environ.get("FUSE_TRACE_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+    strict, trace = env_flag("FUSE_STRICT_PLUGINS"), env_flag("FUSE_TRACE_PLUGINS")
     registry = Registry()
 
     def call(hook_name: str, make_register: Callable[[str], Callable]) -> None:
@@ -149,7 +149,7 @@ def build_registry(pm) -> Registry:
                 registry.add(entry)
 
     for hook_name, kind in HOOK_KINDS.items():
-        def make_register(plugin, pending, kind=kind):
+        def make_register(plugin, pending, kind=kind) -> RegisterComponent:
             def register(cls: type[Component]) -> None:
                 _validate_component(cls, kind, plugin)
                 pending.append(Entry(kind=kind, name=cls.name, cls=cls, plugin=plugin, dist=_dist_of(pm, plugin)))
@@ -158,7 +158,7 @@ def build_registry(pm) -> Registry:
 
         call(hook_name, make_register)
 
-    def make_bench_register(plugin, pending):
+    def make_bench_register(plugin, pending) -> RegisterBenchmark:
         def register(name: str, *, summary: str, modelpool: dict, taskpool: dict, methods=()) -> None:
             if not _NAME.match(name or ""):
                 raise PluginError(f"plugin {plugin!r}: benchmark name must be lowercase, got {name!r}")

@@ -286,20 +286,17 @@ def copy_model_files(source: Path | None, folder: Path, *, dtype: torch.dtype | 
     return copied
 
 
-def versions() -> dict[str, str]:
-    import safetensors
-
-    from .. import __version__
-
-    return {"fusion-core": __version__, "torch": torch.__version__.split("+")[0], "safetensors": safetensors.__version__}
-
-
 def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
     """Write ``README.md`` recording ``recipe`` (method, fields, inputs, seed, versions)."""
     import yaml
 
     recipe = dict(recipe)
-    recipe.setdefault("versions", versions())
+    if "versions" not in recipe:
+        import safetensors  # noqa: F401 - loaded, so its version is recorded
+
+        from ..report import versions
+
+        recipe["versions"] = versions()
     method = recipe.get("method", "?")
     if isinstance(method, Mapping):  # a `fuse run` config: {"name": ..., **fields}
         method = method.get("name", "?")

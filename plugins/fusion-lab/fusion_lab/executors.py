@@ -28,9 +28,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.components import Component
-from fusion_core.config import option, positive
-from fusion_core.errors import ConfigError
+from fusion_core import Component, ConfigError, option, positive
 
 #: called in the driver with (job, result) as each job finishes
 OnResult = Callable[["Job", dict], None]
@@ -83,7 +81,7 @@ class WorkerEnv:
 
     def plugin_manager(self):
         """Rebuild the plugin manager in a worker."""
-        from fusion_core.plugins import get_plugin_manager
+        from fusion_core import get_plugin_manager
 
         extras = [(name, _load_object(module, attr, path)) for name, module, attr, path in self.extra_plugins]
         environ = {k: v for k, v in os.environ.items() if k != "FUSE_DISABLE_PLUGINS"}

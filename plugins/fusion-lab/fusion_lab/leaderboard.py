@@ -175,29 +175,12 @@ def render_rich(board: Leaderboard, console) -> None:
     console.print(table if board.rows else f"{board.title}: no results yet")
 
 
-# --------------------------------------------------------------------------- files
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_png(board: Leaderboard, path: str | os.PathLike) -> None:
     """Grouped bars: per task (and the average), one bar per leaderboard row, error bars over seeds."""
     try:
         import matplotlib
     except ImportError:
-        from fusion_core.errors import FuseError
+        from fusion_core import FuseError
 
         raise FuseError("--plot needs matplotlib: pip install matplotlib (or fusion-core[plot])") from None
 

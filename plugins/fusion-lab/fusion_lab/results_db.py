@@ -39,7 +39,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 SCHEMA_VERSION = 1
 DEFAULT_DB = os.path.join("runs", "results.sqlite")

@@ -27,8 +27,8 @@ from typing import Any
 
 import attrs
 
+from fusion_core import ConfigError, did_you_mean
 from fusion_core.config import read_yaml, split_top_level
-from fusion_core.errors import ConfigError, did_you_mean
 
 VAL_SPLITS = ("val", "validation", "valid", "dev")
 TEST_SPLITS = ("test",)

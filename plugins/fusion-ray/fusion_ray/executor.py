@@ -20,8 +20,7 @@ from typing import Any
 import attrs
 from fusion_lab.executors import Executor, one_line, run_job
 
-from fusion_core.config import option, positive
-from fusion_core.errors import InputError, PluginError
+from fusion_core import InputError, PluginError, option, positive
 
 RAY_HINT = "pip install 'ray>=2.9' (or reinstall the plugin with its dependencies: pip install fusion-ray)"
 

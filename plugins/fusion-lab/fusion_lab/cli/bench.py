@@ -21,8 +21,8 @@ from fusion_core.config import read_yaml, split_top_level
 
 def parse_method_spec(text: str) -> dict:
     """``ties:density=0.2,scaling_factor=1.0`` → ``{"name": "ties", "density": 0.2, "scaling_factor": 1.0}``."""
+    from fusion_core import ConfigError
     from fusion_core.config import parse_value
-    from fusion_core.errors import ConfigError
 
     name, _, fields = text.partition(":")
     name = name.strip()
@@ -42,7 +42,7 @@ def parse_method_spec(text: str) -> dict:
 def load_methods_file(path: str) -> list[dict]:
     """A YAML list (or ``{methods: [...]}``) of ``NAME``, ``NAME:k=v`` strings or ``{name: ..., field: ...}`` mappings."""
 
-    from fusion_core.errors import ConfigError
+    from fusion_core import ConfigError
 
     data = read_yaml(path, what="methods file")
     if isinstance(data, dict) and "methods" in data:
@@ -94,7 +94,7 @@ class BenchPlan:
 
 
 def resolve_benchmark(registry, name: str):
-    from fusion_core.errors import ConfigError, did_you_mean
+    from fusion_core import ConfigError, did_you_mean
     from fusion_core.runconfig import DEFAULT_BENCHMARK
 
     if name not in registry.entries["benchmark"]:
@@ -113,7 +113,7 @@ def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, 
     :param settings: extra run settings (``device``, ``compute_dtype``, ``progress``...).
     :param cells: ``False`` only resolves the benchmark (for ``--show-only``).
     """
-    from fusion_core.errors import ConfigError
+    from fusion_core import ConfigError
     from fusion_core.runconfig import resolve_run_config
 
     from ..results_db import config_hash, method_summary, pools_hash
@@ -171,7 +171,7 @@ def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin
     from ..executors import LocalConfig, LocalExecutor
 
     if plugin_manager is None:
-        from fusion_core.plugins import get_plugin_manager
+        from fusion_core import get_plugin_manager
 
         plugin_manager = get_plugin_manager()
     executor = executor or LocalExecutor(LocalConfig())
@@ -261,8 +261,9 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
       fuse bench mini --show-only --csv leaderboard.csv
     """
     from fusion_core.console import console
+    from fusion_core.output import write_text_atomic
 
-    from ..leaderboard import plot_png, render_rich, to_csv, to_markdown, write_text_atomic
+    from ..leaderboard import plot_png, render_rich, to_csv, to_markdown
     from ..results_db import open_db
 
     registry = state.registry

@@ -71,9 +71,9 @@ def sweep_command(state, args, points_file, select_metric, minimize, select_on, 
       fuse sweep exp.yaml --points points.yaml --executor ray --address head:6379
     """
     from fusion_core.console import console
+    from fusion_core.output import write_text_atomic
 
     from ..executors import executor_from_options
-    from ..leaderboard import write_text_atomic
     from ..results_db import open_db
     from ..sweep import plan_sweep, run_sweep
 
