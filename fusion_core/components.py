@@ -188,8 +188,6 @@ class ModelPool(Component):
 
     def forward(self, model: Any, inputs: Any) -> Any:
         """Run ``model`` on one batch's inputs (see :mod:`fusion_core.adapters`); override for other calls."""
-        from .adapters import forward
-
         return forward(model, inputs)
 
 
@@ -234,6 +232,13 @@ class TaskPool(Component):
     def unlabelled_batches(self, task: str):
         """Unlabelled test inputs of ``task`` for test-time adaptation (an iterable of inputs), or ``None``."""
         return None
+
+
+def forward(model: Any, inputs: Any) -> Any:
+    """Run ``model`` on one batch: ``model(**inputs)`` for a mapping, else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
 
 
 KINDS = {"method": Method, "model-pool": ModelPool, "task-pool": TaskPool}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,14 +42,54 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on any error.
+
+    Refuses an existing ``path`` unless ``overwrite``.  Parent folders created here are
+    removed again on failure.
+    """
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise InputError(f"output {path} already exists; pass --overwrite to replace it")
+    created: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.fuse-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        if path.exists() or path.is_symlink():
+            trash = path.parent / f".{path.name}.fuse-old-{secrets.token_hex(4)}"
+            os.replace(path, trash)
+            os.replace(tmp, path)
+            _remove(trash)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a new temp folder beside ``path``; on success it replaces ``path`` in one rename.
 
-    :func:`check_output_path`'s refusals first, then :func:`fusion_core.engine.writer.atomic_output`
+    :func:`check_output_path`'s refusals first, then :func:`atomic_output`
     (on any error or Ctrl-C the temp folder is removed and ``path`` is untouched).
     """
-    from .engine.writer import atomic_output
-
     path = check_output_path(path, overwrite=overwrite)
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.mkdir()

@@ -117,13 +117,13 @@ def merge_command(
     config = make_config(entry.cls.Config, fields, where=f"method {method}")
     instance = entry.cls(config)
 
-    from ..engine.kernel import PassthroughMethod, streams
+    from ..engine.protocol import Passthrough, streams
 
     if not streams(instance):
         raise ConfigError(
             f"method {method!r} is not a per-tensor method, so fuse merge cannot stream it; run it with `fuse run method={method}`"
         )
-    if not models and not (base and isinstance(instance, PassthroughMethod)):
+    if not models and not (base and isinstance(instance, Passthrough)):
         raise ConfigError("no models to merge: give --model PATH (once per fine-tuned model)")
 
     from ..engine.executor import MergeOptions, merge_to_path

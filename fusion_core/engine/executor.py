@@ -16,8 +16,9 @@ every input, or, for large tensors, a block of rows of every input:
   for large tensors, one input at a time (plus the base), then row blocks;
 - other kernels see whole tensors.
 
-What the engine may do with a method is declared by its classes (:class:`KernelMethod`,
-:class:`TwoPhaseKernel`, :class:`PassthroughMethod`), never probed attribute by attribute.
+What the engine may do with a method is declared by the interfaces of
+:mod:`fusion_core.engine.protocol` (:class:`Kernel`, :class:`TwoPhaseKernel`,
+:class:`Passthrough`), never probed attribute by attribute.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import attrs
 import torch
 
 from ..errors import FuseError, InputError, PluginError
-from .kernel import KernelContext, KernelMethod, PassthroughMethod, TwoPhaseKernel, streams
+from .protocol import Kernel, KernelContext, Passthrough, TwoPhaseKernel, streams
 from .readers import TensorReader, as_reader
 from .validate import ALIAS, COPY, PASSTHROUGH, TensorPlan, dtype_name, parse_dtype, plan_merge
 from .writer import DEFAULT_SHARD_SIZE, ModelWriter, atomic_output, copy_model_files, parse_size, write_model_card
@@ -240,7 +241,7 @@ def _rows_per_unit(plan: TensorPlan, n_inputs: int, itemsize: int, chunk_bytes: 
 def _plan_units(
     method: Any, plans: Sequence[TensorPlan], n_inputs: int, n_models: int, itemsize: int, chunk_bytes: int
 ) -> list[_Unit]:
-    elementwise = isinstance(method, KernelMethod) and method.elementwise
+    elementwise = isinstance(method, Kernel) and method.elementwise
     two_phase = isinstance(method, TwoPhaseKernel)
     units: list[_Unit] = []
     for plan in plans:
@@ -372,7 +373,7 @@ def _plans(
     method: Any, inputs: Sequence[TensorReader], has_base: bool, opts: MergeOptions, notify: Callable[[str], None]
 ) -> list[TensorPlan]:
     out_dtype = parse_dtype(opts.out_dtype, what="output dtype")
-    if isinstance(method, PassthroughMethod):
+    if isinstance(method, Passthrough):
         return method.passthrough_plan(inputs, has_base, out_dtype=out_dtype)
     return plan_merge(inputs, has_base, common_keys_only=opts.common_keys_only, out_dtype=out_dtype, notify=notify)
 
@@ -507,7 +508,7 @@ def merge_to_path(
             source = inputs[0].folder
             if opts.copy_files:
                 copy_model_files(source, tmp, dtype=out_dtype)
-                if isinstance(method, PassthroughMethod):
+                if isinstance(method, Passthrough):
                     method.update_config(tmp / "config.json")
             recipe = dict(opts.recipe or {})
             tied = {p.name: p.source for p in plans if p.kind == ALIAS}

@@ -1,74 +1,26 @@
-"""Per-tensor merge kernels and the context the engine hands them.
+"""Per-tensor merge kernels: the method base classes of the merge engine.
 
 A method that works tensor by tensor subclasses :class:`KernelMethod` and writes
 only :meth:`KernelMethod.kernel`; reading, casting, validation, seeding, chunking
-and writing are the engine's job (:mod:`fusion_core.engine.executor`).
+and writing are the engine's job (:mod:`fusion_core.engine.executor`).  What the
+engine may do with a method is declared in :mod:`fusion_core.engine.protocol`.
 """
 
 from __future__ import annotations
 
-import abc
-import hashlib
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import attrs
-
 from ..components import Capabilities, Method
+from .protocol import Kernel, KernelContext, Passthrough, TwoPhaseKernel, streams, tensor_seed  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from ..components import ModelPool
     from ..run_context import RunContext
 
-
-def tensor_seed(seed: int, name: str, salt: str = "") -> int:
-    """A 63-bit seed derived from (run seed, tensor name, salt): independent of order, threads, device."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{name}\x00{salt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+__all__ = ["KernelContext", "KernelMethod", "PassthroughMethod", "TwoPhaseKernel", "streams", "tensor_seed"]
 
 
-@attrs.frozen
-class KernelContext:
-    """What a kernel knows besides its tensors."""
-
-    name: str
-    """The tensor's name (e.g. ``encoder.layer.0.weight``)."""
-    seed: int = 0
-    """The run's seed; use :meth:`generator` rather than global RNG state."""
-    compute_dtype: str = "float32"
-    """The dtype inputs were cast to before the kernel (a ``torch`` dtype name)."""
-    device: str = "cpu"
-    """The device inputs were moved to."""
-
-    def generator(self, salt: str = "") -> "torch.Generator":
-        """A fresh ``torch.Generator`` on CPU seeded from (seed, tensor name, salt).
-
-        Draw on CPU and move the result, so outputs do not depend on the device.
-        Use a different ``salt`` per model for per-model masks (e.g. ``salt=str(i)``).
-        """
-        import torch
-
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(tensor_seed(self.seed, self.name, salt))
-        return gen
-
-    def rand_like(self, tensor: "torch.Tensor", salt: str = "") -> "torch.Tensor":
-        """Uniform [0, 1) noise shaped like ``tensor``, drawn on CPU in fp32, on ``tensor``'s device."""
-        import torch
-
-        noise = torch.rand(tensor.shape, generator=self.generator(salt), dtype=torch.float32)
-        return noise.to(device=tensor.device)
-
-    @property
-    def torch_dtype(self) -> "torch.dtype":
-        import torch
-
-        return getattr(torch, self.compute_dtype)
-
-
-class KernelMethod(Method):
+class KernelMethod(Method, Kernel):
     """A method written as a per-tensor kernel; the engine streams every tensor through it.
 
     Class attributes a subclass may set:
@@ -82,24 +34,6 @@ class KernelMethod(Method):
 
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
     min_models: ClassVar[int] = 1
-    elementwise: ClassVar[bool] = False
-
-    @abc.abstractmethod
-    def kernel(
-        self,
-        name: str,
-        base: "torch.Tensor | None",
-        tensors: Sequence["torch.Tensor"],
-        ctx: KernelContext,
-    ) -> "torch.Tensor":
-        """Merge one tensor.
-
-        :param name: the tensor's name.
-        :param base: the base model's tensor in ``ctx.compute_dtype`` (``None`` without a base).
-        :param tensors: the N fine-tuned models' tensors, same shape and dtype as ``base``.
-        :param ctx: seed/generator, compute dtype and device.
-        :returns: the merged tensor (any float dtype; the engine casts it to the output dtype).
-        """
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         """:meth:`Method.check_inputs`, plus: per-model ``weights`` (when the Config has them) match the models."""
@@ -117,67 +51,11 @@ class KernelMethod(Method):
         return merge_pool(self, pool, ctx)
 
 
-def _defines(cls: type, *names: str) -> bool:
-    """Whether ``cls`` (or a base) defines every attribute in ``names`` as a callable."""
-    return all(callable(getattr(cls, name, None)) for name in names)
-
-
-class TwoPhaseKernel(abc.ABC):
-    """The optional two-phase interface of a :class:`KernelMethod`, for kernels that need a
-    per-tensor statistic of each input (TIES's top-k threshold, an L1 norm).
-
-    Declare it by subclassing (``class Ties(KernelMethod, TwoPhaseKernel)``); a class that
-    defines both methods is recognised too (``isinstance`` answers for it).  The engine uses
-    it only for tensors above ``chunk_bytes`` (one input at a time, then row blocks); smaller
-    tensors go through ``kernel``, so both paths must agree (test them against each other).
-    """
-
-    @abc.abstractmethod
-    def chunk_stats(self, name: str, base: "torch.Tensor | None", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> Any:
-        """Whole tensors: the base (or ``None``) and input ``index``; return what phase 2 needs."""
-
-    @abc.abstractmethod
-    def kernel_chunk(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext,
-                     stats: Sequence[Any], start: int) -> "torch.Tensor":
-        """Rows ``[start, start + len)`` of the base and of every input → those rows of the merge.
-
-        ``stats`` is the list of :meth:`chunk_stats` results in input order.
-        """
-
-    @classmethod
-    def __subclasshook__(cls, other: type) -> bool:
-        if cls is TwoPhaseKernel:
-            return _defines(other, "chunk_stats", "kernel_chunk") or NotImplemented
-        return NotImplemented
-
-
-class PassthroughMethod(Method):
-    """A method that copies tensors (possibly renamed) from its inputs instead of computing them
-    (layer stacking, "frankenmerges"): the engine asks it for the plan and copies.
-
-    Declare it by subclassing; a :class:`Method` that defines ``passthrough_plan`` and
-    ``update_config`` is recognised too (``isinstance`` answers for it).
-    """
-
-    @abc.abstractmethod
-    def passthrough_plan(self, inputs: Sequence[Any], has_base: bool, out_dtype: "torch.dtype | None" = None) -> list:
-        """Every output tensor as a :class:`~fusion_core.engine.validate.TensorPlan` of kind ``PASSTHROUGH``."""
-
-    def update_config(self, path: Any) -> None:
-        """Adjust the output folder's ``config.json`` at ``path`` (layer counts...); default: leave it."""
+class PassthroughMethod(Method, Passthrough):
+    """A :class:`Method` that copies tensors from its inputs by a plan (see :class:`Passthrough`)."""
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
+        """Copy the pool's tensors by the plan, in memory; return the state dict."""
         from .executor import merge_pool
 
         return merge_pool(self, pool, ctx)
-
-    @classmethod
-    def __subclasshook__(cls, other: type) -> bool:
-        if cls is PassthroughMethod:
-            return (Method in getattr(other, "__mro__", ()) and _defines(other, "passthrough_plan", "update_config")) or NotImplemented
-        return NotImplemented
-
-
-def streams(method: Any) -> bool:
-    """Whether the merge engine can run ``method`` (a per-tensor kernel or a passthrough plan)."""
-    return isinstance(method, (KernelMethod, PassthroughMethod))
