@@ -135,21 +135,41 @@ def test_hook_fusion_register_commands():
     assert result.exit_code == 0 and result.output == "hello fusion\n"
 
 
+class Observer:
+    """Components of a tiny run, and every lifecycle call it receives, in order."""
+
+    def __init__(self, fail_in=None):
+        self.calls = []
+        self.fail_in = fail_in
+
+    @fusion_core.hookimpl
+    def fusion_register_methods(self, register):
+        register(Scale)
+
+    @fusion_core.hookimpl
+    def fusion_register_model_pools(self, register):
+        register(ListPool)
+
+    @fusion_core.hookimpl
+    def fusion_register_task_pools(self, register):
+        register(CountTasks)
+
+    @fusion_core.hookimpl
+    def fusion_run_start(self, config):
+        self.calls.append(("start", config.method.name, config.settings.seed))
+
+    @fusion_core.hookimpl
+    def fusion_phase_end(self, name, seconds):
+        assert seconds >= 0
+        self.calls.append(("phase", name))
+
+    @fusion_core.hookimpl
+    def fusion_run_end(self, report):
+        self.calls.append(("end", report["results"]["merged"]["count"]["accuracy"], report["output_dir"]))
+
+
 def test_registered_components_run_end_to_end(tmp_path):
-    class Plugin:
-        @fusion_core.hookimpl
-        def fusion_register_methods(self, register):
-            register(Scale)
-
-        @fusion_core.hookimpl
-        def fusion_register_model_pools(self, register):
-            register(ListPool)
-
-        @fusion_core.hookimpl
-        def fusion_register_task_pools(self, register):
-            register(CountTasks)
-
-    pm = _manager_with(Plugin())
+    pm = _manager_with(Observer())  # registers Scale, ListPool and CountTasks
     report = fusion_core.run(
         {"method": {"name": "scale_test", "factor": 3}, "modelpool": "list_test", "taskpool": "count_test",
          "output_dir": str(tmp_path / "out"), "evaluate_inputs": False, "progress": False},
@@ -201,39 +221,6 @@ def test_hook_fusion_register_executors():
 
     with pytest.raises(PluginError, match="registered .* as a executor, but it is a method"):
         build_registry(_manager_with(Wrong()))
-
-
-class Observer:
-    """Components of a tiny run, and every lifecycle call it receives, in order."""
-
-    def __init__(self, fail_in=None):
-        self.calls = []
-        self.fail_in = fail_in
-
-    @fusion_core.hookimpl
-    def fusion_register_methods(self, register):
-        register(Scale)
-
-    @fusion_core.hookimpl
-    def fusion_register_model_pools(self, register):
-        register(ListPool)
-
-    @fusion_core.hookimpl
-    def fusion_register_task_pools(self, register):
-        register(CountTasks)
-
-    @fusion_core.hookimpl
-    def fusion_run_start(self, config):
-        self.calls.append(("start", config.method.name, config.settings.seed))
-
-    @fusion_core.hookimpl
-    def fusion_phase_end(self, name, seconds):
-        assert seconds >= 0
-        self.calls.append(("phase", name))
-
-    @fusion_core.hookimpl
-    def fusion_run_end(self, report):
-        self.calls.append(("end", report["results"]["merged"]["count"]["accuracy"], report["output_dir"]))
 
 
 def _observed_run(tmp_path, observer, **settings):

@@ -7,12 +7,9 @@ import subprocess
 import sys
 
 import fusion_lab.plugin
-import pytest
 from fusion_lab.executors import Executor, Job
 
 import fusion_core
-from fusion_core.components import Method
-from fusion_core.errors import PluginError
 from fusion_core.plugins import get_plugin_manager
 from fusion_core.registry import build_registry
 
@@ -58,18 +55,3 @@ def test_executors_register_through_the_hook():
     seen = []
     entry.cls().map([Job("a", {}), Job("b", {})], None, lambda job, result: seen.append(result["key"]))
     assert seen == ["b", "a"]
-
-    class NotAnExecutor(Method):
-        name = "oops"
-        summary = "A method registered as an executor."
-
-        def run(self, pool, ctx):
-            return None
-
-    class Wrong:
-        @fusion_core.hookimpl
-        def fusion_register_executors(self, register):
-            register(NotAnExecutor)
-
-    with pytest.raises(PluginError, match="registered .* as a executor, but it is a method"):
-        build_registry(_manager_with(Wrong()))
