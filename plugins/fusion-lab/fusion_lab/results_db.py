@@ -326,7 +326,8 @@ class ResultsDB:
         return out
 
     def count(self) -> int:
-        return self._query("SELECT COUNT(*) FROM results")[0][0][0]
+        rows, _ = self._query("SELECT COUNT(*) FROM results")
+        return rows[0][0]
 
 
 def _insert(conn, rows: list[dict]) -> None:
