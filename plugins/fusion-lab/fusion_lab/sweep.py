@@ -362,13 +362,9 @@ def run_sweep(plan: SweepPlan, db, executor, *, registry, plugin_manager,
     Each result is committed to ``db`` as it arrives.  ``on_point(point, status, detail)``
     is called with ``status`` in ``resumed``/``ok``/``failed``.
     """
-    from fusion_core.report import provenance
 
     from .cells import PlannedCell, run_cells
-    from .executors import WorkerEnv
 
-    versions = provenance(plugin_manager)["versions"]
-    env = WorkerEnv.from_plugin_manager(plugin_manager) if executor.runs_out_of_process() else None
     executor.check()
     cells = [PlannedCell(cd, plan.summaries[point.index]) for point, cd in zip(plan.points, plan.config_dicts, strict=True)]
     point_of = {}
@@ -384,12 +380,12 @@ def run_sweep(plan: SweepPlan, db, executor, *, registry, plugin_manager,
     try:
         run_cells(cells, db, executor, registry=registry, plugin_manager=plugin_manager, source="sweep", sweep=plan.sweep_id,
                   on_cell=report)
-        return _select_and_finish(plan, db, executor, env, registry, plugin_manager, versions)
+        return _select_and_finish(plan, db, executor, registry, plugin_manager)
     finally:
         executor.stop()
 
 
-def _select_and_finish(plan: SweepPlan, db, executor, env, registry, plugin_manager, versions) -> dict:
+def _select_and_finish(plan: SweepPlan, db, executor, registry, plugin_manager) -> dict:
     from .results_db import config_hash
 
     rows, scored = [], []
@@ -416,7 +412,7 @@ def _select_and_finish(plan: SweepPlan, db, executor, env, registry, plugin_mana
                 scored.append(Scored(point, value))
         rows.append(entry)
     best, runner_up = select(scored, minimize=plan.minimize)
-    final = _final_evaluation(plan, best.point, db, executor, env, registry, plugin_manager, versions)
+    final = _final_evaluation(plan, best.point, db, executor, registry, plugin_manager)
     split_note = (f"selected on the {plan.splits.select!r} split; the final score is on {plan.splits.final!r}"
                   if plan.splits.honest else
                   "selected on the TEST split (explicitly requested with --select-on test): the final score is optimistic")
@@ -457,12 +453,12 @@ def _primary_metric(db, key: str, seed: int) -> str:
     return metric
 
 
-def _final_evaluation(plan: SweepPlan, point: Point, db, executor, env, registry, plugin_manager, versions) -> dict:
+def _final_evaluation(plan: SweepPlan, point: Point, db, executor, registry, plugin_manager) -> dict:
     """The winner on the test split (reused when selection already ran on test, or when stored)."""
     from fusion_core.report import averages
 
-    from .executors import Job
-    from .results_db import config_hash, pools_hash, store_failure, store_report
+    from .cells import PlannedCell, run_cells
+    from .results_db import config_hash, pools_hash
 
     if not plan.splits.honest:
         cd = plan.config_dicts[point.index]
@@ -474,17 +470,13 @@ def _final_evaluation(plan: SweepPlan, point: Point, db, executor, env, registry
         reused = False
     key, seed = config_hash(cd), cd.get("seed", 0)
     label = cd["method"]["name"]
-    if not reused and not db.is_done(key, seed):
-        cd = {**cd, "evaluate_inputs": not db.has_baselines(pools_hash(cd))}
+    if not reused:  # the same job path as the points; the baselines come with it when none are stored
         outcome: dict = {}
-        executor.map([Job(key=f"{key}/{seed}", config=cd)], env, lambda job, result: outcome.update(result),
-                     plugin_manager=plugin_manager, registry=registry)
-        if outcome.get("status") == "ok":
-            store_report(db, outcome["report"], cd, summary=plan.summaries[point.index], source="sweep", sweep=plan.sweep_id)
-        else:
+        run_cells([PlannedCell(cd, plan.summaries[point.index])], db, executor, registry=registry,
+                  plugin_manager=plugin_manager, source="sweep", sweep=plan.sweep_id, baselines=True,
+                  on_cell=lambda cell, status, result: outcome.update(result or {}, status=status))
+        if outcome.get("status") not in ("ok", "skipped"):
             error = outcome.get("error", "no result")
-            store_failure(db, cd, error, summary=plan.summaries[point.index], source="sweep", sweep=plan.sweep_id,
-                          versions=versions, duration_s=outcome.get("duration_s"))
             return {"split": plan.splits.final or "test", "status": "failed", "error": error, "config_hash": key}
     results = dict(db.cell_results(key, seed) or {})
     results.update(db.baseline_results(pools_hash(cd)))
