@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -41,38 +42,75 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename.
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on any error.
 
-    On any error or Ctrl-C the temp folder is removed and ``path`` is untouched.
+    Refuses an existing ``path`` unless ``overwrite``.  Parent folders created here are
+    removed again on failure.
     """
-    path = check_output_path(path, overwrite=overwrite)
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise InputError(f"output {path} already exists; pass --overwrite to replace it")
+    created: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = path.parent / f".{path.name}.fuse-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
+        if path.exists() or path.is_symlink():
+            trash = path.parent / f".{path.name}.fuse-old-{secrets.token_hex(4)}"
+            os.replace(path, trash)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            _remove(trash)
         else:
             os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder."""
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temp folder beside ``path``; on success it replaces ``path`` in one rename.
+
+    :func:`check_output_path`'s refusals first, then :func:`atomic_output`
+    (on any error or Ctrl-C the temp folder is removed and ``path`` is untouched).
+    """
+    path = check_output_path(path, overwrite=overwrite)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        yield tmp
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` (creating its folder) through a temp file in the same folder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to ``path`` through a temp file in the same folder."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

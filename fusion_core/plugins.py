@@ -41,7 +41,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fusion_core.builtins.methods",
     "fusion_core.builtins.model_pools",
     "fusion_core.builtins.task_pools",
-    "fusion_core.executors",
     "fusion_core.cli.commands",
 )
 
@@ -175,7 +174,9 @@ def _env_list(environ: Mapping[str, str], key: str) -> list[str] | None:
     return [item.strip() for item in environ[key].split(",") if item.strip()]
 
 
-def _truthy(value: str | None) -> bool:
+def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment variable ``name`` is set to 1/true/yes/on (any case)."""
+    value = (os.environ if environ is None else environ).get(name)
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -213,7 +214,7 @@ def get_plugin_manager(
     :param extra_plugins: ``(name, module_or_object)`` pairs registered after the built-ins.
     """
     environ = os.environ if environ is None else environ
-    strict = _truthy(environ.get("FUSE_STRICT_PLUGINS"))
+    strict = env_flag("FUSE_STRICT_PLUGINS", environ)
     pm = FusionPluginManager()
 
     for modname in DEFAULT_PLUGINS:
@@ -232,7 +233,7 @@ def get_plugin_manager(
     if load_entrypoints:
         _load_entrypoints(pm, environ, entry_points, strict)
 
-    if _truthy(environ.get("FUSE_TRACE_PLUGINS")):
+    if env_flag("FUSE_TRACE_PLUGINS", environ):
         def before(hook_name, hook_impls, kwargs):
             print(f"[fuse trace] {hook_name}({', '.join(kwargs)}) -> {[i.plugin_name for i in hook_impls]}", file=sys.stderr)
 

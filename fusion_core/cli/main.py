@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -89,10 +88,10 @@ def report_plugin_failures(pm, reported: set[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
-    from ..plugins import get_plugin_manager
+    from ..plugins import env_flag, get_plugin_manager
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("FUSE_DEBUG") == "1"
+    debug = "--debug" in argv or env_flag("FUSE_DEBUG")
     previous_showwarning = warnings.showwarning
     if not debug:
         warnings.showwarning = _one_line_warning

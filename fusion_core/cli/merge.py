@@ -15,18 +15,6 @@ class MergeInterrupted(FuseError):
     exit_code = 130
 
 
-def _registry(ctx: click.Context):
-    state = ctx.obj
-    registry = getattr(state, "registry", None)
-    if registry is not None:
-        return registry, getattr(state, "pm", None)
-    from ..plugins import get_plugin_manager
-    from ..registry import build_registry
-
-    pm = get_plugin_manager()
-    return build_registry(pm), pm
-
-
 def _parse_sets(sets: tuple[str, ...]) -> dict:
     from ..config import parse_value, refuse_repeated_keys
 
@@ -129,18 +117,17 @@ def merge_command(
                 "missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)"
             )
         fields = _parse_sets(sets)
-    registry, _ = _registry(ctx)
-    entry = registry.get("method", method)
+    entry = ctx.obj.registry.get("method", method)
     config = make_config(entry.cls.Config, fields, where=f"method {method}")
     instance = entry.cls(config)
 
-    from ..engine.kernel import KernelMethod
+    from ..engine.protocol import Passthrough, streams
 
-    if not isinstance(instance, KernelMethod) and not callable(getattr(instance, "passthrough_plan", None)):
+    if not streams(instance):
         raise ConfigError(
             f"method {method!r} is not a per-tensor method, so fuse merge cannot stream it; run it with `fuse run method={method}`"
         )
-    if not models and not (base and callable(getattr(instance, "passthrough_plan", None))):
+    if not models and not (base and isinstance(instance, Passthrough)):
         raise ConfigError("no models to merge: give --model PATH (once per fine-tuned model)")
 
     from ..engine.executor import MergeOptions, merge_to_path

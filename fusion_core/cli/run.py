@@ -57,8 +57,8 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
 
         click.echo(dump(config.to_dict(), sort_keys=False).rstrip())
         return
-    from ..api import run
     from ..console import console
+    from ..program import run
     from ..report import render_report
 
     report = run(config, registry=state.registry, plugin_manager=state.pm, overwrite=overwrite, dry_run=dry_run)

@@ -12,21 +12,19 @@ into place only when complete; an error or Ctrl-C removes it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError, InputError
-from ..output import plain_data
+from ..output import atomic_output, plain_data
 from .readers import DTYPE_CODES, find_aliases
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -74,48 +72,6 @@ def tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 # ---------------------------------------------------------------------------
 # atomic output
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on any error.
-
-    Refuses an existing ``path`` unless ``overwrite``.  Parent folders created here are
-    removed again on failure.
-    """
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise InputError(f"output {path} already exists; pass --overwrite to replace it")
-    created: list[Path] = []
-    parent = path.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.fuse-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        yield tmp
-        if path.exists() or path.is_symlink():
-            trash = path.parent / f".{path.name}.fuse-old-{secrets.token_hex(4)}"
-            os.replace(path, trash)
-            os.replace(tmp, path)
-            _remove(trash)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 # ---------------------------------------------------------------------------
@@ -286,20 +242,17 @@ def copy_model_files(source: Path | None, folder: Path, *, dtype: torch.dtype | 
     return copied
 
 
-def versions() -> dict[str, str]:
-    import safetensors
-
-    from .. import __version__
-
-    return {"fusion-core": __version__, "torch": torch.__version__.split("+")[0], "safetensors": safetensors.__version__}
-
-
 def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
     """Write ``README.md`` recording ``recipe`` (method, fields, inputs, seed, versions)."""
     import yaml
 
     recipe = dict(recipe)
-    recipe.setdefault("versions", versions())
+    if "versions" not in recipe:
+        import safetensors  # noqa: F401 - loaded, so its version is recorded
+
+        from ..report import versions
+
+        recipe["versions"] = versions()
     method = recipe.get("method", "?")
     if isinstance(method, Mapping):  # a `fuse run` config: {"name": ..., **fields}
         method = method.get("name", "?")

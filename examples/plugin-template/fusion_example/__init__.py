@@ -5,9 +5,7 @@ from __future__ import annotations
 import attrs
 
 import fusion_core
-from fusion_core.components import Capabilities
-from fusion_core.config import option
-from fusion_core.engine.kernel import KernelMethod
+from fusion_core import Capabilities, KernelMethod, option
 
 
 @attrs.frozen
@@ -33,7 +31,7 @@ class Median(KernelMethod):
         stacked = torch.stack(list(tensors))
         if self.config.use_base:
             if base is None:
-                from fusion_core.errors import InputError
+                from fusion_core import InputError
 
                 raise InputError("example_median: use_base=true needs a base model")
             return base + torch.quantile(stacked - base, 0.5, dim=0)

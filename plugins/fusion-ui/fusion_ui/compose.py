@@ -192,7 +192,7 @@ def dry_run(state: Mapping[str, Any], registry, plugin_manager) -> dict:
     out = composed.to_json(registry)
     if composed.config is None:
         return out
-    from fusion_core.api import run
+    from fusion_core.program import run
 
     try:
         report = run(composed.config, registry=registry, plugin_manager=plugin_manager, dry_run=True)

@@ -1,7 +1,7 @@
 """The results database, read-only: the leaderboard, one run's record, two runs' config diff.
 
-The only module of this plugin that touches the results DB and leaderboard modules: they
-are moving from ``fusion_core`` to the ``fusion_lab`` plugin, so both homes are tried here.
+The only module of this plugin that touches the results DB and leaderboard modules (those of
+the ``fusion_lab`` plugin, the experiment platform).
 """
 
 from __future__ import annotations
@@ -11,14 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-try:  # the experiment platform's new home
-    from fusion_lab import results_db as _db
-except ImportError:  # pragma: no cover - depends on the installed core
-    from fusion_core import results_db as _db
-try:
-    from fusion_lab import leaderboard as _lb
-except ImportError:  # pragma: no cover
-    from fusion_core import leaderboard as _lb
+from fusion_lab import leaderboard as _lb
+from fusion_lab import results_db as _db
 
 from fusion_core.errors import FuseError
 

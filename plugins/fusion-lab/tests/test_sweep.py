@@ -14,8 +14,12 @@ import sqlite3
 from typing import ClassVar, Literal
 
 import attrs
+import fusion_lab.plugin
 import pytest
 import torch
+from fusion_lab.executors import LocalConfig, LocalExecutor
+from fusion_lab.results_db import open_db
+from fusion_lab.sweep import expand, load_points, parse_axis, parse_range, plan_sweep, run_sweep
 
 import fusion_core
 import fusion_core.plugins
@@ -23,10 +27,7 @@ from fusion_core.cli.main import main
 from fusion_core.components import TaskPool
 from fusion_core.config import option
 from fusion_core.errors import ConfigError
-from fusion_core.executors import LocalConfig, LocalExecutor
 from fusion_core.registry import build_registry
-from fusion_core.results_db import open_db
-from fusion_core.sweep import expand, load_points, parse_axis, parse_range, plan_sweep, run_sweep
 
 TARGETS = {"val": 0.5, "test": 1.0}
 
@@ -69,7 +70,7 @@ def make_pm():
     import fusion_merging.plugin
 
     return fusion_core.plugins.get_plugin_manager(
-        load_entrypoints=False, extra_plugins=[("merging", fusion_merging.plugin), ("sweep-test", SweepPlugin)])
+        load_entrypoints=False, extra_plugins=[("lab", fusion_lab.plugin), ("merging", fusion_merging.plugin), ("sweep-test", SweepPlugin)])
 
 
 @pytest.fixture
@@ -298,7 +299,7 @@ def test_plugins_registered_as_objects_cannot_go_to_worker_processes(exp):
             pass
 
     pm = fusion_core.plugins.get_plugin_manager(
-        load_entrypoints=False, extra_plugins=[("merging", __import__("fusion_merging.plugin").plugin),
+        load_entrypoints=False, extra_plugins=[("lab", fusion_lab.plugin), ("merging", __import__("fusion_merging.plugin").plugin),
                                                ("sweep-test", SweepPlugin), ("inline", Inline())])
     with pytest.raises(ConfigError, match=r"plugin 'inline' was registered as an object \(Inline\); workers in other processes"):
         sweep(pm, [exp], LAMBDAS, "r.sqlite", jobs=2)

@@ -162,7 +162,7 @@ def to_csv(board: Leaderboard) -> str:
 def render_rich(board: Leaderboard, console, fmt: str | None = None) -> None:
     """A table fitted to the terminal (per-task columns left out, all together, when they do not fit);
     piped, the title and then one tab-separated record per row (``fmt``: see :mod:`fusion_core.tables`)."""
-    from .tables import Column, default_format, emit
+    from fusion_core.tables import Column, default_format, emit
 
     fmt = fmt or default_format()
     unit = f"{board.metric} (%)" if board.percent else board.metric
@@ -185,29 +185,12 @@ def render_rich(board: Leaderboard, console, fmt: str | None = None) -> None:
                       "or pipe the output / use --markdown or --csv to see them[/]", highlight=False)
 
 
-# --------------------------------------------------------------------------- files
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_png(board: Leaderboard, path: str | os.PathLike) -> None:
     """Grouped bars: per task (and the average), one bar per leaderboard row, error bars over seeds."""
     try:
         import matplotlib
     except ImportError:
-        from .errors import FuseError
+        from fusion_core import FuseError
 
         raise FuseError("--plot needs matplotlib: pip install matplotlib (or fusion-core[plot])") from None
 
