@@ -126,7 +126,7 @@ def guarded(pm: FusionPluginManager, name: str, stage: str = "import", *, strict
     under ``FUSE_STRICT_PLUGINS``).  Yields the record; ``record.status`` tells whether it went through.
     """
     record = pm.records[name]
-    strict = _truthy(os.environ.get("FUSE_STRICT_PLUGINS")) if strict is None else strict
+    strict = env_flag("FUSE_STRICT_PLUGINS") if strict is None else strict
     buffer = io.StringIO()
     started = time.perf_counter()
     with _UserInterrupts() as watcher:

@@ -417,9 +417,10 @@ def test_checkpoint_code_is_refused_in_one_line_without_trust_remote_code(remote
 
 
 def test_strings_that_read_as_numbers_are_quoted_when_written_back():
+    from fusion_lab.sweep import override_value_text
+
     from fusion_core.config import parse_value
     from fusion_core.safe_yaml import dump
-    from fusion_lab.sweep import override_value_text
 
     value = {"name": "1e5", "paths": ["2E3", ".5e-2"], "density": 1e-3}
     assert parse_value(dump(value)) == value

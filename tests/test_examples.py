@@ -39,9 +39,10 @@ def test_experiment_yaml_validates_and_resolves_as_documented(capsys):
 
 def test_exp_yaml_plans_the_readme_sweep():
     pytest.importorskip("fusion_minibench", reason="the example runs on the mini benchmark (plugins/fusion-minibench)")
+    from fusion_lab.sweep import plan_sweep
+
     from fusion_core.plugins import get_plugin_manager
     from fusion_core.registry import build_registry
-    from fusion_lab.sweep import plan_sweep
 
     registry = build_registry(get_plugin_manager())
     plan = plan_sweep(registry, [str(EXAMPLES / "exp.yaml")], ["method.scaling_factor=0.1,0.3,0.5,1.0"])

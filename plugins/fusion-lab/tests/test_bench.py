@@ -312,10 +312,9 @@ def test_progress_reads_in_percent_with_an_estimate_and_piped_leaderboard_is_rec
 def test_leaderboard_at_80_columns_leaves_out_every_task_column_together():
     import io
 
-    from rich.console import Console
-
     from fusion_lab.leaderboard import Leaderboard as Board
     from fusion_lab.leaderboard import LeaderboardRow, Stat, render_rich
+    from rich.console import Console
 
     tasks = ("rt_sentiment", "rt_subjectivity", "debate_party", "convention_party", "chatter_topic", "language_id")
     row = LeaderboardRow(label="task_arithmetic", kind="method", config="scaling_factor=0.3", seeds=(0, 1, 2),
