@@ -193,14 +193,14 @@ class MergeTestPlugin:
             register(cls)
 
 
-def use_test_plugins(monkeypatch) -> None:
-    """Make ``fuse`` see only the core plus the test methods (no installed plugins)."""
+def use_test_plugins(monkeypatch, extra: Sequence[tuple[str, object]] = ()) -> None:
+    """Make ``fuse`` see only the core plus the test methods (no installed plugins), and ``extra`` plugins."""
     import fusion_core.plugins as plugins
 
     original = plugins.get_plugin_manager
 
     def pm(**kwargs):
-        kwargs.update(load_entrypoints=False, extra_plugins=[("test-merge", MergeTestPlugin())])
+        kwargs.update(load_entrypoints=False, extra_plugins=[("test-merge", MergeTestPlugin()), *extra])
         return original(**kwargs)
 
     monkeypatch.setattr(plugins, "get_plugin_manager", pm)

@@ -113,7 +113,7 @@ def merge_command(
     if mergekit_config:
         if method or base or models or sets:
             raise ConfigError("give either --mergekit-config or METHOD with --base/--model/--set, not both")
-        from ..mergekit_yaml import load
+        from fusion_merging.mergekit.recipe import load
 
         recipe_mk = load(mergekit_config)
         mergekit_method = recipe_mk.mergekit_method

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from .errors import ConfigError
+from fusion_core.errors import ConfigError
 
 #: mergekit method → (fusion method, fixed fields)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -155,7 +155,7 @@ def translate(data: Mapping[str, Any], *, path: str | None = None) -> MergekitRe
     if not isinstance(mk, str):
         raise ConfigError(f"{where}: merge_method is missing")
     if mk not in METHODS:
-        from .errors import did_you_mean
+        from fusion_core.errors import did_you_mean
 
         raise ConfigError(f"{where}: merge_method {mk!r} is not supported by fuse merge{did_you_mean(mk, METHODS)}")
     method, fixed = METHODS[mk]
@@ -314,6 +314,6 @@ def _slices(slices: Any, base: str | None, where: str) -> tuple[list[str], list[
 
 def load(path: str | os.PathLike) -> MergekitRecipe:
     """Read and translate the mergekit YAML file ``path``."""
-    from .config import load_yaml_file
+    from fusion_core.config import load_yaml_file
 
     return translate(load_yaml_file(path), path=str(Path(path)))

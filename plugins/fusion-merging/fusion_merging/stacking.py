@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from ..components import Capabilities, Method
-from ..config import option
-from ..errors import InputError
+from fusion_core.components import Capabilities, Method
+from fusion_core.config import option
+from fusion_core.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..components import ModelPool
-    from ..run_context import RunContext
-    from .readers import TensorReader
-    from .validate import TensorPlan
+    from fusion_core.components import ModelPool
+    from fusion_core.engine.readers import TensorReader
+    from fusion_core.engine.validate import TensorPlan
+    from fusion_core.run_context import RunContext
 
 DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\."
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -114,7 +114,7 @@ class LayerStack(Method):
         self, inputs: Sequence["TensorReader"], has_base: bool, out_dtype: "torch.dtype | None" = None
     ) -> list["TensorPlan"]:
         """Output name → (input, tensor name) for every output tensor, in storage order of the first input."""
-        from .validate import PASSTHROUGH, TensorPlan
+        from fusion_core.engine.validate import PASSTHROUGH, TensorPlan
 
         def plan(out_name: str, index: int, name: str) -> TensorPlan:
             reader = inputs[index]
@@ -196,7 +196,7 @@ class LayerStack(Method):
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         """Stack the pool's models in memory; returns the new state dict."""
-        from .executor import merge_pool
+        from fusion_core.engine.executor import merge_pool
 
         return merge_pool(self, pool, ctx)
 

@@ -8,21 +8,29 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import fusion_core
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the shared test helpers importable
+sys.path.insert(0, str(Path(__file__).parents[3] / "tests"))  # the core's shared merge-test helpers
 from merge_testkit import fuse, load_hf, logits, perturbed, save_hf, tiny_gpt2, use_test_plugins  # noqa: E402
 
 from fusion_core.config import make_config  # noqa: E402
 from fusion_core.engine.executor import MergeOptions, merge_readers  # noqa: E402
-from fusion_core.engine.stacking import LayerStack  # noqa: E402
 from fusion_core.errors import ConfigError, InputError  # noqa: E402
-from fusion_core.mergekit_yaml import translate  # noqa: E402
+from fusion_merging.mergekit.recipe import translate  # noqa: E402
+from fusion_merging.stacking import LayerStack  # noqa: E402
+
+
+class _StackingPlugin:
+    @fusion_core.hookimpl
+    def fusion_register_methods(self, register):
+        register(LayerStack)
 
 
 @pytest.fixture(autouse=True)
 def _plugins(monkeypatch):
-    use_test_plugins(monkeypatch)
+    use_test_plugins(monkeypatch, extra=[("test-stacking", _StackingPlugin())])
 
 
 def stack(slices, **kw):

@@ -1,0 +1,1 @@
+"""mergekit compatibility: read mergekit YAML recipes into fusion merges."""
