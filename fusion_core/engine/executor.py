@@ -82,6 +82,8 @@ class MergeOptions:
     progress: bool = False
     notify: Callable[[str], None] | None = None
     """Where notes go (default: stderr)."""
+    finish: Callable[[Path], None] | None = None
+    """Completes an HF output folder (given its temporary path) after its files are copied."""
 
 
 # ---------------------------------------------------------------------------
@@ -518,6 +520,8 @@ def merge_to_path(
                 update = getattr(method, "update_config", None)
                 if callable(update):
                     update(tmp / "config.json")
+            if opts.finish is not None:
+                opts.finish(tmp)
             recipe = dict(opts.recipe or {})
             tied = {p.name: p.source for p in plans if p.kind == ALIAS}
             if tied:

@@ -16,3 +16,14 @@ def all_methods() -> list[type]:
 def fusion_register_methods(register):
     for cls in all_methods():
         register(cls)
+
+
+def _load_mergekit(path, *, allow_pickle=False):
+    from .mergekit.recipe import load
+
+    return load(path, allow_pickle=allow_pickle)
+
+
+@fusion_core.hookimpl
+def fusion_register_recipe_formats(register):
+    register("mergekit", _load_mergekit, summary="mergekit 0.1.5 YAML (mergekit-yaml configs)")

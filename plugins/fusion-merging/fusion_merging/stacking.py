@@ -20,6 +20,8 @@ from fusion_core.components import Capabilities, Method
 from fusion_core.config import option
 from fusion_core.errors import InputError
 
+from .mergekit.mapping import MergekitMapping, Param
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -202,3 +204,11 @@ class LayerStack(Method):
 
 
 METHODS = [LayerStack]
+
+
+#: mergekit's passthrough: each output tensor is one input's tensor (times its optional ``scale``)
+MERGEKIT = [
+    MergekitMapping(
+        "passthrough", "layer_stack", base="ignored", per_model={"scale": Param(float, None, "scale")}, per_model_scope="input", max_inputs=1
+    )
+]

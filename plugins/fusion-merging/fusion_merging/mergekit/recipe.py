@@ -1,319 +1,521 @@
-"""Read a mergekit YAML config into a fusion merge (method, fields, base, models, dtype).
+"""Run a mergekit 0.1.5 YAML recipe with fusion's methods on the streaming engine.
 
-Only what both tools share is accepted; everything else (gradients, filters,
-tokenizer surgery, LoRA references, per-model values our method takes once...)
-is refused with a message naming the key, never ignored.
+The recipe is read and normalised as mergekit does (:mod:`.schema`), its method is mapped
+through the declarations next to fusion-merging's methods (:mod:`.mapping`), and every
+output tensor is planned as mergekit's planner plans it:
 
-Conventions are translated so the result matches mergekit's: its TIES-family
-methods elect signs on weighted task vectors (``sign_election: weighted_sum``),
-``normalize`` picks the disjoint divisor (``weights``) or none, ``rescale: true``
-is L1-norm matching, and an absent ``density`` means 1 (no sparsification).
-Compute stays in fp32; mergekit's ``dtype`` (or ``out_dtype``) sets the output dtype.
+- the output's tensors are the donor's (the base, else the first source of the first
+  slice): its non-layer tensors before the layers (embeddings) are merged from the first
+  slice's sources, those after them (final norm, head) from the last slice's, both at
+  ``t = 0``; layer ``j`` of a slice of ``n`` layers merges layer ``start + j`` of every
+  source at ``t = j / (n − 1)`` (``t = 1`` for a one-layer slice) and becomes the next
+  output layer;
+- the base of a slice is its ``base_model``, else the recipe's; per-model values follow
+  the source order, base excluded unless the method treats the base as an ordinary input;
+- parameters resolve per tensor (gradients over ``t``, filters on the tensor's name,
+  source > slice > top-level ``parameters`` > mergekit's default).
+
+Compute stays in fp32 from the stored values; ``out_dtype`` (else ``dtype``) sets the
+output dtype.  Anything that cannot be honoured is refused by name (a ``ConfigError``).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from fusion_core.errors import ConfigError
+from fusion_core.components import Capabilities
+from fusion_core.config import option
+from fusion_core.engine.kernel import KernelMethod
+from fusion_core.errors import ConfigError, InputError
 
-#: mergekit method → (fusion method, fixed fields)
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "linear": ("weighted_average", {}),
-    "task_arithmetic": ("task_arithmetic", {}),
-    "ties": ("ties", {"sign_election": "weighted_sum"}),
-    "dare_ties": ("dare", {"variant": "ties", "sign_election": "weighted_sum"}),
-    "dare_linear": ("dare", {"variant": "linear"}),
-    "breadcrumbs": ("breadcrumbs", {"variant": "linear"}),
-    "breadcrumbs_ties": ("breadcrumbs", {"variant": "ties", "sign_election": "weighted_sum"}),
-    "della": ("della", {"variant": "ties", "sign_election": "weighted_sum"}),
-    "della_linear": ("della", {"variant": "linear"}),
-    "slerp": ("slerp", {}),
-    "nuslerp": ("nuslerp", {}),
-    "multislerp": ("multislerp", {}),
-    "karcher": ("karcher", {}),
-    "model_stock": ("model_stock", {}),
-    "sce": ("sce", {}),
-    "passthrough": ("layer_stack", {}),
-}
-#: mergekit's default for ``normalize`` per method
-NORMALIZE_DEFAULTS = {
-    "linear": True,
-    "task_arithmetic": False,
-    "ties": True,
-    "dare_ties": False,
-    "dare_linear": False,
-    "breadcrumbs": False,
-    "breadcrumbs_ties": False,
-    "della": True,
-    "della_linear": False,
-}
-TIES_FAMILY = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
-RESCALING = {"dare_ties", "dare_linear", "della", "della_linear"}
-SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
-NEEDS_BASE = {"task_arithmetic", *SPARSIFYING, "slerp", "model_stock", "sce"}
-#: mergekit parameter → fusion field
-RENAMES = {"lambda": "scaling_factor", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
-SHARED = {
-    "lambda",
-    "t",
-    "select_topk",
-    "nuslerp_flatten",
-    "nuslerp_row_wise",
-    "normalize_weights",
-    "eps",
-    "max_iter",
-    "tol",
-    "filter_wise",
-    "normalize",
-    "rescale",
-    "int8_mask",
-}
-PER_MODEL = {"weight", "density", "gamma", "epsilon"}
-TOP_LEVEL = {
-    "merge_method",
-    "base_model",
-    "models",
-    "slices",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "tokenizer_source",
-    "tokenizer",
-}
+from . import schema
+from .mapping import MergekitMapping, all_mappings
+from .routing import Route, SlotReader, routed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fusion_core.engine.readers import TensorReader
+    from fusion_core.recipes import ImportedMerge
+
+POST_PATTERN = re.compile(
+    r"(?:^|\.)(?:lm_head|score|classifier|norm|ln_f|norm_f|final_layer_norm|final_layernorm|final_norm)(?:\.|$)"
+)
+"""Non-layer tensors that follow the layers (final norm, head); the others precede them."""
+BUFFER_PATTERN = re.compile(r"(?:^|\.)(?:position_ids|token_type_ids|masked_bias)$")
+"""Non-persistent buffers some checkpoints store and others do not: taken from the donor."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json")
+TOKENIZER_GLOBS = ("tokenizer*", "*.model", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
 
 @attrs.frozen
-class MergekitRecipe:
-    """A mergekit config translated to fusion terms."""
+class Planned:
+    """One output tensor: where it comes from and how it is merged."""
 
-    mergekit_method: str
-    method: str
-    fields: dict
+    name: str
+    sources: tuple[tuple[str, str], ...]  # (model, tensor name), in source order
     base: str | None
-    models: list[str]
-    out_dtype: str | None
+    fields: Mapping[str, Any]
 
 
-def _where(path: str | None) -> str:
-    return f"mergekit config {path}" if path else "mergekit config"
+@attrs.define
+class Plan:
+    recipe: schema.Recipe
+    mapping: MergekitMapping
+    tensors: list[Planned]
+    donor: str
+    layers_in: int
+    layers_out: int
+    notes: list[str]
 
 
-def _scalar(value: Any, key: str, where: str) -> Any:
-    if isinstance(value, list):
-        if value and all(isinstance(v, Mapping) for v in value):
-            raise ConfigError(
-                f"{where}: parameter {key!r} uses filters (per-tensor values), which fuse merge does not support yet"
-            )
-        raise ConfigError(
-            f"{where}: parameter {key!r} is a gradient (a list of values over layers), which fuse merge does not support yet"
-        )
-    if isinstance(value, Mapping):
-        raise ConfigError(f"{where}: parameter {key!r} is a mapping; only plain values are supported")
-    return value
+# --------------------------------------------------------------------------- layers
 
 
-def _model_ref(entry: Any, where: str, what: str) -> str:
-    if isinstance(entry, Mapping):
-        raise ConfigError(f"{where}: {what} must be a path string (structured model references are not supported)")
-    if not isinstance(entry, str) or not entry:
-        raise ConfigError(f"{where}: {what} must be a path, got {entry!r}")
-    if "+" in entry and not os.path.exists(entry):
-        raise ConfigError(
-            f"{where}: {what} {entry!r} looks like a model+LoRA reference, which fuse merge does not support; merge the adapter first"
-        )
-    return entry
+def _layer_pattern() -> re.Pattern:
+    from ..stacking import DEFAULT_LAYER_PATTERN
+
+    return re.compile(DEFAULT_LAYER_PATTERN)
 
 
-def _same(a: str, b: str) -> bool:
-    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+def _layers(reader: "TensorReader", pattern: re.Pattern) -> dict[int, list[str]]:
+    table: dict[int, list[str]] = {}
+    for name in sorted(reader.keys(), key=reader.location):
+        match = pattern.search(name)
+        if match:
+            table.setdefault(int(match.group(1)), []).append(name)
+    return table
 
 
-def translate(data: Mapping[str, Any], *, path: str | None = None) -> MergekitRecipe:
-    """Translate a parsed mergekit YAML mapping; unsupported keys raise ConfigError naming them."""
-    where = _where(path)
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping at the top level")
-    for key in data:
-        if key not in TOP_LEVEL:
-            hint = " (multi-module merges are not supported)" if key == "modules" else ""
-            raise ConfigError(f"{where}: unsupported key {key!r}{hint}; fuse merge reads {', '.join(sorted(TOP_LEVEL))}")
-    if "tokenizer_source" in data and data["tokenizer_source"] != "base":
-        raise ConfigError(
-            f"{where}: tokenizer_source {data['tokenizer_source']!r} is not supported (only 'base': the base's tokenizer is copied)"
-        )
-    if "tokenizer" in data and data["tokenizer"] not in ({"source": "base"},):
-        raise ConfigError(
-            f"{where}: unsupported key 'tokenizer' (vocabulary merging is not supported; the base's tokenizer files are copied)"
-        )
-    mk = data.get("merge_method")
-    if not isinstance(mk, str):
-        raise ConfigError(f"{where}: merge_method is missing")
-    if mk not in METHODS:
+def _renumber(name: str, pattern: re.Pattern, layer: int) -> str:
+    match = pattern.search(name)
+    return name[: match.start(1)] + str(layer) + name[match.end(1) :]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _method_mapping(recipe: schema.Recipe) -> MergekitMapping:
+    table = all_mappings()
+    mapping = table.get(recipe.merge_method)
+    if mapping is None:
         from fusion_core.errors import did_you_mean
 
-        raise ConfigError(f"{where}: merge_method {mk!r} is not supported by fuse merge{did_you_mean(mk, METHODS)}")
-    method, fixed = METHODS[mk]
-    fields: dict[str, Any] = dict(fixed)
-    base = _model_ref(data["base_model"], where, "base_model") if data.get("base_model") is not None else None
-    out_dtype = data.get("out_dtype") or data.get("dtype")
-    if out_dtype is not None and not isinstance(out_dtype, str):
-        raise ConfigError(f"{where}: dtype must be a name like bfloat16, got {out_dtype!r}")
-    has_models, has_slices = "models" in data, "slices" in data
-    if has_models == has_slices:
-        raise ConfigError(f"{where}: give exactly one of models or slices")
-    if has_slices:
-        if mk != "passthrough":
-            raise ConfigError(
-                f"{where}: slices are supported only with merge_method: passthrough (layer stacking); use models for {mk}"
-            )
-        if data.get("parameters"):
-            raise ConfigError(f"{where}: parameters are not supported with passthrough slices")
-        models, slices = _slices(data["slices"], base, where)
-        fields["slices"] = slices
-        return MergekitRecipe(mk, method, fields, base, models, out_dtype)
-    if mk == "passthrough":
         raise ConfigError(
-            f"{where}: passthrough with models copies one model; fuse merge supports passthrough only with slices (layer stacking)"
+            f"{recipe.where}: merge_method {recipe.merge_method!r} is not supported by fuse merge"
+            f"{did_you_mean(recipe.merge_method, table)} (fusion-merging has no equivalent method; PARITY.md lists the supported ones)"
         )
+    return mapping
 
-    global_params = data.get("parameters") or {}
-    if not isinstance(global_params, Mapping):
-        raise ConfigError(f"{where}: parameters must be a mapping")
-    entries = data["models"]
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{where}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    models: list[str] = []
-    per_model: list[dict[str, Any]] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, Mapping) or "model" not in entry:
-            raise ConfigError(f"{where}: models[{i}] must be a mapping with a model key")
-        extra = set(entry) - {"model", "parameters"}
-        if extra:
-            raise ConfigError(f"{where}: models[{i}] has unsupported key(s) {', '.join(sorted(map(str, extra)))}")
-        ref = _model_ref(entry["model"], where, f"models[{i}].model")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, Mapping):
-            raise ConfigError(f"{where}: models[{i}].parameters must be a mapping")
-        for key in params:
-            if key not in PER_MODEL:
-                raise ConfigError(
-                    f"{where}: models[{i}].parameters.{key} is not supported per model (per-model keys: {', '.join(sorted(PER_MODEL))})"
-                )
-        is_base = base is not None and _same(ref, base)
-        if is_base and (mk in NEEDS_BASE or mk in {"nuslerp", "multislerp"}):
-            continue  # the base is not one of the inputs (mergekit adds it to models silently)
-        models.append(ref)
-        per_model.append({k: _scalar(v, k, where) for k, v in params.items()})
-    if base is not None and mk == "karcher":
-        if not any(_same(m, base) for m in models):
-            models.append(base)
-            per_model.append({})
-        base = None  # karcher treats the base as an ordinary input
-    if base is not None and mk == "linear":
-        if not any(_same(m, base) for m in models):
+
+def _check_parameter_names(recipe: schema.Recipe, mapping: MergekitMapping) -> None:
+    known = set(mapping.shared) | set(mapping.per_model)
+    scopes: list[tuple[str, Mapping | None]] = [("parameters", recipe.parameters)]
+    for i, out in enumerate(recipe.slices):
+        scopes.append((f"slices[{i}].parameters", out.parameters))
+        for j, source in enumerate(out.sources):
+            what = f"models[{j}].parameters" if recipe.from_models else f"slices[{i}].sources[{j}].parameters"
+            scopes.append((what, source.parameters))
+    for what, scope in scopes:
+        for key in scope or {}:
+            if key not in known:
+                takes = ", ".join(sorted(known)) or "no parameters"
+                raise ConfigError(f"{recipe.where}: {what}.{key} is not a parameter of mergekit's {mapping.merge_method} (it takes {takes})")
+
+
+def _check_tokenizer(recipe: schema.Recipe) -> str | None:
+    """The model whose tokenizer the output gets (``None``: the donor's files)."""
+    where = recipe.where
+    source = recipe.tokenizer_source
+    if recipe.tokenizer is not None:
+        block = dict(recipe.tokenizer)
+        source = block.pop("source", None)
+        tokens = block.pop("tokens", None)
+        block.pop("pad_to_multiple_of", None) if block.get("pad_to_multiple_of") is None else None
+        if tokens or block:
             raise ConfigError(
-                f"{where}: linear does not use base_model {base!r}; list it under models with a weight, or drop base_model"
+                f"{where}: tokenizer: {', '.join(sorted(['tokens'] * bool(tokens) + list(block)))} is not supported "
+                "(adding tokens and padding the vocabulary are not implemented); use tokenizer_source: base"
             )
-        base = None
-    if mk in NEEDS_BASE and base is None:
-        raise ConfigError(f"{where}: merge_method {mk} needs base_model")
-    if not models:
-        raise ConfigError(f"{where}: no models to merge besides the base")
+    if source is None or source == "base":
+        return None
+    if source == "union":
+        raise ConfigError(
+            f"{where}: tokenizer_source: union is not supported (vocabulary union is not implemented); "
+            "use base or a model whose vocabulary the others share"
+        )
+    return source.removeprefix("model:")
 
-    for key, value in global_params.items():
-        if key not in SHARED and key not in PER_MODEL:
-            raise ConfigError(f"{where}: parameters.{key} is not supported for {mk}")
-        value = _scalar(value, key, where)
-        if key in PER_MODEL:
-            for params in per_model:
-                params.setdefault(key, value)
-        elif key == "normalize":
-            fields.update(_normalize(mk, bool(value), where))
-        elif key == "rescale":
-            if mk not in RESCALING:
-                raise ConfigError(f"{where}: parameters.rescale is not supported for {mk}")
-            fields["rescale"] = "l1" if value else "none"
-        elif key == "int8_mask":
-            pass  # only the storage dtype of mergekit's masks; results are the same
-        else:
-            fields[RENAMES.get(key, key)] = value
-    if mk in NORMALIZE_DEFAULTS and "normalize" not in global_params:
-        fields.update(_normalize(mk, NORMALIZE_DEFAULTS[mk], where))
-    if mk in RESCALING and "rescale" not in fields:
-        fields["rescale"] = "l1"
 
-    for key in PER_MODEL:
-        values = [p.get(key) for p in per_model]
-        given = [v for v in values if v is not None]
-        if not given:
-            continue
-        if key == "weight":
-            fields["weights"] = [1.0 if v is None else v for v in values]
-            continue
-        if len(given) != len(values) or len(set(given)) > 1:
+def plan(recipe: schema.Recipe, readers: Mapping[str, "TensorReader"]) -> Plan:
+    """Plan every output tensor of ``recipe`` over the opened ``readers`` (by model reference)."""
+    mapping = _method_mapping(recipe)
+    _check_parameter_names(recipe, mapping)
+    where = recipe.where
+    pattern = _layer_pattern()
+    tables = {ref: _layers(reader, pattern) for ref, reader in readers.items()}
+    slices = []
+    for i, out in enumerate(recipe.slices):
+        ranges = []
+        for source in out.sources:
+            table = tables[source.model]
+            start, stop = source.layer_range or (0, (max(table) + 1) if table else 0)
+            if stop > start and any(layer not in table for layer in range(start, stop)):
+                have = f"0..{max(table)}" if table else "none"
+                raise InputError(f"{where}: slices[{i}] wants layers {start}..{stop - 1} of {source.model}, which has layers {have}")
+            ranges.append((start, stop))
+        lengths = {stop - start for start, stop in ranges}
+        if len(lengths) > 1:
+            raise ConfigError(f"{where}: slices[{i}]: all sources must span the same number of layers (mergekit requires it), got {sorted(lengths)}")
+        slices.append((out, ranges, lengths.pop()))
+    donor = recipe.base_model or recipe.slices[0].sources[0].model
+    donor_reader = readers[donor]
+    names = sorted(donor_reader.keys(), key=donor_reader.location)
+    pre = [n for n in names if not pattern.search(n) and not POST_PATTERN.search(n)]
+    post = [n for n in names if not pattern.search(n) and POST_PATTERN.search(n)]
+    notes: list[str] = []
+    tensors: list[Planned] = []
+
+    def add(out_name: str, out: schema.OutSlice, index: int, sources: list[tuple[str, str]], t: float) -> None:
+        tensors.append(_plan_tensor(recipe, mapping, out, index, out_name, sources, t, readers))
+
+    first, last = slices[0][0], slices[-1][0]
+    for name in pre:
+        add(name, first, 0, _non_layer_sources(name, first, donor, readers, notes, where), 0.0)
+    out_layer = 0
+    for i, (out, ranges, length) in enumerate(slices):
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            ref_model, (ref_start, _) = out.sources[0].model, ranges[0]
+            for ref_name in tables[ref_model][ref_start + offset]:
+                sources = []
+                for source, (start, _) in zip(out.sources, ranges, strict=True):
+                    name = _renumber(ref_name, pattern, start + offset)
+                    if name not in readers[source.model]:
+                        raise InputError(f"{where}: slices[{i}]: {source.model} has no tensor {name!r} (needed for output layer {out_layer})")
+                    sources.append((source.model, name))
+                add(_renumber(ref_name, pattern, out_layer), out, i, sources, t)
+            out_layer += 1
+    for name in post:
+        add(name, last, len(slices) - 1, _non_layer_sources(name, last, donor, readers, notes, where), 0.0)
+    donor_layers = tables[donor]
+    return Plan(recipe, mapping, tensors, donor, (max(donor_layers) + 1) if donor_layers else 0, out_layer, notes)
+
+
+def _non_layer_sources(
+    name: str, out: schema.OutSlice, donor: str, readers: Mapping[str, "TensorReader"], notes: list[str], where: str
+) -> list[tuple[str, str]]:
+    missing = [s.model for s in out.sources if name not in readers[s.model]]
+    if not missing:
+        return [(s.model, name) for s in out.sources]
+    if BUFFER_PATTERN.search(name):
+        notes.append(f"note: {name!r} (a non-persistent buffer) is missing from {', '.join(missing)}; taken from {donor}")
+        return [(donor, name)]
+    raise InputError(f"{where}: {', '.join(missing)} has no tensor {name!r} (the output's donor {donor} has it)")
+
+
+def _plan_tensor(
+    recipe: schema.Recipe,
+    mapping: MergekitMapping,
+    out: schema.OutSlice,
+    index: int,
+    out_name: str,
+    sources: list[tuple[str, str]],
+    t: float,
+    readers: Mapping[str, "TensorReader"],
+) -> Planned:
+    where = recipe.where
+    models = [m for m, _ in sources]
+    is_copy = len(sources) == 1 and len(out.sources) > 1  # a buffer taken from the donor
+    base = None
+    if mapping.base != "ignored" and not is_copy:
+        base = out.base_model or recipe.base_model
+        if base is not None and base not in models:
+            raise ConfigError(f"{where}: base_model {base} is not an input of slices[{index}] (mergekit requires the base among the inputs)")
+        if base is None and mapping.base == "required":
+            raise ConfigError(f"{where}: merge_method {mapping.merge_method} needs base_model")
+    non_base = [m for m in models if m != base]
+    if not is_copy:
+        _check_counts(mapping, len(models), len(non_base), where, index)
+    shapes = {tuple(readers[m].shape(n)) for m, n in sources}
+    if len(shapes) > 1:
+        raise InputError(f"{where}: tensor {out_name!r} has different shapes in the inputs of slices[{index}]: {sorted(shapes)}")
+    fields: dict[str, Any] = dict(mapping.fixed)
+    shared_scopes = (out.parameters, recipe.parameters)
+    for key, param in mapping.shared.items():
+        value = schema.resolve(key, shared_scopes, out_name, t, schema.converter(param.kind, key), param.default, where)
+        fields.update(_fields(param, value, mapping, where))
+    takers = models if mapping.per_model_scope == "input" else non_base
+    if is_copy:
+        takers = []
+    names = dict(sources)
+    for key, param in mapping.per_model.items():
+        values = []
+        for model in takers:
+            own = [s.parameters for s in out.sources if s.model == model]
+            scopes = (*own, out.parameters, recipe.parameters)
+            values.append(schema.resolve(key, scopes, names[model], t, schema.converter(param.kind, key), param.default, where))
+        if values and param.to is not None and any(v is not None for v in values):
+            fields.update(_fields(param, values, mapping, where))
+    if mapping.adjust is not None:
+        fields = mapping.adjust(fields)
+    return Planned(out_name, tuple(sources), base, fields)
+
+
+def _fields(param, value: Any, mapping: MergekitMapping, where: str) -> dict:
+    try:
+        return param.fields(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_counts(mapping: MergekitMapping, n: int, non_base: int, where: str, index: int) -> None:
+    def bad(what: str, count: int, lo: int | None, hi: int | None) -> None:
+        if (lo is not None and count < lo) or (hi is not None and count > hi):
+            want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo or 0} to {hi}")
+            raise ConfigError(f"{where}: merge_method {mapping.merge_method} takes {want} {what}; slices[{index}] has {count}")
+
+    bad("inputs", n, mapping.min_inputs, mapping.max_inputs)
+    bad("non-base inputs", non_base, mapping.min_non_base, mapping.max_non_base)
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Passthrough(KernelMethod):
+    """mergekit's passthrough: the one input's tensor, times its ``scale`` when given (not a registered method)."""
+
+    name = "passthrough"
+    summary = "mergekit passthrough: copies one input's tensor (layer stacking with slices)"
+    capabilities = Capabilities(needs_base=False)
+    elementwise = True
+
+    @attrs.frozen
+    class Config:
+        scale: list | None = option(None, help="mergekit's per-input scale (None: copy)")
+
+    def kernel(self, name, base, tensors, ctx):
+        scale = (self.config.scale or [None])[0]
+        return tensors[0].clone() if scale is None else tensors[0] * scale
+
+
+def method_class(mapping: MergekitMapping) -> type:
+    """The fusion method class a mapping names (passthrough: :class:`Passthrough`)."""
+    if mapping.method == "layer_stack":
+        return Passthrough
+    from ..plugin import all_methods
+
+    return next(cls for cls in all_methods() if cls.name == mapping.method)
+
+
+def build(plan_: Plan, readers: Mapping[str, "TensorReader"]) -> tuple[Any, "TensorReader | None", list["TensorReader"]]:
+    """The routed method and the slot readers the engine streams."""
+    from fusion_core.config import make_config
+
+    cls = method_class(plan_.mapping)
+    slot_models: list[str] = []
+    has_base = any(p.base is not None for p in plan_.tensors)
+    routes: dict[str, Route] = {}
+    for p in plan_.tensors:
+        slots = []
+        for model, _ in p.sources:
+            if model == p.base:
+                continue
+            if model not in slot_models:
+                slot_models.append(model)
+            slots.append(slot_models.index(model))
+        routes[p.name] = Route.make(slots, p.base is not None, p.fields)
+    checked: set = set()
+    for route in routes.values():
+        key = (route.fields, len(route.slots), route.has_base)
+        if key not in checked:
+            checked.add(key)
+            method = cls(make_config(cls.Config, route.field_dict(), where=f"{plan_.recipe.where}: method {cls.name}"))
+            method.check_inputs(len(route.slots), route.has_base)
+    order = [p.name for p in plan_.tensors]
+    first = {p.name: p.sources[0] for p in plan_.tensors}
+    shapes = {p.name: tuple(readers[first[p.name][0]].shape(first[p.name][1])) for p in plan_.tensors}
+    dtypes = {p.name: readers[first[p.name][0]].dtype(first[p.name][1]) for p in plan_.tensors}
+    fallback = {name: (readers[m], n) for name, (m, n) in first.items()}
+    folder = readers[plan_.donor].folder
+
+    def slot(label: str, table: dict) -> SlotReader:
+        return SlotReader(label, order, shapes, dtypes, table, fallback, folder=folder)
+
+    base_reader = None
+    if has_base:
+        table = {}
+        for p in plan_.tensors:
+            table[p.name] = (readers[p.base], dict(p.sources)[p.base]) if p.base is not None else None
+        base_reader = slot("base", table)
+    model_readers = []
+    for model in slot_models:
+        table = {}
+        for p in plan_.tensors:
+            names = dict(p.sources)
+            table[p.name] = (readers[model], names[model]) if model in names and model != p.base else None
+        model_readers.append(slot(model, table))
+    base_fields = routes[order[0]].field_dict() if order else {}
+    method = routed(cls, make_config(cls.Config, base_fields, where=f"method {cls.name}"), routes)
+    return method, base_reader, model_readers
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def set_layer_count(config_path: Path, old: int, new: int) -> None:
+    """Set the layer count of a copied ``config.json`` (``old`` → ``new``)."""
+    from ..stacking import LAYER_COUNT_KEYS
+
+    if old == new or not config_path.exists():
+        return
+    try:
+        data = json.loads(config_path.read_text())
+    except ValueError:
+        return
+    changed = False
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(data, dict) and data.get(key) == old:
+            data[key] = new
+            changed = True
+    if changed:
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_tokenizer(source: Path, folder: Path) -> None:
+    for pattern in TOKENIZER_GLOBS:
+        for path in sorted(source.glob(pattern)):
+            if path.is_file() and not path.is_symlink():
+                shutil.copyfile(path, folder / path.name)
+
+
+def _chat_template(recipe: schema.Recipe, folders: Sequence[Path]) -> str | None:
+    value = recipe.chat_template
+    if value is None:
+        return None
+    if "{{" in value or "{%" in value:
+        return value
+    if value == "auto":
+        from collections import Counter
+
+        found = Counter()
+        for folder in folders:
+            path = folder / "tokenizer_config.json"
+            if path.exists():
+                template = json.loads(path.read_text()).get("chat_template")
+                if isinstance(template, str):
+                    found[template] += 1
+        return found.most_common(1)[0][0] if found else None
+    raise ConfigError(
+        f"{recipe.where}: chat_template {value!r} is a mergekit built-in template name, which fuse does not ship; "
+        "give the Jinja template itself, or auto"
+    )
+
+
+def finisher(plan_: Plan, readers: Mapping[str, "TensorReader"], text: str) -> Callable[[Path], None]:
+    recipe = plan_.recipe
+    tokenizer_model = _check_tokenizer(recipe)
+    folders = [r.folder for r in readers.values() if r.folder is not None]
+    template = _chat_template(recipe, folders)
+    if tokenizer_model is not None:
+        folder = readers[tokenizer_model].folder if tokenizer_model in readers else None
+        if folder is None:
+            raise ConfigError(f"{recipe.where}: tokenizer_source {tokenizer_model!r} is not one of the recipe's model folders")
+        donor, other = readers[plan_.donor], readers[tokenizer_model]
+        vocab = [n for n in donor.keys() if n in other and ("embed" in n or "wte" in n)]
+        if vocab and other.shape(vocab[0]) != donor.shape(vocab[0]):
             raise ConfigError(
-                f"{where}: per-model {key} values differ ({', '.join(map(str, values))}); fusion's {method} takes one {key} for all models"
+                f"{recipe.where}: tokenizer_source {tokenizer_model}: its vocabulary size differs from the models', which would need "
+                "embedding rows remapped (not implemented)"
             )
-        fields[key] = given[0]
-    if mk in SPARSIFYING and "density" not in fields:
-        fields["density"] = 1.0  # mergekit's default: no sparsification
-    if mk == "slerp" and "t" not in fields:
-        raise ConfigError(f"{where}: slerp needs parameters.t")
-    if mk in {"karcher", "sce", "model_stock"} and "weights" in fields:
-        raise ConfigError(f"{where}: {mk} takes no per-model weight")
-    return MergekitRecipe(mk, method, fields, base, models, out_dtype)
+
+    def finish(folder: Path) -> None:
+        set_layer_count(folder / "config.json", plan_.layers_in, plan_.layers_out)
+        if tokenizer_model is not None:
+            _copy_tokenizer(Path(readers[tokenizer_model].folder), folder)
+        if template is not None:
+            path = folder / "tokenizer_config.json"
+            data = json.loads(path.read_text()) if path.exists() else {}
+            data["chat_template"] = template
+            path.write_text(json.dumps(data, indent=2) + "\n")
+        (folder / "mergekit_config.yml").write_text(text)
+
+    return finish
 
 
-def _normalize(mk: str, value: bool, where: str) -> dict[str, Any]:
-    if mk in TIES_FAMILY:
-        return {"divisor": "weights" if value else "none"}
-    if mk in NORMALIZE_DEFAULTS:
-        return {"normalize": value}
-    raise ConfigError(f"{where}: parameters.normalize is not supported for {mk}")
+# --------------------------------------------------------------------------- entry points
 
 
-def _slices(slices: Any, base: str | None, where: str) -> tuple[list[str], list[dict]]:
-    if not isinstance(slices, list) or not slices:
-        raise ConfigError(f"{where}: slices must be a non-empty list")
-    models: list[str] = []
-    out: list[dict] = []
-    for i, item in enumerate(slices):
-        if not isinstance(item, Mapping) or set(item) - {"sources"}:
-            raise ConfigError(
-                f"{where}: slices[{i}] supports only 'sources' (slice-level base_model/parameters are not supported)"
-            )
-        sources = item.get("sources")
-        if not isinstance(sources, list) or len(sources) != 1:
-            raise ConfigError(f"{where}: slices[{i}] must have exactly one source (merging inside a slice is not supported)")
-        src = sources[0]
-        if not isinstance(src, Mapping) or set(src) - {"model", "layer_range"} or "layer_range" not in src:
-            bad = sorted(set(src) - {"model", "layer_range"}) if isinstance(src, Mapping) else []
-            raise ConfigError(
-                f"{where}: slices[{i}].sources[0] supports model and layer_range only{f' (got {bad})' if bad else ''}"
-            )
-        ref = _model_ref(src.get("model"), where, f"slices[{i}].sources[0].model")
-        layers = src["layer_range"]
-        if base is not None and _same(ref, base):
-            model: Any = "base"
-        else:
-            match = [j for j, m in enumerate(models) if _same(m, ref)]
-            if match:
-                model = match[0]
-            else:
-                models.append(ref)
-                model = len(models) - 1
-        out.append({"model": model, "layers": list(layers) if isinstance(layers, (list, tuple)) else layers})
-    return models, out
+def translate(data: Mapping[str, Any], *, path: str | None = None) -> schema.Recipe:
+    """Validate a parsed mergekit YAML mapping (method, keys, tokenizer options); nothing is opened."""
+    recipe = schema.parse(data, path=path)
+    mapping = _method_mapping(recipe)
+    _check_parameter_names(recipe, mapping)
+    _check_tokenizer(recipe)
+    return recipe
 
 
-def load(path: str | os.PathLike) -> MergekitRecipe:
-    """Read and translate the mergekit YAML file ``path``."""
+def _open(ref: str, where: str, allow_pickle: bool) -> "TensorReader":
+    from fusion_core.engine.readers import open_reader
+
+    if not os.path.exists(ref):
+        raise InputError(f"{where}: model {ref!r} is not a local path (fuse merge reads local checkpoints only; download it first)")
+    return open_reader(ref, allow_pickle=allow_pickle, label=ref)
+
+
+def load(path: str | os.PathLike, *, allow_pickle: bool = False) -> "ImportedMerge":
+    """Read the mergekit YAML ``path`` and prepare its merge (the ``mergekit`` recipe format)."""
     from fusion_core.config import load_yaml_file
+    from fusion_core.engine.validate import parse_dtype
+    from fusion_core.recipes import ImportedMerge
 
-    return translate(load_yaml_file(path), path=str(Path(path)))
+    text = Path(path).read_text()
+    recipe = translate(load_yaml_file(path), path=str(Path(path)))
+    for key in ("dtype", "out_dtype"):
+        value = getattr(recipe, key)
+        if value is not None:
+            try:
+                parse_dtype(value, what=key)
+            except InputError as exc:
+                raise ConfigError(f"{recipe.where}: {exc}") from None
+    readers: dict[str, TensorReader] = {}
+    try:
+        for ref in recipe.referenced_models():
+            readers[ref] = _open(ref, recipe.where, allow_pickle)
+        plan_ = plan(recipe, readers)
+        method, base, models = build(plan_, readers)
+        finish = finisher(plan_, readers, text)
+    except BaseException:
+        for reader in readers.values():
+            reader.close()
+        raise
+    from fusion_core.console import error_console
+
+    for note in plan_.notes:
+        error_console().print(note, markup=False, highlight=False)
+    record = {
+        "method": plan_.mapping.method if plan_.mapping.method != "layer_stack" else "passthrough",
+        "mergekit": {"config": str(path), "merge_method": recipe.merge_method},
+        "base": recipe.base_model,
+        "models": [m for m in recipe.referenced_models() if m != recipe.base_model],
+    }
+
+    def close() -> None:
+        for reader in readers.values():
+            reader.close()
+
+    return ImportedMerge(
+        method=method,
+        base=base,
+        models=models,
+        out_dtype=recipe.out_dtype or recipe.dtype,
+        record=record,
+        finish=finish,
+        close=close,
+    )

@@ -1,0 +1,165 @@
+"""Running a translated recipe on the streaming engine: per-tensor inputs and parameters.
+
+A mergekit recipe may merge, for one output tensor, differently named tensors of
+different subsets of the models (slices), with parameters that vary per tensor
+(gradients, filters) and per model.  The engine streams a fixed list of inputs that
+share tensor names, so the translator hands it:
+
+- one :class:`SlotReader` per input *slot* (the base, then each model that is ever a
+  non-base input), which serves, under the output name, the tensor that slot
+  contributes to that output tensor (renamed across layers), or an empty placeholder
+  when the slot does not take part in it;
+- a :func:`routed` method: a subclass of the fusion method whose ``kernel`` (and two-phase
+  ``chunk_stats``/``kernel_chunk``) picks the slots taking part in the tensor and runs the
+  method configured with that tensor's resolved fields (the kernel context carries them as
+  :class:`Route`).  Configured methods are cached per distinct set of fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from fusion_core.engine.readers import TensorReader
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+@attrs.frozen
+class Route:
+    """Which model slots take part in one output tensor, whether it has a base, and the method's fields for it."""
+
+    slots: tuple[int, ...]
+    has_base: bool
+    fields: tuple  # frozen (field, value) pairs
+
+    @classmethod
+    def make(cls, slots: Sequence[int], has_base: bool, fields: Mapping[str, Any]) -> "Route":
+        return cls(tuple(slots), has_base, _freeze(fields))
+
+    def field_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.fields}
+
+
+class SlotReader(TensorReader):
+    """One input slot of a routed merge, under the output's tensor names.
+
+    ``table[out_name]`` is ``(reader, source_name)`` or ``None`` (the slot does not take
+    part: an empty float tensor is served, or, for non-float tensors, ``fallback``'s tensor
+    so that the engine's equality check of integer buffers passes).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        order: Sequence[str],
+        shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, "torch.dtype"],
+        table: Mapping[str, tuple[TensorReader, str] | None],
+        fallback: Mapping[str, tuple[TensorReader, str]],
+        folder=None,
+    ) -> None:
+        self.label, self.folder = label, folder
+        self._order, self._shapes, self._dtypes = list(order), shapes, dtypes
+        self._table, self._fallback = table, fallback
+        self._position = {name: i for i, name in enumerate(self._order)}
+        self.owns_tensors = all(entry[0].owns_tensors for entry in table.values() if entry is not None)
+
+    def keys(self) -> list[str]:
+        return list(self._order)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shapes[name])
+
+    def dtype(self, name: str) -> "torch.dtype":
+        entry = self._table.get(name)
+        return entry[0].dtype(entry[1]) if entry is not None else self._dtypes[name]
+
+    def _placeholder(self, name: str) -> "torch.Tensor":
+        import torch
+
+        dtype = self._dtypes[name]
+        if not dtype.is_floating_point:
+            reader, source = self._fallback[name]
+            return reader.get(source)
+        return torch.empty(0, dtype=dtype)
+
+    def get(self, name: str) -> "torch.Tensor":
+        entry = self._table.get(name)
+        return self._placeholder(name) if entry is None else entry[0].get(entry[1])
+
+    def get_rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
+        entry = self._table.get(name)
+        return self._placeholder(name) if entry is None else entry[0].get_rows(entry[1], start, stop)
+
+    def location(self, name: str) -> tuple[str, int]:
+        return ("", self._position[name])
+
+
+class _Routed:
+    """Mixed into a copy of a fusion method class: each tensor runs the method configured for it."""
+
+    routes: Mapping[str, Route]
+    _configured: Any  # route → the method configured with its fields (set by :func:`routed`)
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        """Every tensor's inputs were checked when the recipe was planned."""
+
+    def kernel(self, name, base, tensors, ctx):
+        route = self.routes[name]
+        method = self._configured(route)
+        return method.kernel(name, base if route.has_base else None, [tensors[i] for i in route.slots], ctx)
+
+
+class _RoutedTwoPhase(_Routed):
+    def chunk_stats(self, name, base, tensor, index, ctx):
+        route = self.routes[name]
+        if index not in route.slots:
+            return None
+        return self._configured(route).chunk_stats(name, base, tensor, route.slots.index(index), ctx)
+
+    def kernel_chunk(self, name, base, tensors, ctx, stats, start):
+        route = self.routes[name]
+        method = self._configured(route)
+        picked = [tensors[i] for i in route.slots]
+        picked_stats = [s for s in stats if s is not None]
+        return method.kernel_chunk(name, base if route.has_base else None, picked, ctx, picked_stats, start)
+
+
+def routed(cls: type, config: Any, routes: Mapping[str, Route]) -> Any:
+    """An instance of a subclass of ``cls`` that runs each tensor with its :class:`Route`.
+
+    It is a ``cls`` (same name, capabilities, ``elementwise`` and two-phase protocol), so
+    the engine treats it as the method itself.
+    """
+    two_phase = callable(getattr(cls, "chunk_stats", None)) and callable(getattr(cls, "kernel_chunk", None))
+    mixin = _RoutedTwoPhase if two_phase else _Routed
+    subclass = type(f"Routed{cls.__name__}", (mixin, cls), {"routes": routes, "_configured": _configured_for(cls)})
+    return subclass(config)
+
+
+def _configured_for(cls: type):
+    """``method._configured(route)``: an instance of ``cls`` with the route's fields, cached per distinct fields."""
+
+    def configured(self, route: Route) -> Any:
+        cache = self.__dict__.setdefault("_configured_cache", {})
+        method = cache.get(route.fields)
+        if method is None:
+            from fusion_core.config import make_config
+
+            config = make_config(cls.Config, route.field_dict(), where=f"method {cls.name}")
+            method = cache[route.fields] = cls(config)
+        return method
+
+    return configured
