@@ -27,3 +27,10 @@ def _load_mergekit(path, *, allow_pickle=False):
 @fusion_core.hookimpl
 def fusion_register_recipe_formats(register):
     register("mergekit", _load_mergekit, summary="mergekit 0.1.5 YAML (mergekit-yaml configs)")
+
+
+@fusion_core.hookimpl
+def fusion_register_commands(cli):
+    from .extract_lora import extract_lora_command
+
+    cli.add_command(extract_lora_command)
