@@ -32,5 +32,7 @@ def fusion_register_recipe_formats(register):
 @fusion_core.hookimpl
 def fusion_register_commands(cli):
     from .extract_lora import extract_lora_command
+    from .moe import moe_command
 
     cli.add_command(extract_lora_command)
+    cli.add_command(moe_command)

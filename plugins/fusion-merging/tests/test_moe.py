@@ -1,0 +1,139 @@
+"""`fuse moe`: Mixtral / Qwen2-MoE models assembled from tiny dense Llama experts, loaded back with transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusion_core.cli.main import main
+
+torch.set_num_threads(1)
+WORDS = "apple banana cherry grape car truck bus train red green blue black".split()
+
+
+def tiny_llama(seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    paths = {}
+    for name, seed in (("base", 0), ("a", 1), ("b", 2), ("c", 3)):
+        model = tiny_llama(seed)
+        model.save_pretrained(str(root / name))
+        tiny_tokenizer().save_pretrained(str(root / name))
+        paths[name] = root / name
+    return paths
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_mixtral_cheap_embed_loads_and_routes(experts, tmp_path, capsys):
+    import transformers
+
+    config = tmp_path / "moe.yml"
+    config.write_text(f"""
+base_model: {experts['base']}
+gate_mode: cheap_embed
+experts_per_token: 1
+experts:
+  - source_model: {experts['a']}
+    positive_prompts: ["apple banana", "cherry"]
+  - source_model: {experts['b']}
+    positive_prompts: ["car truck"]
+    negative_prompts: ["apple"]
+""")
+    assert main(["moe", str(config), "--output", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 2
+    stored, a, b, base = _weights(tmp_path / "out"), _weights(experts["a"]), _weights(experts["b"]), _weights(experts["base"])
+    fused = stored["model.layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(fused[1], torch.cat([b["model.layers.1.mlp.gate_proj.weight"], b["model.layers.1.mlp.up_proj.weight"]]))
+    assert torch.equal(stored["model.layers.0.mlp.experts.down_proj"][0], a["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(stored["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    # the router rows: normalised sums of the prompts' token embeddings (bos included), minus the negatives'
+    embed = base["model.embed_tokens.weight"]
+    ids = {w: i + 4 for i, w in enumerate(WORDS)}
+
+    def unit(x):
+        return x / x.norm()
+
+    row_a = unit(embed[[1, ids["apple"], ids["banana"], 1, ids["cherry"]]].sum(0))
+    row_b = unit(unit(embed[[1, ids["car"], ids["truck"]]].sum(0)) - unit(embed[[1, ids["apple"]]].sum(0)))
+    gate = stored["model.layers.1.mlp.gate.weight"]
+    assert torch.allclose(gate[0], row_a, atol=1e-6) and torch.allclose(gate[1], row_b, atol=1e-6)
+    # tokens route: the router's choice is the expert whose row best matches the token's hidden state
+    tokens = torch.tensor([[1, ids["apple"], ids["car"], ids["truck"], ids["banana"]]])
+    with torch.no_grad():
+        out = model(tokens, output_router_logits=True)
+    assert torch.isfinite(out.logits).all()
+    logits = out.router_logits[0].reshape(-1, 2)
+    assert logits.shape == (5, 2) and len(set(logits.argmax(-1).tolist())) == 2  # both experts get tokens
+
+
+def test_qwen2_moe_with_a_shared_expert_and_random_gates(experts, tmp_path, capsys):
+    import transformers
+
+    config = tmp_path / "qwen.yml"
+    config.write_text(f"""
+base_model: {experts['base']}
+architecture: qwen
+gate_mode: random
+dtype: float32
+experts:
+  - source_model: {experts['a']}
+  - source_model: {experts['b']}
+shared_experts:
+  - source_model: {experts['c']}
+    residual_scale: 0.5
+""")
+    assert main(["moe", str(config), "--output", str(tmp_path / "q"), "--seed", "3"]) == 0, capsys.readouterr().err
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q")).eval()
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.num_experts == 2
+    stored, c = _weights(tmp_path / "q"), _weights(experts["c"])
+    assert torch.equal(stored["model.layers.0.mlp.shared_expert.down_proj.weight"], c["model.layers.0.mlp.down_proj.weight"] * 0.5)
+    assert stored["model.layers.1.mlp.shared_expert_gate.weight"].shape == (1, 32)
+    assert torch.count_nonzero(stored["model.layers.0.self_attn.q_proj.bias"]) == 0  # Llama has no attention bias
+    gen = torch.Generator().manual_seed(3)
+    assert torch.equal(stored["model.layers.0.mlp.gate.weight"], torch.randn((2, 3, 32), generator=gen)[0, :2])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 5, 6, 7]])).logits).all()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("gate_mode: cheap_embed\nexperts: [{source_model: A, positive_prompts: [x]}, {source_model: B, positive_prompts: [x]}]", "every expert has the same prompts"),
+        ("gate_mode: hidden\nexperts: [{source_model: A}]", "experts[0] has no positive_prompts"),
+        ("gate_mode: random\nexperts: [{source_model: A}]\nshared_experts: [{source_model: B}]\narchitecture: mixtral", "Mixtral has no shared experts"),
+        ("gate_mode: random\nexperts: [{source_model: A}]\narchitecture: deepseek", "architecture 'deepseek' is not supported"),
+        ("gate_mode: routerless\nexperts: [{source_model: A}]", "gate_mode 'routerless' is not one of"),
+        ("experts_per_token: 3\ngate_mode: random\nexperts: [{source_model: A}]", "experts_per_token must be an integer from 1"),
+    ],
+)  # fmt: skip
+def test_refusals(tmp_path, capsys, body, message):
+    config = tmp_path / "bad.yml"
+    config.write_text("base_model: B\n" + body + ("" if "experts_per_token" in body else "\nexperts_per_token: 1") + "\n")
+    assert main(["moe", str(config), "-o", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
