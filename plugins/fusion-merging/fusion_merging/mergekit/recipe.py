@@ -15,8 +15,9 @@ output tensor is planned as mergekit's planner plans it:
 - parameters resolve per tensor (gradients over ``t``, filters on the tensor's name,
   source > slice > top-level ``parameters`` > mergekit's default).
 
-Compute stays in fp32 from the stored values; ``out_dtype`` (else ``dtype``) sets the
-output dtype.  Anything that cannot be honoured is refused by name (a ``ConfigError``).
+As mergekit's loader, inputs are rounded to ``dtype`` when the recipe gives one; the kernels
+then compute in fp32 (mergekit computes in ``dtype``); ``out_dtype`` (else ``dtype``) sets
+the output dtype.  Anything that cannot be honoured is refused by name (a ``ConfigError``).
 """
 
 from __future__ import annotations
@@ -317,6 +318,7 @@ def method_class(mapping: MergekitMapping) -> type:
 def build(plan_: Plan, readers: Mapping[str, "TensorReader"]) -> tuple[Any, "TensorReader | None", list["TensorReader"]]:
     """The routed method and the slot readers the engine streams."""
     from fusion_core.config import make_config
+    from fusion_core.engine.validate import parse_dtype
 
     cls = method_class(plan_.mapping)
     slot_models: list[str] = []
@@ -344,9 +346,10 @@ def build(plan_: Plan, readers: Mapping[str, "TensorReader"]) -> tuple[Any, "Ten
     dtypes = {p.name: readers[first[p.name][0]].dtype(first[p.name][1]) for p in plan_.tensors}
     fallback = {name: (readers[m], n) for name, (m, n) in first.items()}
     folder = readers[plan_.donor].folder
+    cast = parse_dtype(plan_.recipe.dtype, what="dtype") if plan_.recipe.dtype else None
 
     def slot(label: str, table: dict) -> SlotReader:
-        return SlotReader(label, order, shapes, dtypes, table, fallback, folder=folder)
+        return SlotReader(label, order, shapes, dtypes, table, fallback, folder=folder, cast=cast)
 
     base_reader = None
     if has_base:

@@ -57,7 +57,8 @@ class SlotReader(TensorReader):
 
     ``table[out_name]`` is ``(reader, source_name)`` or ``None`` (the slot does not take
     part: an empty float tensor is served, or, for non-float tensors, ``fallback``'s tensor
-    so that the engine's equality check of integer buffers passes).
+    so that the engine's equality check of integer buffers passes).  ``cast``: float tensors
+    are read as this dtype (mergekit's ``dtype``: inputs are rounded to it before merging).
     """
 
     def __init__(
@@ -69,8 +70,9 @@ class SlotReader(TensorReader):
         table: Mapping[str, tuple[TensorReader, str] | None],
         fallback: Mapping[str, tuple[TensorReader, str]],
         folder=None,
+        cast: "torch.dtype | None" = None,
     ) -> None:
-        self.label, self.folder = label, folder
+        self.label, self.folder, self.cast = label, folder, cast
         self._order, self._shapes, self._dtypes = list(order), shapes, dtypes
         self._table, self._fallback = table, fallback
         self._position = {name: i for i, name in enumerate(self._order)}
@@ -84,12 +86,18 @@ class SlotReader(TensorReader):
 
     def dtype(self, name: str) -> "torch.dtype":
         entry = self._table.get(name)
-        return entry[0].dtype(entry[1]) if entry is not None else self._dtypes[name]
+        dtype = entry[0].dtype(entry[1]) if entry is not None else self._dtypes[name]
+        return self.cast if self.cast is not None and dtype.is_floating_point else dtype
+
+    def _cast(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        if self.cast is None or not tensor.is_floating_point() or tensor.dtype == self.cast:
+            return tensor
+        return tensor.to(self.cast)
 
     def _placeholder(self, name: str) -> "torch.Tensor":
         import torch
 
-        dtype = self._dtypes[name]
+        dtype = self.dtype(name)
         if not dtype.is_floating_point:
             reader, source = self._fallback[name]
             return reader.get(source)
@@ -97,11 +105,11 @@ class SlotReader(TensorReader):
 
     def get(self, name: str) -> "torch.Tensor":
         entry = self._table.get(name)
-        return self._placeholder(name) if entry is None else entry[0].get(entry[1])
+        return self._placeholder(name) if entry is None else self._cast(entry[0].get(entry[1]))
 
     def get_rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
         entry = self._table.get(name)
-        return self._placeholder(name) if entry is None else entry[0].get_rows(entry[1], start, stop)
+        return self._placeholder(name) if entry is None else self._cast(entry[0].get_rows(entry[1], start, stop))
 
     def location(self, name: str) -> tuple[str, int]:
         return ("", self._position[name])
