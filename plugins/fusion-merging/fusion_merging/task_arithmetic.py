@@ -662,6 +662,13 @@ class Della(_TaskVectorMethod):
             + _PER_MODEL,
             validator=in_range(0.0, 0.5),
         )
+        ranking: Literal["rows", "dim1"] = option(
+            "rows",
+            help="how entries are ranked in tensors of more than 2 dims: rows = within each row (dim 0 index), "
+            "flattened (fusion); dim1 = along dim 1, one ranking per position of the other dims "
+            "(mergekit 0.1.5 sparsify.della_magprune, selected by mergekit recipes); 1-D/2-D tensors rank the same either way",
+            validator=attrs.validators.in_(("rows", "dim1")),
+        )
         rescale: Literal["inverse_p", "l1", "none"] = _rescale(
             "inverse_p = divide each kept entry by its own keep probability (paper); "
             "l1 = match ‖τ‖₁ per tensor (mergekit); none = no rescale"
@@ -688,10 +695,19 @@ class Della(_TaskVectorMethod):
         cfg = self.config
         deltas = []
         for i, tau in enumerate(task_vectors(base, tensors)):
-            probs = sparsify.della_keep_probs(tau, per_model(cfg.density, i), per_model(cfg.epsilon, i))
+            probs = self.keep_probs(tau, per_model(cfg.density, i), per_model(cfg.epsilon, i))
             mask = sparsify.probability_mask(tau, probs, ctx, salt=str(i))
             deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, probs))
         return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
+
+
+    def keep_probs(self, tau: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
+        """MagPrune keep probabilities, ranked per row or along dim 1 (``ranking``)."""
+        if self.config.ranking == "dim1" and tau.dim() > 2:
+            moved = tau.movedim(1, -1)
+            probs = sparsify.della_keep_probs(moved.reshape(-1, moved.shape[-1]), density, epsilon)
+            return probs.reshape(moved.shape).movedim(-1, 1)
+        return sparsify.della_keep_probs(tau, density, epsilon)
 
 
 class Sce(_TaskVectorMethod):
@@ -846,7 +862,7 @@ MERGEKIT = [
     MergekitMapping(
         "della",
         "della",
-        fixed={"variant": "ties", **_TIES},
+        fixed={"variant": "ties", "ranking": "dim1", **_TIES},
         shared=_mk_shared(True, True, True, True, "della"),
         per_model=_mk_per_model(epsilon=Param(float, 0.15, "epsilon")),
         adjust=_della_density_one,
@@ -854,7 +870,7 @@ MERGEKIT = [
     MergekitMapping(
         "della_linear",
         "della",
-        fixed={"variant": "linear"},
+        fixed={"variant": "linear", "ranking": "dim1"},
         shared=_mk_shared(False, True, False, True, "della"),
         per_model=_mk_per_model(epsilon=Param(float, 0.15, "epsilon")),
         adjust=_della_density_one,

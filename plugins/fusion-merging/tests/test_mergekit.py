@@ -263,3 +263,22 @@ def test_passthrough_slices_stack_layers_and_update_the_config(tmp_path, capsys)
     assert torch.equal(stored["transformer.h.3.mlp.c_fc.weight"], b.state_dict()["transformer.h.2.mlp.c_fc.weight"])
     assert torch.equal(stored["transformer.wte.weight"], a.state_dict()["transformer.wte.weight"])  # pre: first slice
     assert torch.equal(stored["transformer.ln_f.weight"], b.state_dict()["transformer.ln_f.weight"])  # post: last slice
+
+
+def test_della_mergekit_ranking_is_along_dim_1_for_tensors_above_2d():
+    """mergekit ranks |τ| along dim 1 (one ranking per (i, k)); fusion's default ranks each flattened row."""
+    from fusion_merging.task_arithmetic import Della
+
+    from fusion_core.config import make_config
+
+    tau = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    della = Della(make_config(Della.Config, {"ranking": "dim1"}, where="della"))
+    probs = della.keep_probs(tau, 0.5, 0.1)
+    for i in range(2):
+        for k in range(4):
+            ranks = tau[i, :, k].abs().argsort().argsort().float()  # 0, 1, 2 from the smallest
+            assert torch.allclose(probs[i, :, k], 0.4 + 0.2 * ranks / 2)
+    rows = Della(make_config(Della.Config, {}, where="della")).keep_probs(tau, 0.5, 0.1)
+    flat_ranks = tau.reshape(2, -1).abs().argsort(dim=1).argsort(dim=1).float()
+    assert torch.allclose(rows.reshape(2, -1), 0.4 + 0.2 * flat_ranks / 11) and not torch.allclose(rows, probs)
+    assert all_mappings()["della"].fixed["ranking"] == "dim1"
