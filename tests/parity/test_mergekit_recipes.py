@@ -326,9 +326,46 @@ STATS = {
     """),
 }
 # mergekit's examples as written (dtype float16: inputs rounded to fp16; mergekit then computes in fp16, fuse in fp32)
+# tokenizer sources: base/a share one tokenizer, b has another (some tokens missing, some new, other ids)
+TOKENIZER_CASES = {
+    "tokenizer-union-ties": ("tok", "ties", """
+        models:
+          - model: {a}
+            parameters: {{weight: 1.0, density: 0.7}}
+          - model: {b}
+            parameters: {{weight: 0.5, density: 0.7}}
+        merge_method: ties
+        base_model: {base}
+        tokenizer_source: union
+        dtype: float32
+    """),
+    "tokenizer-union-linear-padded": ("tok", "linear", """
+        models:
+          - model: {a}
+            parameters: {{weight: 0.7}}
+          - model: {b}
+            parameters: {{weight: 0.3}}
+        merge_method: linear
+        tokenizer:
+          source: union
+          pad_to_multiple_of: 8
+        dtype: float32
+    """),
+    "tokenizer-source-model-b": ("tok", "task_arithmetic", """
+        models:
+          - model: {a}
+            parameters: {{weight: 0.5}}
+          - model: {b}
+            parameters: {{weight: 0.5}}
+        merge_method: task_arithmetic
+        base_model: {base}
+        tokenizer_source: {b}
+        dtype: float32
+    """),
+}
 AS_WRITTEN = {f"{case}-float16": (family, method, template.replace("dtype: float32", "dtype: float16")) for case, (family, method, template) in EXAMPLES.items()}
 FP16_ATOL, FP16_RTOL = 2e-3, 1e-2
-CASES = {**EXAMPLES, **SHAPES, **AS_WRITTEN, **{k: (f, m, t) for k, (f, m, _, t) in STATS.items()}}
+CASES = {**EXAMPLES, **SHAPES, **AS_WRITTEN, **TOKENIZER_CASES, **{k: (f, m, t) for k, (f, m, _, t) in STATS.items()}}
 
 
 def _tiny(family: str, seed: int):
@@ -351,6 +388,31 @@ def _tiny(family: str, seed: int):
     return getattr(transformers, "LlamaForCausalLM" if family == "llama" else "MistralForCausalLM")(config)
 
 
+WORDS_1 = "apple banana cherry grape car truck bus train red green".split()
+WORDS_2 = "car apple train green blue black red plum".split()
+
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def _tok_model(seed: int, vocab_size: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("mk-models")
@@ -366,6 +428,12 @@ def zoo(tmp_path_factory):
                         p.add_(torch.randn(p.shape, generator=gen) * 0.02)
             model.save_pretrained(str(root / family / name))
             paths[family, name] = str(root / family / name)
+    for name, seed, words in (("base", 0, WORDS_1), ("a", 1, WORDS_1), ("b", 2, WORDS_2), ("c", 3, WORDS_1)):
+        model = _tok_model(seed, len(words) + 4)
+        folder = root / "tok" / name
+        model.save_pretrained(str(folder))
+        _word_tokenizer(words).save_pretrained(str(folder))
+        paths["tok", name] = str(folder)
     return paths
 
 
@@ -417,6 +485,40 @@ def _fuse(config: Path, out: Path, capsys) -> None:
     code = main(["merge", "--mergekit-config", str(config), "-o", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 0, err
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_tokenizer_sources_match_mergekit(case, mergekit_outputs, capsys, parity_row):
+    """Same output vocabulary and, token by token, the same embedding and head rows (ids may differ)."""
+    import transformers
+
+    root, errors = mergekit_outputs
+    family, method, _ = CASES[case]
+    assert f"{root}/{case}.yml" not in errors, errors.get(f"{root}/{case}.yml")
+    ours_dir, theirs_dir = root / f"{case}-fuse", root / f"{case}-mergekit"
+    _fuse(root / f"{case}.yml", ours_dir, capsys)
+    ours, theirs = _tensors(ours_dir), _tensors(theirs_dir)
+    vocab_ours = transformers.AutoTokenizer.from_pretrained(str(ours_dir)).get_vocab()
+    vocab_theirs = transformers.AutoTokenizer.from_pretrained(str(theirs_dir)).get_vocab()
+    assert set(vocab_ours) == set(vocab_theirs)
+    expected_size = 4 + len(set(WORDS_1) | set(WORDS_2)) if "union" in case else 4 + len(WORDS_2)
+    assert len(vocab_ours) == expected_size
+    assert _config(ours_dir)["vocab_size"] == (24 if "padded" in case else expected_size)
+    assert set(ours) == set(theirs) and _config(ours_dir)["vocab_size"] == _config(theirs_dir)["vocab_size"]
+    diff = 0.0
+    for key, expected in theirs.items():
+        mine = ours[key]
+        assert mine.shape == expected.shape, key
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            for token, j in vocab_theirs.items():
+                diff = max(diff, float((mine[vocab_ours[token]] - expected[j]).abs().max()))
+            extra_ours, extra_theirs = mine[len(vocab_ours) :], expected[len(vocab_theirs) :]
+            if extra_theirs.numel():  # padding rows: the mean of the real rows
+                diff = max(diff, float((extra_ours - extra_theirs).abs().max()))
+        else:
+            diff = max(diff, float((mine - expected).abs().max()))
+    parity_row(method, PEER, "mergekit", diff, f"{case}: tokenizer source, rows compared token by token")
+    assert diff <= TOL, f"{case}: max abs diff {diff:g}"
 
 
 @pytest.mark.parametrize("case", [*EXAMPLES, *SHAPES, *AS_WRITTEN])

@@ -172,8 +172,7 @@ def test_slices_with_several_sources_renumber_layers_and_take_ends_from_first_an
     [
         ({"merge_method": "arcee_fusion", "base_model": "a", "models": [{"model": "b"}]}, "merge_method 'arcee_fusion' is not supported"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"scale": 2}}]}, "models[0].parameters.scale is not a parameter of mergekit's ties"),
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "tokenizer_source": "union"}, "tokenizer_source: union is not supported"),
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "tokenizer": {"source": "base", "tokens": {"<x>": {}}}}, "tokenizer: tokens is not supported"),
+        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "tokenizer": {"source": "base", "tokens": {"<x>": {}}}}, "tokenizer: tokens is not supported (per-token embedding sources are not implemented)"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "modules": {}}, "multi-module merges"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "bogus": 1}, "unsupported key 'bogus'"),
         ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "a+lora"}]}, "looks like a model+LoRA reference"),
@@ -282,3 +281,46 @@ def test_della_mergekit_ranking_is_along_dim_1_for_tensors_above_2d():
     flat_ranks = tau.reshape(2, -1).abs().argsort(dim=1).argsort(dim=1).float()
     assert torch.allclose(rows.reshape(2, -1), 0.4 + 0.2 * flat_ranks / 11) and not torch.allclose(rows, probs)
     assert all_mappings()["della"].fixed["ranking"] == "dim1"
+
+
+def _word_model(folder: Path, words: list[str], seed: int) -> dict[str, torch.Tensor]:
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(vocab), tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(str(folder))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_tokenizer_union_permutes_rows_and_fills_missing_tokens_as_mergekit(tmp_path, capsys):
+    import transformers
+
+    a = _word_model(tmp_path / "a", ["red", "green", "blue"], 1)
+    b = _word_model(tmp_path / "b", ["blue", "plum", "red"], 2)
+    config = tmp_path / "union.yml"
+    config.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.75}}\n"
+        f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.25}}\ntokenizer:\n  source: union\n  pad_to_multiple_of: 4\n"
+    )
+    code, _, err = fuse(capsys, "merge", "--mergekit-config", config, "-o", tmp_path / "out")
+    assert code == 0, err
+    vocab = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()
+    assert set(vocab) == {"<s>", "</s>", "red", "green", "blue", "plum"} and vocab["plum"] == 5  # new tokens after a's
+    stored = load_file(str(tmp_path / "out" / "model.safetensors"))
+    emb, ea, eb = stored["model.embed_tokens.weight"], a["model.embed_tokens.weight"], b["model.embed_tokens.weight"]
+    assert emb.shape == (8, 8)  # 6 tokens padded to a multiple of 4
+    ids_a, ids_b = {"red": 2, "green": 3, "blue": 4}, {"blue": 2, "plum": 3, "red": 4}
+    assert torch.allclose(emb[vocab["red"]], 0.75 * ea[ids_a["red"]] + 0.25 * eb[ids_b["red"]])  # both have it
+    assert torch.allclose(emb[vocab["green"]], ea[ids_a["green"]])  # only a: a's row in both copies
+    assert torch.allclose(emb[vocab["plum"]], eb[ids_b["plum"]])  # only b
+    assert torch.allclose(emb[6], emb[:6].mean(0)) and torch.equal(emb[6], emb[7])  # padding: the mean row
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 8

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,7 @@ from fusion_core.errors import ConfigError, InputError
 
 from . import schema
 from .mapping import MergekitMapping, all_mappings
-from .routing import Route, SlotReader, routed
+from .routing import Route, SlotReader, Stored, routed
 
 if TYPE_CHECKING:  # pragma: no cover
     from fusion_core.engine.readers import TensorReader
@@ -51,8 +50,6 @@ POST_PATTERN = re.compile(
 """Non-layer tensors that follow the layers (final norm, head); the others precede them."""
 BUFFER_PATTERN = re.compile(r"(?:^|\.)(?:position_ids|token_type_ids|masked_bias)$")
 """Non-persistent buffers some checkpoints store and others do not: taken from the donor."""
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json")
-TOKENIZER_GLOBS = ("tokenizer*", "*.model", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
 
 @attrs.frozen
@@ -63,6 +60,9 @@ class Planned:
     sources: tuple[tuple[str, str], ...]  # (model, tensor name), in source order
     base: str | None
     fields: Mapping[str, Any]
+    shape: tuple[int, ...]
+    vocab: bool = False
+    """Rows indexed by token: each input is permuted to the output vocabulary first."""
 
 
 @attrs.define
@@ -74,6 +74,8 @@ class Plan:
     layers_in: int
     layers_out: int
     notes: list[str]
+    vocabulary: Any = None
+    """The :class:`~.vocab.Vocabulary` when the recipe sets a tokenizer source."""
 
 
 # --------------------------------------------------------------------------- layers
@@ -130,28 +132,29 @@ def _check_parameter_names(recipe: schema.Recipe, mapping: MergekitMapping) -> N
                 raise ConfigError(f"{recipe.where}: {what}.{key} is not a parameter of mergekit's {mapping.merge_method} (it takes {takes})")
 
 
-def _check_tokenizer(recipe: schema.Recipe) -> str | None:
-    """The model whose tokenizer the output gets (``None``: the donor's files)."""
+def _check_tokenizer(recipe: schema.Recipe) -> tuple[str, int | None] | None:
+    """``(source, pad_to_multiple_of)`` of the output tokenizer: base, union or a model (``None``: not set)."""
     where = recipe.where
-    source = recipe.tokenizer_source
+    source, pad_to = recipe.tokenizer_source, None
     if recipe.tokenizer is not None:
         block = dict(recipe.tokenizer)
         source = block.pop("source", None)
         tokens = block.pop("tokens", None)
-        block.pop("pad_to_multiple_of", None) if block.get("pad_to_multiple_of") is None else None
+        pad_to = block.pop("pad_to_multiple_of", None)
         if tokens or block:
             raise ConfigError(
                 f"{where}: tokenizer: {', '.join(sorted(['tokens'] * bool(tokens) + list(block)))} is not supported "
-                "(adding tokens and padding the vocabulary are not implemented); use tokenizer_source: base"
+                "(per-token embedding sources are not implemented); use source and pad_to_multiple_of"
             )
-    if source is None or source == "base":
+        if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 1):
+            raise ConfigError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer, got {pad_to!r}")
+        if source is None:
+            raise ConfigError(f"{where}: tokenizer needs a source (base, union or a model path)")
+    if source is None:
         return None
-    if source == "union":
-        raise ConfigError(
-            f"{where}: tokenizer_source: union is not supported (vocabulary union is not implemented); "
-            "use base or a model whose vocabulary the others share"
-        )
-    return source.removeprefix("model:")
+    if not isinstance(source, str):
+        raise ConfigError(f"{where}: tokenizer source must be base, union or a model path, got {source!r}")
+    return source.removeprefix("model:"), pad_to
 
 
 def plan(recipe: schema.Recipe, readers: Mapping[str, "TensorReader"]) -> Plan:
@@ -177,6 +180,7 @@ def plan(recipe: schema.Recipe, readers: Mapping[str, "TensorReader"]) -> Plan:
         slices.append((out, ranges, lengths.pop()))
     donor = recipe.base_model or recipe.slices[0].sources[0].model
     donor_reader = readers[donor]
+    vocabulary = _vocabulary(recipe, readers)
     names = sorted(donor_reader.keys(), key=donor_reader.location)
     pre = [n for n in names if not pattern.search(n) and not POST_PATTERN.search(n)]
     post = [n for n in names if not pattern.search(n) and POST_PATTERN.search(n)]
@@ -184,7 +188,7 @@ def plan(recipe: schema.Recipe, readers: Mapping[str, "TensorReader"]) -> Plan:
     tensors: list[Planned] = []
 
     def add(out_name: str, out: schema.OutSlice, index: int, sources: list[tuple[str, str]], t: float) -> None:
-        tensors.append(_plan_tensor(recipe, mapping, out, index, out_name, sources, t, readers))
+        tensors.append(_plan_tensor(recipe, mapping, out, index, out_name, sources, t, readers, vocabulary))
 
     first, last = slices[0][0], slices[-1][0]
     for name in pre:
@@ -206,7 +210,21 @@ def plan(recipe: schema.Recipe, readers: Mapping[str, "TensorReader"]) -> Plan:
     for name in post:
         add(name, last, len(slices) - 1, _non_layer_sources(name, last, donor, readers, notes, where), 0.0)
     donor_layers = tables[donor]
-    return Plan(recipe, mapping, tensors, donor, (max(donor_layers) + 1) if donor_layers else 0, out_layer, notes)
+    return Plan(recipe, mapping, tensors, donor, (max(donor_layers) + 1) if donor_layers else 0, out_layer, notes, vocabulary)
+
+
+def _vocabulary(recipe: schema.Recipe, readers: Mapping[str, "TensorReader"]):
+    settings = _check_tokenizer(recipe)
+    if settings is None:
+        return None
+    from .vocab import Vocabulary
+
+    source, pad_to = settings
+    models = recipe.referenced_models()
+    missing = [m for m in models if readers[m].folder is None]
+    if missing:
+        raise ConfigError(f"{recipe.where}: a tokenizer source needs model folders with tokenizers; {missing[0]} is a single file")
+    return Vocabulary(source, models[0], models, {m: readers[m].folder for m in models}, pad_to, recipe.where)
 
 
 def _non_layer_sources(
@@ -230,6 +248,7 @@ def _plan_tensor(
     sources: list[tuple[str, str]],
     t: float,
     readers: Mapping[str, "TensorReader"],
+    vocabulary: Any = None,
 ) -> Planned:
     where = recipe.where
     models = [m for m, _ in sources]
@@ -244,7 +263,8 @@ def _plan_tensor(
     non_base = [m for m in models if m != base]
     if not is_copy:
         _check_counts(mapping, len(models), len(non_base), where, index)
-    shapes = {tuple(readers[m].shape(n)) for m, n in sources}
+    vocab = vocabulary is not None and all(vocabulary.is_vocab_tensor(n, m, readers[m].shape(n)) for m, n in sources)
+    shapes = {tuple(readers[m].shape(n))[1 if vocab else 0 :] for m, n in sources}
     if len(shapes) > 1:
         raise InputError(f"{where}: tensor {out_name!r} has different shapes in the inputs of slices[{index}]: {sorted(shapes)}")
     fields: dict[str, Any] = dict(mapping.fixed)
@@ -266,7 +286,8 @@ def _plan_tensor(
             fields.update(_fields(param, values, mapping, where))
     if mapping.adjust is not None:
         fields = mapping.adjust(fields)
-    return Planned(out_name, tuple(sources), base, fields)
+    shape = shapes.pop()
+    return Planned(out_name, tuple(sources), base, fields, (vocabulary.rows, *shape) if vocab else shape, vocab)
 
 
 def _fields(param, value: Any, mapping: MergekitMapping, where: str) -> dict:
@@ -342,9 +363,18 @@ def build(plan_: Plan, readers: Mapping[str, "TensorReader"]) -> tuple[Any, "Ten
             method.check_inputs(len(route.slots), route.has_base)
     order = [p.name for p in plan_.tensors]
     first = {p.name: p.sources[0] for p in plan_.tensors}
-    shapes = {p.name: tuple(readers[first[p.name][0]].shape(first[p.name][1])) for p in plan_.tensors}
+    shapes = {p.name: p.shape for p in plan_.tensors}
     dtypes = {p.name: readers[first[p.name][0]].dtype(first[p.name][1]) for p in plan_.tensors}
-    fallback = {name: (readers[m], n) for name, (m, n) in first.items()}
+    fallback = {name: Stored(readers[m], n) for name, (m, n) in first.items()}
+    vocabulary = plan_.vocabulary
+
+    def entry(p: Planned, model: str):
+        name = dict(p.sources)[model]
+        if not p.vocab:
+            return Stored(readers[model], name)
+        from .vocab import PermutedRows
+
+        return PermutedRows(vocabulary, p.name, model, {m: (readers[m], n) for m, n in p.sources})
     folder = readers[plan_.donor].folder
     cast = parse_dtype(plan_.recipe.dtype, what="dtype") if plan_.recipe.dtype else None
 
@@ -355,14 +385,14 @@ def build(plan_: Plan, readers: Mapping[str, "TensorReader"]) -> tuple[Any, "Ten
     if has_base:
         table = {}
         for p in plan_.tensors:
-            table[p.name] = (readers[p.base], dict(p.sources)[p.base]) if p.base is not None else None
+            table[p.name] = entry(p, p.base) if p.base is not None else None
         base_reader = slot("base", table)
     model_readers = []
     for model in slot_models:
         table = {}
         for p in plan_.tensors:
             names = dict(p.sources)
-            table[p.name] = (readers[model], names[model]) if model in names and model != p.base else None
+            table[p.name] = entry(p, model) if model in names and model != p.base else None
         model_readers.append(slot(model, table))
     base_fields = routes[order[0]].field_dict() if order else {}
     method = routed(cls, make_config(cls.Config, base_fields, where=f"method {cls.name}"), routes)
@@ -391,11 +421,12 @@ def set_layer_count(config_path: Path, old: int, new: int) -> None:
         config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_tokenizer(source: Path, folder: Path) -> None:
-    for pattern in TOKENIZER_GLOBS:
-        for path in sorted(source.glob(pattern)):
-            if path.is_file() and not path.is_symlink():
-                shutil.copyfile(path, folder / path.name)
+def _set_config(path: Path, key: str, value: Any) -> None:
+    if path.exists():
+        data = json.loads(path.read_text())
+        if key in data:
+            data[key] = value
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _chat_template(recipe: schema.Recipe, folders: Sequence[Path]) -> str | None:
@@ -423,25 +454,15 @@ def _chat_template(recipe: schema.Recipe, folders: Sequence[Path]) -> str | None
 
 def finisher(plan_: Plan, readers: Mapping[str, "TensorReader"], text: str) -> Callable[[Path], None]:
     recipe = plan_.recipe
-    tokenizer_model = _check_tokenizer(recipe)
     folders = [r.folder for r in readers.values() if r.folder is not None]
     template = _chat_template(recipe, folders)
-    if tokenizer_model is not None:
-        folder = readers[tokenizer_model].folder if tokenizer_model in readers else None
-        if folder is None:
-            raise ConfigError(f"{recipe.where}: tokenizer_source {tokenizer_model!r} is not one of the recipe's model folders")
-        donor, other = readers[plan_.donor], readers[tokenizer_model]
-        vocab = [n for n in donor.keys() if n in other and ("embed" in n or "wte" in n)]
-        if vocab and other.shape(vocab[0]) != donor.shape(vocab[0]):
-            raise ConfigError(
-                f"{recipe.where}: tokenizer_source {tokenizer_model}: its vocabulary size differs from the models', which would need "
-                "embedding rows remapped (not implemented)"
-            )
+    vocabulary = plan_.vocabulary
 
     def finish(folder: Path) -> None:
         set_layer_count(folder / "config.json", plan_.layers_in, plan_.layers_out)
-        if tokenizer_model is not None:
-            _copy_tokenizer(Path(readers[tokenizer_model].folder), folder)
+        if vocabulary is not None:
+            vocabulary.tokenizer.save_pretrained(str(folder))
+            _set_config(folder / "config.json", "vocab_size", vocabulary.rows)
         if template is not None:
             path = folder / "tokenizer_config.json"
             data = json.loads(path.read_text()) if path.exists() else {}

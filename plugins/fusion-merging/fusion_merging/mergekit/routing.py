@@ -52,10 +52,33 @@ class Route:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.fields}
 
 
+@attrs.frozen
+class Stored:
+    """A stored tensor of one input: ``reader``'s ``name``."""
+
+    reader: TensorReader
+    name: str
+
+    @property
+    def owns_tensors(self) -> bool:
+        return self.reader.owns_tensors
+
+    def dtype(self) -> "torch.dtype":
+        return self.reader.dtype(self.name)
+
+    def get(self) -> "torch.Tensor":
+        return self.reader.get(self.name)
+
+    def get_rows(self, start: int, stop: int) -> "torch.Tensor":
+        return self.reader.get_rows(self.name, start, stop)
+
+
 class SlotReader(TensorReader):
     """One input slot of a routed merge, under the output's tensor names.
 
-    ``table[out_name]`` is ``(reader, source_name)`` or ``None`` (the slot does not take
+    ``table[out_name]`` is a :class:`Stored` tensor (or another entry with ``get``,
+    ``get_rows``, ``dtype`` and ``owns_tensors``, e.g. rows permuted to an output
+    vocabulary) or ``None`` (the slot does not take
     part: an empty float tensor is served, or, for non-float tensors, ``fallback``'s tensor
     so that the engine's equality check of integer buffers passes).  ``cast``: float tensors
     are read as this dtype (mergekit's ``dtype``: inputs are rounded to it before merging).
@@ -67,8 +90,8 @@ class SlotReader(TensorReader):
         order: Sequence[str],
         shapes: Mapping[str, tuple[int, ...]],
         dtypes: Mapping[str, "torch.dtype"],
-        table: Mapping[str, tuple[TensorReader, str] | None],
-        fallback: Mapping[str, tuple[TensorReader, str]],
+        table: Mapping[str, Any],
+        fallback: Mapping[str, Stored],
         folder=None,
         cast: "torch.dtype | None" = None,
     ) -> None:
@@ -76,7 +99,7 @@ class SlotReader(TensorReader):
         self._order, self._shapes, self._dtypes = list(order), shapes, dtypes
         self._table, self._fallback = table, fallback
         self._position = {name: i for i, name in enumerate(self._order)}
-        self.owns_tensors = all(entry[0].owns_tensors for entry in table.values() if entry is not None)
+        self.owns_tensors = all(entry.owns_tensors for entry in table.values() if entry is not None)
 
     def keys(self) -> list[str]:
         return list(self._order)
@@ -86,7 +109,7 @@ class SlotReader(TensorReader):
 
     def dtype(self, name: str) -> "torch.dtype":
         entry = self._table.get(name)
-        dtype = entry[0].dtype(entry[1]) if entry is not None else self._dtypes[name]
+        dtype = entry.dtype() if entry is not None else self._dtypes[name]
         return self.cast if self.cast is not None and dtype.is_floating_point else dtype
 
     def _cast(self, tensor: "torch.Tensor") -> "torch.Tensor":
@@ -99,17 +122,16 @@ class SlotReader(TensorReader):
 
         dtype = self.dtype(name)
         if not dtype.is_floating_point:
-            reader, source = self._fallback[name]
-            return reader.get(source)
+            return self._fallback[name].get()
         return torch.empty(0, dtype=dtype)
 
     def get(self, name: str) -> "torch.Tensor":
         entry = self._table.get(name)
-        return self._placeholder(name) if entry is None else self._cast(entry[0].get(entry[1]))
+        return self._placeholder(name) if entry is None else self._cast(entry.get())
 
     def get_rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
         entry = self._table.get(name)
-        return self._placeholder(name) if entry is None else self._cast(entry[0].get_rows(entry[1], start, stop))
+        return self._placeholder(name) if entry is None else self._cast(entry.get_rows(start, stop))
 
     def location(self, name: str) -> tuple[str, int]:
         return ("", self._position[name])

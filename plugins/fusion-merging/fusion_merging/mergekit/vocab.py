@@ -1,0 +1,189 @@
+"""Output tokenizers and embedding rows for ``tokenizer_source`` / ``tokenizer:``, as mergekit 0.1.5 builds them.
+
+- The output tokenizer is the base's (``base``; the base is the recipe's ``base_model``, else
+  its first model), a model's (a model path), or the **union** (``union``): the base's
+  tokenizer plus, as added tokens, every other model's tokens it lacks (in model order, then
+  token-id order), then every model's own added tokens.  A model's tokens at ids ≥ its
+  config's ``vocab_size`` are ignored.
+- Each model's vocabulary-indexed tensors (input embeddings, LM head: rows indexed by token)
+  are permuted to the output vocabulary before merging.  A token a model lacks gets, in that
+  model's copy: the row of the only model that has it; else the base's row (when the base is
+  among the tensor's inputs and has it); else the mean of the rows of the models that have
+  it; a token no model has gets zeros.  With ``pad_to_multiple_of`` the vocabulary is padded
+  and the padding rows are the mean of the real rows.
+- The output's ``config.json`` gets the new ``vocab_size``; the tokenizer is saved in the output.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fusion_core.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fusion_core.engine.readers import TensorReader
+
+VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|lm_head|embed_out)\.weight$")
+"""Tensors whose dim 0 is indexed by token (when it has the model's ``vocab_size`` rows)."""
+
+
+def _vocab_size(folder) -> int | None:
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    value = data.get("vocab_size") or (data.get("text_config") or {}).get("vocab_size")
+    return int(value) if value else None
+
+
+def _load(folder, where: str):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer that does not load is the user's to fix
+        raise ConfigError(f"{where}: the tokenizer of {folder} does not load ({type(exc).__name__}: {exc})") from None
+
+
+class Vocabulary:
+    """The output tokenizer and, for each model, output token id → its row (−1: missing)."""
+
+    def __init__(self, source: str, base: str, models: Sequence[str], folders: Mapping[str, Any], pad_to: int | None, where: str):
+        self.base, self.where = base, where
+        tokenizers = {base: _load(folders[base], where)}
+        for model in models:
+            if model not in tokenizers:
+                tokenizers[model] = _load(folders[model], where)
+        sizes = {m: _vocab_size(folders[m]) or len(t.get_vocab()) for m, t in tokenizers.items()}
+        if any(i >= sizes[base] for i in tokenizers[base].get_vocab().values()):
+            raise ConfigError(f"{where}: the base's tokenizer has tokens beyond its vocab_size; stripping them is not supported")
+        if source == "base":
+            out = tokenizers[base]
+        elif source == "union":
+            out = _union(tokenizers, sizes)
+        else:
+            if source not in tokenizers:
+                raise ConfigError(f"{where}: tokenizer_source {source!r} is not one of the recipe's models")
+            out = tokenizers[source]
+        self.tokenizer = out
+        vocab = out.get_vocab()
+        self.size = len(vocab)
+        self.rows = self.size if not pad_to or self.size % pad_to == 0 else (self.size // pad_to + 1) * pad_to
+        self.permutations: dict[str, dict[int, int]] = {}
+        for model, tok in tokenizers.items():
+            own = tok.get_vocab()
+            self.permutations[model] = {i: (own[t] if t in own and own[t] < sizes[model] else -1) for t, i in vocab.items()}
+        self.sizes = sizes
+        self._cache: tuple[str, dict] | None = None
+
+    def is_vocab_tensor(self, name: str, model: str, shape: Sequence[int]) -> bool:
+        return bool(VOCAB_TENSOR.search(name)) and len(shape) >= 1 and shape[0] == self.sizes[model]
+
+    def permuted(self, name: str, model: str, sources: Mapping[str, tuple["TensorReader", str]]) -> "torch.Tensor":
+        """Model ``model``'s tensor ``name`` with rows in output-vocabulary order (all inputs computed once per name)."""
+        if self._cache is None or self._cache[0] != name:
+            self._cache = None
+            self._cache = (name, self._permute_all(sources))
+        return self._cache[1][model]
+
+    def _permute_all(self, sources: Mapping[str, tuple["TensorReader", str]]) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        models = list(sources)
+        tensors = {m: sources[m][0].get(sources[m][1]) for m in models}
+        dtype = tensors[models[0]].dtype
+        for tensor in tensors.values():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        shape = tensors[models[0]].shape[1:]
+        vocab = self.tokenizer.get_vocab()
+        perms = {m: self.permutations[m] for m in models}
+        defaults: dict[int, torch.Tensor] = {}
+        for token_id in vocab.values():
+            have = [m for m in models if perms[m][token_id] >= 0]
+            if len(have) == len(models):
+                continue
+            if not have:
+                defaults[token_id] = torch.zeros(shape, dtype=dtype)
+            elif len(have) == 1:
+                defaults[token_id] = tensors[have[0]][perms[have[0]][token_id]].to(dtype)
+            elif self.base in models and perms[self.base][token_id] >= 0:
+                defaults[token_id] = tensors[self.base][perms[self.base][token_id]].to(dtype)
+            else:
+                total = torch.zeros(shape, dtype=dtype)
+                for m in have:
+                    total = total + tensors[m][perms[m][token_id]]
+                defaults[token_id] = total / len(have)
+        out = {}
+        ids = torch.tensor(sorted(vocab.values()))
+        for m in models:
+            table = torch.zeros((self.rows, *shape), dtype=dtype)
+            rows = torch.tensor([perms[m][int(i)] for i in ids])
+            present = rows >= 0
+            table[ids[present]] = tensors[m][rows[present]].to(dtype)
+            for token_id in ids[~present].tolist():
+                table[token_id] = defaults[token_id]
+            if self.rows > self.size:
+                table[self.size :] = table[: self.size].mean(dim=0)
+            out[m] = table
+        return out
+
+
+def _union(tokenizers: Mapping[str, Any], sizes: Mapping[str, int]):
+    """The base's tokenizer plus the other models' missing tokens and every added token (mergekit's order)."""
+    import transformers
+
+    vocab_order: dict[str, int] = {}
+    added: dict[str, Any] = {}
+    for model, tok in tokenizers.items():
+        own_added = tok.added_tokens_decoder
+        added_contents = {info.content for info in own_added.values()}
+        for token, index in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            if index >= sizes[model] or token in added_contents:
+                continue
+            vocab_order.setdefault(token, len(vocab_order))
+        for index, info in own_added.items():
+            if index < sizes[model]:
+                added.setdefault(info.content, info)
+    base = next(iter(tokenizers.values()))
+    with tempfile.TemporaryDirectory() as tmp:
+        base.save_pretrained(tmp)
+        out = transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=False)
+    base_vocab = base.get_vocab()
+    for token in vocab_order:
+        if token not in added and token not in base_vocab:
+            out.add_tokens(token)
+    for info in added.values():
+        out.add_tokens(info)
+    return out
+
+
+class PermutedRows:
+    """One input's vocabulary tensor, rows in output-vocabulary order (an entry of a slot reader)."""
+
+    owns_tensors = False  # the permuted tensors are cached per name: the engine copies them
+
+    def __init__(self, vocabulary: Vocabulary, name: str, model: str, sources: Mapping[str, tuple["TensorReader", str]]) -> None:
+        self.vocabulary, self.name, self.model, self.sources = vocabulary, name, model, sources
+
+    def dtype(self) -> "torch.dtype":
+        import torch
+
+        dtypes = [reader.dtype(n) for reader, n in self.sources.values()]
+        out = dtypes[0]
+        for d in dtypes[1:]:
+            out = torch.promote_types(out, d)
+        return out
+
+    def get(self) -> "torch.Tensor":
+        return self.vocabulary.permuted(self.name, self.model, self.sources)
+
+    def get_rows(self, start: int, stop: int) -> "torch.Tensor":
+        return self.get()[start:stop]
