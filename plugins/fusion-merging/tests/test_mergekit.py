@@ -172,7 +172,7 @@ def test_slices_with_several_sources_renumber_layers_and_take_ends_from_first_an
     [
         ({"merge_method": "arcee_fusion", "base_model": "a", "models": [{"model": "b"}]}, "merge_method 'arcee_fusion' is not supported"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"scale": 2}}]}, "models[0].parameters.scale is not a parameter of mergekit's ties"),
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "tokenizer": {"source": "base", "tokens": {"<x>": {}}}}, "tokenizer: tokens is not supported (per-token embedding sources are not implemented)"),
+        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "tokenizer": {"source": "base", "tokens": {"<x>": {"source": {"kind": "one"}}}}}, "tokenizer.tokens.<x>.source must be a model path, {kind: zero}"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "modules": {}}, "multi-module merges"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "bogus": 1}, "unsupported key 'bogus'"),
         ({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "a+lora"}]}, "looks like a model+LoRA reference"),
@@ -324,3 +324,26 @@ def test_tokenizer_union_permutes_rows_and_fills_missing_tokens_as_mergekit(tmp_
     assert torch.allclose(emb[vocab["plum"]], eb[ids_b["plum"]])  # only b
     assert torch.allclose(emb[6], emb[:6].mean(0)) and torch.equal(emb[6], emb[7])  # padding: the mean row
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 8
+
+
+def test_tokenizer_tokens_add_tokens_and_choose_their_rows(tmp_path, capsys):
+    import transformers
+
+    a = _word_model(tmp_path / "a", ["red", "green", "blue"], 1)
+    b = _word_model(tmp_path / "b", ["blue", "plum", "red"], 2)
+    config = tmp_path / "tokens.yml"
+    config.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.5}}\ntokenizer:\n  source: base\n  tokens:\n"
+        f"    plum: {{source: {tmp_path / 'b'}}}\n    '<new>': {{source: {{kind: zero}}}}\n"
+        f"    red: {{source: {{kind: model_token, model: {tmp_path / 'a'}, token: green}}, force: true}}\n"
+    )
+    code, _, err = fuse(capsys, "merge", "--mergekit-config", config, "-o", tmp_path / "out")
+    assert code == 0, err
+    vocab = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()
+    assert vocab["plum"] == 5 and vocab["<new>"] == 6  # added after the base's tokens
+    emb = load_file(str(tmp_path / "out" / "model.safetensors"))["model.embed_tokens.weight"]
+    ea, eb = a["model.embed_tokens.weight"], b["model.embed_tokens.weight"]
+    assert torch.allclose(emb[vocab["plum"]], eb[3]) and torch.equal(emb[vocab["<new>"]], torch.zeros(8))
+    assert torch.allclose(emb[vocab["red"]], ea[3])  # forced: a's "green" row in both copies
+    assert torch.allclose(emb[vocab["blue"]], 0.5 * ea[4] + 0.5 * eb[2])

@@ -132,29 +132,30 @@ def _check_parameter_names(recipe: schema.Recipe, mapping: MergekitMapping) -> N
                 raise ConfigError(f"{recipe.where}: {what}.{key} is not a parameter of mergekit's {mapping.merge_method} (it takes {takes})")
 
 
-def _check_tokenizer(recipe: schema.Recipe) -> tuple[str, int | None] | None:
-    """``(source, pad_to_multiple_of)`` of the output tokenizer: base, union or a model (``None``: not set)."""
+def _check_tokenizer(recipe: schema.Recipe) -> tuple[str, int | None, dict] | None:
+    """``(source, pad_to_multiple_of, tokens)`` of the output tokenizer (``None``: not set).
+
+    ``source`` is base, union or a model; ``tokens`` maps a token to its embedding source
+    (mergekit's ``tokenizer.tokens``).  A ``tokenizer:`` block without a source means union (mergekit's default).
+    """
+    from .vocab import check_token_configs
+
     where = recipe.where
-    source, pad_to = recipe.tokenizer_source, None
+    source, pad_to, tokens = recipe.tokenizer_source, None, {}
     if recipe.tokenizer is not None:
         block = dict(recipe.tokenizer)
-        source = block.pop("source", None)
-        tokens = block.pop("tokens", None)
+        source = block.pop("source", "union")
+        tokens = check_token_configs(block.pop("tokens", None) or {}, where)
         pad_to = block.pop("pad_to_multiple_of", None)
-        if tokens or block:
-            raise ConfigError(
-                f"{where}: tokenizer: {', '.join(sorted(['tokens'] * bool(tokens) + list(block)))} is not supported "
-                "(per-token embedding sources are not implemented); use source and pad_to_multiple_of"
-            )
+        if block:
+            raise ConfigError(f"{where}: tokenizer has unsupported key(s) {', '.join(sorted(map(str, block)))}")
         if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 1):
             raise ConfigError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer, got {pad_to!r}")
-        if source is None:
-            raise ConfigError(f"{where}: tokenizer needs a source (base, union or a model path)")
     if source is None:
         return None
     if not isinstance(source, str):
         raise ConfigError(f"{where}: tokenizer source must be base, union or a model path, got {source!r}")
-    return source.removeprefix("model:"), pad_to
+    return source.removeprefix("model:"), pad_to, tokens
 
 
 def plan(recipe: schema.Recipe, readers: Mapping[str, "TensorReader"]) -> Plan:
@@ -219,12 +220,12 @@ def _vocabulary(recipe: schema.Recipe, readers: Mapping[str, "TensorReader"]):
         return None
     from .vocab import Vocabulary
 
-    source, pad_to = settings
+    source, pad_to, tokens = settings
     models = recipe.referenced_models()
     missing = [m for m in models if readers[m].folder is None]
     if missing:
         raise ConfigError(f"{recipe.where}: a tokenizer source needs model folders with tokenizers; {missing[0]} is a single file")
-    return Vocabulary(source, models[0], models, {m: readers[m].folder for m in models}, pad_to, recipe.where)
+    return Vocabulary(source, models[0], models, {m: readers[m].folder for m in models}, pad_to, recipe.where, tokens)
 
 
 def _non_layer_sources(

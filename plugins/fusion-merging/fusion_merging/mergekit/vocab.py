@@ -11,6 +11,9 @@
   among the tensor's inputs and has it); else the mean of the rows of the models that have
   it; a token no model has gets zeros.  With ``pad_to_multiple_of`` the vocabulary is padded
   and the padding rows are the mean of the real rows.
+- ``tokenizer.tokens`` adds tokens and chooses rows: ``source`` a model (its row of that
+  token), ``{kind: zero}``, or ``{kind: model_token, model, token | token_id}`` (that model's
+  row of another token); with ``force: true`` the source replaces every model's own row.
 - The output's ``config.json`` gets the new ``vocab_size``; the tokenizer is saved in the output.
 """
 
@@ -56,8 +59,17 @@ def _load(folder, where: str):
 class Vocabulary:
     """The output tokenizer and, for each model, output token id → its row (−1: missing)."""
 
-    def __init__(self, source: str, base: str, models: Sequence[str], folders: Mapping[str, Any], pad_to: int | None, where: str):
-        self.base, self.where = base, where
+    def __init__(
+        self,
+        source: str,
+        base: str,
+        models: Sequence[str],
+        folders: Mapping[str, Any],
+        pad_to: int | None,
+        where: str,
+        tokens: Mapping[str, dict] | None = None,
+    ):
+        self.base, self.where, self.tokens = base, where, dict(tokens or {})
         tokenizers = {base: _load(folders[base], where)}
         for model in models:
             if model not in tokenizers:
@@ -73,6 +85,17 @@ class Vocabulary:
             if source not in tokenizers:
                 raise ConfigError(f"{where}: tokenizer_source {source!r} is not one of the recipe's models")
             out = tokenizers[source]
+        existing = set(out.get_vocab())
+        for token in self.tokens:
+            if token not in existing:
+                out.add_tokens(token)
+                existing.add(token)
+        for token, cfg in self.tokens.items():
+            ref = cfg["source"]
+            model = ref if isinstance(ref, str) else (ref or {}).get("model")
+            if model is not None and model not in tokenizers:
+                raise ConfigError(f"{where}: tokenizer.tokens.{token}: {model} is not one of the recipe's models")
+        self.originals = {m: t.get_vocab() for m, t in tokenizers.items()}
         self.tokenizer = out
         vocab = out.get_vocab()
         self.size = len(vocab)
@@ -106,11 +129,17 @@ class Vocabulary:
         vocab = self.tokenizer.get_vocab()
         perms = {m: self.permutations[m] for m in models}
         defaults: dict[int, torch.Tensor] = {}
-        for token_id in vocab.values():
+        forced: set[int] = set()
+        for token, token_id in vocab.items():
             have = [m for m in models if perms[m][token_id] >= 0]
-            if len(have) == len(models):
+            cfg = self.tokens.get(token)
+            if cfg is not None and cfg["force"]:
+                forced.add(token_id)
+            if len(have) == len(models) and token_id not in forced:
                 continue
-            if not have:
+            if cfg is not None:
+                defaults[token_id] = self._configured_row(token, token_id, cfg, tensors, perms, shape, dtype)
+            elif not have:
                 defaults[token_id] = torch.zeros(shape, dtype=dtype)
             elif len(have) == 1:
                 defaults[token_id] = tensors[have[0]][perms[have[0]][token_id]].to(dtype)
@@ -125,15 +154,72 @@ class Vocabulary:
         ids = torch.tensor(sorted(vocab.values()))
         for m in models:
             table = torch.zeros((self.rows, *shape), dtype=dtype)
-            rows = torch.tensor([perms[m][int(i)] for i in ids])
+            rows = torch.tensor([-1 if int(i) in forced else perms[m][int(i)] for i in ids])
             present = rows >= 0
             table[ids[present]] = tensors[m][rows[present]].to(dtype)
             for token_id in ids[~present].tolist():
-                table[token_id] = defaults[token_id]
+                if token_id in defaults:
+                    table[token_id] = defaults[token_id]
             if self.rows > self.size:
                 table[self.size :] = table[: self.size].mean(dim=0)
             out[m] = table
         return out
+
+
+    def _configured_row(self, token, token_id, cfg, tensors, perms, shape, dtype) -> "torch.Tensor":
+        """The row ``tokenizer.tokens`` chooses for ``token`` (mergekit's ``compute_default_embedding``)."""
+        import torch
+
+        source = cfg["source"]
+        if isinstance(source, dict) and source.get("kind") == "zero":
+            return torch.zeros(shape, dtype=dtype)
+        model = source if isinstance(source, str) else (source or {}).get("model")
+        if model is None:
+            raise ConfigError(f"{self.where}: tokenizer.tokens.{token} needs a source (some models lack the token)")
+        if model not in tensors:
+            raise ConfigError(f"{self.where}: tokenizer.tokens.{token} takes a row from {model}, which is not an input of this tensor")
+        if isinstance(source, str):
+            row = perms[model][token_id]
+            if row < 0:
+                raise ConfigError(f"{self.where}: tokenizer.tokens.{token}: {model} has no token {token!r}")
+        else:
+            row = source.get("token_id")
+            if row is None:
+                if source["token"] not in self.originals[model]:
+                    raise ConfigError(f"{self.where}: tokenizer.tokens.{token}: {model} has no token {source['token']!r}")
+                row = self.originals[model][source["token"]]
+            if not 0 <= row < tensors[model].shape[0]:
+                raise ConfigError(f"{self.where}: tokenizer.tokens.{token}: token id {row} is out of range for {model}")
+        return tensors[model][row].to(dtype)
+
+
+def check_token_configs(tokens: Any, where: str) -> dict[str, dict]:
+    """Validate mergekit's ``tokenizer.tokens``: ``{token: {source: ..., force: bool}}``."""
+    if not isinstance(tokens, Mapping):
+        raise ConfigError(f"{where}: tokenizer.tokens must map tokens to {{source: ..., force: ...}}")
+    out = {}
+    for token, cfg in tokens.items():
+        what = f"tokenizer.tokens.{token}"
+        cfg = cfg or {}
+        if not isinstance(cfg, Mapping) or set(cfg) - {"source", "force"}:
+            raise ConfigError(f"{where}: {what} takes source and force")
+        source = cfg.get("source")
+        if isinstance(source, Mapping):
+            kind = source.get("kind")
+            if kind == "zero" and set(source) == {"kind"}:
+                pass
+            elif kind == "model_token" and isinstance(source.get("model"), str) and set(source) <= {"kind", "model", "token", "token_id"}:
+                if (source.get("token") is None) == (source.get("token_id") is None):
+                    raise ConfigError(f"{where}: {what}.source: give one of token and token_id")
+            else:
+                raise ConfigError(f"{where}: {what}.source must be a model path, {{kind: zero}} or {{kind: model_token, model, token | token_id}}")
+        elif source is not None and not isinstance(source, str):
+            raise ConfigError(f"{where}: {what}.source must be a model path, {{kind: zero}} or {{kind: model_token, ...}}")
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise ConfigError(f"{where}: {what}.force must be true or false")
+        out[str(token)] = {"source": source, "force": force}
+    return out
 
 
 def _union(tokenizers: Mapping[str, Any], sizes: Mapping[str, int]):
