@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,9 @@ if not MK_PYTHON:
     pytest.skip("mergekit is not importable (set FUSE_MERGEKIT_PYTHON to a Python that has mergekit 0.1.5)", allow_module_level=True)
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the shared test helpers
+from merge_testkit import tiny_llama, word_tokenizer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fusion_core.cli.main import main  # noqa: E402
@@ -89,25 +93,8 @@ PEER_DEFECTS = {"moe-qwen-shared-cheap-embed": "'NoneType' object has no attribu
 LORA = {"lora-rank-4": ["--max-rank", "4"], "lora-rank-2-embed": ["--max-rank", "2", "--embed-lora"]}
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-
-
 def _llama(seed: int):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(WORDS) + 4, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(seed, intermediate_size=48, vocab_size=len(WORDS) + 4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +110,7 @@ def runs(tmp_path_factory):
                 for p in model.parameters():
                     p.add_(torch.randn(p.shape, generator=gen) * 0.02)
         model.save_pretrained(str(root / name))
-        _tokenizer().save_pretrained(str(root / name))
+        word_tokenizer(WORDS).save_pretrained(str(root / name))
         paths[name] = str(root / name)
     jobs = []
     for case, template in MOE.items():

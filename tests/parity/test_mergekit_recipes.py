@@ -29,6 +29,9 @@ if not MK_PYTHON:
     pytest.skip("mergekit is not importable (set FUSE_MERGEKIT_PYTHON to a Python that has mergekit 0.1.5)", allow_module_level=True)
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the shared test helpers
+from merge_testkit import tiny_llama, word_tokenizer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 PEER = "mergekit 0.1.5"
@@ -415,27 +418,6 @@ WORDS_1 = "apple banana cherry grape car truck bus train red green".split()
 WORDS_2 = "car apple train green blue black red plum".split()
 
 
-def _word_tokenizer(words):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-
-
-def _tok_model(seed: int, vocab_size: int):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=vocab_size, tie_word_embeddings=False,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("mk-models")
@@ -452,10 +434,10 @@ def zoo(tmp_path_factory):
             model.save_pretrained(str(root / family / name))
             paths[family, name] = str(root / family / name)
     for name, seed, words in (("base", 0, WORDS_1), ("a", 1, WORDS_1), ("b", 2, WORDS_2), ("c", 3, WORDS_1)):
-        model = _tok_model(seed, len(words) + 4)
+        model = tiny_llama(seed, vocab_size=len(words) + 4)
         folder = root / "tok" / name
         model.save_pretrained(str(folder))
-        _word_tokenizer(words).save_pretrained(str(folder))
+        word_tokenizer(words).save_pretrained(str(folder))
         paths["tok", name] = str(folder)
     return paths
 

@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fusion_core.cli.main import main
+sys.path.insert(0, str(Path(__file__).parents[3] / "tests"))  # the core's shared test helpers
+from merge_testkit import tiny_llama  # noqa: E402
+
+from fusion_core.cli.main import main  # noqa: E402
 
 torch.set_num_threads(1)
 
 
-def tiny_llama(seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, tie_word_embeddings=False,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
+def tiny(seed: int = 0):
+    return tiny_llama(seed, vocab_size=64)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    base, tuned = tiny_llama(0), tiny_llama(0)
+    base, tuned = tiny(0), tiny(0)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in tuned.named_parameters():
@@ -57,7 +55,7 @@ def test_full_rank_adapter_loads_in_peft_and_reproduces_the_model(pair, tmp_path
     assert "q_proj" in config["target_modules"] and "input_layernorm" in config["modules_to_save"]
     report = json.loads((out / "extract_lora_report.json").read_text())
     assert max(row["relative_error"] for row in report.values()) == 0.0  # full rank: nothing dropped
-    model = PeftModel.from_pretrained(tiny_llama(0), str(out)).eval()
+    model = PeftModel.from_pretrained(tiny(0), str(out)).eval()
     merged = model.merge_and_unload()
     for name, p in tuned.state_dict().items():
         assert torch.allclose(merged.state_dict()[name], p, atol=2e-6), name

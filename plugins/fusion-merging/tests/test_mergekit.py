@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parents[3] / "tests"))  # the core's share
 from fusion_merging.mergekit import schema  # noqa: E402
 from fusion_merging.mergekit.mapping import all_mappings  # noqa: E402
 from fusion_merging.mergekit.recipe import build, plan, translate  # noqa: E402
-from merge_testkit import fuse, perturbed, save_hf, tiny_gpt2  # noqa: E402
+from merge_testkit import fuse, perturbed, save_hf, tiny_gpt2, tiny_llama, word_tokenizer  # noqa: E402
 
 from fusion_core.engine.executor import MergeOptions, merge_readers  # noqa: E402
 from fusion_core.engine.readers import StateDictReader  # noqa: E402
@@ -284,28 +284,22 @@ def test_della_mergekit_ranking_is_along_dim_1_for_tensors_above_2d():
 
 
 def _word_model(folder: Path, words: list[str], seed: int) -> dict[str, torch.Tensor]:
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<s>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(str(folder))
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=len(vocab), tie_word_embeddings=False,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config)
+    word_tokenizer(words, specials=("<s>", "</s>")).save_pretrained(str(folder))
+    model = tiny_llama(seed, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=len(words) + 2)
     model.save_pretrained(str(folder))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_tokenizer_union_permutes_rows_and_fills_missing_tokens_as_mergekit(tmp_path, capsys):
+@pytest.fixture
+def word_models(tmp_path):
+    """Two tiny Llamas with different word tokenizers: a (red green blue) and b (blue plum red)."""
+    return _word_model(tmp_path / "a", ["red", "green", "blue"], 1), _word_model(tmp_path / "b", ["blue", "plum", "red"], 2)
+
+
+def test_tokenizer_union_permutes_rows_and_fills_missing_tokens_as_mergekit(tmp_path, capsys, word_models):
     import transformers
 
-    a = _word_model(tmp_path / "a", ["red", "green", "blue"], 1)
-    b = _word_model(tmp_path / "b", ["blue", "plum", "red"], 2)
+    a, b = word_models
     config = tmp_path / "union.yml"
     config.write_text(
         f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.75}}\n"
@@ -326,11 +320,10 @@ def test_tokenizer_union_permutes_rows_and_fills_missing_tokens_as_mergekit(tmp_
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 8
 
 
-def test_tokenizer_tokens_add_tokens_and_choose_their_rows(tmp_path, capsys):
+def test_tokenizer_tokens_add_tokens_and_choose_their_rows(tmp_path, capsys, word_models):
     import transformers
 
-    a = _word_model(tmp_path / "a", ["red", "green", "blue"], 1)
-    b = _word_model(tmp_path / "b", ["blue", "plum", "red"], 2)
+    a, b = word_models
     config = tmp_path / "tokens.yml"
     config.write_text(
         f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.5}}\n"

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusion_core.cli.main import main
+sys.path.insert(0, str(Path(__file__).parents[3] / "tests"))  # the core's shared test helpers
+from merge_testkit import tiny_llama, word_tokenizer  # noqa: E402
+
+from fusion_core.cli.main import main  # noqa: E402
 
 torch.set_num_threads(1)
 WORDS = "apple banana cherry grape car truck bus train red green blue black".split()
-
-
-def tiny_llama(seed: int):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=16, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +23,9 @@ def experts(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
     paths = {}
     for name, seed in (("base", 0), ("a", 1), ("b", 2), ("c", 3)):
-        model = tiny_llama(seed)
+        model = tiny_llama(seed, intermediate_size=48, vocab_size=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         model.save_pretrained(str(root / name))
-        tiny_tokenizer().save_pretrained(str(root / name))
+        word_tokenizer(WORDS).save_pretrained(str(root / name))
         paths[name] = root / name
     return paths
 
