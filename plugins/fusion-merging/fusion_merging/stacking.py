@@ -34,6 +34,23 @@ DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\."
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
+def set_layer_count(config_path: Path, old: int | None, new: int) -> None:
+    """Set the layer count (any of :data:`LAYER_COUNT_KEYS` equal to ``old``) of ``config.json`` to ``new``."""
+    if old == new or not config_path.exists():
+        return
+    try:
+        data = json.loads(config_path.read_text())
+    except ValueError:
+        return
+    changed = False
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(data, dict) and data.get(key) == old:
+            data[key] = new
+            changed = True
+    if changed:
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _check_slices(instance, attribute, value) -> None:
     if not value:
         raise ValueError("slices must list at least one {model, layers: [start, end]}")
@@ -179,20 +196,8 @@ class LayerStack(Method):
 
     def update_config(self, path: Path) -> None:
         """Set the layer count of a copied ``config.json`` to the output's."""
-        path = Path(path)
-        if not path.exists() or self.output_layers is None:
-            return
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            return
-        changed = False
-        for key in LAYER_COUNT_KEYS:
-            if isinstance(data, dict) and data.get(key) == self.source_layers:
-                data[key] = self.output_layers
-                changed = True
-        if changed:
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if self.output_layers is not None:
+            set_layer_count(Path(path), self.source_layers, self.output_layers)
 
     # -- in memory ------------------------------------------------------------
 

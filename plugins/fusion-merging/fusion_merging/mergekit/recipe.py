@@ -403,25 +403,6 @@ def build(plan_: Plan, readers: Mapping[str, "TensorReader"]) -> tuple[Any, "Ten
 # --------------------------------------------------------------------------- output folder
 
 
-def set_layer_count(config_path: Path, old: int, new: int) -> None:
-    """Set the layer count of a copied ``config.json`` (``old`` → ``new``)."""
-    from ..stacking import LAYER_COUNT_KEYS
-
-    if old == new or not config_path.exists():
-        return
-    try:
-        data = json.loads(config_path.read_text())
-    except ValueError:
-        return
-    changed = False
-    for key in LAYER_COUNT_KEYS:
-        if isinstance(data, dict) and data.get(key) == old:
-            data[key] = new
-            changed = True
-    if changed:
-        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def _set_config(path: Path, key: str, value: Any) -> None:
     if path.exists():
         data = json.loads(path.read_text())
@@ -460,6 +441,8 @@ def finisher(plan_: Plan, readers: Mapping[str, "TensorReader"], text: str) -> C
     vocabulary = plan_.vocabulary
 
     def finish(folder: Path) -> None:
+        from ..stacking import set_layer_count
+
         set_layer_count(folder / "config.json", plan_.layers_in, plan_.layers_out)
         if vocabulary is not None:
             vocabulary.tokenizer.save_pretrained(str(folder))
