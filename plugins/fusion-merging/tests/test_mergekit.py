@@ -340,3 +340,23 @@ def test_tokenizer_tokens_add_tokens_and_choose_their_rows(tmp_path, capsys, wor
     assert torch.allclose(emb[vocab["plum"]], eb[3]) and torch.equal(emb[vocab["<new>"]], torch.zeros(8))
     assert torch.allclose(emb[vocab["red"]], ea[3])  # forced: a's "green" row in both copies
     assert torch.allclose(emb[vocab["blue"]], 0.5 * ea[4] + 0.5 * eb[2])
+
+
+def test_chat_template_literal_auto_and_builtin_names(tmp_path, capsys, word_models):
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    for folder, value in ((a_dir, template), (b_dir, "other")):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = value
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    body = f"merge_method: linear\nmodels:\n  - model: {a_dir}\n    parameters: {{weight: 1}}\n  - model: {b_dir}\n    parameters: {{weight: 1}}\n"
+    for name, value, expected in (("literal", '"{{ messages }}"', "{{ messages }}"), ("auto", "auto", template)):
+        recipe = tmp_path / f"{name}.yml"
+        recipe.write_text(body + f"chat_template: {value}\n")
+        code, _, err = fuse(capsys, "merge", "--mergekit-config", recipe, "-o", tmp_path / name)
+        assert code == 0, err
+        assert json.loads((tmp_path / name / "tokenizer_config.json").read_text())["chat_template"] == expected
+    recipe = tmp_path / "named.yml"
+    recipe.write_text(body + "chat_template: chatml\n")
+    code, _, err = fuse(capsys, "merge", "--mergekit-config", recipe, "-o", tmp_path / "named")
+    assert code == 2 and "chat_template 'chatml' is a mergekit built-in template name" in " ".join(err.split())

@@ -106,6 +106,39 @@ shared_experts:
         assert torch.isfinite(model(torch.tensor([[1, 5, 6, 7]])).logits).all()
 
 
+def test_hidden_gates_are_the_bases_hidden_states_at_each_layer_input(experts, tmp_path, capsys):
+    import transformers
+
+    config = tmp_path / "hidden.yml"
+    config.write_text(f"""
+base_model: {experts['base']}
+gate_mode: hidden
+experts_per_token: 1
+experts:
+  - source_model: {experts['a']}
+    positive_prompts: ["apple banana", "cherry"]
+  - source_model: {experts['b']}
+    positive_prompts: ["car truck"]
+""")
+    assert main(["moe", str(config), "--output", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(experts["base"])).eval()
+    tok = word_tokenizer(WORDS)
+    tok.padding_side, tok.pad_token_id = "left", tok.bos_token_id
+
+    def state(prompts):  # last token of bos + prompt, averaged over prompts, per layer input
+        batch = tok(["<s>" + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            hidden = base(**batch, output_hidden_states=True).hidden_states[:-1]
+        rows = torch.stack([h[:, -1, :].mean(0) for h in hidden])
+        return rows / rows.norm(dim=-1, keepdim=True)
+
+    stored = _weights(tmp_path / "out")
+    for layer in range(2):
+        gate = stored[f"model.layers.{layer}.mlp.gate.weight"]
+        assert torch.allclose(gate[0], state(["apple banana", "cherry"])[layer], atol=1e-5)
+        assert torch.allclose(gate[1], state(["car truck"])[layer], atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
