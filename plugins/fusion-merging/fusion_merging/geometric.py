@@ -11,7 +11,7 @@ Notation: θ₀ is the base tensor, θᵢ the fine-tuned tensors, τᵢ = θᵢ 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -164,7 +164,7 @@ class Slerp(KernelMethod):
         t: float = option(
             0.5, help="interpolation factor: 0 gives the base (or first model), 1 the other model", validator=in_range(0.0, 1.0)
         )
-        convention: str = _convention(
+        convention: Literal["fusion", "mergekit"] = _convention(
             "fusion = a zero tensor has no direction, so lerp (t·b); mergekit = its norm counts as 1, "
             "so it is orthogonal (sin(tπ/2)·b), as mergekit 0.1.5 slerp (merge_methods/slerp.py); "
             "both lerp when |cos θ| > 0.9995"
@@ -220,7 +220,7 @@ class NuSlerp(KernelMethod):
             help="when not flattening, fusion convention: interpolate rows (true) or columns (false); "
             "mergekit convention: mergekit's nuslerp_row_wise, i.e. vectors along dim 0 (true: columns) or the last dim (false)",
         )
-        convention: str = _convention(
+        convention: Literal["fusion", "mergekit"] = _convention(
             "fusion = rows/columns as row_wise says, lerp when |cos θ| > 0.9995; mergekit = mergekit 0.1.5's nuslerp "
             "(nuslerp_row_wise meaning, lerp only when |sin θ| < 1e-8; merge_methods/nuslerp.py)"
         )
