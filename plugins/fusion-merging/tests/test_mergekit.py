@@ -360,3 +360,34 @@ def test_chat_template_literal_auto_and_builtin_names(tmp_path, capsys, word_mod
     recipe.write_text(body + "chat_template: chatml\n")
     code, _, err = fuse(capsys, "merge", "--mergekit-config", recipe, "-o", tmp_path / "named")
     assert code == 2 and "chat_template 'chatml' is a mergekit built-in template name" in " ".join(err.split())
+
+
+def test_slerp_and_nuslerp_mergekit_conventions():
+    import math
+
+    from fusion_merging.geometric import NuSlerp, Slerp
+
+    from fusion_core.config import make_config
+    from fusion_core.engine.kernel import KernelContext
+
+    ctx = KernelContext("w")
+    b = torch.tensor([3.0, 4.0])
+    mk = Slerp(make_config(Slerp.Config, {"t": 0.3, "convention": "mergekit"}, where="slerp"))
+    fu = Slerp(make_config(Slerp.Config, {"t": 0.3}, where="slerp"))
+    # a zero tensor: mergekit treats it as orthogonal (sin(tπ/2)·b), fusion lerps (t·b)
+    assert torch.allclose(mk.kernel("w", torch.zeros(2), [b], ctx), math.sin(0.3 * math.pi / 2) * b)
+    assert torch.allclose(fu.kernel("w", torch.zeros(2), [b], ctx), 0.3 * b)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+
+    def nuslerp(**fields):
+        return NuSlerp(make_config(NuSlerp.Config, {"weights": [0.4, 0.6], "flatten": False, **fields}, where="nuslerp"))
+
+    def slerp_vectors(a, c):  # each vector (row of a, c) on its own
+        return torch.stack([Slerp(make_config(Slerp.Config, {"t": 0.6}, where="s")).kernel("w", u, [v], ctx) for u, v in zip(a, c, strict=True)])
+
+    # mergekit's nuslerp_row_wise: true → vectors along dim 0 (columns), false → along the last dim (rows)
+    assert torch.allclose(nuslerp(row_wise=True, convention="mergekit").kernel("w", None, [x, y], ctx), slerp_vectors(x.T, y.T).T, atol=1e-6)
+    assert torch.allclose(nuslerp(row_wise=False, convention="mergekit").kernel("w", None, [x, y], ctx), slerp_vectors(x, y), atol=1e-6)
+    assert torch.allclose(nuslerp(row_wise=True).kernel("w", None, [x, y], ctx), slerp_vectors(x, y), atol=1e-6)  # fusion: rows
+    assert all_mappings()["nuslerp"].shared["nuslerp_row_wise"].to == "row_wise"
