@@ -88,6 +88,9 @@ def extract(
     from fusion_core.engine.readers import open_reader
     from fusion_core.engine.writer import atomic_output, save_state_dict_folder
 
+    from .mergekit import require_transformers
+
+    require_transformers("fuse extract-lora")
     for path in (base, model):
         if not (Path(path) / "config.json").is_file():
             raise InputError(f"{path} is not a Hugging Face model folder (no config.json); extract-lora needs the model's config")

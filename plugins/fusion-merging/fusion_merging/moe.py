@@ -185,6 +185,9 @@ def output_config(config: dict, base_cfg, dtype_name: str | None):
 
 
 def build(config: dict, output: str, *, seed: int = 0, overwrite: bool = False) -> Path:
+    from .mergekit import require_transformers
+
+    require_transformers("fuse moe")
     import torch
     import transformers
 

@@ -48,6 +48,9 @@ def _vocab_size(folder) -> int | None:
 
 
 def _load(folder, where: str):
+    from . import require_transformers
+
+    require_transformers("a mergekit recipe with a tokenizer source")
     import transformers
 
     try:
