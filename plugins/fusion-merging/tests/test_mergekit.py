@@ -391,3 +391,37 @@ def test_slerp_and_nuslerp_mergekit_conventions():
     assert torch.allclose(nuslerp(row_wise=False, convention="mergekit").kernel("w", None, [x, y], ctx), slerp_vectors(x, y), atol=1e-6)
     assert torch.allclose(nuslerp(row_wise=True).kernel("w", None, [x, y], ctx), slerp_vectors(x, y), atol=1e-6)  # fusion: rows
     assert all_mappings()["nuslerp"].shared["nuslerp_row_wise"].to == "row_wise"
+
+
+def test_two_phase_row_blocks_match_whole_tensors_with_reordered_sources():
+    """TIES's two-phase path (large tensors, row blocks) gives the whole-tensor bytes when slices list models in other orders."""
+    states = {"base": toy(0, layers=4), "a": toy(1, layers=4), "b": toy(2, layers=4)}
+    src = lambda m, r, d, w: {"model": m, "layer_range": r, "parameters": {"density": d, "weight": w}}  # noqa: E731
+    recipe = translate(
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "slices": [
+                {"sources": [{"model": "base", "layer_range": [0, 2]}, src("a", [0, 2], 0.3, 1.0), src("b", [0, 2], 0.6, 0.5)]},
+                {"sources": [{"model": "base", "layer_range": [2, 4]}, src("b", [2, 4], 0.2, 0.7), src("a", [2, 4], 0.9, 0.2)]},
+            ],
+        }
+    )
+    outputs = []
+    for chunk_bytes in (64 * 2**20, 64):
+        planned = plan(recipe, readers(**states))
+        method, base, models = build(planned, readers(**states))
+        outputs.append(merge_readers(method, base, models, MergeOptions(prefetch=False, chunk_bytes=chunk_bytes)))
+    whole, blocks = outputs
+    assert all(torch.equal(whole[k], blocks[k]) for k in whole)
+    from fusion_merging.task_arithmetic import Ties
+
+    from fusion_core.config import make_config
+    from fusion_core.engine.kernel import KernelContext
+
+    name = "model.layers.3.mlp.up_proj.weight"  # slice 2: b then a
+    fields = next(p.fields for p in planned.tensors if p.name == name)
+    assert fields["density"] == [0.2, 0.9] and fields["weights"] == [0.7, 0.2]
+    ties = Ties(make_config(Ties.Config, fields, where="ties"))
+    ref = ties.kernel(name, states["base"][name], [states["b"][name], states["a"][name]], KernelContext(name))
+    assert torch.equal(blocks[name], ref)

@@ -163,7 +163,7 @@ class _RoutedTwoPhase(_Routed):
         route = self.routes[name]
         method = self._configured(route)
         picked = [tensors[i] for i in route.slots]
-        picked_stats = [s for s in stats if s is not None]
+        picked_stats = [stats[i] for i in route.slots]  # stats come in slot order, one per slot
         return method.kernel_chunk(name, base if route.has_base else None, picked, ctx, picked_stats, start)
 
 
