@@ -425,3 +425,17 @@ def test_two_phase_row_blocks_match_whole_tensors_with_reordered_sources():
     ties = Ties(make_config(Ties.Config, fields, where="ties"))
     ref = ties.kernel(name, states["base"][name], [states["b"][name], states["a"][name]], KernelContext(name))
     assert torch.equal(blocks[name], ref)
+
+
+def test_a_buffer_only_the_donor_stores_is_copied_not_merged():
+    base = {**toy(0), "model.masked_bias": torch.tensor(-1e4), "model.position_ids": torch.arange(6)}
+    states = {"base": base, "a": toy(1), "b": {**toy(2), "model.position_ids": torch.arange(6)}}
+    recipe = translate(
+        {"merge_method": "ties", "base_model": "base", "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in "ab"]}
+    )
+    planned = plan(recipe, readers(**states))
+    assert any("'model.masked_bias' (a non-persistent buffer) is missing from a, b; taken from base" in n for n in planned.notes)
+    method, slot_base, models = build(planned, readers(**states))
+    merged = merge_readers(method, slot_base, models, MergeOptions(prefetch=False))
+    assert torch.equal(merged["model.masked_bias"], base["model.masked_bias"])
+    assert torch.equal(merged["model.position_ids"], base["model.position_ids"])

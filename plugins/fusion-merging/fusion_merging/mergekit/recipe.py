@@ -63,6 +63,8 @@ class Planned:
     shape: tuple[int, ...]
     vocab: bool = False
     """Rows indexed by token: each input is permuted to the output vocabulary first."""
+    copy: bool = False
+    """One input's tensor copied (a non-persistent buffer only the donor stores)."""
 
 
 @attrs.define
@@ -288,7 +290,7 @@ def _plan_tensor(
     if mapping.adjust is not None:
         fields = mapping.adjust(fields)
     shape = shapes.pop()
-    return Planned(out_name, tuple(sources), base, fields, (vocabulary.rows, *shape) if vocab else shape, vocab)
+    return Planned(out_name, tuple(sources), base, fields, (vocabulary.rows, *shape) if vocab else shape, vocab, is_copy)
 
 
 def _fields(param, value: Any, mapping: MergekitMapping, where: str) -> dict:
@@ -354,11 +356,11 @@ def build(plan_: Plan, readers: Mapping[str, "TensorReader"]) -> tuple[Any, "Ten
             if model not in slot_models:
                 slot_models.append(model)
             slots.append(slot_models.index(model))
-        routes[p.name] = Route.make(slots, p.base is not None, p.fields)
+        routes[p.name] = Route.make(slots, p.base is not None, p.fields, p.copy)
     checked: set = set()
     for route in routes.values():
         key = (route.fields, len(route.slots), route.has_base)
-        if key not in checked:
+        if key not in checked and not route.copy:
             checked.add(key)
             method = cls(make_config(cls.Config, route.field_dict(), where=f"{plan_.recipe.where}: method {cls.name}"))
             method.check_inputs(len(route.slots), route.has_base)

@@ -43,10 +43,12 @@ class Route:
     slots: tuple[int, ...]
     has_base: bool
     fields: tuple  # frozen (field, value) pairs
+    copy: bool = False
+    """The tensor is one input's, copied (a buffer only some inputs store), not merged."""
 
     @classmethod
-    def make(cls, slots: Sequence[int], has_base: bool, fields: Mapping[str, Any]) -> "Route":
-        return cls(tuple(slots), has_base, _freeze(fields))
+    def make(cls, slots: Sequence[int], has_base: bool, fields: Mapping[str, Any], copy: bool = False) -> "Route":
+        return cls(tuple(slots), has_base, _freeze(fields), copy)
 
     def field_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.fields}
@@ -148,6 +150,8 @@ class _Routed:
 
     def kernel(self, name, base, tensors, ctx):
         route = self.routes[name]
+        if route.copy:
+            return tensors[route.slots[0]].clone()
         method = self._configured(route)
         return method.kernel(name, base if route.has_base else None, [tensors[i] for i in route.slots], ctx)
 
@@ -155,12 +159,14 @@ class _Routed:
 class _RoutedTwoPhase(_Routed):
     def chunk_stats(self, name, base, tensor, index, ctx):
         route = self.routes[name]
-        if index not in route.slots:
+        if index not in route.slots or route.copy:
             return None
         return self._configured(route).chunk_stats(name, base, tensor, route.slots.index(index), ctx)
 
     def kernel_chunk(self, name, base, tensors, ctx, stats, start):
         route = self.routes[name]
+        if route.copy:
+            return tensors[route.slots[0]].clone()
         method = self._configured(route)
         picked = [tensors[i] for i in route.slots]
         picked_stats = [stats[i] for i in route.slots]  # stats come in slot order, one per slot
