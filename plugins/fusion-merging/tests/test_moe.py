@@ -30,6 +30,21 @@ def experts(tmp_path_factory):
     return paths
 
 
+def two_experts(path: Path, experts: dict, gate_mode: str, negative: str = "") -> Path:
+    """A mergekit-moe config: experts a (fruit prompts) and b (vehicle prompts, plus ``negative``), one per token."""
+    path.write_text(f"""
+base_model: {experts['base']}
+gate_mode: {gate_mode}
+experts_per_token: 1
+experts:
+  - source_model: {experts['a']}
+    positive_prompts: ["apple banana", "cherry"]
+  - source_model: {experts['b']}
+    positive_prompts: ["car truck"]{negative}
+""")
+    return path
+
+
 def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
@@ -37,18 +52,7 @@ def _weights(path):
 def test_mixtral_cheap_embed_loads_and_routes(experts, tmp_path, capsys):
     import transformers
 
-    config = tmp_path / "moe.yml"
-    config.write_text(f"""
-base_model: {experts['base']}
-gate_mode: cheap_embed
-experts_per_token: 1
-experts:
-  - source_model: {experts['a']}
-    positive_prompts: ["apple banana", "cherry"]
-  - source_model: {experts['b']}
-    positive_prompts: ["car truck"]
-    negative_prompts: ["apple"]
-""")
+    config = two_experts(tmp_path / "moe.yml", experts, "cheap_embed", negative='\n    negative_prompts: ["apple"]')
     assert main(["moe", str(config), "--output", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 2
@@ -109,17 +113,7 @@ shared_experts:
 def test_hidden_gates_are_the_bases_hidden_states_at_each_layer_input(experts, tmp_path, capsys):
     import transformers
 
-    config = tmp_path / "hidden.yml"
-    config.write_text(f"""
-base_model: {experts['base']}
-gate_mode: hidden
-experts_per_token: 1
-experts:
-  - source_model: {experts['a']}
-    positive_prompts: ["apple banana", "cherry"]
-  - source_model: {experts['b']}
-    positive_prompts: ["car truck"]
-""")
+    config = two_experts(tmp_path / "hidden.yml", experts, "hidden")
     assert main(["moe", str(config), "--output", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     base = transformers.AutoModelForCausalLM.from_pretrained(str(experts["base"])).eval()
     tok = word_tokenizer(WORDS)
