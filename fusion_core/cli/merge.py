@@ -35,6 +35,39 @@ def _parse_sets(sets: tuple[str, ...]) -> dict:
     return fields
 
 
+def _split_recipe(text: str) -> tuple[str, str]:
+    fmt, colon, file = text.partition(":")
+    if not colon or not fmt or not file:
+        raise ConfigError(f"malformed --recipe {text!r}: expected FORMAT:FILE (e.g. --recipe mergekit:recipe.yml)")
+    return fmt, file
+
+
+def _merge_imported(pm, fmt, file, output, allow_pickle, dtype, start, quiet, options_for) -> None:
+    """``fuse merge`` of a foreign recipe: the format's plugin builds the method and opens the inputs."""
+    from ..engine.executor import merge_to_path
+    from ..recipes import import_recipe
+
+    imported = import_recipe(pm, fmt, file, allow_pickle=allow_pickle)
+    try:
+        out_dtype = dtype or imported.out_dtype
+        recipe = dict(imported.record)
+        recipe.setdefault("dtype", out_dtype or "same as the base")
+        options = options_for(recipe, out_dtype, imported.finish)
+        try:
+            out = merge_to_path(imported.method, imported.base, imported.models, output, options)
+        except KeyboardInterrupt:
+            raise MergeInterrupted(f"interrupted: nothing was written to {output}") from None
+    finally:
+        for reader in ([imported.base] if imported.base is not None else []) + list(imported.models):
+            reader.close()
+        if imported.close is not None:
+            imported.close()
+    if not quiet:
+        name = getattr(imported.method, "name", fmt)
+        n_inputs = len(imported.models) + (1 if imported.base is not None else 0)
+        click.echo(f"{name} ({fmt} recipe): {n_inputs} input(s) → {out} in {time.perf_counter() - start:.1f} s", err=True)
+
+
 def _dist_version(dist: str | None) -> str | None:
     if not dist:
         return None
@@ -53,6 +86,7 @@ def _dist_version(dist: str | None) -> str | None:
 @click.option("--output", "-o", metavar="PATH", required=True, help="A .safetensors file, or else an HF model folder.")
 @click.option("--set", "sets", metavar="FIELD=VALUE", multiple=True, help="A method field, e.g. --set density=0.2 (repeat).")
 @click.option("--mergekit-config", metavar="FILE", help="Read method, models and parameters from a mergekit YAML instead.")
+@click.option("--recipe", "recipe_file", metavar="FORMAT:FILE", help="Read a recipe of a registered format (--mergekit-config F = --recipe mergekit:F).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-tensor generators (random methods).")
 @click.option("--dtype", metavar="DTYPE", help="Output dtype of float tensors (default: the base's).")
 @click.option("--compute-dtype", metavar="DTYPE", default="float32", show_default=True, help="Dtype the kernels compute in.")
@@ -73,6 +107,7 @@ def merge_command(
     output,
     sets,
     mergekit_config,
+    recipe_file,
     seed,
     dtype,
     compute_dtype,
@@ -96,28 +131,41 @@ def merge_command(
     tokenizer files and a model card recording the recipe.
     """
     from ..config import SEED_MAX, check_device, config_to_dict, make_config, summarize
+    from ..engine.executor import MergeOptions
+
+    def options_for(recipe: dict, out_dtype: str | None, finish=None) -> MergeOptions:
+        return MergeOptions(
+            seed=seed,
+            compute_dtype=compute_dtype,
+            out_dtype=out_dtype,
+            device=device,
+            shard_size=shard_size,
+            common_keys_only=common_keys_only,
+            overwrite=overwrite,
+            recipe=recipe,
+            progress=not quiet,
+            finish=finish,
+        )
 
     start = time.perf_counter()
     check_device(device, what="--device")
     if not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {summarize(seed)}")
-    mergekit_method = None
-    if mergekit_config:
+    registry, pm = ctx.obj.registry, ctx.obj.pm
+    if mergekit_config or recipe_file:
         if method or base or models or sets:
-            raise ConfigError("give either --mergekit-config or METHOD with --base/--model/--set, not both")
-        from ..mergekit_yaml import load
-
-        recipe_mk = load(mergekit_config)
-        mergekit_method = recipe_mk.mergekit_method
-        method, fields, base, models = recipe_mk.method, dict(recipe_mk.fields), recipe_mk.base, list(recipe_mk.models)
-        dtype = dtype or recipe_mk.out_dtype
-    else:
-        if not method:
-            raise ConfigError(
-                "missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)"
-            )
-        fields = _parse_sets(sets)
-    entry = ctx.obj.registry.get("method", method)
+            raise ConfigError("give either a recipe (--mergekit-config/--recipe) or METHOD with --base/--model/--set, not both")
+        if mergekit_config and recipe_file:
+            raise ConfigError("give one of --mergekit-config and --recipe")
+        fmt, file = ("mergekit", mergekit_config) if mergekit_config else _split_recipe(recipe_file)
+        _merge_imported(pm, fmt, file, output, allow_pickle, dtype, start, quiet, options_for)
+        return
+    if not method:
+        raise ConfigError(
+            "missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)"
+        )
+    fields = _parse_sets(sets)
+    entry = registry.get("method", method)
     config = make_config(entry.cls.Config, fields, where=f"method {method}")
     instance = entry.cls(config)
 
@@ -130,7 +178,7 @@ def merge_command(
     if not models and not (base and isinstance(instance, Passthrough)):
         raise ConfigError("no models to merge: give --model PATH (once per fine-tuned model)")
 
-    from ..engine.executor import MergeOptions, merge_to_path
+    from ..engine.executor import merge_to_path
     from ..engine.readers import open_reader
 
     readers = []
@@ -151,22 +199,10 @@ def merge_command(
             "dtype": dtype or ("same as the base" if base else "same as the inputs"),
             "compute_dtype": compute_dtype,
         }
-        if mergekit_method:
-            recipe["mergekit"] = {"config": str(mergekit_config), "merge_method": mergekit_method}
         plugin_version = _dist_version(entry.dist)
         if entry.dist:
             recipe["plugin"] = f"{entry.dist} {plugin_version or ''}".strip()
-        options = MergeOptions(
-            seed=seed,
-            compute_dtype=compute_dtype,
-            out_dtype=dtype,
-            device=device,
-            shard_size=shard_size,
-            common_keys_only=common_keys_only,
-            overwrite=overwrite,
-            recipe=recipe,
-            progress=not quiet,
-        )
+        options = options_for(recipe, dtype)
         try:
             out = merge_to_path(instance, base_reader, model_readers, output, options)
         except KeyboardInterrupt:

@@ -74,6 +74,8 @@ class MergeOptions:
     progress: bool = False
     notify: Callable[[str], None] | None = None
     """Where notes go (default: stderr)."""
+    finish: Callable[[Path], None] | None = None
+    """Completes an HF output folder (given its temporary path) after its files are copied."""
 
 
 # ---------------------------------------------------------------------------

@@ -225,6 +225,7 @@ def copy_model_files(source: Path | None, folder: Path, *, dtype: torch.dtype | 
                 continue
             shutil.copyfile(path, folder / path.name)
             copied.append(path.name)
+    copied += copy_referenced_folders(Path(source), folder)
     config = folder / "config.json"
     if dtype is not None and config.exists():
         try:
@@ -239,6 +240,47 @@ def copy_model_files(source: Path | None, folder: Path, *, dtype: torch.dtype | 
                 changed = True
         if changed:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+def referenced_folders(source: Path) -> list[str]:
+    """Sub-folders the model's own files name: sentence-transformers' ``modules.json`` (``1_Pooling`` ...).
+
+    Only plain folders inside ``source`` count (no ``..``, no absolute paths, no symlinks).
+    """
+    modules = source / "modules.json"
+    if not modules.is_file():
+        return []
+    try:
+        entries = json.loads(modules.read_text())
+    except ValueError:
+        return []
+    root = source.resolve()
+    found = []
+    for entry in entries if isinstance(entries, list) else []:
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+            continue
+        path = source / rel
+        if path.is_symlink() or not path.is_dir() or root not in path.resolve().parents:
+            continue
+        found.append(rel)
+    return found
+
+
+def copy_referenced_folders(source: Path, folder: Path) -> list[str]:
+    """Copy the :func:`referenced_folders` of ``source`` into ``folder`` (regular files only, no symlinks)."""
+    copied = []
+    for rel in referenced_folders(source):
+        (folder / rel).mkdir(parents=True, exist_ok=True)
+        for path in sorted((source / rel).rglob("*")):
+            rel_path = path.relative_to(source)
+            if path.is_symlink() or not path.is_file() or any((source / p).is_symlink() for p in rel_path.parents):
+                continue
+            target = folder / rel_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        copied.append(rel)
     return copied
 
 
