@@ -512,6 +512,8 @@ def merge_to_path(
                 copy_model_files(source, tmp, dtype=out_dtype)
                 if isinstance(method, Passthrough):
                     method.update_config(tmp / "config.json")
+            if opts.finish is not None:
+                opts.finish(tmp)
             recipe = dict(opts.recipe or {})
             tied = {p.name: p.source for p in plans if p.kind == ALIAS}
             if tied:
