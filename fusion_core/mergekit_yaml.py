@@ -25,10 +25,10 @@ from .errors import ConfigError
 #: mergekit method → (fusion method, fixed fields)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "linear": ("weighted_average", {}),
-    "task_arithmetic": ("task_arithmetic", {}),
-    "ties": ("ties", {"sign_election": "weighted_sum"}),
-    "dare_ties": ("dare", {"variant": "ties", "sign_election": "weighted_sum"}),
-    "dare_linear": ("dare", {"variant": "linear"}),
+    "task_arithmetic": ("task_arithmetic", {"convention": "mergekit"}),
+    "ties": ("ties", {"convention": "mergekit", "sign_election": "weighted_sum"}),
+    "dare_ties": ("dare", {"convention": "mergekit", "variant": "ties", "sign_election": "weighted_sum"}),
+    "dare_linear": ("dare", {"convention": "mergekit", "variant": "linear"}),
     "breadcrumbs": ("breadcrumbs", {"variant": "linear"}),
     "breadcrumbs_ties": ("breadcrumbs", {"variant": "ties", "sign_election": "weighted_sum"}),
     "della": ("della", {"variant": "ties", "sign_election": "weighted_sum"}),

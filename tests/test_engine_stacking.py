@@ -117,6 +117,7 @@ def test_mergekit_ties_maps_conventions():
     )
     assert (recipe.method, recipe.base, recipe.models, recipe.out_dtype) == ("ties", "base", ["a", "b"], "bfloat16")
     assert recipe.fields == {
+        "convention": "mergekit",
         "sign_election": "weighted_sum",
         "divisor": "weights",
         "scaling_factor": 0.9,
@@ -133,6 +134,7 @@ def test_mergekit_ties_maps_conventions():
             {},
             {
                 "method": "dare",
+                "convention": "mergekit",
                 "variant": "ties",
                 "sign_election": "weighted_sum",
                 "divisor": "none",
@@ -143,9 +145,9 @@ def test_mergekit_ties_maps_conventions():
         (
             "dare_linear",
             {"rescale": False, "normalize": True},
-            {"method": "dare", "variant": "linear", "rescale": "none", "normalize": True, "density": 1.0},
+            {"method": "dare", "convention": "mergekit", "variant": "linear", "rescale": "none", "normalize": True, "density": 1.0},
         ),
-        ("task_arithmetic", {"normalize": True}, {"method": "task_arithmetic", "normalize": True}),
+        ("task_arithmetic", {"normalize": True}, {"method": "task_arithmetic", "convention": "mergekit", "normalize": True}),
         (
             "della_linear",
             {"epsilon": 0.1, "density": 0.4},

@@ -27,6 +27,21 @@ a per-tensor statistic of each input (TIES's top-k threshold, an L1 norm)::
 
 The engine uses it only for tensors above ``chunk_bytes``; smaller ones go through
 ``kernel``, so both paths must agree (test them against each other).
+
+Whole-model statistics (optional, duck-typed), for kernels that need a statistic of a
+model's *whole* task vector (FusionBench's TIES trims each model's flattened task vector
+to its global top k%)::
+
+    def model_passes(self, n_models) -> int
+        # at most how many passes over the models to make before merging (0: none); resets state
+    def model_pass(self, pass_index, name, base, tensor, index, ctx) -> None
+        # every merged tensor of every model, one tensor of one model at a time
+    def model_pass_end(self, pass_index) -> bool
+        # True when the statistic is complete (no further pass is needed)
+
+Each pass reads, for every merged tensor name, the base and then each model's tensor
+(read ahead on the prefetch thread), so it holds at most two tensors of two inputs;
+the statistic itself must be small (e.g. :mod:`fusion_merging.model_trim`'s histograms).
 """
 
 from __future__ import annotations
@@ -305,8 +320,9 @@ def _run(
     progress: Callable[[], None] | None = None,
 ) -> None:
     n_models = len(inputs) - (1 if has_base else 0)
-    units = _plan_units(method, plans, len(inputs), n_models, compute_dtype.itemsize, opts.chunk_bytes)
     loader = _Loader(inputs, has_base, compute_dtype, device, opts.check_finite)
+    _model_passes(method, plans, n_models, loader, kernel_context, opts.prefetch)
+    units = _plan_units(method, plans, len(inputs), n_models, compute_dtype.itemsize, opts.chunk_bytes)
     stats: dict[str, list] = {}
     labels = [r.label for r in inputs]
     iterator = iter(_Prefetcher(units, loader.read, opts.prefetch))
@@ -314,6 +330,26 @@ def _run(
         _consume(method, iterator, sink, stats, labels, kernel_context, progress)
     finally:
         iterator.close()
+
+
+def _model_passes(method, plans, n_models: int, loader: "_Loader", kernel_context, prefetch: bool) -> None:
+    """Run the method's whole-model passes (see the module docstring), if it asks for any."""
+    count = getattr(method, "model_passes", None)
+    if not callable(count):
+        return
+    merged = [p for p in plans if p.kind not in (ALIAS, COPY, PASSTHROUGH)]
+    for pass_index in range(int(count(n_models))):
+        units = [_Unit(plan, "stats", index=i, last=False) for plan in merged for i in range(n_models)]
+        iterator = iter(_Prefetcher(units, loader.read, prefetch))
+        try:
+            for unit, (base, tensor) in iterator:
+                name = unit.plan.name
+                method.model_pass(pass_index, name, base, tensor, unit.index, kernel_context(name))
+                del base, tensor
+        finally:
+            iterator.close()
+        if method.model_pass_end(pass_index):
+            break
 
 
 def _consume(method, iterator, sink, stats, labels, kernel_context, progress) -> None:

@@ -196,7 +196,9 @@ class MultiSlerp(KernelMethod):
     approximation of the spherical mean; ``karcher`` iterates to the exact one).
 
     When ‖m‖ < ε the directions cancel: with 2 inputs the linear result Σwᵢxᵢ (+ θ₀) is
-    returned, with more an :class:`~fusion_core.errors.InputError` is raised.
+    returned, with more an :class:`~fusion_core.errors.InputError` is raised — unless every
+    xᵢ is zero (a tensor no model changed), which comes out as the base (mergekit 0.1.5
+    raises there with 3 or more models).
     """
 
     name = "multislerp"
@@ -231,7 +233,9 @@ class MultiSlerp(KernelMethod):
         units = X / (norms[:, None] + eps)
         mean = (w[:, None] * units).sum(dim=0)
         mean_norm = mean.norm()
-        if mean_norm < eps:
+        if not bool((norms > eps).any()):
+            out = torch.zeros_like(X[0])  # nothing moved (e.g. a frozen tensor): the base, or zeros without one
+        elif mean_norm < eps:
             if n == 2:
                 out = (w[:, None] * X).sum(dim=0)
             else:
@@ -380,7 +384,9 @@ class ExPO(KernelMethod):
     @attrs.frozen
     class Config:
         alpha: float = option(
-            0.3, help="extrapolation factor α ≥ 0 (0 returns the fine-tuned mean)", validator=in_range(0.0, None)
+            0.1,
+            help="extrapolation factor α ≥ 0 (0 returns the fine-tuned mean; FusionBench linear/expo.yaml: 0.1; fusion ≤ 0.1: 0.3)",
+            validator=in_range(0.0, None),
         )
 
     def kernel(self, name, base, tensors, ctx):

@@ -32,12 +32,13 @@ from fusion_core.engine.kernel import KernelContext, KernelMethod
 
 from . import sparsify
 from .basic import check_weight_sum, resolve_weights
+from .conventions import by_convention, convention_option, per_model, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 SIGN_ELECTIONS = ("sum", "weighted_sum", "count")
-DIVISORS = ("count", "weights", "none")
+DIVISORS = ("count", "weights", "none", "max")
 RESCALES = ("inverse_p", "l1", "none")
 VARIANTS = ("linear", "ties")
 
@@ -92,12 +93,20 @@ def ties_merge(
     ``Σ_agreeing wᵢτᵢ / D`` with D = the number of agreeing models (``count``, the paper's
     disjoint mean), ``Σ_agreeing wᵢ`` (``weights``, mergekit ``normalize: true``) or 1
     (``none``, mergekit ``normalize: false``).  Where D = 0 (nobody agrees) it is 0.
+    ``max`` (FusionBench ``merge_func: max``) is γ · the largest agreeing ``|wᵢτᵢ|``.
     """
     import torch
 
     if divisor not in DIVISORS:
         raise ValueError(f"divisor must be one of {', '.join(DIVISORS)}, got {divisor!r}")
     gamma = elect_sign(deltas, weights, sign_election)
+    if divisor == "max":
+        best = torch.zeros_like(deltas[0])
+        for w, d in zip(weights, deltas, strict=True):
+            vote = w * d if sign_election == "weighted_sum" else d
+            agree = torch.sign(vote) == gamma
+            best = torch.maximum(best, torch.where(agree, (w * d).abs(), torch.zeros_like(d)))
+        return best * gamma + 0.0
     numerator = torch.zeros_like(deltas[0])
     denominator = torch.zeros_like(deltas[0])
     for w, d in zip(weights, deltas, strict=True):
@@ -265,6 +274,11 @@ def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, d
     for w, d in deltas:
         torch.mul(d, gamma, out=d)
         d.relu_()  # pᵢ: |vᵢ| where model i agrees with γ, else 0
+        if divisor == "max":
+            if not weighted and w != 1.0:
+                d.mul_(abs(w))
+            torch.maximum(total, d, out=total)
+            continue
         if divisor == "count":
             torch.sign(d, out=tmp)
             count += tmp
@@ -277,7 +291,7 @@ def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, d
         total += d
     torch.mul(total, gamma, out=total)
     total.add_(0.0)  # −0 → +0
-    if divisor == "none":
+    if divisor in ("none", "max"):
         return total
     if divisor == "count":
         count.clamp_(min=1.0)
@@ -319,8 +333,8 @@ def _normalize(what: str = ""):
     return option(False, help=f"divide Σ wᵢτᵢ by Σ wᵢ (an error if they sum to 0){what}")
 
 
-def _density(default: float, what: str):
-    return option(default, help=what, validator=in_range(0.0, 1.0))
+def _density(default: float | None, what: str):
+    return option(default, help=what + "; one value, or a list with one per model", validator=in_range(0.0, 1.0))
 
 
 def _sign_election(what: str = ""):
@@ -362,8 +376,23 @@ class _TaskVectorMethod(KernelMethod):
 
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
 
+    per_model_fields: ClassVar[tuple[str, ...]] = ("density", "epsilon", "gamma")
+    """Fields that take one value or a list with one value per model (mergekit's per-model parameters)."""
+
     def _weights(self, n: int) -> list[float]:
         return resolve_weights(self.name, getattr(self.config, "weights", None), n)
+
+    def _per_model(self, key: str, n: int) -> list[float]:
+        return per_model(self.name, key, getattr(self.config, key), n)
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        super().check_inputs(n_models, has_base)
+        from fusion_core.errors import InputError
+
+        for key in self.per_model_fields:
+            value = getattr(self.config, key, None)
+            if isinstance(value, (list, tuple)) and len(value) != n_models:
+                raise InputError(f"method {self.name!r}: {key} has {len(value)} value(s) for {n_models} model(s)")
 
     def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str) -> "torch.Tensor":
         cfg = self.config
@@ -372,6 +401,14 @@ class _TaskVectorMethod(KernelMethod):
         else:
             merged = linear_merge(deltas, weights, cfg.normalize)
         return add_scaled(base, merged, cfg.scaling_factor)
+
+
+TA_PRESETS: dict[str, dict[str, Any]] = {
+    "fusionbench": {"scaling_factor": 0.3},
+    "mergekit": {"scaling_factor": 1.0},
+    "paper": {"scaling_factor": 1.0},
+}
+"""FusionBench 0.2.33 ``task_arithmetic.yaml`` (scaling_factor 0.3); mergekit ``lambda`` 1; the paper / fusion ≤ 0.1: 1."""
 
 
 class TaskArithmetic(_TaskVectorMethod):
@@ -384,11 +421,13 @@ class TaskArithmetic(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        scaling_factor: float = _scaling_factor()
+        convention: Literal["fusionbench", "mergekit", "paper"] = convention_option(TA_PRESETS)
+        scaling_factor: float = by_convention(TA_PRESETS, "scaling_factor", "λ: θ = θ₀ + λ·Σ wᵢτᵢ")
         weights: list[float] | None = _weights()
         normalize: bool = _normalize()
 
         def __attrs_post_init__(self) -> None:
+            resolve(self, TA_PRESETS)
             check_weight_sum("task_arithmetic", self.weights, self.normalize)
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
@@ -405,7 +444,7 @@ class MagnitudePrune(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        density: float = _density(
+        density: float | list[float] = _density(
             0.2, "fraction of each task vector's entries kept, by magnitude, per tensor: 1 keeps all, 0 keeps none"
         )
         scaling_factor: float = _scaling_factor()
@@ -418,15 +457,28 @@ class MagnitudePrune(_TaskVectorMethod):
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         import torch
 
+        densities = self._per_model("density", len(tensors))
         deltas = [
-            torch.where(sparsify.magnitude_mask(tau, self.config.density), tau, torch.zeros_like(tau))
-            for tau in task_vectors(base, tensors)
+            torch.where(sparsify.magnitude_mask(tau, d), tau, torch.zeros_like(tau))
+            for tau, d in zip(task_vectors(base, tensors), densities, strict=True)
         ]
         return self._combine(base, deltas, self._weights(len(deltas)), "linear")
 
 
+TIES_PRESETS: dict[str, dict[str, Any]] = {
+    "fusionbench": {"trim": "model", "density": 0.2, "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none"},
+    "mergekit": {"trim": "tensor", "density": 1.0, "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "weights"},
+    "paper": {"trim": "tensor", "density": 0.2, "scaling_factor": 1.0, "sign_election": "sum", "divisor": "count"},
+}
+"""TIES per convention: FusionBench 0.2.33 ``config/method/ties_merging.yaml`` (threshold 20, merge_func sum,
+scaling 0.3, whole-model trim); mergekit 0.1.5 ``ties`` (no trim unless density is given, weighted sign vote,
+normalize: true); the paper / fusion ≤ 0.1 (per-tensor trim, disjoint mean, λ 1)."""
+
+TRIMS = ("model", "tensor")
+
+
 class Ties(_TaskVectorMethod):
-    """TIES-Merging: trim each τᵢ to its top-density magnitudes, elect signs, disjoint mean."""
+    """TIES-Merging: trim each τᵢ to its top-density magnitudes, elect signs, disjoint merge."""
 
     name = "ties"
     summary = "TIES-Merging: trim task vectors by magnitude, elect a sign per entry, average the agreeing entries."
@@ -434,26 +486,108 @@ class Ties(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        density: float = _density(
-            0.2,
-            "fraction of each task vector kept by magnitude, per tensor: k = max(1, floor(density·n)); "
-            "1 = no trim, 0 = all dropped (θ₀); paper: 0.2",
+        convention: Literal["fusionbench", "mergekit", "paper"] = convention_option(
+            TIES_PRESETS, " (fusionbench = fusion_bench method=ties_merging; mergekit = merge_method: ties)"
         )
-        scaling_factor: float = _scaling_factor()
+        trim: Literal["model", "tensor"] = by_convention(
+            TIES_PRESETS,
+            "trim",
+            "model = keep the top density of each model's whole task vector: |τ| ≥ the (d − ⌊d·density⌋)-th smallest "
+            "of all d entries, ties kept (FusionBench, streamed exactly, see fusion_merging.model_trim); "
+            "tensor = keep max(1, ⌊density·n⌋) entries per tensor, equal magnitudes in index order",
+            validator=attrs.validators.optional(attrs.validators.in_(TRIMS)),
+        )
+        density: float | list[float] = by_convention(
+            TIES_PRESETS, "density", "fraction of each task vector kept by magnitude (FusionBench threshold/100); 1 = no trim, 0 = all dropped",
+            validator=in_range(0.0, 1.0),
+        )
+        scaling_factor: float = by_convention(TIES_PRESETS, "scaling_factor", "λ: θ = θ₀ + λ·merged task vector")
         weights: list[float] | None = _weights()
-        sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election()
-        divisor: Literal["count", "weights", "none"] = _divisor()
+        sign_election: Literal["sum", "weighted_sum", "count"] = by_convention(
+            TIES_PRESETS,
+            "sign_election",
+            "how the sign of each entry is elected: sum = sign of Σ τᵢ (paper, FusionBench, PEFT), "
+            "weighted_sum = sign of Σ wᵢτᵢ (mergekit), count = sign of Σ sign(τᵢ) (majority vote); a zero vote elects +",
+            validator=attrs.validators.optional(attrs.validators.in_(SIGN_ELECTIONS)),
+        )
+        divisor: Literal["count", "weights", "none", "max"] = by_convention(
+            TIES_PRESETS,
+            "divisor",
+            "disjoint-merge divisor over agreeing models: none = plain sum (FusionBench merge_func: sum, mergekit normalize: false), "
+            "count = their mean (paper, FusionBench merge_func: mean, PEFT), weights = Σ agreeing wᵢ (mergekit normalize: true), "
+            "max = the largest agreeing magnitude, signed (FusionBench merge_func: max)",
+            validator=attrs.validators.optional(attrs.validators.in_(DIVISORS)),
+        )
 
-    # The whole-tensor kernel is the two-phase protocol run on one block: a per-model
+        def __attrs_post_init__(self) -> None:
+            resolve(self, TIES_PRESETS)
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._thresholds: list | None = None
+        if self.config.trim == "model":
+            self.elementwise = True  # a global threshold: entries are independent, so any row block works
+
+    # -- the whole-model trim (FusionBench): exact global thresholds from the engine's model passes
+
+    def model_passes(self, n_models: int) -> int:
+        self._thresholds = None
+        if self.config.trim != "model":
+            return 0
+        self._kth: list = [None] * n_models
+        self._densities = self._per_model("density", n_models)
+        return 4  # float64 needs 4; model_pass_end says when every threshold is found
+
+    def model_pass(self, pass_index: int, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        from .model_trim import KthMagnitude
+
+        if self._kth[index] is None:
+            self._kth[index] = KthMagnitude(tensor.dtype, self._densities[index])
+        kth = self._kth[index]
+        if not kth.done:
+            kth.add((tensor - base).abs_())
+
+    def model_pass_end(self, pass_index: int) -> bool:
+        for kth in self._kth:
+            if kth is not None:
+                kth.end_pass()
+        if all(k is None or k.done for k in self._kth):
+            self._thresholds = [None if (k is None or k.keep_all) else k.threshold for k in self._kth]
+            return True
+        return False
+
+    def _model_selections(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> list:
+        """Per model, the trim of this tensor under the whole-model threshold (outside the engine's
+        model passes, as when a kernel is called on its own, the model is this one tensor)."""
+        if self._thresholds is None:
+            from .model_trim import KthMagnitude
+
+            thresholds = []
+            for t, d in zip(tensors, self._per_model("density", len(tensors)), strict=True):
+                kth = KthMagnitude(base.dtype, d)
+                while not kth.done:
+                    kth.add((t - base).abs_())
+                    kth.end_pass()
+                thresholds.append(None if kth.keep_all else kth.threshold)
+        else:
+            thresholds = self._thresholds
+        return [sparsify.AtLeast(base.numel(), th) for th in thresholds]
+
+    # The per-tensor whole-tensor kernel is the two-phase protocol run on one block: a per-model
     # top-k selection (phase 1), then the trim, election and disjoint merge (phase 2).
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        if self.config.trim == "model":
+            return self._merge(base, tensors, self._model_selections(base, tensors), 0)
         stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
         return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
 
     def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.TopK:
-        """Phase 1: the top-``density`` selection of ``|τᵢ|`` over the whole tensor."""
-        return sparsify.magnitude_top_k(base, tensor, self.config.density)
+        """Phase 1 (trim: tensor): the top-``density`` selection of ``|τᵢ|`` over the whole tensor."""
+        density = self.config.density
+        if isinstance(density, (list, tuple)):
+            density = density[index]
+        return sparsify.magnitude_top_k(base, tensor, density)
 
     def kernel_chunk(
         self,
@@ -465,10 +599,12 @@ class Ties(_TaskVectorMethod):
         start: int,
     ) -> "torch.Tensor":
         """Phase 2: rows ``start …`` of the merge, given every model's selection."""
+        return self._merge(base, tensors, stats, _row_offset(base, start))
+
+    def _merge(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int) -> "torch.Tensor":
         import torch
 
         weights = self._weights(len(tensors))
-        offset = _row_offset(base, start)
         if not fused_supported(base):  # the reference operations on this block
             deltas = []
             for t, selection in zip(tensors, stats, strict=True):
@@ -492,6 +628,16 @@ class Ties(_TaskVectorMethod):
         return fused_merge(base, tensors, offset, fill, weights, "ties", self.config)
 
 
+DARE_PRESETS: dict[str, dict[str, Any]] = {
+    "fusionbench": {"density": 0.5, "rescale": "inverse_p", "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none"},
+    "mergekit": {"density": 1.0, "rescale": "l1", "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "none"},
+    "paper": {"density": 0.1, "rescale": "inverse_p", "scaling_factor": 1.0, "sign_election": "sum", "divisor": "count"},
+}
+"""FusionBench 0.2.33 ``dare/task_arithmetic.yaml`` (sparsity_ratio 0.5, rescale, scaling 0.3) and
+``dare/ties_merging.yaml`` (scaling 0.5, merge_func sum; its extra whole-model TIES trim is not applied here);
+mergekit 0.1.5 dare_linear/dare_ties (L1 rescale, weighted vote, normalize: false); the paper / fusion ≤ 0.1."""
+
+
 class Dare(_TaskVectorMethod):
     """DARE: drop each task-vector entry with probability 1 − density, rescale, then merge."""
 
@@ -505,18 +651,39 @@ class Dare(_TaskVectorMethod):
         variant: Literal["linear", "ties"] = _variant(
             "linear", "how the sparse task vectors are merged: linear (task arithmetic) or ties (sign election + disjoint mean)"
         )
-        density: float = _density(0.1, "probability of keeping each entry (1 − drop rate); paper: drop 90%, i.e. 0.1")
-        rescale: Literal["inverse_p", "l1", "none"] = _rescale(
-            "inverse_p = divide kept entries by density (paper, PEFT; density 0 gives zeros); "
-            "l1 = match ‖τ‖₁ (mergekit rescale: true); none = no rescale"
+        convention: Literal["fusionbench", "mergekit", "paper"] = convention_option(
+            DARE_PRESETS, " (fusionbench = fusion_bench method=dare/task_arithmetic or dare/ties_merging; mergekit = dare_linear / dare_ties)"
         )
-        scaling_factor: float = _scaling_factor()
+        density: float | list[float] = by_convention(
+            DARE_PRESETS, "density", "probability of keeping each entry (1 − drop rate; FusionBench 1 − sparsity_ratio); one value or one per model",
+            validator=in_range(0.0, 1.0),
+        )
+        rescale: Literal["inverse_p", "l1", "none"] = by_convention(
+            DARE_PRESETS,
+            "rescale",
+            "inverse_p = divide kept entries by density (paper, FusionBench rescale: true, PEFT; density 0 gives zeros); "
+            "l1 = match ‖τ‖₁ (mergekit rescale: true); none = no rescale",
+            validator=attrs.validators.optional(attrs.validators.in_(RESCALES)),
+        )
+        scaling_factor: float = by_convention(
+            DARE_PRESETS, "scaling_factor", "λ: θ = θ₀ + λ·merged task vector (FusionBench: 0.3 for variant linear, 0.5 for ties)"
+        )
         weights: list[float] | None = _weights()
         normalize: bool = _normalize(_LINEAR_ONLY)
-        sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election(_TIES_ONLY)
-        divisor: Literal["count", "weights", "none"] = _divisor(_TIES_ONLY)
+        sign_election: Literal["sum", "weighted_sum", "count"] = by_convention(
+            DARE_PRESETS, "sign_election", "how the sign is elected (variant=ties): sum = sign of Σ τᵢ, weighted_sum = of Σ wᵢτᵢ, count = majority vote",
+            validator=attrs.validators.optional(attrs.validators.in_(SIGN_ELECTIONS)),
+        )
+        divisor: Literal["count", "weights", "none"] = by_convention(
+            DARE_PRESETS, "divisor", "disjoint-merge divisor (variant=ties): none = sum (FusionBench merge_func sum, mergekit normalize: false), "
+            "count = mean of the agreeing (paper), weights = Σ agreeing wᵢ (mergekit normalize: true)",
+            validator=attrs.validators.optional(attrs.validators.in_(DIVISORS)),
+        )
 
         def __attrs_post_init__(self) -> None:
+            if self.convention == "fusionbench" and self.scaling_factor is None and self.variant == "ties":
+                object.__setattr__(self, "scaling_factor", 0.5)  # FusionBench dare/ties_merging.yaml
+            resolve(self, DARE_PRESETS)
             check_weight_sum("dare", self.weights, self.normalize and self.variant == "linear")
 
     # Like TIES, the whole-tensor kernel is the two-phase protocol on one block: phase 1
@@ -530,7 +697,8 @@ class Dare(_TaskVectorMethod):
     def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.PackedMask:
         """Phase 1: model ``index``'s Bernoulli mask over the whole tensor (and L1 rescale)."""
         cfg = self.config
-        mask = sparsify.packed_bernoulli_mask(tensor.numel(), cfg.density, ctx, salt=str(index))
+        density = cfg.density[index] if isinstance(cfg.density, (list, tuple)) else cfg.density
+        mask = sparsify.packed_bernoulli_mask(tensor.numel(), density, ctx, salt=str(index))
         if cfg.rescale == "l1":
             mask = sparsify.with_l1_scale(mask, base, tensor)
         return mask
@@ -551,13 +719,14 @@ class Dare(_TaskVectorMethod):
         if cfg.rescale not in RESCALES:
             raise ValueError(f"rescale must be one of inverse_p, l1, none, got {cfg.rescale!r}")
         weights = self._weights(len(tensors))
+        densities = self._per_model("density", len(tensors))
         offset = _row_offset(base, start)
         if not fused_supported(base):  # the reference operations on this block
             deltas = []
-            for t, mask in zip(tensors, stats, strict=True):
+            for t, mask, density in zip(tensors, stats, densities, strict=True):
                 tau = t - base
                 keep = mask.block(offset, tau.numel(), tau.device).to(torch.bool).reshape(tau.shape)
-                deltas.append(sparsify.apply_packed_rescale(cfg.rescale, torch.where(keep, tau, torch.zeros_like(tau)), mask, cfg.density))
+                deltas.append(sparsify.apply_packed_rescale(cfg.rescale, torch.where(keep, tau, torch.zeros_like(tau)), mask, density))
             return self._combine(base, deltas, weights, cfg.variant)
         keep_f = torch.empty(min(base.numel(), sparsify.BLOCK), dtype=base.dtype, device=base.device)
 
@@ -572,7 +741,7 @@ class Dare(_TaskVectorMethod):
                 keep.copy_(mask.block(at, out.numel(), out.device))
                 out.mul_(keep)
                 out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference
-            sparsify.apply_packed_rescale(cfg.rescale, out, mask, cfg.density)
+            sparsify.apply_packed_rescale(cfg.rescale, out, mask, densities[i])
             return True
 
         return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg)
@@ -590,12 +759,13 @@ class Breadcrumbs(_TaskVectorMethod):
         variant: Literal["linear", "ties"] = _variant(
             "linear", "how the masked task vectors are merged: linear (paper, task arithmetic) or ties (mergekit breadcrumbs_ties)"
         )
-        density: float = _density(
+        density: float | list[float] = _density(
             0.9, "fraction of each task vector kept, per tensor (floor(density·n) entries); 1 keeps everything"
         )
-        gamma: float = option(
+        gamma: float | list[float] = option(
             0.01,
-            help="fraction of largest-magnitude entries dropped as outliers (floor(gamma·n); 0 on tensors under 1/gamma entries)",
+            help="fraction of largest-magnitude entries dropped as outliers (floor(gamma·n); 0 on tensors under 1/gamma entries); "
+            "one value or one per model",
             validator=in_range(0.0, 1.0),
         )
         scaling_factor: float = _scaling_factor()
@@ -611,9 +781,10 @@ class Breadcrumbs(_TaskVectorMethod):
         import torch
 
         cfg = self.config
+        n = len(tensors)
         deltas = [
-            torch.where(sparsify.breadcrumbs_mask(tau, cfg.density, cfg.gamma), tau, torch.zeros_like(tau))
-            for tau in task_vectors(base, tensors)
+            torch.where(sparsify.breadcrumbs_mask(tau, d, g), tau, torch.zeros_like(tau))
+            for tau, d, g in zip(task_vectors(base, tensors), self._per_model("density", n), self._per_model("gamma", n), strict=True)
         ]
         return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
 
@@ -631,10 +802,10 @@ class Della(_TaskVectorMethod):
         variant: Literal["linear", "ties"] = _variant(
             "ties", "how the pruned task vectors are merged: ties (paper: elect + fuse; mergekit della) or linear (mergekit della_linear)"
         )
-        density: float = _density(0.5, "mean keep probability d; keep probabilities span [d − epsilon, d + epsilon] within each row")
-        epsilon: float = option(
+        density: float | list[float] = _density(0.5, "mean keep probability d; keep probabilities span [d − epsilon, d + epsilon] within each row")
+        epsilon: float | list[float] = option(
             0.15,
-            help="half-width ε of the keep-probability range; requires 0 < density − epsilon and density + epsilon ≤ 1",
+            help="half-width ε of the keep-probability range; requires 0 < density − epsilon and density + epsilon ≤ 1; one value or one per model",
             validator=in_range(0.0, 0.5),
         )
         rescale: Literal["inverse_p", "l1", "none"] = _rescale(
@@ -648,19 +819,25 @@ class Della(_TaskVectorMethod):
         divisor: Literal["count", "weights", "none"] = _divisor(_TIES_ONLY)
 
         def __attrs_post_init__(self) -> None:
-            low, high = self.density - self.epsilon, self.density + self.epsilon
-            if not (low > 0 and high <= 1 + 1e-12):
-                raise ValueError(
-                    f"della: keep probabilities must lie in (0, 1], but density ± epsilon = [{low:g}, {high:g}] "
-                    f"(density={self.density}, epsilon={self.epsilon}); lower epsilon or move density"
-                )
+            densities = self.density if isinstance(self.density, (list, tuple)) else [self.density]
+            epsilons = self.epsilon if isinstance(self.epsilon, (list, tuple)) else [self.epsilon]
+            for d in densities:
+                for e in epsilons:
+                    low, high = d - e, d + e
+                    if not (low > 0 and high <= 1 + 1e-12):
+                        raise ValueError(
+                            f"della: keep probabilities must lie in (0, 1], but density ± epsilon = [{low:g}, {high:g}] "
+                            f"(density={d}, epsilon={e}); lower epsilon or move density"
+                        )
             check_weight_sum("della", self.weights, self.normalize and self.variant == "linear")
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         cfg = self.config
         deltas = []
+        n = len(tensors)
+        densities, epsilons = self._per_model("density", n), self._per_model("epsilon", n)
         for i, tau in enumerate(task_vectors(base, tensors)):
-            probs = sparsify.della_keep_probs(tau, cfg.density, cfg.epsilon)
+            probs = sparsify.della_keep_probs(tau, densities[i], epsilons[i])
             mask = sparsify.probability_mask(tau, probs, ctx, salt=str(i))
             deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, probs))
         return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
@@ -717,15 +894,24 @@ class MagMax(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        scaling_factor: float = _scaling_factor()
+        scaling_factor: float = option(
+            0.5, help="λ: θ = θ₀ + λ·τ_max (FusionBench magmax.yaml and the official release: 0.5; fusion ≤ 0.1: 1)"
+        )
+        tie_break: Literal["later", "earlier"] = option(
+            "later",
+            help="which model wins where magnitudes are equal: later (the official release and FusionBench, ≥) or earlier (fusion ≤ 0.1)",
+            validator=attrs.validators.in_(("later", "earlier")),
+        )
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         import torch
 
         deltas = task_vectors(base, tensors)
         best = deltas[0]
+        later = self.config.tie_break == "later"
         for d in deltas[1:]:
-            best = torch.where(d.abs() > best.abs(), d, best)  # equal magnitudes: the earlier model wins
+            wins = d.abs() >= best.abs() if later else d.abs() > best.abs()
+            best = torch.where(wins, d, best)
         return add_scaled(base, best, self.config.scaling_factor)
 
 
