@@ -37,7 +37,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "nuslerp": ("nuslerp", {}),
     "multislerp": ("multislerp", {}),
     "karcher": ("karcher", {}),
-    "model_stock": ("model_stock", {}),
+    "model_stock": ("model_stock", {"convention": "mergekit"}),
     "sce": ("sce", {}),
     "passthrough": ("layer_stack", {}),
 }

@@ -11,7 +11,9 @@ Memory.  For each output tensor the engine holds at most two *work units*
 (the one being computed and the one being read ahead).  A unit is the tensor of
 every input, or, for large tensors, a block of rows of every input:
 
-- ``method.elementwise`` kernels see row blocks of at most ``chunk_bytes`` in all;
+- ``method.elementwise`` kernels see row blocks of at most ``chunk_bytes`` in all, in
+  row order, with ``ctx.start`` the first row's index (random kernels continue one
+  random stream per tensor across the blocks);
 - kernels that also define the two-phase protocol below see, for large tensors,
   one input at a time (plus the base), then row blocks;
 - other kernels see whole tensors.
@@ -398,8 +400,8 @@ def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str
         shape = (unit.stop - unit.start,) + tuple(plan.shape[1:])
         if name in stats:
             out = method.kernel_chunk(name, base, tensors, kernel_context(name), stats[name], unit.start)
-        else:
-            out = method.kernel(name, base, tensors, kernel_context(name))
+        else:  # an elementwise kernel on rows [start, stop): ctx.start says where they begin
+            out = method.kernel(name, base, tensors, attrs.evolve(kernel_context(name), start=unit.start))
         sink.put_rows(name, unit.start, _finish(plan, _check_output(method, name, out, shape)))
         if unit.last:
             stats.pop(name, None)

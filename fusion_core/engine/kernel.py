@@ -41,6 +41,9 @@ class KernelContext:
     """The dtype inputs were cast to before the kernel (a ``torch`` dtype name)."""
     device: str = "cpu"
     """The device inputs were moved to."""
+    start: int = 0
+    """For an ``elementwise`` kernel given a block of rows: the index of its first row in the
+    whole tensor (blocks of one tensor come in row order); 0 for whole tensors."""
 
     def generator(self, salt: str = "") -> "torch.Generator":
         """A fresh ``torch.Generator`` on CPU seeded from (seed, tensor name, salt).

@@ -89,7 +89,8 @@ def ours(method: str, config: Mapping | None, base: torch.nn.Module | None, mode
     """Our merge through the streaming engine, the way ``fuse merge`` runs it."""
     from fusion_core.config import make_config
     from fusion_core.engine.executor import MergeOptions, merge_readers
-    from fusion_core.plugins import build_registry, get_plugin_manager
+    from fusion_core.plugins import get_plugin_manager
+    from fusion_core.registry import build_registry
 
     registry = build_registry(get_plugin_manager())
     cls = registry.get("method", method).cls

@@ -116,14 +116,25 @@ def test_della_deterministic_limit(parity_row, mk_method, variant):
 
 
 def test_slerp(parity_row):
-    worst = 0.0
+    """Tensors where one end is the zero vector (a zero-initialised bias) are compared separately:
+    mergekit treats 0 as orthogonal to b and returns sin(tπ/2)·b; fusion returns t·b (0 has no direction)."""
+    worst, zero_worst, zero_names = 0.0, 0.0, []
     for make in (toy_models, tiny_gpt2):
         base, experts = make(1)
         expected = _mergekit("slerp", base, experts, {"t": 0.3})
         got = ours("slerp", {"t": 0.3}, None, [base, experts[0]])
-        worst = max(worst, max_abs_diff(expected, got))
-    parity_row("slerp", PEER, "mergekit", worst, "merge_state_dicts(method='slerp', t=0.3): base → model")
-    assert worst <= TOL
+        a, b = state(base), state(experts[0])
+        zero = [k for k in a if a[k].is_floating_point() and min(a[k].norm(), b[k].norm()) <= 1e-8]
+        rest = [k for k in a if a[k].is_floating_point() and k not in zero]
+        worst = max(worst, max_abs_diff(expected, got, rest))
+        if zero:
+            zero_worst = max(zero_worst, max_abs_diff(expected, got, zero))
+            zero_names += zero
+    parity_row("slerp", PEER, "mergekit", worst, "merge_state_dicts(method='slerp', t=0.3): base → model, tensors of non-zero norm")
+    parity_row("slerp", PEER, "mergekit (an end of norm 0)", None,
+               f"peer defect: a zero tensor (e.g. {zero_names[0]}) has no direction; mergekit returns sin(tπ/2)·b "
+               f"(max diff {zero_worst:.2g} from fusion's t·b, the limit of slerp as ‖a‖ → 0)")
+    assert worst <= TOL and zero_names
 
 
 def test_nuslerp_flattened(parity_row):
@@ -141,6 +152,23 @@ def test_multislerp(parity_row):
     _compare(parity_row, "multislerp", "multislerp", {"weights": WEIGHTS}, {}, {"weight": WEIGHTS}, with_base=False)
 
 
+def test_multislerp_with_a_base_and_a_tensor_no_model_changed(parity_row):
+    """Issue item 10: a tensor no expert changed must come out as the base; mergekit raises there (N ≥ 3)."""
+    base, experts = toy_models(3)
+    with pytest.raises(ValueError, match="weighted sum of the input tensors is zero"):
+        _mergekit("multislerp", base, experts, {}, {"weight": WEIGHTS})
+    got = ours("multislerp", {"weights": WEIGHTS}, base, experts)
+    assert all(torch.equal(got[k], v) for k, v in state(base).items() if k.startswith("frozen"))
+    parity_row("multislerp", PEER, "mergekit (with base, a frozen tensor)", None,
+               "peer crashes: 'The weighted sum of the input tensors is zero' on a tensor no model changed (3+ models); fusion returns the base")
+    worst = 0.0
+    for make in (tiny_gpt2,):
+        base, experts = make(3)
+        worst = max(worst, max_abs_diff(_mergekit("multislerp", base, experts, {}, {"weight": WEIGHTS}), ours("multislerp", {"weights": WEIGHTS}, base, experts)))
+    parity_row("multislerp", PEER, "mergekit (with base)", worst, "merge_state_dicts(method='multislerp') with a base, tiny GPT-2 (every tensor changed)")
+    assert worst <= TOL
+
+
 def test_karcher(parity_row):
     _compare(parity_row, "karcher", "karcher", {}, {}, with_base=False)
 
@@ -156,7 +184,8 @@ def test_sce(parity_row):
 def _has_field(method: str, field: str) -> bool:
     import attrs
 
-    from fusion_core.plugins import build_registry, get_plugin_manager
+    from fusion_core.plugins import get_plugin_manager
+    from fusion_core.registry import build_registry
 
     cls = build_registry(get_plugin_manager()).get("method", method).cls
     return field in {f.name for f in attrs.fields(cls.Config)}

@@ -11,7 +11,7 @@ Notation: θ₀ is the base tensor, θᵢ the fine-tuned tensors, τᵢ = θᵢ 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -19,6 +19,8 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 from fusion_core.engine.kernel import KernelMethod
 from fusion_core.errors import InputError
+
+from .conventions import by_convention, convention_option, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -310,6 +312,30 @@ class Karcher(KernelMethod):
 # --------------------------------------------------------------------------- Model Stock
 
 
+MODEL_STOCK_PRESETS = {"fusionbench": {"average": "angle"}, "mergekit": {"average": "cosine"}}
+"""FusionBench 0.2.33 ``ModelStock`` averages angles (degrees) for N > 2; mergekit 0.1.5 averages cosines."""
+
+_FB_EPS = 1e-8
+
+
+def _angle_ratio(taus: Sequence["torch.Tensor"]) -> "torch.Tensor":
+    """FusionBench's ratio: the mean pairwise angle θ of the rows of ``taus``, t = N cos θ / ((N−1) cos θ + 1 + ε)."""
+    import torch
+
+    n = len(taus)
+    squares = [(tau * tau).sum(dim=1, keepdim=True) for tau in taus]
+    total = torch.zeros_like(squares[0], dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = (taus[i] * taus[j]).sum(dim=1, keepdim=True)
+            denominator = (squares[i] * squares[j]).double().sqrt() + _FB_EPS
+            cos = (dot / denominator).to(dot.dtype).clamp(-1.0, 1.0)
+            total = total + torch.acos(cos).double()
+    angle = total / (n * (n - 1) / 2)
+    cos = torch.cos(angle)
+    return n * cos / ((n - 1) * cos + 1 + _FB_EPS)
+
+
 class ModelStock(KernelMethod):
     """Model Stock: interpolate between the base and the fine-tuned average by their angle.
 
@@ -319,6 +345,11 @@ class ModelStock(KernelMethod):
     fine-tunes with τ = 0 give cos = 0, so the base; a negative cos extrapolates (t < 0); when
     |1+(N−1)cos| < 1e-6 the base is returned.  (mergekit clamps the product of norms at 1e-6
     instead, which shrinks the cosine of small task vectors; here the exact cosine is used.)
+
+    ``average: angle`` (FusionBench 0.2.33, the default) averages the pairwise *angles*
+    instead: cosᵢⱼ = ⟨τᵢ,τⱼ⟩/(‖τᵢ‖‖τⱼ‖ + 1e-8) clamped to [−1, 1], θ = mean of arccos(cosᵢⱼ),
+    t = N·cos θ/((N−1)·cos θ + 1 + 1e-8); with N = 2 both averages agree.  ``average: cosine``
+    is mergekit's.
     """
 
     name = "model_stock"
@@ -329,7 +360,18 @@ class ModelStock(KernelMethod):
 
     @attrs.frozen
     class Config:
+        convention: Literal["fusionbench", "mergekit"] = convention_option(MODEL_STOCK_PRESETS)
+        average: Literal["angle", "cosine"] = by_convention(
+            MODEL_STOCK_PRESETS,
+            "average",
+            "how the pairwise task-vector angles of N > 2 models are averaged: angle = mean angle, then its cosine "
+            "(FusionBench); cosine = mean cosine (mergekit)",
+            validator=attrs.validators.optional(attrs.validators.in_(("angle", "cosine"))),
+        )
         filter_wise: bool = option(False, help="compute the ratio per row (output filter) instead of per tensor")
+
+        def __attrs_post_init__(self) -> None:
+            resolve(self, MODEL_STOCK_PRESETS)
 
     def interpolation_ratio(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> "torch.Tensor":
         """The ratio t, shape (rows, 1): one row unless ``filter_wise``."""
@@ -338,6 +380,8 @@ class ModelStock(KernelMethod):
         mode = "rows" if self.config.filter_wise else "flat"
         b0 = _as_rows(_work(base), mode)
         taus = [_as_rows(_work(x), mode) - b0 for x in tensors]
+        if self.config.average == "angle":
+            return _angle_ratio(taus)
         norms = [tau.norm(dim=1, keepdim=True) for tau in taus]
         n = len(taus)
         total = torch.zeros_like(norms[0])
@@ -353,12 +397,19 @@ class ModelStock(KernelMethod):
         return torch.where(safe, n * cos / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(cos))
 
     def kernel(self, name, base, tensors, ctx):
+        import torch
+
         self.check_inputs(len(tensors), base is not None)
+        if all(torch.equal(x, base) for x in tensors):
+            return base.clone()  # nothing moved (FusionBench's float32 arccos(0) gives t ≈ −2e-7 here, not 0)
         mode = "rows" if self.config.filter_wise else "flat"
         t = self.interpolation_ratio(base, tensors)
         b0 = _work(base)
         mean = sum(_work(x) for x in tensors) / len(tensors)
-        out = t * _as_rows(mean, mode) + (1.0 - t) * _as_rows(b0, mode)
+        if t.dtype == torch.float64 and b0.dtype != torch.float64:  # FusionBench: scalar ratios, each side rounded to the tensor's dtype
+            out = t.to(b0.dtype) * _as_rows(mean, mode) + (1.0 - t).to(b0.dtype) * _as_rows(b0, mode)
+        else:
+            out = t * _as_rows(mean, mode) + (1.0 - t) * _as_rows(b0, mode)
         return _from_rows(out, b0, mode)
 
 

@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DIGIT = 16
 BINS = 1 << DIGIT
+CHUNK = 1 << 20
+"""Entries per block of :meth:`KthMagnitude.add_difference` (its temporaries stay a few MiB)."""
 
 
 def fusionbench_rank(d: int, density: float) -> int:
@@ -78,6 +80,21 @@ class KthMagnitude:
     @property
     def done(self) -> bool:
         return self.keep_all or self.threshold is not None
+
+    def add_difference(self, tensor: "torch.Tensor", base: "torch.Tensor") -> None:
+        """:meth:`add` the magnitudes ``|tensor − base|``, by blocks (a few MiB of temporaries)."""
+        import torch
+
+        a, b = tensor.reshape(-1), base.reshape(-1)
+        n = a.numel()
+        size = min(n, CHUNK)
+        buffer = torch.empty(size, dtype=a.dtype, device=a.device)
+        for start in range(0, n, CHUNK):
+            part = buffer[: min(CHUNK, n - start)]
+            torch.sub(a[start : start + part.numel()], b[start : start + part.numel()], out=part)
+            self.add(part.abs_())
+        if n == 0:
+            self.add(buffer)
 
     def add(self, magnitudes: "torch.Tensor") -> None:
         """Count the non-negative ``magnitudes`` (any shape, the compute dtype) in this pass."""

@@ -545,7 +545,7 @@ class Ties(_TaskVectorMethod):
             self._kth[index] = KthMagnitude(tensor.dtype, self._densities[index])
         kth = self._kth[index]
         if not kth.done:
-            kth.add((tensor - base).abs_())
+            kth.add_difference(tensor, base)
 
     def model_pass_end(self, pass_index: int) -> bool:
         for kth in self._kth:
@@ -566,7 +566,7 @@ class Ties(_TaskVectorMethod):
             for t, d in zip(tensors, self._per_model("density", len(tensors)), strict=True):
                 kth = KthMagnitude(base.dtype, d)
                 while not kth.done:
-                    kth.add((t - base).abs_())
+                    kth.add_difference(t, base)
                     kth.end_pass()
                 thresholds.append(None if kth.keep_all else kth.threshold)
         else:
@@ -629,13 +629,17 @@ class Ties(_TaskVectorMethod):
 
 
 DARE_PRESETS: dict[str, dict[str, Any]] = {
-    "fusionbench": {"density": 0.5, "rescale": "inverse_p", "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none"},
-    "mergekit": {"density": 1.0, "rescale": "l1", "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "none"},
-    "paper": {"density": 0.1, "rescale": "inverse_p", "scaling_factor": 1.0, "sign_election": "sum", "divisor": "count"},
+    "fusionbench": {"density": 0.5, "rescale": "inverse_p", "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none", "ties_trim": 0.2},
+    "mergekit": {"density": 1.0, "rescale": "l1", "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "none", "ties_trim": 1.0},
+    "paper": {"density": 0.1, "rescale": "inverse_p", "scaling_factor": 1.0, "sign_election": "sum", "divisor": "count", "ties_trim": 1.0},
 }
 """FusionBench 0.2.33 ``dare/task_arithmetic.yaml`` (sparsity_ratio 0.5, rescale, scaling 0.3) and
-``dare/ties_merging.yaml`` (scaling 0.5, merge_func sum; its extra whole-model TIES trim is not applied here);
+``dare/ties_merging.yaml`` (scaling 0.5, merge_func sum, then TIES's whole-model trim to the top 20 %);
 mergekit 0.1.5 dare_linear/dare_ties (L1 rescale, weighted vote, normalize: false); the paper / fusion ≤ 0.1."""
+
+
+_NO_L1 = sparsify.PackedMask(0, True)
+"""A placeholder mask for :func:`sparsify.apply_packed_rescale` where the rescale is not L1."""
 
 
 class Dare(_TaskVectorMethod):
@@ -680,6 +684,14 @@ class Dare(_TaskVectorMethod):
             validator=attrs.validators.optional(attrs.validators.in_(DIVISORS)),
         )
 
+        ties_trim: float | list[float] = by_convention(
+            DARE_PRESETS,
+            "ties_trim",
+            "variant=ties: after the drop and rescale, keep the top ties_trim of each model's whole task vector "
+            "(|τ| ≥ its (d − ⌊d·ties_trim⌋)-th smallest, FusionBench's TIES threshold/100, streamed exactly); 1 = no trim",
+            validator=in_range(0.0, 1.0),
+        )
+
         def __attrs_post_init__(self) -> None:
             if self.convention == "fusionbench" and self.scaling_factor is None and self.variant == "ties":
                 object.__setattr__(self, "scaling_factor", 0.5)  # FusionBench dare/ties_merging.yaml
@@ -690,9 +702,136 @@ class Dare(_TaskVectorMethod):
     # draws model i's mask (the same stream as ``ctx.rand_like(τᵢ, salt=str(i)) < density``)
     # and keeps it packed, one bit per entry, with the L1 norms when rescale = l1.
 
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._thresholds: list | None = None
+        self._streams: dict = {}
+        if self.config.rescale != "l1":
+            # masks are drawn in the block loop from one stream per (tensor, model): no per-tensor
+            # statistic is needed (the L1 rescale needs the masked norm first: two phases)
+            self.elementwise = True
+
+    def _stream(self, ctx: KernelContext, index: int, offset: int) -> "torch.Generator":
+        """Model ``index``'s random stream for this tensor, positioned at flat ``offset``: the draws of
+        ``ctx.rand_like(τ, salt=str(index))``, continued across row blocks (re-drawn if out of order)."""
+        import torch
+
+        key = (ctx.name, index)
+        if offset == 0 or key not in self._streams:
+            if offset == 0:
+                self._streams = {k: v for k, v in self._streams.items() if k[0] == ctx.name}
+            self._streams[key] = [ctx.generator(str(index)), 0]
+        entry = self._streams[key]
+        if entry[1] != offset:  # out of order: start over and skip ahead (not taken by the engine)
+            entry[0], entry[1] = ctx.generator(str(index)), 0
+            for start in range(0, offset, sparsify.BLOCK):
+                torch.rand(min(sparsify.BLOCK, offset - start), generator=entry[0], dtype=torch.float32)
+            entry[1] = offset
+        return entry
+
+    def _trims(self) -> bool:
+        trim = self.config.ties_trim
+        return self.config.variant == "ties" and any(d < 1 for d in (trim if isinstance(trim, (list, tuple)) else [trim]))
+
+    # -- FusionBench's DARE-TIES: the whole-model TIES trim of the dropped, rescaled task vectors
+
+    def model_passes(self, n_models: int) -> int:
+        self._thresholds = None
+        if not self._trims():
+            return 0
+        self._kth: list = [None] * n_models
+        return 4
+
+    def model_pass(self, pass_index: int, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        from .model_trim import KthMagnitude
+
+        if self._kth[index] is None:
+            self._kth[index] = KthMagnitude(tensor.dtype, self._per_model("ties_trim", len(self._kth))[index])
+        if not self._kth[index].done:
+            self._kth[index].add(self._dropped(name, base, tensor, index, ctx).abs_())
+
+    def model_pass_end(self, pass_index: int) -> bool:
+        for kth in self._kth:
+            if kth is not None:
+                kth.end_pass()
+        if all(k is None or k.done for k in self._kth):
+            self._thresholds = [None if (k is None or k.keep_all) else k.threshold for k in self._kth]
+            return True
+        return False
+
+    def _dropped(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> "torch.Tensor":
+        """Model ``index``'s dropped and rescaled task vector of this whole tensor (flat)."""
+        import torch
+
+        mask = self.chunk_stats(name, base, tensor, index, ctx)
+        density = self.config.density[index] if isinstance(self.config.density, (list, tuple)) else self.config.density
+        tau = (tensor - base).reshape(-1)
+        if not mask.keep_all:
+            tau.mul_(mask.block(0, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
+        return sparsify.apply_packed_rescale(self.config.rescale, tau, mask, density)
+
+    def _trim_thresholds(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> list:
+        """Per model, the whole-model trim threshold (``None``: no trim); outside the engine's model
+        passes (a kernel called on its own) the model is this one tensor."""
+        if not self._trims():
+            return [None] * len(tensors)
+        if self._thresholds is not None:
+            return self._thresholds
+        from .model_trim import KthMagnitude
+
+        out = []
+        for i, (t, d) in enumerate(zip(tensors, self._per_model("ties_trim", len(tensors)), strict=True)):
+            kth = KthMagnitude(base.dtype, d)
+            while not kth.done:
+                kth.add(self._dropped(name, base, t, i, ctx).abs_())
+                kth.end_pass()
+            out.append(None if kth.keep_all else kth.threshold)
+        return out
+
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        if getattr(self, "elementwise", False) and fused_supported(base):
+            return self._merge_streamed(name, base, tensors, ctx)
         stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
-        return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
+        return self.kernel_chunk(name, base, tensors, ctx, stats, ctx.start)
+
+    def _merge_streamed(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        """Rows ``ctx.start …``: each model's mask drawn block by block inside the fused loop (the same
+        draws as :meth:`chunk_stats`'s packed mask, without packing or a second read of the models)."""
+        import torch
+
+        cfg = self.config
+        weights = self._weights(len(tensors))
+        densities = self._per_model("density", len(tensors))
+        offset = _row_offset(base, ctx.start)
+        thresholds = self._trim_thresholds(name, base, tensors, ctx)
+        lambdas = [None if th is None else _lambda_below(th, base.dtype) for th in thresholds]
+        streams = [self._stream(ctx, i, offset) for i in range(len(tensors))]
+        size = min(base.numel(), sparsify.BLOCK)
+        noise = torch.empty(size, dtype=torch.float32)
+        keep = torch.empty(size, dtype=torch.bool)
+
+        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+            density, stream = densities[i], streams[i]
+            length = out.numel()
+            if density <= 0 or density >= 1:  # no draws (as the packed mask): all kept, or all dropped
+                stream[1] = at + length
+                if density <= 0:
+                    out.zero_()
+                    return False
+                torch.sub(t, b, out=out)
+            else:
+                torch.sub(t, b, out=out)
+                torch.rand(length, generator=stream[0], dtype=torch.float32, out=noise[:length])
+                stream[1] = at + length
+                torch.lt(noise[:length], density, out=keep[:length])
+                out.mul_(keep[:length])
+                out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference
+            sparsify.apply_packed_rescale(cfg.rescale, out, _NO_L1, density)
+            if lambdas[i] is not None:
+                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
+            return True
+
+        return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg)
 
     def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.PackedMask:
         """Phase 1: model ``index``'s Bernoulli mask over the whole tensor (and L1 rescale)."""
@@ -721,13 +860,18 @@ class Dare(_TaskVectorMethod):
         weights = self._weights(len(tensors))
         densities = self._per_model("density", len(tensors))
         offset = _row_offset(base, start)
+        thresholds = self._trim_thresholds(name, base, tensors, ctx)
         if not fused_supported(base):  # the reference operations on this block
             deltas = []
-            for t, mask, density in zip(tensors, stats, densities, strict=True):
+            for t, mask, density, th in zip(tensors, stats, densities, thresholds, strict=True):
                 tau = t - base
                 keep = mask.block(offset, tau.numel(), tau.device).to(torch.bool).reshape(tau.shape)
-                deltas.append(sparsify.apply_packed_rescale(cfg.rescale, torch.where(keep, tau, torch.zeros_like(tau)), mask, density))
+                delta = sparsify.apply_packed_rescale(cfg.rescale, torch.where(keep, tau, torch.zeros_like(tau)), mask, density)
+                if th is not None:
+                    delta = torch.where(delta.abs() >= th, delta, torch.zeros_like(delta))
+                deltas.append(delta)
             return self._combine(base, deltas, weights, cfg.variant)
+        lambdas = [None if th is None else _lambda_below(th, base.dtype) for th in thresholds]
         keep_f = torch.empty(min(base.numel(), sparsify.BLOCK), dtype=base.dtype, device=base.device)
 
         def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
@@ -742,6 +886,8 @@ class Dare(_TaskVectorMethod):
                 out.mul_(keep)
                 out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference
             sparsify.apply_packed_rescale(cfg.rescale, out, mask, densities[i])
+            if lambdas[i] is not None:  # FusionBench's whole-model TIES trim (every entry ≥ the threshold kept)
+                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
             return True
 
         return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg)
