@@ -761,7 +761,6 @@ class Dare(_TaskVectorMethod):
 
     def _dropped(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> "torch.Tensor":
         """Model ``index``'s dropped and rescaled task vector of this whole tensor (flat)."""
-        import torch
 
         mask = self.chunk_stats(name, base, tensor, index, ctx)
         density = self.config.density[index] if isinstance(self.config.density, (list, tuple)) else self.config.density
