@@ -63,11 +63,12 @@ class KthMagnitude:
     ``density`` fixes the rank once the count is known (pass 0): see :func:`fusionbench_rank`.
     """
 
-    def __init__(self, dtype: "torch.dtype", density: float) -> None:
+    def __init__(self, dtype: "torch.dtype | None", density: float) -> None:
         import torch
 
-        self.dtype = dtype
-        self.int_dtype, self.passes = _int_view(dtype)
+        self.dtype = None
+        if dtype is not None:
+            self.bind(dtype)
         self.density = float(density)
         self.count = 0
         self.rank = 0  # within the current bucket (1-based)
@@ -76,6 +77,14 @@ class KthMagnitude:
         self.hist = torch.zeros(BINS + 1, dtype=torch.int64)
         self.threshold: float | None = None
         self.keep_all = False
+
+    def bind(self, dtype: "torch.dtype") -> None:
+        """Fix the dtype of the magnitudes (the first tensor's, when it is not known up front)."""
+        if self.dtype is None:
+            self.dtype = dtype
+            self.int_dtype, self.passes = _int_view(dtype)
+        elif dtype != self.dtype:
+            raise ValueError(f"whole-model trim: tensors of dtype {dtype} and {self.dtype} in one model")
 
     @property
     def done(self) -> bool:

@@ -465,6 +465,65 @@ class MagnitudePrune(_TaskVectorMethod):
         return self._combine(base, deltas, self._weights(len(deltas)), "linear")
 
 
+class _WholeModelTrim:
+    """The engine's whole-model passes for FusionBench's TIES trim: per model, the exact threshold
+    ``v`` of its whole task vector (:class:`fusion_merging.model_trim.KthMagnitude`); entries with
+    ``|τ| ≥ v`` are kept.  Subclasses say which models trim how much (:meth:`_trim_densities`) and
+    what is trimmed (:meth:`_feed`: the task vector, or DARE's dropped one)."""
+
+    _thresholds: list | None = None
+
+    def _trim_densities(self, n: int) -> list[float] | None:
+        """The trim density of each of ``n`` models, or ``None`` for no whole-model trim."""
+        raise NotImplementedError
+
+    def _feed(self, kth: Any, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        kth.add_difference(tensor, base)
+
+    def model_passes(self, n_models: int) -> int:
+        self._thresholds = None
+        densities = self._trim_densities(n_models)
+        if densities is None:
+            return 0
+        from .model_trim import KthMagnitude
+
+        self._kth = [KthMagnitude(None, d) for d in densities]
+        return 4  # float64 needs 4; model_pass_end says when every threshold is found
+
+    def model_pass(self, pass_index: int, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        kth = self._kth[index]
+        if not kth.done:
+            kth.bind(tensor.dtype)
+            self._feed(kth, name, base, tensor, index, ctx)
+
+    def model_pass_end(self, pass_index: int) -> bool:
+        for kth in self._kth:
+            kth.end_pass()
+        if all(k.done for k in self._kth):
+            self._thresholds = [None if k.keep_all else k.threshold for k in self._kth]
+            return True
+        return False
+
+    def _thresholds_for(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> list:
+        """Per model, the trim threshold (``None``: keep all).  Outside the engine's model passes
+        (a kernel called on its own) the model is this one tensor."""
+        densities = self._trim_densities(len(tensors))
+        if densities is None:
+            return [None] * len(tensors)
+        if self._thresholds is not None:
+            return self._thresholds
+        from .model_trim import KthMagnitude
+
+        out = []
+        for i, (t, d) in enumerate(zip(tensors, densities, strict=True)):
+            kth = KthMagnitude(base.dtype, d)
+            while not kth.done:
+                self._feed(kth, name, base, t, i, ctx)
+                kth.end_pass()
+            out.append(None if kth.keep_all else kth.threshold)
+        return out
+
+
 TIES_PRESETS: dict[str, dict[str, Any]] = {
     "fusionbench": {"trim": "model", "density": 0.2, "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none"},
     "mergekit": {"trim": "tensor", "density": 1.0, "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "weights"},
@@ -477,7 +536,7 @@ normalize: true); the paper / fusion ≤ 0.1 (per-tensor trim, disjoint mean, λ
 TRIMS = ("model", "tensor")
 
 
-class Ties(_TaskVectorMethod):
+class Ties(_WholeModelTrim, _TaskVectorMethod):
     """TIES-Merging: trim each τᵢ to its top-density magnitudes, elect signs, disjoint merge."""
 
     name = "ties"
@@ -530,55 +589,18 @@ class Ties(_TaskVectorMethod):
 
     # -- the whole-model trim (FusionBench): exact global thresholds from the engine's model passes
 
-    def model_passes(self, n_models: int) -> int:
-        self._thresholds = None
-        if self.config.trim != "model":
-            return 0
-        self._kth: list = [None] * n_models
-        self._densities = self._per_model("density", n_models)
-        return 4  # float64 needs 4; model_pass_end says when every threshold is found
+    def _trim_densities(self, n: int) -> list[float] | None:
+        return self._per_model("density", n) if self.config.trim == "model" else None
 
-    def model_pass(self, pass_index: int, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
-        from .model_trim import KthMagnitude
-
-        if self._kth[index] is None:
-            self._kth[index] = KthMagnitude(tensor.dtype, self._densities[index])
-        kth = self._kth[index]
-        if not kth.done:
-            kth.add_difference(tensor, base)
-
-    def model_pass_end(self, pass_index: int) -> bool:
-        for kth in self._kth:
-            if kth is not None:
-                kth.end_pass()
-        if all(k is None or k.done for k in self._kth):
-            self._thresholds = [None if (k is None or k.keep_all) else k.threshold for k in self._kth]
-            return True
-        return False
-
-    def _model_selections(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> list:
-        """Per model, the trim of this tensor under the whole-model threshold (outside the engine's
-        model passes, as when a kernel is called on its own, the model is this one tensor)."""
-        if self._thresholds is None:
-            from .model_trim import KthMagnitude
-
-            thresholds = []
-            for t, d in zip(tensors, self._per_model("density", len(tensors)), strict=True):
-                kth = KthMagnitude(base.dtype, d)
-                while not kth.done:
-                    kth.add_difference(t, base)
-                    kth.end_pass()
-                thresholds.append(None if kth.keep_all else kth.threshold)
-        else:
-            thresholds = self._thresholds
-        return [sparsify.AtLeast(base.numel(), th) for th in thresholds]
+    def _model_selections(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> list:
+        return [sparsify.AtLeast(base.numel(), th) for th in self._thresholds_for(name, base, tensors, ctx)]
 
     # The per-tensor whole-tensor kernel is the two-phase protocol run on one block: a per-model
     # top-k selection (phase 1), then the trim, election and disjoint merge (phase 2).
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         if self.config.trim == "model":
-            return self._merge(base, tensors, self._model_selections(base, tensors), 0)
+            return self._merge(base, tensors, self._model_selections(name, base, tensors, ctx), 0)
         stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
         return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
 
@@ -642,7 +664,7 @@ _NO_L1 = sparsify.PackedMask(0, True)
 """A placeholder mask for :func:`sparsify.apply_packed_rescale` where the rescale is not L1."""
 
 
-class Dare(_TaskVectorMethod):
+class Dare(_WholeModelTrim, _TaskVectorMethod):
     """DARE: drop each task-vector entry with probability 1 − density, rescale, then merge."""
 
     name = "dare"
@@ -735,29 +757,11 @@ class Dare(_TaskVectorMethod):
 
     # -- FusionBench's DARE-TIES: the whole-model TIES trim of the dropped, rescaled task vectors
 
-    def model_passes(self, n_models: int) -> int:
-        self._thresholds = None
-        if not self._trims():
-            return 0
-        self._kth: list = [None] * n_models
-        return 4
+    def _trim_densities(self, n: int) -> list[float] | None:
+        return self._per_model("ties_trim", n) if self._trims() else None
 
-    def model_pass(self, pass_index: int, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
-        from .model_trim import KthMagnitude
-
-        if self._kth[index] is None:
-            self._kth[index] = KthMagnitude(tensor.dtype, self._per_model("ties_trim", len(self._kth))[index])
-        if not self._kth[index].done:
-            self._kth[index].add(self._dropped(name, base, tensor, index, ctx).abs_())
-
-    def model_pass_end(self, pass_index: int) -> bool:
-        for kth in self._kth:
-            if kth is not None:
-                kth.end_pass()
-        if all(k is None or k.done for k in self._kth):
-            self._thresholds = [None if (k is None or k.keep_all) else k.threshold for k in self._kth]
-            return True
-        return False
+    def _feed(self, kth: Any, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        kth.add(self._dropped(name, base, tensor, index, ctx).abs_())
 
     def _dropped(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> "torch.Tensor":
         """Model ``index``'s dropped and rescaled task vector of this whole tensor (flat)."""
@@ -768,24 +772,6 @@ class Dare(_TaskVectorMethod):
         if not mask.keep_all:
             tau.mul_(mask.block(0, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
         return sparsify.apply_packed_rescale(self.config.rescale, tau, mask, density)
-
-    def _trim_thresholds(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> list:
-        """Per model, the whole-model trim threshold (``None``: no trim); outside the engine's model
-        passes (a kernel called on its own) the model is this one tensor."""
-        if not self._trims():
-            return [None] * len(tensors)
-        if self._thresholds is not None:
-            return self._thresholds
-        from .model_trim import KthMagnitude
-
-        out = []
-        for i, (t, d) in enumerate(zip(tensors, self._per_model("ties_trim", len(tensors)), strict=True)):
-            kth = KthMagnitude(base.dtype, d)
-            while not kth.done:
-                kth.add(self._dropped(name, base, t, i, ctx).abs_())
-                kth.end_pass()
-            out.append(None if kth.keep_all else kth.threshold)
-        return out
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         if getattr(self, "elementwise", False) and fused_supported(base):
@@ -802,7 +788,7 @@ class Dare(_TaskVectorMethod):
         weights = self._weights(len(tensors))
         densities = self._per_model("density", len(tensors))
         offset = _row_offset(base, ctx.start)
-        thresholds = self._trim_thresholds(name, base, tensors, ctx)
+        thresholds = self._thresholds_for(name, base, tensors, ctx)
         lambdas = [None if th is None else _lambda_below(th, base.dtype) for th in thresholds]
         streams = [self._stream(ctx, i, offset) for i in range(len(tensors))]
         size = min(base.numel(), sparsify.BLOCK)
@@ -859,7 +845,7 @@ class Dare(_TaskVectorMethod):
         weights = self._weights(len(tensors))
         densities = self._per_model("density", len(tensors))
         offset = _row_offset(base, start)
-        thresholds = self._trim_thresholds(name, base, tensors, ctx)
+        thresholds = self._thresholds_for(name, base, tensors, ctx)
         if not fused_supported(base):  # the reference operations on this block
             deltas = []
             for t, mask, density, th in zip(tensors, stats, densities, thresholds, strict=True):
