@@ -284,6 +284,8 @@ class Karcher(KernelMethod):
         import torch
 
         self.check_inputs(len(tensors), base is not None)
+        if all(torch.equal(x, tensors[0]) for x in tensors[1:]):
+            return tensors[0].clone()  # the mean of identical points (a tensor nobody changed), without rounding
         X = torch.stack([_work(x).reshape(-1) for x in tensors])
         norms = X.norm(dim=1)
         scale = norms.mean()

@@ -124,14 +124,14 @@ def test_a_tensor_no_expert_changed_comes_out_as_the_base_in_every_method():
     checked = []
     for name in registry.names("method"):
         cls = registry.get("method", name).cls
-        if not issubclass(cls, KernelMethod) or not cls.capabilities.needs_base and name not in ("multislerp", "nuslerp"):
+        if not issubclass(cls, KernelMethod):
             continue
         if cls.max_models is not None and cls.max_models < 4:
             continue
         got = merge_readers(cls(make_config(cls.Config, {}, where=name)), base, models, MergeOptions(prefetch=False))
         assert torch.equal(got["frozen"], base["frozen"]), name
         checked.append(name)
-    assert {"ties", "dare", "della", "multislerp", "tsv_m", "magmax", "model_stock", "task_arithmetic"} <= set(checked)
+    assert {"ties", "dare", "della", "multislerp", "karcher", "tsv_m", "magmax", "model_stock", "task_arithmetic"} <= set(checked)
 
 
 def test_fuse_run_ties_on_fusionbenchs_clip_config_resolves_to_fusionbenchs_settings(capsys):
