@@ -157,3 +157,27 @@ def test_fuse_show_ties_names_the_fusionbench_default_and_the_mergekit_conventio
     assert main(["show", "ties"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "'fusionbench'" in text and "mergekit" in text and "merge_method: ties" in text and "fusion_bench method=ties_merging" in text
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 2048])
+def test_fusionbench_dare_ties_is_drop_rescale_then_the_whole_model_trim(chunk_bytes):
+    """The documented DARE mask (``ctx.rand_like(τ, salt=str(i)) < density``), ÷ density, then
+    FusionBench's TIES on the result: whole-model trim to the top 20 %, sign of the sum, sum, λ 0.5."""
+    from fusion_core.engine.kernel import KernelContext
+
+    base, models = _models()
+    opts = MergeOptions(prefetch=False, notify=lambda m: None, seed=3)
+    if chunk_bytes:
+        opts.chunk_bytes = chunk_bytes
+    got = merge_readers(Dare(Dare.Config(variant="ties")), base, models, opts)
+    dropped = []
+    for i, m in enumerate(models):
+        d = {}
+        for k in base:
+            tau = m[k] - base[k]
+            keep = KernelContext(name=k, seed=3).rand_like(tau, salt=str(i)) < 0.5
+            d[k] = base[k] + torch.where(keep, tau, torch.zeros_like(tau)) / 0.5
+        dropped.append(d)
+    expected = _reference_fusionbench_ties(base, dropped, density=0.2, scale=0.5)
+    for k in base:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
