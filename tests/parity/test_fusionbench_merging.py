@@ -139,8 +139,8 @@ def test_ties_merge_func_max(parity_row):
 
 
 def test_tsv_m_more_models_than_rank(parity_row):
-    _compare(parity_row, "tsv_m", "fusionbench (N=8 > rank of some matrices)", {}, "fusion_bench.method.TaskSingularVectorMerging",
-             {"alpha": 1.0}, n=8, models=("toy",), note="TaskSingularVectorMerging, 8 models on toy (6×12 and 12×24 matrices)")
+    _compare(parity_row, "tsv_m", "fusionbench (N=13 > rank 12 of fc2)", {}, "fusion_bench.method.TaskSingularVectorMerging",
+             {"alpha": 1.0}, n=13, models=("toy",), note="TaskSingularVectorMerging, 13 models on toy: fc2 (12×24) gets no component, stays at the base")
 
 
 @pytest.mark.parametrize("variant", ["linear", "ties"])
