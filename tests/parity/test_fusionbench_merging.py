@@ -173,3 +173,42 @@ def test_dare(parity_row, variant):
     parity_row(f"dare ({variant})", PEER, "fusionbench (sparsity 0 exact + statistics)", worst, note)
     assert abs(kept_us - 0.5) < 0.06 and abs(kept_fb - 0.5) < 0.06
     assert worst <= TOL
+
+
+def test_ties_exactly_cancelling_votes_are_the_one_known_difference(parity_row):
+    """FusionBench elects the model-wide majority sign where the trimmed votes sum to exactly 0;
+    fusion elects + there (a streamed merge cannot know the model-wide majority before the
+    entry is written).  Only those entries differ: shown on a pool built to cancel."""
+    import copy
+
+    base, experts = toy_models(2)
+    b, first = state(base), state(experts[0])
+    opposite = copy.deepcopy(experts[1])
+    with torch.no_grad():
+        for name, p in opposite.named_parameters():
+            if name == "fc1.weight":
+                p.copy_(2 * b[name] - first[name])  # τ₂ = −τ₁ exactly: every vote cancels
+            else:
+                p.sub_(0.5 * p.abs() + 0.1)  # elsewhere mostly negative updates: the majority sign is −
+    experts = [experts[0], opposite]
+    expected = state(_fb("fusion_bench.method.TiesMergingAlgorithm", scaling_factor=0.3, threshold=99, remove_keys=[], merge_func="sum").run(fusionbench_pool(base, experts)))
+    got = ours("ties", {"density": 0.99}, base, experts)
+    elsewhere = max_abs_diff(expected, got, [k for k in expected if k != "fc1.weight"])
+    cancelled = max_abs_diff(expected, got, ["fc1.weight"])
+    parity_row("ties", PEER, "fusionbench (votes that cancel exactly)", cancelled,
+               "known difference: where trimmed task vectors cancel exactly FusionBench takes the model-wide majority sign, fusion +; "
+               f"only those entries differ (elsewhere {elsewhere:.1e})")
+    assert elsewhere <= TOL and cancelled > 0
+
+
+def test_ties_threshold_100_crashes_in_fusionbench(parity_row):
+    """``threshold: 100`` (keep everything) makes FusionBench ask ``kthvalue(0)``; fusion keeps every entry."""
+    base, experts = toy_models(2)
+    with pytest.raises(RuntimeError, match="kthvalue"):
+        _fb("fusion_bench.method.TiesMergingAlgorithm", scaling_factor=0.3, threshold=100, remove_keys=[], merge_func="sum").run(
+            fusionbench_pool(base, experts)
+        )
+    no_trim = ours("ties", {"density": 1.0}, base, experts)
+    assert max_abs_diff(no_trim, ours("ties", {"density": 1.0, "trim": "tensor"}, base, experts)) == 0
+    parity_row("ties", PEER, "fusionbench (threshold 100 = density 1)", None,
+               "peer crashes: kthvalue(): selected number k out of range (it asks for the 0-th smallest); fusion keeps every entry")
