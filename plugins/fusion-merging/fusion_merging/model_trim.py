@@ -12,7 +12,7 @@ digit, 16 bits at a time, from the top:
 - pass 0 counts every entry of the model in a histogram of its top 16 bits (65,536
   counters) and picks the bucket holding rank k (and k's rank inside it);
 - each further pass counts, among the entries whose higher bits equal the digits found so
-  far, the next 16 bits (entries outside the bucket go to a spill counter).
+  far, the next 16 bits.
 
 float32 needs 2 passes, float64 4, float16/bfloat16 1.  Memory per model: one 65,536-entry
 int64 histogram (512 KiB) and a few integers, whatever the model's size; each pass reads
@@ -121,9 +121,8 @@ class KthMagnitude:
             key = (bits >> shift) & 0xFFFF if shift else bits & 0xFFFF
         if self.level == 0:
             self.count += magnitudes.numel()
-        else:
-            inside = (bits >> (shift + DIGIT)) == self.prefix
-            key = torch.where(inside, key, BINS)  # the spill counter
+        else:  # only the entries inside the bucket found so far (usually a small share)
+            key = key[(bits >> (shift + DIGIT)) == self.prefix]
         self.hist += torch.bincount(key.reshape(-1), minlength=BINS + 1)
 
     def end_pass(self) -> None:
