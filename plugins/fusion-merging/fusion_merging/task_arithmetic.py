@@ -774,7 +774,7 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
         return sparsify.apply_packed_rescale(self.config.rescale, tau, mask, density)
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
-        if getattr(self, "elementwise", False) and fused_supported(base):
+        if getattr(self, "elementwise", False):
             return self._merge_streamed(name, base, tensors, ctx)
         stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
         return self.kernel_chunk(name, base, tensors, ctx, stats, ctx.start)
@@ -791,6 +791,21 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
         thresholds = self._thresholds_for(name, base, tensors, ctx)
         lambdas = [None if th is None else _lambda_below(th, base.dtype) for th in thresholds]
         streams = [self._stream(ctx, i, offset) for i in range(len(tensors))]
+        if not fused_supported(base):  # the reference operations, with the same draws
+            deltas = []
+            for t, density, stream, th in zip(tensors, densities, streams, thresholds, strict=True):
+                tau = t - base
+                if 0 < density < 1:
+                    keep = torch.rand(tau.numel(), generator=stream[0], dtype=torch.float32).to(tau.device) < density
+                    tau = torch.where(keep.reshape(tau.shape), tau, torch.zeros_like(tau))
+                elif density <= 0:
+                    tau = torch.zeros_like(tau)
+                stream[1] = offset + tau.numel()
+                delta = sparsify.apply_packed_rescale(cfg.rescale, tau, _NO_L1, density)
+                if th is not None:
+                    delta = torch.where(delta.abs() >= th, delta, torch.zeros_like(delta))
+                deltas.append(delta)
+            return self._combine(base, deltas, weights, cfg.variant)
         size = min(base.numel(), sparsify.BLOCK)
         noise = torch.empty(size, dtype=torch.float32)
         keep = torch.empty(size, dtype=torch.bool)
