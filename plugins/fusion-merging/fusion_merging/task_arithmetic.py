@@ -761,17 +761,16 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
         return self._per_model("ties_trim", n) if self._trims() else None
 
     def _feed(self, kth: Any, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
-        kth.add(self._dropped(name, base, tensor, index, ctx).abs_())
-
-    def _dropped(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> "torch.Tensor":
-        """Model ``index``'s dropped and rescaled task vector of this whole tensor (flat)."""
+        """Count model ``index``'s dropped, rescaled |τ| of this tensor, block by block (the mask stays packed)."""
 
         mask = self.chunk_stats(name, base, tensor, index, ctx)
         density = self.config.density[index] if isinstance(self.config.density, (list, tuple)) else self.config.density
-        tau = (tensor - base).reshape(-1)
-        if not mask.keep_all:
-            tau.mul_(mask.block(0, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
-        return sparsify.apply_packed_rescale(self.config.rescale, tau, mask, density)
+        a, b = tensor.reshape(-1), base.reshape(-1)
+        for start in range(0, a.numel(), sparsify.BLOCK):
+            tau = a[start : start + sparsify.BLOCK] - b[start : start + sparsify.BLOCK]
+            if not mask.keep_all:
+                tau.mul_(mask.block(start, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
+            kth.add(sparsify.apply_packed_rescale(self.config.rescale, tau, mask, density).abs_())
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         if getattr(self, "elementwise", False):
