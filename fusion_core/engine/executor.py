@@ -37,7 +37,8 @@ to its global top k%)::
     def model_passes(self, n_models) -> int
         # at most how many passes over the models to make before merging (0: none); resets state
     def model_pass(self, pass_index, name, base, tensor, index, ctx) -> None
-        # every merged tensor of every model, one tensor of one model at a time
+        # every merged tensor of every model, one tensor of one model at a time (read-only:
+        # the tensors may be views of the files)
     def model_pass_end(self, pass_index) -> bool
         # True when the statistic is complete (no further pass is needed)
 
@@ -108,7 +109,7 @@ class MergeOptions:
 @attrs.frozen
 class _Unit:
     plan: TensorPlan
-    step: str  # "whole" | "rows" | "stats" | "copy" | "alias" | "pass"
+    step: str  # "whole" | "rows" | "stats" | "scan" | "copy" | "alias" | "pass"
     start: int = 0
     stop: int = 0
     index: int = -1  # stats: the input
@@ -124,9 +125,9 @@ class _Loader:
         self.inputs, self.has_base, self.dtype, self.device, self.check_finite = inputs, has_base, dtype, device, check_finite
         self._base_cache: tuple[str, torch.Tensor] | None = None
 
-    def _prepare(self, reader: TensorReader, name: str, tensor: torch.Tensor, check: bool) -> torch.Tensor:
+    def _prepare(self, reader: TensorReader, name: str, tensor: torch.Tensor, check: bool, copy: bool = True) -> torch.Tensor:
         out = tensor.to(device=self.device, dtype=self.dtype)
-        if out is tensor and not reader.owns_tensors:
+        if copy and out is tensor and not reader.owns_tensors:
             out = tensor.clone()
         if check and self.check_finite and out.numel() and not bool(torch.isfinite(out.sum())):
             bad = ~torch.isfinite(out)
@@ -154,15 +155,17 @@ class _Loader:
         elif unit.step == "rows":
             check = unit.index != -2
             tensors = [self._prepare(r, name, r.get_rows(name, unit.start, unit.stop), check) for r in inputs]
-        elif unit.step == "stats":
+        elif unit.step in ("stats", "scan"):
+            # scan (a whole-model pass, start = the pass): read-only, no copy; checked for NaN/Inf in pass 0 only
+            check, copy = (unit.start == 0, False) if unit.step == "scan" else (True, True)
             base = None
             if self.has_base:
                 if self._base_cache is None or self._base_cache[0] != name:
                     self._base_cache = None
-                    self._base_cache = (name, self._prepare(inputs[0], name, inputs[0].get(name), True))
+                    self._base_cache = (name, self._prepare(inputs[0], name, inputs[0].get(name), check, copy))
                 base = self._base_cache[1]
             reader = inputs[unit.index + (1 if self.has_base else 0)]
-            tensor = self._prepare(reader, name, reader.get(name), True)
+            tensor = self._prepare(reader, name, reader.get(name), check, copy)
             if unit.index == len(inputs) - (2 if self.has_base else 1):
                 self._base_cache = None
             return base, tensor
@@ -341,7 +344,7 @@ def _model_passes(method, plans, n_models: int, loader: "_Loader", kernel_contex
         return
     merged = [p for p in plans if p.kind not in (ALIAS, COPY, PASSTHROUGH)]
     for pass_index in range(int(count(n_models))):
-        units = [_Unit(plan, "stats", index=i, last=False) for plan in merged for i in range(n_models)]
+        units = [_Unit(plan, "scan", start=pass_index, index=i, last=False) for plan in merged for i in range(n_models)]
         iterator = iter(_Prefetcher(units, loader.read, prefetch))
         try:
             for unit, (base, tensor) in iterator:
