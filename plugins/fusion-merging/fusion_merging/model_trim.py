@@ -115,15 +115,13 @@ class KthMagnitude:
             return
         bits = magnitudes.reshape(-1).view(self.int_dtype)
         shift = (self.passes - 1 - self.level) * DIGIT
-        if self.int_dtype == torch.int16:
-            key = bits.to(torch.int32) & 0xFFFF
-        else:
-            key = (bits >> shift) & 0xFFFF if shift else bits & 0xFFFF
-        if self.level == 0:
+        if self.level == 0:  # the top digit (the sign bit is 0: no mask needed)
             self.count += magnitudes.numel()
-        else:  # only the entries inside the bucket found so far (usually a small share)
-            key = key[(bits >> (shift + DIGIT)) == self.prefix]
-        self.hist += torch.bincount(key.reshape(-1), minlength=BINS + 1)
+            key = bits.to(torch.int32) if self.int_dtype == torch.int16 else (bits >> shift if shift else bits)
+        else:  # only the entries inside the bucket found so far (usually a small share), then their next digit
+            inside = bits[(bits >> (shift + DIGIT)) == self.prefix]
+            key = ((inside >> shift) if shift else inside) & 0xFFFF
+        self.hist += torch.bincount(key, minlength=BINS + 1)
 
     def end_pass(self) -> None:
         """Pick the bucket holding the rank; after the last pass, :attr:`threshold` is set."""
