@@ -485,10 +485,10 @@ class _WholeModelTrim:
         densities = self._trim_densities(n_models)
         if densities is None:
             return 0
-        from .model_trim import KthMagnitude
+        from .model_trim import MAX_PASSES, KthMagnitude
 
         self._kth = [KthMagnitude(None, d) for d in densities]
-        return 4  # float64 needs 4; model_pass_end says when every threshold is found
+        return MAX_PASSES  # at most; model_pass_end says when every threshold is found
 
     def model_pass(self, pass_index: int, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
         kth = self._kth[index]

@@ -44,6 +44,32 @@ def test_fusionbench_rank_is_kthvalue_of_d_minus_floor():
     assert fusionbench_rank(10, 1.0) == 0 and fusionbench_rank(10, 0.0) == 10
 
 
+def _kth_of(parts, dtype, density):
+    kth = KthMagnitude(dtype, density)
+    passes = 0
+    while not kth.done:
+        for p in reversed(parts):
+            kth.add(p)
+        kth.end_pass()
+        passes += 1
+    return kth, passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("skewed", [False, True], ids=["sampled", "missed-bracket"])
+def test_kth_magnitude_brackets_from_a_sample_and_stays_exact_when_it_misses(dtype, skewed):
+    gen = torch.Generator().manual_seed(1)
+    big = torch.randn(4_000_000, generator=gen).to(dtype).abs()
+    if skewed:  # the strided sample sees only tiny values: its bracket is far below the true rank
+        big[::16] = 1e-3
+    flat = big.float() if dtype == torch.bfloat16 else big
+    for density in (0.2, 0.7):
+        kth, passes = _kth_of([big[:1_000_000], big[1_000_000:]], dtype, density)
+        assert kth.threshold == float(flat.kthvalue(fusionbench_rank(flat.numel(), density)).values)
+        if dtype == torch.float32:  # the sample, then one counting pass (a wider bracket: two; after a miss: two more)
+            assert passes == 4 if skewed else passes == (2 if density == 0.2 else 3) or passes == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_kth_magnitude_is_kthvalue_over_all_tensors(dtype):
     gen = torch.Generator().manual_seed(0)
