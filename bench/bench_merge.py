@@ -6,7 +6,7 @@ then, in one run, times each merge and measures the peak RSS of the child proces
 (``/usr/bin/time``), for `fuse merge` and for the naive script (load every state dict
 with safetensors, merge tensor by tensor in a loop, save), side by side:
 
-    python bench/bench_merge.py                       # TA, TIES (density 0.2), DARE-TIES at N=4 and N=8
+    python bench/bench_merge.py                       # every row below at N=4 and N=8 (della: --methods ties della)
     python bench/bench_merge.py --n 4 --methods task_arithmetic --threads 2
     python bench/bench_merge.py --n 4 --methods mk_ties mk_ties_per_model mk_slerp mk_slerp_gradient \
         --mergekit /work/penv/mk/bin/python          # mergekit recipes, side by side with mergekit-yaml
@@ -15,6 +15,14 @@ The ``mk_*`` cases run mergekit YAML recipes through ``fuse merge --mergekit-con
 per-model-density TIES recipe and a gradient SLERP recipe (slices, filters, gradients) next
 to the same recipes with one scalar value (target: within 1.2× of the scalar case), and,
 with ``--mergekit PYTHON``, through mergekit 0.1.5's ``mergekit-yaml`` on the same files.
+
+Rows: ``task_arithmetic``; ``ties`` = per-tensor TIES (``convention=paper``, density 0.2, the
+naive script's trim); ``ties_model`` = FusionBench's TIES, the default (each model's *whole* task
+vector trimmed to its top 20 %, streamed: two extra histogram passes); ``dare`` = DARE-TIES
+without a TIES trim (``convention=paper``, density 0.2); ``dare_fb`` = FusionBench's DARE-TIES, the
+default (drop 0.5, rescale, then the whole-model TIES trim); ``della`` = DELLA-TIES at its defaults
+(density 0.5, ε 0.15, per-row magnitude ranks).  The summary prints each row's time
+against ``ties``'s (the issue's goals: ``ties_model`` ≤ 1.5×, random methods ≤ 1.2×).
 
 Targets (issue 3, on the 2-core box): TA N=4 <= 5 s, TIES N=4 <= 12 s, peak RSS <= 1.5 GB at
 N=4 and growing under 15% from N=4 to N=8.
@@ -37,9 +45,18 @@ DEFAULT_SCRATCH = ROOT / "bench" / "out" / "merge"
 
 METHOD_ARGS = {
     "task_arithmetic": ["--set", "scaling_factor=0.3"],
-    "ties": ["--set", "density=0.2", "--set", "scaling_factor=0.3"],
-    "dare": ["--set", "variant=ties", "--set", "density=0.2", "--set", "scaling_factor=0.3"],
+    "ties": ["--set", "convention=paper", "--set", "density=0.2", "--set", "scaling_factor=0.3"],
+    "ties_model": ["--set", "density=0.2", "--set", "scaling_factor=0.3"],
+    "dare": ["--set", "convention=paper", "--set", "variant=ties", "--set", "density=0.2", "--set", "scaling_factor=0.3"],
+    "dare_fb": ["--set", "variant=ties"],
+    "della": ["--set", "variant=ties", "--set", "scaling_factor=0.3"],
 }
+FUSE_METHOD = {"ties_model": "ties", "dare_fb": "dare"}
+"""Rows whose `fuse merge` method differs from the row's label."""
+NAIVE = {"task_arithmetic", "ties", "dare"}
+"""Rows the naive script implements."""
+RATIO_GOALS = {"ties_model": 1.5, "dare": 1.2, "della": 1.2}
+"""Goals for a row's time over the per-tensor ``ties`` row's at the same N."""
 TARGETS = {("task_arithmetic", 4): 5.0, ("ties", 4): 12.0}
 
 # mergekit recipes: name → (YAML template over {base} and {models}, the scalar case it is compared with)
@@ -252,7 +269,7 @@ def main() -> int:
                 "-c",
                 FUSE_CHILD,
                 "merge",
-                method,
+                FUSE_METHOD.get(method, method),
                 "--base",
                 str(base),
                 *sum((["--model", str(m)] for m in models), []),
@@ -266,7 +283,7 @@ def main() -> int:
                 print(f"fuse merge {method} N={n} failed ({code}): {err}", file=sys.stderr)
                 return 1
             row = {"method": method, "n": n, "fuse_s": secs, "fuse_gb": rss}
-            if not args.no_naive:
+            if not args.no_naive and method in NAIVE:
                 nsecs, nrss, ncode, nerr = run_child(
                     [sys.executable, "-c", NAIVE_CHILD, method, str(naive_out), str(base), *map(str, models)], env
                 )
@@ -317,6 +334,12 @@ def main() -> int:
             f"{r['method']:<16}{r['n']:>3} {r['fuse_s']:>8.1f} {r['fuse_gb']:>8.2f} {cells[0]:>8} {cells[1]:>9} {cells[2]:>7} {cells[3]:>6}  "
             f"{', '.join(target):<22}"
         )
+    for r in rows:
+        ties = by.get(("ties", r["n"]))
+        if ties and r["method"] != "ties":
+            goal = RATIO_GOALS.get(r["method"])
+            verdict = f" (goal ≤ {goal:g}×: {'ok' if r['fuse_s'] / ties['fuse_s'] <= goal else 'MISS'})" if goal else ""
+            print(f"{r['method']} / ties (per tensor) time, N={r['n']}: {r['fuse_s'] / ties['fuse_s']:.2f}×{verdict}")
     diffs = [r["max_abs_diff"] for r in rows if "max_abs_diff" in r]
     if diffs:
         print(f"\nmax |fuse − naive| on sampled tensors (TA/TIES): {max(diffs):.2e}")

@@ -196,6 +196,7 @@ class LocalTaskArithmetic(KernelMethod):
 
     @attrs.frozen
     class Config:
+        convention: str = option("mergekit", help="the real method's convention field (the importer sets it)")
         scaling_factor: float = option(1.0, help="λ")
         weights: list[float] | None = option(None, help="w")
         normalize: bool = option(False, help="divide by Σw")

@@ -11,14 +11,24 @@ Memory.  For each output tensor the engine holds at most two *work units*
 (the one being computed and the one being read ahead).  A unit is the tensor of
 every input, or, for large tensors, a block of rows of every input:
 
-- ``method.elementwise`` kernels see row blocks of at most ``chunk_bytes`` in all;
-- kernels that also implement :class:`~fusion_core.engine.kernel.TwoPhaseKernel` see,
+- ``method.elementwise`` kernels see row blocks of at most ``chunk_bytes`` in all, in
+  row order, with ``ctx.start`` the first row's index (random kernels continue one
+  random stream per tensor across the blocks);
+- kernels that also implement :class:`~fusion_core.engine.protocol.TwoPhaseKernel` see,
   for large tensors, one input at a time (plus the base), then row blocks;
 - other kernels see whole tensors.
 
 What the engine may do with a method is declared by the interfaces of
 :mod:`fusion_core.engine.protocol` (:class:`Kernel`, :class:`TwoPhaseKernel`,
-:class:`Passthrough`), never probed attribute by attribute.
+:class:`WholeModelPasses`, :class:`Passthrough`), never probed attribute by attribute.
+
+Whole-model statistics (:class:`~fusion_core.engine.protocol.WholeModelPasses`), for kernels
+that need a statistic of a model's *whole* task vector (FusionBench's TIES trims each model's
+flattened task vector to its global top k%): before merging, the engine makes up to
+``model_passes(n)`` passes.  Each pass reads, for every merged tensor name, the base and then
+each model's tensor (read ahead on the prefetch thread), so it holds at most two tensors of
+two inputs; the statistic itself must be small (e.g. :mod:`fusion_merging.model_trim`'s
+histograms), so memory stays independent of the model's size.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import attrs
 import torch
 
 from ..errors import FuseError, InputError, PluginError
-from .protocol import Kernel, KernelContext, Passthrough, TwoPhaseKernel, streams
+from .protocol import Kernel, KernelContext, Passthrough, TwoPhaseKernel, WholeModelPasses, streams
 from .readers import TensorReader, as_reader
 from .validate import ALIAS, COPY, PASSTHROUGH, TensorPlan, dtype_name, parse_dtype, plan_merge
 from .writer import DEFAULT_SHARD_SIZE, ModelWriter, atomic_output, copy_model_files, parse_size, write_model_card
@@ -85,7 +95,7 @@ class MergeOptions:
 @attrs.frozen
 class _Unit:
     plan: TensorPlan
-    step: str  # "whole" | "rows" | "stats" | "copy" | "alias" | "pass"
+    step: str  # "whole" | "rows" | "stats" | "scan" | "copy" | "alias" | "pass"
     start: int = 0
     stop: int = 0
     index: int = -1  # stats: the input
@@ -101,9 +111,9 @@ class _Loader:
         self.inputs, self.has_base, self.dtype, self.device, self.check_finite = inputs, has_base, dtype, device, check_finite
         self._base_cache: tuple[str, torch.Tensor] | None = None
 
-    def _prepare(self, reader: TensorReader, name: str, tensor: torch.Tensor, check: bool) -> torch.Tensor:
+    def _prepare(self, reader: TensorReader, name: str, tensor: torch.Tensor, check: bool, copy: bool = True) -> torch.Tensor:
         out = tensor.to(device=self.device, dtype=self.dtype)
-        if out is tensor and not reader.owns_tensors:
+        if copy and out is tensor and not reader.owns_tensors:
             out = tensor.clone()
         if check and self.check_finite and out.numel() and not bool(torch.isfinite(out.sum())):
             bad = ~torch.isfinite(out)
@@ -131,15 +141,17 @@ class _Loader:
         elif unit.step == "rows":
             check = unit.index != -2
             tensors = [self._prepare(r, name, r.get_rows(name, unit.start, unit.stop), check) for r in inputs]
-        elif unit.step == "stats":
+        elif unit.step in ("stats", "scan"):
+            # scan (a whole-model pass, start = the pass): read-only, no copy; checked for NaN/Inf in pass 0 only
+            check, copy = (unit.start == 0, False) if unit.step == "scan" else (True, True)
             base = None
             if self.has_base:
                 if self._base_cache is None or self._base_cache[0] != name:
                     self._base_cache = None
-                    self._base_cache = (name, self._prepare(inputs[0], name, inputs[0].get(name), True))
+                    self._base_cache = (name, self._prepare(inputs[0], name, inputs[0].get(name), check, copy))
                 base = self._base_cache[1]
             reader = inputs[unit.index + (1 if self.has_base else 0)]
-            tensor = self._prepare(reader, name, reader.get(name), True)
+            tensor = self._prepare(reader, name, reader.get(name), check, copy)
             if unit.index == len(inputs) - (2 if self.has_base else 1):
                 self._base_cache = None
             return base, tensor
@@ -299,8 +311,9 @@ def _run(
     progress: Callable[[], None] | None = None,
 ) -> None:
     n_models = len(inputs) - (1 if has_base else 0)
-    units = _plan_units(method, plans, len(inputs), n_models, compute_dtype.itemsize, opts.chunk_bytes)
     loader = _Loader(inputs, has_base, compute_dtype, device, opts.check_finite)
+    _model_passes(method, plans, n_models, loader, kernel_context, opts.prefetch)
+    units = _plan_units(method, plans, len(inputs), n_models, compute_dtype.itemsize, opts.chunk_bytes)
     stats: dict[str, list] = {}
     labels = [r.label for r in inputs]
     iterator = iter(_Prefetcher(units, loader.read, opts.prefetch))
@@ -308,6 +321,25 @@ def _run(
         _consume(method, iterator, sink, stats, labels, kernel_context, progress)
     finally:
         iterator.close()
+
+
+def _model_passes(method, plans, n_models: int, loader: "_Loader", kernel_context, prefetch: bool) -> None:
+    """Run the method's whole-model passes (see the module docstring), if it asks for any."""
+    if not isinstance(method, WholeModelPasses):
+        return
+    merged = [p for p in plans if p.kind not in (ALIAS, COPY, PASSTHROUGH)]
+    for pass_index in range(int(method.model_passes(n_models))):
+        units = [_Unit(plan, "scan", start=pass_index, index=i, last=False) for plan in merged for i in range(n_models)]
+        iterator = iter(_Prefetcher(units, loader.read, prefetch))
+        try:
+            for unit, (base, tensor) in iterator:
+                name = unit.plan.name
+                method.model_pass(pass_index, name, base, tensor, unit.index, kernel_context(name))
+                del base, tensor
+        finally:
+            iterator.close()
+        if method.model_pass_end(pass_index):
+            break
 
 
 def _consume(method, iterator, sink, stats, labels, kernel_context, progress) -> None:
@@ -356,8 +388,8 @@ def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str
         shape = (unit.stop - unit.start,) + tuple(plan.shape[1:])
         if name in stats:
             out = method.kernel_chunk(name, base, tensors, kernel_context(name), stats[name], unit.start)
-        else:
-            out = method.kernel(name, base, tensors, kernel_context(name))
+        else:  # an elementwise kernel on rows [start, stop): ctx.start says where they begin
+            out = method.kernel(name, base, tensors, attrs.evolve(kernel_context(name), start=unit.start))
         sink.put_rows(name, unit.start, _finish(plan, _check_output(method, name, out, shape)))
         if unit.last:
             stats.pop(name, None)

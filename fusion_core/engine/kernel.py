@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..components import Capabilities, Method
-from .protocol import Kernel, KernelContext, Passthrough, TwoPhaseKernel, streams, tensor_seed  # noqa: F401 - re-exported
+from .protocol import Kernel, KernelContext, Passthrough, TwoPhaseKernel, WholeModelPasses, streams, tensor_seed  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..components import ModelPool

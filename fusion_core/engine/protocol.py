@@ -39,6 +39,9 @@ class KernelContext:
     """The dtype inputs were cast to before the kernel (a ``torch`` dtype name)."""
     device: str = "cpu"
     """The device inputs were moved to."""
+    start: int = 0
+    """For an ``elementwise`` kernel given a block of rows: the index of its first row in the
+    whole tensor (blocks of one tensor come in row order); 0 for whole tensors."""
 
     def generator(self, salt: str = "") -> "torch.Generator":
         """A fresh ``torch.Generator`` on CPU seeded from (seed, tensor name, salt).
@@ -126,6 +129,34 @@ class TwoPhaseKernel(abc.ABC):
     def __subclasshook__(cls, other: type) -> bool:
         if cls is TwoPhaseKernel:
             return _defines(other, "chunk_stats", "kernel_chunk") or NotImplemented
+        return NotImplemented
+
+
+class WholeModelPasses(abc.ABC):
+    """The optional whole-model interface of a :class:`KernelMethod`: passes over every merged
+    tensor of every model before merging, for a statistic of each model's whole task vector
+    (FusionBench's TIES: a global top-k threshold per model).
+
+    Declare it by subclassing; a class that defines the three methods is recognised too.
+    """
+
+    @abc.abstractmethod
+    def model_passes(self, n_models: int) -> int:
+        """At most how many passes to make before merging (0: none); resets the statistic."""
+
+    @abc.abstractmethod
+    def model_pass(self, pass_index: int, name: str, base: "torch.Tensor | None", tensor: "torch.Tensor", index: int,
+                   ctx: KernelContext) -> None:
+        """One tensor of model ``index`` (read-only: it may be a view of the file)."""
+
+    @abc.abstractmethod
+    def model_pass_end(self, pass_index: int) -> bool:
+        """True when the statistic is complete (no further pass is needed)."""
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if cls is WholeModelPasses:
+            return _defines(other, "model_passes", "model_pass", "model_pass_end") or NotImplemented
         return NotImplemented
 
 

@@ -20,6 +20,7 @@ from fusion_core.config import in_range, option, positive
 from fusion_core.engine.kernel import KernelMethod
 from fusion_core.errors import InputError
 
+from .conventions import by_convention, convention_option, resolve
 from .mergekit.mapping import MergekitMapping, Param
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -260,7 +261,9 @@ class MultiSlerp(KernelMethod):
     approximation of the spherical mean; ``karcher`` iterates to the exact one).
 
     When ‖m‖ < ε the directions cancel: with 2 inputs the linear result Σwᵢxᵢ (+ θ₀) is
-    returned, with more an :class:`~fusion_core.errors.InputError` is raised.
+    returned, with more an :class:`~fusion_core.errors.InputError` is raised — unless every
+    xᵢ is zero (a tensor no model changed), which comes out as the base (mergekit 0.1.5
+    raises there with 3 or more models).
     """
 
     name = "multislerp"
@@ -295,7 +298,9 @@ class MultiSlerp(KernelMethod):
         units = X / (norms[:, None] + eps)
         mean = (w[:, None] * units).sum(dim=0)
         mean_norm = mean.norm()
-        if mean_norm < eps:
+        if not bool((norms > eps).any()):
+            out = torch.zeros_like(X[0])  # nothing moved (e.g. a frozen tensor): the base, or zeros without one
+        elif mean_norm < eps:
             if n == 2:
                 out = (w[:, None] * X).sum(dim=0)
             else:
@@ -342,6 +347,8 @@ class Karcher(KernelMethod):
         import torch
 
         self.check_inputs(len(tensors), base is not None)
+        if all(torch.equal(x, tensors[0]) for x in tensors[1:]):
+            return tensors[0].clone()  # the mean of identical points (a tensor nobody changed), without rounding
         X = torch.stack([_work(x).reshape(-1) for x in tensors])
         norms = X.norm(dim=1)
         scale = norms.mean()
@@ -370,6 +377,30 @@ class Karcher(KernelMethod):
 # --------------------------------------------------------------------------- Model Stock
 
 
+MODEL_STOCK_PRESETS = {"fusionbench": {"average": "angle"}, "mergekit": {"average": "cosine"}}
+"""FusionBench 0.2.33 ``ModelStock`` averages angles (degrees) for N > 2; mergekit 0.1.5 averages cosines."""
+
+_FB_EPS = 1e-8
+
+
+def _angle_ratio(taus: Sequence["torch.Tensor"]) -> "torch.Tensor":
+    """FusionBench's ratio: the mean pairwise angle θ of the rows of ``taus``, t = N cos θ / ((N−1) cos θ + 1 + ε)."""
+    import torch
+
+    n = len(taus)
+    squares = [(tau * tau).sum(dim=1, keepdim=True) for tau in taus]
+    total = torch.zeros_like(squares[0], dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = (taus[i] * taus[j]).sum(dim=1, keepdim=True)
+            denominator = (squares[i] * squares[j]).double().sqrt() + _FB_EPS
+            cos = (dot / denominator).to(dot.dtype).clamp(-1.0, 1.0)
+            total = total + torch.acos(cos).double()
+    angle = total / (n * (n - 1) / 2)
+    cos = torch.cos(angle)
+    return n * cos / ((n - 1) * cos + 1 + _FB_EPS)
+
+
 class ModelStock(KernelMethod):
     """Model Stock: interpolate between the base and the fine-tuned average by their angle.
 
@@ -379,6 +410,11 @@ class ModelStock(KernelMethod):
     fine-tunes with τ = 0 give cos = 0, so the base; a negative cos extrapolates (t < 0); when
     |1+(N−1)cos| < 1e-6 the base is returned.  (mergekit clamps the product of norms at 1e-6
     instead, which shrinks the cosine of small task vectors; here the exact cosine is used.)
+
+    ``average: angle`` (FusionBench 0.2.33, the default) averages the pairwise *angles*
+    instead: cosᵢⱼ = ⟨τᵢ,τⱼ⟩/(‖τᵢ‖‖τⱼ‖ + 1e-8) clamped to [−1, 1], θ = mean of arccos(cosᵢⱼ),
+    t = N·cos θ/((N−1)·cos θ + 1 + 1e-8); with N = 2 both averages agree.  ``average: cosine``
+    is mergekit's.
     """
 
     name = "model_stock"
@@ -389,7 +425,18 @@ class ModelStock(KernelMethod):
 
     @attrs.frozen
     class Config:
+        convention: Literal["fusionbench", "mergekit"] = convention_option(MODEL_STOCK_PRESETS)
+        average: Literal["angle", "cosine"] = by_convention(
+            MODEL_STOCK_PRESETS,
+            "average",
+            "how the pairwise task-vector angles of N > 2 models are averaged: angle = mean angle, then its cosine "
+            "(FusionBench); cosine = mean cosine (mergekit)",
+            validator=attrs.validators.optional(attrs.validators.in_(("angle", "cosine"))),
+        )
         filter_wise: bool = option(False, help="compute the ratio per row (output filter) instead of per tensor")
+
+        def __attrs_post_init__(self) -> None:
+            resolve(self, MODEL_STOCK_PRESETS)
 
     def interpolation_ratio(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> "torch.Tensor":
         """The ratio t, shape (rows, 1): one row unless ``filter_wise``."""
@@ -398,6 +445,8 @@ class ModelStock(KernelMethod):
         mode = "rows" if self.config.filter_wise else "flat"
         b0 = _as_rows(_work(base), mode)
         taus = [_as_rows(_work(x), mode) - b0 for x in tensors]
+        if self.config.average == "angle":
+            return _angle_ratio(taus)
         norms = [tau.norm(dim=1, keepdim=True) for tau in taus]
         n = len(taus)
         total = torch.zeros_like(norms[0])
@@ -413,12 +462,19 @@ class ModelStock(KernelMethod):
         return torch.where(safe, n * cos / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(cos))
 
     def kernel(self, name, base, tensors, ctx):
+        import torch
+
         self.check_inputs(len(tensors), base is not None)
+        if all(torch.equal(x, base) for x in tensors):
+            return base.clone()  # nothing moved (FusionBench's float32 arccos(0) gives t ≈ −2e-7 here, not 0)
         mode = "rows" if self.config.filter_wise else "flat"
         t = self.interpolation_ratio(base, tensors)
         b0 = _work(base)
         mean = sum(_work(x) for x in tensors) / len(tensors)
-        out = t * _as_rows(mean, mode) + (1.0 - t) * _as_rows(b0, mode)
+        if t.dtype == torch.float64 and b0.dtype != torch.float64:  # FusionBench: scalar ratios, each side rounded to the tensor's dtype
+            out = t.to(b0.dtype) * _as_rows(mean, mode) + (1.0 - t).to(b0.dtype) * _as_rows(b0, mode)
+        else:
+            out = t * _as_rows(mean, mode) + (1.0 - t) * _as_rows(b0, mode)
         return _from_rows(out, b0, mode)
 
 
@@ -444,7 +500,9 @@ class ExPO(KernelMethod):
     @attrs.frozen
     class Config:
         alpha: float = option(
-            0.3, help="extrapolation factor α ≥ 0 (0 returns the fine-tuned mean)", validator=in_range(0.0, None)
+            0.1,
+            help="extrapolation factor α ≥ 0 (0 returns the fine-tuned mean; FusionBench linear/expo.yaml: 0.1; fusion ≤ 0.1: 0.3)",
+            validator=in_range(0.0, None),
         )
 
     def kernel(self, name, base, tensors, ctx):
@@ -486,7 +544,7 @@ MERGEKIT = [
         base="ignored",
         shared={"max_iter": Param(int, 10, "max_iter"), "tol": Param(float, 1e-5, "tol")},
     ),
-    MergekitMapping("model_stock", "model_stock", shared={"filter_wise": Param(bool, False, "filter_wise")}, min_inputs=3),
+    MergekitMapping("model_stock", "model_stock", fixed={"convention": "mergekit"}, shared={"filter_wise": Param(bool, False, "filter_wise")}, min_inputs=3),
 ]
 
 

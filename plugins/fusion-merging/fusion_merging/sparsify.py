@@ -535,3 +535,28 @@ def apply_rescale(
     if kind == "none":
         return masked
     raise ValueError(f"rescale must be one of inverse_p, l1, none, got {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AtLeast:
+    """A trim that keeps every entry with ``score ≥ threshold`` (FusionBench's TIES, ties all kept);
+    ``threshold`` ``None`` keeps everything.  Same interface as :class:`TopK`."""
+
+    n: int
+    threshold: float | None
+
+    @property
+    def keep_all(self) -> bool:
+        return self.threshold is None
+
+    keep_none = False
+
+    def keep_mask(self, scores: "torch.Tensor", offset: int) -> "torch.Tensor":
+        import torch
+
+        if self.threshold is None:
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        return scores >= self.threshold
+
+    def drop_ties(self, values: "torch.Tensor", offset: int) -> None:
+        """Nothing to drop: every threshold-equal entry is kept."""

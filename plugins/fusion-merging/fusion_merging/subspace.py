@@ -16,7 +16,7 @@ singular value or norm involved) are dropped.  For full-rank weight updates noth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -99,11 +99,20 @@ class TSVMerge(KernelMethod):
             validator=in_range(0.0, 1.0, lo_open=True),
         )
 
+        below_n: Literal["none", "one"] = option(
+            "none",
+            help="a matrix of rank r < N (⌊r/N⌋ = 0 components per task): none = no component, the matrix stays at "
+            "the base (FusionBench 0.2.33); one = one component per task (fusion ≤ 0.1)",
+            validator=attrs.validators.in_(("none", "one")),
+        )
+
     def rank_per_task(self, rank: int, n_models: int) -> int:
-        """Components kept per task for a matrix of rank ``rank``."""
+        """Components kept per task for a matrix of rank ``rank``: ⌊r·(1/N)⌋ (FusionBench's float product)."""
         if self.config.fraction is None:
-            return max(1, rank // n_models)
-        return max(1, int(rank * self.config.fraction + 1e-9))
+            k = int(rank * (1.0 / n_models))
+        else:
+            k = int(rank * self.config.fraction + 1e-9)
+        return max(1, k) if self.config.below_n == "one" else k
 
     def kernel(self, name, base, tensors, ctx):
         import torch
@@ -114,6 +123,8 @@ class TSVMerge(KernelMethod):
         if base.dim() != 2:
             return _mean_update(base, taus, alpha)
         k = self.rank_per_task(min(base.shape), len(taus))
+        if k == 0:  # no component per task (FusionBench): nothing is added
+            return base.clone()
         us, ss, vhs = [], [], []
         for tau in taus:
             u, s, vh = torch.linalg.svd(tau, full_matrices=False)

@@ -32,13 +32,14 @@ from fusion_core.engine.kernel import KernelContext, KernelMethod
 
 from . import sparsify
 from .basic import check_weight_sum, resolve_weights
+from .conventions import by_convention, convention_option, per_model, resolve
 from .mergekit.mapping import MergekitMapping, Param
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 SIGN_ELECTIONS = ("sum", "weighted_sum", "count")
-DIVISORS = ("count", "weights", "none")
+DIVISORS = ("count", "weights", "none", "max")
 RESCALES = ("inverse_p", "l1", "none")
 VARIANTS = ("linear", "ties")
 
@@ -93,12 +94,20 @@ def ties_merge(
     ``Σ_agreeing wᵢτᵢ / D`` with D = the number of agreeing models (``count``, the paper's
     disjoint mean), ``Σ_agreeing wᵢ`` (``weights``, mergekit ``normalize: true``) or 1
     (``none``, mergekit ``normalize: false``).  Where D = 0 (nobody agrees) it is 0.
+    ``max`` (FusionBench ``merge_func: max``) is γ · the largest agreeing ``|wᵢτᵢ|``.
     """
     import torch
 
     if divisor not in DIVISORS:
         raise ValueError(f"divisor must be one of {', '.join(DIVISORS)}, got {divisor!r}")
     gamma = elect_sign(deltas, weights, sign_election)
+    if divisor == "max":
+        best = torch.zeros_like(deltas[0])
+        for w, d in zip(weights, deltas, strict=True):
+            vote = w * d if sign_election == "weighted_sum" else d
+            agree = torch.sign(vote) == gamma
+            best = torch.maximum(best, torch.where(agree, (w * d).abs(), torch.zeros_like(d)))
+        return best * gamma + 0.0
     numerator = torch.zeros_like(deltas[0])
     denominator = torch.zeros_like(deltas[0])
     for w, d in zip(weights, deltas, strict=True):
@@ -113,11 +122,6 @@ def ties_merge(
         return numerator
     denominator = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     return numerator / denominator
-
-
-def per_model(value: "float | Sequence[float]", i: int) -> float:
-    """Model ``i``'s value of a field given as one scalar for all models or as a per-model list."""
-    return float(value[i]) if isinstance(value, (list, tuple)) else float(value)
 
 
 def add_scaled(base: "torch.Tensor", merged: "torch.Tensor", scaling_factor: float) -> "torch.Tensor":
@@ -271,6 +275,11 @@ def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, d
     for w, d in deltas:
         torch.mul(d, gamma, out=d)
         d.relu_()  # pᵢ: |vᵢ| where model i agrees with γ, else 0
+        if divisor == "max":
+            if not weighted and w != 1.0:
+                d.mul_(abs(w))
+            torch.maximum(total, d, out=total)
+            continue
         if divisor == "count":
             torch.sign(d, out=tmp)
             count += tmp
@@ -283,7 +292,7 @@ def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, d
         total += d
     torch.mul(total, gamma, out=total)
     total.add_(0.0)  # −0 → +0
-    if divisor == "none":
+    if divisor in ("none", "max"):
         return total
     if divisor == "count":
         count.clamp_(min=1.0)
@@ -325,11 +334,8 @@ def _normalize(what: str = ""):
     return option(False, help=f"divide Σ wᵢτᵢ by Σ wᵢ (an error if they sum to 0){what}")
 
 
-_PER_MODEL = " (one value, or a list with one value per model in pool order)"
-
-
-def _density(default: float, what: str):
-    return option(default, help=what + _PER_MODEL, validator=in_range(0.0, 1.0))
+def _density(default: float | None, what: str):
+    return option(default, help=what + "; one value, or a list with one per model", validator=in_range(0.0, 1.0))
 
 
 def _sign_election(what: str = ""):
@@ -358,10 +364,6 @@ def _rescale(what: str):
     return option("inverse_p", help=what, validator=attrs.validators.in_(RESCALES))
 
 
-def _len(value) -> int:
-    return len(value) if isinstance(value, (list, tuple)) else 1
-
-
 _TIES_ONLY = " (variant=ties only)"
 _LINEAR_ONLY = " (variant=linear only)"
 
@@ -375,17 +377,23 @@ class _TaskVectorMethod(KernelMethod):
 
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
 
+    per_model_fields: ClassVar[tuple[str, ...]] = ("density", "epsilon", "gamma")
+    """Fields that take one value or a list with one value per model (mergekit's per-model parameters)."""
+
     def _weights(self, n: int) -> list[float]:
         return resolve_weights(self.name, getattr(self.config, "weights", None), n)
+
+    def _per_model(self, key: str, n: int) -> list[float]:
+        return per_model(self.name, key, getattr(self.config, key), n)
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         super().check_inputs(n_models, has_base)
         from fusion_core.errors import InputError
 
-        for field in ("density", "gamma", "epsilon"):
-            value = getattr(self.config, field, None)
+        for key in self.per_model_fields:
+            value = getattr(self.config, key, None)
             if isinstance(value, (list, tuple)) and len(value) != n_models:
-                raise InputError(f"method {self.name!r}: {field} has {len(value)} value(s) for {n_models} model(s)")
+                raise InputError(f"method {self.name!r}: {key} has {len(value)} value(s) for {n_models} model(s)")
 
     def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str) -> "torch.Tensor":
         cfg = self.config
@@ -394,6 +402,14 @@ class _TaskVectorMethod(KernelMethod):
         else:
             merged = linear_merge(deltas, weights, cfg.normalize)
         return add_scaled(base, merged, cfg.scaling_factor)
+
+
+TA_PRESETS: dict[str, dict[str, Any]] = {
+    "fusionbench": {"scaling_factor": 0.3},
+    "mergekit": {"scaling_factor": 1.0},
+    "paper": {"scaling_factor": 1.0},
+}
+"""FusionBench 0.2.33 ``task_arithmetic.yaml`` (scaling_factor 0.3); mergekit ``lambda`` 1; the paper / fusion ≤ 0.1: 1."""
 
 
 class TaskArithmetic(_TaskVectorMethod):
@@ -406,11 +422,13 @@ class TaskArithmetic(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        scaling_factor: float = _scaling_factor()
+        convention: Literal["fusionbench", "mergekit", "paper"] = convention_option(TA_PRESETS)
+        scaling_factor: float = by_convention(TA_PRESETS, "scaling_factor", "λ: θ = θ₀ + λ·Σ wᵢτᵢ")
         weights: list[float] | None = _weights()
         normalize: bool = _normalize()
 
         def __attrs_post_init__(self) -> None:
+            resolve(self, TA_PRESETS)
             check_weight_sum("task_arithmetic", self.weights, self.normalize)
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
@@ -440,15 +458,87 @@ class MagnitudePrune(_TaskVectorMethod):
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         import torch
 
+        densities = self._per_model("density", len(tensors))
         deltas = [
-            torch.where(sparsify.magnitude_mask(tau, per_model(self.config.density, i)), tau, torch.zeros_like(tau))
-            for i, tau in enumerate(task_vectors(base, tensors))
+            torch.where(sparsify.magnitude_mask(tau, d), tau, torch.zeros_like(tau))
+            for tau, d in zip(task_vectors(base, tensors), densities, strict=True)
         ]
         return self._combine(base, deltas, self._weights(len(deltas)), "linear")
 
 
-class Ties(_TaskVectorMethod):
-    """TIES-Merging: trim each τᵢ to its top-density magnitudes, elect signs, disjoint mean."""
+class _WholeModelTrim:
+    """The engine's whole-model passes for FusionBench's TIES trim: per model, the exact threshold
+    ``v`` of its whole task vector (:class:`fusion_merging.model_trim.KthMagnitude`); entries with
+    ``|τ| ≥ v`` are kept.  Subclasses say which models trim how much (:meth:`_trim_densities`) and
+    what is trimmed (:meth:`_feed`: the task vector, or DARE's dropped one)."""
+
+    _thresholds: list | None = None
+
+    def _trim_densities(self, n: int) -> list[float] | None:
+        """The trim density of each of ``n`` models, or ``None`` for no whole-model trim."""
+        raise NotImplementedError
+
+    def _feed(self, kth: Any, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        kth.add_difference(tensor, base)
+
+    def model_passes(self, n_models: int) -> int:
+        self._thresholds = None
+        densities = self._trim_densities(n_models)
+        if densities is None:
+            return 0
+        from .model_trim import MAX_PASSES, KthMagnitude
+
+        self._kth = [KthMagnitude(None, d) for d in densities]
+        return MAX_PASSES  # at most; model_pass_end says when every threshold is found
+
+    def model_pass(self, pass_index: int, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        kth = self._kth[index]
+        if not kth.done:
+            kth.bind(tensor.dtype)
+            self._feed(kth, name, base, tensor, index, ctx)
+
+    def model_pass_end(self, pass_index: int) -> bool:
+        for kth in self._kth:
+            kth.end_pass()
+        if all(k.done for k in self._kth):
+            self._thresholds = [None if k.keep_all else k.threshold for k in self._kth]
+            return True
+        return False
+
+    def _thresholds_for(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> list:
+        """Per model, the trim threshold (``None``: keep all).  Outside the engine's model passes
+        (a kernel called on its own) the model is this one tensor."""
+        densities = self._trim_densities(len(tensors))
+        if densities is None:
+            return [None] * len(tensors)
+        if self._thresholds is not None:
+            return self._thresholds
+        from .model_trim import KthMagnitude
+
+        out = []
+        for i, (t, d) in enumerate(zip(tensors, densities, strict=True)):
+            kth = KthMagnitude(base.dtype, d)
+            while not kth.done:
+                self._feed(kth, name, base, t, i, ctx)
+                kth.end_pass()
+            out.append(None if kth.keep_all else kth.threshold)
+        return out
+
+
+TIES_PRESETS: dict[str, dict[str, Any]] = {
+    "fusionbench": {"trim": "model", "density": 0.2, "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none"},
+    "mergekit": {"trim": "tensor", "density": 1.0, "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "weights"},
+    "paper": {"trim": "tensor", "density": 0.2, "scaling_factor": 1.0, "sign_election": "sum", "divisor": "count"},
+}
+"""TIES per convention: FusionBench 0.2.33 ``config/method/ties_merging.yaml`` (threshold 20, merge_func sum,
+scaling 0.3, whole-model trim); mergekit 0.1.5 ``ties`` (no trim unless density is given, weighted sign vote,
+normalize: true); the paper / fusion ≤ 0.1 (per-tensor trim, disjoint mean, λ 1)."""
+
+TRIMS = ("model", "tensor")
+
+
+class Ties(_WholeModelTrim, _TaskVectorMethod):
+    """TIES-Merging: trim each τᵢ to its top-density magnitudes, elect signs, disjoint merge."""
 
     name = "ties"
     summary = "TIES-Merging: trim task vectors by magnitude, elect a sign per entry, average the agreeing entries."
@@ -456,26 +546,71 @@ class Ties(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        density: float | list[float] = _density(
-            0.2,
-            "fraction of each task vector kept by magnitude, per tensor: k = max(1, floor(density·n)); "
-            "1 = no trim, 0 = all dropped (θ₀); paper: 0.2",
+        convention: Literal["fusionbench", "mergekit", "paper"] = convention_option(
+            TIES_PRESETS, " (fusionbench = fusion_bench method=ties_merging; mergekit = merge_method: ties)"
         )
-        scaling_factor: float = _scaling_factor()
+        trim: Literal["model", "tensor"] = by_convention(
+            TIES_PRESETS,
+            "trim",
+            "model = keep the top density of each model's whole task vector: |τ| ≥ the (d − ⌊d·density⌋)-th smallest "
+            "of all d entries, ties kept (FusionBench, streamed exactly, see fusion_merging.model_trim); "
+            "tensor = keep max(1, ⌊density·n⌋) entries per tensor, equal magnitudes in index order",
+            validator=attrs.validators.optional(attrs.validators.in_(TRIMS)),
+        )
+        density: float | list[float] = by_convention(
+            TIES_PRESETS, "density", "fraction of each task vector kept by magnitude (FusionBench threshold/100); 1 = no trim, 0 = all dropped",
+            validator=in_range(0.0, 1.0),
+        )
+        scaling_factor: float = by_convention(TIES_PRESETS, "scaling_factor", "λ: θ = θ₀ + λ·merged task vector")
         weights: list[float] | None = _weights()
-        sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election()
-        divisor: Literal["count", "weights", "none"] = _divisor()
+        sign_election: Literal["sum", "weighted_sum", "count"] = by_convention(
+            TIES_PRESETS,
+            "sign_election",
+            "how the sign of each entry is elected: sum = sign of Σ τᵢ (paper, FusionBench, PEFT), "
+            "weighted_sum = sign of Σ wᵢτᵢ (mergekit), count = sign of Σ sign(τᵢ) (majority vote); a zero vote elects +",
+            validator=attrs.validators.optional(attrs.validators.in_(SIGN_ELECTIONS)),
+        )
+        divisor: Literal["count", "weights", "none", "max"] = by_convention(
+            TIES_PRESETS,
+            "divisor",
+            "disjoint-merge divisor over agreeing models: none = plain sum (FusionBench merge_func: sum, mergekit normalize: false), "
+            "count = their mean (paper, FusionBench merge_func: mean, PEFT), weights = Σ agreeing wᵢ (mergekit normalize: true), "
+            "max = the largest agreeing magnitude, signed (FusionBench merge_func: max)",
+            validator=attrs.validators.optional(attrs.validators.in_(DIVISORS)),
+        )
 
-    # The whole-tensor kernel is the two-phase protocol run on one block: a per-model
+        def __attrs_post_init__(self) -> None:
+            resolve(self, TIES_PRESETS)
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._thresholds: list | None = None
+        if self.config.trim == "model":
+            self.elementwise = True  # a global threshold: entries are independent, so any row block works
+
+    # -- the whole-model trim (FusionBench): exact global thresholds from the engine's model passes
+
+    def _trim_densities(self, n: int) -> list[float] | None:
+        return self._per_model("density", n) if self.config.trim == "model" else None
+
+    def _model_selections(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> list:
+        return [sparsify.AtLeast(base.numel(), th) for th in self._thresholds_for(name, base, tensors, ctx)]
+
+    # The per-tensor whole-tensor kernel is the two-phase protocol run on one block: a per-model
     # top-k selection (phase 1), then the trim, election and disjoint merge (phase 2).
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        if self.config.trim == "model":
+            return self._merge(base, tensors, self._model_selections(name, base, tensors, ctx), 0)
         stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
         return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
 
     def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.TopK:
-        """Phase 1: the top-``density`` selection of ``|τᵢ|`` over the whole tensor."""
-        return sparsify.magnitude_top_k(base, tensor, per_model(self.config.density, index))
+        """Phase 1 (trim: tensor): the top-``density`` selection of ``|τᵢ|`` over the whole tensor."""
+        density = self.config.density
+        if isinstance(density, (list, tuple)):
+            density = density[index]
+        return sparsify.magnitude_top_k(base, tensor, density)
 
     def kernel_chunk(
         self,
@@ -487,10 +622,12 @@ class Ties(_TaskVectorMethod):
         start: int,
     ) -> "torch.Tensor":
         """Phase 2: rows ``start …`` of the merge, given every model's selection."""
+        return self._merge(base, tensors, stats, _row_offset(base, start))
+
+    def _merge(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int) -> "torch.Tensor":
         import torch
 
         weights = self._weights(len(tensors))
-        offset = _row_offset(base, start)
         if not fused_supported(base):  # the reference operations on this block
             deltas = []
             for t, selection in zip(tensors, stats, strict=True):
@@ -514,7 +651,21 @@ class Ties(_TaskVectorMethod):
         return fused_merge(base, tensors, offset, fill, weights, "ties", self.config)
 
 
-class Dare(_TaskVectorMethod):
+DARE_PRESETS: dict[str, dict[str, Any]] = {
+    "fusionbench": {"density": 0.5, "rescale": "inverse_p", "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none", "ties_trim": 0.2},
+    "mergekit": {"density": 1.0, "rescale": "l1", "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "none", "ties_trim": 1.0},
+    "paper": {"density": 0.1, "rescale": "inverse_p", "scaling_factor": 1.0, "sign_election": "sum", "divisor": "count", "ties_trim": 1.0},
+}
+"""FusionBench 0.2.33 ``dare/task_arithmetic.yaml`` (sparsity_ratio 0.5, rescale, scaling 0.3) and
+``dare/ties_merging.yaml`` (scaling 0.5, merge_func sum, then TIES's whole-model trim to the top 20 %);
+mergekit 0.1.5 dare_linear/dare_ties (L1 rescale, weighted vote, normalize: false); the paper / fusion ≤ 0.1."""
+
+
+_NO_L1 = sparsify.PackedMask(0, True)
+"""A placeholder mask for :func:`sparsify.apply_packed_rescale` where the rescale is not L1."""
+
+
+class Dare(_WholeModelTrim, _TaskVectorMethod):
     """DARE: drop each task-vector entry with probability 1 − density, rescale, then merge."""
 
     name = "dare"
@@ -527,32 +678,166 @@ class Dare(_TaskVectorMethod):
         variant: Literal["linear", "ties"] = _variant(
             "linear", "how the sparse task vectors are merged: linear (task arithmetic) or ties (sign election + disjoint mean)"
         )
-        density: float | list[float] = _density(0.1, "probability of keeping each entry (1 − drop rate); paper: drop 90%, i.e. 0.1")
-        rescale: Literal["inverse_p", "l1", "none"] = _rescale(
-            "inverse_p = divide kept entries by density (paper, PEFT; density 0 gives zeros); "
-            "l1 = match ‖τ‖₁ (mergekit rescale: true); none = no rescale"
+        convention: Literal["fusionbench", "mergekit", "paper"] = convention_option(
+            DARE_PRESETS, " (fusionbench = fusion_bench method=dare/task_arithmetic or dare/ties_merging; mergekit = dare_linear / dare_ties)"
         )
-        scaling_factor: float = _scaling_factor()
+        density: float | list[float] = by_convention(
+            DARE_PRESETS, "density", "probability of keeping each entry (1 − drop rate; FusionBench 1 − sparsity_ratio); one value or one per model",
+            validator=in_range(0.0, 1.0),
+        )
+        rescale: Literal["inverse_p", "l1", "none"] = by_convention(
+            DARE_PRESETS,
+            "rescale",
+            "inverse_p = divide kept entries by density (paper, FusionBench rescale: true, PEFT; density 0 gives zeros); "
+            "l1 = match ‖τ‖₁ (mergekit rescale: true); none = no rescale",
+            validator=attrs.validators.optional(attrs.validators.in_(RESCALES)),
+        )
+        scaling_factor: float = by_convention(
+            DARE_PRESETS, "scaling_factor", "λ: θ = θ₀ + λ·merged task vector (FusionBench: 0.3 for variant linear, 0.5 for ties)"
+        )
         weights: list[float] | None = _weights()
         normalize: bool = _normalize(_LINEAR_ONLY)
-        sign_election: Literal["sum", "weighted_sum", "count"] = _sign_election(_TIES_ONLY)
-        divisor: Literal["count", "weights", "none"] = _divisor(_TIES_ONLY)
+        sign_election: Literal["sum", "weighted_sum", "count"] = by_convention(
+            DARE_PRESETS, "sign_election", "how the sign is elected (variant=ties): sum = sign of Σ τᵢ, weighted_sum = of Σ wᵢτᵢ, count = majority vote",
+            validator=attrs.validators.optional(attrs.validators.in_(SIGN_ELECTIONS)),
+        )
+        divisor: Literal["count", "weights", "none"] = by_convention(
+            DARE_PRESETS, "divisor", "disjoint-merge divisor (variant=ties): none = sum (FusionBench merge_func sum, mergekit normalize: false), "
+            "count = mean of the agreeing (paper), weights = Σ agreeing wᵢ (mergekit normalize: true)",
+            validator=attrs.validators.optional(attrs.validators.in_(DIVISORS)),
+        )
+
+        ties_trim: float | list[float] = by_convention(
+            DARE_PRESETS,
+            "ties_trim",
+            "variant=ties: after the drop and rescale, keep the top ties_trim of each model's whole task vector "
+            "(|τ| ≥ its (d − ⌊d·ties_trim⌋)-th smallest, FusionBench's TIES threshold/100, streamed exactly); 1 = no trim",
+            validator=in_range(0.0, 1.0),
+        )
 
         def __attrs_post_init__(self) -> None:
+            if self.convention == "fusionbench" and self.scaling_factor is None and self.variant == "ties":
+                object.__setattr__(self, "scaling_factor", 0.5)  # FusionBench dare/ties_merging.yaml
+            resolve(self, DARE_PRESETS)
             check_weight_sum("dare", self.weights, self.normalize and self.variant == "linear")
 
     # Like TIES, the whole-tensor kernel is the two-phase protocol on one block: phase 1
     # draws model i's mask (the same stream as ``ctx.rand_like(τᵢ, salt=str(i)) < density``)
     # and keeps it packed, one bit per entry, with the L1 norms when rescale = l1.
 
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._thresholds: list | None = None
+        self._streams: dict = {}
+        if self.config.rescale != "l1":
+            # masks are drawn in the block loop from one stream per (tensor, model): no per-tensor
+            # statistic is needed (the L1 rescale needs the masked norm first: two phases)
+            self.elementwise = True
+
+    def _stream(self, ctx: KernelContext, index: int, offset: int) -> "torch.Generator":
+        """Model ``index``'s random stream for this tensor, positioned at flat ``offset``: the draws of
+        ``ctx.rand_like(τ, salt=str(index))``, continued across row blocks (re-drawn if out of order)."""
+        import torch
+
+        key = (ctx.name, index)
+        if offset == 0 or key not in self._streams:
+            if offset == 0:
+                self._streams = {k: v for k, v in self._streams.items() if k[0] == ctx.name}
+            self._streams[key] = [ctx.generator(str(index)), 0]
+        entry = self._streams[key]
+        if entry[1] != offset:  # out of order: start over and skip ahead (not taken by the engine)
+            entry[0], entry[1] = ctx.generator(str(index)), 0
+            for start in range(0, offset, sparsify.BLOCK):
+                torch.rand(min(sparsify.BLOCK, offset - start), generator=entry[0], dtype=torch.float32)
+            entry[1] = offset
+        return entry
+
+    def _trims(self) -> bool:
+        trim = self.config.ties_trim
+        return self.config.variant == "ties" and any(d < 1 for d in (trim if isinstance(trim, (list, tuple)) else [trim]))
+
+    # -- FusionBench's DARE-TIES: the whole-model TIES trim of the dropped, rescaled task vectors
+
+    def _trim_densities(self, n: int) -> list[float] | None:
+        return self._per_model("ties_trim", n) if self._trims() else None
+
+    def _feed(self, kth: Any, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        """Count model ``index``'s dropped, rescaled |τ| of this tensor, block by block (the mask stays packed)."""
+
+        mask = self.chunk_stats(name, base, tensor, index, ctx)
+        density = self.config.density[index] if isinstance(self.config.density, (list, tuple)) else self.config.density
+        a, b = tensor.reshape(-1), base.reshape(-1)
+        for start in range(0, a.numel(), sparsify.BLOCK):
+            tau = a[start : start + sparsify.BLOCK] - b[start : start + sparsify.BLOCK]
+            if not mask.keep_all:
+                tau.mul_(mask.block(start, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
+            kth.add(sparsify.apply_packed_rescale(self.config.rescale, tau, mask, density).abs_())
+
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        if getattr(self, "elementwise", False):
+            return self._merge_streamed(name, base, tensors, ctx)
         stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
-        return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
+        return self.kernel_chunk(name, base, tensors, ctx, stats, ctx.start)
+
+    def _merge_streamed(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        """Rows ``ctx.start …``: each model's mask drawn block by block inside the fused loop (the same
+        draws as :meth:`chunk_stats`'s packed mask, without packing or a second read of the models)."""
+        import torch
+
+        cfg = self.config
+        weights = self._weights(len(tensors))
+        densities = self._per_model("density", len(tensors))
+        offset = _row_offset(base, ctx.start)
+        thresholds = self._thresholds_for(name, base, tensors, ctx)
+        lambdas = [None if th is None else _lambda_below(th, base.dtype) for th in thresholds]
+        streams = [self._stream(ctx, i, offset) for i in range(len(tensors))]
+        if not fused_supported(base):  # the reference operations, with the same draws
+            deltas = []
+            for t, density, stream, th in zip(tensors, densities, streams, thresholds, strict=True):
+                tau = t - base
+                if 0 < density < 1:
+                    keep = torch.rand(tau.numel(), generator=stream[0], dtype=torch.float32).to(tau.device) < density
+                    tau = torch.where(keep.reshape(tau.shape), tau, torch.zeros_like(tau))
+                elif density <= 0:
+                    tau = torch.zeros_like(tau)
+                stream[1] = offset + tau.numel()
+                delta = sparsify.apply_packed_rescale(cfg.rescale, tau, _NO_L1, density)
+                if th is not None:
+                    delta = torch.where(delta.abs() >= th, delta, torch.zeros_like(delta))
+                deltas.append(delta)
+            return self._combine(base, deltas, weights, cfg.variant)
+        size = min(base.numel(), sparsify.BLOCK)
+        noise = torch.empty(size, dtype=torch.float32)
+        keep = torch.empty(size, dtype=torch.bool)
+
+        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+            density, stream = densities[i], streams[i]
+            length = out.numel()
+            if density <= 0 or density >= 1:  # no draws (as the packed mask): all kept, or all dropped
+                stream[1] = at + length
+                if density <= 0:
+                    out.zero_()
+                    return False
+                torch.sub(t, b, out=out)
+            else:
+                torch.sub(t, b, out=out)
+                torch.rand(length, generator=stream[0], dtype=torch.float32, out=noise[:length])
+                stream[1] = at + length
+                torch.lt(noise[:length], density, out=keep[:length])
+                out.mul_(keep[:length])
+                out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference
+            sparsify.apply_packed_rescale(cfg.rescale, out, _NO_L1, density)
+            if lambdas[i] is not None:
+                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
+            return True
+
+        return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg)
 
     def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.PackedMask:
         """Phase 1: model ``index``'s Bernoulli mask over the whole tensor (and L1 rescale)."""
         cfg = self.config
-        mask = sparsify.packed_bernoulli_mask(tensor.numel(), per_model(cfg.density, index), ctx, salt=str(index))
+        density = cfg.density[index] if isinstance(cfg.density, (list, tuple)) else cfg.density
+        mask = sparsify.packed_bernoulli_mask(tensor.numel(), density, ctx, salt=str(index))
         if cfg.rescale == "l1":
             mask = sparsify.with_l1_scale(mask, base, tensor)
         return mask
@@ -573,15 +858,20 @@ class Dare(_TaskVectorMethod):
         if cfg.rescale not in RESCALES:
             raise ValueError(f"rescale must be one of inverse_p, l1, none, got {cfg.rescale!r}")
         weights = self._weights(len(tensors))
+        densities = self._per_model("density", len(tensors))
         offset = _row_offset(base, start)
+        thresholds = self._thresholds_for(name, base, tensors, ctx)
         if not fused_supported(base):  # the reference operations on this block
             deltas = []
-            for i, (t, mask) in enumerate(zip(tensors, stats, strict=True)):
+            for t, mask, density, th in zip(tensors, stats, densities, thresholds, strict=True):
                 tau = t - base
                 keep = mask.block(offset, tau.numel(), tau.device).to(torch.bool).reshape(tau.shape)
-                masked = torch.where(keep, tau, torch.zeros_like(tau))
-                deltas.append(sparsify.apply_packed_rescale(cfg.rescale, masked, mask, per_model(cfg.density, i)))
+                delta = sparsify.apply_packed_rescale(cfg.rescale, torch.where(keep, tau, torch.zeros_like(tau)), mask, density)
+                if th is not None:
+                    delta = torch.where(delta.abs() >= th, delta, torch.zeros_like(delta))
+                deltas.append(delta)
             return self._combine(base, deltas, weights, cfg.variant)
+        lambdas = [None if th is None else _lambda_below(th, base.dtype) for th in thresholds]
         keep_f = torch.empty(min(base.numel(), sparsify.BLOCK), dtype=base.dtype, device=base.device)
 
         def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
@@ -595,7 +885,9 @@ class Dare(_TaskVectorMethod):
                 keep.copy_(mask.block(at, out.numel(), out.device))
                 out.mul_(keep)
                 out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference
-            sparsify.apply_packed_rescale(cfg.rescale, out, mask, per_model(cfg.density, i))
+            sparsify.apply_packed_rescale(cfg.rescale, out, mask, densities[i])
+            if lambdas[i] is not None:  # FusionBench's whole-model TIES trim (every entry ≥ the threshold kept)
+                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
             return True
 
         return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg)
@@ -618,8 +910,8 @@ class Breadcrumbs(_TaskVectorMethod):
         )
         gamma: float | list[float] = option(
             0.01,
-            help="fraction of largest-magnitude entries dropped as outliers (floor(gamma·n); 0 on tensors under 1/gamma entries)"
-            + _PER_MODEL,
+            help="fraction of largest-magnitude entries dropped as outliers (floor(gamma·n); 0 on tensors under 1/gamma entries); "
+            "one value or one per model",
             validator=in_range(0.0, 1.0),
         )
         scaling_factor: float = _scaling_factor()
@@ -635,9 +927,10 @@ class Breadcrumbs(_TaskVectorMethod):
         import torch
 
         cfg = self.config
+        n = len(tensors)
         deltas = [
-            torch.where(sparsify.breadcrumbs_mask(tau, per_model(cfg.density, i), per_model(cfg.gamma, i)), tau, torch.zeros_like(tau))
-            for i, tau in enumerate(task_vectors(base, tensors))
+            torch.where(sparsify.breadcrumbs_mask(tau, d, g), tau, torch.zeros_like(tau))
+            for tau, d, g in zip(task_vectors(base, tensors), self._per_model("density", n), self._per_model("gamma", n), strict=True)
         ]
         return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
 
@@ -658,8 +951,7 @@ class Della(_TaskVectorMethod):
         density: float | list[float] = _density(0.5, "mean keep probability d; keep probabilities span [d − epsilon, d + epsilon] within each row")
         epsilon: float | list[float] = option(
             0.15,
-            help="half-width ε of the keep-probability range; requires 0 < density − epsilon and density + epsilon ≤ 1"
-            + _PER_MODEL,
+            help="half-width ε of the keep-probability range; requires 0 < density − epsilon and density + epsilon ≤ 1; one value or one per model",
             validator=in_range(0.0, 0.5),
         )
         ranking: Literal["rows", "dim1"] = option(
@@ -680,22 +972,25 @@ class Della(_TaskVectorMethod):
         divisor: Literal["count", "weights", "none"] = _divisor(_TIES_ONLY)
 
         def __attrs_post_init__(self) -> None:
-            n = max((len(v) for v in (self.density, self.epsilon) if isinstance(v, (list, tuple))), default=1)
-            for i in range(n):
-                density, epsilon = per_model(self.density, i % _len(self.density)), per_model(self.epsilon, i % _len(self.epsilon))
-                low, high = density - epsilon, density + epsilon
-                if not (low > 0 and high <= 1 + 1e-12):
-                    raise ValueError(
-                        f"della: keep probabilities must lie in (0, 1], but density ± epsilon = [{low:g}, {high:g}] "
-                        f"(density={density}, epsilon={epsilon}); lower epsilon or move density"
-                    )
+            densities = self.density if isinstance(self.density, (list, tuple)) else [self.density]
+            epsilons = self.epsilon if isinstance(self.epsilon, (list, tuple)) else [self.epsilon]
+            for d in densities:
+                for e in epsilons:
+                    low, high = d - e, d + e
+                    if not (low > 0 and high <= 1 + 1e-12):
+                        raise ValueError(
+                            f"della: keep probabilities must lie in (0, 1], but density ± epsilon = [{low:g}, {high:g}] "
+                            f"(density={d}, epsilon={e}); lower epsilon or move density"
+                        )
             check_weight_sum("della", self.weights, self.normalize and self.variant == "linear")
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         cfg = self.config
         deltas = []
+        n = len(tensors)
+        densities, epsilons = self._per_model("density", n), self._per_model("epsilon", n)
         for i, tau in enumerate(task_vectors(base, tensors)):
-            probs = self.keep_probs(tau, per_model(cfg.density, i), per_model(cfg.epsilon, i))
+            probs = self.keep_probs(tau, densities[i], epsilons[i])
             mask = sparsify.probability_mask(tau, probs, ctx, salt=str(i))
             deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, probs))
         return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
@@ -761,15 +1056,24 @@ class MagMax(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        scaling_factor: float = _scaling_factor()
+        scaling_factor: float = option(
+            0.5, help="λ: θ = θ₀ + λ·τ_max (FusionBench magmax.yaml and the official release: 0.5; fusion ≤ 0.1: 1)"
+        )
+        tie_break: Literal["later", "earlier"] = option(
+            "later",
+            help="which model wins where magnitudes are equal: later (the official release and FusionBench, ≥) or earlier (fusion ≤ 0.1)",
+            validator=attrs.validators.in_(("later", "earlier")),
+        )
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         import torch
 
         deltas = task_vectors(base, tensors)
         best = deltas[0]
+        later = self.config.tie_break == "later"
         for d in deltas[1:]:
-            best = torch.where(d.abs() > best.abs(), d, best)  # equal magnitudes: the earlier model wins
+            wins = d.abs() >= best.abs() if later else d.abs() > best.abs()
+            best = torch.where(wins, d, best)
         return add_scaled(base, best, self.config.scaling_factor)
 
 
@@ -792,14 +1096,14 @@ def _no_rescale(method: str):
     return fields
 
 
-def _divisor(value: bool) -> dict:
+def _mk_divisor(value: bool) -> dict:
     return {"divisor": "weights" if value else "none"}
 
 
 def _mk_shared(normalize: bool, rescale: bool, ties: bool, rescaling: bool, method: str) -> dict:
     return {
         "int8_mask": Param(bool, False),  # the storage dtype of mergekit's sign mask only
-        "normalize": Param(bool, normalize, _divisor if ties else "normalize"),
+        "normalize": Param(bool, normalize, _mk_divisor if ties else "normalize"),
         "rescale": Param(bool, rescale, _rescale_l1 if rescaling else _no_rescale(method)),
         "lambda": Param(float, 1.0, "scaling_factor"),
     }
@@ -825,23 +1129,24 @@ MERGEKIT = [
     MergekitMapping(
         "task_arithmetic",
         "task_arithmetic",
+        fixed={"convention": "mergekit"},
         shared=_mk_shared(False, False, False, False, "task_arithmetic") | {"rescale": Param(bool, False)},
         per_model=_mk_per_model(density=False) | {"density": Param(float, 1.0)},  # no sparsification: density unused
     ),
     MergekitMapping(
-        "ties", "ties", fixed=_TIES, shared=_mk_shared(True, False, True, False, "ties"), per_model=_mk_per_model()
+        "ties", "ties", fixed={"convention": "mergekit", **_TIES}, shared=_mk_shared(True, False, True, False, "ties"), per_model=_mk_per_model()
     ),
     MergekitMapping(
         "dare_ties",
         "dare",
-        fixed={"variant": "ties", **_TIES},
+        fixed={"convention": "mergekit", "variant": "ties", **_TIES},
         shared=_mk_shared(False, True, True, True, "dare"),
         per_model=_mk_per_model(),
     ),
     MergekitMapping(
         "dare_linear",
         "dare",
-        fixed={"variant": "linear"},
+        fixed={"convention": "mergekit", "variant": "linear"},
         shared=_mk_shared(False, True, False, True, "dare"),
         per_model=_mk_per_model(),
     ),

@@ -110,7 +110,7 @@ TIES_CONFIGS = [
 @pytest.mark.parametrize("quantized", [True, False], ids=["ties", "distinct"])
 @pytest.mark.parametrize("config", TIES_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_ties_chunked_equals_whole_equals_the_oracle(config, quantized):
-    cfg = Ties.Config(**config)
+    cfg = Ties.Config(convention="paper", **config)
     method = Ties(cfg)
     base, models = pool(3, 1, quantized)
     whole = engine(method, base, models, None)
@@ -137,7 +137,7 @@ def test_ties_chunked_equals_whole_equals_the_oracle(config, quantized):
     ],
 )
 def test_dare_chunked_equals_whole_equals_the_oracle(variant, rescale, density, extra):
-    cfg = Dare.Config(variant=variant, rescale=rescale, density=density, scaling_factor=-0.6, **extra)
+    cfg = Dare.Config(convention="paper", variant=variant, rescale=rescale, density=density, scaling_factor=-0.6, **extra)
     method = Dare(cfg)
     base, models = pool(3, 2, quantized=False)
     whole = engine(method, base, models, None, seed=9)
@@ -151,7 +151,7 @@ def test_dare_chunked_equals_whole_equals_the_oracle(variant, rescale, density, 
 
 def test_sub_blocks_of_the_fused_loops_do_not_change_the_bytes(monkeypatch):
     base, models = pool(3, 3, quantized=True)
-    ties, dare = Ties(Ties.Config(density=0.3)), Dare(Dare.Config(density=0.4, variant="ties", rescale="l1"))
+    ties, dare = Ties(Ties.Config(convention="paper", density=0.3)), Dare(Dare.Config(convention="paper", density=0.4, variant="ties", rescale="l1"))
     expected = {m: engine(m, base, models, 5, seed=4) for m in (ties, dare)}
     for block in (40, 1000):  # multiples of 8 (the packed masks need it)
         monkeypatch.setattr(sparsify, "BLOCK", block)
@@ -162,7 +162,7 @@ def test_sub_blocks_of_the_fused_loops_do_not_change_the_bytes(monkeypatch):
 
 def test_the_tie_cut_by_index_list_and_by_scan_agree(monkeypatch):
     base, models = pool(3, 4, quantized=True)
-    method = Ties(Ties.Config(density=0.35))
+    method = Ties(Ties.Config(convention="paper", density=0.35))
     listed = engine(method, base, models, 9)
     monkeypatch.setattr(sparsify, "_DROPPED_MAX", 0)
     assert sparsify.magnitude_top_k(base[BIG], models[0][BIG], 0.35).dropped is None
@@ -173,7 +173,7 @@ def test_the_tie_cut_by_index_list_and_by_scan_agree(monkeypatch):
 def test_two_phase_path_is_taken_for_large_tensors(monkeypatch):
     base, models = pool(2, 5, quantized=False)
     calls: list = []
-    method = Ties(Ties.Config(density=0.2))
+    method = Ties(Ties.Config(convention="paper", density=0.2))
     stats, chunk = method.chunk_stats, method.kernel_chunk
     monkeypatch.setattr(
         method, "chunk_stats", lambda name, b, t, i, ctx: calls.append(("stats", name, i)) or stats(name, b, t, i, ctx)
@@ -195,8 +195,8 @@ def test_two_phase_path_is_taken_for_large_tensors(monkeypatch):
 def test_other_compute_dtypes_chunk_identically(dtype):
     base, models = pool(3, 6, quantized=True)
     for method in (
-        Ties(Ties.Config(density=0.25, divisor="weights", weights=[1.0, 2.0, -1.0])),
-        Dare(Dare.Config(density=0.5, variant="ties")),
+        Ties(Ties.Config(convention="paper", density=0.25, divisor="weights", weights=[1.0, 2.0, -1.0])),
+        Dare(Dare.Config(convention="paper", density=0.5, variant="ties")),
     ):
         whole = engine(method, base, models, None, seed=2, dtype=dtype)
         chunked = engine(method, base, models, 11, seed=2, dtype=dtype)

@@ -17,8 +17,13 @@ torch.set_num_threads(1)
 D = torch.float64
 
 
+# Model Stock's closed forms below are mergekit's mean-cosine convention, pinned explicitly
+# (FusionBench's mean-angle default is tested in test_conventions.py and tests/parity).
+PINNED = {ModelStock: {"convention": "mergekit"}}
+
+
 def run(cls, base, tensors, **cfg):
-    method = cls(cls.Config(**cfg))
+    method = cls(cls.Config(**{**PINNED.get(cls, {}), **cfg}))
     return method.kernel("w", base, list(tensors), KernelContext(name="w", seed=0))
 
 
@@ -319,7 +324,7 @@ def test_model_stock_filter_wise():
 
 
 def test_model_stock_needs_base_and_two_models():
-    method = ModelStock(ModelStock.Config())
+    method = ModelStock(ModelStock.Config(convention="mergekit"))
     with pytest.raises(InputError, match="needs a base"):
         method.check_inputs(2, False)
     with pytest.raises(InputError, match="at least 2"):

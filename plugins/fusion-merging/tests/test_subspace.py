@@ -125,8 +125,9 @@ def test_tsvm_keeps_top_fraction_per_task(base):
     assert_close(
         run(TSVMerge, base, [base + tau], fraction=0.5), base + 5.0 * outer(a[:, 0], b[:, 0]) + 2.0 * outer(a[:, 1], b[:, 1])
     )
-    # fraction 0.1 → ⌊0.4⌋ = 0, raised to 1 component
-    assert_close(run(TSVMerge, base, [base + tau], fraction=0.1), base + 5.0 * outer(a[:, 0], b[:, 0]))
+    # fraction 0.1 → ⌊0.4⌋ = 0: no component, the base (FusionBench); below_n=one raises it to 1 component
+    assert torch.equal(run(TSVMerge, base, [base + tau], fraction=0.1), base)
+    assert_close(run(TSVMerge, base, [base + tau], fraction=0.1, below_n="one"), base + 5.0 * outer(a[:, 0], b[:, 0]))
     method = TSVMerge(TSVMerge.Config())
     assert [method.rank_per_task(768, n) for n in (1, 8, 20)] == [768, 96, 38]
     assert TSVMerge(TSVMerge.Config(fraction=1 / 49)).rank_per_task(49, 1) == 1

@@ -12,7 +12,8 @@ MINI_METHODS = [
     {"name": "task_arithmetic", "scaling_factor": 0.3},
 ]
 """Default method list of ``fuse bench mini``; the first is ``fuse run``'s default.  Settings are
-the papers' defaults (TIES: keep 20 %, λ = 1; task arithmetic: λ = 0.3 as in FusionBench's table)."""
+FusionBench's defaults (TIES: each model's whole task vector trimmed to its top 20 %, merge_func
+sum, λ = 0.3; task arithmetic: λ = 0.3)."""
 
 
 @fusion_core.hookimpl

@@ -1,0 +1,209 @@
+"""FusionBench defaults, named conventions, per-model parameters, the whole-model TIES trim, unchanged tensors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from fusion_merging.model_trim import KthMagnitude, fusionbench_rank
+from fusion_merging.task_arithmetic import Dare, MagMax, TaskArithmetic, Ties
+
+from fusion_core.config import make_config
+from fusion_core.engine.executor import MergeOptions, merge_readers
+from fusion_core.errors import InputError
+from fusion_core.plugins import get_plugin_manager
+from fusion_core.registry import build_registry
+
+torch.set_num_threads(1)
+
+
+def test_defaults_are_fusionbench_and_conventions_fill_only_unset_fields():
+    ties = Ties.Config()
+    assert (ties.trim, ties.density, ties.scaling_factor, ties.sign_election, ties.divisor) == ("model", 0.2, 0.3, "sum", "none")
+    mk = Ties.Config(convention="mergekit", density=0.5)
+    assert (mk.trim, mk.density, mk.scaling_factor, mk.sign_election, mk.divisor) == ("tensor", 0.5, 1.0, "weighted_sum", "weights")
+    assert Ties.Config(convention="paper").divisor == "count"
+    assert TaskArithmetic.Config().scaling_factor == 0.3 and TaskArithmetic.Config(convention="mergekit").scaling_factor == 1.0
+    dare = Dare.Config()
+    assert (dare.density, dare.scaling_factor, dare.rescale, dare.ties_trim) == (0.5, 0.3, "inverse_p", 0.2)
+    assert Dare.Config(variant="ties").scaling_factor == 0.5
+    assert Dare.Config(convention="paper").density == 0.1
+    assert MagMax.Config().scaling_factor == 0.5 and MagMax.Config().tie_break == "later"
+
+
+def test_an_explicit_null_is_refused_with_the_type():
+    from fusion_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"method.scaling_factor: expected float, got None"):
+        make_config(Ties.Config, {"scaling_factor": None}, where="method")
+
+
+def test_fusionbench_rank_is_kthvalue_of_d_minus_floor():
+    assert fusionbench_rank(10, 0.2) == 8  # keeps ⌊0.2·10⌋ + 1 = 3 distinct entries
+    assert fusionbench_rank(10, 1.0) == 0 and fusionbench_rank(10, 0.0) == 10
+
+
+def _kth_of(parts, dtype, density):
+    kth = KthMagnitude(dtype, density)
+    passes = 0
+    while not kth.done:
+        for p in reversed(parts):
+            kth.add(p)
+        kth.end_pass()
+        passes += 1
+    return kth, passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("skewed", [False, True], ids=["sampled", "missed-bracket"])
+def test_kth_magnitude_brackets_from_a_sample_and_stays_exact_when_it_misses(dtype, skewed):
+    gen = torch.Generator().manual_seed(1)
+    big = torch.randn(4_000_000, generator=gen).to(dtype).abs()
+    if skewed:  # the strided sample sees only tiny values: its bracket is far below the true rank
+        big[::16] = 1e-3
+    flat = big.float() if dtype == torch.bfloat16 else big
+    for density in (0.2, 0.7):
+        kth, passes = _kth_of([big[:1_000_000], big[1_000_000:]], dtype, density)
+        assert kth.threshold == float(flat.kthvalue(fusionbench_rank(flat.numel(), density)).values)
+        if dtype == torch.float32:  # the sample, then one counting pass (a wider bracket: two; after a miss: two more)
+            assert passes == 4 if skewed else passes == (2 if density == 0.2 else 3) or passes == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_magnitude_is_kthvalue_over_all_tensors(dtype):
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(s, generator=gen).to(dtype).abs() * 10.0**e for e, s in enumerate((300, 7, 1000))]
+    parts[0][:40] = parts[0][40]  # ties
+    parts[1][:3] = 0
+    flat = torch.cat(parts)
+    flat = flat.float() if dtype == torch.bfloat16 else flat  # kthvalue has no bfloat16 kernel; the values are exact in float32
+    for density in (0.0, 0.05, 0.2, 0.5, 0.99):
+        kth = KthMagnitude(dtype, density)
+        while not kth.done:
+            for p in reversed(parts):
+                kth.add(p)
+            kth.end_pass()
+        assert kth.threshold == float(flat.kthvalue(fusionbench_rank(flat.numel(), density)).values)
+
+
+def _models(n=3):
+    gen = torch.Generator().manual_seed(1)
+    base = {"a": torch.randn(40, 30, generator=gen), "b": torch.randn(30, generator=gen), "frozen": torch.randn(5, 5, generator=gen)}
+    models = []
+    for i in range(n):
+        m = copy.deepcopy(base)
+        m["a"] += torch.randn(40, 30, generator=gen) * (1 + i)
+        m["b"] += torch.randn(30, generator=gen) * 0.01
+        models.append(m)
+    return base, models
+
+
+def _reference_fusionbench_ties(base, models, density=0.2, scale=0.3):
+    """FusionBench's TIES written out: flatten every task vector, trim with kthvalue + ≥, elect, sum."""
+    keys = sorted(base)
+    flat = torch.stack([torch.cat([(m[k] - base[k]).reshape(-1) for k in keys]) for m in models])
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    merged = (trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)).sum(0)
+    out, at = {}, 0
+    for k in keys:
+        n = base[k].numel()
+        out[k] = base[k] + scale * merged[at : at + n].reshape(base[k].shape)
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 2048])
+def test_whole_model_trim_in_the_engine_is_fusionbenchs(chunk_bytes):
+    base, models = _models()
+    opts = MergeOptions(prefetch=False, notify=lambda m: None)
+    if chunk_bytes:
+        opts.chunk_bytes = chunk_bytes
+    got = merge_readers(Ties(Ties.Config()), base, models, opts)
+    expected = _reference_fusionbench_ties(base, models)
+    for k in base:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
+    # the large-magnitude tensor takes almost all of the budget: the small biases are trimmed to nothing
+    assert torch.equal(got["b"], base["b"])
+
+
+def test_per_model_density_and_its_count_check():
+    base, models = _models()
+    method = Ties(Ties.Config(convention="paper", density=[1.0, 0.0, 1.0]))
+    got = merge_readers(method, base, models, MergeOptions(prefetch=False))
+    expected = merge_readers(Ties(Ties.Config(convention="paper", density=1.0)), base, [models[0], models[2]], MergeOptions(prefetch=False))
+    for k in base:
+        assert torch.equal(got[k], expected[k])
+    with pytest.raises(InputError, match="density has 2 value"):
+        merge_readers(Ties(Ties.Config(density=[0.1, 0.2])), base, models, MergeOptions(prefetch=False))
+
+
+def test_a_tensor_no_expert_changed_comes_out_as_the_base_in_every_method():
+    from fusion_core.engine.kernel import KernelMethod
+
+    base, models = _models(4)
+    registry = build_registry(get_plugin_manager())
+    checked = []
+    for name in registry.names("method"):
+        cls = registry.get("method", name).cls
+        if not issubclass(cls, KernelMethod):
+            continue
+        if cls.max_models is not None and cls.max_models < 4:
+            continue
+        got = merge_readers(cls(make_config(cls.Config, {}, where=name)), base, models, MergeOptions(prefetch=False))
+        assert torch.equal(got["frozen"], base["frozen"]), name
+        checked.append(name)
+    assert {"ties", "dare", "della", "multislerp", "karcher", "tsv_m", "magmax", "model_stock", "task_arithmetic"} <= set(checked)
+
+
+def test_fuse_run_ties_on_fusionbenchs_clip_config_resolves_to_fusionbenchs_settings(capsys):
+    from pathlib import Path
+
+    from fusion_core.cli.main import main
+
+    config = Path(__file__).resolve().parents[2] / "fusion-hf" / "configs" / "clip-vit-b32-tall8.yaml"
+    if not config.exists():
+        pytest.skip("fusion-hf's configs are not in this checkout")
+    assert main(["run", str(config), "method=ties", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "method:\n  name: ties\n  convention: fusionbench\n  trim: model\n  density: 0.2\n  scaling_factor: 0.3\n"
+        "  weights: null\n  sign_election: sum\n  divisor: none\n"
+    ) in out
+
+
+def test_fuse_show_ties_names_the_fusionbench_default_and_the_mergekit_convention(capsys, monkeypatch):
+    from fusion_core.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per field: the help text is not wrapped inside table cells
+    assert main(["show", "ties"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'fusionbench'" in text and "mergekit" in text and "merge_method: ties" in text and "fusion_bench method=ties_merging" in text
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 2048])
+def test_fusionbench_dare_ties_is_drop_rescale_then_the_whole_model_trim(chunk_bytes):
+    """The documented DARE mask (``ctx.rand_like(τ, salt=str(i)) < density``), ÷ density, then
+    FusionBench's TIES on the result: whole-model trim to the top 20 %, sign of the sum, sum, λ 0.5."""
+    from fusion_core.engine.kernel import KernelContext
+
+    base, models = _models()
+    opts = MergeOptions(prefetch=False, notify=lambda m: None, seed=3)
+    if chunk_bytes:
+        opts.chunk_bytes = chunk_bytes
+    got = merge_readers(Dare(Dare.Config(variant="ties")), base, models, opts)
+    dropped = []
+    for i, m in enumerate(models):
+        d = {}
+        for k in base:
+            tau = m[k] - base[k]
+            keep = KernelContext(name=k, seed=3).rand_like(tau, salt=str(i)) < 0.5
+            d[k] = base[k] + torch.where(keep, tau, torch.zeros_like(tau)) / 0.5
+        dropped.append(d)
+    expected = _reference_fusionbench_ties(base, dropped, density=0.2, scale=0.5)
+    for k in base:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
