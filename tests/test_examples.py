@@ -64,7 +64,7 @@ def test_recipe_yml_merges_exactly_like_the_equivalent_fuse_merge(tmp_path, monk
     assert main(["merge", "--mergekit-config", str(EXAMPLES / "recipe.yml"), "--output", "merged.safetensors", "-q"]) == 0
     # mergekit's TIES: signs elected on weighted task vectors, divided by the agreeing weights (normalize: true)
     assert main(["merge", "ties", "--base", "models/base.safetensors", "--model", "models/math.safetensors",
-                 "--model", "models/code.safetensors", "--set", "density=0.5", "--set", "weights=[0.6, 0.4]",
+                 "--model", "models/code.safetensors", "--set", "convention=mergekit", "--set", "density=0.5", "--set", "weights=[0.6, 0.4]",
                  "--set", "sign_election=weighted_sum", "--set", "divisor=weights", "--output", "cli.safetensors", "-q"]) == 0
     recipe, cli = load_file("merged.safetensors"), load_file("cli.safetensors")
     assert set(recipe) == {"w", "b"} and all(torch.equal(recipe[k], cli[k]) for k in recipe)
