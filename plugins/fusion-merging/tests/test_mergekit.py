@@ -76,7 +76,7 @@ def test_every_shared_mergekit_method_is_declared_next_to_a_method():
         "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
         "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "passthrough",
     }  # fmt: skip
-    assert table["ties"].fixed == {"sign_election": "weighted_sum"}
+    assert table["ties"].fixed == {"convention": "mergekit", "sign_election": "weighted_sum"}
     assert table["nuslerp"].fixed == {"convention": "mergekit"} and table["nuslerp"].shared["nuslerp_row_wise"].to == "row_wise"
 
 
@@ -101,6 +101,7 @@ def test_ties_per_model_gradients_and_filters_resolve_per_tensor():
     assert [p.name for p in planned.tensors][:2] == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
     layer1 = _fields(planned, "model.layers.1.mlp.up_proj.weight")  # t = 0.5
     assert layer1 == {
+        "convention": "mergekit",
         "sign_election": "weighted_sum",
         "divisor": "weights",  # mergekit's ties default normalize: true
         "scaling_factor": 0.9,
