@@ -74,8 +74,9 @@ def run(
         return {"dry_run": True, "config": config.to_dict(), "plan": plan(config)}
 
     output_dir = Path(settings.output_dir or default_output_dir(config))
+    guard = {"overwrite": overwrite, "inputs": config_paths(config.modelpool.to_dict()), "make_parent": not settings.output_dir}
     if write:
-        check_output_path(output_dir, overwrite=overwrite)
+        check_output_path(output_dir, **guard)
 
     started = time.time()
     ctx = RunContext(seed=settings.seed, device=settings.device, compute_dtype=settings.compute_dtype, show_progress=settings.progress)
@@ -119,7 +120,7 @@ def run(
     report = build_report(config, results, taskpool, ctx.timings, started, provenance(plugin_manager), ctx.extras)
     if not write:
         return report
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(output_dir, **guard) as tmp:
         if settings.save_model:
             with ctx.phase("save"):
                 for label, model in models.items():
@@ -129,6 +130,26 @@ def run(
         report["output_dir"] = str(output_dir)
         write_json_atomic(tmp / "report.json", report)
     return report
+
+
+def config_paths(value: Any) -> list[str]:
+    """Existing paths named by strings in a (model pool) config: what an output must never replace."""
+    import os
+
+    cwd = os.path.realpath(os.getcwd())
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for item in value.values():
+            found += config_paths(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found += config_paths(item)
+    elif isinstance(value, str) and value.strip() and len(value) < 4096 and "\x00" not in value:
+        with_user = os.path.expanduser(value)
+        real = os.path.realpath(with_user)
+        if os.path.lexists(with_user) and not (cwd == real or cwd.startswith(real.rstrip("/") + "/")):
+            found.append(with_user)
+    return found
 
 
 def _named_outputs(output: Any, method) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
+import attrs
 import click
 
 from ..errors import ConfigError, FuseError
@@ -57,6 +59,91 @@ def _dist_version(dist: str | None) -> str | None:
         return None
 
 
+@attrs.define
+class MergeSpec:
+    """What to merge: the method, its fields and the inputs (from flags or a mergekit recipe)."""
+
+    method: str
+    fields: dict
+    base: str | None
+    models: list[str]
+    dtype: str | None
+    mergekit: dict | None = None
+
+
+def _spec_from_flags(method, base, models, sets, dtype) -> MergeSpec:
+    if not method:
+        raise ConfigError(
+            "missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)"
+        )
+    return MergeSpec(method, _parse_sets(sets), base, list(models), dtype)
+
+
+def _spec_from_mergekit(mergekit_config: str, dtype: str | None) -> MergeSpec:
+    from ..mergekit_yaml import load
+
+    recipe = load(mergekit_config)
+    mergekit = {"config": str(mergekit_config), "merge_method": recipe.mergekit_method}
+    return MergeSpec(recipe.method, dict(recipe.fields), recipe.base, list(recipe.models), dtype or recipe.out_dtype, mergekit)
+
+
+def _make_method(ctx: click.Context, spec: MergeSpec):
+    """The registry entry, the validated config and the method instance; refuses what cannot stream."""
+    from ..config import make_config
+    from ..engine.kernel import KernelMethod
+
+    registry, _ = _registry(ctx)
+    entry = registry.get("method", spec.method)
+    config = make_config(entry.cls.Config, spec.fields, where=f"method {spec.method}")
+    instance = entry.cls(config)
+    passthrough = callable(getattr(instance, "passthrough_plan", None))
+    if not isinstance(instance, KernelMethod) and not passthrough:
+        raise ConfigError(
+            f"method {spec.method!r} is not a per-tensor method, so fuse merge cannot stream it; run it with `fuse run method={spec.method}`"
+        )
+    if not spec.models and not (spec.base and passthrough):
+        raise ConfigError("no models to merge: give --model PATH (once per fine-tuned model)")
+    return entry, config, instance
+
+
+@contextlib.contextmanager
+def _open_inputs(spec: MergeSpec, allow_pickle: bool):
+    """``(base reader or None, model readers)``, all closed on exit."""
+    from ..engine.readers import open_reader
+
+    readers = []
+    try:
+        base_reader = open_reader(spec.base, allow_pickle=allow_pickle, label=str(spec.base)) if spec.base else None
+        if base_reader is not None:
+            readers.append(base_reader)
+        for path in spec.models:
+            readers.append(open_reader(path, allow_pickle=allow_pickle, label=str(path)))
+        yield base_reader, readers[1:] if base_reader is not None else readers
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _recipe(spec: MergeSpec, entry, config, seed: int, compute_dtype: str) -> dict:
+    """What the model card records."""
+    from ..config import config_to_dict
+
+    recipe = {
+        "method": spec.method,
+        "fields": config_to_dict(config),
+        "base": spec.base,
+        "models": list(spec.models),
+        "seed": seed,
+        "dtype": spec.dtype or ("same as the base" if spec.base else "same as the inputs"),
+        "compute_dtype": compute_dtype,
+    }
+    if spec.mergekit:
+        recipe["mergekit"] = spec.mergekit
+    if entry.dist:
+        recipe["plugin"] = f"{entry.dist} {_dist_version(entry.dist) or ''}".strip()
+    return recipe
+
+
 @click.command("merge")
 @click.argument("method", required=False)
 @click.option("--base", metavar="PATH", help="The base (pretrained) model: a .safetensors file or an HF folder.")
@@ -69,11 +156,13 @@ def _dist_version(dist: str | None) -> str | None:
 @click.option("--compute-dtype", metavar="DTYPE", default="float32", show_default=True, help="Dtype the kernels compute in.")
 @click.option("--device", default="cpu", show_default=True, help="Where kernels compute: cpu or cuda.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output that fuse wrote (never anything else).")
 @click.option(
     "--allow-pickle", is_flag=True, help="Read .bin/.pt pickle checkpoints (torch.load weights_only); only for trusted files."
 )
 @click.option("--common-keys-only", is_flag=True, help="Merge only the tensors every model has (instead of an error).")
+@click.option("--allow-duplicates", is_flag=True, help="Accept the same model (path or weights) given twice.")
+@click.option("--copy-code", is_flag=True, help="Also copy the base folder's code files (*.py) into the output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary line.")
 @click.pass_context
 def merge_command(
@@ -92,6 +181,8 @@ def merge_command(
     overwrite,
     allow_pickle,
     common_keys_only,
+    allow_duplicates,
+    copy_code,
     quiet,
 ):
     """Merge checkpoints with METHOD into OUTPUT, one tensor at a time.
@@ -104,85 +195,46 @@ def merge_command(
 
     Inputs are .safetensors files or HF folders (sharded or not); an output ending in
     .safetensors is one file, anything else an HF folder with the base's config and
-    tokenizer files and a model card recording the recipe.
+    tokenizer files and a model card recording the recipe.  --overwrite replaces only
+    an output fuse wrote; inputs, folders holding them and the working directory are refused.
     """
-    from ..config import config_to_dict, make_config
-
     start = time.perf_counter()
-    mergekit_method = None
-    if mergekit_config:
-        if method or base or models or sets:
-            raise ConfigError("give either --mergekit-config or METHOD with --base/--model/--set, not both")
-        from ..mergekit_yaml import load
+    if mergekit_config and (method or base or models or sets):
+        raise ConfigError("give either --mergekit-config or METHOD with --base/--model/--set, not both")
+    spec = _spec_from_mergekit(mergekit_config, dtype) if mergekit_config else _spec_from_flags(method, base, models, sets, dtype)
+    entry, config, instance = _make_method(ctx, spec)
 
-        recipe_mk = load(mergekit_config)
-        mergekit_method = recipe_mk.mergekit_method
-        method, fields, base, models = recipe_mk.method, dict(recipe_mk.fields), recipe_mk.base, list(recipe_mk.models)
-        dtype = dtype or recipe_mk.out_dtype
-    else:
-        if not method:
-            raise ConfigError(
-                "missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)"
-            )
-        fields = _parse_sets(sets)
-    registry, _ = _registry(ctx)
-    entry = registry.get("method", method)
-    config = make_config(entry.cls.Config, fields, where=f"method {method}")
-    instance = entry.cls(config)
-
-    from ..engine.kernel import KernelMethod
-
-    if not isinstance(instance, KernelMethod) and not callable(getattr(instance, "passthrough_plan", None)):
-        raise ConfigError(
-            f"method {method!r} is not a per-tensor method, so fuse merge cannot stream it; run it with `fuse run method={method}`"
-        )
-    if not models and not (base and callable(getattr(instance, "passthrough_plan", None))):
-        raise ConfigError("no models to merge: give --model PATH (once per fine-tuned model)")
-
+    from ..engine.duplicates import check_duplicates
     from ..engine.executor import MergeOptions, merge_to_path
-    from ..engine.readers import open_reader
+    from ..output import check_output_path, terminate_as_interrupt
 
-    readers = []
-    try:
-        base_reader = open_reader(base, allow_pickle=allow_pickle, label=str(base)) if base else None
-        if base_reader is not None:
-            readers.append(base_reader)
-        model_readers = []
-        for path in models:
-            model_readers.append(open_reader(path, allow_pickle=allow_pickle, label=str(path)))
-            readers.append(model_readers[-1])
-        recipe = {
-            "method": method,
-            "fields": config_to_dict(config),
-            "base": base,
-            "models": list(models),
-            "seed": seed,
-            "dtype": dtype or ("same as the base" if base else "same as the inputs"),
-            "compute_dtype": compute_dtype,
-        }
-        if mergekit_method:
-            recipe["mergekit"] = {"config": str(mergekit_config), "merge_method": mergekit_method}
-        plugin_version = _dist_version(entry.dist)
-        if entry.dist:
-            recipe["plugin"] = f"{entry.dist} {plugin_version or ''}".strip()
+    inputs = [p for p in [spec.base, *spec.models] if p]
+    check_output_path(output, overwrite=overwrite, inputs=inputs)  # before anything is read
+    with terminate_as_interrupt(), _open_inputs(spec, allow_pickle) as (base_reader, model_readers):
+        if not allow_duplicates and not callable(getattr(instance, "passthrough_plan", None)):
+            check_duplicates(spec.models, model_readers)
         options = MergeOptions(
             seed=seed,
             compute_dtype=compute_dtype,
-            out_dtype=dtype,
+            out_dtype=spec.dtype,
             device=device,
             shard_size=shard_size,
             common_keys_only=common_keys_only,
             overwrite=overwrite,
-            recipe=recipe,
+            recipe=_recipe(spec, entry, config, seed, compute_dtype),
             progress=not quiet,
+            copy_code=copy_code,
+            inputs=tuple(inputs),
         )
         try:
             out = merge_to_path(instance, base_reader, model_readers, output, options)
-        except KeyboardInterrupt:
-            raise MergeInterrupted(f"interrupted: nothing was written to {output}") from None
-    finally:
-        for reader in readers:
-            reader.close()
+        except KeyboardInterrupt as exc:
+            raise MergeInterrupted(f"{_stopped(exc)}: nothing was written to {output}") from None
     if not quiet:
-        n_inputs = len(models) + (1 if base else 0)
-        click.echo(f"{method}: {n_inputs} input(s) → {out} in {time.perf_counter() - start:.1f} s", err=True)
+        click.echo(f"{spec.method}: {len(inputs)} input(s) → {out} in {time.perf_counter() - start:.1f} s", err=True)
+
+
+def _stopped(exc: BaseException) -> str:
+    from ..output import Terminated
+
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

@@ -57,7 +57,10 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
     from ..console import console
     from ..report import render_report
 
-    report = run(config, registry=state.registry, plugin_manager=state.pm, overwrite=overwrite, dry_run=dry_run)
+    from ..output import terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        report = run(config, registry=state.registry, plugin_manager=state.pm, overwrite=overwrite, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif dry_run:
