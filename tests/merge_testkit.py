@@ -230,3 +230,44 @@ def merge_ref(method, base: dict | None, models: Sequence[dict]) -> dict[str, to
         b = base[key].float() if base is not None else None
         out[key] = method.kernel(key, b, [m[key].float() for m in models], KernelContext(name=key))
     return out
+
+
+class Terminating(KernelMethod):
+    """Sends SIGTERM to its own process on the tensor named ``at`` (``kill`` of a running merge)."""
+
+    name = "t_sigterm"
+    summary = "test: SIGTERM in the middle of a merge"
+    elementwise = True
+
+    @attrs.frozen
+    class Config:
+        at: str = option("b", help="tensor name")
+
+    def kernel(self, name, base, tensors, ctx):
+        if name == self.config.at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+        return base + sum(t - base for t in tensors) / len(tensors)
+
+
+class Racing(KernelMethod):
+    """Creates a folder at ``path`` while merging (another run finishing first at the same output)."""
+
+    name = "t_race"
+    summary = "test: an output that appears while the merge runs"
+    elementwise = True
+
+    @attrs.frozen
+    class Config:
+        path: str = option("", help="where the other run's output appears")
+
+    def kernel(self, name, base, tensors, ctx):
+        target = Path(self.config.path)
+        if not target.exists():
+            target.mkdir()
+            (target / "theirs.txt").write_text("the other run's output")
+        return base + sum(t - base for t in tensors) / len(tensors)
+
+
+TEST_METHODS += [Terminating, Racing]

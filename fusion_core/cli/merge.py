@@ -229,12 +229,17 @@ def merge_command(
         try:
             out = merge_to_path(instance, base_reader, model_readers, output, options)
         except KeyboardInterrupt as exc:
-            raise MergeInterrupted(f"{_stopped(exc)}: nothing was written to {output}") from None
+            raise _stopped(exc, output) from None
     if not quiet:
         click.echo(f"{spec.method}: {len(inputs)} input(s) → {out} in {time.perf_counter() - start:.1f} s", err=True)
 
 
-def _stopped(exc: BaseException) -> str:
+def _stopped(exc: BaseException, output: str) -> MergeInterrupted:
+    """Ctrl-C (exit 130) or SIGTERM (exit 143), after the partial output was removed."""
     from ..output import Terminated
 
-    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    if isinstance(exc, Terminated):
+        error = MergeInterrupted(f"terminated (SIGTERM): nothing was written to {output}")
+        error.exit_code = 143
+        return error
+    return MergeInterrupted(f"interrupted: nothing was written to {output}")

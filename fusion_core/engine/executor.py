@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def _stderr(message: str) -> None:
     from ..console import error_console
 
-    error_console().print(message, markup=False, highlight=False)
+    error_console().print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 @attrs.define
