@@ -69,7 +69,7 @@ def os_error_line(exc: OSError, path: str | os.PathLike, doing: str = "write") -
     """One line for an OSError met at ``path``: what failed, why, and the fix."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     fix = _FIXES.get(exc.errno or 0, "check the path and try again")
-    where = exc.filename if isinstance(exc.filename, str) and exc.filename else str(path)
+    where = exc.filename if isinstance(exc.filename, str) and exc.filename and TEMP_TAG not in exc.filename else str(path)
     return f"cannot {doing} {where}: {reason}; {fix}"
 
 
@@ -379,6 +379,8 @@ def atomic_output(
         _commit(tmp, target, raw)
     except OSError as exc:
         _remove(tmp)
+        if TEMP_TAG in raw:  # nested in another output's temporary folder: that one names the user's path
+            raise
         raise OutputError(os_error_line(exc, raw)) from None
     except BaseException:
         _remove(tmp)
