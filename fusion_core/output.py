@@ -14,25 +14,20 @@ import contextlib
 import errno
 import json
 import os
-import re
 import secrets
-import shutil
-import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .cleanup import OLD_TAG, TEMP_TAG, owner_tag, remove_path, remove_stale_temps
 from .errors import InputError
 
 MARKER = ".fuse-output.json"
 """The file in every output folder fuse writes: the tool and version that wrote it."""
-TEMP_TAG = ".fuse-tmp-"
-OLD_TAG = ".fuse-old-"
 SAFETENSORS_MARK = "fusion"
 """The ``__metadata__`` key of every safetensors file fuse writes."""
 _CARD_SIGNS = ("This model was made with `fuse", "Made with fusion (`fuse run`)")
-_STALE = re.compile(r"^\..+(?:\.fuse-tmp-|\.fuse-old-)(\d+)(?:\.(\d+)\.([0-9a-f]{8}))?-[0-9a-f]+$")
 
 _FIXES = {
     errno.ENOSPC: "the disk is full: free space or write the output elsewhere",
@@ -79,93 +74,6 @@ def _real(path: str | os.PathLike) -> Path:
 
 def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
-
-
-def _owner_tag() -> str:
-    return f"{os.getpid()}.{_start_ticks(os.getpid())}.{_boot_id()}"
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
-    except OSError:
-        return "00000000"
-
-
-def _start_ticks(pid: int) -> int:
-    """The process's start time in clock ticks since boot (0 where unknown)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _owner_alive(pid: int, start: int | None, boot: str | None) -> bool:
-    if boot is not None and boot != _boot_id():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if start and _start_ticks(pid) not in (0, start):
-        return False  # the pid was reused by another process
-    return True
-
-
-def _size(path: Path) -> int:
-    if path.is_symlink() or not path.is_dir():
-        return path.lstat().st_size
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-def remove_stale_temps(parent: str | os.PathLike, notify: Callable[[str], None] | None = None) -> int:
-    """Remove ``.*.fuse-tmp-*``/``.*.fuse-old-*`` paths in ``parent`` left by processes that died; returns bytes freed."""
-    freed = 0
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return 0
-    for entry in entries:
-        match = _STALE.match(entry.name)
-        if not match:
-            continue
-        pid, start, boot = int(match.group(1)), match.group(2), match.group(3)
-        if _owner_alive(pid, int(start) if start else None, boot):
-            continue
-        path = Path(entry.path)
-        try:
-            size = _size(path)
-            _remove(path)
-        except OSError:
-            continue
-        freed += size
-        if notify is not None:
-            notify(f"note: removed {path}, left by an interrupted fuse run (pid {pid}): {human_size(size)} freed")
-    return freed
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def is_fuse_output(path: str | os.PathLike) -> bool:
@@ -247,7 +155,7 @@ def check_output_path(
     cwd = _real(os.getcwd())
     if _within(cwd, absolute):
         raise OutputError(
-            f"output {raw} is the working directory or holds it; fuse never replaces it: give a new name, e.g. -o {raw.rstrip('/')}/merged"
+            f"output {raw} is the working directory; fuse never replaces it: give a new name, e.g. -o {raw.rstrip('/')}/merged"
             if absolute == cwd
             else f"output {raw} holds the working directory; fuse never replaces it: give a new output path"
         )
@@ -334,7 +242,7 @@ def _commit(tmp: Path, target: OutputTarget, raw: str) -> None:
         except FileExistsError:
             raise appeared from None
         return
-    trash = path.parent / f".{path.name}{OLD_TAG}{_owner_tag()}-{secrets.token_hex(4)}"
+    trash = path.parent / f".{path.name}{OLD_TAG}{owner_tag()}-{secrets.token_hex(4)}"
     try:
         rename_noreplace(path, trash)
     except FileNotFoundError:
@@ -350,7 +258,7 @@ def _commit(tmp: Path, target: OutputTarget, raw: str) -> None:
         raise appeared from None
     finally:
         if trash is not None:
-            _remove(trash)
+            remove_path(trash)
 
 
 @contextlib.contextmanager
@@ -371,19 +279,19 @@ def atomic_output(
     raw = str(path)
     target = check_output_path(path, overwrite=overwrite, inputs=inputs, make_parent=make_parent)
     remove_stale_temps(target.path.parent, notify or _note)
-    tmp = target.path.parent / f".{target.path.name}{TEMP_TAG}{_owner_tag()}-{secrets.token_hex(4)}"
+    tmp = target.path.parent / f".{target.path.name}{TEMP_TAG}{owner_tag()}-{secrets.token_hex(4)}"
     try:
         yield tmp
         if tmp.is_dir() and not tmp.is_symlink():
             (tmp / MARKER).write_text(json.dumps(marker_data(), indent=2) + "\n")
         _commit(tmp, target, raw)
     except OSError as exc:
-        _remove(tmp)
+        remove_path(tmp)
         if TEMP_TAG in raw:  # nested in another output's temporary folder: that one names the user's path
             raise
         raise OutputError(os_error_line(exc, raw)) from None
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
 
 
@@ -414,30 +322,3 @@ def _note(message: str) -> None:
     import click
 
     click.echo(message, err=True)
-
-
-# ---------------------------------------------------------------------------
-# SIGTERM
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that every cleanup path of Ctrl-C runs."""
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``): temp outputs are removed."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -293,9 +293,9 @@ def test_stale_temps_of_dead_processes_are_removed_with_a_note(root, capsys):
     (dead / "model.safetensors").write_bytes(bytes(3000))
     legacy = root / ".out.fuse-tmp-999999998-abcd1234"  # the name older versions used
     legacy.write_bytes(bytes(10))
-    from fusion_core.output import _owner_tag
+    from fusion_core.cleanup import owner_tag
 
-    alive = root / f".other.fuse-tmp-{_owner_tag()}-0000abcd"  # this process: kept
+    alive = root / f".other.fuse-tmp-{owner_tag()}-0000abcd"  # this process: kept
     alive.mkdir()
     code, _, err = fuse(capsys, *merge_args(root))
     assert code == 0, err

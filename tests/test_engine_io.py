@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from fusion_core.engine.readers import ModuleReader, PickleReader, SafetensorsReader, ShardedReader, StateDictReader, open_reader
 from fusion_core.engine.writer import ModelWriter, atomic_output, parse_size, save_state_dict_folder
-from fusion_core.output import MARKER
 from fusion_core.errors import ConfigError, InputError
+from fusion_core.output import MARKER
 
 torch.set_num_threads(1)
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt as exc:
-        from ..output import Terminated
+        from ..cleanup import Terminated
 
         terminated = isinstance(exc, Terminated)
         click.echo(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; no partial output was kept", err=True)

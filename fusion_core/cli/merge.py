@@ -204,9 +204,10 @@ def merge_command(
     spec = _spec_from_mergekit(mergekit_config, dtype) if mergekit_config else _spec_from_flags(method, base, models, sets, dtype)
     entry, config, instance = _make_method(ctx, spec)
 
+    from ..cleanup import terminate_as_interrupt
     from ..engine.duplicates import check_duplicates
     from ..engine.executor import MergeOptions, merge_to_path
-    from ..output import check_output_path, terminate_as_interrupt
+    from ..output import check_output_path
 
     inputs = [p for p in [spec.base, *spec.models] if p]
     check_output_path(output, overwrite=overwrite, inputs=inputs)  # before anything is read
@@ -236,7 +237,7 @@ def merge_command(
 
 def _stopped(exc: BaseException, output: str) -> MergeInterrupted:
     """Ctrl-C (exit 130) or SIGTERM (exit 143), after the partial output was removed."""
-    from ..output import Terminated
+    from ..cleanup import Terminated
 
     if isinstance(exc, Terminated):
         error = MergeInterrupted(f"terminated (SIGTERM): nothing was written to {output}")

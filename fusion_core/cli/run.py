@@ -54,10 +54,9 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
         return
     from ..api import run
+    from ..cleanup import terminate_as_interrupt
     from ..console import console
     from ..report import render_report
-
-    from ..output import terminate_as_interrupt
 
     with terminate_as_interrupt():
         report = run(config, registry=state.registry, plugin_manager=state.pm, overwrite=overwrite, dry_run=dry_run)

@@ -42,10 +42,10 @@ import attrs
 import torch
 
 from ..errors import FuseError, InputError, PluginError
+from ..output import atomic_output, check_output_path
 from .kernel import KernelContext, KernelMethod
 from .readers import TensorReader, as_reader
 from .validate import ALIAS, COPY, PASSTHROUGH, TensorPlan, dtype_name, parse_dtype, plan_merge
-from ..output import atomic_output, check_output_path
 from .writer import DEFAULT_SHARD_SIZE, FilePlan, ModelWriter, copy_planned, parse_size, plan_model_files, write_model_card
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -330,7 +330,8 @@ class ShardedReader(TensorReader):
                 raise InputError(
                     f"{self.folder} holds {len(singles)} safetensors files but no *.safetensors.index.json; give one file as the model"
                 )
-            file = SafetensorsFile(inside(self.folder, singles[0]))
+            inside(self.folder, singles[0])
+            file = SafetensorsFile(singles[0])
             self._files[singles[0].name] = file
             self._where = {name: singles[0].name for name in file.names}
         else:
@@ -344,7 +345,8 @@ class ShardedReader(TensorReader):
         weight_map = read_shard_index(self.folder, index_path)
         for name, fname in weight_map.items():
             if fname not in self._files:
-                path = member(self.folder, fname, named_in=index_path)
+                member(self.folder, fname, named_in=index_path)
+                path = self.folder / fname
                 if not path.exists():
                     raise InputError(f"{index_path} names shard {fname} which is missing from {self.folder}")
                 self._files[fname] = SafetensorsFile(path)
@@ -490,10 +492,13 @@ class PickleReader(StateDictReader):
             index = path / "pytorch_model.bin.index.json"
             if index.exists():
                 files = sorted(set(read_shard_index(path, index).values()))
-                targets = [member(path, fname, named_in=index) for fname in files]
+                for fname in files:
+                    member(path, fname, named_in=index)
             else:
                 files = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-                targets = [inside(path, path / fname) for fname in files]
+                for fname in files:
+                    inside(path, path / fname)
+            targets = [path / fname for fname in files]
             if not files:
                 raise InputError(f"{path} has no safetensors or pickle weights")
             for target in targets:

@@ -240,12 +240,12 @@ def plan_model_files(source: str | os.PathLike | None, *, copy_code: bool = Fals
             name = path.name
             if name in files or name in code or name in SKIPPED_NAMES or name.endswith(".index.json"):
                 continue
-            if path.is_dir() and not path.is_symlink():
-                continue
             if path.suffix in CODE_SUFFIXES and not copy_code:
                 code.append(name)
                 continue
-            real = inside(source, path)
+            real = inside(source, path)  # links out of the folder are refused, even dangling ones
+            if path.is_dir() or not os.path.exists(real):
+                continue
             regular(path)
             files[name] = real
     problem = None
