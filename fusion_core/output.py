@@ -72,6 +72,11 @@ def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path))
 
 
+def _named(path: Path) -> Path:
+    """The absolute path of ``path`` with its folders resolved but not its last part (a link stays a link)."""
+    return _real(path.parent) / path.name if path.name not in ("", ".", "..") else _real(path)
+
+
 def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
@@ -151,7 +156,7 @@ def check_output_path(
     if not raw.strip():
         raise OutputError("the output path is empty: give a new file or folder name")
     path = Path(path)
-    absolute = _real(path.parent) / path.name if path.name not in ("", ".", "..") else _real(path)
+    absolute = _named(path)
     cwd = _real(os.getcwd())
     if _within(cwd, absolute):
         raise OutputError(
@@ -162,13 +167,14 @@ def check_output_path(
     for given in inputs:
         if given is None:
             continue
-        source = _real(given)
-        if absolute == source:
-            raise OutputError(f"output {raw} is the input {given}; write the result to a new path")
-        if _within(source, absolute):
-            raise OutputError(f"output {raw} holds the input {given}; write the result to a new path")
-        if source.is_dir() and _within(absolute, source):
-            raise OutputError(f"output {raw} is inside the input folder {given}; write the result outside it")
+        # the input as named (a link is an input too) and where it leads
+        for source in {_named(Path(given)), _real(given)}:
+            if absolute == source:
+                raise OutputError(f"output {raw} is the input {given}; write the result to a new path")
+            if _within(source, absolute):
+                raise OutputError(f"output {raw} holds the input {given}; write the result to a new path")
+            if source.is_dir() and _within(absolute, source):
+                raise OutputError(f"output {raw} is inside the input folder {given}; write the result outside it")
     parent = absolute.parent
     if not parent.exists():
         if make_parent and parent.parent.is_dir():

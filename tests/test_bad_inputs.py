@@ -163,6 +163,7 @@ CASES = [
     ("out-is-parent-of-inputs", lambda r, m: merge_args(r, "--overwrite", out=r / "cp"), r"output .*cp holds the input"),
     ("out-is-input-folder", lambda r, m: merge_args(r, "--overwrite", out=r / "cp" / "ft1"), r"is the input .*ft1"),
     ("out-is-single-file-input", lambda r, m: merge_args(r, "--overwrite", out=r / "cp" / "a.safetensors", models=("cp/a.safetensors", "cp/ft2")), r"is the input .*a\.safetensors"),
+    ("out-holds-a-linked-input", lambda r, m: ((r / "cp" / "ft-link").symlink_to(r / "other"), ["merge", "t_avg", "--model", str(r / "cp" / "ft-link"), "--model", str(r / "cp" / "a.safetensors"), "-o", str(r / "cp"), "--overwrite"])[1], r"output .*cp holds the input .*ft-link"),
     ("out-inside-input-folder", lambda r, m: merge_args(r, out=r / "cp" / "base" / "merged"), r"inside the input folder .*base"),
     ("out-unrelated-folder", lambda r, m: merge_args(r, "--overwrite", out=r / "thesis"), r"thesis already exists and was not written by fuse"),
     ("out-unrelated-file", lambda r, m: merge_args(r, "--overwrite", out=r / "thesis" / "thesis.tex"), r"thesis\.tex already exists and was not written by fuse"),
@@ -361,3 +362,20 @@ def test_minibench_cache_build_disk_full_is_one_line_and_leaves_nothing(tmp_path
     line = str(info.value)
     assert "\n" not in line and "No space left on device" in line and "free space there" in line
     assert [p for p in tmp_path.rglob("*") if ".building-" in p.name] == []
+
+
+def test_sigterm_during_fuse_run_leaves_no_output(root, capsys, monkeypatch):
+    import signal
+
+    from fusion_core.builtins.methods import Dummy
+
+    def killed(self, pool, ctx):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(Dummy, "run", killed)
+    before, previous = tree_hash(root), signal.getsignal(signal.SIGTERM)
+    code, _, err = fuse(capsys, *run_args(root, str(root / "runout")))
+    assert code == 143 and err.strip() == "terminated (SIGTERM); no partial output was kept"
+    assert tree_hash(root) == before
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is gone afterwards
