@@ -87,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click turns a KeyboardInterrupt inside a command into Abort
+        from ..cleanup import Terminated
+
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("terminated (SIGTERM); no partial output was kept", err=True)
+            return 143
         click.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt as exc:
