@@ -379,3 +379,24 @@ def test_sigterm_during_fuse_run_leaves_no_output(root, capsys, monkeypatch):
     assert code == 143 and err.strip() == "terminated (SIGTERM); no partial output was kept"
     assert tree_hash(root) == before
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler is gone afterwards
+
+
+def test_two_concurrent_merges_to_one_new_output_never_replace_each_other(root):
+    """Two real `fuse merge` processes, started together, to the same new output: exactly one wins."""
+    import subprocess
+
+    pytest.importorskip("fusion_merging")
+    out = root / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "fusion_core", "merge", "task_arithmetic", "--base", str(root / "cp" / "base"),
+            "--model", str(root / "cp" / "ft2"), "-o", str(out), "-q", "--set"]  # fmt: skip
+    procs = [subprocess.Popen([*argv, f"scaling_factor={s}"], env=env, stderr=subprocess.PIPE, text=True) for s in (0.25, 0.75)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2).strip().splitlines()
+    assert len(loser) == 1 and ("already exists" in loser[0] or "appeared while this run was writing" in loser[0])
+    winner = 0.25 if results[0][0] == 0 else 0.75
+    base, ft2 = tiny(0), tiny(2)
+    merged = load_file(str(out / "model.safetensors"))
+    assert torch.allclose(merged["w"], base["w"] + winner * (ft2["w"] - base["w"]))  # the winner's output, whole
+    assert [p.name for p in root.iterdir() if ".fuse-" in p.name] == []
