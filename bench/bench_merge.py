@@ -36,19 +36,11 @@ METHOD_ARGS = {
 TARGETS = {("task_arithmetic", 4): 5.0, ("ties", 4): 12.0}
 RSS_TARGET_GB = 1.5
 
-# runs the real `fuse` entry point; adds the merge command if the CLI does not list it yet
+# runs the real `fuse` entry point
 FUSE_CHILD = """
 import sys
-from fusion_core.cli import main as m
-from fusion_core.cli.merge import merge_command
-make = m.make_cli
-def make_cli(pm):
-    cli = make(pm)
-    if "merge" not in cli.commands:
-        cli.add_command(merge_command)
-    return cli
-m.make_cli = make_cli
-sys.exit(m.main(sys.argv[1:]))
+from fusion_core.cli.main import main
+sys.exit(main(sys.argv[1:]))
 """
 
 # the naive approach: every state dict in memory, then a loop over tensor names

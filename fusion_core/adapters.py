@@ -40,22 +40,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .components import ModelPool, forward
 from .errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .components import ModelPool, TaskPool
+    from .components import TaskPool
 
 
 # --------------------------------------------------------------------------- running a model
 
 
-def forward(model: Any, inputs: Any) -> Any:
-    """Run ``model`` on one batch: ``model(**inputs)`` for a mapping, else ``model(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
 
 
 def pool_forward(pool: "ModelPool | None") -> Callable[[Any, Any], Any]:
@@ -67,8 +63,6 @@ def pool_forward(pool: "ModelPool | None") -> Callable[[Any, Any], Any]:
 def _has_custom_forward(pool: "ModelPool | None") -> bool:
     if pool is None:
         return False
-    from .components import ModelPool
-
     method = getattr(type(pool), "forward", None)
     return method is not None and method is not ModelPool.forward
 

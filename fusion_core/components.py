@@ -86,6 +86,27 @@ class Method(Component):
     """
 
     kind = "method"
+    min_models: ClassVar[int] = 0
+    """Fewest fine-tuned models the method accepts (checked by :meth:`check_inputs`)."""
+    max_models: ClassVar[int | None] = None
+    """Most fine-tuned models the method accepts (``None``: no limit)."""
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        """Raise :class:`~fusion_core.errors.InputError` when a pool of ``n_models`` fine-tuned models
+        (with or without a base) does not fit this method.
+
+        Called before anything is loaded, by the run program (``fuse run`` and ``--dry-run``
+        alike) and by the merge engine.  The default checks ``capabilities.needs_base``,
+        ``min_models`` and ``max_models``; override to add checks (call ``super()``).
+        """
+        from .errors import InputError
+
+        if self.capabilities.needs_base and not has_base:
+            raise InputError(f"method {self.name!r} needs a base model; give one with --base (or `base:` in the model pool)")
+        if n_models < self.min_models:
+            raise InputError(f"method {self.name!r} needs at least {self.min_models} fine-tuned model(s), got {n_models}")
+        if self.max_models is not None and n_models > self.max_models:
+            raise InputError(f"method {self.name!r} takes at most {self.max_models} fine-tuned model(s), got {n_models}")
 
     @abc.abstractmethod
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
@@ -167,8 +188,6 @@ class ModelPool(Component):
 
     def forward(self, model: Any, inputs: Any) -> Any:
         """Run ``model`` on one batch's inputs (see :mod:`fusion_core.adapters`); override for other calls."""
-        from .adapters import forward
-
         return forward(model, inputs)
 
 
@@ -213,6 +232,13 @@ class TaskPool(Component):
     def unlabelled_batches(self, task: str):
         """Unlabelled test inputs of ``task`` for test-time adaptation (an iterable of inputs), or ``None``."""
         return None
+
+
+def forward(model: Any, inputs: Any) -> Any:
+    """Run ``model`` on one batch: ``model(**inputs)`` for a mapping, else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
 
 
 KINDS = {"method": Method, "model-pool": ModelPool, "task-pool": TaskPool}

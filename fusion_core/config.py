@@ -29,29 +29,89 @@ def option(default: Any = _NOTHING, *, help: str, validator=None, factory=None):
 
 
 def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
-    """Validator: a number (or every number of a list) in [lo, hi] (ends open if asked); ``None`` passes."""
+    """Validator: a number (or every number of a list) in [lo, hi] (ends open if asked); ``None`` passes.
+
+    NaN is never in range (every comparison with NaN is false, so the test is written as "inside").
+    """
 
     def check(instance, attribute, value):
         if value is None:
             return
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
-            bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (
-                hi is not None and (v > hi or (hi_open and v == hi))
-            )
-            if bad:
+            inside = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+            if not inside:
                 left = "(" if lo_open else "["
                 right = ")" if hi_open else "]"
                 span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-                raise ValueError(f"{attribute.name} must be in {span}, got {v!r}")
+                raise ValueError(f"{attribute.name} must be in {span}, got {summarize(v)}")
 
     return check
 
 
 def positive(instance, attribute, value):
-    """Validator: a number > 0 (``None`` passes)."""
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+    """Validator: a number > 0 (``None`` passes; NaN fails)."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {summarize(value)}")
+
+
+#: the seeds torch.manual_seed and numpy's generators both take
+SEED_MAX = 2**63 - 1
+
+
+def seed_range(instance, attribute, value):
+    """Validator: a seed in [0, 2**63 - 1] (what torch and numpy generators accept)."""
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{attribute.name} must be in [0, 2**63 - 1], got {summarize(value)}")
+
+
+def at_least_one(instance, attribute, value):
+    """Validator: an integer >= 1 (``None`` passes)."""
+    if value is not None and not value >= 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {summarize(value)}")
+
+
+_DEVICE = __import__("re").compile(r"^(cpu|mps|cuda(:[0-9]{1,3})?)$")
+KNOWN_DEVICES = "cpu, cuda, cuda:N, mps"
+
+
+def check_device(device: str, *, what: str = "device") -> str:
+    """``device`` if it is one fuse computes on (cpu, cuda, cuda:N, mps); else a ConfigError listing them."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ConfigError(f"{what} must be one of {KNOWN_DEVICES}, got {summarize(device)}")
+    return device
+
+
+def known_device(instance, attribute, value):
+    """Validator form of :func:`check_device`."""
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise ValueError(f"{attribute.name} must be one of {KNOWN_DEVICES}, got {summarize(value)}")
+
+
+def summarize(value: Any, *, limit: int = 80) -> str:
+    """A bounded ``repr`` of ``value`` for messages: short values as is, long ones cut, with type and size.
+
+    Never expands a whole structure (an aliased YAML value can be billions of nodes once expanded).
+    """
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    short.maxlevel = 3
+    short.maxlong = 40
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 10_000:
+        return f"<int of {value.bit_length():,} bits>"  # str() of it would raise (int max str digits)
+    text = short.repr(value)
+    cut = len(text) > limit or "..." in text
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if cut and isinstance(value, (str, bytes, list, tuple, dict, set)):
+        unit = "characters" if isinstance(value, str) else "bytes" if isinstance(value, bytes) else "items"
+        return f"{text} ({type(value).__name__} of {len(value):,} {unit})"
+    if cut and isinstance(value, int) and not isinstance(value, bool):
+        return f"{text} (int of {value.bit_length()} bits)"
+    return text
 
 
 # --------------------------------------------------------------------------- values and overrides
@@ -89,53 +149,115 @@ def plain_override(key: str, value: Any) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """Type a command-line value the way YAML would (``0.2`` → float, ``[1,2]`` → list, ``null`` → None)."""
+    """Type a command-line value the way YAML would (``0.2`` → float, ``[1,2]`` → list, ``null`` → None).
+
+    Read with the bounded loader of :mod:`fusion_core.safe_yaml` (``1e-3`` is a number; alias bombs are refused).
+    """
     import yaml
 
+    from .safe_yaml import load_text
+
+    if text.strip() == "":
+        return ""
     try:
-        return yaml.safe_load(text) if text.strip() != "" else ""
+        return load_text(text)
+    except ConfigError as exc:
+        raise ConfigError(f"cannot read value {summarize(text)}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot read value {text!r}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read value {summarize(text)}: {_yaml_problem(exc)}") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
+        raise ConfigError(f"cannot read value {summarize(text)}: {str(exc).splitlines()[0]}") from None
+
+
+def _yaml_problem(exc: Exception) -> str:
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return clip(str(problem), 200)
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (one line) for messages."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_override(arg: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into (``["a", "b"]``, typed value); malformed overrides raise ConfigError."""
     if "=" not in arg:
-        raise ConfigError(f"malformed override {arg!r}: expected key=value (e.g. method.density=0.2)")
+        raise ConfigError(f"malformed override {summarize(arg)}: expected key=value (e.g. method.density=0.2)")
     key, _, raw = arg.partition("=")
     key = key.strip()
     if not key:
-        raise ConfigError(f"malformed override {arg!r}: the key before '=' is empty")
+        raise ConfigError(f"malformed override {summarize(arg)}: the key before '=' is empty")
     parts = key.split(".")
     for part in parts:
         if not _KEY_SEGMENT.match(part):
-            raise ConfigError(f"malformed override {arg!r}: {'empty' if not part else 'invalid'} key segment {part!r} in {key!r}")
+            raise ConfigError(
+                f"malformed override {summarize(arg)}: {'empty' if not part else 'invalid'} key segment {summarize(part)} in {summarize(key)}"
+            )
     return parts, parse_value(raw)
 
 
+def refuse_repeated_keys(args, *, what: str = "override") -> None:
+    """Refuse ``key=value`` arguments that set the same key twice (the last would silently win)."""
+    seen: dict[str, str] = {}
+    for arg in args:
+        key = arg.partition("=")[0].strip()
+        if key.startswith("method.") and what == "--set":
+            key = key[len("method."):]
+        if key in seen:
+            raise ConfigError(
+                f"{what} {summarize(key)} is given twice ({summarize(seen[key], limit=40)} and {summarize(arg, limit=40)}); give it once"
+            )
+        seen[key] = arg
+
+
 def read_yaml(path, *, what: str = "config file"):
-    """Read any YAML value safely; a missing/unreadable file or invalid YAML is a ConfigError naming file:line:col."""
+    """Read any YAML value safely; a missing/unreadable file or invalid YAML is a ConfigError naming file:line:col.
+
+    Files over :data:`fusion_core.safe_yaml.MAX_YAML_BYTES` and anything but regular files (FIFOs,
+    devices) are refused before reading; the bounded loader refuses alias bombs.
+    """
     import os
+    import stat
 
     import yaml
 
+    from .safe_yaml import MAX_YAML_BYTES, load_text
+
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        info = os.stat(path)
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} path is a directory, not a YAML file: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{what} path is a directory, not a YAML file: {path}")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what} {path} is not a regular file (a FIFO or device?); give a YAML file")
+    if info.st_size > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{what} {path} is {info.st_size / 2**20:.1f} MB; fuse reads YAML files up to {MAX_YAML_BYTES // 2**20} MB"
+        )
     try:
-        return yaml.safe_load(text)
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read {what} {path}: not UTF-8 text (byte {exc.start})") from None
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} {path} is over {MAX_YAML_BYTES // 2**20} MB; fuse reads YAML files up to that size")
+    try:
+        return load_text(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ConfigError(f"invalid YAML at {where}: {problem}") from None
+        raise ConfigError(f"invalid YAML at {where}: {_yaml_problem(exc)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"invalid YAML in {path}: {str(exc).splitlines()[0]}") from None
 
 
 def load_yaml_file(path) -> dict:
@@ -171,6 +293,14 @@ def _type_name(tp) -> str:
 
 class _Mismatch(Exception):
     pass
+
+
+class _NotFinite(Exception):
+    """A float field given NaN, ±inf, or a number beyond float32's range (it would be inf in the kernels)."""
+
+
+#: largest magnitude a float field takes: float32's (kernels compute in float32 by default; beyond it is inf)
+FLOAT_LIMIT = 3.4028234663852886e38
 
 
 def _convert(value: Any, tp: Any) -> Any:
@@ -215,7 +345,13 @@ def _convert(value: Any, tp: Any) -> Any:
         raise _Mismatch
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise _NotFinite(value) from None
+            if not -FLOAT_LIMIT <= number <= FLOAT_LIMIT:  # NaN fails both comparisons
+                raise _NotFinite(value)
+            return number
         raise _Mismatch
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -251,13 +387,19 @@ def make_config(config_cls, mapping: Mapping[str, Any] | None, *, where: str = "
     kwargs = {}
     for key, value in mapping.items():
         if key not in fields:
-            raise ConfigError(f"unknown field {where}.{key}{did_you_mean(str(key), fields)}")
+            name = key if isinstance(key, str) and len(key) <= 80 else summarize(key)
+            raise ConfigError(f"unknown field {where}.{name}{did_you_mean(str(name), fields)}")
         field = fields[key]
         try:
             kwargs[key] = _convert(value, field.type) if field.type is not None else value
         except _Mismatch:
             raise ConfigError(
-                f"{where}.{key}: expected {_type_name(field.type)}, got {value!r} ({type(value).__name__})"
+                f"{where}.{key}: expected {_type_name(field.type)}, got {summarize(value)} ({type(value).__name__})"
+            ) from None
+        except _NotFinite as exc:
+            raise ConfigError(
+                f"{where}.{key}: {summarize(exc.args[0])} is not a finite number within float32's range (±3.4e38); "
+                "give a finite value"
             ) from None
     missing = [name for name, f in fields.items() if f.default is attrs.NOTHING and name not in kwargs]
     if missing:
@@ -266,7 +408,7 @@ def make_config(config_cls, mapping: Mapping[str, Any] | None, *, where: str = "
         return config_cls(**kwargs)
     except (ValueError, TypeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{where}: {msg}") from None
+        raise ConfigError(f"{where}: {clip(msg, 300)}") from None
 
 
 def config_to_dict(config) -> dict:

@@ -22,13 +22,29 @@ both providers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     import click
+
+    from .components import Component
+    from .runconfig import RunConfig
+
+
+class RegisterComponent(Protocol):
+    """The ``register`` callable of the component hooks: one call per component class."""
+
+    def __call__(self, cls: "type[Component]") -> None: ...
+
+
+class RegisterBenchmark(Protocol):
+    """The ``register`` callable of :func:`fusion_register_benchmarks`: one call per benchmark."""
+
+    def __call__(self, name: str, *, summary: str, modelpool: Mapping, taskpool: Mapping,
+                 methods: Sequence[str | Mapping] = ()) -> None: ...
 
 PROJECT = "fusion"
 
@@ -37,7 +53,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def fusion_register_methods(register: Callable[[type], None]) -> None:
+def fusion_register_methods(register: RegisterComponent) -> None:
     """Register fusion methods.
 
     :param register: call ``register(cls)`` with a subclass of
@@ -46,12 +62,12 @@ def fusion_register_methods(register: Callable[[type], None]) -> None:
         ``cls.name`` is the name configs use (``method=NAME``).
 
     Called when the registry is built: by ``fuse list``/``show``/``run``/``merge``
-    and by :func:`fusion_core.api.run`.  Must be cheap: do not import torch here.
+    and by :func:`fusion_core.program.run`.  Must be cheap: do not import torch here.
     """
 
 
 @hookspec
-def fusion_register_model_pools(register: Callable[[type], None]) -> None:
+def fusion_register_model_pools(register: RegisterComponent) -> None:
     """Register model pools.
 
     :param register: call ``register(cls)`` with a subclass of
@@ -63,7 +79,7 @@ def fusion_register_model_pools(register: Callable[[type], None]) -> None:
 
 
 @hookspec
-def fusion_register_task_pools(register: Callable[[type], None]) -> None:
+def fusion_register_task_pools(register: RegisterComponent) -> None:
     """Register task pools.
 
     :param register: call ``register(cls)`` with a subclass of
@@ -75,7 +91,7 @@ def fusion_register_task_pools(register: Callable[[type], None]) -> None:
 
 
 @hookspec
-def fusion_register_benchmarks(register: Callable[..., None]) -> None:
+def fusion_register_benchmarks(register: RegisterBenchmark) -> None:
     """Register benchmarks: named pairs of a model pool and a task pool with their settings.
 
     :param register: call ``register(name, summary=..., modelpool={"name": ..., **fields},
@@ -88,12 +104,12 @@ def fusion_register_benchmarks(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def fusion_register_executors(register: Callable[[type], None]) -> None:
-    """Register executors: where the runs of ``fuse sweep`` execute.
+def fusion_register_executors(register: RegisterComponent) -> None:
+    """Register executors: where the runs of ``fuse sweep`` and ``fuse bench`` execute.
 
-    :param register: call ``register(cls)`` with a subclass of
-        :class:`fusion_core.executors.Executor`; ``cls.name`` is used as
-        ``fuse sweep --executor NAME``.  The core registers ``local``
+    :param register: call ``register(cls)`` with a component class whose ``kind`` is
+        ``"executor"`` (in practice a subclass of ``fusion_lab.executors.Executor``);
+        ``cls.name`` is used as ``--executor NAME``.  fusion-lab registers ``local``
         (sequential, or ``--jobs N`` processes); ``fusion-ray`` adds ``ray``.
 
     Called when the registry is built, like :func:`fusion_register_methods`.
@@ -110,4 +126,42 @@ def fusion_register_commands(cli: "click.Group") -> None:
         through this same hook.
 
     Called once per CLI invocation, before the arguments are parsed.
+    """
+
+
+# --------------------------------------------------------------------------- lifecycle (observers of a run)
+
+
+@hookspec
+def fusion_run_start(config: "RunConfig") -> None:
+    """A run is about to start (after validation, before anything heavy is loaded).
+
+    :param config: the resolved :class:`fusion_core.runconfig.RunConfig`.
+
+    Called by the run program (``fuse run``, :func:`fusion_core.run`, every job of
+    ``fuse bench``/``fuse sweep``) in the process that runs it, with the run's plugin
+    manager.  Observers (loggers, trackers, the results database) implement it; the
+    return value is ignored.  Not called for ``--dry-run``.
+    """
+
+
+@hookspec
+def fusion_phase_end(name: str, seconds: float) -> None:
+    """A phase of the run finished (``setup``, ``prepare``, ``method``, ``evaluate``, ``save``).
+
+    :param name: the phase's name, as in the report's ``timings``.
+    :param seconds: its wall time (this occurrence).
+
+    Called by the run program at the end of every phase, also when the phase raised.
+    """
+
+
+@hookspec
+def fusion_run_end(report: dict) -> None:
+    """A run finished: its report is complete (and written, when the run writes one).
+
+    :param report: the report, as :func:`fusion_core.run` returns it.
+
+    Called by the run program once per successful run; fusion-lab records results
+    through it.  A failing run raises instead (no call).
     """

@@ -149,8 +149,8 @@ def check_output_path(
 
     Refused: the working directory or a folder holding it, an input, a folder holding an input,
     a path inside an input folder, an existing path without ``overwrite``, an existing path fuse
-    did not write (even with ``overwrite``), a missing parent folder (unless ``make_parent``: one
-    level is created) and an unwritable parent.
+    did not write (even with ``overwrite``), a missing parent folder (with ``make_parent``, one
+    missing level is allowed: :func:`atomic_output` creates it) and an unwritable parent.
     """
     raw = str(path)
     if not raw.strip():
@@ -176,20 +176,17 @@ def check_output_path(
             if source.is_dir() and _within(absolute, source):
                 raise OutputError(f"output {raw} is inside the input folder {given}; write the result outside it")
     parent = absolute.parent
-    if not parent.exists():
-        if make_parent and parent.parent.is_dir():
-            try:
-                parent.mkdir()
-            except OSError as exc:
-                raise OutputError(os_error_line(exc, parent, "create")) from None
-        else:
+    probe = parent  # the folder that must be writable: the parent, or with make_parent its parent
+    if not os.path.lexists(parent):
+        if not (make_parent and parent.parent.is_dir()):
             raise OutputError(
                 f"the folder {path.parent} of output {raw} does not exist; create it first (mkdir -p {path.parent}) or choose another output"
             )
-    if not parent.is_dir():
+        probe = parent.parent
+    elif not parent.is_dir():
         raise OutputError(f"output location not writable: {path.parent} is not a folder (choose another output path)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output location not writable: {path.parent} (choose another output path)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"output location not writable: {probe} (choose another output path)")
     replaces = None
     if os.path.lexists(absolute):
         if not is_fuse_output(absolute):
@@ -284,21 +281,29 @@ def atomic_output(
     """
     raw = str(path)
     target = check_output_path(path, overwrite=overwrite, inputs=inputs, make_parent=make_parent)
-    remove_stale_temps(target.path.parent, notify or _note)
-    tmp = target.path.parent / f".{target.path.name}{TEMP_TAG}{owner_tag()}-{secrets.token_hex(4)}"
+    parent = target.path.parent
+    made_parent = False
+    if not parent.exists():  # make_parent: one level, removed again if nothing lands in it
+        try:
+            parent.mkdir()
+        except OSError as exc:
+            raise OutputError(os_error_line(exc, parent, "create")) from None
+        made_parent = True
+    remove_stale_temps(parent, notify or _note)
+    tmp = parent / f".{target.path.name}{TEMP_TAG}{owner_tag()}-{secrets.token_hex(4)}"
     try:
         yield tmp
         if tmp.is_dir() and not tmp.is_symlink():
             (tmp / MARKER).write_text(json.dumps(marker_data(), indent=2) + "\n")
         _commit(tmp, target, raw)
-    except OSError as exc:
+    except BaseException as exc:
         remove_path(tmp)
-        if TEMP_TAG in raw:  # nested in another output's temporary folder: that one names the user's path
+        if made_parent:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if not isinstance(exc, OSError) or TEMP_TAG in raw:  # nested: the outer output names the user's path
             raise
         raise OutputError(os_error_line(exc, raw)) from None
-    except BaseException:
-        remove_path(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -309,19 +314,24 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, **kwargs: An
         yield tmp
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` (creating its folder) through a temp file in the same folder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to ``path`` through a temp file in the same folder."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def _note(message: str) -> None:

@@ -11,10 +11,12 @@ import attrs
 from .components import KINDS as _COMPONENT_KINDS
 from .components import Component
 from .errors import ConfigError, PluginError, did_you_mean
-from .executors import Executor
+from .hookspecs import RegisterBenchmark, RegisterComponent
 
-#: component kind → the base class its registered classes must subclass
-KINDS = {**_COMPONENT_KINDS, "executor": Executor}
+#: component kind → the base class its registered classes must subclass.  Executors (kind
+#: ``executor``) belong to a plugin (fusion-lab): any :class:`Component` whose ``kind`` is
+#: ``"executor"`` is accepted, so the core never imports the plugin that defines the base class.
+KINDS = {**_COMPONENT_KINDS, "executor": Component}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
@@ -93,6 +95,8 @@ def _validate_component(cls: Any, kind: str, plugin: str) -> None:
     where = f"plugin {plugin!r}"
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise PluginError(f"{where} registered {cls!r} as a {kind}, but it is not a subclass of {base.__module__}.{base.__name__}")
+    if cls.kind != kind:
+        raise PluginError(f"{where} registered {cls!r} as a {kind}, but it is a {cls.kind} (its class attribute kind is {cls.kind!r})")
     if not isinstance(cls.name, str) or not _NAME.match(cls.name):
         raise PluginError(f"{where}: {cls.__name__}.name must be a lowercase name like 'my_method', got {cls.name!r}")
     if not cls.summary or "\n" in cls.summary:
@@ -116,10 +120,9 @@ def build_registry(pm) -> Registry:
     ``FUSE_STRICT_PLUGINS`` is set; duplicate names are always an error naming
     both providers.
     """
-    import os
+    from .plugins import env_flag
 
-    strict = os.environ.get("FUSE_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
-    trace = os.environ.get("FUSE_TRACE_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+    strict, trace = env_flag("FUSE_STRICT_PLUGINS"), env_flag("FUSE_TRACE_PLUGINS")
     registry = Registry()
 
     def call(hook_name: str, make_register: Callable[[str], Callable]) -> None:
@@ -127,16 +130,21 @@ def build_registry(pm) -> Registry:
         for impl in caller.get_hookimpls():  # registration order
             plugin = impl.plugin_name
             pending: list = []
-            try:
-                kwargs = {"register": make_register(plugin, pending)} if "register" in impl.argnames else {}
-                impl.function(**kwargs)
-            except PluginError:
-                raise
-            except Exception as exc:
-                if strict or not hasattr(pm, "record_failure"):
+            kwargs = {"register": make_register(plugin, pending)} if "register" in impl.argnames else {}
+            if plugin in getattr(pm, "records", {}):
+                from .plugins import guarded  # stdout captured, any exception (SystemExit too) recorded
+
+                with guarded(pm, plugin, hook_name, strict=strict) as record:
+                    impl.function(**kwargs)
+                if record.status != "ok":
+                    continue
+            else:
+                try:
+                    impl.function(**kwargs)
+                except PluginError:
+                    raise
+                except Exception as exc:
                     raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
-                pm.record_failure(plugin, exc)
-                continue
             if trace:
                 import sys
 
@@ -146,7 +154,7 @@ def build_registry(pm) -> Registry:
                 registry.add(entry)
 
     for hook_name, kind in HOOK_KINDS.items():
-        def make_register(plugin, pending, kind=kind):
+        def make_register(plugin, pending, kind=kind) -> RegisterComponent:
             def register(cls: type[Component]) -> None:
                 _validate_component(cls, kind, plugin)
                 pending.append(Entry(kind=kind, name=cls.name, cls=cls, plugin=plugin, dist=_dist_of(pm, plugin)))
@@ -155,7 +163,7 @@ def build_registry(pm) -> Registry:
 
         call(hook_name, make_register)
 
-    def make_bench_register(plugin, pending):
+    def make_bench_register(plugin, pending) -> RegisterBenchmark:
         def register(name: str, *, summary: str, modelpool: dict, taskpool: dict, methods=()) -> None:
             if not _NAME.match(name or ""):
                 raise PluginError(f"plugin {plugin!r}: benchmark name must be lowercase, got {name!r}")

@@ -27,18 +27,24 @@ def peak_rss_mb() -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
-def provenance(plugin_manager=None) -> dict:
-    """Versions of Python, the core, every loaded plugin and the heavy libraries in use."""
-    versions: dict[str, Any] = {"python": platform.python_version(), "fusion-core": __version__}
+def versions(plugin_manager=None) -> dict[str, Any]:
+    """Versions of Python, the core, every loaded plugin and the heavy libraries in use (reports, model cards)."""
+    out: dict[str, Any] = {"python": platform.python_version(), "fusion-core": __version__}
     if plugin_manager is not None:
         from .plugins import plugin_versions
 
-        versions.update(plugin_versions(plugin_manager))
+        out.update(plugin_versions(plugin_manager))
     for lib in ("torch", "transformers", "datasets", "safetensors"):
         module = sys.modules.get(lib)
+        version = getattr(module, "__version__", None) if module is not None else None
         if module is not None:
-            versions[lib] = getattr(module, "__version__", None)
-    return {"versions": versions, "platform": platform.platform()}
+            out[lib] = None if version is None else str(version)  # plain text (torch's is a str subclass)
+    return out
+
+
+def provenance(plugin_manager=None) -> dict:
+    """:func:`versions` and the platform, for reports."""
+    return {"versions": versions(plugin_manager), "platform": platform.platform()}
 
 
 def averages(results: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str) -> dict[str, float]:

@@ -13,7 +13,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from .components import TaskPool
-    from .engine.kernel import KernelContext
 
 
 @attrs.define
@@ -28,11 +27,6 @@ class RunContext:
     show_progress: bool = True
     timings: dict[str, float] = attrs.field(factory=dict)
     extras: dict[str, Any] = attrs.field(factory=dict)
-
-    def kernel_context(self, name: str) -> "KernelContext":
-        from .engine.kernel import KernelContext
-
-        return KernelContext(name=name, seed=self.seed, compute_dtype=self.compute_dtype, device=self.device)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -149,145 +149,91 @@ def assert_failed(capsys, tmp, output, *args, match):
     return lines[0]
 
 
-def test_bad_inputs_give_one_line_and_no_output(gpt2_folders, capsys, tmp_path):
-    tmp, modules, (base, ft1, ft2) = gpt2_folders
-    out = tmp / "out"
-    # different keys
-    other = tmp / "other.safetensors"
-    state = load_file(str(Path(ft2) / "model.safetensors"))
-    save_file({**state, "extra.weight": torch.ones(2)}, str(other))
-    assert_failed(
-        capsys,
-        tmp,
-        out,
-        "t_mean",
-        "--base",
-        base,
-        "--model",
-        ft1,
-        "--model",
-        other,
-        match="has 1 extra: 'extra.weight' (pass --common-keys-only",
-    )
-    code, _, err = fuse(
-        capsys, "merge", "t_mean", "--base", base, "--model", ft1, "--model", other, "-o", out, "--common-keys-only"
-    )
-    assert code == 0 and "skipping 1 that some models lack" in err
-    # different shapes
-    shaped = tmp / "shaped.safetensors"
-    save_file({**state, "transformer.wpe.weight": torch.zeros(65, 32)}, str(shaped))
-    assert_failed(
-        capsys,
-        tmp,
-        tmp / "o2",
-        "t_mean",
-        "--base",
-        base,
-        "--model",
-        ft1,
-        "--model",
-        shaped,
-        match="'transformer.wpe.weight' is [64, 32] in base",
-    )
-    # method needs a base
-    assert_failed(capsys, tmp, tmp / "o3", "t_mean", "--model", ft1, "--model", ft2, match="method 't_mean' needs a base model")
-    # field out of range, unknown field, unknown method
-    assert_failed(
-        capsys,
-        tmp,
-        tmp / "o4",
-        "t_drop",
-        "--base",
-        base,
-        "--model",
-        ft1,
-        "--set",
-        "density=1.5",
-        match="density must be in [0.0, 1.0], got 1.5",
-    )
-    assert_failed(
-        capsys,
-        tmp,
-        tmp / "o4",
-        "t_drop",
-        "--base",
-        base,
-        "--model",
-        ft1,
-        "--set",
-        "densty=0.5",
-        match="unknown field method t_drop.densty (did you mean 'density'?)",
-    )
-    assert_failed(
-        capsys, tmp, tmp / "o4", "t_dorp", "--base", base, "--model", ft1, match="unknown method 't_dorp' (did you mean"
-    )
-    # NaN in an input
-    nan = tmp / "nan.safetensors"
-    poisoned = dict(state)
+def _ft2_state(paths):
+    return load_file(str(Path(paths[2]) / "model.safetensors"))
+
+
+def _extra_key(tmp, paths):
+    save_file({**_ft2_state(paths), "extra.weight": torch.ones(2)}, str(tmp / "other.safetensors"))
+    return ["t_mean", "--base", paths[0], "--model", paths[1], "--model", tmp / "other.safetensors"]
+
+
+def _other_shape(tmp, paths):
+    save_file({**_ft2_state(paths), "transformer.wpe.weight": torch.zeros(65, 32)}, str(tmp / "shaped.safetensors"))
+    return ["t_mean", "--base", paths[0], "--model", paths[1], "--model", tmp / "shaped.safetensors"]
+
+
+def _nan_input(tmp, paths):
+    poisoned = _ft2_state(paths)
     poisoned["transformer.h.1.mlp.c_fc.bias"] = poisoned["transformer.h.1.mlp.c_fc.bias"].clone()
     poisoned["transformer.h.1.mlp.c_fc.bias"][3] = float("nan")
-    save_file(poisoned, str(nan))
-    assert_failed(
-        capsys,
-        tmp,
-        tmp / "o5",
-        "t_mean",
-        "--base",
-        base,
-        "--model",
-        ft1,
-        "--model",
-        nan,
-        match="tensor 'transformer.h.1.mlp.c_fc.bias' of",
-    )
-    # truncated safetensors
-    cut = tmp / "cut.safetensors"
-    cut.write_bytes(nan.read_bytes()[:-1000])
-    assert_failed(capsys, tmp, tmp / "o6", "t_mean", "--base", base, "--model", cut, match="cut.safetensors is truncated")
-    # non-float tensors that differ
+    save_file(poisoned, str(tmp / "nan.safetensors"))
+    return ["t_mean", "--base", paths[0], "--model", paths[1], "--model", tmp / "nan.safetensors"]
+
+
+def _truncated(tmp, paths):
+    whole = (Path(paths[2]) / "model.safetensors").read_bytes()
+    (tmp / "cut.safetensors").write_bytes(whole[:-1000])
+    return ["t_mean", "--base", paths[0], "--model", tmp / "cut.safetensors"]
+
+
+def _differing_ints(tmp, paths):
     ints = [tmp / "i1.safetensors", tmp / "i2.safetensors", tmp / "i3.safetensors"]
     for path, last in zip(ints, (4, 4, 5), strict=True):
         save_file({"w": torch.ones(3), "ids": torch.tensor([1, 2, last])}, str(path))
-    assert_failed(
-        capsys,
-        tmp,
-        tmp / "o7",
-        "t_mean",
-        "--base",
-        ints[0],
-        "--model",
-        ints[1],
-        "--model",
-        ints[2],
-        match="non-float tensor 'ids' (int64) differs between",
-    )
-    # output exists without --overwrite
+    return ["t_mean", "--base", ints[0], "--model", ints[1], "--model", ints[2]]
+
+
+def _pickle(tmp, paths):
+    torch.save(_ft2_state(paths), tmp / "m.bin")
+    return ["t_mean", "--base", paths[0], "--model", tmp / "m.bin"]
+
+
+BAD_INPUTS = {
+    "different keys": (_extra_key, "has 1 extra: 'extra.weight' (pass --common-keys-only"),
+    "different shapes": (_other_shape, "'transformer.wpe.weight' is [64, 32] in base"),
+    "method needs a base": (lambda tmp, p: ["t_mean", "--model", p[1], "--model", p[2]], "method 't_mean' needs a base model"),
+    "field out of range": (lambda tmp, p: ["t_drop", "--base", p[0], "--model", p[1], "--set", "density=1.5"],
+                           "density must be in [0.0, 1.0], got 1.5"),
+    "unknown field": (lambda tmp, p: ["t_drop", "--base", p[0], "--model", p[1], "--set", "densty=0.5"],
+                      "unknown field method t_drop.densty (did you mean 'density'?)"),
+    "unknown method": (lambda tmp, p: ["t_dorp", "--base", p[0], "--model", p[1]], "unknown method 't_dorp' (did you mean"),
+    "NaN in an input": (_nan_input, "tensor 'transformer.h.1.mlp.c_fc.bias' of"),
+    "truncated safetensors": (_truncated, "cut.safetensors is truncated"),
+    "non-float tensors that differ": (_differing_ints, "non-float tensor 'ids' (int64) differs between"),
+    "pickle without opt-in": (_pickle, "m.bin is a pickle checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_give_one_line_and_no_output(gpt2_folders, capsys, case):
+    tmp, _, paths = gpt2_folders
+    make_args, match = BAD_INPUTS[case]
+    assert_failed(capsys, tmp, tmp / "out", *make_args(tmp, paths), match=match)
+
+
+@pytest.mark.parametrize(("make_args", "flag"), [(_extra_key, "--common-keys-only"), (_pickle, "--allow-pickle")],
+                         ids=["common keys only", "allow pickle"])
+def test_the_opt_in_flag_named_by_the_error_makes_the_merge_work(gpt2_folders, capsys, make_args, flag):
+    tmp, _, paths = gpt2_folders
+    code, _, err = fuse(capsys, "merge", *make_args(tmp, paths), "-o", tmp / "out", flag)
+    assert code == 0, err
+    if flag == "--common-keys-only":
+        assert "skipping 1 that some models lack" in err
+
+
+def test_an_existing_output_is_refused_without_overwrite(gpt2_folders, capsys):
+    tmp, _, (base, ft1, _) = gpt2_folders
     exists = tmp / "exists"
     exists.mkdir()
     code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft1, "-o", exists)
     assert code != 0 and err.strip() == f"error: output {exists} already exists; pass --overwrite to replace it"
-    # pickle without opt-in
-    pkl = tmp / "m.bin"
-    torch.save(state, pkl)
-    assert_failed(capsys, tmp, tmp / "o8", "t_mean", "--base", base, "--model", pkl, match="m.bin is a pickle checkpoint")
-    code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", pkl, "-o", tmp / "o8", "--allow-pickle")
-    assert code == 0, err
-    # interrupt mid-merge
-    line = assert_failed(
-        capsys,
-        tmp,
-        tmp / "o9",
-        "t_interrupt",
-        "--base",
-        base,
-        "--model",
-        ft1,
-        "--model",
-        ft2,
-        "--shard-size",
-        "20KB",
-        match="interrupted",
-    )
+
+
+def test_interrupt_mid_merge_writes_nothing(gpt2_folders, capsys):
+    tmp, _, (base, ft1, ft2) = gpt2_folders
+    line = assert_failed(capsys, tmp, tmp / "o9", "t_interrupt", "--base", base, "--model", ft1, "--model", ft2,
+                         "--shard-size", "20KB", match="interrupted")
     assert line == f"error: interrupted: nothing was written to {tmp / 'o9'}"
 
 

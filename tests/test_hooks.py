@@ -135,21 +135,41 @@ def test_hook_fusion_register_commands():
     assert result.exit_code == 0 and result.output == "hello fusion\n"
 
 
+class Observer:
+    """Components of a tiny run, and every lifecycle call it receives, in order."""
+
+    def __init__(self, fail_in=None):
+        self.calls = []
+        self.fail_in = fail_in
+
+    @fusion_core.hookimpl
+    def fusion_register_methods(self, register):
+        register(Scale)
+
+    @fusion_core.hookimpl
+    def fusion_register_model_pools(self, register):
+        register(ListPool)
+
+    @fusion_core.hookimpl
+    def fusion_register_task_pools(self, register):
+        register(CountTasks)
+
+    @fusion_core.hookimpl
+    def fusion_run_start(self, config):
+        self.calls.append(("start", config.method.name, config.settings.seed))
+
+    @fusion_core.hookimpl
+    def fusion_phase_end(self, name, seconds):
+        assert seconds >= 0
+        self.calls.append(("phase", name))
+
+    @fusion_core.hookimpl
+    def fusion_run_end(self, report):
+        self.calls.append(("end", report["results"]["merged"]["count"]["accuracy"], report["output_dir"]))
+
+
 def test_registered_components_run_end_to_end(tmp_path):
-    class Plugin:
-        @fusion_core.hookimpl
-        def fusion_register_methods(self, register):
-            register(Scale)
-
-        @fusion_core.hookimpl
-        def fusion_register_model_pools(self, register):
-            register(ListPool)
-
-        @fusion_core.hookimpl
-        def fusion_register_task_pools(self, register):
-            register(CountTasks)
-
-    pm = _manager_with(Plugin())
+    pm = _manager_with(Observer())  # registers Scale, ListPool and CountTasks
     report = fusion_core.run(
         {"method": {"name": "scale_test", "factor": 3}, "modelpool": "list_test", "taskpool": "count_test",
          "output_dir": str(tmp_path / "out"), "evaluate_inputs": False, "progress": False},
@@ -160,18 +180,17 @@ def test_registered_components_run_end_to_end(tmp_path):
 
 
 def test_hook_fusion_register_executors():
-    from fusion_core.executors import Executor, Job
+    """The core keeps the executor kind (its base class lives in fusion-lab): any component of kind ``executor``."""
+    from fusion_core.components import Component
 
-    class Inline(Executor):
+    class Inline(Component):
+        kind = "executor"
         name = "inline_test"
         summary = "Runs jobs in this process, last first."
 
-        def runs_out_of_process(self):
-            return False
-
         def map(self, jobs, env, on_result, *, plugin_manager=None, registry=None):
             for job in reversed(jobs):
-                on_result(job, {"status": "ok", "key": job.key})
+                on_result(job, {"status": "ok", "key": job})
 
     class Plugin:
         @fusion_core.hookimpl
@@ -181,9 +200,9 @@ def test_hook_fusion_register_executors():
     registry = build_registry(_manager_with(Plugin()))
     entry = registry.get("executor", "inline_test")
     assert entry.cls is Inline and entry.plugin == "undo-test-plugin"
-    assert registry.names("executor") == ["inline_test", "local"]  # the core's own executor is registered the same way
+    assert registry.names("executor") == ["inline_test"]  # the core registers none itself (fusion-lab adds local)
     seen = []
-    entry.cls().map([Job("a", {}), Job("b", {})], None, lambda job, result: seen.append(result["key"]))
+    entry.cls().map(["a", "b"], None, lambda job, result: seen.append(result["key"]))
     assert seen == ["b", "a"]
 
     class NotAnExecutor(Method):
@@ -200,8 +219,49 @@ def test_hook_fusion_register_executors():
 
     from fusion_core.errors import PluginError
 
-    with pytest.raises(PluginError, match="registered .* as a executor, but it is not a subclass of fusion_core.executors.Executor"):
+    with pytest.raises(PluginError, match="registered .* as a executor, but it is a method"):
         build_registry(_manager_with(Wrong()))
+
+
+def _observed_run(tmp_path, observer, **settings):
+    return fusion_core.run(
+        {"method": {"name": "scale_test", "factor": 3}, "modelpool": "list_test", "taskpool": "count_test", "seed": 4,
+         "output_dir": str(tmp_path / "out"), "evaluate_inputs": False, "progress": False, **settings},
+        plugin_manager=_manager_with(observer),
+    )
+
+
+def test_hook_fusion_run_start(tmp_path):
+    observer = Observer()
+    _observed_run(tmp_path, observer)
+    assert observer.calls[0] == ("start", "scale_test", 4)
+    dry = Observer()
+    fusion_core.run({"method": "scale_test", "modelpool": "list_test", "taskpool": "count_test"},
+                    plugin_manager=_manager_with(dry), dry_run=True)
+    assert dry.calls == []  # a dry run is not a run
+
+
+def test_hook_fusion_phase_end(tmp_path, monkeypatch):
+    observer = Observer()
+    _observed_run(tmp_path, observer, save_model=True)
+    assert [c[1] for c in observer.calls if c[0] == "phase"] == ["setup", "prepare", "method", "evaluate", "save"]
+
+    def explode(self, pool, ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Scale, "run", explode)
+    failing = Observer()
+    with pytest.raises(RuntimeError, match="boom"):
+        _observed_run(tmp_path / "again", failing)
+    # the failing phase still ends (timed), and the run does not
+    assert failing.calls == [("start", "scale_test", 4), ("phase", "setup"), ("phase", "prepare"), ("phase", "method")]
+
+
+def test_hook_fusion_run_end(tmp_path):
+    observer = Observer()
+    report = _observed_run(tmp_path, observer)
+    assert observer.calls[-1] == ("end", 1.0, str(tmp_path / "out")) and report["results"]["merged"]["count"]["accuracy"] == 1.0
+    assert (tmp_path / "out" / "report.json").is_file()  # written before observers hear of it
 
 
 @pytest.mark.parametrize("hook", HOOKS)

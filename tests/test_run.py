@@ -92,7 +92,7 @@ def test_interrupted_run_leaves_nothing(files, tmp_path, monkeypatch):
 
 
 def test_error_while_writing_leaves_no_output(files, tmp_path, monkeypatch):
-    import fusion_core.api as api
+    import fusion_core.program as api
 
     def broken(path, data):
         raise OSError("disk full")

@@ -36,12 +36,12 @@ def template_dist(tmp_path, monkeypatch):
 
 def test_template_is_listed_with_its_distribution(template_dist, capsys):
     assert main(["list", "methods", "--json"]) == 0
-    median = next(m for m in json.loads(capsys.readouterr().out)["methods"] if m["name"] == "median")
+    median = next(m for m in json.loads(capsys.readouterr().out)["methods"] if m["name"] == "example_median")
     assert median["plugin"] == "example"
     assert main(["plugins", "--json"]) == 0
     row = next(r for r in json.loads(capsys.readouterr().out) if r["name"] == "example")
     assert (row["distribution"], row["version"], row["status"]) == ("fusion-example", "0.1.0", "ok")
-    assert row["registered"] == ["method:median"] and row["hooks"] == ["fusion_register_methods"]
+    assert row["registered"] == ["method:example_median"] and row["hooks"] == ["fusion_register_methods"]
 
 
 def test_template_method_runs_through_fuse_run(template_dist, tmp_path, capsys, write_safetensors):
@@ -51,7 +51,7 @@ def test_template_method_runs_through_fuse_run(template_dist, tmp_path, capsys, 
     paths = [write_safetensors(tmp_path / f"m{i}.safetensors", {"w": torch.tensor(v)}) for i, v in
              enumerate(([1.0, 2.0, 3.0], [2.0, 2.0, 2.0], [30.0, -4.0, 2.5]))]
     models = "{" + ", ".join(f"m{i}: {p}" for i, p in enumerate(paths)) + "}"
-    code = main(["run", "method=median", "modelpool=files", f"modelpool.base={base}", f"modelpool.models={models}",
+    code = main(["run", "method=example_median", "modelpool=files", f"modelpool.base={base}", f"modelpool.models={models}",
                  "taskpool=weight_stats", "evaluate_inputs=false", "progress=false", f"output_dir={tmp_path / 'out'}", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0

@@ -7,11 +7,9 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def fusion_register_commands(cli):
-    from .bench import bench_command
     from .inspect import list_command, plugins_command, show_command
     from .merge import merge_command
     from .run import run_command
-    from .sweep import sweep_command
 
-    for command in (run_command, list_command, show_command, plugins_command, merge_command, bench_command, sweep_command):
+    for command in (run_command, list_command, show_command, plugins_command, merge_command):
         cli.add_command(command)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import textwrap
 
 import click
 
 from ..registry import KIND_PLURALS
+from ..tables import format_option
 
 PLURAL_KINDS = {plural: kind for kind, plural in KIND_PLURALS.items()}
 
@@ -17,12 +19,26 @@ def _console():
     return console()
 
 
+def _list_columns():
+    from ..tables import Column
+
+    return [Column("name", keep=True), Column("kind", drop=0), Column("plugin", drop=2), Column("summary", flex=True, keep=True, min_width=40),
+            Column("flags", drop=1)]
+
+
 @click.command("list")
 @click.argument("what", required=False, type=click.Choice(sorted(PLURAL_KINDS)))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (same as --format json).")
+@format_option
 @click.pass_obj
-def list_command(state, what, as_json):
-    """List methods, model pools, task pools and benchmarks (name, plugin, summary, flags)."""
+def list_command(state, what, as_json, fmt):
+    """List methods, model pools, task pools and benchmarks (name, plugin, summary, flags).
+
+    On a terminal: one table per kind, fitted to its width; piped: one tab-separated record
+    per line (name, kind, plugin, summary, flags).
+    """
+    from ..tables import default_format, emit
+
     registry = state.registry
     kinds = [PLURAL_KINDS[what]] if what else list(KIND_PLURALS)
     rows = {}
@@ -30,35 +46,32 @@ def list_command(state, what, as_json):
         rows[KIND_PLURALS[kind]] = [
             {
                 "name": e.name,
+                "kind": kind,
                 "plugin": e.plugin,
                 "summary": e.summary if kind == "benchmark" else e.cls.summary,
                 "flags": [] if kind == "benchmark" else e.cls.capabilities.flags(),
             }
             for e in (registry.entries[kind][n] for n in registry.names(kind))
         ]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    from rich.markup import escape
-    from rich.table import Table
-
-    for title, items in rows.items():
-        table = Table(title=title, title_justify="left")
-        table.add_column("name", no_wrap=True)
-        table.add_column("plugin", no_wrap=True)
-        table.add_column("summary", overflow="fold", ratio=1)
-        table.add_column("flags", overflow="fold")
-        for item in items:
-            table.add_row(*(escape(v) for v in (item["name"], item["plugin"], item["summary"], " ".join(item["flags"]))))
-        _console().print(table)
+    fmt = "json" if as_json else fmt or default_format()
+    columns = _list_columns()
+    if fmt == "json":
+        json_rows = {plural: [{k: v for k, v in r.items() if k != "kind"} for r in items] for plural, items in rows.items()}
+        emit([], columns, "json", json_data=json_rows)
+    elif fmt != "table":
+        emit([r for items in rows.values() for r in items], columns, fmt)
+    else:
+        for title, items in rows.items():
+            emit(items, [c for c in columns if c.key != "kind"], "table", title=title)
 
 
 @click.command("show")
 @click.argument("name")
 @click.option("--kind", type=click.Choice(sorted(PLURAL_KINDS)), help="Disambiguate a name used by several kinds.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (same as --format json).")
+@format_option
 @click.pass_obj
-def show_command(state, name, kind, as_json):
+def show_command(state, name, kind, as_json, fmt):
     """Show a component's fields (type, default, help), capabilities and reference."""
     from ..config import describe_fields
     from ..errors import ConfigError, did_you_mean
@@ -76,16 +89,22 @@ def show_command(state, name, kind, as_json):
             info = {"kind": entry.kind, "name": entry.name, "plugin": entry.plugin, "summary": cls.summary,
                     "reference": cls.reference_url, "capabilities": cls.capabilities.flags(),
                     "fields": describe_fields(cls.Config), "doc": (cls.__doc__ or "").strip()}
-        if as_json:
-            click.echo(json.dumps(info, indent=2))
+        if as_json or fmt == "json":
+            click.echo(json.dumps(info, indent=2, ensure_ascii=False))
             continue
-        _render_show(info)
+        _render_show(info, fmt)
 
 
-def _render_show(info: dict) -> None:
+def _render_show(info: dict, fmt: str | None = None) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
+    from ..tables import Column, emit
+
+    columns = [Column("name", "field", keep=True), Column("type", keep=True), Column("default", keep=True),
+               Column("help", flex=True, keep=True, min_width=30)]
+    if fmt in ("plain", "csv") and info["kind"] != "benchmark":
+        emit(info["fields"], columns, fmt)  # asked for records: the fields only
+        return
     console = _console()
     console.print(f"[bold]{escape(info['name'])}[/] ({info['kind']}, plugin {escape(info['plugin'])}): {escape(info['summary'])}")
     if info["kind"] == "benchmark":
@@ -97,19 +116,33 @@ def _render_show(info: dict) -> None:
         console.print(f"reference: {info['reference']}")
     if info.get("capabilities"):
         console.print(f"capabilities: {' '.join(info['capabilities'])}")
-    table = Table(title="fields", title_justify="left")
-    for col in ("field", "type", "default", "help"):
-        table.add_column(col, overflow="fold")
+    if not info["fields"]:
+        console.print("no fields")
+        return
+    if console.width < 100:  # narrow: one block per field, its help indented below, instead of a squeezed table
+        console.print("fields:")
+        for f in info["fields"]:
+            console.print(f"  [bold]{escape(f['name'])}[/]: {escape(f['type'])} = {escape(f['default'])}", highlight=False)
+            wrapped = textwrap.fill(f["help"], width=max(40, console.width - 6), initial_indent="      ", subsequent_indent="      ")
+            console.print(escape(wrapped), highlight=False)
+        return
+    from rich.table import Table
+
+    table = Table(title="fields", title_justify="left")  # help wraps: it is the one long column here
+    for col in ("field", "type", "default"):
+        table.add_column(col, no_wrap=col == "field", overflow="fold")
+    table.add_column("help", overflow="fold", ratio=1)
     for f in info["fields"]:
         table.add_row(*(escape(f[key]) for key in ("name", "type", "default", "help")))
-    console.print(table if info["fields"] else "no fields")
+    console.print(table)
 
 
 @click.command("plugins")
 @click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (same as --format json).")
+@format_option
 @click.pass_obj
-def plugins_command(state, show_all, as_json):
+def plugins_command(state, show_all, as_json, fmt):
     """Installed plugins: distribution, version, hooks, what each registered, status."""
     pm = state.pm
     registered: dict[str, list[str]] = {}
@@ -132,18 +165,33 @@ def plugins_command(state, show_all, as_json):
             "name": record.name, "distribution": record.dist, "version": record.version, "module": record.module,
             "builtin": record.builtin, "status": record.status, "error": record.error,
             "hooks": hooks, "registered": sorted(registered.get(record.name, [])),
+            "load_seconds": round(record.load_seconds, 4),
         })
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    from rich.markup import escape
-    from rich.table import Table
+    from ..tables import Column, default_format, emit
 
-    table = Table(title="plugins", title_justify="left")
-    for col in ("name", "distribution", "version", "hooks", "registered", "status"):
-        table.add_column(col, overflow="fold")
+    fmt = "json" if as_json else fmt or default_format()
+    if fmt == "json":
+        emit(rows, [], "json")
+        return
+    if not rows:
+        click.echo("no plugins installed (use --all to see the built-ins)")
+        return
+    records = []
     for r in rows:
-        status = r["status"] if r["status"] != "failed" else f"[red]failed: {escape(r['error'])}[/]"
-        table.add_row(escape(r["name"]), r["distribution"] or "", r["version"] or "", "\n".join(r["hooks"]),
-                      escape(", ".join(r["registered"])), status)
-    _console().print(table if rows else "no plugins installed (use --all to see the built-ins)")
+        counts: dict[str, int] = {}
+        for item in r["registered"]:
+            kind = item.split(":", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        records.append({
+            "name": r["name"], "distribution": r["distribution"] or "(built-in)", "version": r["version"] or "",
+            "status": r["status"] if r["status"] != "failed" else f"failed: {r['error']}",
+            "load": f"{r['load_seconds'] * 1000:.0f} ms" if r["status"] != "skipped" else "",
+            "hooks": [h.removeprefix("fusion_register_") for h in r["hooks"]],
+            # a table shows how many of each kind; records list every name
+            "registered": ", ".join(f"{n} {KIND_PLURALS[k] if n > 1 else k}" for k, n in counts.items()) if fmt == "table"
+                          else r["registered"],
+        })
+    columns = [Column("name", keep=True), Column("distribution", drop=2), Column("version", drop=1),
+               Column("status", keep=True, flex=True, min_width=6), Column("hooks", drop=0), Column("registered", keep=True),
+               Column("load", justify="right", drop=1)]
+    emit(records, columns, fmt, title="plugins", styles=["red" if r["status"] == "failed" else None for r in rows])

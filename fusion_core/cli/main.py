@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -50,12 +49,22 @@ def make_cli(pm) -> click.Group:
         ctx.ensure_object(State)
         ctx.obj.debug = debug
 
-    pm.hook.fusion_register_commands(cli=cli)
+    from ..plugins import guarded
+
+    for impl in reversed(pm.hook.fusion_register_commands.get_hookimpls()):  # pluggy's order: built-ins last
+        if impl.plugin_name in getattr(pm, "records", {}):
+            with guarded(pm, impl.plugin_name, "fusion_register_commands"):
+                impl.function(cli=cli)
+        else:
+            impl.function(cli=cli)
     return cli
 
 
 def report_plugin_failures(pm, reported: set[str]) -> None:
-    """One stderr line per failed plugin, once per invocation."""
+    """One stderr line per failed, slow or printing plugin, once per invocation."""
+    from ..config import clip
+    from ..plugins import slow_plugins
+
     for record in pm.failures:
         if record.name in reported:
             continue
@@ -65,22 +74,32 @@ def report_plugin_failures(pm, reported: set[str]) -> None:
             "(set FUSE_STRICT_PLUGINS=1 to make this fatal, FUSE_DISABLE_PLUGINS to skip it)",
             err=True,
         )
+    for record in pm.records.values():
+        if record.stdout and f"stdout:{record.name}" not in reported and record.name not in reported:
+            reported.add(f"stdout:{record.name}")
+            click.echo(f"warning: {record.describe()} printed to stdout while loading (kept out of fuse's output): "
+                       f"{clip(record.stdout, 80)!r}", err=True)
+    for record in slow_plugins(pm):
+        if f"slow:{record.name}" not in reported and record.name not in reported:
+            reported.add(f"slow:{record.name}")
+            click.echo(f"note: {record.describe()} took {record.load_seconds:.1f} s to load "
+                       f"(FUSE_DISABLE_PLUGINS={record.name} skips it; `fuse plugins --all` shows load times)", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
-    from ..plugins import get_plugin_manager
+    from ..plugins import env_flag, get_plugin_manager
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("FUSE_DEBUG") == "1"
+    debug = "--debug" in argv or env_flag("FUSE_DEBUG")
     previous_showwarning = warnings.showwarning
     if not debug:
         warnings.showwarning = _one_line_warning
     try:
         pm = get_plugin_manager()
         state = State(pm, debug)
-        report_plugin_failures(pm, state.reported)
         cli = make_cli(pm)
+        report_plugin_failures(pm, state.reported)  # import failures and those of fusion_register_commands
         return cli.main(args=argv, prog_name="fuse", obj=state, standalone_mode=False) or 0
     except FuseError as exc:
         if debug:

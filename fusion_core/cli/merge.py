@@ -17,21 +17,10 @@ class MergeInterrupted(FuseError):
     exit_code = 130
 
 
-def _registry(ctx: click.Context):
-    state = ctx.obj
-    registry = getattr(state, "registry", None)
-    if registry is not None:
-        return registry, getattr(state, "pm", None)
-    from ..plugins import get_plugin_manager
-    from ..registry import build_registry
-
-    pm = get_plugin_manager()
-    return build_registry(pm), pm
-
-
 def _parse_sets(sets: tuple[str, ...]) -> dict:
-    from ..config import parse_value
+    from ..config import parse_value, refuse_repeated_keys
 
+    refuse_repeated_keys(sets, what="--set")
     fields = {}
     for item in sets:
         key, eq, raw = item.partition("=")
@@ -90,18 +79,16 @@ def _spec_from_mergekit(mergekit_config: str, dtype: str | None) -> MergeSpec:
 def _make_method(ctx: click.Context, spec: MergeSpec):
     """The registry entry, the validated config and the method instance; refuses what cannot stream."""
     from ..config import make_config
-    from ..engine.kernel import KernelMethod
+    from ..engine.protocol import Passthrough, streams
 
-    registry, _ = _registry(ctx)
-    entry = registry.get("method", spec.method)
+    entry = ctx.obj.registry.get("method", spec.method)
     config = make_config(entry.cls.Config, spec.fields, where=f"method {spec.method}")
     instance = entry.cls(config)
-    passthrough = callable(getattr(instance, "passthrough_plan", None))
-    if not isinstance(instance, KernelMethod) and not passthrough:
+    if not streams(instance):
         raise ConfigError(
             f"method {spec.method!r} is not a per-tensor method, so fuse merge cannot stream it; run it with `fuse run method={spec.method}`"
         )
-    if not spec.models and not (spec.base and passthrough):
+    if not spec.models and not (spec.base and isinstance(instance, Passthrough)):
         raise ConfigError("no models to merge: give --model PATH (once per fine-tuned model)")
     return entry, config, instance
 
@@ -198,7 +185,12 @@ def merge_command(
     tokenizer files and a model card recording the recipe.  --overwrite replaces only
     an output fuse wrote; inputs, folders holding them and the working directory are refused.
     """
+    from ..config import SEED_MAX, check_device, summarize
+
     start = time.perf_counter()
+    check_device(device, what="--device")
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {summarize(seed)}")
     if mergekit_config and (method or base or models or sets):
         raise ConfigError("give either --mergekit-config or METHOD with --base/--model/--set, not both")
     spec = _spec_from_mergekit(mergekit_config, dtype) if mergekit_config else _spec_from_flags(method, base, models, sets, dtype)
@@ -207,12 +199,13 @@ def merge_command(
     from ..cleanup import terminate_as_interrupt
     from ..engine.duplicates import check_duplicates
     from ..engine.executor import MergeOptions, merge_to_path
+    from ..engine.protocol import Passthrough
     from ..output import check_output_path
 
     inputs = [p for p in [spec.base, *spec.models] if p]
     check_output_path(output, overwrite=overwrite, inputs=inputs)  # before anything is read
     with terminate_as_interrupt(), _open_inputs(spec, allow_pickle) as (base_reader, model_readers):
-        if not allow_duplicates and not callable(getattr(instance, "passthrough_plan", None)):
+        if not allow_duplicates and not isinstance(instance, Passthrough):
             check_duplicates(spec.models, model_readers)
         options = MergeOptions(
             seed=seed,

@@ -44,18 +44,22 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
                'modelpool.models={a: a.safetensors, b: b.safetensors}' \\
                method=simple_average taskpool=weight_stats
     """
-    from ..runconfig import load_run_config
+    from ..config import refuse_repeated_keys
+    from ..runconfig import MERGE_ONLY_NOTE, load_run_config
 
     files, overrides = split_run_args(args)
+    refuse_repeated_keys(overrides)
     config = load_run_config(files, overrides, registry=state.registry)
+    if config.taskpool is None and not print_config:
+        click.echo(MERGE_ONLY_NOTE, err=True)  # the same line for --dry-run and the run
     if print_config:
-        import yaml
+        from ..safe_yaml import dump
 
-        click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+        click.echo(dump(config.to_dict(), sort_keys=False).rstrip())
         return
-    from ..api import run
     from ..cleanup import terminate_as_interrupt
     from ..console import console
+    from ..program import run
     from ..report import render_report
 
     with terminate_as_interrupt():
@@ -63,9 +67,9 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif dry_run:
-        import yaml
+        from ..safe_yaml import dump
 
-        click.echo(yaml.safe_dump(report["plan"], sort_keys=False).rstrip())
+        click.echo(dump(report["plan"], sort_keys=False).rstrip())
         click.echo("dry run: config, names and files are valid; nothing was loaded", err=True)
     else:
         render_report(report, console())

@@ -12,21 +12,13 @@ Memory.  For each output tensor the engine holds at most two *work units*
 every input, or, for large tensors, a block of rows of every input:
 
 - ``method.elementwise`` kernels see row blocks of at most ``chunk_bytes`` in all;
-- kernels that also define the two-phase protocol below see, for large tensors,
-  one input at a time (plus the base), then row blocks;
+- kernels that also implement :class:`~fusion_core.engine.kernel.TwoPhaseKernel` see,
+  for large tensors, one input at a time (plus the base), then row blocks;
 - other kernels see whole tensors.
 
-Two-phase protocol (optional, duck-typed on the method), for kernels that need
-a per-tensor statistic of each input (TIES's top-k threshold, an L1 norm)::
-
-    def chunk_stats(self, name, base, tensor, index, ctx) -> Any
-        # whole tensors: the base (or None) and input ``index``; return what phase 2 needs
-    def kernel_chunk(self, name, base, tensors, ctx, stats, start) -> Tensor
-        # rows [start, start + len) of the base and of every input; ``stats`` is the list
-        # of chunk_stats results in input order; return those rows of the merge
-
-The engine uses it only for tensors above ``chunk_bytes``; smaller ones go through
-``kernel``, so both paths must agree (test them against each other).
+What the engine may do with a method is declared by the interfaces of
+:mod:`fusion_core.engine.protocol` (:class:`Kernel`, :class:`TwoPhaseKernel`,
+:class:`Passthrough`), never probed attribute by attribute.
 """
 
 from __future__ import annotations
@@ -43,7 +35,7 @@ import torch
 
 from ..errors import FuseError, InputError, PluginError
 from ..output import atomic_output, check_output_path
-from .kernel import KernelContext, KernelMethod
+from .protocol import Kernel, KernelContext, Passthrough, TwoPhaseKernel, streams
 from .readers import TensorReader, as_reader
 from .validate import ALIAS, COPY, PASSTHROUGH, TensorPlan, dtype_name, parse_dtype, plan_merge
 from .writer import DEFAULT_SHARD_SIZE, FilePlan, ModelWriter, copy_planned, parse_size, plan_model_files, write_model_card
@@ -254,8 +246,8 @@ def _rows_per_unit(plan: TensorPlan, n_inputs: int, itemsize: int, chunk_bytes: 
 def _plan_units(
     method: Any, plans: Sequence[TensorPlan], n_inputs: int, n_models: int, itemsize: int, chunk_bytes: int
 ) -> list[_Unit]:
-    elementwise = bool(getattr(method, "elementwise", False))
-    two_phase = callable(getattr(method, "chunk_stats", None)) and callable(getattr(method, "kernel_chunk", None))
+    elementwise = isinstance(method, Kernel) and method.elementwise
+    two_phase = isinstance(method, TwoPhaseKernel)
     units: list[_Unit] = []
     for plan in plans:
         numel = math.prod(plan.shape)
@@ -398,21 +390,26 @@ def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str
 
 
 def _prepare_method(method: Any, n_models: int, has_base: bool) -> None:
-    if callable(getattr(method, "check_inputs", None)):
-        method.check_inputs(n_models, has_base)
-    elif not isinstance(method, KernelMethod) and not callable(getattr(method, "passthrough_plan", None)):
+    if not streams(method):
         raise InputError(
             f"method {getattr(method, 'name', method)!r} is not a per-tensor method; it cannot be used by the merge engine"
         )
+    method.check_inputs(n_models, has_base)
 
 
 def _plans(
     method: Any, inputs: Sequence[TensorReader], has_base: bool, opts: MergeOptions, notify: Callable[[str], None]
 ) -> list[TensorPlan]:
     out_dtype = parse_dtype(opts.out_dtype, what="output dtype")
-    if callable(getattr(method, "passthrough_plan", None)):
+    if isinstance(method, Passthrough):
         return method.passthrough_plan(inputs, has_base, out_dtype=out_dtype)
     return plan_merge(inputs, has_base, common_keys_only=opts.common_keys_only, out_dtype=out_dtype, notify=notify)
+
+
+def _kernel_contexts(seed: int, compute: torch.dtype, device: str) -> Callable[[str], KernelContext]:
+    """Tensor name → its kernel context: the one route by which the seed reaches kernels."""
+    dtype = dtype_name(compute)
+    return lambda name: KernelContext(name=name, seed=seed, compute_dtype=dtype, device=device)
 
 
 def _check_device(device: str) -> str:
@@ -430,7 +427,6 @@ def merge_readers(
     base: Any,
     models: Sequence[Any],
     options: MergeOptions | None = None,
-    kernel_context: Callable[[str], KernelContext] | None = None,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in memory: ``base`` (or ``None``) and ``models`` are readers, paths, state dicts or modules."""
@@ -445,9 +441,7 @@ def merge_readers(
     device = _check_device(opts.device)
     plans = _plans(method, inputs, has_base, opts, notify)
     sink = _MemorySink(plans)
-    ctx_for = kernel_context or (
-        lambda name: KernelContext(name=name, seed=opts.seed, compute_dtype=dtype_name(compute), device=device)
-    )
+    ctx_for = _kernel_contexts(opts.seed, compute, device)
     _run(
         method,
         inputs,
@@ -472,7 +466,7 @@ def merge_pool(method: Any, pool: "ModelPool", ctx: "RunContext") -> dict[str, t
     total = len(readers[0].keys()) if readers else 0
     ticks = (
         ctx.track(range(total), f"merging ({method.name})", total=total)
-        if getattr(ctx, "show_progress", False) and total
+        if ctx.show_progress and total
         else None
     )
     try:
@@ -481,7 +475,6 @@ def merge_pool(method: Any, pool: "ModelPool", ctx: "RunContext") -> dict[str, t
             base,
             readers,
             opts,
-            kernel_context=ctx.kernel_context,
             progress=(lambda: next(ticks, None)) if ticks is not None else None,
         )
     finally:
@@ -550,7 +543,7 @@ def merge_to_path(
     entries = [(p.name, p.shape, p.out_dtype) for p in plans if p.kind != ALIAS]
     single = output.suffix == ".safetensors"
     files = FilePlan() if single else _plan_files(inputs[0].folder, opts, notify)
-    ctx_for = lambda name: KernelContext(name=name, seed=opts.seed, compute_dtype=dtype_name(compute), device=device)  # noqa: E731
+    ctx_for = _kernel_contexts(opts.seed, compute, device)
     with atomic_output(output, overwrite=opts.overwrite, inputs=protected, notify=notify) as tmp:
         writer = ModelWriter(tmp, entries, shard_size=shard_size, single_file=single)
         try:
@@ -572,9 +565,8 @@ def merge_to_path(
             writer.close()
         if not single:
             copy_planned(files, tmp, dtype=out_dtype)
-            update = getattr(method, "update_config", None)
-            if opts.copy_files and callable(update):
-                update(tmp / "config.json")
+            if opts.copy_files and isinstance(method, Passthrough):
+                method.update_config(tmp / "config.json")
             recipe = dict(opts.recipe or {})
             tied = {p.name: p.source for p in plans if p.kind == ALIAS}
             if tied:

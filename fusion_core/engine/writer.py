@@ -24,7 +24,7 @@ import attrs
 import torch
 
 from ..errors import ConfigError, InputError
-from ..output import SAFETENSORS_MARK, atomic_output, plain_data  # noqa: F401 - atomic_output: re-exported
+from ..output import SAFETENSORS_MARK, atomic_output, plain_data
 from .confine import inside, open_regular, regular
 from .readers import DTYPE_CODES, find_aliases
 
@@ -302,20 +302,17 @@ def copy_model_files(
     return copy_planned(plan_model_files(source, copy_code=copy_code), folder, dtype=dtype)
 
 
-def versions() -> dict[str, str]:
-    import safetensors
-
-    from .. import __version__
-
-    return {"fusion-core": __version__, "torch": torch.__version__.split("+")[0], "safetensors": safetensors.__version__}
-
-
 def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
     """Write ``README.md`` recording ``recipe`` (method, fields, inputs, seed, versions)."""
     import yaml
 
     recipe = dict(recipe)
-    recipe.setdefault("versions", versions())
+    if "versions" not in recipe:
+        import safetensors  # noqa: F401 - loaded, so its version is recorded
+
+        from ..report import versions
+
+        recipe["versions"] = versions()
     method = recipe.get("method", "?")
     if isinstance(method, Mapping):  # a `fuse run` config: {"name": ..., **fields}
         method = method.get("name", "?")
@@ -329,7 +326,7 @@ def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
         front["base_model"] = inputs
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         "",
         "# Merged model",
@@ -339,11 +336,11 @@ def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:
         "## Recipe",
         "",
         "```yaml",
-        yaml.safe_dump(plain_data(recipe), sort_keys=False).rstrip(),
+        yaml.safe_dump(plain_data(recipe), sort_keys=False, allow_unicode=True).rstrip(),
         "```",
         "",
     ]
-    (folder / "README.md").write_text("\n".join(lines))
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 

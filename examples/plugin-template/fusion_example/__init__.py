@@ -5,9 +5,7 @@ from __future__ import annotations
 import attrs
 
 import fusion_core
-from fusion_core.components import Capabilities
-from fusion_core.config import option
-from fusion_core.engine.kernel import KernelMethod
+from fusion_core import Capabilities, KernelMethod, option
 
 
 @attrs.frozen
@@ -18,7 +16,9 @@ class MedianConfig:
 class Median(KernelMethod):
     """Element-wise median of the fine-tuned models (robust to one outlier among three)."""
 
-    name = "median"
+    # Names are global across every installed plugin: prefix yours with your plugin's name, so a copy
+    # of this template (installed next to it) cannot clash with it.
+    name = "example_median"
     summary = "Element-wise median of the models (or of their task vectors with use_base)."
     Config = MedianConfig
     reference_url = "https://en.wikipedia.org/wiki/Median"
@@ -31,9 +31,9 @@ class Median(KernelMethod):
         stacked = torch.stack(list(tensors))
         if self.config.use_base:
             if base is None:
-                from fusion_core.errors import InputError
+                from fusion_core import InputError
 
-                raise InputError("median: use_base=true needs a base model")
+                raise InputError("example_median: use_base=true needs a base model")
             return base + torch.quantile(stacked - base, 0.5, dim=0)
         # quantile interpolates for an even count (mean of the two middle values)
         return torch.quantile(stacked, 0.5, dim=0)

@@ -25,11 +25,10 @@ class AdaptiveMethod(Method):
     min_models: ClassVar[int] = 1
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
-        """Raise :class:`InputError` when the pool cannot feed this method (no base, too few models)."""
+        """:meth:`Method.check_inputs` (model counts), with this plugin's wording for a missing base."""
         if self.capabilities.needs_base and not has_base:
             raise InputError(f"method {self.name!r} needs a base (pretrained) model; give the model pool a base")
-        if n_models < self.min_models:
-            raise InputError(f"method {self.name!r} needs at least {self.min_models} fine-tuned model(s), got {n_models}")
+        super().check_inputs(n_models, has_base)
 
 
 # --------------------------------------------------------------------------- report notes

@@ -39,11 +39,6 @@ def weight_out_in(module: Any, weight: "torch.Tensor | None" = None) -> "torch.T
     return w.t() if transposed(module) else w
 
 
-def to_layout(module: Any, weight_oi: "torch.Tensor") -> "torch.Tensor":
-    """An ``(out, in)`` weight in the layer's own storage layout."""
-    return weight_oi.t().contiguous() if transposed(module) else weight_oi
-
-
 def linear_layers(model: Any) -> dict[str, Any]:
     """Every linear layer of ``model`` by module name (``""``: the model itself), in registration order."""
     return {name: m for name, m in model.named_modules() if is_linear(m)}

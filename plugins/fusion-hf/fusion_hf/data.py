@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
 BUILDERS = ("csv", "json", "parquet", "arrow", "text", "imagefolder")
-EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 DataFiles = str | list[str] | dict[str, str | list[str]]
 
 

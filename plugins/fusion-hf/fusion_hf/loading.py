@@ -41,6 +41,9 @@ def pretrained_kwargs(loc: Location, opts: LoadOptions) -> tuple[str, dict[str, 
 
 
 def one_line(exc: BaseException) -> str:
+    if "contains custom code which must be executed" in str(exc) or "trust_remote_code=True" in str(exc):
+        return ("it ships its own model code (auto_map in config.json, *.py files), which runs only with "
+                "modelpool.trust_remote_code: true; set it only if you trust that code")
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -83,8 +86,12 @@ def load_config(loc: Location, opts: LoadOptions):
         raise InputError(f"{loc.source.label}: cannot read the config of {loc.source.spec()}: {one_line(exc)}") from None
 
 
-def meta_model(cls, config):
-    """An instance of ``cls`` on the meta device (no memory, no weights) for ``config``."""
+def meta_model(cls, config, trust_remote_code: bool = False):
+    """An instance of ``cls`` on the meta device (no memory, no weights) for ``config``.
+
+    ``trust_remote_code`` is passed to the auto classes explicitly: left out, transformers asks on
+    stdin whether to run a checkpoint's code (an EOFError in CI, a hang on a terminal).
+    """
     import torch
 
     from .architectures import SUB_CONFIGS
@@ -94,7 +101,7 @@ def meta_model(cls, config):
         config = getattr(config, sub)
     with torch.device("meta"):
         if hasattr(cls, "from_config"):
-            return cls.from_config(config)
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
         return cls._from_config(config)
 
 
@@ -111,3 +118,33 @@ def load_processor(loc: Location, opts: LoadOptions):
             continue
     return None
 
+
+
+def remote_code(loc: Location, config: dict | None) -> list[str]:
+    """The code a checkpoint would run with ``trust_remote_code``: its ``auto_map`` entries and ``*.py`` files."""
+    found: list[str] = []
+    auto_map = (config or {}).get("auto_map") if isinstance(config, dict) else None
+    if isinstance(auto_map, dict):
+        for key, value in auto_map.items():
+            targets = value if isinstance(value, (list, tuple)) else [value]
+            found.extend(f"{key}={t}" for t in targets if t)
+    if loc.folder is not None:
+        try:
+            found.extend(sorted(p.name for p in loc.folder.iterdir() if p.suffix == ".py" and p.is_file()))
+        except OSError:
+            pass
+    return found
+
+
+def warn_remote_code(pool_name: str, code: dict[str, list[str]]) -> None:
+    """One warning line naming the code ``trust_remote_code`` lets run, per pool."""
+    import warnings
+
+    from fusion_core.config import clip
+
+    if code:
+        listed = "; ".join(f"{label}: {', '.join(items)}" for label, items in code.items())
+        text = f"trust_remote_code is on for model pool {pool_name!r}: this code from the checkpoints will run: {listed}"
+    else:
+        text = f"trust_remote_code is on for model pool {pool_name!r}; no model of it ships code now (hub ids are checked on download)"
+    warnings.warn(clip(text, 400), stacklevel=3)

@@ -151,9 +151,15 @@ class HFModelPool(ModelPool):
             raise ConfigError(f"model pool {self.name!r} has no models; set modelpool.models={{name: entry, ...}}")
         reference: tuple[str, dict] | None = None
         entries = ([(None, self._base)] if self._base is not None else []) + list(self._models.items())
+        code: dict[str, list[str]] = {}
         for name, source in entries:
             loc = self.location(name)
             data = loc.read_config()
+            if self.config.trust_remote_code:
+                from .loading import remote_code
+
+                if found := remote_code(loc, data):
+                    code[source.label] = found
             if source.adapter:
                 self._validate_adapter(source, loc, data)
                 continue
@@ -171,6 +177,10 @@ class HFModelPool(ModelPool):
         if self._processor is not None:
             self._processor.locate(self.config.cache_dir)
         self._check_datasets()
+        if self.config.trust_remote_code:
+            from .loading import warn_remote_code
+
+            warn_remote_code(self.name, code)
 
     def _validate_adapter(self, source: ModelSource, loc: Location, data: dict | None) -> None:
         from .adapters import PEFT_MISSING, check_recorded_base, peft_available
@@ -233,7 +243,7 @@ class HFModelPool(ModelPool):
     def _meta(self, name: str | None):
         from .loading import load_config, meta_model
 
-        return meta_model(self.model_class(), load_config(self.location(name), self._options()))
+        return meta_model(self.model_class(), load_config(self.location(name), self._options()), self.config.trust_remote_code)
 
     def _keep_key(self, meta):
         return None
@@ -352,7 +362,8 @@ class HFModelPool(ModelPool):
         if "text" not in self._encoder_parts:
             from .task_pools.text_classification import load_tokenizer
 
-            self._encoder_parts["text"] = load_tokenizer(self._preprocessing_source(), self.config.cache_dir)
+            self._encoder_parts["text"] = load_tokenizer(self._preprocessing_source(), self.config.cache_dir,
+                                                         trust_remote_code=self.config.trust_remote_code)
         return self._encoder_parts["text"]
 
     def _encoder(self, spec, kind: str):

@@ -48,8 +48,42 @@ def build_recipe(config: Mapping[str, Any], inputs: Mapping[str, str]) -> dict[s
 
 
 
-def write_card(folder: Path, recipe: Mapping[str, Any], base: str | None) -> None:
-    """``README.md`` with a YAML front matter (tags, base model) and the recipe."""
+def heads_section(heads: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The card's lines on the per-task heads saved beside the model (``head-<task>.safetensors``)."""
+    first_task = next(iter(heads))
+    weight = next((k for k in heads[first_task] if k.endswith(".weight")), next(iter(heads[first_task])))
+    lines = [
+        "## Task heads",
+        "",
+        "The backbone above is merged; each task keeps its own classification head, taken from its fine-tuned",
+        "model and saved beside the weights. The head inside `model.safetensors` is the base model's and does",
+        "not discriminate the tasks' classes: load the one for your task on top of it.",
+        "",
+        "| task | file | tensors (shape) |",
+        "|---|---|---|",
+    ]
+    for task, state in heads.items():
+        shapes = ", ".join(f"`{k}` {list(getattr(v, 'shape', v))}" for k, v in state.items())
+        lines.append(f"| {task} | `head-{task}.safetensors` | {shapes} |")
+    lines += [
+        "",
+        "```python",
+        "from safetensors.torch import load_file",
+        "from transformers import AutoModelForSequenceClassification",
+        "",
+        f'head = load_file("head-{first_task}.safetensors")  # in this folder',
+        "model = AutoModelForSequenceClassification.from_pretrained(",
+        f'    ".", num_labels=head["{weight}"].shape[0], ignore_mismatched_sizes=True)',
+        "model.load_state_dict(head, strict=False)",
+        "```",
+        "",
+    ]
+    return lines
+
+
+def write_card(folder: Path, recipe: Mapping[str, Any], base: str | None,
+               heads: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """``README.md`` with a YAML front matter (tags, base model), the per-task heads if any, and the recipe."""
     import yaml
 
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "fusion", f"fusion-{recipe.get('method', 'merge')}"]}
@@ -58,7 +92,7 @@ def write_card(folder: Path, recipe: Mapping[str, Any], base: str | None) -> Non
     inputs = recipe.get("inputs") or {}
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
         "---",
         "",
         CARD_TITLE,
@@ -69,10 +103,11 @@ def write_card(folder: Path, recipe: Mapping[str, Any], base: str | None) -> Non
         "",
         *[f"- {name}: `{spec}`" for name, spec in inputs.items()],
         "",
+        *(heads_section(heads) if heads else []),
         "## Recipe",
         "",
         "```yaml",
-        yaml.safe_dump(plain_data(dict(recipe)), sort_keys=False).rstrip(),
+        yaml.safe_dump(plain_data(dict(recipe)), sort_keys=False, allow_unicode=True).rstrip(),
         "```",
         "",
     ]
@@ -96,5 +131,5 @@ def save_model_folder(model, path: str | os.PathLike, *, recipe: Mapping[str, An
 
             for task, state in heads.items():
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"head-{task}.safetensors"))
-        write_card(tmp, recipe, base)
+        write_card(tmp, recipe, base, heads=heads)
     return path

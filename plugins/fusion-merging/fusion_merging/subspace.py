@@ -24,15 +24,10 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option
 from fusion_core.engine.kernel import KernelMethod
 
+from .geometric import _work
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-
-def _work(x: "torch.Tensor") -> "torch.Tensor":
-    """``x`` in the working dtype: float64 stays float64, everything else becomes float32."""
-    import torch
-
-    return x if x.dtype == torch.float64 else x.to(torch.float32)
 
 
 def _tolerance(matrix: "torch.Tensor", scale) -> float:

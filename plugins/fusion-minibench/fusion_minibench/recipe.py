@@ -49,7 +49,8 @@ def _task_names(instance, attribute, value):
 class Recipe:
     """Every choice that determines the built pool; its hash keys the cache."""
 
-    seed: int = option(0, help="seed of the splits, the initialisation and the training order")
+    seed: int = option(0, help="seed of the splits, the initialisation and the training order (0 to 2**53; "
+                       "per-task generators take seed * 1000 + task)", validator=in_range(0, 2**53))
     tasks: tuple[str, ...] = option(
         tuple(data_mod.LOADERS), help="tasks to build (each gets a split, a head and an expert)", validator=_task_names
     )
@@ -100,17 +101,21 @@ def _sha(values) -> str:
 
 
 class _Progress:
-    """Rich progress bars on stderr (a no-op when ``show`` is false)."""
+    """Rich progress bars on stderr; plain log lines at each quarter when stderr is not a terminal
+    (a piped first run is not silent for minutes); a no-op when ``show`` is false."""
 
     def __init__(self, show: bool) -> None:
         self.show = show
         self._progress = None
+        self._plain = False
 
     def __enter__(self):
-        if self.show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from fusion_core.console import error_console
 
-            from fusion_core.console import error_console
+        if self.show and not error_console().is_terminal:
+            self._plain = True
+        elif self.show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
                 TextColumn("[bold]mini benchmark[/] {task.description}"),
@@ -128,10 +133,31 @@ class _Progress:
             self._progress.__exit__(*exc)
 
     def task(self, description: str, total: int) -> Callable[[int], None]:
+        if self._plain:
+            return _plain_task(description, total)
         if self._progress is None:
             return lambda n=1: None
         tid = self._progress.add_task(description, total=total)
         return lambda n=1: self._progress.advance(tid, n)
+
+
+def _plain_task(description: str, total: int) -> Callable[[int], None]:
+    """``advance(n)`` that prints ``mini benchmark: <description>: 50% (n/total), 12s`` at each quarter."""
+    import sys
+    import time
+
+    state = {"done": 0, "quarter": 0, "start": time.perf_counter()}
+
+    def advance(n: int = 1) -> None:
+        state["done"] += n
+        quarter = 4 * state["done"] // max(1, total)
+        if quarter > state["quarter"]:
+            state["quarter"] = quarter
+            elapsed = time.perf_counter() - state["start"]
+            print(f"mini benchmark: {description}: {min(100, 25 * quarter)}% ({min(state['done'], total)}/{total}), "
+                  f"{elapsed:.0f}s", file=sys.stderr, flush=True)
+
+    return advance
 
 
 def _accuracy(encoder, head, ids: "torch.Tensor", labels: "torch.Tensor", batch: int = 512) -> float:

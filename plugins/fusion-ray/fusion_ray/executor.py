@@ -6,7 +6,7 @@ cluster, after checking within ``connect_timeout_s`` that its head answers (an
 unreachable address fails fast with one line instead of Ray's long retries).
 
 Tasks receive the job's config *mapping* (models and datasets referenced by path)
-and a :class:`fusion_core.executors.WorkerEnv` naming the plugins to load; nothing
+and a :class:`fusion_lab.executors.WorkerEnv` naming the plugins to load; nothing
 heavy goes through the object store.  On a cluster, paths in the config must be
 valid on every node (a shared filesystem), and the plugins installed there.
 """
@@ -18,10 +18,9 @@ import socket
 from typing import Any
 
 import attrs
+from fusion_lab.executors import Executor, one_line, run_job
 
-from fusion_core.config import option, positive
-from fusion_core.errors import InputError, PluginError
-from fusion_core.executors import Executor, one_line, run_job
+from fusion_core import InputError, PluginError, option, positive
 
 RAY_HINT = "pip install 'ray>=2.9' (or reinstall the plugin with its dependencies: pip install fusion-ray)"
 

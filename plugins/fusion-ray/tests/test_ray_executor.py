@@ -15,6 +15,9 @@ from typing import Literal
 import attrs
 import pytest
 import torch
+from fusion_lab.executors import Job, LocalConfig, LocalExecutor, executor_from_options
+from fusion_lab.results_db import open_db
+from fusion_lab.sweep import plan_sweep, run_sweep
 from fusion_ray.executor import RayConfig, RayExecutor, check_reachable, parse_address
 
 import fusion_core
@@ -22,10 +25,7 @@ import fusion_core.plugins
 from fusion_core.cli.main import main
 from fusion_core.config import option
 from fusion_core.errors import ConfigError, InputError, PluginError
-from fusion_core.executors import Job, LocalConfig, LocalExecutor, executor_from_options
 from fusion_core.registry import build_registry
-from fusion_core.results_db import open_db
-from fusion_core.sweep import plan_sweep, run_sweep
 
 
 @attrs.frozen
@@ -58,10 +58,11 @@ class RayTestPlugin:
 
 
 def make_pm(with_ray=True):
+    import fusion_lab.plugin
     import fusion_merging.plugin
     import fusion_ray.plugin
 
-    extra = [("merging", fusion_merging.plugin), ("ray-test", RayTestPlugin)]
+    extra = [("lab", fusion_lab.plugin), ("merging", fusion_merging.plugin), ("ray-test", RayTestPlugin)]
     if with_ray:
         extra.append(("ray", fusion_ray.plugin))
     return fusion_core.plugins.get_plugin_manager(load_entrypoints=False, extra_plugins=extra)

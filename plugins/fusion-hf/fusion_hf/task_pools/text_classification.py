@@ -136,13 +136,13 @@ def _head_outputs(model) -> int | None:
     return last
 
 
-def load_tokenizer(source, cache_dir: str | None):
+def load_tokenizer(source, cache_dir: str | None, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from ..loading import LoadOptions, one_line, pretrained_kwargs, quiet_transformers
 
     loc = source.locate(cache_dir)
-    target, kwargs = pretrained_kwargs(loc, LoadOptions(cache_dir=cache_dir))
+    target, kwargs = pretrained_kwargs(loc, LoadOptions(cache_dir=cache_dir, trust_remote_code=trust_remote_code))
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)

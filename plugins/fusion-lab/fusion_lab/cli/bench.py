@@ -6,14 +6,13 @@ separate from the click command so Python code and tests can drive it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 import click
 
-from ..config import read_yaml, split_top_level
+from fusion_core.config import read_yaml, split_top_level
 
 # --------------------------------------------------------------------------- method specs
 
@@ -22,8 +21,8 @@ from ..config import read_yaml, split_top_level
 
 def parse_method_spec(text: str) -> dict:
     """``ties:density=0.2,scaling_factor=1.0`` → ``{"name": "ties", "density": 0.2, "scaling_factor": 1.0}``."""
-    from ..config import parse_value
-    from ..errors import ConfigError
+    from fusion_core import ConfigError
+    from fusion_core.config import parse_value
 
     name, _, fields = text.partition(":")
     name = name.strip()
@@ -43,7 +42,7 @@ def parse_method_spec(text: str) -> dict:
 def load_methods_file(path: str) -> list[dict]:
     """A YAML list (or ``{methods: [...]}``) of ``NAME``, ``NAME:k=v`` strings or ``{name: ..., field: ...}`` mappings."""
 
-    from ..errors import ConfigError
+    from fusion_core import ConfigError
 
     data = read_yaml(path, what="methods file")
     if isinstance(data, dict) and "methods" in data:
@@ -95,8 +94,8 @@ class BenchPlan:
 
 
 def resolve_benchmark(registry, name: str):
-    from ..errors import ConfigError, did_you_mean
-    from ..runconfig import DEFAULT_BENCHMARK
+    from fusion_core import ConfigError, did_you_mean
+    from fusion_core.runconfig import DEFAULT_BENCHMARK
 
     if name not in registry.entries["benchmark"]:
         hint = (" (install the embedded benchmark: pip install -e plugins/fusion-minibench)"
@@ -114,9 +113,10 @@ def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, 
     :param settings: extra run settings (``device``, ``compute_dtype``, ``progress``...).
     :param cells: ``False`` only resolves the benchmark (for ``--show-only``).
     """
-    from ..errors import ConfigError
+    from fusion_core import ConfigError
+    from fusion_core.runconfig import resolve_run_config
+
     from ..results_db import config_hash, method_summary, pools_hash
-    from ..runconfig import resolve_run_config
 
     bench = resolve_benchmark(registry, benchmark)
     base = {**(settings or {}), "benchmark": benchmark}
@@ -156,48 +156,51 @@ class CellOutcome:
     seconds: float = 0.0
     error: str | None = None
     average: float | None = None
+    metric: str | None = None
 
 
-def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin_manager=None,
+def run_bench(plan: BenchPlan, db, *, force: bool = False, registry=None, plugin_manager=None, executor=None,
               on_cell: Callable[[int, int, CellOutcome], None] | None = None) -> list[CellOutcome]:
-    """Run every cell not already done (all with ``force``), committing each as it finishes.
+    """Run every cell not already done (all with ``force``) on ``executor``, committing each as it finishes.
 
-    A failing cell is recorded with its one-line error and the rest continue.
-    Baselines (pretrained, individual) are evaluated once per pools hash: by the first
-    cell that runs while none are stored (with ``force``: once per invocation).
+    The same job path as ``fuse sweep`` (:func:`fusion_lab.cells.run_cells`): a failing cell is
+    recorded with its one-line error and the rest continue; baselines (pretrained, individual)
+    are evaluated once per pools hash while none are stored (with ``force``: once per invocation).
+    ``executor`` defaults to ``local`` in this process.
     """
-    from ..api import run
-    from ..executors import one_line
-    from ..report import provenance
-    from ..results_db import store_failure, store_report
+    from ..cells import PlannedCell, run_cells
+    from ..executors import LocalConfig, LocalExecutor
 
-    need_baselines = force or not db.has_baselines(plan.pools_hash)
-    outcomes = []
-    total = len(plan.cells)
-    for i, cell in enumerate(plan.cells, 1):
-        if not force and db.is_done(cell.config_hash, cell.seed):
+    if plugin_manager is None:
+        from fusion_core import get_plugin_manager
+
+        plugin_manager = get_plugin_manager()
+    executor = executor or LocalExecutor(LocalConfig())
+    planned = {id(cell): PlannedCell(cell.config_dict, cell.summary) for cell in plan.cells}
+    by_key = {planned[id(cell)].key: cell for cell in plan.cells}
+    outcomes: list[CellOutcome] = []
+
+    def done(planned_cell, status: str, result: dict | None) -> None:
+        cell = by_key[planned_cell.key]
+        if status == "skipped":
             outcome = CellOutcome(cell, "skipped")
+        elif status == "failed":
+            outcome = CellOutcome(cell, "failed", result.get("duration_s") or 0.0, result["error"])
         else:
-            settings = attrs.evolve(cell.config.settings, evaluate_inputs=need_baselines, output_dir=None)
-            config = attrs.evolve(cell.config, settings=settings)
-            started = time.time()
-            try:
-                report = run(config, registry=registry, plugin_manager=plugin_manager, write=False)
-            except Exception as exc:  # recorded; the other cells still run
-                seconds = time.time() - started
-                error = one_line(exc)
-                store_failure(db, cell.config_dict, error, summary=cell.summary, source="bench", benchmark=plan.benchmark,
-                              versions=provenance(plugin_manager)["versions"], duration_s=round(seconds, 3))
-                outcome = CellOutcome(cell, "failed", seconds, error)
-            else:
-                seconds = time.time() - started
-                store_report(db, report, cell.config_dict, summary=cell.summary, source="bench", benchmark=plan.benchmark)
-                if any(k in report["results"] for k in ("pretrained", "individual")):
-                    need_baselines = False
-                outcome = CellOutcome(cell, "ok", seconds, average=report.get("averages", {}).get("merged"))
+            report = result["report"]
+            outcome = CellOutcome(cell, "ok", report.get("duration_s") or 0.0, average=report.get("averages", {}).get("merged"),
+                                  metric=report.get("primary_metric"))
         outcomes.append(outcome)
         if on_cell is not None:
-            on_cell(i, total, outcome)
+            on_cell(len(outcomes), len(plan.cells), outcome)
+
+    executor.check()
+    executor.start()
+    try:
+        run_cells([planned[id(cell)] for cell in plan.cells], db, executor, registry=registry, plugin_manager=plugin_manager,
+                  source="bench", benchmark=plan.benchmark, force=force, baselines=True, on_cell=done)
+    finally:
+        executor.stop()
     return outcomes
 
 
@@ -218,19 +221,38 @@ def failed_cells(db, plan: BenchPlan) -> list:
 # --------------------------------------------------------------------------- the command
 
 
-def _progress_line(i: int, total: int, outcome: CellOutcome) -> None:
-    from ..console import error_console
+class Progress:
+    """One plain line per cell on stderr (readable piped), with the time left once a cell has run.
 
-    cell = outcome.cell
-    where = f"[{i}/{total}] {cell.name} seed {cell.seed}"
-    if outcome.status == "skipped":
-        text = f"{where}: done before, skipped (--force reruns it)"
-    elif outcome.status == "failed":
-        text = f"[red]{where}: failed after {outcome.seconds:.1f}s: {outcome.error}[/]"
-    else:
-        avg = "" if outcome.average is None else f" average {outcome.average:.4g},"
-        text = f"{where}:{avg} {outcome.seconds:.1f}s"
-    error_console().print(text, markup=True, highlight=False)
+    The estimate is cells still to run × the mean time of the cells run so far (leaving out the
+    first once there are others: it also builds the pools and evaluates the baselines).
+    """
+
+    def __init__(self, to_run: int) -> None:
+        self.to_run = to_run
+        self.ran: list[float] = []
+
+    def __call__(self, i: int, total: int, outcome: CellOutcome) -> None:
+        from fusion_core.console import error_console
+        from fusion_core.tables import format_duration, format_score
+
+        cell = outcome.cell
+        where = f"[{i}/{total}] {cell.name} seed {cell.seed}"
+        if outcome.status == "skipped":
+            text = f"{where}: done before, skipped (--force reruns it)"
+        else:
+            self.ran.append(outcome.seconds)
+            if outcome.status == "failed":
+                text = f"[red]{where}: failed after {outcome.seconds:.1f}s: {outcome.error}[/]"
+            else:
+                avg = "" if outcome.average is None else f" average {format_score(outcome.average, outcome.metric)},"
+                text = f"{where}:{avg} {outcome.seconds:.1f}s"
+            left = self.to_run - len(self.ran)
+            if left > 0:
+                times = self.ran[1:] or self.ran
+                each = sum(times) / len(times)
+                text += f"; about {format_duration(left * each)} left ({left} more × {each:.1f}s)"
+        error_console().print(text, markup=True, highlight=False, soft_wrap=True)
 
 
 @click.command("bench")
@@ -245,27 +267,43 @@ def _progress_line(i: int, total: int, outcome: CellOutcome) -> None:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the leaderboard as CSV here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a PNG plot (per-task score by method) here.")
 @click.option("--show-only", is_flag=True, help="Run nothing: render the leaderboard stored in the database.")
+@click.option("--jobs", type=int, default=None, help="Cells at once (local: worker processes; ray: CPUs of a local Ray).")
+@click.option("--executor", "executor_name", default="local", show_default=True, help="Where cells run: local, or ray (fusion-ray plugin).")
+@click.option("--address", default=None, metavar="ADDR", help="Cluster address for the executor (ray: host:port of the head).")
 @click.pass_obj
-def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, markdown, csv_path, plot, show_only):
+def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, markdown, csv_path, plot, show_only, jobs,
+                  executor_name, address):
     """Run methods on a benchmark, store every result in SQLite and show the leaderboard.
 
     \b
       fuse bench                                  # every default method on the mini benchmark
       fuse bench mini --method ties:density=0.2 --method task_arithmetic:scaling_factor=0.3
-      fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png
+      fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png --jobs 2
       fuse bench mini --show-only --csv leaderboard.csv
     """
-    from ..console import console
-    from ..leaderboard import plot_png, render_rich, to_csv, to_markdown, write_text_atomic
+    from fusion_core.console import console
+    from fusion_core.output import write_text_atomic
+
+    from ..leaderboard import plot_png, render_rich, to_csv, to_markdown
     from ..results_db import open_db
 
     registry = state.registry
     specs = (load_methods_file(methods_file) if methods_file else []) + [parse_method_spec(m) for m in methods]
     plan = plan_bench(registry, benchmark, specs or None, seeds or (0,), cells=not show_only)
+    executor = None
+    if not show_only:
+        from ..executors import executor_from_options
+
+        executor = executor_from_options(registry, executor_name, {"jobs": jobs, "address": address})
+        executor.check()  # a missing package or an unreachable cluster fails before anything is written
     outcomes: list[CellOutcome] = []
     with open_db(db_path, readonly=show_only) as db:
         if not show_only:
-            outcomes = run_bench(plan, db, force=force, registry=registry, plugin_manager=state.pm, on_cell=_progress_line)
+            to_run = sum(1 for c in plan.cells if force or not db.is_done(c.config_hash, c.seed))
+            click.echo(f"bench {benchmark}: {len(plan.cells)} cells, {to_run} to run, "
+                       f"{len(plan.cells) - to_run} done before (results: {db.path})", err=True)
+            outcomes = run_bench(plan, db, force=force, registry=registry, plugin_manager=state.pm, executor=executor,
+                                 on_cell=Progress(to_run))
         board = bench_leaderboard(db, plan)
         render_rich(board, console())
         for row in failed_cells(db, plan):
@@ -280,7 +318,7 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
         console().print(f"[dim]results: {db.path}[/]")
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     if outcomes:
-        from ..console import error_console
+        from fusion_core.console import error_console
 
         error_console().print(f"{counts['ok']} run, {counts['skipped']} skipped, {counts['failed']} failed", highlight=False)
     if counts["failed"]:

@@ -9,7 +9,7 @@ import click
 
 
 def _point_line(point, status: str, detail: str | None) -> None:
-    from ..console import error_console
+    from fusion_core.console import error_console
 
     text = {
         "resumed": f"point {point.index + 1} ({point.label}): finished before, skipped",
@@ -24,13 +24,16 @@ def render_sweep(report: dict, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from fusion_core.tables import format_score, is_percent
+
     sel = report["selection"]
-    table = Table(title=f"sweep {report['sweep']} — mean {sel['metric']} on the {sel['split']!r} split")
+    unit = " (%)" if is_percent(sel["metric"]) else ""
+    table = Table(title=f"sweep {report['sweep']} — mean {sel['metric']}{unit} on the {sel['split']!r} split")
     for col, justify in (("#", "right"), ("point", "left"), ("status", "left"), ("score", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     winner = report["winner"]["index"]
     for p in report["points"]:
-        score = "–" if p["score"] is None else f"{p['score']:.6g}"
+        score = format_score(p["score"], sel["metric"], unit=False)
         status = p["status"] if p["status"] == "ok" else f"[red]failed: {escape(str(p['error']))}[/]"
         style = "bold green" if p["index"] == winner else None
         table.add_row(str(p["index"]), escape(p["label"]), status, score, style=style)
@@ -40,7 +43,7 @@ def render_sweep(report: dict, console) -> None:
     final = report["final"]
     if final["status"] == "ok":
         avgs = final["averages"]
-        parts = ", ".join(f"{label} {value:.6g}" for label, value in avgs.items())
+        parts = ", ".join(f"{label} {format_score(value, final['metric'])}" for label, value in avgs.items())
         console.print(f"final evaluation on {final['split']!r}: mean {final['metric']}: {parts}", highlight=False)
     else:
         console.print(f"[red]final evaluation on {final['split']!r} failed: {final['error']}[/]", highlight=False)
@@ -70,9 +73,10 @@ def sweep_command(state, args, points_file, select_metric, minimize, select_on, 
       fuse sweep exp.yaml method=ties method.density=range(0.1,0.5,0.1) method.scaling_factor=0.5,1.0 --jobs 2
       fuse sweep exp.yaml --points points.yaml --executor ray --address head:6379
     """
-    from ..console import console
+    from fusion_core.console import console
+    from fusion_core.output import write_text_atomic
+
     from ..executors import executor_from_options
-    from ..leaderboard import write_text_atomic
     from ..results_db import open_db
     from ..sweep import plan_sweep, run_sweep
 

@@ -11,9 +11,7 @@ import textwrap
 import threading
 
 import pytest
-
-from fusion_core.errors import InputError
-from fusion_core.results_db import (
+from fusion_lab.results_db import (
     SCHEMA_VERSION,
     Cell,
     config_hash,
@@ -22,6 +20,8 @@ from fusion_core.results_db import (
     store_failure,
     store_report,
 )
+
+from fusion_core.errors import InputError
 
 
 def config(method="m", factor=1.0, seed=0, **extra):
@@ -169,7 +169,7 @@ def test_readonly_open_reads_without_writing(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from fusion_core.results_db import Cell, open_db
+    from fusion_lab.results_db import Cell, open_db
     path, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     with open_db(path) as db:
         for i in range(n):

@@ -14,13 +14,13 @@ from typing import ClassVar, Literal
 import attrs
 import pytest
 import torch
+from fusion_lab.results_db import config_hash, open_db
 
 import fusion_core
 import fusion_core.plugins
 from fusion_core.cli.main import main
 from fusion_core.components import Capabilities, Method, TaskPool
 from fusion_core.config import option
-from fusion_core.results_db import config_hash, open_db
 
 
 @attrs.frozen
@@ -74,6 +74,7 @@ class Explode(Method):
 @pytest.fixture
 def bench_pm(tmp_path, write_safetensors, monkeypatch):
     """A plugin manager with fusion-merging, the test components and the benchmark ``tiny``; used by ``fuse``."""
+    import fusion_lab.plugin
     import fusion_merging.plugin
 
     base = write_safetensors(tmp_path / "base.safetensors", {"w": torch.zeros(2)})
@@ -97,7 +98,7 @@ def bench_pm(tmp_path, write_safetensors, monkeypatch):
                      methods=[{"name": "task_arithmetic", "scaling_factor": 0.5}, "simple_average"])
 
     pm = fusion_core.plugins.get_plugin_manager(
-        load_entrypoints=False, extra_plugins=[("merging", fusion_merging.plugin), ("bench-test", Plugin())])
+        load_entrypoints=False, extra_plugins=[("lab", fusion_lab.plugin), ("merging", fusion_merging.plugin), ("bench-test", Plugin())])
     monkeypatch.setattr(fusion_core.plugins, "get_plugin_manager", lambda **kw: pm)
     monkeypatch.chdir(tmp_path)
     Shift.calls = Explode.calls = 0
@@ -128,12 +129,12 @@ EXPECTED_MD = """\
 """
 
 EXPECTED_CSV = """\
-rank,method,kind,config,seeds,a,b,average,a_std,b_std,average_std
-1,individual,baseline,,0,1.0,1.0,1.0,,,
-2,shift_test,method,,0 2,0.83,0.83,0.83,0.113137,0.113137,0.113137
-3,simple_average,method,,0 2,0.75,0.75,0.75,0.0,0.0,0.0
-4,task_arithmetic,method,scaling_factor=0.5,0 2,0.75,0.75,0.75,0.0,0.0,0.0
-5,pretrained,baseline,,0,0.0,0.0,0.0,,,
+rank,method,kind,config,seeds,seed_list,a,b,average,a_std,b_std,average_std
+1,individual,baseline,,1,0,1.0,1.0,1.0,,,
+2,shift_test,method,,2,0 2,0.83,0.83,0.83,0.113137,0.113137,0.113137
+3,simple_average,method,,2,0 2,0.75,0.75,0.75,0.0,0.0,0.0
+4,task_arithmetic,method,scaling_factor=0.5,2,0 2,0.75,0.75,0.75,0.0,0.0,0.0
+5,pretrained,baseline,,1,0,0.0,0.0,0.0,,,
 """
 
 METHODS = ("--method", "task_arithmetic:scaling_factor=0.5", "--method", "simple_average", "--method", "shift_test")
@@ -266,7 +267,8 @@ def test_unwritable_database_location_is_one_line(bench_pm, capsys, tmp_path):
 
 
 def test_two_bench_runs_on_one_database_at_once_lose_no_rows(bench_pm, tmp_path):
-    from fusion_core.cli.bench import plan_bench, run_bench
+    from fusion_lab.cli.bench import plan_bench, run_bench
+
     from fusion_core.registry import build_registry
 
     registry = build_registry(bench_pm)
@@ -289,3 +291,127 @@ def test_two_bench_runs_on_one_database_at_once_lose_no_rows(bench_pm, tmp_path)
     assert {(r.config_summary, r.seed) for r in stored} == {(f"step={s}", seed) for s in (0.01, 0.02) for seed in range(4)}
     # both runs may have evaluated the baselines; the cell is kept once
     assert len(rows("shared.sqlite", "kind = 'baseline'")) == 4
+
+
+def test_progress_reads_in_percent_with_an_estimate_and_piped_leaderboard_is_records(bench_pm, capsys):
+    code, out, err = fuse(capsys, "tiny", "--method", "simple_average", *SEEDS)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line]
+    assert lines[0] == "bench tiny: 2 cells, 2 to run, 0 done before (results: runs/results.sqlite)"
+    # simple average of a and b: w = [0.5, 0.5] → accuracy 1 - 0.25 = 75.0 % on both tasks
+    assert lines[1].startswith("[1/2] simple_average seed 0: average 75.0 %, ")
+    assert "s; about " in lines[1] and lines[1].endswith("s left (1 more × " + lines[1].split("× ")[1])
+    assert lines[2].startswith("[2/2] simple_average seed 2: average 75.0 %, ") and "left" not in lines[2]
+    out_lines = out.splitlines()
+    assert out_lines[0] == "tiny leaderboard — accuracy (%)"
+    assert out_lines[1] == "#\tmethod\tconfig\tseeds\ta\tb\taverage"
+    assert out_lines[2] == "1\tindividual\t–\t1\t100.0\t100.0\t100.0"
+    assert out_lines[3] == "2\tsimple_average\t–\t2\t75.0 ± 0.0\t75.0 ± 0.0\t75.0 ± 0.0"
+
+
+def test_leaderboard_at_80_columns_leaves_out_every_task_column_together():
+    import io
+
+    from fusion_lab.leaderboard import Leaderboard as Board
+    from fusion_lab.leaderboard import LeaderboardRow, Stat, render_rich
+    from rich.console import Console
+
+    tasks = ("rt_sentiment", "rt_subjectivity", "debate_party", "convention_party", "chatter_topic", "language_id")
+    row = LeaderboardRow(label="task_arithmetic", kind="method", config="scaling_factor=0.3", seeds=(0, 1, 2),
+                         tasks={t: Stat(0.7, 0.01, 3) for t in tasks}, average=Stat(0.725, 0.004, 3))
+    board = Board(title="mini leaderboard", metric="accuracy", tasks=tasks, rows=(row,))
+    buf = io.StringIO()
+    render_rich(board, Console(file=buf, width=80, force_terminal=True, color_system=None), fmt="table")
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "task_arithmetic" in text and "scaling_factor=0.3" in text and "72.5 ± 0.4" in text
+    assert not any(t[:6] in text for t in tasks)  # no task column, not even cut to "rt_…"
+    assert "per-task columns left out at 80 columns" in text
+    wide = io.StringIO()
+    render_rich(board, Console(file=wide, width=200, force_terminal=True, color_system=None), fmt="table")
+    assert "rt_sentiment" in wide.getvalue() and "left out" not in wide.getvalue()
+
+
+def test_a_damaged_database_is_one_line(bench_pm, capsys):
+    fuse(capsys, "tiny", *METHODS, *SEEDS)
+    with open("runs/results.sqlite", "r+b") as fh:  # scribble over every page but the first (the schema)
+        size = fh.seek(0, 2)
+        fh.seek(4096)
+        fh.write(b"\xa5" * (size - 4096))
+    for args in (("--show-only",), ("--method", "simple_average", "--force")):
+        code, out, err = fuse(capsys, "tiny", *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith("error: results database runs/results.sqlite is damaged (") and lines[0].endswith(
+            "); move it aside (mv runs/results.sqlite runs/results.sqlite.damaged) and rerun to start a new database, "
+            "or pass --db with another path")
+
+
+def test_show_only_reads_a_read_only_database(bench_pm, capsys, tmp_path):
+    """A database in a folder nobody may write (no -shm file can be created) is still shown."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    fuse(capsys, "tiny", *METHODS, *SEEDS)
+    folder = tempfile.mkdtemp(prefix="fuse-ro-", dir="/tmp")
+    try:
+        shutil.copy("runs/results.sqlite", folder)
+        os.chmod(os.path.join(folder, "results.sqlite"), 0o444)
+        os.chmod(folder, 0o555)
+        script = ("from fusion_lab.results_db import open_db; "
+                  f"print(len(open_db({os.path.join(folder, 'results.sqlite')!r}, readonly=True).rows()))")
+        command = [sys.executable, "-c", script]
+        if os.geteuid() == 0:  # root may write anywhere: read as nobody so the permissions bite
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv: cannot drop privileges")
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "16", out.stderr
+        assert sorted(os.listdir(folder)) == ["results.sqlite"]  # nothing written beside it
+    finally:
+        os.chmod(folder, 0o755)
+        shutil.rmtree(folder)
+
+
+GET_PLUGIN_MANAGER = fusion_core.plugins.get_plugin_manager  # before any fixture replaces it
+
+
+class ParallelBenchPlugin:
+    """The ``tiny`` benchmark with paths relative to the working directory, registered as a class so that
+    worker processes can re-import it."""
+
+    @fusion_core.hookimpl
+    def fusion_register_methods(register):  # noqa: N805 - a plugin namespace, not an instance
+        register(Shift)
+        register(Explode)
+
+    @fusion_core.hookimpl
+    def fusion_register_task_pools(register):  # noqa: N805
+        register(Closeness)
+
+    @fusion_core.hookimpl
+    def fusion_register_benchmarks(register):  # noqa: N805
+        register("tiny", summary="Two 2-d models.", taskpool={"name": "closeness_test"},
+                 modelpool={"name": "files", "base": "base.safetensors",
+                            "models": {"a": "a.safetensors", "b": "b.safetensors"}},
+                 methods=[{"name": "task_arithmetic", "scaling_factor": 0.5}, "simple_average"])
+
+
+def test_jobs_run_cells_in_worker_processes_with_the_same_results(bench_pm, capsys, tmp_path, monkeypatch):
+    import fusion_lab.plugin
+    import fusion_merging.plugin
+
+    pm = GET_PLUGIN_MANAGER(load_entrypoints=False, extra_plugins=[
+        ("lab", fusion_lab.plugin), ("merging", fusion_merging.plugin), ("bench-test", ParallelBenchPlugin)])
+    monkeypatch.setattr(fusion_core.plugins, "get_plugin_manager", lambda **kw: pm)
+    code, out, err = fuse(capsys, "tiny", *METHODS, *SEEDS, "--jobs", "2", "--markdown", "lb.md")
+    assert code == 0, err
+    assert (tmp_path / "lb.md").read_text() == EXPECTED_MD
+    assert "6 run, 0 skipped, 0 failed" in err and Shift.calls == 0  # every cell ran in a worker
+    stored = rows()
+    assert len(stored) == 16 and {r.status for r in stored} == {"ok"}
+    code, _, err = fuse(capsys, "tiny", *METHODS, *SEEDS, "--jobs", "2")
+    assert code == 0 and "0 run, 6 skipped, 0 failed" in err  # the same skip logic as in-process

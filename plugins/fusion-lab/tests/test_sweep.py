@@ -14,8 +14,12 @@ import sqlite3
 from typing import ClassVar, Literal
 
 import attrs
+import fusion_lab.plugin
 import pytest
 import torch
+from fusion_lab.executors import LocalConfig, LocalExecutor
+from fusion_lab.results_db import open_db
+from fusion_lab.sweep import expand, load_points, parse_axis, parse_range, plan_sweep, run_sweep
 
 import fusion_core
 import fusion_core.plugins
@@ -23,10 +27,7 @@ from fusion_core.cli.main import main
 from fusion_core.components import TaskPool
 from fusion_core.config import option
 from fusion_core.errors import ConfigError
-from fusion_core.executors import LocalConfig, LocalExecutor
 from fusion_core.registry import build_registry
-from fusion_core.results_db import open_db
-from fusion_core.sweep import expand, load_points, parse_axis, parse_range, plan_sweep, run_sweep
 
 TARGETS = {"val": 0.5, "test": 1.0}
 
@@ -69,7 +70,7 @@ def make_pm():
     import fusion_merging.plugin
 
     return fusion_core.plugins.get_plugin_manager(
-        load_entrypoints=False, extra_plugins=[("merging", fusion_merging.plugin), ("sweep-test", SweepPlugin)])
+        load_entrypoints=False, extra_plugins=[("lab", fusion_lab.plugin), ("merging", fusion_merging.plugin), ("sweep-test", SweepPlugin)])
 
 
 @pytest.fixture
@@ -160,7 +161,7 @@ def test_selection_uses_validation_and_only_the_winner_sees_test(exp, tmp_path):
     assert report["runner_up"]["index"] == 1 and report["margin"] == pytest.approx(0.16, abs=1e-6)
     assert report["selection"] == {"split": "val", "final_split": "test", "metric": "accuracy", "mode": "max",
                                    "honest": True, "note": "selected on the 'val' split; the final score is on 'test'"}
-    assert report["why"].startswith("point 2 (method.scaling_factor=0.5) has the highest mean accuracy on the val split: 1, 0.16")
+    assert report["why"].startswith("point 2 (method.scaling_factor=0.5) has the highest mean accuracy on the val split: 100.0 %, 16.0 points")
     final = report["final"]
     assert final["status"] == "ok" and final["split"] == "test" and not final["reused_selection_run"]
     assert final["results"]["merged"] == {"a": {"accuracy": 0.75}, "b": {"accuracy": 0.75}}
@@ -228,6 +229,8 @@ def test_cli_sweep_writes_its_report_and_a_rerun_resumes(exp, cli_pm, capsys, tm
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert report["winner"]["label"] == "method.scaling_factor=0.5" and report["db"] == "r.sqlite"
     assert "winner: point 2 (method.scaling_factor=0.5)" in " ".join(out.split())
+    # scores in percent with one decimal: λ = 0.1, 0.5, 1.0 score 1 - 0.4², 1, 1 - 0.5² on val
+    assert "mean accuracy (%)" in out and all(f" {s} │" in out for s in ("84.0", "100.0", "75.0"))
     assert err.count(": done") == 3
     evaluations = len(Closeness.evaluated)
     code = main(["sweep", exp, *LAMBDAS, "--report", "again.json", "--db", "r.sqlite"])
@@ -296,7 +299,7 @@ def test_plugins_registered_as_objects_cannot_go_to_worker_processes(exp):
             pass
 
     pm = fusion_core.plugins.get_plugin_manager(
-        load_entrypoints=False, extra_plugins=[("merging", __import__("fusion_merging.plugin").plugin),
+        load_entrypoints=False, extra_plugins=[("lab", fusion_lab.plugin), ("merging", __import__("fusion_merging.plugin").plugin),
                                                ("sweep-test", SweepPlugin), ("inline", Inline())])
     with pytest.raises(ConfigError, match=r"plugin 'inline' was registered as an object \(Inline\); workers in other processes"):
         sweep(pm, [exp], LAMBDAS, "r.sqlite", jobs=2)

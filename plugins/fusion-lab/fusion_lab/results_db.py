@@ -39,7 +39,7 @@ from typing import Any
 
 import attrs
 
-from .errors import InputError
+from fusion_core import InputError
 
 SCHEMA_VERSION = 1
 DEFAULT_DB = os.path.join("runs", "results.sqlite")
@@ -109,7 +109,7 @@ def pools_hash(config_dict: Mapping[str, Any]) -> str:
 
 def method_summary(run_config) -> str:
     """The method's fields that differ from their defaults, as ``k=v, k=v`` (``''`` for all defaults)."""
-    from .config import config_to_dict
+    from fusion_core.config import config_to_dict
 
     cls = run_config.method.cls
     current = config_to_dict(run_config.method.config)
@@ -217,16 +217,25 @@ class ResultsDB:
     def _write(self):
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             raise _db_error(self.path, exc) from None
         try:
             yield self.conn
             self.conn.execute("COMMIT")
         except BaseException as exc:
-            self.conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
+            with contextlib.suppress(sqlite3.Error):  # a damaged file may refuse the rollback too
+                self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
                 raise _db_error(self.path, exc) from None
             raise
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> tuple[list[tuple], list[str]]:
+        """All rows of a read; every SQLite error (locked, damaged page...) becomes one line naming the file."""
+        try:
+            cur = self.conn.execute(sql, tuple(params))
+            return cur.fetchall(), [d[0] for d in cur.description or ()]
+        except sqlite3.Error as exc:
+            raise _db_error(self.path, exc) from None
 
     def _delete_cell(self, conn, cell: Cell) -> None:
         conn.execute("DELETE FROM results WHERE config_hash = ? AND seed = ? AND kind = ?",
@@ -271,14 +280,14 @@ class ResultsDB:
 
     def is_done(self, config_hash: str, seed: int) -> bool:
         """Whether the cell finished successfully (failed cells are not done: a rerun retries them)."""
-        cur = self.conn.execute(
+        rows, _ = self._query(
             "SELECT 1 FROM results WHERE config_hash = ? AND seed = ? AND status = 'ok' LIMIT 1", (config_hash, seed))
-        return cur.fetchone() is not None
+        return bool(rows)
 
     def has_baselines(self, pools: str) -> bool:
-        cur = self.conn.execute(
+        rows, _ = self._query(
             "SELECT 1 FROM results WHERE pools_hash = ? AND kind = 'baseline' AND status = 'ok' LIMIT 1", (pools,))
-        return cur.fetchone() is not None
+        return bool(rows)
 
     def cell_results(self, config_hash: str, seed: int) -> dict[str, dict[str, dict[str, float]]] | None:
         """``{label: {task: metrics}}`` of a finished cell, or ``None``."""
@@ -301,13 +310,9 @@ class ResultsDB:
 
     def rows(self, where: str = "1", params: Iterable[Any] = ()) -> list[Row]:
         """Rows matching an SQL condition, oldest first."""
-        try:
-            cur = self.conn.execute(f"SELECT * FROM results WHERE {where} ORDER BY id", tuple(params))
-        except sqlite3.OperationalError as exc:
-            raise _db_error(self.path, exc) from None
-        names = [d[0] for d in cur.description]
+        fetched, names = self._query(f"SELECT * FROM results WHERE {where} ORDER BY id", params)
         out = []
-        for values in cur.fetchall():
+        for values in fetched:
             r = dict(zip(names, values, strict=True))
             out.append(Row(
                 label=r["label"], kind=r["kind"], config_summary=r["config_summary"], config_hash=r["config_hash"],
@@ -321,7 +326,8 @@ class ResultsDB:
         return out
 
     def count(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        rows, _ = self._query("SELECT COUNT(*) FROM results")
+        return rows[0][0]
 
 
 def _insert(conn, rows: list[dict]) -> None:
@@ -334,6 +340,9 @@ def _insert(conn, rows: list[dict]) -> None:
 
 def _db_error(path: Path, exc: Exception) -> InputError:
     text = str(exc)
+    if "malformed" in text:
+        return InputError(f"results database {path} is damaged ({text}); move it aside (mv {path} {path}.damaged) "
+                          "and rerun to start a new database, or pass --db with another path")
     if "readonly" in text or "read-only" in text or "unable to open" in text or "disk I/O" in text:
         return InputError(f"results database {path} is not writable ({text}); choose another location with --db PATH")
     if "locked" in text or "busy" in text:
@@ -388,15 +397,9 @@ def open_db(path: str | os.PathLike | None = None, *, readonly: bool = False) ->
         path.parent.mkdir(parents=True, exist_ok=True)
     with _init_lock(path, enabled=not readonly):  # two processes creating one file at once: one at a time
         try:
-            if readonly:
-                conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                       isolation_level=None)
-            else:
-                conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            version = _schema_version(conn, path)
-        except sqlite3.DatabaseError as exc:
-            if "not a database" in str(exc) or "malformed" in str(exc):
+            conn, version = _connect_readonly(path) if readonly else _connect(path, "")
+        except sqlite3.Error as exc:
+            if "not a database" in str(exc):
                 raise InputError(f"{path} is not an SQLite database ({exc}); pass --db with another path, or move the file aside") from None
             raise _db_error(path, exc) from None
         if version is not None and version != SCHEMA_VERSION:
@@ -413,7 +416,7 @@ def open_db(path: str | os.PathLike | None = None, *, readonly: bool = False) ->
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if version is None:
                     _create(conn)
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
                 conn.close()
                 raise _db_error(path, exc) from None
             if str(mode).lower() != "wal":
@@ -423,6 +426,28 @@ def open_db(path: str | os.PathLike | None = None, *, readonly: bool = False) ->
             conn.close()
             raise InputError(f"{path} is an empty file, not a results database; run `fuse bench` first or pass --db PATH")
     return ResultsDB(path, conn)
+
+
+def _connect(path: Path, query: str) -> tuple[sqlite3.Connection, int | None]:
+    """A connection (``query``: URI parameters, e.g. ``mode=ro``) and the stored schema version."""
+    target = f"{path.resolve().as_uri()}?{query}" if query else str(path)
+    conn = sqlite3.connect(target, uri=bool(query), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return conn, _schema_version(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _connect_readonly(path: Path) -> tuple[sqlite3.Connection, int | None]:
+    """Read only; a WAL database in a place we cannot write (no ``-shm`` can be made) is read as immutable."""
+    try:
+        return _connect(path, "mode=ro")
+    except sqlite3.OperationalError as exc:
+        if "readonly" not in str(exc) and "unable to open" not in str(exc):
+            raise
+        return _connect(path, "mode=ro&immutable=1")
 
 
 @contextlib.contextmanager

@@ -27,8 +27,8 @@ from typing import Any
 
 import attrs
 
-from .config import read_yaml, split_top_level
-from .errors import ConfigError, did_you_mean
+from fusion_core import ConfigError, did_you_mean
+from fusion_core.config import read_yaml, split_top_level
 
 VAL_SPLITS = ("val", "validation", "valid", "dev")
 TEST_SPLITS = ("test",)
@@ -67,7 +67,7 @@ def parse_range(text: str, where: str) -> list:
 
 def parse_axis(arg: str) -> tuple[str, list]:
     """``key=a,b,range(0,1,0.5)`` → ``("key", ["a", "b", 0.0, 0.5])`` (YAML-typed items)."""
-    from .config import parse_override, parse_value
+    from fusion_core.config import parse_override, parse_value
 
     if "=" not in arg:
         raise ConfigError(f"malformed grid axis {arg!r}: expected key=a,b,c or key=range(start, stop, step)")
@@ -133,11 +133,10 @@ class Point:
 
 def override_value_text(value: Any) -> str:
     """A value written so that YAML reads it back identically (``'0.1'`` stays a string)."""
-    import yaml
+    from fusion_core.config import parse_value
+    from fusion_core.safe_yaml import dump
 
-    from .config import parse_value
-
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    text = dump(value, default_flow_style=True, width=10**9).strip()
     if text.endswith("\n..."):
         text = text[: -len("\n...")].strip()
     elif text.endswith("..."):
@@ -188,7 +187,7 @@ class Splits:
 
 def splits_for(run_config, select_on: str) -> Splits:
     """Validation/test values of the task pool's ``split`` field; refuses selection without one unless asked."""
-    from .config import config_fields
+    from fusion_core.config import config_fields
 
     taskpool = run_config.taskpool
     if taskpool is None:
@@ -223,7 +222,7 @@ def _split_value(field, names: Sequence[str], taskpool: str, what: str) -> str:
 def resolve_point(sources: Sequence[Any], fixed: Sequence[str], point: Point, registry, *, split: str | None,
                   settings: Mapping[str, Any] | None = None):
     """The RunConfig of ``point``: config files, then fixed overrides, the point, the split and settings."""
-    from .runconfig import raw_run_config, resolve_run_config
+    from fusion_core.runconfig import raw_run_config, resolve_run_config
 
     overrides = [*fixed, *(f"{k}={override_value_text(v)}" for k, v in point.overrides)]
     if split is not None:
@@ -242,8 +241,8 @@ def check_keys(sources: Sequence[Any], fixed: Sequence[str], keys: Sequence[str]
 
     Fields of a component that itself varies (``method=ties,dare``) are checked per point instead.
     """
-    from .config import config_fields
-    from .runconfig import COMPONENT_KEYS, RunSettings, raw_run_config, resolve_run_config
+    from fusion_core.config import config_fields
+    from fusion_core.runconfig import COMPONENT_KEYS, RunSettings, raw_run_config, resolve_run_config
 
     allowed = set(COMPONENT_KEYS) | {f.name for f in attrs.fields(RunSettings)}
     try:
@@ -362,50 +361,30 @@ def run_sweep(plan: SweepPlan, db, executor, *, registry, plugin_manager,
     Each result is committed to ``db`` as it arrives.  ``on_point(point, status, detail)``
     is called with ``status`` in ``resumed``/``ok``/``failed``.
     """
-    from .executors import Job, WorkerEnv
-    from .report import provenance
-    from .results_db import config_hash, store_failure, store_report
 
-    versions = provenance(plugin_manager)["versions"]
-    env = WorkerEnv.from_plugin_manager(plugin_manager) if executor.runs_out_of_process() else None
+    from .cells import PlannedCell, run_cells
+
     executor.check()
-    by_job: dict[str, Point] = {}
-    jobs = []
-    for point, cd in zip(plan.points, plan.config_dicts, strict=True):
-        key, seed = config_hash(cd), cd.get("seed", 0)
-        job_key = f"{key}/{seed}"
-        if job_key in by_job:  # two points with the same resolved config run once
-            continue
-        by_job[job_key] = point
-        if db.is_done(key, seed):
-            if on_point:
-                on_point(point, "resumed", None)
-            continue
-        jobs.append(Job(key=job_key, config=cd))
+    cells = [PlannedCell(cd, plan.summaries[point.index]) for point, cd in zip(plan.points, plan.config_dicts, strict=True)]
+    point_of = {}
+    for point, cell in zip(plan.points, cells, strict=True):
+        point_of.setdefault(cell.key, point)  # two points with the same resolved config run once
 
-    def store(job, result):
-        point = by_job[job.key]
-        summary = plan.summaries[point.index]
-        if result["status"] == "ok":
-            store_report(db, result["report"], job.config, summary=summary, source="sweep", sweep=plan.sweep_id)
-            if on_point:
-                on_point(point, "ok", None)
-        else:
-            store_failure(db, job.config, result["error"], summary=summary, source="sweep", sweep=plan.sweep_id,
-                          versions=versions, duration_s=result.get("duration_s"))
-            if on_point:
-                on_point(point, "failed", result["error"])
+    def report(cell, status, result):
+        if on_point:
+            on_point(point_of[cell.key], "resumed" if status == "skipped" else status,
+                     result["error"] if status == "failed" else None)
 
     executor.start()
     try:
-        if jobs:
-            executor.map(jobs, env, store, plugin_manager=plugin_manager, registry=registry)
-        return _select_and_finish(plan, db, executor, env, registry, plugin_manager, versions)
+        run_cells(cells, db, executor, registry=registry, plugin_manager=plugin_manager, source="sweep", sweep=plan.sweep_id,
+                  on_cell=report)
+        return _select_and_finish(plan, db, executor, registry, plugin_manager)
     finally:
         executor.stop()
 
 
-def _select_and_finish(plan: SweepPlan, db, executor, env, registry, plugin_manager, versions) -> dict:
+def _select_and_finish(plan: SweepPlan, db, executor, registry, plugin_manager) -> dict:
     from .results_db import config_hash
 
     rows, scored = [], []
@@ -432,16 +411,18 @@ def _select_and_finish(plan: SweepPlan, db, executor, env, registry, plugin_mana
                 scored.append(Scored(point, value))
         rows.append(entry)
     best, runner_up = select(scored, minimize=plan.minimize)
-    final = _final_evaluation(plan, best.point, db, executor, env, registry, plugin_manager, versions)
+    final = _final_evaluation(plan, best.point, db, executor, registry, plugin_manager)
     split_note = (f"selected on the {plan.splits.select!r} split; the final score is on {plan.splits.final!r}"
                   if plan.splits.honest else
                   "selected on the TEST split (explicitly requested with --select-on test): the final score is optimistic")
     margin = None if runner_up is None else abs(best.score - runner_up.score)
     direction = "lowest" if plan.minimize else "highest"
+    from fusion_core.tables import format_delta, format_score
+
     why = (f"point {best.point.index + 1} ({best.point.label}) has the {direction} mean {metric} on the "
-           f"{plan.splits.select or 'test'} split: {best.score:.6g}"
-           + (f", {margin:.6g} ahead of point {runner_up.point.index + 1} ({runner_up.point.label}, {runner_up.score:.6g})"
-              if runner_up else " (the only point that finished)"))
+           f"{plan.splits.select or 'test'} split: {format_score(best.score, metric)}"
+           + (f", {format_delta(margin, metric)} ahead of point {runner_up.point.index + 1} ({runner_up.point.label}, "
+              f"{format_score(runner_up.score, metric)})" if runner_up else " (the only point that finished)"))
     return {
         "fusion_sweep": 1,
         "sweep": plan.sweep_id,
@@ -473,11 +454,12 @@ def _primary_metric(db, key: str, seed: int) -> str:
     return metric
 
 
-def _final_evaluation(plan: SweepPlan, point: Point, db, executor, env, registry, plugin_manager, versions) -> dict:
+def _final_evaluation(plan: SweepPlan, point: Point, db, executor, registry, plugin_manager) -> dict:
     """The winner on the test split (reused when selection already ran on test, or when stored)."""
-    from .executors import Job
-    from .report import averages
-    from .results_db import config_hash, pools_hash, store_failure, store_report
+    from fusion_core.report import averages
+
+    from .cells import PlannedCell, run_cells
+    from .results_db import config_hash, pools_hash
 
     if not plan.splits.honest:
         cd = plan.config_dicts[point.index]
@@ -489,17 +471,13 @@ def _final_evaluation(plan: SweepPlan, point: Point, db, executor, env, registry
         reused = False
     key, seed = config_hash(cd), cd.get("seed", 0)
     label = cd["method"]["name"]
-    if not reused and not db.is_done(key, seed):
-        cd = {**cd, "evaluate_inputs": not db.has_baselines(pools_hash(cd))}
+    if not reused:  # the same job path as the points; the baselines come with it when none are stored
         outcome: dict = {}
-        executor.map([Job(key=f"{key}/{seed}", config=cd)], env, lambda job, result: outcome.update(result),
-                     plugin_manager=plugin_manager, registry=registry)
-        if outcome.get("status") == "ok":
-            store_report(db, outcome["report"], cd, summary=plan.summaries[point.index], source="sweep", sweep=plan.sweep_id)
-        else:
+        run_cells([PlannedCell(cd, plan.summaries[point.index])], db, executor, registry=registry,
+                  plugin_manager=plugin_manager, source="sweep", sweep=plan.sweep_id, baselines=True,
+                  on_cell=lambda cell, status, result: outcome.update(result or {}, status=status))
+        if outcome.get("status") not in ("ok", "skipped"):
             error = outcome.get("error", "no result")
-            store_failure(db, cd, error, summary=plan.summaries[point.index], source="sweep", sweep=plan.sweep_id,
-                          versions=versions, duration_s=outcome.get("duration_s"))
             return {"split": plan.splits.final or "test", "status": "failed", "error": error, "config_hash": key}
     results = dict(db.cell_results(key, seed) or {})
     results.update(db.baseline_results(pools_hash(cd)))

@@ -140,56 +140,49 @@ def _num(value: float | None) -> str:
 
 
 def to_csv(board: Leaderboard) -> str:
-    """CSV with raw values (not percent): mean per task and average, then their std over seeds."""
+    """CSV with raw values (not percent): mean per task and average, then their std over seeds.
+
+    ``seeds`` is how many seeds (as in the table), ``seed_list`` which ones.
+    """
     import csv
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["rank", "method", "kind", "config", "seeds", *board.tasks, "average",
+    writer.writerow(["rank", "method", "kind", "config", "seeds", "seed_list", *board.tasks, "average",
                      *[f"{t}_std" for t in board.tasks], "average_std"])
     for rank, row in enumerate(board.rows, 1):
         means = [_num(row.tasks[t].mean) if t in row.tasks else "" for t in board.tasks]
         stds = [_num(row.tasks[t].std) if t in row.tasks else "" for t in board.tasks]
         avg = row.average
-        writer.writerow([rank, row.label, row.kind, row.config, " ".join(map(str, row.seeds)), *means,
+        writer.writerow([rank, row.label, row.kind, row.config, _seed_text(row), " ".join(map(str, row.seeds)), *means,
                          _num(avg.mean if avg else None), *stds, _num(avg.std if avg else None)])
     return buf.getvalue()
 
 
-def render_rich(board: Leaderboard, console) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+def render_rich(board: Leaderboard, console, fmt: str | None = None) -> None:
+    """A table fitted to the terminal (per-task columns left out, all together, when they do not fit);
+    piped, the title and then one tab-separated record per row (``fmt``: see :mod:`fusion_core.tables`)."""
+    from fusion_core.tables import Column, default_format, emit
 
+    fmt = fmt or default_format()
     unit = f"{board.metric} (%)" if board.percent else board.metric
-    table = Table(title=f"{board.title} — {unit}")
-    for col, justify in (("#", "right"), ("method", "left"), ("config", "left"), ("seeds", "right")):
-        table.add_column(col, justify=justify, overflow="fold")
-    for task in board.tasks:
-        table.add_column(task, justify="right")
-    table.add_column("average", justify="right")
-    for rank, row in enumerate(board.rows, 1):
-        style = "dim" if row.kind == "baseline" else None
-        table.add_row(str(rank), escape(row.label), escape(row.config or "–"), _seed_text(row),
-                      *[format_stat(row.tasks.get(t), board.percent) for t in board.tasks],
-                      f"[bold]{format_stat(row.average, board.percent)}[/]", style=style)
-    console.print(table if board.rows else f"{board.title}: no results yet")
-
-
-# --------------------------------------------------------------------------- files
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if not board.rows:
+        console.print(f"{board.title}: no results yet")
+        return
+    columns = [Column("#", justify="right", keep=True), Column("method", keep=True),
+               Column("config", flex=True, keep=True, min_width=10), Column("seeds", justify="right", drop=1),
+               *[Column(f"task:{t}", t, justify="right", drop=0, group="tasks") for t in board.tasks],
+               Column("average", justify="right", keep=True)]
+    records = [{"#": rank, "method": row.label, "config": row.config or "–", "seeds": _seed_text(row),
+                **{f"task:{t}": format_stat(row.tasks.get(t), board.percent) for t in board.tasks},
+                "average": format_stat(row.average, board.percent)} for rank, row in enumerate(board.rows, 1)]
+    if fmt == "plain":
+        console.print(f"{board.title} — {unit}", highlight=False, soft_wrap=True)
+    left_out = emit(records, columns, fmt, title=f"{board.title} — {unit}", console=console,
+                    styles=["dim" if row.kind == "baseline" else None for row in board.rows])
+    if left_out:
+        console.print(f"[dim]per-task columns left out at {console.width} columns; widen the terminal, "
+                      "or pipe the output / use --markdown or --csv to see them[/]", highlight=False)
 
 
 def plot_png(board: Leaderboard, path: str | os.PathLike) -> None:
@@ -197,7 +190,7 @@ def plot_png(board: Leaderboard, path: str | os.PathLike) -> None:
     try:
         import matplotlib
     except ImportError:
-        from .errors import FuseError
+        from fusion_core import FuseError
 
         raise FuseError("--plot needs matplotlib: pip install matplotlib (or fusion-core[plot])") from None
 

@@ -8,10 +8,10 @@ it (an interrupted sweep loses nothing that finished).
 A job is plain data: a resolved config mapping (models and datasets referenced by
 path, never as objects) and a key.  Out-of-process workers rebuild the plugin
 manager from a :class:`WorkerEnv` (which entry points and extra plugin modules to
-load) and call :func:`run_job`, an ordinary :func:`fusion_core.api.run` with
+load) and call :func:`run_job`, an ordinary :func:`fusion_core.program.run` with
 ``write=False``.
 
-The core ships ``local``: sequential in this process by default, or a pool of
+fusion-lab ships ``local``: sequential in this process by default, or a pool of
 ``jobs`` processes (each job a separate process).  ``fusion-ray`` adds ``ray``.
 """
 
@@ -28,10 +28,7 @@ from typing import Any
 
 import attrs
 
-from .components import Component
-from .config import option, positive
-from .errors import ConfigError
-from .hookspecs import hookimpl
+from fusion_core import Component, ConfigError, option, positive
 
 #: called in the driver with (job, result) as each job finishes
 OnResult = Callable[["Job", dict], None]
@@ -84,7 +81,7 @@ class WorkerEnv:
 
     def plugin_manager(self):
         """Rebuild the plugin manager in a worker."""
-        from .plugins import get_plugin_manager
+        from fusion_core import get_plugin_manager
 
         extras = [(name, _load_object(module, attr, path)) for name, module, attr, path in self.extra_plugins]
         environ = {k: v for k, v in os.environ.items() if k != "FUSE_DISABLE_PLUGINS"}
@@ -121,21 +118,27 @@ def run_job(job: Job, env: WorkerEnv | None = None, *, plugin_manager=None, regi
 
     :returns: ``{"status": "ok", "report": report}`` or
         ``{"status": "failed", "error": "Type: message", "duration_s": seconds}``.
+
+    The report is the one the run announced through ``fusion_run_end`` (recorded by
+    :mod:`fusion_lab.recording`).
     """
     import time
 
-    from .api import run
+    from fusion_core.program import run
+
+    from .recording import recording
 
     started = time.time()
     try:
-        if plugin_manager is None and registry is None:
-            if env is not None and env.cwd and os.path.isdir(env.cwd):
+        if plugin_manager is None:
+            if registry is None and env is not None and env.cwd and os.path.isdir(env.cwd):
                 os.chdir(env.cwd)
             plugin_manager = (env or WorkerEnv()).plugin_manager()
-        report = run(dict(job.config), plugin_manager=plugin_manager, registry=registry, write=False)
+        with recording(plugin_manager) as rec:
+            run(dict(job.config), plugin_manager=plugin_manager, registry=registry, write=False)
     except Exception as exc:  # one failing point must not stop the others
         return {"status": "failed", "error": one_line(exc), "duration_s": round(time.time() - started, 3)}
-    return {"status": "ok", "report": report}
+    return {"status": "ok", "report": rec.report}
 
 
 class Executor(Component):
@@ -195,7 +198,8 @@ class LocalExecutor(Executor):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # no forked torch threads or locks
-        pool = cf.ProcessPoolExecutor(max_workers=min(self.config.jobs, max(1, len(jobs))), mp_context=context)
+        pool = cf.ProcessPoolExecutor(max_workers=min(self.config.jobs, max(1, len(jobs))), mp_context=context,
+                                      initializer=exit_with_parent, initargs=(os.getpid(),))
         futures = {pool.submit(run_job, job, env): job for job in jobs}
         try:
             for future in cf.as_completed(futures):
@@ -211,12 +215,33 @@ class LocalExecutor(Executor):
         pool.shutdown(wait=True)
 
 
+PARENT_CHECK_S = 0.5
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """In a worker process: exit as soon as ``parent_pid`` (the driver) is gone, whatever killed it.
+
+    A watchdog thread compares the parent's pid every :data:`PARENT_CHECK_S` seconds (an
+    orphan is re-parented), so a driver stopped by SIGTERM or ``kill -9`` leaves no worker
+    behind, even one in the middle of a run.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fuse-parent-watch", daemon=True).start()
+
+
 def executor_from_options(registry, name: str, options: Mapping[str, Any]) -> Executor:
     """Instantiate executor ``name`` from CLI options given as ``{field: value}`` (``None`` = not given).
 
     Options the executor's Config has no field for are refused, naming the executor.
     """
-    from .config import config_fields, make_config
+    from fusion_core.config import config_fields, make_config
 
     if name not in registry.entries["executor"] and name == "ray":
         raise ConfigError("unknown executor 'ray': install the fusion-ray plugin (pip install fusion-ray)")
@@ -228,8 +253,3 @@ def executor_from_options(registry, name: str, options: Mapping[str, Any]) -> Ex
         flags = ", ".join(f"--{k}" for k in extra)
         raise ConfigError(f"executor {name!r} takes no {flags} (its options: {', '.join(sorted(fields)) or 'none'})")
     return entry.cls(make_config(entry.cls.Config, given, where=f"executor {name}"))
-
-
-@hookimpl
-def fusion_register_executors(register):
-    register(LocalExecutor)

@@ -1,0 +1,1 @@
+"""fusion-lab: the experiment platform of fusion (results database, ``fuse bench``, ``fuse sweep``, executors)."""

@@ -1,0 +1,1 @@
+"""The ``fuse bench`` and ``fuse sweep`` commands."""
