@@ -8,6 +8,13 @@ with safetensors, merge tensor by tensor in a loop, save), side by side:
 
     python bench/bench_merge.py                       # TA, TIES (density 0.2), DARE-TIES at N=4 and N=8
     python bench/bench_merge.py --n 4 --methods task_arithmetic --threads 2
+    python bench/bench_merge.py --n 4 --methods mk_ties mk_ties_per_model mk_slerp mk_slerp_gradient \
+        --mergekit /work/penv/mk/bin/python          # mergekit recipes, side by side with mergekit-yaml
+
+The ``mk_*`` cases run mergekit YAML recipes through ``fuse merge --mergekit-config``: a
+per-model-density TIES recipe and a gradient SLERP recipe (slices, filters, gradients) next
+to the same recipes with one scalar value (target: within 1.2× of the scalar case), and,
+with ``--mergekit PYTHON``, through mergekit 0.1.5's ``mergekit-yaml`` on the same files.
 
 Targets (issue 3, on the 2-core box): TA N=4 <= 5 s, TIES N=4 <= 12 s, peak RSS <= 1.5 GB at
 N=4 and growing under 15% from N=4 to N=8.
@@ -34,6 +41,38 @@ METHOD_ARGS = {
     "dare": ["--set", "variant=ties", "--set", "density=0.2", "--set", "scaling_factor=0.3"],
 }
 TARGETS = {("task_arithmetic", 4): 5.0, ("ties", 4): 12.0}
+
+# mergekit recipes: name → (YAML template over {base} and {models}, the scalar case it is compared with)
+RECIPES = {
+    "mk_ties": ("ties", None),
+    "mk_ties_per_model": ("ties", "mk_ties"),
+    "mk_slerp": ("slerp", None),
+    "mk_slerp_gradient": ("slerp", "mk_slerp"),
+}
+RATIO_TARGET = 1.2
+
+
+def recipe_yaml(name: str, base: Path, models: list[Path]) -> str:
+    """The mergekit YAML of recipe case ``name`` (SLERP cases use the base and the first model)."""
+    if name.startswith("mk_slerp"):
+        if name == "mk_slerp":
+            t = "  t: 0.5"
+        else:
+            t = (
+                "  t:\n    - {filter: attn, value: [0, 0.5, 0.3, 0.7, 1]}\n"
+                "    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}\n    - value: 0.5"
+            )
+        return (
+            f"merge_method: slerp\nbase_model: {base}\nslices:\n  - sources:\n"
+            f"      - {{model: {base}, layer_range: [0, 12]}}\n      - {{model: {models[0]}, layer_range: [0, 12]}}\n"
+            f"parameters:\n{t}\ndtype: float32\n"
+        )
+    lines = [f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {base}"]
+    for i, m in enumerate(models):
+        density, weight = (0.2, 1.0) if name == "mk_ties" else (0.1 + 0.05 * (i % 4), 1.0 - 0.1 * i)
+        lines.append(f"  - model: {m}\n    parameters: {{density: {density:g}, weight: {weight:g}}}")
+    return "\n".join(lines) + "\nparameters: {normalize: true, lambda: 0.3}\ndtype: float32\n"
+
 RSS_TARGET_GB = 1.5
 
 # runs the real `fuse` entry point
@@ -111,10 +150,11 @@ def make_models(scratch: Path, k: int, seed: int) -> list[Path]:
 
     shapes = gpt2_small_shapes()
     folders = [scratch / "base"] + [scratch / f"ft{i}" for i in range(1, k + 1)]
-    config = GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)
+    config = GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024, architectures=["GPT2LMHeadModel"])
     for i, folder in enumerate(folders):
         stamp = folder / "bench-stamp.json"
         if stamp.exists() and json.loads(stamp.read_text()) == {"seed": seed, "index": i}:
+            config.to_json_file(str(folder / "config.json"))
             continue
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -168,7 +208,8 @@ def compare(a: Path, b: Path, names: list[str]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[4, 8], help="numbers of fine-tuned models")
-    parser.add_argument("--methods", nargs="+", default=list(METHOD_ARGS), choices=list(METHOD_ARGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_ARGS), choices=[*METHOD_ARGS, *RECIPES])
+    parser.add_argument("--mergekit", metavar="PYTHON", help="a Python with mergekit 0.1.5: run the mk_* recipes with mergekit-yaml too")
     parser.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every child (the project's benchmarks use 1)")
@@ -194,6 +235,13 @@ def main() -> int:
     import_torch = run_child([sys.executable, "-c", "import torch"], env)
     rows = []
     for method in args.methods:
+        if method in RECIPES:
+            for n in args.n[:1] if method.startswith("mk_slerp") else args.n:
+                row = run_recipe(method, n, folders, args, env)
+                if row is None:
+                    return 1
+                rows.append(row)
+            continue
         for n in args.n:
             base, models = folders[0], folders[1 : n + 1]
             out = args.scratch / f"out-{method}-{n}"
@@ -235,6 +283,10 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
 
+    recipe_rows = [r for r in rows if r["method"] in RECIPES]
+    rows = [r for r in rows if r["method"] not in RECIPES]
+    if recipe_rows:
+        print_recipes(recipe_rows)
     print(f"\n`import torch` alone: {import_torch[0]:.1f} s, {import_torch[1]:.2f} GB; torch threads per child: {args.threads}")
     header = f"{'method':<16}{'N':>3} {'fuse s':>8} {'fuse GB':>8} {'naive s':>8} {'naive GB':>9} {'time x':>7} {'RSS x':>6}  {'target':<22}"
     print(header)
@@ -271,6 +323,50 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0 if all(math.isfinite(r["fuse_s"]) for r in rows) else 1
+
+
+def run_recipe(name: str, n: int, folders: list[Path], args, env: dict) -> dict | None:
+    base, models = folders[0], folders[1 : n + 1]
+    n_used = 1 if name.startswith("mk_slerp") else n
+    config = args.scratch / f"{name}-{n_used}.yml"
+    config.write_text(recipe_yaml(name, base, models))
+    out = args.scratch / f"out-{name}-{n_used}"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [sys.executable, "-c", FUSE_CHILD, "merge", "--mergekit-config", str(config), "--output", str(out), "--quiet"]
+    secs, rss, code, err = run_child(argv, env)
+    if code:
+        print(f"fuse merge --mergekit-config {name} N={n_used} failed ({code}): {err}", file=sys.stderr)
+        return None
+    row = {"method": name, "n": n_used, "fuse_s": secs, "fuse_gb": rss}
+    if args.mergekit:
+        mk_out = args.scratch / f"mergekit-{name}-{n_used}"
+        shutil.rmtree(mk_out, ignore_errors=True)
+        mk = [args.mergekit, "-c", "from mergekit.scripts.run_yaml import main; main()", str(config), str(mk_out), "--quiet"]
+        msecs, mrss, mcode, merr = run_child(mk, env)
+        if mcode:
+            print(f"mergekit-yaml {name} failed ({mcode}): {merr}", file=sys.stderr)
+        else:
+            names = ["transformer.h.3.mlp.c_fc.weight", "transformer.h.7.attn.c_attn.weight", "transformer.ln_f.bias"]
+            row.update(mergekit_s=msecs, mergekit_gb=mrss, max_abs_diff_mergekit=compare(out, mk_out, names))
+        shutil.rmtree(mk_out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def print_recipes(rows: list[dict]) -> None:
+    by = {(r["method"], r["n"]): r for r in rows}
+    header = f"{'mergekit recipe':<20}{'N':>3} {'fuse s':>8} {'fuse GB':>8} {'vs scalar':>10} {'mergekit s':>11} {'mk GB':>7} {'mk/fuse':>8} {'max|Δ|':>9}"
+    print("\n" + header)
+    print("-" * len(header))
+    for r in rows:
+        scalar = RECIPES[r["method"]][1]
+        ratio = "-"
+        if scalar and (scalar, r["n"]) in by:
+            x = r["fuse_s"] / by[(scalar, r["n"])]["fuse_s"]
+            ratio = f"{x:.2f}{'' if x <= RATIO_TARGET else ' MISS'}"
+        mk = [f"{r['mergekit_s']:.1f}", f"{r['mergekit_gb']:.2f}", f"{r['mergekit_s'] / r['fuse_s']:.1f}", f"{r['max_abs_diff_mergekit']:.1e}"] if "mergekit_s" in r else ["-"] * 4
+        print(f"{r['method']:<20}{r['n']:>3} {r['fuse_s']:>8.1f} {r['fuse_gb']:>8.2f} {ratio:>10} {mk[0]:>11} {mk[1]:>7} {mk[2]:>8} {mk[3]:>9}")
 
 
 if __name__ == "__main__":

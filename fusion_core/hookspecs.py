@@ -22,7 +22,7 @@ both providers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import pluggy
@@ -164,4 +164,24 @@ def fusion_run_end(report: dict) -> None:
 
     Called by the run program once per successful run; fusion-lab records results
     through it.  A failing run raises instead (no call).
+    """
+
+
+# --------------------------------------------------------------------------- foreign recipes
+
+
+@hookspec
+def fusion_register_recipe_formats(register: Callable[..., None]) -> None:
+    """Register readers of foreign merge recipes (e.g. mergekit YAML) for ``fuse merge``.
+
+    :param register: call ``register(name, load, summary=...)``.  ``load(path, *,
+        allow_pickle)`` reads the recipe file and returns a
+        :class:`fusion_core.recipes.ImportedMerge` (a ready method instance, the
+        opened inputs, the output dtype, what the model card records, and an
+        optional step that completes the output folder).  It raises
+        :class:`~fusion_core.errors.ConfigError` naming whatever it cannot honour.
+
+    Called by ``fuse merge``: ``--mergekit-config FILE`` uses the format named
+    ``mergekit``, ``--recipe FORMAT:FILE`` any registered one.  Must be cheap: import
+    torch inside ``load``.
     """

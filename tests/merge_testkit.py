@@ -37,6 +37,31 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 2):
     return model
 
 
+def tiny_llama(seed: int = 0, **overrides):
+    """A tiny Llama (2 layers, hidden 32, 4 heads / 2 KV heads, untied head) built from a config; ``overrides`` go to the config."""
+    import transformers
+
+    torch.manual_seed(seed)
+    settings = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **overrides})).eval()
+
+
+def word_tokenizer(words, specials=("<pad>", "<s>", "</s>", "<unk>")):
+    """A tiny word-level fast tokenizer: ``specials`` then ``words`` (ids in that order)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*specials, *words])}
+    unk = "<unk>" if "<unk>" in vocab else "</s>"
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    pad = {"pad_token": "<pad>"} if "<pad>" in vocab else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token=unk, **pad)
+
+
 def perturbed(model, seed: int, scale: float = 0.02):
     """A 'fine-tune': the model plus seeded noise on every float parameter."""
     import copy
@@ -204,14 +229,14 @@ class MergeTestPlugin:
             register(cls)
 
 
-def use_test_plugins(monkeypatch) -> None:
-    """Make ``fuse`` see only the core plus the test methods (no installed plugins)."""
+def use_test_plugins(monkeypatch, extra: Sequence[tuple[str, object]] = ()) -> None:
+    """Make ``fuse`` see only the core plus the test methods (no installed plugins), and ``extra`` plugins."""
     import fusion_core.plugins as plugins
 
     original = plugins.get_plugin_manager
 
     def pm(**kwargs):
-        kwargs.update(load_entrypoints=False, extra_plugins=[("test-merge", MergeTestPlugin())])
+        kwargs.update(load_entrypoints=False, extra_plugins=[("test-merge", MergeTestPlugin()), *extra])
         return original(**kwargs)
 
     monkeypatch.setattr(plugins, "get_plugin_manager", pm)

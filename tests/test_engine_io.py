@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,65 @@ def test_save_state_dict_folder_stores_tied_tensors_once(tmp_path):
     assert "method: demo" in card and "seed: 3" in card and "head.weight: emb.weight" in card and "fusion-core:" in card
     single = save_state_dict_folder({"w": torch.ones(2)}, tmp_path / "one.safetensors")
     assert torch.equal(load_file(str(single))["w"], torch.ones(2))
+
+
+def test_output_folder_brings_the_sub_folders_modules_json_names(tmp_path, capsys):
+    """A sentence-transformers base: `1_Pooling/` (named by modules.json) comes along; nothing outside the base does."""
+    import json as _json
+    import os
+
+    from fusion_core.engine.writer import copy_model_files
+
+    base = tmp_path / "st"
+    (base / "1_Pooling").mkdir(parents=True)
+    (base / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (base / "2_Normalize").mkdir()
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "key.txt").write_text("x")
+    os.symlink(outside, base / "3_Link")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        {"idx": 3, "name": "3", "path": "3_Link", "type": "x"},
+        {"idx": 4, "name": "4", "path": "../secret", "type": "x"},
+    ]
+    (base / "modules.json").write_text(_json.dumps(modules))
+    out = tmp_path / "out"
+    out.mkdir()
+    copy_model_files(base, out)
+    assert (out / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
+    assert (out / "modules.json").exists() and (out / "2_Normalize").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["1_Pooling", "2_Normalize", "modules.json"]
+
+
+def test_a_buffer_only_some_inputs_store_is_taken_from_the_base(tmp_path, capsys, monkeypatch):
+    """An old checkpoint's `embeddings.position_ids` (a non-persistent buffer) does not block a merge."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from merge_testkit import use_test_plugins
+
+    use_test_plugins(monkeypatch)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fusion_core.cli.main import main
+
+    gen = torch.Generator().manual_seed(0)
+    w = {name: torch.randn(4, 4, generator=gen) for name in ("base", "a", "b")}
+    ids = torch.arange(8).reshape(1, 8)
+    save_file({"emb.weight": w["base"], "embeddings.position_ids": ids}, str(tmp_path / "base.safetensors"))
+    save_file({"emb.weight": w["a"]}, str(tmp_path / "a.safetensors"))
+    save_file({"emb.weight": w["b"], "embeddings.position_ids": ids}, str(tmp_path / "b.safetensors"))
+    code = main(
+        ["merge", "t_mean", "--base", str(tmp_path / "base.safetensors"), "--model", str(tmp_path / "a.safetensors"),
+         "--model", str(tmp_path / "b.safetensors"), "-o", str(tmp_path / "out.safetensors")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "note: 'embeddings.position_ids' (a non-persistent buffer) is stored by only some inputs; taken from base" in " ".join(err.split())
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert torch.equal(out["embeddings.position_ids"], ids)
+    assert torch.allclose(out["emb.weight"], w["base"] + ((w["a"] - w["base"]) + (w["b"] - w["base"])) / 2)

@@ -12,12 +12,12 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 
 import yaml  # noqa: E402
+from fusion_merging.mergekit.recipe import load as read_mergekit_yaml  # noqa: E402  (the one import of the mergekit reader)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fusion_core.config import parse_override, parse_value  # noqa: E402
 from fusion_core.errors import FuseError  # noqa: E402
-from fusion_core.mergekit_yaml import load as read_mergekit_yaml  # noqa: E402  (the one import of the mergekit reader)
 from fusion_core.plugins import get_plugin_manager  # noqa: E402
 from fusion_core.registry import build_registry  # noqa: E402
 from fusion_core.runconfig import load_run_config  # noqa: E402

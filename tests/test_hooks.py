@@ -272,3 +272,58 @@ def test_every_hook_is_in_the_plugin_guide(hook):
     guide = (pathlib.Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
     signature = f"{hook}({', '.join(inspect.signature(getattr(hookspecs, hook)).parameters)})"
     assert signature in guide, f"CONTRIBUTING.md does not document {signature}"
+
+
+def test_hook_fusion_register_recipe_formats(tmp_path, capsys, monkeypatch):
+    """A plugin's recipe format drives `fuse merge --recipe FORMAT:FILE`; the core names no method."""
+    import torch
+    from safetensors.torch import load_file
+
+    import fusion_core.plugins as plugins
+    from fusion_core.cli.main import main
+    from fusion_core.engine.kernel import KernelMethod
+    from fusion_core.engine.readers import StateDictReader
+    from fusion_core.errors import PluginError
+    from fusion_core.recipes import ImportedMerge, recipe_formats
+
+    class Half(KernelMethod):
+        name = "half_test"
+        summary = "Half of the base plus half of the model."
+
+        @attrs.frozen
+        class Config:
+            pass
+
+        def kernel(self, name, base, tensors, ctx):
+            return (base + tensors[0]) / 2
+
+    finished = []
+
+    def load(path, *, allow_pickle=False):
+        scale = float(open(path).read())
+        base = StateDictReader({"w": torch.ones(2, 3)}, label="base")
+        model = StateDictReader({"w": torch.full((2, 3), scale)}, label="model")
+        return ImportedMerge(Half(Half.Config()), base, [model], record={"method": "half_test"}, finish=finished.append)
+
+    class Formats:
+        @fusion_core.hookimpl
+        def fusion_register_recipe_formats(self, register):
+            register("toy", load, summary="a number")
+
+    original = plugins.get_plugin_manager
+    monkeypatch.setattr(
+        plugins, "get_plugin_manager", lambda **kw: original(**{**kw, "load_entrypoints": False, "extra_plugins": [("toy", Formats())]})
+    )
+    recipe = tmp_path / "r.txt"
+    recipe.write_text("3")
+    assert main(["merge", "--recipe", f"toy:{recipe}", "-o", str(tmp_path / "out.safetensors"), "-q"]) == 0
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["w"], torch.full((2, 3), 2.0))
+    assert main(["merge", "--recipe", f"toy:{recipe}", "-o", str(tmp_path / "dir"), "-q"]) == 0
+    assert finished and finished[0].name.startswith(".dir.fuse-tmp-")  # the folder before its rename
+    capsys.readouterr()
+    assert main(["merge", "--recipe", f"tyo:{recipe}", "-o", str(tmp_path / "x")]) == 2
+    assert "unknown recipe format 'tyo' (did you mean 'toy'?)" in capsys.readouterr().err
+    pm = _manager_with(Formats())
+    pm.register(Formats(), name="toy-again")
+    with pytest.raises(PluginError, match="recipe format 'toy' is registered by both"):
+        recipe_formats(pm)

@@ -19,8 +19,4 @@ class Dummy(Method):
 
 @hookimpl
 def fusion_register_methods(register):
-    from ..engine.stacking import METHODS as STACKING
-
     register(Dummy)
-    for cls in STACKING:
-        register(cls)

@@ -37,6 +37,39 @@ def _parse_sets(sets: tuple[str, ...]) -> dict:
     return fields
 
 
+def _split_recipe(text: str) -> tuple[str, str]:
+    fmt, colon, file = text.partition(":")
+    if not colon or not fmt or not file:
+        raise ConfigError(f"malformed --recipe {text!r}: expected FORMAT:FILE (e.g. --recipe mergekit:recipe.yml)")
+    return fmt, file
+
+
+def _merge_imported(pm, fmt, file, output, allow_pickle, dtype, start, quiet, options_for) -> None:
+    """``fuse merge`` of a foreign recipe: the format's plugin builds the method and opens the inputs."""
+    from ..engine.executor import merge_to_path
+    from ..recipes import import_recipe
+
+    imported = import_recipe(pm, fmt, file, allow_pickle=allow_pickle)
+    try:
+        out_dtype = dtype or imported.out_dtype
+        recipe = dict(imported.record)
+        recipe.setdefault("dtype", out_dtype or "same as the base")
+        options = options_for(recipe, out_dtype, imported.finish)
+        try:
+            out = merge_to_path(imported.method, imported.base, imported.models, output, options)
+        except KeyboardInterrupt as exc:
+            raise _stopped(exc, output) from None
+    finally:
+        for reader in ([imported.base] if imported.base is not None else []) + list(imported.models):
+            reader.close()
+        if imported.close is not None:
+            imported.close()
+    if not quiet:
+        name = getattr(imported.method, "name", fmt)
+        n_inputs = len(imported.models) + (1 if imported.base is not None else 0)
+        click.echo(f"{name} ({fmt} recipe): {n_inputs} input(s) → {out} in {time.perf_counter() - start:.1f} s", err=True)
+
+
 def _dist_version(dist: str | None) -> str | None:
     if not dist:
         return None
@@ -50,14 +83,13 @@ def _dist_version(dist: str | None) -> str | None:
 
 @attrs.define
 class MergeSpec:
-    """What to merge: the method, its fields and the inputs (from flags or a mergekit recipe)."""
+    """What to merge: the method, its fields and the inputs (from the flags)."""
 
     method: str
     fields: dict
     base: str | None
     models: list[str]
     dtype: str | None
-    mergekit: dict | None = None
 
 
 def _spec_from_flags(method, base, models, sets, dtype) -> MergeSpec:
@@ -66,14 +98,6 @@ def _spec_from_flags(method, base, models, sets, dtype) -> MergeSpec:
             "missing METHOD, e.g. `fuse merge ties --base B --model M1 --model M2 -o OUT` (`fuse list methods` shows them)"
         )
     return MergeSpec(method, _parse_sets(sets), base, list(models), dtype)
-
-
-def _spec_from_mergekit(mergekit_config: str, dtype: str | None) -> MergeSpec:
-    from ..mergekit_yaml import load
-
-    recipe = load(mergekit_config)
-    mergekit = {"config": str(mergekit_config), "merge_method": recipe.mergekit_method}
-    return MergeSpec(recipe.method, dict(recipe.fields), recipe.base, list(recipe.models), dtype or recipe.out_dtype, mergekit)
 
 
 def _make_method(ctx: click.Context, spec: MergeSpec):
@@ -124,8 +148,6 @@ def _recipe(spec: MergeSpec, entry, config, seed: int, compute_dtype: str) -> di
         "dtype": spec.dtype or ("same as the base" if spec.base else "same as the inputs"),
         "compute_dtype": compute_dtype,
     }
-    if spec.mergekit:
-        recipe["mergekit"] = spec.mergekit
     if entry.dist:
         recipe["plugin"] = f"{entry.dist} {_dist_version(entry.dist) or ''}".strip()
     return recipe
@@ -138,6 +160,7 @@ def _recipe(spec: MergeSpec, entry, config, seed: int, compute_dtype: str) -> di
 @click.option("--output", "-o", metavar="PATH", required=True, help="A .safetensors file, or else an HF model folder.")
 @click.option("--set", "sets", metavar="FIELD=VALUE", multiple=True, help="A method field, e.g. --set density=0.2 (repeat).")
 @click.option("--mergekit-config", metavar="FILE", help="Read method, models and parameters from a mergekit YAML instead.")
+@click.option("--recipe", "recipe_file", metavar="FORMAT:FILE", help="Read a recipe of a registered format (--mergekit-config F = --recipe mergekit:F).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-tensor generators (random methods).")
 @click.option("--dtype", metavar="DTYPE", help="Output dtype of float tensors (default: the base's).")
 @click.option("--compute-dtype", metavar="DTYPE", default="float32", show_default=True, help="Dtype the kernels compute in.")
@@ -160,6 +183,7 @@ def merge_command(
     output,
     sets,
     mergekit_config,
+    recipe_file,
     seed,
     dtype,
     compute_dtype,
@@ -185,47 +209,64 @@ def merge_command(
     tokenizer files and a model card recording the recipe.  --overwrite replaces only
     an output fuse wrote; inputs, folders holding them and the working directory are refused.
     """
+    from ..cleanup import terminate_as_interrupt
     from ..config import SEED_MAX, check_device, summarize
+    from ..engine.executor import MergeOptions
+
+    def options_for(recipe: dict, out_dtype: str | None, finish=None, inputs=()) -> MergeOptions:
+        return MergeOptions(
+            seed=seed,
+            compute_dtype=compute_dtype,
+            out_dtype=out_dtype,
+            device=device,
+            shard_size=shard_size,
+            common_keys_only=common_keys_only,
+            overwrite=overwrite,
+            recipe=recipe,
+            progress=not quiet,
+            finish=finish,
+            copy_code=copy_code,
+            inputs=tuple(inputs),
+        )
 
     start = time.perf_counter()
     check_device(device, what="--device")
     if not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {summarize(seed)}")
-    if mergekit_config and (method or base or models or sets):
-        raise ConfigError("give either --mergekit-config or METHOD with --base/--model/--set, not both")
-    spec = _spec_from_mergekit(mergekit_config, dtype) if mergekit_config else _spec_from_flags(method, base, models, sets, dtype)
-    entry, config, instance = _make_method(ctx, spec)
+    with terminate_as_interrupt():
+        if mergekit_config or recipe_file:
+            if method or base or models or sets:
+                raise ConfigError("give either a recipe (--mergekit-config/--recipe) or METHOD with --base/--model/--set, not both")
+            if mergekit_config and recipe_file:
+                raise ConfigError("give one of --mergekit-config and --recipe")
+            fmt, file = ("mergekit", mergekit_config) if mergekit_config else _split_recipe(recipe_file)
+            _merge_imported(ctx.obj.pm, fmt, file, output, allow_pickle, dtype, start, quiet, options_for)
+            return
+        spec = _spec_from_flags(method, base, models, sets, dtype)
+        entry, config, instance = _make_method(ctx, spec)
+        out = _merge_spec(spec, instance, output, options_for(_recipe(spec, entry, config, seed, compute_dtype), spec.dtype),
+                          allow_pickle=allow_pickle, allow_duplicates=allow_duplicates)  # fmt: skip
+    if not quiet:
+        n_inputs = len(spec.models) + (1 if spec.base else 0)
+        click.echo(f"{spec.method}: {n_inputs} input(s) → {out} in {time.perf_counter() - start:.1f} s", err=True)
 
-    from ..cleanup import terminate_as_interrupt
+
+def _merge_spec(spec: MergeSpec, instance, output: str, options, *, allow_pickle: bool, allow_duplicates: bool):
+    """Check the output against the inputs (before anything is read), open them, refuse duplicates, merge."""
     from ..engine.duplicates import check_duplicates
-    from ..engine.executor import MergeOptions, merge_to_path
+    from ..engine.executor import merge_to_path
     from ..engine.protocol import Passthrough
     from ..output import check_output_path
 
     inputs = [p for p in [spec.base, *spec.models] if p]
-    check_output_path(output, overwrite=overwrite, inputs=inputs)  # before anything is read
-    with terminate_as_interrupt(), _open_inputs(spec, allow_pickle) as (base_reader, model_readers):
+    check_output_path(output, overwrite=options.overwrite, inputs=inputs)
+    with _open_inputs(spec, allow_pickle) as (base_reader, model_readers):
         if not allow_duplicates and not isinstance(instance, Passthrough):
             check_duplicates(spec.models, model_readers)
-        options = MergeOptions(
-            seed=seed,
-            compute_dtype=compute_dtype,
-            out_dtype=spec.dtype,
-            device=device,
-            shard_size=shard_size,
-            common_keys_only=common_keys_only,
-            overwrite=overwrite,
-            recipe=_recipe(spec, entry, config, seed, compute_dtype),
-            progress=not quiet,
-            copy_code=copy_code,
-            inputs=tuple(inputs),
-        )
         try:
-            out = merge_to_path(instance, base_reader, model_readers, output, options)
+            return merge_to_path(instance, base_reader, model_readers, output, attrs.evolve(options, inputs=tuple(inputs)))
         except KeyboardInterrupt as exc:
             raise _stopped(exc, output) from None
-    if not quiet:
-        click.echo(f"{spec.method}: {len(inputs)} input(s) → {out} in {time.perf_counter() - start:.1f} s", err=True)
 
 
 def _stopped(exc: BaseException, output: str) -> MergeInterrupted:

@@ -79,6 +79,8 @@ class MergeOptions:
     progress: bool = False
     notify: Callable[[str], None] | None = None
     """Where notes go (default: stderr)."""
+    finish: Callable[[Path], None] | None = None
+    """Completes an HF output folder (given its temporary path) after its files are copied."""
 
 
 # ---------------------------------------------------------------------------
@@ -567,6 +569,8 @@ def merge_to_path(
             copy_planned(files, tmp, dtype=out_dtype)
             if opts.copy_files and isinstance(method, Passthrough):
                 method.update_config(tmp / "config.json")
+            if opts.finish is not None:
+                opts.finish(tmp)
             recipe = dict(opts.recipe or {})
             tied = {p.name: p.source for p in plans if p.kind == ALIAS}
             if tied:

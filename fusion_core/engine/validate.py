@@ -7,6 +7,7 @@ tensors must share a dtype and are copied when their values agree.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -16,6 +17,8 @@ from ..errors import InputError
 from .readers import TensorReader
 
 MERGE, COPY, ALIAS, PASSTHROUGH = "merge", "copy", "alias", "passthrough"
+NON_PERSISTENT = re.compile(r"(?:^|\.)(?:position_ids|masked_bias)$|(?:^|\.)attn\.bias$")
+"""Buffers that old checkpoints store and newer ones do not (``register_buffer(..., persistent=False)``)."""
 
 
 @attrs.frozen
@@ -76,6 +79,9 @@ def common_keys(
     ref_keys = sorted(ref.keys(), key=ref.location)
     keysets = [set(r.keys()) for r in inputs]
     common = set.intersection(*keysets)
+    buffers = buffer_only_keys(keysets, common)
+    keysets = [keys - buffers for keys in keysets]
+    ref_keys = [k for k in ref_keys if k not in buffers]
     if not common_keys_only:
         for label, keys in zip(labels[1:], keysets[1:], strict=True):
             missing = [k for k in ref_keys if k not in keys]
@@ -96,6 +102,11 @@ def common_keys(
     if skipped:
         notify(f"note: merging the {len(keys)} tensors every model has; skipping {skipped} that some models lack")
     return keys
+
+
+def buffer_only_keys(keysets: Sequence[set[str]], common: set[str]) -> set[str]:
+    """Names of non-persistent buffers (:data:`NON_PERSISTENT`) that only some inputs store."""
+    return {k for k in set.union(*keysets) - common if NON_PERSISTENT.search(k)}
 
 
 def check_shapes(inputs: Sequence[TensorReader], has_base: bool, keys: Sequence[str]) -> None:
@@ -160,6 +171,13 @@ def plan_merge(
         else:
             detail = ", ".join(f"{dtype_name(d)} in {label}" for d, label in zip(dtypes, labels, strict=True))
             raise InputError(f"tensor {key!r} is float in some models and not in others ({detail})")
+    keysets = [set(r.keys()) for r in inputs]
+    for key in sorted(buffer_only_keys(keysets, set.intersection(*keysets))):
+        if key in keysets[0]:
+            notify(f"note: {key!r} (a non-persistent buffer) is stored by only some inputs; taken from {labels[0]}")
+            dtype = inputs[0].dtype(key)
+            dtype = out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+            plans.append(TensorPlan(key, tuple(inputs[0].shape(key)), dtype, kind=PASSTHROUGH, source=key, source_index=0))
     for names, key in mixed.items():
         target = "the --dtype given" if out_dtype is not None else ("the base's dtype" if has_base else "the promoted dtype")
         notify(

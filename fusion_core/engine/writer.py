@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,8 @@ def copy_planned(plan: FilePlan, folder: Path, *, dtype: torch.dtype | None = No
         finally:
             os.close(src)
         copied.append(name)
+    if plan.source is not None:
+        copied += copy_referenced_folders(plan.source, folder)
     config = folder / "config.json"
     if dtype is not None and "config.json" in copied and plan.config_invalid is None:
         data = json.loads(config.read_text())
@@ -300,6 +303,47 @@ def copy_model_files(
     See :func:`plan_model_files` (what is copied and refused) and :func:`copy_planned`.
     """
     return copy_planned(plan_model_files(source, copy_code=copy_code), folder, dtype=dtype)
+
+
+def referenced_folders(source: Path) -> list[str]:
+    """Sub-folders the model's own files name: sentence-transformers' ``modules.json`` (``1_Pooling`` ...).
+
+    Only plain folders inside ``source`` count (no ``..``, no absolute paths, no symlinks).
+    """
+    modules = source / "modules.json"
+    if not modules.is_file():
+        return []
+    try:
+        entries = json.loads(modules.read_text())
+    except ValueError:
+        return []
+    root = source.resolve()
+    found = []
+    for entry in entries if isinstance(entries, list) else []:
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+            continue
+        path = source / rel
+        if path.is_symlink() or not path.is_dir() or root not in path.resolve().parents:
+            continue
+        found.append(rel)
+    return found
+
+
+def copy_referenced_folders(source: Path, folder: Path) -> list[str]:
+    """Copy the :func:`referenced_folders` of ``source`` into ``folder`` (regular files only, no symlinks)."""
+    copied = []
+    for rel in referenced_folders(source):
+        (folder / rel).mkdir(parents=True, exist_ok=True)
+        for path in sorted((source / rel).rglob("*")):
+            rel_path = path.relative_to(source)
+            if path.is_symlink() or not path.is_file() or any((source / p).is_symlink() for p in rel_path.parents):
+                continue
+            target = folder / rel_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        copied.append(rel)
+    return copied
 
 
 def write_model_card(folder: Path, recipe: Mapping[str, Any]) -> None:

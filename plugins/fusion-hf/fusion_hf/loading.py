@@ -147,4 +147,6 @@ def warn_remote_code(pool_name: str, code: dict[str, list[str]]) -> None:
         text = f"trust_remote_code is on for model pool {pool_name!r}: this code from the checkpoints will run: {listed}"
     else:
         text = f"trust_remote_code is on for model pool {pool_name!r}; no model of it ships code now (hub ids are checked on download)"
-    warnings.warn(clip(text, 400), stacklevel=3)
+    with warnings.catch_warnings():  # a security notice: every run says it, not only the first in a process
+        warnings.simplefilter("always")
+        warnings.warn(clip(text, 400), stacklevel=3)

@@ -73,7 +73,7 @@ from fusion_lab.executors import Job, LocalConfig, LocalExecutor, WorkerEnv
 if __name__ == "__main__":  # spawned workers import this file again
     pm = get_plugin_manager(load_entrypoints=False, extra_plugins=[("lab", fusion_lab.plugin), ("sleepers", sleepers)])
     registry = build_registry(pm)
-    jobs = [Job(f"j{i}", {"method": {"name": "sleep_test", "folder": sys.argv[1]}, "modelpool": "empty_test", "taskpool": None, "seed": i,
+    jobs = [Job(f"j{i}", {"method": {"name": "sleep_test", "folder": sys.argv[1]}, "modelpool": "empty_test", "taskpool": None, "save_model": True, "seed": i,
                           "progress": False}) for i in range(2)]
     LocalExecutor(LocalConfig(jobs=2)).map(jobs, WorkerEnv.from_plugin_manager(pm), lambda job, result: print(result, file=sys.stderr),
                                            plugin_manager=pm, registry=registry)

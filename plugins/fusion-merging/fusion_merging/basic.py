@@ -15,6 +15,8 @@ from fusion_core.config import in_range, option
 from fusion_core.engine.kernel import KernelContext, KernelMethod
 from fusion_core.errors import InputError
 
+from .mergekit.mapping import MergekitMapping, Param
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -115,4 +117,17 @@ class LinearInterpolation(KernelMethod):
         return (1.0 - t) * first + t * second
 
 
+#: how mergekit's methods map onto these (read by :mod:`fusion_merging.mergekit`)
+MERGEKIT = [
+    MergekitMapping(
+        "linear",
+        "weighted_average",
+        base="ignored",
+        shared={"normalize": Param(bool, True, "normalize")},
+        per_model={"weight": Param(float, to="weights")},
+        per_model_scope="input",
+    )
+]
+
 METHODS = [SimpleAverage, WeightedAverage, LinearInterpolation]
+

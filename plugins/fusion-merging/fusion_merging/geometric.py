@@ -11,7 +11,7 @@ Notation: θ₀ is the base tensor, θᵢ the fine-tuned tensors, τᵢ = θᵢ 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -19,6 +19,8 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 from fusion_core.engine.kernel import KernelMethod
 from fusion_core.errors import InputError
+
+from .mergekit.mapping import MergekitMapping, Param
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -57,19 +59,26 @@ def _from_rows(rows: "torch.Tensor", like: "torch.Tensor", mode: str) -> "torch.
     return rows.reshape(like.shape)
 
 
-def slerp_rows(t: float, a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
+def slerp_rows(t: float, a: "torch.Tensor", b: "torch.Tensor", convention: str = "fusion") -> "torch.Tensor":
     """Spherical interpolation of each row of ``a`` towards the same row of ``b``.
 
     out = sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b, θ the angle between the rows, applied to
     the unnormalised rows (so norms are interpolated too).  Rows fall back to the linear
     interpolation (1−t)·a + t·b when they are near-colinear (|cos θ| > :data:`DOT_THRESHOLD`,
     antiparallel included) or when either has norm ≤ :data:`NORM_EPS` (no direction).
+    ``convention="mergekit"``: a row of norm ≤ :data:`NORM_EPS` is not special-cased (its norm
+    counts as 1, so it is orthogonal to the other row: ``slerp(0, b, t) = sin(tπ/2)·b``), as
+    mergekit 0.1.5's ``slerp`` does.
     """
     import torch
 
     na = a.norm(dim=1, keepdim=True)
     nb = b.norm(dim=1, keepdim=True)
     no_direction = (na <= NORM_EPS) | (nb <= NORM_EPS)
+    if convention == "mergekit":
+        na = torch.where(na > NORM_EPS, na, torch.ones_like(na))
+        nb = torch.where(nb > NORM_EPS, nb, torch.ones_like(nb))
+        no_direction = torch.zeros_like(no_direction)
     dot = (a * b).sum(dim=1, keepdim=True) / (na.clamp_min(NORM_EPS) * nb.clamp_min(NORM_EPS))
     dot = dot.clamp(-1.0, 1.0)
     linear = no_direction | (dot.abs() > DOT_THRESHOLD)
@@ -80,13 +89,49 @@ def slerp_rows(t: float, a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor"
     return coef_a * a + coef_b * b
 
 
-def _slerp_tensor(t: float, a: "torch.Tensor", b: "torch.Tensor", mode: str = "flat") -> "torch.Tensor":
+def _slerp_tensor(t: float, a: "torch.Tensor", b: "torch.Tensor", mode: str = "flat", convention: str = "fusion") -> "torch.Tensor":
     a, b = _work(a), _work(b)
     if t == 0.0:
         return a.clone()
     if t == 1.0:
         return b.clone()
-    return _from_rows(slerp_rows(t, _as_rows(a, mode), _as_rows(b, mode)), a, mode)
+    return _from_rows(slerp_rows(t, _as_rows(a, mode), _as_rows(b, mode), convention), a, mode)
+
+
+CONVENTIONS = ("fusion", "mergekit")
+
+
+def nuslerp_mergekit(t: float, v0: "torch.Tensor", v1: "torch.Tensor", *, row_wise: bool, flatten: bool) -> "torch.Tensor":
+    """NuSLERP as mergekit 0.1.5 computes it (``merge_methods/nuslerp.py``).
+
+    The vectors are the whole tensor (``flatten``), or, per mergekit's ``nuslerp_row_wise``,
+    the slices along dim 0 (``row_wise``: the columns of a matrix) or along the last dim
+    (otherwise: the rows of a matrix).  Unit vectors use a norm floor of 1e-7; a pair falls
+    back to the linear interpolation when 1 − cos²θ ≤ (1e-8)² (|sin θ| < 1e-8), instead of
+    fusion's |cos θ| > 0.9995.
+    """
+    import torch
+
+    shape = v0.shape
+    a, b = _work(v0), _work(v1)
+    if flatten or a.dim() < 1:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= NORM_EPS**2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * a + t * b, out)
+    if row_wise and not flatten and out.dim() >= 1:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def _convention(what: str):
+    return option("fusion", help=what, validator=attrs.validators.in_(CONVENTIONS))
 
 
 # --------------------------------------------------------------------------- SLERP
@@ -119,6 +164,11 @@ class Slerp(KernelMethod):
         t: float = option(
             0.5, help="interpolation factor: 0 gives the base (or first model), 1 the other model", validator=in_range(0.0, 1.0)
         )
+        convention: Literal["fusion", "mergekit"] = _convention(
+            "fusion = a zero tensor has no direction, so lerp (t·b); mergekit = its norm counts as 1, "
+            "so it is orthogonal (sin(tπ/2)·b), as mergekit 0.1.5 slerp (merge_methods/slerp.py); "
+            "both lerp when |cos θ| > 0.9995"
+        )
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         super().check_inputs(n_models, has_base)
@@ -132,7 +182,7 @@ class Slerp(KernelMethod):
     def kernel(self, name, base, tensors, ctx):
         self.check_inputs(len(tensors), base is not None)
         a, b = (base, tensors[0]) if base is not None else (tensors[0], tensors[1])
-        return _slerp_tensor(self.config.t, a, b)
+        return _slerp_tensor(self.config.t, a, b, convention=self.config.convention)
 
 
 # --------------------------------------------------------------------------- NuSLERP
@@ -165,7 +215,15 @@ class NuSlerp(KernelMethod):
             None, help="one weight per model; t = w2/(w1+w2) (None: equal, t=0.5)", validator=_non_empty
         )
         flatten: bool = option(True, help="interpolate the whole tensor as one vector")
-        row_wise: bool = option(False, help="when not flattening: interpolate rows (true) or columns (false)")
+        row_wise: bool = option(
+            False,
+            help="when not flattening, fusion convention: interpolate rows (true) or columns (false); "
+            "mergekit convention: mergekit's nuslerp_row_wise, i.e. vectors along dim 0 (true: columns) or the last dim (false)",
+        )
+        convention: Literal["fusion", "mergekit"] = _convention(
+            "fusion = rows/columns as row_wise says, lerp when |cos θ| > 0.9995; mergekit = mergekit 0.1.5's nuslerp "
+            "(nuslerp_row_wise meaning, lerp only when |sin θ| < 1e-8; merge_methods/nuslerp.py)"
+        )
 
     def interpolation_factor(self) -> float:
         w = self.config.weights or [1.0, 1.0]
@@ -176,6 +234,12 @@ class NuSlerp(KernelMethod):
         self.check_inputs(len(tensors), base is not None)
         mode = "flat" if self.config.flatten else ("rows" if self.config.row_wise else "columns")
         t = self.interpolation_factor()
+        if self.config.convention == "mergekit":
+            options = {"row_wise": self.config.row_wise, "flatten": self.config.flatten}
+            if base is None:
+                return nuslerp_mergekit(t, tensors[0], tensors[1], **options)
+            b0 = _work(base)
+            return b0 + nuslerp_mergekit(t, _work(tensors[0]) - b0, _work(tensors[1]) - b0, **options)
         if base is None:
             return _slerp_tensor(t, tensors[0], tensors[1], mode)
         b0 = _work(base)
@@ -388,6 +452,42 @@ class ExPO(KernelMethod):
         b0 = _work(base)
         mean = sum(_work(x) for x in tensors) / len(tensors)
         return mean + self.config.alpha * (mean - b0)
+
+
+# --------------------------------------------------------------------------- mergekit 0.1.5 equivalents
+
+_MK = {"convention": "mergekit"}
+MERGEKIT = [
+    MergekitMapping("slerp", "slerp", fixed=_MK, shared={"t": Param(float, to="t")}, min_inputs=2, max_inputs=2),
+    MergekitMapping(
+        "nuslerp",
+        "nuslerp",
+        base="optional",
+        fixed=_MK,
+        shared={
+            "nuslerp_row_wise": Param(bool, False, "row_wise"),
+            "nuslerp_flatten": Param(bool, True, "flatten"),
+        },
+        per_model={"weight": Param(float, to="weights")},
+        min_non_base=2,
+        max_non_base=2,
+    ),
+    MergekitMapping(
+        "multislerp",
+        "multislerp",
+        base="optional",
+        shared={"normalize_weights": Param(bool, True, "normalize_weights"), "eps": Param(float, 1e-8, "eps")},
+        per_model={"weight": Param(float, to="weights")},
+        min_non_base=1,
+    ),
+    MergekitMapping(
+        "karcher",
+        "karcher",
+        base="ignored",
+        shared={"max_iter": Param(int, 10, "max_iter"), "tol": Param(float, 1e-5, "tol")},
+    ),
+    MergekitMapping("model_stock", "model_stock", shared={"filter_wise": Param(bool, False, "filter_wise")}, min_inputs=3),
+]
 
 
 METHODS = [Slerp, NuSlerp, MultiSlerp, Karcher, ModelStock, ExPO]

@@ -7,12 +7,32 @@ import fusion_core
 
 def all_methods() -> list[type]:
     """Every method class this plugin provides, module by module."""
-    from . import basic, geometric, subspace, task_arithmetic
+    from . import basic, geometric, stacking, subspace, task_arithmetic
 
-    return [*basic.METHODS, *task_arithmetic.METHODS, *geometric.METHODS, *subspace.METHODS]
+    return [*basic.METHODS, *task_arithmetic.METHODS, *geometric.METHODS, *subspace.METHODS, *stacking.METHODS]
 
 
 @fusion_core.hookimpl
 def fusion_register_methods(register):
     for cls in all_methods():
         register(cls)
+
+
+def _load_mergekit(path, *, allow_pickle=False):
+    from .mergekit.recipe import load
+
+    return load(path, allow_pickle=allow_pickle)
+
+
+@fusion_core.hookimpl
+def fusion_register_recipe_formats(register):
+    register("mergekit", _load_mergekit, summary="mergekit 0.1.5 YAML (mergekit-yaml configs)")
+
+
+@fusion_core.hookimpl
+def fusion_register_commands(cli):
+    from .extract_lora import extract_lora_command
+    from .moe import moe_command
+
+    cli.add_command(extract_lora_command)
+    cli.add_command(moe_command)

@@ -32,6 +32,7 @@ from fusion_core.engine.kernel import KernelContext, KernelMethod
 
 from . import sparsify
 from .basic import check_weight_sum, resolve_weights
+from .mergekit.mapping import MergekitMapping, Param
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -112,6 +113,11 @@ def ties_merge(
         return numerator
     denominator = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     return numerator / denominator
+
+
+def per_model(value: "float | Sequence[float]", i: int) -> float:
+    """Model ``i``'s value of a field given as one scalar for all models or as a per-model list."""
+    return float(value[i]) if isinstance(value, (list, tuple)) else float(value)
 
 
 def add_scaled(base: "torch.Tensor", merged: "torch.Tensor", scaling_factor: float) -> "torch.Tensor":
@@ -319,8 +325,11 @@ def _normalize(what: str = ""):
     return option(False, help=f"divide Σ wᵢτᵢ by Σ wᵢ (an error if they sum to 0){what}")
 
 
+_PER_MODEL = " (one value, or a list with one value per model in pool order)"
+
+
 def _density(default: float, what: str):
-    return option(default, help=what, validator=in_range(0.0, 1.0))
+    return option(default, help=what + _PER_MODEL, validator=in_range(0.0, 1.0))
 
 
 def _sign_election(what: str = ""):
@@ -349,6 +358,10 @@ def _rescale(what: str):
     return option("inverse_p", help=what, validator=attrs.validators.in_(RESCALES))
 
 
+def _len(value) -> int:
+    return len(value) if isinstance(value, (list, tuple)) else 1
+
+
 _TIES_ONLY = " (variant=ties only)"
 _LINEAR_ONLY = " (variant=linear only)"
 
@@ -364,6 +377,15 @@ class _TaskVectorMethod(KernelMethod):
 
     def _weights(self, n: int) -> list[float]:
         return resolve_weights(self.name, getattr(self.config, "weights", None), n)
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        super().check_inputs(n_models, has_base)
+        from fusion_core.errors import InputError
+
+        for field in ("density", "gamma", "epsilon"):
+            value = getattr(self.config, field, None)
+            if isinstance(value, (list, tuple)) and len(value) != n_models:
+                raise InputError(f"method {self.name!r}: {field} has {len(value)} value(s) for {n_models} model(s)")
 
     def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str) -> "torch.Tensor":
         cfg = self.config
@@ -405,7 +427,7 @@ class MagnitudePrune(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        density: float = _density(
+        density: float | list[float] = _density(
             0.2, "fraction of each task vector's entries kept, by magnitude, per tensor: 1 keeps all, 0 keeps none"
         )
         scaling_factor: float = _scaling_factor()
@@ -419,8 +441,8 @@ class MagnitudePrune(_TaskVectorMethod):
         import torch
 
         deltas = [
-            torch.where(sparsify.magnitude_mask(tau, self.config.density), tau, torch.zeros_like(tau))
-            for tau in task_vectors(base, tensors)
+            torch.where(sparsify.magnitude_mask(tau, per_model(self.config.density, i)), tau, torch.zeros_like(tau))
+            for i, tau in enumerate(task_vectors(base, tensors))
         ]
         return self._combine(base, deltas, self._weights(len(deltas)), "linear")
 
@@ -434,7 +456,7 @@ class Ties(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        density: float = _density(
+        density: float | list[float] = _density(
             0.2,
             "fraction of each task vector kept by magnitude, per tensor: k = max(1, floor(density·n)); "
             "1 = no trim, 0 = all dropped (θ₀); paper: 0.2",
@@ -453,7 +475,7 @@ class Ties(_TaskVectorMethod):
 
     def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.TopK:
         """Phase 1: the top-``density`` selection of ``|τᵢ|`` over the whole tensor."""
-        return sparsify.magnitude_top_k(base, tensor, self.config.density)
+        return sparsify.magnitude_top_k(base, tensor, per_model(self.config.density, index))
 
     def kernel_chunk(
         self,
@@ -505,7 +527,7 @@ class Dare(_TaskVectorMethod):
         variant: Literal["linear", "ties"] = _variant(
             "linear", "how the sparse task vectors are merged: linear (task arithmetic) or ties (sign election + disjoint mean)"
         )
-        density: float = _density(0.1, "probability of keeping each entry (1 − drop rate); paper: drop 90%, i.e. 0.1")
+        density: float | list[float] = _density(0.1, "probability of keeping each entry (1 − drop rate); paper: drop 90%, i.e. 0.1")
         rescale: Literal["inverse_p", "l1", "none"] = _rescale(
             "inverse_p = divide kept entries by density (paper, PEFT; density 0 gives zeros); "
             "l1 = match ‖τ‖₁ (mergekit rescale: true); none = no rescale"
@@ -530,7 +552,7 @@ class Dare(_TaskVectorMethod):
     def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.PackedMask:
         """Phase 1: model ``index``'s Bernoulli mask over the whole tensor (and L1 rescale)."""
         cfg = self.config
-        mask = sparsify.packed_bernoulli_mask(tensor.numel(), cfg.density, ctx, salt=str(index))
+        mask = sparsify.packed_bernoulli_mask(tensor.numel(), per_model(cfg.density, index), ctx, salt=str(index))
         if cfg.rescale == "l1":
             mask = sparsify.with_l1_scale(mask, base, tensor)
         return mask
@@ -554,10 +576,11 @@ class Dare(_TaskVectorMethod):
         offset = _row_offset(base, start)
         if not fused_supported(base):  # the reference operations on this block
             deltas = []
-            for t, mask in zip(tensors, stats, strict=True):
+            for i, (t, mask) in enumerate(zip(tensors, stats, strict=True)):
                 tau = t - base
                 keep = mask.block(offset, tau.numel(), tau.device).to(torch.bool).reshape(tau.shape)
-                deltas.append(sparsify.apply_packed_rescale(cfg.rescale, torch.where(keep, tau, torch.zeros_like(tau)), mask, cfg.density))
+                masked = torch.where(keep, tau, torch.zeros_like(tau))
+                deltas.append(sparsify.apply_packed_rescale(cfg.rescale, masked, mask, per_model(cfg.density, i)))
             return self._combine(base, deltas, weights, cfg.variant)
         keep_f = torch.empty(min(base.numel(), sparsify.BLOCK), dtype=base.dtype, device=base.device)
 
@@ -572,7 +595,7 @@ class Dare(_TaskVectorMethod):
                 keep.copy_(mask.block(at, out.numel(), out.device))
                 out.mul_(keep)
                 out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference
-            sparsify.apply_packed_rescale(cfg.rescale, out, mask, cfg.density)
+            sparsify.apply_packed_rescale(cfg.rescale, out, mask, per_model(cfg.density, i))
             return True
 
         return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg)
@@ -590,12 +613,13 @@ class Breadcrumbs(_TaskVectorMethod):
         variant: Literal["linear", "ties"] = _variant(
             "linear", "how the masked task vectors are merged: linear (paper, task arithmetic) or ties (mergekit breadcrumbs_ties)"
         )
-        density: float = _density(
+        density: float | list[float] = _density(
             0.9, "fraction of each task vector kept, per tensor (floor(density·n) entries); 1 keeps everything"
         )
-        gamma: float = option(
+        gamma: float | list[float] = option(
             0.01,
-            help="fraction of largest-magnitude entries dropped as outliers (floor(gamma·n); 0 on tensors under 1/gamma entries)",
+            help="fraction of largest-magnitude entries dropped as outliers (floor(gamma·n); 0 on tensors under 1/gamma entries)"
+            + _PER_MODEL,
             validator=in_range(0.0, 1.0),
         )
         scaling_factor: float = _scaling_factor()
@@ -612,8 +636,8 @@ class Breadcrumbs(_TaskVectorMethod):
 
         cfg = self.config
         deltas = [
-            torch.where(sparsify.breadcrumbs_mask(tau, cfg.density, cfg.gamma), tau, torch.zeros_like(tau))
-            for tau in task_vectors(base, tensors)
+            torch.where(sparsify.breadcrumbs_mask(tau, per_model(cfg.density, i), per_model(cfg.gamma, i)), tau, torch.zeros_like(tau))
+            for i, tau in enumerate(task_vectors(base, tensors))
         ]
         return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
 
@@ -631,11 +655,19 @@ class Della(_TaskVectorMethod):
         variant: Literal["linear", "ties"] = _variant(
             "ties", "how the pruned task vectors are merged: ties (paper: elect + fuse; mergekit della) or linear (mergekit della_linear)"
         )
-        density: float = _density(0.5, "mean keep probability d; keep probabilities span [d − epsilon, d + epsilon] within each row")
-        epsilon: float = option(
+        density: float | list[float] = _density(0.5, "mean keep probability d; keep probabilities span [d − epsilon, d + epsilon] within each row")
+        epsilon: float | list[float] = option(
             0.15,
-            help="half-width ε of the keep-probability range; requires 0 < density − epsilon and density + epsilon ≤ 1",
+            help="half-width ε of the keep-probability range; requires 0 < density − epsilon and density + epsilon ≤ 1"
+            + _PER_MODEL,
             validator=in_range(0.0, 0.5),
+        )
+        ranking: Literal["rows", "dim1"] = option(
+            "rows",
+            help="how entries are ranked in tensors of more than 2 dims: rows = within each row (dim 0 index), "
+            "flattened (fusion); dim1 = along dim 1, one ranking per position of the other dims "
+            "(mergekit 0.1.5 sparsify.della_magprune, selected by mergekit recipes); 1-D/2-D tensors rank the same either way",
+            validator=attrs.validators.in_(("rows", "dim1")),
         )
         rescale: Literal["inverse_p", "l1", "none"] = _rescale(
             "inverse_p = divide each kept entry by its own keep probability (paper); "
@@ -648,22 +680,34 @@ class Della(_TaskVectorMethod):
         divisor: Literal["count", "weights", "none"] = _divisor(_TIES_ONLY)
 
         def __attrs_post_init__(self) -> None:
-            low, high = self.density - self.epsilon, self.density + self.epsilon
-            if not (low > 0 and high <= 1 + 1e-12):
-                raise ValueError(
-                    f"della: keep probabilities must lie in (0, 1], but density ± epsilon = [{low:g}, {high:g}] "
-                    f"(density={self.density}, epsilon={self.epsilon}); lower epsilon or move density"
-                )
+            n = max((len(v) for v in (self.density, self.epsilon) if isinstance(v, (list, tuple))), default=1)
+            for i in range(n):
+                density, epsilon = per_model(self.density, i % _len(self.density)), per_model(self.epsilon, i % _len(self.epsilon))
+                low, high = density - epsilon, density + epsilon
+                if not (low > 0 and high <= 1 + 1e-12):
+                    raise ValueError(
+                        f"della: keep probabilities must lie in (0, 1], but density ± epsilon = [{low:g}, {high:g}] "
+                        f"(density={density}, epsilon={epsilon}); lower epsilon or move density"
+                    )
             check_weight_sum("della", self.weights, self.normalize and self.variant == "linear")
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         cfg = self.config
         deltas = []
         for i, tau in enumerate(task_vectors(base, tensors)):
-            probs = sparsify.della_keep_probs(tau, cfg.density, cfg.epsilon)
+            probs = self.keep_probs(tau, per_model(cfg.density, i), per_model(cfg.epsilon, i))
             mask = sparsify.probability_mask(tau, probs, ctx, salt=str(i))
             deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, probs))
         return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
+
+
+    def keep_probs(self, tau: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
+        """MagPrune keep probabilities, ranked per row or along dim 1 (``ranking``)."""
+        if self.config.ranking == "dim1" and tau.dim() > 2:
+            moved = tau.movedim(1, -1)
+            probs = sparsify.della_keep_probs(moved.reshape(-1, moved.shape[-1]), density, epsilon)
+            return probs.reshape(moved.shape).movedim(-1, 1)
+        return sparsify.della_keep_probs(tau, density, epsilon)
 
 
 class Sce(_TaskVectorMethod):
@@ -727,6 +771,116 @@ class MagMax(_TaskVectorMethod):
         for d in deltas[1:]:
             best = torch.where(d.abs() > best.abs(), d, best)  # equal magnitudes: the earlier model wins
         return add_scaled(base, best, self.config.scaling_factor)
+
+
+# ---------------------------------------------------------------------------------------
+# mergekit 0.1.5's task-arithmetic family (merge_methods/generalized_task_arithmetic.py):
+# Σ over agreeing wᵢτᵢ with the sign elected on Σ wᵢτᵢ, divided by Σ agreeing wᵢ when
+# normalize, times lambda.  An absent density is 1 (no sparsification).
+
+
+def _rescale_l1(value: bool) -> dict:
+    return {"rescale": "l1" if value else "none"}
+
+
+def _no_rescale(method: str):
+    def fields(value: bool) -> dict:
+        if value:
+            raise ValueError(f"rescale: true is not supported for {method} (fusion's {method} has no L1 rescale of the trim)")
+        return {}
+
+    return fields
+
+
+def _divisor(value: bool) -> dict:
+    return {"divisor": "weights" if value else "none"}
+
+
+def _mk_shared(normalize: bool, rescale: bool, ties: bool, rescaling: bool, method: str) -> dict:
+    return {
+        "int8_mask": Param(bool, False),  # the storage dtype of mergekit's sign mask only
+        "normalize": Param(bool, normalize, _divisor if ties else "normalize"),
+        "rescale": Param(bool, rescale, _rescale_l1 if rescaling else _no_rescale(method)),
+        "lambda": Param(float, 1.0, "scaling_factor"),
+    }
+
+
+def _mk_per_model(density: bool = True, **extra: Param) -> dict:
+    out = {"weight": Param(float, to="weights")}
+    if density:
+        out["density"] = Param(float, 1.0, "density")
+    return {**out, **extra}
+
+
+def _della_density_one(fields: dict) -> dict:
+    """mergekit's della keeps a task vector whole at density ≥ 1 (before checking ε): ε = 0 there."""
+    density, epsilon = fields.get("density"), fields.get("epsilon")
+    if isinstance(density, list) and isinstance(epsilon, list):
+        fields["epsilon"] = [0.0 if d >= 1 else e for d, e in zip(density, epsilon, strict=True)]
+    return fields
+
+
+_TIES = {"sign_election": "weighted_sum"}
+MERGEKIT = [
+    MergekitMapping(
+        "task_arithmetic",
+        "task_arithmetic",
+        shared=_mk_shared(False, False, False, False, "task_arithmetic") | {"rescale": Param(bool, False)},
+        per_model=_mk_per_model(density=False) | {"density": Param(float, 1.0)},  # no sparsification: density unused
+    ),
+    MergekitMapping(
+        "ties", "ties", fixed=_TIES, shared=_mk_shared(True, False, True, False, "ties"), per_model=_mk_per_model()
+    ),
+    MergekitMapping(
+        "dare_ties",
+        "dare",
+        fixed={"variant": "ties", **_TIES},
+        shared=_mk_shared(False, True, True, True, "dare"),
+        per_model=_mk_per_model(),
+    ),
+    MergekitMapping(
+        "dare_linear",
+        "dare",
+        fixed={"variant": "linear"},
+        shared=_mk_shared(False, True, False, True, "dare"),
+        per_model=_mk_per_model(),
+    ),
+    MergekitMapping(
+        "breadcrumbs",
+        "breadcrumbs",
+        fixed={"variant": "linear"},
+        shared=_mk_shared(False, False, False, False, "breadcrumbs"),
+        per_model=_mk_per_model(gamma=Param(float, 0.01, "gamma")),
+    ),
+    MergekitMapping(
+        "breadcrumbs_ties",
+        "breadcrumbs",
+        fixed={"variant": "ties", **_TIES},
+        shared=_mk_shared(False, False, True, False, "breadcrumbs"),
+        per_model=_mk_per_model(gamma=Param(float, 0.01, "gamma")),
+    ),
+    MergekitMapping(
+        "della",
+        "della",
+        fixed={"variant": "ties", "ranking": "dim1", **_TIES},
+        shared=_mk_shared(True, True, True, True, "della"),
+        per_model=_mk_per_model(epsilon=Param(float, 0.15, "epsilon")),
+        adjust=_della_density_one,
+    ),
+    MergekitMapping(
+        "della_linear",
+        "della",
+        fixed={"variant": "linear", "ranking": "dim1"},
+        shared=_mk_shared(False, True, False, True, "della"),
+        per_model=_mk_per_model(epsilon=Param(float, 0.15, "epsilon")),
+        adjust=_della_density_one,
+    ),
+    MergekitMapping(
+        "sce",
+        "sce",
+        shared={"int8_mask": Param(bool, False), "select_topk": Param(float, 1.0, "select_topk")},
+    ),
+]
 
 
 METHODS = [TaskArithmetic, Ties, Dare, Breadcrumbs, Della, MagnitudePrune, Sce, MagMax]

@@ -16,20 +16,39 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from ..components import Capabilities, Method
-from ..config import option
-from ..errors import InputError
+from fusion_core.components import Capabilities, Method
+from fusion_core.config import option
+from fusion_core.errors import InputError
+
+from .mergekit.mapping import MergekitMapping, Param
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..components import ModelPool
-    from ..run_context import RunContext
-    from .readers import TensorReader
-    from .validate import TensorPlan
+    from fusion_core.components import ModelPool
+    from fusion_core.engine.readers import TensorReader
+    from fusion_core.engine.validate import TensorPlan
+    from fusion_core.run_context import RunContext
 
 DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\."
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def set_layer_count(config_path: Path, old: int | None, new: int) -> None:
+    """Set the layer count (any of :data:`LAYER_COUNT_KEYS` equal to ``old``) of ``config.json`` to ``new``."""
+    if old == new or not config_path.exists():
+        return
+    try:
+        data = json.loads(config_path.read_text())
+    except ValueError:
+        return
+    changed = False
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(data, dict) and data.get(key) == old:
+            data[key] = new
+            changed = True
+    if changed:
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _check_slices(instance, attribute, value) -> None:
@@ -114,7 +133,7 @@ class LayerStack(Method):
         self, inputs: Sequence["TensorReader"], has_base: bool, out_dtype: "torch.dtype | None" = None
     ) -> list["TensorPlan"]:
         """Output name → (input, tensor name) for every output tensor, in storage order of the first input."""
-        from .validate import PASSTHROUGH, TensorPlan
+        from fusion_core.engine.validate import PASSTHROUGH, TensorPlan
 
         def plan(out_name: str, index: int, name: str) -> TensorPlan:
             reader = inputs[index]
@@ -177,28 +196,24 @@ class LayerStack(Method):
 
     def update_config(self, path: Path) -> None:
         """Set the layer count of a copied ``config.json`` to the output's."""
-        path = Path(path)
-        if not path.exists() or self.output_layers is None:
-            return
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            return
-        changed = False
-        for key in LAYER_COUNT_KEYS:
-            if isinstance(data, dict) and data.get(key) == self.source_layers:
-                data[key] = self.output_layers
-                changed = True
-        if changed:
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if self.output_layers is not None:
+            set_layer_count(Path(path), self.source_layers, self.output_layers)
 
     # -- in memory ------------------------------------------------------------
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         """Stack the pool's models in memory; returns the new state dict."""
-        from .executor import merge_pool
+        from fusion_core.engine.executor import merge_pool
 
         return merge_pool(self, pool, ctx)
 
 
 METHODS = [LayerStack]
+
+
+#: mergekit's passthrough: each output tensor is one input's tensor (times its optional ``scale``)
+MERGEKIT = [
+    MergekitMapping(
+        "passthrough", "layer_stack", base="ignored", per_model={"scale": Param(float, None, "scale")}, per_model_scope="input", max_inputs=1
+    )
+]
