@@ -400,3 +400,20 @@ def test_two_concurrent_merges_to_one_new_output_never_replace_each_other(root):
     merged = load_file(str(out / "model.safetensors"))
     assert torch.allclose(merged["w"], base["w"] + winner * (ft2["w"] - base["w"]))  # the winner's output, whole
     assert [p.name for p in root.iterdir() if ".fuse-" in p.name] == []
+
+
+def test_extract_lora_and_moe_refuse_an_output_holding_their_inputs_before_any_work(root):
+    """`fuse extract-lora` and `fuse moe` (fusion-merging) go through the same output guard."""
+    extract_lora = pytest.importorskip("fusion_merging.extract_lora")
+    moe = pytest.importorskip("fusion_merging.moe")
+    pytest.importorskip("transformers")
+    from fusion_core.errors import FuseError
+
+    before = tree_hash(root)
+    cp = root / "cp"
+    with pytest.raises(FuseError, match=r"holds the input"):
+        extract_lora.extract(str(cp / "base"), str(cp / "ft2"), str(cp), rank=2, overwrite=True)
+    config = {"where": "moe.yml", "base_model": str(cp / "base"), "experts": [{"source_model": str(cp / "ft2")}], "shared_experts": []}
+    with pytest.raises(FuseError, match=r"is the input"):
+        moe.build(config, str(cp / "ft2"), overwrite=True)
+    assert tree_hash(root) == before
