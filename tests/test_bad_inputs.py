@@ -170,7 +170,7 @@ CASES = [
     ("out-is-cwd", lambda r, m: (m.chdir(r / "cp"), merge_args(r, "--overwrite", out="."))[1], r"output \. is the working directory"),
     ("out-holds-cwd", lambda r, m: (m.chdir(r / "cp" / "ft1"), merge_args(r, "--overwrite", out=".."))[1], r"holds the working directory"),
     ("out-missing-parents", lambda r, m: merge_args(r, out=r / "no" / "such" / "deep" / "out"), r"does not exist; create it first \(mkdir -p .*deep\)"),
-    ("out-exists-no-overwrite", lambda r, m: merge_args(r, out=r / "cp"), r"cp holds the input"),
+    ("out-exists-no-overwrite", lambda r, m: ((r / "prev").mkdir(), (r / "prev" / MARKER).write_text("{}"), merge_args(r, out=r / "prev"))[2], r"prev already exists; pass --overwrite to replace it"),
     ("run-output-dir-unrelated", lambda r, m: run_args(r, str(r / "thesis"), "--overwrite"), r"thesis already exists and was not written by fuse"),
     ("run-output-dir-holds-inputs", lambda r, m: run_args(r, str(r / "cp"), "--overwrite"), r"cp holds the input"),
     ("run-output-dir-is-input", lambda r, m: run_args(r, str(r / "cp" / "ft2"), "--overwrite"), r"is the input"),
