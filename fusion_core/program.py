@@ -131,8 +131,10 @@ def run(
         return {"dry_run": True, "config": config.to_dict(), "plan": plan(config)}
     settings = config.settings
     output_dir = Path(settings.output_dir or default_output_dir(config))
+    # output_dir=runs/exp1 may create runs/ (one level), never a whole missing path
+    guard = {"overwrite": overwrite, "inputs": config_paths(config.modelpool.to_dict()), "make_parent": True}
     if write:
-        check_output_path(output_dir, overwrite=overwrite)
+        check_output_path(output_dir, **guard)
 
     hooks = _Hooks(plugin_manager)
     hooks.run_start(config)
@@ -151,7 +153,7 @@ def run(
 
     report = build_report(config, results, parts.taskpool, ctx.timings, started, provenance(plugin_manager), ctx.extras)
     if write:
-        _write_outputs(output_dir, report, models, parts.pool, ctx, hooks, overwrite=overwrite, save_model=settings.save_model)
+        _write_outputs(output_dir, report, models, parts.pool, ctx, hooks, guard=guard, save_model=settings.save_model)
     hooks.run_end(report)
     return report
 
@@ -166,6 +168,26 @@ def _setup_run(config: RunConfig, ctx: RunContext) -> Components:
     parts = setup(config)
     ctx.taskpool = parts.taskpool
     return parts
+
+
+def config_paths(value: Any) -> list[str]:
+    """Existing paths named by strings in a (model pool) config: what an output must never replace."""
+    import os
+
+    cwd = os.path.realpath(os.getcwd())
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for item in value.values():
+            found += config_paths(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found += config_paths(item)
+    elif isinstance(value, str) and value.strip() and len(value) < 4096 and "\x00" not in value:
+        with_user = os.path.expanduser(value)
+        real = os.path.realpath(with_user)
+        if os.path.lexists(with_user) and not (cwd == real or cwd.startswith(real.rstrip("/") + "/")):
+            found.append(with_user)
+    return found
 
 
 def _named_outputs(output: Any, method) -> dict[str, Any]:
@@ -206,9 +228,12 @@ def _evaluate_inputs(pool, taskpool, ctx: RunContext) -> dict[str, Any]:
 
 
 def _write_outputs(output_dir: Path, report: dict, models: Mapping[str, Any], pool, ctx: RunContext, hooks: _Hooks, *,
-                   overwrite: bool, save_model: bool) -> None:
-    """The output directory (report, and the models when asked), complete or not at all."""
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+                   guard: Mapping[str, Any], save_model: bool) -> None:
+    """The output directory (report, and the models when asked), complete or not at all.
+
+    ``guard``: what :func:`~fusion_core.output.check_output_path` needs (overwrite, the inputs, make_parent).
+    """
+    with atomic_dir(output_dir, **guard) as tmp:
         if save_model:
             with hooks.phase(ctx, "save"):
                 for label, model in models.items():

@@ -170,21 +170,32 @@ class RandomDrop(KernelMethod):
         return out
 
 
-class Interrupting(KernelMethod):
+class MeanWithEvent(KernelMethod):
+    """θ₀ + mean τᵢ, calling ``event(name)`` first (a test of what happens mid-merge)."""
+
+    elementwise = True
+
+    def event(self, name: str) -> None:
+        """Override: what happens on tensor ``name``."""
+
+    def kernel(self, name, base, tensors, ctx):
+        self.event(name)
+        return base + sum(t - base for t in tensors) / len(tensors)
+
+
+class Interrupting(MeanWithEvent):
     """Raises KeyboardInterrupt on the tensor named ``at`` (a simulated Ctrl-C mid-merge)."""
 
     name = "t_interrupt"
     summary = "test: Ctrl-C in the middle of a merge"
-    elementwise = True
 
     @attrs.frozen
     class Config:
         at: str = option("transformer.h.1.attn.c_attn.weight", help="tensor name")
 
-    def kernel(self, name, base, tensors, ctx):
+    def event(self, name):
         if name == self.config.at:
             raise KeyboardInterrupt
-        return base + sum(t - base for t in tensors) / len(tensors)
 
 
 class LocalTaskArithmetic(KernelMethod):
@@ -256,3 +267,40 @@ def merge_ref(method, base: dict | None, models: Sequence[dict]) -> dict[str, to
         b = base[key].float() if base is not None else None
         out[key] = method.kernel(key, b, [m[key].float() for m in models], KernelContext(name=key))
     return out
+
+
+class Terminating(MeanWithEvent):
+    """Sends SIGTERM to its own process on the tensor named ``at`` (``kill`` of a running merge)."""
+
+    name = "t_sigterm"
+    summary = "test: SIGTERM in the middle of a merge"
+
+    @attrs.frozen
+    class Config:
+        at: str = option("b", help="tensor name")
+
+    def event(self, name):
+        if name == self.config.at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Racing(MeanWithEvent):
+    """Creates a folder at ``path`` while merging (another run finishing first at the same output)."""
+
+    name = "t_race"
+    summary = "test: an output that appears while the merge runs"
+
+    @attrs.frozen
+    class Config:
+        path: str = option("", help="where the other run's output appears")
+
+    def event(self, name):
+        target = Path(self.config.path)
+        if not target.exists():
+            target.mkdir()
+            (target / "theirs.txt").write_text("the other run's output")
+
+
+TEST_METHODS += [Terminating, Racing]

@@ -26,6 +26,7 @@ from merge_testkit import (  # noqa: E402
 )
 
 from fusion_core.engine.executor import MergeOptions, merge_readers  # noqa: E402
+from fusion_core.output import MARKER  # noqa: E402
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_merge_reloads_with_from_pretrained_and_keeps_tied_weights(gpt2_folders,
     )
     assert code == 0, err
     out = tmp / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "README.md", "config.json", "generation_config.json", "model.safetensors"]
     assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))
     merged = load_hf(out)
     assert merged.lm_head.weight.data_ptr() == merged.transformer.wte.weight.data_ptr()
@@ -249,13 +250,18 @@ def test_mixed_dtypes_promote_and_say_so(gpt2_folders, capsys):
     assert {v.dtype for v in load_file(str(tmp / "out.safetensors")).values()} == {torch.float32}
 
 
-def test_overwrite_replaces_an_existing_output(gpt2_folders, capsys):
+def test_overwrite_replaces_an_existing_output_fuse_wrote(gpt2_folders, capsys):
     tmp, _, (base, ft1, ft2) = gpt2_folders
     out = tmp / "out.safetensors"
-    out.write_bytes(b"old")
-    code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft1, "-o", out, "--overwrite")
+    code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft1, "-o", out)
     assert code == 0, err
-    assert "transformer.wte.weight" in load_file(str(out))
+    first = load_file(str(out))
+    code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft2, "-o", out, "--overwrite")
+    assert code == 0, err
+    assert not torch.equal(load_file(str(out))["transformer.wte.weight"], first["transformer.wte.weight"])
+    out.write_bytes(b"old")  # not written by fuse: never replaced
+    code, _, err = fuse(capsys, "merge", "t_mean", "--base", base, "--model", ft1, "-o", out, "--overwrite")
+    assert code == 2 and "was not written by fuse" in err and out.read_bytes() == b"old"
 
 
 def test_a_sentence_transformers_folder_comes_out_complete(tmp_path, capsys):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from fusion_core.engine.readers import ModuleReader, PickleReader, SafetensorsReader, ShardedReader, StateDictReader, open_reader
 from fusion_core.engine.writer import ModelWriter, atomic_output, parse_size, save_state_dict_folder
 from fusion_core.errors import ConfigError, InputError
+from fusion_core.output import MARKER
 
 torch.set_num_threads(1)
 
@@ -177,24 +178,37 @@ def test_writer_refuses_incomplete_output(tmp_path):
         writer.finish()
 
 
-def test_atomic_output_leaves_nothing_on_error_and_refuses_existing(tmp_path):
-    target = tmp_path / "new" / "deeper" / "out"
+def test_atomic_output_leaves_nothing_on_error_and_replaces_only_fuse_outputs(tmp_path):
+    target = tmp_path / "out"
     with pytest.raises(RuntimeError):
         with atomic_output(target) as tmp:
             tmp.mkdir()
             (tmp / "x").write_text("partial")
             raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []  # parents created for the output are removed too
-    existing = tmp_path / "out"
-    existing.mkdir()
-    (existing / "old").write_text("old")
-    with pytest.raises(InputError, match="already exists; pass --overwrite"):
-        with atomic_output(existing):
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="does not exist; create it first"):  # parents are never made silently
+        with atomic_output(tmp_path / "new" / "deeper" / "out"):
             pass
-    with atomic_output(existing, overwrite=True) as tmp:
+    assert list(tmp_path.iterdir()) == []
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    with pytest.raises(InputError, match="already exists and was not written by fuse"):
+        with atomic_output(theirs, overwrite=True):
+            pass
+    assert (theirs / "thesis.tex").read_text() == "years of work"
+    with atomic_output(target) as tmp:
+        tmp.mkdir()
+        (tmp / "old").write_text("old")
+    assert (target / MARKER).is_file()  # the marker that makes it replaceable
+    with pytest.raises(InputError, match="already exists; pass --overwrite"):
+        with atomic_output(target):
+            pass
+    with atomic_output(target, overwrite=True) as tmp:
         tmp.mkdir()
         (tmp / "new").write_text("new")
-    assert sorted(p.name for p in existing.iterdir()) == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "theirs"]
 
 
 def test_save_state_dict_folder_stores_tied_tensors_once(tmp_path):

@@ -13,6 +13,7 @@ import fusion_core
 from fusion_core.cli.main import main
 from fusion_core.components import Method
 from fusion_core.errors import InputError
+from fusion_core.output import MARKER
 
 
 @pytest.fixture
@@ -45,13 +46,16 @@ def test_run_reports_closed_form_numbers_and_provenance(files, tmp_path):
 
 
 def test_existing_output_is_refused_unless_overwrite(files, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("x")
+    fusion_core.run(config(files, tmp_path))
     with pytest.raises(InputError, match=r"output .*out already exists; pass --overwrite"):
         fusion_core.run(config(files, tmp_path))
-    assert (tmp_path / "out" / "keep.txt").exists()
     fusion_core.run(config(files, tmp_path), overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "report.json"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match=r"output .*mine already exists and was not written by fuse"):
+        fusion_core.run(config(files, tmp_path, output_dir=str(tmp_path / "mine")), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["keep.txt"]
 
 
 def test_unwritable_output_location(files, tmp_path):
@@ -94,7 +98,7 @@ def test_error_while_writing_leaves_no_output(files, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(api, "write_json_atomic", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match=r"cannot write .*out: disk full"):
         fusion_core.run(config(files, tmp_path))
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 

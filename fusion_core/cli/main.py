@@ -106,15 +106,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click turns a KeyboardInterrupt inside a command into Abort
+        from ..cleanup import Terminated
+
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("terminated (SIGTERM); no partial output was kept", err=True)
+            return 143
         click.echo("aborted", err=True)
         return 130
-    except KeyboardInterrupt:
-        click.echo("interrupted; no partial output was kept", err=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        from ..cleanup import Terminated
+
+        terminated = isinstance(exc, Terminated)
+        click.echo(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; no partial output was kept", err=True)
+        return 143 if terminated else 130
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
+    except OSError as exc:  # the last edge: a file system error nothing closer turned into a message
+        if debug:
+            raise
+        from ..output import os_error_line
+
+        click.echo(f"error: {os_error_line(exc, exc.filename or 'a file', 'access')}", err=True)
+        return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
     finally:

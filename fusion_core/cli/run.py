@@ -57,11 +57,13 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
 
         click.echo(dump(config.to_dict(), sort_keys=False).rstrip())
         return
+    from ..cleanup import terminate_as_interrupt
     from ..console import console
     from ..program import run
     from ..report import render_report
 
-    report = run(config, registry=state.registry, plugin_manager=state.pm, overwrite=overwrite, dry_run=dry_run)
+    with terminate_as_interrupt():
+        report = run(config, registry=state.registry, plugin_manager=state.pm, overwrite=overwrite, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif dry_run:

@@ -44,10 +44,11 @@ import attrs
 import torch
 
 from ..errors import FuseError, InputError, PluginError
+from ..output import atomic_output, check_output_path
 from .protocol import Kernel, KernelContext, Passthrough, TwoPhaseKernel, WholeModelPasses, streams
 from .readers import TensorReader, as_reader
 from .validate import ALIAS, COPY, PASSTHROUGH, TensorPlan, dtype_name, parse_dtype, plan_merge
-from .writer import DEFAULT_SHARD_SIZE, ModelWriter, atomic_output, copy_model_files, parse_size, write_model_card
+from .writer import DEFAULT_SHARD_SIZE, FilePlan, ModelWriter, copy_planned, parse_size, plan_model_files, write_model_card
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..components import ModelPool
@@ -57,7 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def _stderr(message: str) -> None:
     from ..console import error_console
 
-    error_console().print(message, markup=False, highlight=False)
+    error_console().print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 @attrs.define
@@ -79,6 +80,10 @@ class MergeOptions:
     check_finite: bool = True
     copy_files: bool = True
     """Copy the base's config/tokenizer files into an HF output folder."""
+    copy_code: bool = False
+    """Also copy code files (``*.py``) of the base folder (they run with ``trust_remote_code``)."""
+    inputs: tuple = ()
+    """Paths the output must never replace or hold (the inputs; readers' own paths are added)."""
     recipe: dict | None = None
     """Recorded in the model card."""
     progress: bool = False
@@ -318,7 +323,7 @@ def _run(
     labels = [r.label for r in inputs]
     iterator = iter(_Prefetcher(units, loader.read, opts.prefetch))
     try:
-        _consume(method, iterator, sink, stats, labels, kernel_context, progress)
+        _consume(method, iterator, sink, stats, labels, kernel_context, progress, opts.check_finite)
     finally:
         iterator.close()
 
@@ -342,23 +347,46 @@ def _model_passes(method, plans, n_models: int, loader: "_Loader", kernel_contex
             break
 
 
-def _consume(method, iterator, sink, stats, labels, kernel_context, progress) -> None:
+def _consume(method, iterator, sink, stats, labels, kernel_context, progress, check=True) -> None:
     while True:
         try:
             unit, data = next(iterator)
         except StopIteration:
             break
-        _process(method, unit, data, sink, stats, labels, kernel_context)
+        _process(method, unit, data, sink, stats, labels, kernel_context, check)
         del data  # before the next read is allowed to start
         if unit.last and progress is not None:
             progress()
 
 
-def _finish(plan: TensorPlan, out: torch.Tensor) -> torch.Tensor:
-    return out.detach().to(device="cpu", dtype=plan.out_dtype)
+def _finish(plan: TensorPlan, out: torch.Tensor, method: Any = None, check: bool = False) -> torch.Tensor:
+    done = out.detach().to(device="cpu", dtype=plan.out_dtype)
+    # a sum is a cheap first test (no mask allocated); only a non-finite sum looks element by element
+    if check and done.is_floating_point() and not bool(torch.isfinite(done.sum())) and not bool(torch.isfinite(done).all()):
+        raise InputError(_non_finite_message(method, plan, out, done))
+    return done
 
 
-def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str], kernel_context) -> None:
+def _non_finite_message(method: Any, plan: TensorPlan, out: torch.Tensor, done: torch.Tensor) -> str:
+    """Which merged tensor went non-finite, and the config field (or dtype) that most likely did it."""
+    what = "NaN" if bool(torch.isnan(done).any()) else "Inf"
+    head = f"merged tensor {plan.name!r} has {what} values, so nothing was written"
+    if bool(torch.isfinite(out).all()):
+        return f"{head}: it overflows {dtype_name(plan.out_dtype)}; choose a wider --dtype or smaller method fields"
+    suspects = []
+    config = getattr(method, "config", None)
+    for field in attrs.fields(type(config)) if attrs.has(type(config)) else ():
+        values = getattr(config, field.name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, float) and (not math.isfinite(value) or abs(value) > 1e4):
+                suspects.append(f"{field.name}={value}")
+                break
+    if suspects:
+        return f"{head}; likely cause: {', '.join(suspects)} (fix the method field{'s' if len(suspects) > 1 else ''})"
+    return f"{head}; check the method's fields (`fuse show {getattr(method, 'name', 'METHOD')}`) and the inputs"
+
+
+def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str], kernel_context, check=True) -> None:
     plan, name = unit.plan, unit.plan.name
     if unit.step == "alias":
         sink.alias(name, plan.source)
@@ -379,7 +407,7 @@ def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str
     elif unit.step == "whole":
         base, tensors = data
         out = method.kernel(name, base, tensors, kernel_context(name))
-        sink.put(name, _finish(plan, _check_output(method, name, out, plan.shape)))
+        sink.put(name, _finish(plan, _check_output(method, name, out, plan.shape), method, check))
     elif unit.step == "stats":
         base, tensor = data
         stats.setdefault(name, []).append(method.chunk_stats(name, base, tensor, unit.index, kernel_context(name)))
@@ -390,7 +418,7 @@ def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str
             out = method.kernel_chunk(name, base, tensors, kernel_context(name), stats[name], unit.start)
         else:  # an elementwise kernel on rows [start, stop): ctx.start says where they begin
             out = method.kernel(name, base, tensors, attrs.evolve(kernel_context(name), start=unit.start))
-        sink.put_rows(name, unit.start, _finish(plan, _check_output(method, name, out, shape)))
+        sink.put_rows(name, unit.start, _finish(plan, _check_output(method, name, out, shape), method, check))
         if unit.last:
             stats.pop(name, None)
 
@@ -491,6 +519,35 @@ def merge_pool(method: Any, pool: "ModelPool", ctx: "RunContext") -> dict[str, t
             reader.close()
 
 
+def reader_paths(readers: Sequence[TensorReader | None]) -> list[Path]:
+    """The files or folders ``readers`` read (what an output must never replace)."""
+    paths = []
+    for reader in readers:
+        folder = getattr(reader, "folder", None)
+        file = getattr(getattr(reader, "file", None), "path", None)
+        for path in (folder, file):
+            if path is not None:
+                paths.append(Path(path))
+    return paths
+
+
+def _plan_files(source: Path | None, opts: MergeOptions, notify: Callable[[str], None]) -> FilePlan:
+    """The base folder's files for the output, checked before any work (links out, code, a broken config)."""
+    if not opts.copy_files:
+        return FilePlan()
+    files = plan_model_files(source, copy_code=opts.copy_code)
+    if files.skipped_code:
+        notify(f"note: not copied: {', '.join(files.skipped_code)} (code; pass --copy-code to copy it)")
+    if files.config_invalid:
+        where = Path(files.source or "") / "config.json"
+        if opts.out_dtype is not None:
+            raise InputError(
+                f"{where} is {files.config_invalid}, so --dtype {opts.out_dtype} cannot be recorded in it; fix the file or drop --dtype"
+            )
+        notify(f"warning: {where} is {files.config_invalid}; copied as it is")
+    return files
+
+
 def merge_to_path(
     method: Any,
     base_reader: TensorReader | None,
@@ -500,7 +557,8 @@ def merge_to_path(
 ) -> Path:
     """Merge ``readers`` (with ``base_reader``) to ``output``: a ``.safetensors`` file, or else an HF folder.
 
-    Validates everything from headers first; writes to a temporary path beside
+    Validates everything from headers first (and the output path: see
+    :func:`fusion_core.output.check_output_path`); writes to a temporary path beside
     ``output`` and renames it into place when complete.
     """
     opts = options or MergeOptions()
@@ -508,18 +566,19 @@ def merge_to_path(
     output = Path(output)
     has_base = base_reader is not None
     inputs = ([base_reader] if has_base else []) + list(readers)
+    protected = [*opts.inputs, *reader_paths(inputs)]
     _prepare_method(method, len(readers), has_base)
     compute = parse_dtype(opts.compute_dtype, what="compute dtype")
     out_dtype = parse_dtype(opts.out_dtype, what="output dtype")
     device = _check_device(opts.device)
     shard_size = parse_size(opts.shard_size)
-    if output.exists() and not opts.overwrite:
-        raise InputError(f"output {output} already exists; pass --overwrite to replace it")
+    check_output_path(output, overwrite=opts.overwrite, inputs=protected)
     plans = _plans(method, inputs, has_base, opts, notify)
     entries = [(p.name, p.shape, p.out_dtype) for p in plans if p.kind != ALIAS]
     single = output.suffix == ".safetensors"
+    files = FilePlan() if single else _plan_files(inputs[0].folder, opts, notify)
     ctx_for = _kernel_contexts(opts.seed, compute, device)
-    with atomic_output(output, overwrite=opts.overwrite) as tmp:
+    with atomic_output(output, overwrite=opts.overwrite, inputs=protected, notify=notify) as tmp:
         writer = ModelWriter(tmp, entries, shard_size=shard_size, single_file=single)
         try:
             with _cli_progress(opts.progress, f"merging ({getattr(method, 'name', 'merge')})", len(plans)) as advance:
@@ -539,11 +598,9 @@ def merge_to_path(
         finally:
             writer.close()
         if not single:
-            source = inputs[0].folder
-            if opts.copy_files:
-                copy_model_files(source, tmp, dtype=out_dtype)
-                if isinstance(method, Passthrough):
-                    method.update_config(tmp / "config.json")
+            copy_planned(files, tmp, dtype=out_dtype)
+            if opts.copy_files and isinstance(method, Passthrough):
+                method.update_config(tmp / "config.json")
             if opts.finish is not None:
                 opts.finish(tmp)
             recipe = dict(opts.recipe or {})

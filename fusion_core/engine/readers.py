@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from .confine import inside, member, open_regular, regular
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -112,6 +113,62 @@ class TensorReader(abc.ABC):
 # safetensors files
 
 
+def parse_header(raw: bytes, data_size: int, where: str = "file") -> tuple[dict[str, str], dict[str, tuple]]:
+    """Validate a safetensors header as the safetensors library does; ``(metadata, entries)``.
+
+    ``entries`` maps each tensor name to ``(dtype, shape, begin, end)``.  Offsets must be
+    non-negative integers, tensors must not overlap and must cover the ``data_size`` bytes
+    after the header exactly; shapes are lists of non-negative integers; dtypes are known.
+    Anything else raises one :class:`InputError` line naming ``where``.
+    """
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise InputError(f"{where} has a corrupt safetensors header ({reason}); the file is truncated or not safetensors") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{where} has a corrupt safetensors header (__metadata__ is not a map of strings)")
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    for name, info in header.items():
+        shown = name[:200]
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise InputError(f"{where} has a corrupt header entry for tensor {shown!r} (needs dtype, shape and data_offsets)")
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise InputError(f"{where}: tensor {shown!r} has an invalid shape (not a list of non-negative integers)")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
+            raise InputError(f"{where}: tensor {shown!r} has invalid data_offsets (not two non-negative integers)")
+        dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+        if dtype is None:
+            raise InputError(f"{where}: tensor {shown!r} has unsupported dtype {str(code)[:40]!r}")
+        begin, end = offsets
+        nbytes = _numel(shape) * dtype.itemsize
+        if end < begin or end - begin != nbytes:
+            raise InputError(f"{where} is corrupt: tensor {shown!r} spans {end - begin} bytes, its shape needs {nbytes}")
+        if end > data_size:
+            raise InputError(
+                f"{where} is truncated: tensor {shown!r} ends at byte {end} of the data but the file has {data_size} data bytes"
+            )
+        entries[name] = (dtype, tuple(shape), begin, end)
+    expected = 0
+    for name in sorted(entries, key=lambda k: (entries[k][2], entries[k][3])):
+        begin, end = entries[name][2:]
+        if begin != expected:
+            what = "overlaps the tensor before it" if begin < expected else f"leaves a gap of {begin - expected} bytes before it"
+            raise InputError(f"{where} is corrupt: tensor {name[:200]!r} {what} (offsets must be contiguous)")
+        expected = end
+    if expected != data_size:
+        raise InputError(f"{where} is corrupt: the tensors cover {expected} data bytes but the file holds {data_size}")
+    return metadata, entries
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class SafetensorsFile:
     """The parsed header of one safetensors file and positioned reads of its tensors."""
 
@@ -119,54 +176,31 @@ class SafetensorsFile:
         self.path = Path(path)
         self._fd: int | None = None
         self._lock = threading.Lock()
+        fd = open_regular(self.path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    raise InputError(f"{self.path} is not a safetensors file (only {size} bytes): truncated or corrupt")
-                n = int.from_bytes(head, "little")
-                if n <= 1 or n > MAX_HEADER_BYTES or 8 + n > size:
-                    raise InputError(
-                        f"{self.path} is not a valid safetensors file (header length {n} for a {size}-byte file): truncated or corrupt"
-                    )
-                raw = fh.read(n)
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 8, 0)
+            if len(head) < 8:
+                raise InputError(f"{self.path} is not a safetensors file (only {size} bytes): truncated or corrupt")
+            n = int.from_bytes(head, "little")
+            if n <= 1 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise InputError(
+                    f"{self.path} is not a valid safetensors file (header length {n} for a {size}-byte file): truncated or corrupt"
+                )
+            raw = os.pread(fd, n, 8)
         except OSError as exc:
             raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-            if not isinstance(header, dict):
-                raise ValueError("header is not an object")
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise InputError(
-                f"{self.path} has a corrupt safetensors header ({exc}); the file is truncated or not safetensors"
-            ) from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        finally:
+            os.close(fd)
+        self.size = size
         self.data_start = 8 + n
-        data_size = size - self.data_start
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                code, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise InputError(f"{self.path} has a corrupt header entry for tensor {name!r}") from None
-            dtype = SAFETENSORS_DTYPES.get(code)
-            if dtype is None:
-                raise InputError(f"{self.path}: tensor {name!r} has unsupported dtype {code!r}")
-            nbytes = _numel(shape) * dtype.itemsize
-            if end - begin != nbytes or begin < 0:
-                raise InputError(f"{self.path} is corrupt: tensor {name!r} spans {end - begin} bytes, its shape needs {nbytes}")
-            if end > data_size:
-                raise InputError(
-                    f"{self.path} is truncated: tensor {name!r} ends at byte {self.data_start + end} but the file has {size} bytes"
-                )
-            self.entries[name] = (dtype, shape, begin, end)
+        self.metadata, self.entries = parse_header(raw, size - self.data_start, str(self.path))
         self.names = sorted(self.entries, key=lambda k: self.entries[k][2])
 
     def _descriptor(self) -> int:
         with self._lock:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
+                self._fd = open_regular(self.path)
             return self._fd
 
     def _read_into(self, out: torch.Tensor, offset: int) -> None:
@@ -235,8 +269,40 @@ class SafetensorsReader(TensorReader):
     def location(self, name: str) -> tuple[str, int]:
         return ("", self._entry(name)[2])
 
+    def source_files(self) -> list[SafetensorsFile]:
+        """The safetensors files read (for duplicate detection)."""
+        return [self.file]
+
     def close(self) -> None:
         self.file.close()
+
+
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+def read_shard_index(folder: str | os.PathLike, index_path: str | os.PathLike) -> dict[str, str]:
+    """The ``weight_map`` of a ``*.index.json`` in ``folder``: ``{tensor name: shard file name}``, validated."""
+    index_path = Path(index_path)
+    inside(folder, index_path, what="index")
+    size = regular(index_path).st_size
+    if size > MAX_INDEX_BYTES:
+        raise InputError(f"{index_path} is not a valid shard index ({size} bytes; an index is far smaller)")
+    try:
+        fd = open_regular(index_path)
+        try:
+            raw = os.read(fd, MAX_INDEX_BYTES + 1)
+        finally:
+            os.close(fd)
+        index = json.loads(raw.decode("utf-8"))
+        if not isinstance(index, dict) or "weight_map" not in index:
+            raise ValueError("no weight_map")
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map is not a map of tensor names to file names")
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(getattr(exc, "strerror", None) or exc)[:200]
+        raise InputError(f"{index_path} is not a valid shard index ({reason})") from None
+    return weight_map
 
 
 class ShardedReader(TensorReader):
@@ -264,6 +330,7 @@ class ShardedReader(TensorReader):
                 raise InputError(
                     f"{self.folder} holds {len(singles)} safetensors files but no *.safetensors.index.json; give one file as the model"
                 )
+            inside(self.folder, singles[0])
             file = SafetensorsFile(singles[0])
             self._files[singles[0].name] = file
             self._where = {name: singles[0].name for name in file.names}
@@ -275,15 +342,10 @@ class ShardedReader(TensorReader):
         self._keys = sorted(self._where, key=lambda k: (order[self._where[k]], self._files[self._where[k]].entries[k][2]))
 
     def _open_index(self, index_path: Path) -> None:
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise ValueError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{index_path} is not a valid shard index ({exc})") from None
+        weight_map = read_shard_index(self.folder, index_path)
         for name, fname in weight_map.items():
             if fname not in self._files:
+                member(self.folder, fname, named_in=index_path)
                 path = self.folder / fname
                 if not path.exists():
                     raise InputError(f"{index_path} names shard {fname} which is missing from {self.folder}")
@@ -315,6 +377,10 @@ class ShardedReader(TensorReader):
 
     def location(self, name: str) -> tuple[str, int]:
         return (self._where[name], self._file(name).entries[name][2])
+
+    def source_files(self) -> list[SafetensorsFile]:
+        """The safetensors files read, by shard name (for duplicate detection)."""
+        return [self._files[name] for name in sorted(self._files)]
 
     def close(self) -> None:
         for file in self._files.values():
@@ -401,6 +467,7 @@ class ModuleReader(StateDictReader):
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    regular(path)
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -424,16 +491,18 @@ class PickleReader(StateDictReader):
         if path.is_dir():
             index = path / "pytorch_model.bin.index.json"
             if index.exists():
-                try:
-                    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    raise InputError(f"{index} is not a valid shard index ({exc})") from None
+                files = sorted(set(read_shard_index(path, index).values()))
+                for fname in files:
+                    member(path, fname, named_in=index)
             else:
                 files = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                for fname in files:
+                    inside(path, path / fname)
+            targets = [path / fname for fname in files]
             if not files:
                 raise InputError(f"{path} has no safetensors or pickle weights")
-            for fname in files:
-                state.update(_load_pickle(path / fname))
+            for target in targets:
+                state.update(_load_pickle(target))
             self.folder = path
         else:
             state = _load_pickle(path)

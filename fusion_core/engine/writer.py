@@ -21,10 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from ..errors import ConfigError, InputError
-from ..output import atomic_output, plain_data
+from ..output import SAFETENSORS_MARK, atomic_output, plain_data
+from .confine import inside, open_regular, regular
 from .readers import DTYPE_CODES, find_aliases
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -48,6 +50,7 @@ _UNITS = {
     "tib": 1024**4,
 }
 COPIED_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "*.py")
+CODE_SUFFIXES = (".py",)
 SKIPPED_NAMES = {"README.md"}
 
 
@@ -64,6 +67,12 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ConfigError(f"bad size {text!r}: must be positive")
     return value
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -166,7 +175,7 @@ class ModelWriter:
             self.target.mkdir(parents=True, exist_ok=True)
             n = len(shards)
             names = [self.target / (SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors") for i in range(n)]
-        meta = {"format": "pt", **dict(metadata or {})}
+        meta = {"format": "pt", SAFETENSORS_MARK: _version(), **dict(metadata or {})}
         self.files: list[SafetensorsFileWriter] = []
         self.where: dict[str, SafetensorsFileWriter] = {}
         try:
@@ -205,42 +214,95 @@ class ModelWriter:
 # folder extras: config/tokenizer files and the model card
 
 
-def copy_model_files(source: Path | None, folder: Path, *, dtype: torch.dtype | None = None) -> list[str]:
-    """Copy config, tokenizer and other small files of the HF folder ``source`` into ``folder``.
+@attrs.frozen
+class FilePlan:
+    """The files of a source HF folder to copy into an output folder (checked before any work)."""
 
-    Weights, shard indexes and the model card are not copied.  When ``dtype`` is given
-    and ``config.json`` records a dtype, it is updated to match the output.
+    source: Path | None = None
+    files: tuple[tuple[str, Path], ...] = ()
+    """``(name, real path)``, each a regular file inside the folder (or the HF blob store)."""
+    skipped_code: tuple[str, ...] = ()
+    config_invalid: str | None = None
+    """Why ``config.json`` is not a JSON object (``None`` when it is, or is absent)."""
+
+
+def plan_model_files(source: str | os.PathLike | None, *, copy_code: bool = False) -> FilePlan:
+    """Which config/tokenizer/small files of ``source`` an output folder gets; refuses links out of it and special files.
+
+    Weights, shard indexes and the model card are not copied; code files (``*.py``) only with ``copy_code``.
     """
     if source is None or not Path(source).is_dir():
-        return []
-    copied = []
+        return FilePlan()
+    source = Path(source)
+    files: dict[str, Path] = {}
+    code: list[str] = []
     for pattern in COPIED_PATTERNS:
-        for path in sorted(Path(source).glob(pattern)):
-            if (
-                not path.is_file()
-                or path.name in SKIPPED_NAMES
-                or path.name.endswith(".index.json")
-                or (folder / path.name).exists()
-            ):
+        for path in sorted(source.glob(pattern)):
+            name = path.name
+            if name in files or name in code or name in SKIPPED_NAMES or name.endswith(".index.json"):
                 continue
-            shutil.copyfile(path, folder / path.name)
-            copied.append(path.name)
-    copied += copy_referenced_folders(Path(source), folder)
-    config = folder / "config.json"
-    if dtype is not None and config.exists():
+            if path.suffix in CODE_SUFFIXES and not copy_code:
+                code.append(name)
+                continue
+            real = inside(source, path)  # links out of the folder are refused, even dangling ones
+            if path.is_dir() or not os.path.exists(real):
+                continue
+            regular(path)
+            files[name] = real
+    problem = None
+    if "config.json" in files:
         try:
-            data = json.loads(config.read_text())
-        except ValueError:
-            return copied
+            data = json.loads(files["config.json"].read_bytes().decode("utf-8"))
+            if not isinstance(data, dict):
+                problem = "not a JSON object"
+        except (OSError, ValueError, RecursionError) as exc:
+            problem = "not valid JSON" if not isinstance(exc, OSError) else (exc.strerror or "unreadable")
+    return FilePlan(source, tuple(files.items()), tuple(code), problem)
+
+
+def copy_planned(plan: FilePlan, folder: Path, *, dtype: torch.dtype | None = None) -> list[str]:
+    """Copy the files of ``plan`` into ``folder`` (mode 0644, never the source's), updating the config's dtype."""
+    copied = []
+    for name, real in plan.files:
+        target = folder / name
+        if os.path.lexists(target):
+            continue
+        src = open_regular(real)
+        try:
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                while chunk := os.read(src, 1 << 20):
+                    os.write(dst, chunk)
+                os.fchmod(dst, 0o644)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        copied.append(name)
+    if plan.source is not None:
+        copied += copy_referenced_folders(plan.source, folder)
+    config = folder / "config.json"
+    if dtype is not None and "config.json" in copied and plan.config_invalid is None:
+        data = json.loads(config.read_text())
         name = str(dtype).removeprefix("torch.")
         changed = False
         for key in ("torch_dtype", "dtype"):
-            if isinstance(data, dict) and key in data and data[key] != name:
+            if key in data and data[key] != name:
                 data[key] = name
                 changed = True
         if changed:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return copied
+
+
+def copy_model_files(
+    source: Path | None, folder: Path, *, dtype: torch.dtype | None = None, copy_code: bool = False
+) -> list[str]:
+    """Copy config, tokenizer and other small files of the HF folder ``source`` into ``folder``.
+
+    See :func:`plan_model_files` (what is copied and refused) and :func:`copy_planned`.
+    """
+    return copy_planned(plan_model_files(source, copy_code=copy_code), folder, dtype=dtype)
 
 
 def referenced_folders(source: Path) -> list[str]:

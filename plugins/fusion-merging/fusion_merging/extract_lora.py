@@ -91,6 +91,9 @@ def extract(
     from .mergekit import require_transformers
 
     require_transformers("fuse extract-lora")
+    from fusion_core.output import check_output_path
+
+    check_output_path(output, overwrite=overwrite, inputs=(base, model))  # before any work: never an input or its folder
     for path in (base, model):
         if not (Path(path) / "config.json").is_file():
             raise InputError(f"{path} is not a Hugging Face model folder (no config.json); extract-lora needs the model's config")
@@ -163,7 +166,7 @@ def extract(
             "inference_mode": True,
         }
         out = Path(output)
-        with atomic_output(out, overwrite=overwrite) as tmp:
+        with atomic_output(out, overwrite=overwrite, inputs=(base, model)) as tmp:
             tmp.mkdir()
             save_state_dict_folder(state, tmp / "adapter_model.safetensors")
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -194,9 +194,11 @@ def build(config: dict, output: str, *, seed: int = 0, overwrite: bool = False) 
     from fusion_core.engine.readers import open_reader
     from fusion_core.engine.validate import parse_dtype
     from fusion_core.engine.writer import ModelWriter, atomic_output, write_model_card
+    from fusion_core.output import check_output_path
 
     where = config["where"]
     models = [config["base_model"]] + [e["source_model"] for e in config["experts"] + config["shared_experts"]]
+    check_output_path(output, overwrite=overwrite, inputs=models)  # before any work: never an input or its folder
     for path in models:
         if not (Path(path) / "config.json").is_file():
             raise InputError(f"{where}: {path} is not a local Hugging Face model folder")
@@ -258,7 +260,7 @@ def build(config: dict, output: str, *, seed: int = 0, overwrite: bool = False) 
                 return mlp(config["shared_experts"][0], layer, tail.split(".")[1])
             raise InputError(f"{where}: unexpected output tensor {name!r}")
 
-        with atomic_output(Path(output), overwrite=overwrite) as tmp:
+        with atomic_output(Path(output), overwrite=overwrite, inputs=models) as tmp:
             writer = ModelWriter(tmp, entries)
             try:
                 for name, shape, _ in entries:

@@ -14,6 +14,7 @@ with a :class:`CacheRebuiltWarning` and rebuilt.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -89,12 +90,16 @@ def check(folder: Path) -> str | None:
     return None
 
 
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY, errno.EFBIG}
+
+
 def _not_writable(root: Path, exc: OSError) -> FuseError:
     reason = exc.strerror or type(exc).__name__
-    return FuseError(
-        f"cannot write the mini-benchmark cache in {root} ({reason}); "
-        f"set {ENV_VAR} (or the pool's cache_dir) to a writable folder"
-    )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space there, or set {ENV_VAR} (or the pool's cache_dir) to a folder on another disk"
+    else:
+        fix = f"set {ENV_VAR} (or the pool's cache_dir) to a writable folder"
+    return FuseError(f"cannot write the mini-benchmark cache in {root} ({reason}); {fix}")
 
 
 def ensure_built(
@@ -187,6 +192,11 @@ def _build_into(recipe: Recipe, target: Path, *, show_progress: bool, builder: C
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 raise
+    except OSError as exc:  # disk full, read-only, permission: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in _WRITE_ERRORS:
+            raise
+        raise _not_writable(parent, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
