@@ -133,7 +133,7 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     method.select_by_value("ties")
     assert wait_text(browser, "command", lambda t: t.endswith("method=ties")) == "fuse run benchmark=mini method=ties"
     density = browser.find_element(By.ID, "f-method-density")
-    assert density.get_attribute("value") == "0.2"
+    assert density.get_attribute("value") == "null"  # unset: the convention (FusionBench by default) fills it
     set_field(browser, "f-method-density", "0.35")
     wait_text(browser, "command", lambda t: t == "fuse run benchmark=mini method=ties method.density=0.35")
     assert "density: 0.35" in browser.find_element(By.ID, "yaml").text
