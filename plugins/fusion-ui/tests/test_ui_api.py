@@ -40,7 +40,7 @@ def test_catalog_groups_components_by_plugin_with_typed_fields(client):
     plugin, ties = methods["ties"]
     assert plugin == "merging" and ties["data_free"] is True
     density = next(f for f in ties["fields"] if f["name"] == "density")
-    assert (density["default"], density["widget"], density["required"]) == ("0.2", "text", False)
+    assert (density["default"], density["widget"], density["required"]) == ("null", "text", False)  # unset: the convention fills it
     assert "fraction of each task vector" in density["help"]
     # the template's method, a third-party plugin, shows with its field
     plugin, template = methods["example_median"]
@@ -61,7 +61,7 @@ def test_compose_gives_the_command_yaml_and_merge_the_core_accepts(client, regis
     assert yaml.safe_load(data["resolved"]) == expected
     assert data["merge"] == "fuse merge ties --base BASE --model MODEL_A --model MODEL_B --set density=0.3 --output merged/"
     # a value typed back to its default drops out of the command
-    same = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"method": {"density": " 0.20 "}}}).json()
+    same = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"method": {"density": " null "}}}).json()
     assert same["command"] == "fuse run benchmark=mini method=ties"
 
 
