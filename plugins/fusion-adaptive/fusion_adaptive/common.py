@@ -144,12 +144,19 @@ def state_with(model: Any, params: Mapping[str, "torch.Tensor"]) -> dict[str, "t
     return out
 
 
-def entropy(logits: "torch.Tensor") -> "torch.Tensor":
-    """Mean Shannon entropy of the softmax of ``logits`` (the last dimension is the classes)."""
+def entropy(logits: "torch.Tensor", eps: float = 0.0) -> "torch.Tensor":
+    """Mean Shannon entropy of the softmax of ``logits`` (the last dimension is the classes).
+
+    ``eps > 0``: FusionBench's ``entropy_loss``, ``−Σ p·log(p + eps)`` (``eps = 1e-8`` there);
+    ``eps = 0``: the exact entropy through ``log_softmax``.
+    """
     import torch
 
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
+    if eps > 0:
+        p = logits.softmax(dim=-1)
+        return -(p * torch.log(p + eps)).sum(dim=-1).mean()
     log_p = logits.log_softmax(dim=-1)
     return -(log_p.exp() * log_p).sum(dim=-1).mean()
 
@@ -162,10 +169,17 @@ class AdaptationTask:
 
     def __init__(self, name: str, head: Callable | None, batches: Iterator, device: str) -> None:
         self.name, self.head, self._batches, self.device = name, head, batches, device
+        self._pending: list = []
 
     def next_inputs(self) -> Any:
-        batch = next(self._batches)
+        batch = self._pending.pop() if self._pending else next(self._batches)
         return to_device(batch, self.device)
+
+    def peek_inputs(self) -> Any:
+        """The next batch, left in place for :meth:`next_inputs` (probing a model does not consume data)."""
+        if not self._pending:
+            self._pending.append(next(self._batches))
+        return to_device(self._pending[-1], self.device)
 
 
 def adaptation_tasks(pool: "ModelPool", taskpool: "TaskPool | None", *, method: str, device: str) -> list[AdaptationTask]:

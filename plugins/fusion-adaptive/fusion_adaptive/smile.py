@@ -6,13 +6,20 @@ rank-``rank`` truncated SVD of its task vector ``τᵢ = Wᵢ − W₀`` and its
 routed without any training: expert ``i``'s logit is the norm of the input's projection on its
 top ``gate_k`` right singular vectors (an input that lies in the subspace a fine-tune changed
 goes to that expert), the ``top_k`` best are mixed by the softmax of their logits.  Every other
-parameter is the simple average of the fine-tuned models.  With one model, ``top_k = 1`` and a
-full rank, a layer reproduces the fine-tuned layer exactly.
+parameter stays at the base (``others: base``) or is the simple average of the fine-tuned models
+(``others: average``).  With one model, ``top_k = 1`` and a full rank, a layer reproduces the
+fine-tuned layer exactly.
+
+Defaults follow FusionBench 0.2.33 (``config/method/smile_upscaling/smile_upscaling.yaml``,
+``SmileUpscalingAlgorithm``, ``models/smile_moe/linear_from_module.py``): ``k`` (rank) 128,
+``gate_k`` 1, ``top_k`` 1, routing on the task vectors' singular vectors, non-linear modules left
+at the base (``average_experts: false``).  fuse's earlier defaults: rank 32, gate_k 16,
+``others: average``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -53,9 +60,13 @@ class Smile(AdaptiveMethod):
     @attrs.frozen
     class Config:
         target_modules: list[str] | None = option(None, help="glob patterns of the linear layers to upscale; null = every linear layer")
-        rank: int | None = option(32, help="rank k kept of each task vector's SVD (null = full rank)", validator=positive)
-        gate_k: int = option(16, help="right singular vectors per expert used for routing", validator=positive)
+        rank: int | None = option(128, help="rank k kept of each task vector's SVD (FusionBench k 128; null = full rank)", validator=positive)
+        gate_k: int = option(1, help="right singular vectors per expert used for routing (FusionBench 1)", validator=positive)
         top_k: int = option(1, help="experts mixed per input row", validator=positive)
+        others: Literal["base", "average"] = option(
+            "base", help="parameters outside the upscaled layers: 'base' (FusionBench average_experts: false) or 'average' of the "
+                         "fine-tuned models (fuse's earlier default)"
+        )
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         import torch
@@ -69,7 +80,7 @@ class Smile(AdaptiveMethod):
         targets = select_modules(base, cfg.target_modules, method=self.name, field="target_modules")
         base_params = float_params(base)
         owned = {pkey(t, p) for t, m in targets.items() for p, _ in m.named_parameters()}
-        sums = {k: torch.zeros_like(v) for k, v in base_params.items() if k not in owned}
+        sums = {k: torch.zeros_like(v) for k, v in base_params.items() if k not in owned} if cfg.others == "average" else {}
         factors: dict[str, list] = {t: [] for t in targets}
         for name in ctx.track(names, f"SVD of task vectors ({self.name})", total=len(names)):
             model = pool.load_model(name)
@@ -84,9 +95,10 @@ class Smile(AdaptiveMethod):
                     bias_delta = None if bias is None else bias.detach().to(ctx.device) - module.bias
                     factors[target].append((*low_rank_factors(delta, cfg.rank, cfg.gate_k), bias_delta))
             del model, params
-        with torch.no_grad():
-            for key, total in sums.items():
-                base_params[key].copy_(total / len(names))
+        if cfg.others == "average":
+            with torch.no_grad():
+                for key, total in sums.items():
+                    base_params[key].copy_(total / len(names))
         ranks = {}
         for target, module in targets.items():
             parts = factors.pop(target)

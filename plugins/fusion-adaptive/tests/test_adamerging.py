@@ -8,6 +8,7 @@ from fusion_adaptive.adamerging import AdaMerging, entropy_objective, merge_para
 from fusion_adaptive.common import AdaptationTask, float_params, task_vector
 from torch import nn
 
+from fusion_core.config import make_config
 from fusion_core.errors import FuseError
 
 
@@ -66,10 +67,16 @@ def test_same_seed_same_result(world):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_clamp_keeps_coefficients_in_unit_interval_even_with_a_huge_step(world):
+@pytest.mark.parametrize("clamp", ["project", "forward", True])
+def test_clamp_keeps_coefficients_in_unit_interval_even_with_a_huge_step(world, clamp):
     ctx = world.ctx()
-    AdaMerging(AdaMerging.Config(steps=3, lr=5.0, granularity="task")).run(world.pool(), ctx)
+    AdaMerging(make_config(AdaMerging.Config, {"steps": 3, "lr": 5.0, "granularity": "task", "clamp": clamp})).run(world.pool(), ctx)
     assert all(0.0 <= v <= 1.0 for v in ctx.extras["adamerging"]["coefficients"].values())
+
+
+def test_adamerging_defaults_are_fusionbenchs():
+    cfg = AdaMerging.Config()
+    assert (cfg.steps, cfg.clamp, cfg.init, cfg.lr, cfg.granularity, cfg.entropy_eps) == (1000, "none", 0.3, 1e-3, "layer", 1e-8)
 
 
 def test_adaptation_steps_construct_no_module_and_no_parameter(world, monkeypatch):
