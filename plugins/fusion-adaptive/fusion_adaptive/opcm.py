@@ -23,8 +23,8 @@ whenever ``M``'s weights have full rank, as fine-tuned task vectors do.)
 As FusionBench 0.2.33 (``OPCMForCLIP``, ``config/method/opcm/opcm.yaml``): the order is shuffled
 by default (here seeded by the run's seed; FusionBench uses Python's ``random`` with
 ``seed: null``), and parameters held directly by a module that has children (CLIP's
-``embeddings.class_embedding``) are not merged after the first model (``non_leaf: skip``): their
-task vector only follows the rescaling.  ``non_leaf: merge`` (fuse's earlier default) treats
+``embeddings.class_embedding``) are not merged after the first model (``non_leaf: skip``):
+``Σ_t = M_{t−1}`` there (no new task vector, no ``λ_{t−1}``), so they only follow the rescaling.  ``non_leaf: merge`` (fuse's earlier default) treats
 them as any other tensor.
 
 After each step the merged model is scored on the tasks seen so far through the task pool's
@@ -137,9 +137,10 @@ class OPCM(AdaptiveMethod):
             else:
                 total = {}
                 for key, value in tv.items():
-                    if key in skipped:
-                        cleaned = torch.zeros_like(value)
-                    elif key in layouts and value.dim() == 2:
+                    if key in skipped:  # FusionBench leaves the tensor as it is (not even times λ_{t−1}) before rescaling
+                        total[key] = merged[key]
+                        continue
+                    if key in layouts and value.dim() == 2:
                         module = layouts[key]
                         cleaned = weight_out_in(module, project_out(weight_out_in(module, value), weight_out_in(module, merged[key]), cfg.alpha))
                     else:
