@@ -205,10 +205,10 @@ def world():
 
 @pytest.mark.parametrize("method", ["simple_ensemble", "weighted_ensemble", "max_model_predictor"])
 def test_ensembles_match_fusionbench(world, method, parity_row):
+    from fusion_adaptive import ensemble as ours
     from fusion_bench.method import MaxModelPredictorAlgorithm, SimpleEnsembleAlgorithm, WeightedEnsembleAlgorithm
     from fusion_bench.models.hf_clip import HFCLIPClassifier
 
-    from fusion_adaptive import ensemble as ours
     from fusion_core.adapters import logits
     from fusion_core.config import make_config
 
@@ -241,9 +241,8 @@ def test_ensembles_match_fusionbench(world, method, parity_row):
 
 
 def test_fisher_merging_matches_fusionbench(world, parity_row):
-    from fusion_bench.method import FisherMergingForCLIPVisionModel
-
     from fusion_adaptive.fisher import FisherMerging
+    from fusion_bench.method import FisherMergingForCLIPVisionModel
 
     n_examples = BATCH * 2 + 1  # FusionBench reads batches until it has at least this many: 3 batches
     algorithm = FisherMergingForCLIPVisionModel(exclude_param_names_regex=[], normalize_fisher_weight=True, minimal_fisher_weight=1e-6,
@@ -262,10 +261,9 @@ def test_fisher_merging_matches_fusionbench(world, parity_row):
 
 
 def test_layer_wise_adamerging_matches_fusionbench(world, parity_row):
+    from fusion_adaptive.adamerging import AdaMerging
     from fusion_bench.method.adamerging.clip_layer_wise_adamerging import CLIPLayerWiseAdaMergingAlgorithm
     from omegaconf import DictConfig
-
-    from fusion_adaptive.adamerging import AdaMerging
 
     steps = 4
     config = DictConfig({"name": "clip_layer_wise_adamerging", "weights": None, "optimizer": "adam", "lr": 1e-3, "init_values": 0.3,
@@ -288,10 +286,9 @@ def test_layer_wise_adamerging_matches_fusionbench(world, parity_row):
 
 
 def test_task_wise_adamerging_matches_fusionbench(world, parity_row):
+    from fusion_adaptive.adamerging import AdaMerging
     from fusion_bench.method.adamerging.clip_task_wise_adamerging import CLIPTaskWiseAdaMergingAlgorithm
     from omegaconf import DictConfig
-
-    from fusion_adaptive.adamerging import AdaMerging
 
     steps = 4
     config = DictConfig({"name": "clip_task_wise_adamerging", "weights": None, "optimizer": "adam", "lr": 1e-3, "init_values": 0.3,
@@ -326,12 +323,11 @@ def test_wemoe_matches_fusionbench(world, parity_row, monkeypatch):
     """FusionBench 0.2.33's ``construct_moe_model`` crashes: ``task_arithmetic_merge`` adds a plain tensor state dict to the
     pretrained model's ``state_dict(keep_vars=True)`` (Parameters) and its own strict check raises TypeError.  The row records
     that; the comparison patches that one call with the same arithmetic and runs the rest (gates, MoE layers, the Adam loop)."""
+    from fusion_adaptive.layers import WeightEnsemblingMoE
+    from fusion_adaptive.wemoe import WEMoE
     from fusion_bench.method.we_moe import clip_we_moe
     from fusion_bench.method.we_moe.clip_we_moe import CLIPWeightEnsemblingMoEAlgorithm
     from omegaconf import DictConfig
-
-    from fusion_adaptive.layers import WeightEnsemblingMoE
-    from fusion_adaptive.wemoe import WEMoE
 
     steps = 3
     config = DictConfig({"name": "clip_weight_ensembling_moe", "checkpoint": False, "save_checkpoint": False, "router_hidden_layers": 2,
@@ -383,9 +379,8 @@ def test_wemoe_matches_fusionbench(world, parity_row, monkeypatch):
 
 
 def test_smile_matches_fusionbench(world, parity_row):
-    from fusion_bench.method import SmileUpscalingAlgorithm
-
     from fusion_adaptive.smile import Smile
+    from fusion_bench.method import SmileUpscalingAlgorithm
 
     k = 8  # FusionBench's full_matrices SVD breaks for k > min(out, in) on wide layers, so a k every layer has
     algorithm = SmileUpscalingAlgorithm(device="cpu", upscaling_accelerator=None, full_matrices=True, gate_k=1, k=k, top_k=1,
@@ -414,9 +409,8 @@ def regmean_algorithm(cls, world):
 
 
 def test_regmean_matches_fusionbench(world, parity_row):
-    from fusion_bench.method import RegMeanAlgorithmForCLIP
-
     from fusion_adaptive.regmean import RegMean
+    from fusion_bench.method import RegMeanAlgorithmForCLIP
 
     expected = regmean_algorithm(RegMeanAlgorithmForCLIP, world).run(world.fb_pool()).state_dict()
     got = RegMean(RegMean.Config(num_batches=N_BATCHES)).run(world.pool(), world.ctx())
@@ -430,9 +424,8 @@ def test_regmean_plusplus_matches_fusionbench_per_block(world, parity_row):
     where ``auto_register_config`` needs a bidict), and it indexes each block's output with ``[0]``, which under
     transformers 5 (blocks return a tensor) is the first sample's hidden states.  The row records the failure; the
     comparison runs FusionBench's algorithm with only those two things fixed."""
-    from fusion_bench.method import RegMeanAlgorithmForCLIPPlusPlus
-
     from fusion_adaptive.regmean import RegMeanPlusPlus
+    from fusion_bench.method import RegMeanAlgorithmForCLIPPlusPlus
 
     got = RegMeanPlusPlus(RegMeanPlusPlus.Config(num_batches=N_BATCHES)).run(world.pool(), world.ctx())
     defect = ""
@@ -472,9 +465,8 @@ def test_opcm_matches_fusionbench_in_pool_order(world, parity_row, monkeypatch):
 
     if not hasattr(modeling_clip, "CLIPVisionTransformer"):
         monkeypatch.setattr(modeling_clip, "CLIPVisionTransformer", CLIPVisionModel, raising=False)
-    from fusion_bench.method.opcm.opcm import OPCMForCLIP
-
     from fusion_adaptive.opcm import OPCM
+    from fusion_bench.method.opcm.opcm import OPCMForCLIP
 
     algorithm = OPCMForCLIP(shuffle_order=False, alpha=0.5, seed=None, save_on_every_step=False, evaluate_on_every_step=False)
     algorithm._program = types.SimpleNamespace(taskpool=types.SimpleNamespace(_test_datasets={}))
@@ -488,9 +480,8 @@ def test_opcm_matches_fusionbench_in_pool_order(world, parity_row, monkeypatch):
 
 
 def test_doge_matches_fusionbench(world, parity_row):
-    from fusion_bench.method import DOGE_TA_Algorithm
-
     from fusion_adaptive.doge import DOGE
+    from fusion_bench.method import DOGE_TA_Algorithm
 
     algorithm = DOGE_TA_Algorithm(subspace=6, K=30, lamda=0.07)
     algorithm._fabric_instance = fabric()
