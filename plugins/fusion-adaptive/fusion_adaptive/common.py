@@ -161,6 +161,58 @@ def entropy(logits: "torch.Tensor", eps: float = 0.0) -> "torch.Tensor":
     return -(log_p.exp() * log_p).sum(dim=-1).mean()
 
 
+# --------------------------------------------------------------------------- progress
+
+ESTIMATE_AFTER = 3
+"""Steps timed before a loop prints its estimate of the whole."""
+LOG_EVERY_S = 10.0
+"""Seconds between plain progress lines."""
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress(ctx: "RunContext", items: Iterable, description: str, total: int | None = None, *, unit: str = "step",
+             out: Any = None, clock: Callable[[], float] | None = None) -> Iterator:
+    """Iterate ``items``, reporting progress when ``ctx.show_progress``.
+
+    On a terminal: the run context's progress bar.  Otherwise (a log, a pipe): plain lines on
+    stderr, ``<description>: <done>/<total> <unit>s, <rate>/s, ETA <time>`` at most every
+    :data:`LOG_EVERY_S` seconds and at the end.  Either way, after :data:`ESTIMATE_AFTER` timed
+    items of a loop with a known total, one line estimates the whole loop's duration.
+    """
+    import sys
+    import time
+
+    if not getattr(ctx, "show_progress", False):
+        yield from items
+        return
+    out = sys.stderr if out is None else out
+    clock = clock or time.perf_counter
+    terminal = bool(getattr(out, "isatty", lambda: False)())
+    source = ctx.track(items, description, total=total) if terminal else items
+    start = last = clock()
+    done = 0
+    for item in source:
+        yield item
+        done += 1
+        now = clock()
+        rate = done / max(now - start, 1e-9)
+        if total and done == ESTIMATE_AFTER < total:
+            print(f"{description}: estimate {format_seconds(total / rate)} for {total} {unit}s "
+                  f"({format_seconds(1 / rate)} per {unit}, from the first {done})", file=out, flush=True)
+        if not terminal and (now - last >= LOG_EVERY_S or done == total):
+            last = now
+            left = f", ETA {format_seconds((total - done) / rate)}" if total else ""
+            print(f"{description}: {done}{f'/{total}' if total else ''} {unit}s, {rate:.3g}/s{left}", file=out, flush=True)
+
+
 # --------------------------------------------------------------------------- test-time adaptation
 
 
@@ -214,7 +266,7 @@ def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tens
     params = list(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
-    for step in ctx.track(range(steps), f"adapting ({method})", total=steps):
+    for step in progress(ctx, range(steps), f"adapting ({method})", total=steps):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(step)
         check_finite(loss, step, method=method)

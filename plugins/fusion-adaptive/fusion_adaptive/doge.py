@@ -32,7 +32,7 @@ import attrs
 from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 
-from .common import AdaptiveMethod, check_finite, float_params, note, prepare, state_with, task_vector
+from .common import AdaptiveMethod, check_finite, float_params, note, prepare, progress, state_with, task_vector
 from .modules import key as pkey
 from .modules import linear_layers, weight_out_in
 
@@ -139,7 +139,7 @@ class DOGE(AdaptiveMethod):
         layers = {pkey(n, "weight"): m for n, m in linear_layers(base).items() if pkey(n, "weight") in base_params}
         vectors = [task_vector(pool, n, base_params, method=self.name, device=ctx.device) for n in names]
         deltas, scales, losses = {}, {}, {}
-        for key in ctx.track(list(layers), f"projective descent ({self.name})", total=len(layers)):
+        for key in progress(ctx, list(layers), f"projective descent ({self.name})", total=len(layers), unit="layer"):
             module = layers[key]
             stacked = torch.stack([weight_out_in(module, v[key]) for v in vectors])
             norms = stacked.flatten(1).norm(dim=1)

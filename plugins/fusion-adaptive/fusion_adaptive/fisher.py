@@ -35,7 +35,7 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 from fusion_core.errors import FuseError, InputError
 
-from .common import AdaptiveMethod, batch_size, float_params, note, prepare, tied_aliases, to_device
+from .common import AdaptiveMethod, batch_size, float_params, note, prepare, progress, tied_aliases, to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -286,7 +286,7 @@ class FisherMerging(AdaptiveMethod):
         fixed: dict[str, torch.Tensor] = {}
         examples, modes = {}, {}
         aliases: dict[str, str] = {}
-        for name in ctx.track(names, f"Fisher ({self.name})", total=len(names)):
+        for name in progress(ctx, names, f"Fisher ({self.name})", total=len(names), unit="model"):
             model = prepare(pool.load_model(name), ctx.device)
             params = float_params(model)
             aliases = tied_aliases(model)

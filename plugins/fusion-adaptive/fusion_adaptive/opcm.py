@@ -43,7 +43,7 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option
 from fusion_core.engine.kernel import tensor_seed
 
-from .common import AdaptiveMethod, float_params, note, prepare, state_with, task_vector
+from .common import AdaptiveMethod, float_params, note, prepare, progress, state_with, task_vector
 from .modules import key as pkey
 from .modules import linear_layers, weight_out_in
 
@@ -129,7 +129,7 @@ class OPCM(AdaptiveMethod):
         merged: dict[str, torch.Tensor] | None = None
         scale, norms, steps = 1.0, [], []
         taskpool = ctx.taskpool if cfg.evaluate_every_step else None
-        for t, name in enumerate(ctx.track(order, f"continual merging ({self.name})", total=len(order))):
+        for t, name in enumerate(progress(ctx, order, f"continual merging ({self.name})", total=len(order), unit="model")):
             tv = task_vector(pool, name, base_params, method=self.name, device=ctx.device)
             norms.append(global_norm(tv))
             if merged is None:

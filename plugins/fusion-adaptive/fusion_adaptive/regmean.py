@@ -44,7 +44,7 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 from fusion_core.errors import InputError
 
-from .common import AdaptiveMethod, note, prepare, tied_aliases, to_device
+from .common import AdaptiveMethod, note, prepare, progress, tied_aliases, to_device
 from .modules import execution_order, select_modules, transposed
 from .modules import key as pkey
 
@@ -127,11 +127,21 @@ def stacked_weight(is_transposed: bool, state: Mapping[str, "torch.Tensor"], pre
 
 
 def regmean_solve(gram_sum: "torch.Tensor", gram_weight_sum: "torch.Tensor", mean_weight: "torch.Tensor") -> "torch.Tensor":
-    """``W̄ + (ΣG)⁺ (ΣGW − ΣG·W̄)`` in float64: the RegMean closed form, the average where no data reached."""
+    """``W̄ + (ΣG)⁺ (ΣGW − ΣG·W̄)`` in float64: the RegMean closed form, the average where no data reached.
+
+    A positive definite ``ΣG`` (every input direction reached) is solved by Cholesky (n³/3 flops); a singular one
+    by the pseudo-inverse (an eigendecomposition, many times slower).
+    """
+    import torch
+
     g = gram_sum.double()
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:  # invertible: W̄ + G⁻¹(ΣGW − G·W̄) = G⁻¹ ΣGW
+        solved = torch.cholesky_solve(gram_weight_sum.double(), factor)
+        if bool(torch.isfinite(solved).all()):
+            return solved
     w_bar = mean_weight.double()
-    rhs = gram_weight_sum.double() - g @ w_bar
-    return w_bar + torch_pinv(g) @ rhs
+    return w_bar + torch_pinv(g) @ (gram_weight_sum.double() - g @ w_bar)
 
 
 def torch_pinv(g: "torch.Tensor") -> "torch.Tensor":
@@ -252,7 +262,7 @@ class RegMean(_RegMeanBase):
         layer_names: list[str] | None = None
         aliases: dict[str, str] = {}
         forward = pool.forward
-        for name in ctx.track(names, f"Gram matrices ({self.name})", total=len(names)):
+        for name in progress(ctx, names, f"Gram matrices ({self.name})", total=len(names), unit="model"):
             model = prepare(pool.load_model(name), ctx.device)
             layers = select_modules(model, None, method=self.name, field="exclude", exclude=cfg.exclude)
             if layer_names is None:
@@ -388,7 +398,7 @@ class RegMeanPlusPlus(_RegMeanBase):
         with torch.no_grad():
             inputs = [block_inputs(model, model.get_submodule(blocks[0]), prefix, batches[name], pool)
                       for model, name in zip(models, names, strict=True)]
-            for index, block_name in enumerate(ctx.track(blocks, f"merging blocks ({self.name})", total=len(blocks))):
+            for index, block_name in enumerate(progress(ctx, blocks, f"merging blocks ({self.name})", total=len(blocks), unit="block")):
                 block_layers = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
                 for model, state, captured in zip(models, states, inputs, strict=True):
                     targets = {n: model.get_submodule(n) for n in block_layers}
@@ -451,7 +461,7 @@ class RegMeanPlusPlus(_RegMeanBase):
         merged: dict[str, torch.Tensor] = {}  # tensors of the modules already merged (earlier in execution order)
         solved_all: dict[str, torch.Tensor] = {}
         dtype = _gram_dtype(reference)
-        for module_name in ctx.track(order, f"merging layers ({self.name})", total=len(order)):
+        for module_name in progress(ctx, order, f"merging layers ({self.name})", total=len(order), unit="module"):
             module = reference.get_submodule(module_name)
             own = [pkey(module_name, p) for p, _ in module.named_parameters(recurse=False)]
             if module_name in layers:

@@ -27,7 +27,7 @@ from fusion_core.components import Capabilities
 from fusion_core.config import option, positive
 from fusion_core.errors import InputError
 
-from .common import AdaptiveMethod, float_params, note, prepare
+from .common import AdaptiveMethod, float_params, note, prepare, progress
 from .modules import key as pkey
 from .modules import select_modules, set_submodule, weight_out_in
 
@@ -39,10 +39,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def low_rank_factors(delta: "torch.Tensor", rank: int | None, gate_k: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-    """``(U·S, V, V_gate)`` of the rank-``rank`` SVD of ``delta`` (``(out, in)``): ``(out, k)``, ``(in, k)``, ``(in, g)``."""
+    """``(U·S, V, V_gate)`` of the rank-``rank`` SVD of ``delta`` (``(out, in)``): ``(out, k)``, ``(in, k)``, ``(in, g)``.
+
+    The SVD runs in the tensor's precision (float32 or float64; half precisions in float32), as FusionBench's.
+    """
     import torch
 
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
     k = s.shape[0] if rank is None else min(rank, s.shape[0])
     g = min(gate_k, s.shape[0])
     dtype = delta.dtype
@@ -82,7 +86,7 @@ class Smile(AdaptiveMethod):
         owned = {pkey(t, p) for t, m in targets.items() for p, _ in m.named_parameters()}
         sums = {k: torch.zeros_like(v) for k, v in base_params.items() if k not in owned} if cfg.others == "average" else {}
         factors: dict[str, list] = {t: [] for t in targets}
-        for name in ctx.track(names, f"SVD of task vectors ({self.name})", total=len(names)):
+        for name in progress(ctx, names, f"SVD of task vectors ({self.name})", total=len(names), unit="model"):
             model = pool.load_model(name)
             params = dict(model.named_parameters())
             with torch.no_grad():
