@@ -449,3 +449,26 @@ def test_text_ensemble_scores_the_mean_of_the_members_logits(text_assets, text_p
     mean = sum(text_logits(m, tokenizer, TEST) for m in members) / 2
     for task, labels in text_labels(text_pool).items():
         assert_scores(report["results"]["merged"][task], *scores(mean, labels))
+
+
+def test_regmean_plusplus_merges_clip_block_by_block_keeping_post_layernorm_at_the_base(clip_assets):
+    """FusionBench's RegMean++: blocks in order, embeddings and pre-norm averaged, modules after the blocks at the base."""
+    from fusion_adaptive.regmean import RegMeanPlusPlus
+    from transformers import CLIPVisionModel
+
+    from fusion_core.run_context import RunContext
+
+    pool, taskpool = pools(clip_config(clip_assets, {"name": "regmean_plusplus"}))
+    ctx = RunContext(show_progress=False, taskpool=taskpool)
+    merged = RegMeanPlusPlus(RegMeanPlusPlus.Config()).run(pool, ctx)
+    extras = ctx.extras["regmean_plusplus"]
+    assert extras["granularity"] == "block" and extras["blocks"] == ["encoder.layers.0", "encoder.layers.1"]
+    base = CLIPVisionModel.from_pretrained(clip_assets["base"]).state_dict()
+    models = [vision(clip_assets, n).state_dict() for n in BOTH]
+    for key in ("post_layernorm.weight", "post_layernorm.bias"):
+        torch.testing.assert_close(merged[key], base[key])
+        assert sorted(extras["kept_at_base"]) == ["post_layernorm.bias", "post_layernorm.weight"]
+    for key in ("embeddings.class_embedding", "pre_layrnorm.weight", "encoder.layers.1.layer_norm1.weight"):
+        torch.testing.assert_close(merged[key], sum(m[key] for m in models) / 2)
+    key = "encoder.layers.1.mlp.fc1.weight"
+    assert (merged[key] - sum(m[key] for m in models) / 2).abs().max() > 1e-3  # solved, not averaged
