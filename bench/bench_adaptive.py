@@ -116,7 +116,6 @@ def run_fusion(pool_name: str, method: str, side: str, args):
     pool = world.pool()
     ctx = world.ctx() if pool_name == "clip" else RunContext(seed=0, show_progress=False)
     ctx.device = args.device
-    note = ""
     start = time.perf_counter()
     if method == "fisher":
         from fusion_adaptive.fisher import FisherMerging
@@ -153,12 +152,17 @@ def run_fusion(pool_name: str, method: str, side: str, args):
                 head = world.head(task)
                 for x in world.images[task]:
                     logits(ensemble, x.to(args.device), head, pool)
-        images = sum(len(x) for t in world.tasks for x in world.images[t])
-        note = f"{images / (time.perf_counter() - start):.1f} images/s"
+    return finish(world, method, start, args)
+
+
+def finish(world, method: str, start: float, args) -> tuple[float, str]:
+    """(seconds since ``start``, the row's note: images/s of an ensemble, steps/s of an adaptation)."""
     seconds = time.perf_counter() - start
+    if method == "ensemble":
+        return seconds, f"{sum(len(x) for t in world.tasks for x in world.images[t]) / seconds:.1f} images/s"
     if method in ("adamerging", "wemoe"):
-        note = f"{args.steps / seconds:.3f} steps/s (setup included)"
-    return seconds, note
+        return seconds, f"{args.steps / seconds:.3f} steps/s (setup included)"
+    return seconds, ""
 
 
 class Trainer:
@@ -181,7 +185,6 @@ def run_fusionbench(pool_name: str, method: str, args):
     sys.path.insert(0, str(ROOT / "tests" / "parity"))
     import fusionbench_kit as kit
 
-    note = ""
     if pool_name == "bert":
         from fusion_bench.method.fisher_merging.fisher_merging import fisher_merging
 
@@ -190,7 +193,7 @@ def run_fusionbench(pool_name: str, method: str, args):
         trainers = [Trainer(world.batches[n], args.batch) for n in world.models]
         start = time.perf_counter()
         fisher_merging(models, trainers, exclude_param_names_regex=[], nums_fisher_examples=[args.fisher_examples] * len(models))
-        return time.perf_counter() - start, note
+        return time.perf_counter() - start, ""
     world = clip_world(args)
     if method == "fisher":
         algorithm, fb_pool = kit.fb_fisher(world, args.fisher_examples), world.fb_pool()
@@ -225,12 +228,7 @@ def run_fusionbench(pool_name: str, method: str, args):
                 classifier.zeroshot_weights = world.text[task]
                 for x in world.images[task]:
                     classifier(x)
-        images = sum(len(x) for t in world.tasks for x in world.images[t])
-        note = f"{images / (time.perf_counter() - start):.1f} images/s"
-    seconds = time.perf_counter() - start
-    if method in ("adamerging", "wemoe"):
-        note = f"{args.steps / seconds:.3f} steps/s (setup included)"
-    return seconds, note
+    return finish(world, method, start, args)
 
 
 def child(args) -> None:
