@@ -234,14 +234,55 @@ class AdaptationTask:
         return to_device(self._pending[-1], self.device)
 
 
+CACHE_BYTES = 512 * 2**20
+"""Encoded test batches of one task kept after the first pass (re-encoded each pass beyond this)."""
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in ``value`` (mappings, lists, tuples)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def cached_cycle(batches: Iterable, budget: int = CACHE_BYTES) -> Iterator:
+    """Repeat ``batches`` forever, encoding (tokenising, image processing) them once when they fit in ``budget`` bytes.
+
+    The first pass keeps what it gives; when the whole pass fits, later passes replay it, else they
+    iterate ``batches`` again (an empty pass raises, as :func:`fusion_core.adapters.cycle`).
+    """
+    from fusion_core.adapters import cycle
+
+    kept: list = []
+    size = 0
+    for batch in batches:
+        if kept is not None:
+            size += tensor_bytes(batch)
+            if size <= budget:
+                kept.append(batch)
+            else:
+                kept = None
+        yield batch
+    if kept:
+        yield from cycle(kept)
+    else:
+        yield from cycle(batches)
+
+
 def adaptation_tasks(pool: "ModelPool", taskpool: "TaskPool | None", *, method: str, device: str) -> list[AdaptationTask]:
     """One :class:`AdaptationTask` per fine-tuned model (its name is the task), or a clear InputError."""
-    from fusion_core.adapters import cycle, get_classifier, require_unlabelled
+    from fusion_core.adapters import get_classifier, require_unlabelled
 
     tasks = []
     for name in pool.model_names:
         batches = require_unlabelled(taskpool, name, method=method)
-        tasks.append(AdaptationTask(name, get_classifier(taskpool, name), cycle(batches), device))
+        tasks.append(AdaptationTask(name, get_classifier(taskpool, name), cached_cycle(batches), device))
     return tasks
 
 

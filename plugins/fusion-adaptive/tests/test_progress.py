@@ -36,3 +36,28 @@ def test_no_output_when_progress_is_off():
     out = io.StringIO()
     assert list(progress(RunContext(show_progress=False), range(5), "x", total=5, out=out, clock=Clock())) == list(range(5))
     assert out.getvalue() == ""
+
+
+class Counting:
+    """A re-iterable source that counts its passes (as a task pool that encodes its test split on every pass)."""
+
+    def __init__(self, batches) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def test_test_batches_are_encoded_once_when_they_fit_and_re_read_otherwise():
+    import itertools
+
+    import torch
+    from fusion_adaptive.common import cached_cycle
+
+    source = Counting([torch.zeros(4, 3), torch.ones(4, 3)])
+    got = list(itertools.islice(cached_cycle(source), 7))
+    assert source.passes == 1 and [float(b[0, 0]) for b in got] == [0, 1, 0, 1, 0, 1, 0]
+    big = Counting([torch.zeros(4, 3), torch.ones(4, 3)])
+    got = list(itertools.islice(cached_cycle(big, budget=60), 7))  # one batch is 48 bytes: the pass does not fit
+    assert big.passes >= 4 and [float(b[0, 0]) for b in got] == [0, 1, 0, 1, 0, 1, 0]
