@@ -75,7 +75,7 @@ def show_command(state, name, kind, as_json):
             cls = entry.cls
             info = {"kind": entry.kind, "name": entry.name, "plugin": entry.plugin, "summary": cls.summary,
                     "reference": cls.reference_url, "capabilities": cls.capabilities.flags(),
-                    "fields": describe_fields(cls.Config), "doc": (cls.__doc__ or "").strip()}
+                    "fields": describe_fields(cls.Config), "doc": _cleandoc(cls.__doc__)}
         if as_json:
             click.echo(json.dumps(info, indent=2))
             continue
@@ -147,3 +147,11 @@ def plugins_command(state, show_all, as_json):
         table.add_row(escape(r["name"]), r["distribution"] or "", r["version"] or "", "\n".join(r["hooks"]),
                       escape(", ".join(r["registered"])), status)
     _console().print(table if rows else "no plugins installed (use --all to see the built-ins)")
+
+
+def _cleandoc(doc: str | None) -> str:
+    """A class docstring without its indentation, each paragraph on one line (the terminal wraps it)."""
+    import inspect as pyinspect
+
+    paragraphs = pyinspect.cleandoc(doc or "").split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)

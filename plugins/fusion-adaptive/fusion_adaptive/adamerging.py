@@ -82,7 +82,13 @@ def entropy_objective(model: Any, params: Mapping[str, "torch.Tensor"], tasks: S
 
 
 class AdaMerging(AdaptiveMethod):
-    """AdaMerging (Yang et al., ICLR 2024), task-wise or layer-wise."""
+    """AdaMerging (Yang et al., ICLR 2024), task-wise or layer-wise.
+
+    Defaults are FusionBench's (1000 steps, no clamping).  Duration: on the ``mini`` benchmark a step
+    took 4.6 s on a loaded 2-core CPU (``fuse run method=adamerging method.steps=6``: 0.23 steps/s), so
+    the default 1000 steps take about 75 min there; set ``steps`` lower for a quick run.  The run
+    prints its own estimate after three steps.
+    """
 
     name = "adamerging"
     summary = "Task arithmetic whose coefficients (per model or per model and tensor) minimise prediction entropy on unlabelled test inputs."
