@@ -125,3 +125,16 @@ def test_nan_loss_stops_with_the_step_and_no_output(world):
     taskpool.tasks["beta"] = dict(taskpool.tasks["beta"], head=NaNAfter(world.tasks["beta"]["head"], calls=3))
     with pytest.raises(FuseError, match=r"adamerging.*loss became nan at step 3; stopped, and no model was output"):
         AdaMerging(AdaMerging.Config(steps=10)).run(world.pool(), world.ctx(taskpool))
+
+
+def test_stacked_merge_equals_the_per_model_merge(world64):
+    from fusion_adaptive.adamerging import merge_stacked, stack_task_vectors
+
+    pool = world64.pool()
+    base = float_params(world64.base)
+    vectors = [task_vector(pool, n, base, method="t", device="cpu") for n in pool.model_names]
+    coefficients = torch.rand(len(vectors), len(base), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = merge_parameters(base, vectors, coefficients)
+    got = merge_stacked(base, stack_task_vectors([dict(v) for v in vectors], list(base)), coefficients)
+    for key in base:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-12)
