@@ -88,7 +88,7 @@ def show_command(state, name, kind, as_json, fmt):
             cls = entry.cls
             info = {"kind": entry.kind, "name": entry.name, "plugin": entry.plugin, "summary": cls.summary,
                     "reference": cls.reference_url, "capabilities": cls.capabilities.flags(),
-                    "fields": describe_fields(cls.Config), "doc": (cls.__doc__ or "").strip()}
+                    "fields": describe_fields(cls.Config), "doc": _cleandoc(cls.__doc__)}
         if as_json or fmt == "json":
             click.echo(json.dumps(info, indent=2, ensure_ascii=False))
             continue
@@ -195,3 +195,11 @@ def plugins_command(state, show_all, as_json, fmt):
                Column("status", keep=True, flex=True, min_width=6), Column("hooks", drop=0), Column("registered", keep=True),
                Column("load", justify="right", drop=1)]
     emit(records, columns, fmt, title="plugins", styles=["red" if r["status"] == "failed" else None for r in rows])
+
+
+def _cleandoc(doc: str | None) -> str:
+    """A class docstring without its indentation, each paragraph on one line (the terminal wraps it)."""
+    import inspect as pyinspect
+
+    paragraphs = pyinspect.cleandoc(doc or "").split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)

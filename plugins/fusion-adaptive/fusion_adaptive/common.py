@@ -143,14 +143,73 @@ def state_with(model: Any, params: Mapping[str, "torch.Tensor"]) -> dict[str, "t
     return out
 
 
-def entropy(logits: "torch.Tensor") -> "torch.Tensor":
-    """Mean Shannon entropy of the softmax of ``logits`` (the last dimension is the classes)."""
+def entropy(logits: "torch.Tensor", eps: float = 0.0) -> "torch.Tensor":
+    """Mean Shannon entropy of the softmax of ``logits`` (the last dimension is the classes).
+
+    ``eps > 0``: FusionBench's ``entropy_loss``, ``−Σ p·log(p + eps)`` (``eps = 1e-8`` there);
+    ``eps = 0``: the exact entropy through ``log_softmax``.
+    """
     import torch
 
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
+    if eps > 0:
+        p = logits.softmax(dim=-1)
+        return -(p * torch.log(p + eps)).sum(dim=-1).mean()
     log_p = logits.log_softmax(dim=-1)
     return -(log_p.exp() * log_p).sum(dim=-1).mean()
+
+
+# --------------------------------------------------------------------------- progress
+
+ESTIMATE_AFTER = 3
+"""Steps timed before a loop prints its estimate of the whole."""
+LOG_EVERY_S = 10.0
+"""Seconds between plain progress lines."""
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress(ctx: "RunContext", items: Iterable, description: str, total: int | None = None, *, unit: str = "step",
+             out: Any = None, clock: Callable[[], float] | None = None) -> Iterator:
+    """Iterate ``items``, reporting progress when ``ctx.show_progress``.
+
+    On a terminal: the run context's progress bar.  Otherwise (a log, a pipe): plain lines on
+    stderr, ``<description>: <done>/<total> <unit>s, <rate>/s, ETA <time>`` at most every
+    :data:`LOG_EVERY_S` seconds and at the end.  Either way, after :data:`ESTIMATE_AFTER` timed
+    items of a loop with a known total, one line estimates the whole loop's duration.
+    """
+    import sys
+    import time
+
+    if not getattr(ctx, "show_progress", False):
+        yield from items
+        return
+    out = sys.stderr if out is None else out
+    clock = clock or time.perf_counter
+    terminal = bool(getattr(out, "isatty", lambda: False)())
+    source = ctx.track(items, description, total=total) if terminal else items
+    start = last = clock()
+    done = 0
+    for item in source:
+        yield item
+        done += 1
+        now = clock()
+        rate = done / max(now - start, 1e-9)
+        if total and done == ESTIMATE_AFTER < total:
+            print(f"{description}: estimate {format_seconds(total / rate)} for {total} {unit}s "
+                  f"({format_seconds(1 / rate)} per {unit}, from the first {done})", file=out, flush=True)
+        if not terminal and (now - last >= LOG_EVERY_S or done == total):
+            last = now
+            left = f", ETA {format_seconds((total - done) / rate)}" if total else ""
+            print(f"{description}: {done}{f'/{total}' if total else ''} {unit}s, {rate:.3g}/s{left}", file=out, flush=True)
 
 
 # --------------------------------------------------------------------------- test-time adaptation
@@ -161,20 +220,68 @@ class AdaptationTask:
 
     def __init__(self, name: str, head: Callable | None, batches: Iterator, device: str) -> None:
         self.name, self.head, self._batches, self.device = name, head, batches, device
+        self._pending: list = []
 
     def next_inputs(self) -> Any:
-        batch = next(self._batches)
+        batch = self._pending.pop() if self._pending else next(self._batches)
         return to_device(batch, self.device)
+
+    def peek_inputs(self) -> Any:
+        """The next batch, left in place for :meth:`next_inputs` (probing a model does not consume data)."""
+        if not self._pending:
+            self._pending.append(next(self._batches))
+        return to_device(self._pending[-1], self.device)
+
+
+CACHE_BYTES = 512 * 2**20
+"""Encoded test batches of one task kept after the first pass (re-encoded each pass beyond this)."""
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in ``value`` (mappings, lists, tuples)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def cached_cycle(batches: Iterable, budget: int = CACHE_BYTES) -> Iterator:
+    """Repeat ``batches`` forever, encoding (tokenising, image processing) them once when they fit in ``budget`` bytes.
+
+    The first pass keeps what it gives; when the whole pass fits, later passes replay it, else they
+    iterate ``batches`` again (an empty pass raises, as :func:`fusion_core.adapters.cycle`).
+    """
+    from fusion_core.adapters import cycle
+
+    kept: list = []
+    size = 0
+    for batch in batches:
+        if kept is not None:
+            size += tensor_bytes(batch)
+            if size <= budget:
+                kept.append(batch)
+            else:
+                kept = None
+        yield batch
+    if kept:
+        yield from cycle(kept)
+    else:
+        yield from cycle(batches)
 
 
 def adaptation_tasks(pool: "ModelPool", taskpool: "TaskPool | None", *, method: str, device: str) -> list[AdaptationTask]:
     """One :class:`AdaptationTask` per fine-tuned model (its name is the task), or a clear InputError."""
-    from fusion_core.adapters import cycle, get_classifier, require_unlabelled
+    from fusion_core.adapters import get_classifier, require_unlabelled
 
     tasks = []
     for name in pool.model_names:
         batches = require_unlabelled(taskpool, name, method=method)
-        tasks.append(AdaptationTask(name, get_classifier(taskpool, name), cycle(batches), device))
+        tasks.append(AdaptationTask(name, get_classifier(taskpool, name), cached_cycle(batches), device))
     return tasks
 
 
@@ -199,7 +306,7 @@ def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tens
     params = list(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
-    for step in ctx.track(range(steps), f"adapting ({method})", total=steps):
+    for step in progress(ctx, range(steps), f"adapting ({method})", total=steps):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(step)
         check_finite(loss, step, method=method)

@@ -10,13 +10,16 @@ Per linear-layer weight (``(out, in)``), with task vectors ``τᵢ`` and adaptiv
 - A delta ``Δ`` (starting at 0) minimises a data-free proxy of each task's loss gap, the
   squared row-wise agreement between ``τⱼ`` and what the merge misses of it:
   ``Σⱼ Σ_rows (Σ_cols τⱼ ⊙ (τⱼ − Σᵢ λᵢ τᵢ − (Σᵢ λᵢ) Δ))²``, by Adam with each gradient projected
-  off the shared subspace (``g ← g − P g``) and the iterate kept off it (``Δ ← Δ − PΔ``), so the
-  delta never changes what the tasks share.
-- The merge: ``θ = θ₀ + Σᵢ λᵢ ((τᵢ + Δ) ⊙ maskᵢ)``, with ``maskᵢ`` the top ``keep`` % entries of
-  ``|τᵢ|`` over all linear weights of model ``i``.
+  off the shared subspace (``g ← g − P g``).  With ``reproject`` (fuse's earlier default) the
+  iterate is also put back off it after each step (``Δ ← Δ − PΔ``); FusionBench projects the
+  gradient only (``reproject: false``, the default).
+- The merge: ``θ = θ₀ + Σᵢ λᵢ ((τᵢ + Δ) ⊙ maskᵢ)``, with ``maskᵢ`` the entries of ``|τᵢ|`` at or
+  above the ``(n − ⌊n·keep/100⌋)``-th smallest over all linear weights of model ``i`` (FusionBench's
+  ``topk_values_mask``: ``kthvalue`` and ``>=``).
 
 Other tensors (biases, norms, embeddings) are merged by task arithmetic with scale
-``other_scaling`` (FusionBench keeps them at the base; ``other_scaling: 0`` does the same).
+``other_scaling``: 0 (default) keeps them at the base as FusionBench 0.2.33 does
+(``DOGE_TA_Algorithm``, ``config/method/doge_ta/doge_ta.yaml``); fuse's earlier default was 0.3.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import attrs
 from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 
-from .common import AdaptiveMethod, check_finite, float_params, note, prepare, state_with, task_vector
+from .common import AdaptiveMethod, check_finite, float_params, note, prepare, progress, state_with, task_vector
 from .modules import key as pkey
 from .modules import linear_layers, weight_out_in
 
@@ -65,12 +68,12 @@ def delta_loss(vectors: "torch.Tensor", scales: "torch.Tensor", delta: "torch.Te
 
 
 def optimize_delta(vectors: "torch.Tensor", scales: "torch.Tensor", projection: "torch.Tensor", *, steps: int, lr: float,
-                   method: str = "doge") -> tuple["torch.Tensor", list[float]]:
+                   method: str = "doge", reproject: bool = False) -> tuple["torch.Tensor", list[float]]:
     """Adam on :func:`delta_loss` with gradients projected off ``projection``'s subspace; returns (Δ, losses).
 
-    After each step ``Δ`` itself is projected too (``Δ ← Δ − PΔ``): Adam's per-coordinate
-    scaling would otherwise move it into the shared subspace (FusionBench projects the
-    gradient only).
+    With ``reproject`` ``Δ`` itself is projected after each step too (``Δ ← Δ − PΔ``): Adam's
+    per-coordinate scaling would otherwise move it into the shared subspace (FusionBench
+    projects the gradient only).
     """
     import torch
 
@@ -86,14 +89,15 @@ def optimize_delta(vectors: "torch.Tensor", scales: "torch.Tensor", projection: 
         with torch.no_grad():
             delta.grad -= projection @ delta.grad
         optimizer.step()
-        with torch.no_grad():  # Adam rescales coordinates: put the iterate back off the shared subspace
-            delta -= projection @ delta
+        if reproject:
+            with torch.no_grad():  # Adam rescales coordinates: put the iterate back off the shared subspace
+                delta -= projection @ delta
         history.append(float(loss.detach()))
     return delta.detach(), history
 
 
 def top_fraction_masks(vectors: Sequence["torch.Tensor"], keep: float) -> list["torch.Tensor"]:
-    """Per tensor, ``|t| ≥`` the global threshold keeping the top ``keep`` % entries of all of them together."""
+    """Per tensor, ``|t| ≥`` the ``(n − ⌊n·keep/100⌋)``-th smallest ``|t|`` of all of them together (FusionBench's rule)."""
     import torch
 
     if keep >= 100:
@@ -103,7 +107,7 @@ def top_fraction_masks(vectors: Sequence["torch.Tensor"], keep: float) -> list["
     if dropped <= 0:
         return [torch.ones_like(v, dtype=torch.bool) for v in vectors]
     threshold = flat.kthvalue(dropped).values
-    return [v.abs() > threshold for v in vectors]
+    return [v.abs() >= threshold for v in vectors]
 
 
 class DOGE(AdaptiveMethod):
@@ -121,7 +125,10 @@ class DOGE(AdaptiveMethod):
         keep: float = option(30.0, help="percent of each task vector's largest linear-weight entries kept (100 = all)", validator=in_range(0.0, 100.0, lo_open=True))
         steps: int = option(400, help="Adam steps on the delta, per layer", validator=in_range(0, None))
         lr: float = option(1e-4, help="Adam learning rate of the delta", validator=positive)
-        other_scaling: float = option(0.3, help="task-arithmetic scale of the tensors that are not linear weights (0 = keep the base's)")
+        other_scaling: float = option(0.0, help="task-arithmetic scale of the tensors that are not linear weights (0 = keep the base's, "
+                                                "FusionBench; fuse's earlier default 0.3)")
+        reproject: bool = option(False, help="also project Δ itself off the shared subspace after each Adam step (fuse's earlier "
+                                             "default; FusionBench projects the gradient only)")
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch
@@ -132,13 +139,14 @@ class DOGE(AdaptiveMethod):
         layers = {pkey(n, "weight"): m for n, m in linear_layers(base).items() if pkey(n, "weight") in base_params}
         vectors = [task_vector(pool, n, base_params, method=self.name, device=ctx.device) for n in names]
         deltas, scales, losses = {}, {}, {}
-        for key in ctx.track(list(layers), f"projective descent ({self.name})", total=len(layers)):
+        for key in progress(ctx, list(layers), f"projective descent ({self.name})", total=len(layers), unit="layer"):
             module = layers[key]
             stacked = torch.stack([weight_out_in(module, v[key]) for v in vectors])
             norms = stacked.flatten(1).norm(dim=1)
             lam = torch.where(norms > 0, cfg.lamda / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(norms))
             projection = shared_projection(stacked, cfg.subspace)
-            delta, history = optimize_delta(stacked, lam, projection, steps=cfg.steps, lr=cfg.lr, method=self.name)
+            delta, history = optimize_delta(stacked, lam, projection, steps=cfg.steps, lr=cfg.lr, method=self.name,
+                                            reproject=cfg.reproject)
             deltas[key], scales[key] = weight_out_in(module, delta), lam
             if history:
                 losses[key] = (history[0], history[-1])

@@ -1,21 +1,33 @@
 """Fisher merging: an average of the fine-tuned models weighted, per element, by their diagonal Fisher.
 
-For model ``i`` the diagonal (empirical) Fisher of parameter element ``j`` is the mean over
-labelled training examples ``(x, y)`` of ``(∂ log p(y | x; θᵢ) / ∂θᵢⱼ)²``, with ``p`` the
-softmax of the task head applied to the model's output.  The merge is
+Two estimators of model ``i``'s diagonal Fisher ``Fᵢ`` (``estimator``), ``p`` being the softmax of
+the task head applied to the model's output:
 
-    θⱼ = Σᵢ (Fᵢⱼ + ε) θᵢⱼ / Σᵢ (Fᵢⱼ + ε)
+- ``fusionbench`` (default; FusionBench 0.2.33 ``FisherMergingForCLIPVisionModel.get_fisher_weights``
+  and ``fisher_merging.py``, after MergeLM): no labels.  Per batch, the gradient ``g`` of the batch
+  sum ``Σ_b Σ_c sqrt(p̂_bc) · log p_bc`` (``p̂`` = ``p`` detached: each class's log-likelihood
+  weighted by the square root of the model's own probability) is squared, ``g²`` is summed over
+  batches and divided by the number of examples.  Batches are read until ``num_examples`` examples
+  have been used (the batch that reaches it included).
+- ``empirical`` (fuse's earlier default): labelled examples, the mean of the per-example squared
+  gradients ``(∂ log p(y | x; θᵢ) / ∂θᵢⱼ)²`` (vectorised with ``torch.func.vmap``).
 
-with ``ε = min_fisher``; with ``normalize`` each model's Fisher is first divided by its
-global L2 norm, so that no model dominates by the scale of its gradients.  Elements whose
-weights sum to 0 (``min_fisher = 0`` and no gradient in any model) and float buffers
-are simply averaged.  Equal Fishers give exactly the simple average.
+The merge is ``θⱼ = Σᵢ cᵢ (Fᵢⱼ + ε) θᵢⱼ / Σᵢ cᵢ (Fᵢⱼ + ε)`` with ``ε = min_fisher`` and, per
+``normalize``:
+
+- ``fusionbench`` (default; ``merging_with_fisher_weights``): ``cᵢ ∝ 1 / (‖Fᵢ‖ + ε)``, ``‖Fᵢ‖`` the
+  L2 norm of model ``i``'s whole Fisher (the constant of proportionality cancels);
+- ``divide`` (fuse's earlier default): ``Fᵢ`` is replaced by ``Fᵢ / ‖Fᵢ‖`` and ``cᵢ = 1``;
+- ``none``: ``cᵢ = 1``.
+
+Elements whose weights sum to 0 (``min_fisher = 0`` and no gradient in any model) and float
+buffers are simply averaged.  Equal Fishers give exactly the simple average.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -23,7 +35,7 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 from fusion_core.errors import FuseError, InputError
 
-from .common import AdaptiveMethod, float_params, note, prepare, tied_aliases, to_device
+from .common import AdaptiveMethod, batch_size, float_params, note, prepare, progress, tied_aliases, to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -133,6 +145,73 @@ def diagonal_fisher(model: Any, params: Mapping[str, "torch.Tensor"], batches: I
     return {k: f / count for k, f in fisher.items()}, count, mode
 
 
+def fusionbench_batch_loss(logits: "torch.Tensor") -> "torch.Tensor":
+    """``Σ sqrt(p̂) · log p`` over a batch's logits (``p̂`` detached): FusionBench's label-free Fisher objective."""
+    import torch
+
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    log_p = logits.log_softmax(dim=-1)
+    return (log_p.detach().exp().sqrt() * log_p).sum()
+
+
+def batch_fisher(model: Any, params: Mapping[str, "torch.Tensor"], batches: Iterable[Any], head: Callable | None, *,
+                 pool: "ModelPool | None" = None, max_examples: int | None = None, max_batches: int | None = None,
+                 device: str = "cpu", on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, "torch.Tensor"], int]:
+    """FusionBench's Fisher: per batch the squared gradient of :func:`fusionbench_batch_loss`, summed, / examples.
+
+    ``batches`` give inputs or ``(inputs, labels)`` pairs (labels are ignored).  Reading stops before a batch
+    once ``max_examples`` examples were used, or after ``max_batches`` batches.
+    :returns: (Fisher by parameter name, number of examples).
+    """
+    import torch
+
+    from fusion_core.adapters import apply_classifier, functional_forward
+
+    from .regmean import batch_inputs
+
+    names = list(params)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    fisher = {k: torch.zeros_like(v) for k, v in params.items()}
+    count = 0
+    for index, batch in enumerate(batches):
+        if (max_batches is not None and index >= max_batches) or (max_examples is not None and count >= max_examples):
+            break
+        x = to_device(batch_inputs(batch), device)
+        with torch.enable_grad():
+            out = functional_forward(model, leaves, x, pool)
+            loss = fusionbench_batch_loss(apply_classifier(head, out))
+            grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+        for k, g in zip(names, grads, strict=True):
+            if g is not None:
+                fisher[k] += g.detach() ** 2
+        count += batch_size(x)
+        if on_batch is not None:
+            on_batch(count)
+    if count == 0:
+        raise InputError("the data gave no examples to estimate the Fisher information from")
+    return {k: f / count for k, f in fisher.items()}, count
+
+
+def fisher_norm(fisher: Mapping[str, "torch.Tensor"]) -> "torch.Tensor":
+    """The L2 norm of a whole Fisher (every tensor), as FusionBench computes it: the norm of the per-tensor norms."""
+    import torch
+
+    per_tensor = torch.stack([torch.linalg.vector_norm(f) for f in fisher.values()])
+    return torch.linalg.vector_norm(per_tensor)
+
+
+def fisher_weights(fisher: Mapping[str, "torch.Tensor"], rule: str, min_fisher: float) -> dict[str, "torch.Tensor"]:
+    """Each element's merge weight ``cᵢ (Fᵢ + ε)`` of one model under normalisation ``rule``."""
+    if rule == "fusionbench":
+        c = 1.0 / (fisher_norm(fisher) + min_fisher)
+        return {k: (f + min_fisher) * c.to(f.dtype) for k, f in fisher.items()}
+    if rule == "divide":
+        norm = fisher_norm({k: f.double() for k, f in fisher.items()})
+        if norm > 0:
+            fisher = {k: f / norm.to(f.dtype) for k, f in fisher.items()}
+    return {k: f + min_fisher for k, f in fisher.items()}
+
+
 def fisher_weighted_average(params: Sequence[Mapping[str, "torch.Tensor"]], fishers: Sequence[Mapping[str, "torch.Tensor"]],
                             *, min_fisher: float = 0.0) -> dict[str, "torch.Tensor"]:
     """``Σᵢ (Fᵢ + ε) θᵢ / Σᵢ (Fᵢ + ε)`` per element; the simple average where the weights sum to 0."""
@@ -156,21 +235,48 @@ class FisherMerging(AdaptiveMethod):
     """Fisher-weighted averaging of the fine-tuned models (Matena & Raffel, 2022)."""
 
     name = "fisher_merging"
-    summary = "Per-element average weighted by each model's diagonal Fisher, estimated on labelled train batches."
+    summary = "Per-element average weighted by each model's diagonal Fisher, estimated on train batches (FusionBench's label-free estimator)."
     reference_url = "https://arxiv.org/abs/2111.09832"
-    capabilities: ClassVar[Capabilities] = Capabilities(needs_data=True, needs_labels=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_data=True)
 
     @attrs.frozen
     class Config:
-        num_batches: int | None = option(8, help="labelled batches per model to estimate the Fisher from (null = all)", validator=positive)
+        estimator: Literal["fusionbench", "empirical"] = option(
+            "fusionbench", help="'fusionbench': squared gradient of each batch's Σ sqrt(p̂)·log p, no labels (FusionBench 0.2.33); "
+                                "'empirical': mean per-example squared gradient of log p(label) (fuse's earlier default; needs labels)"
+        )
+        num_examples: int | None = option(256, help="examples per model to estimate the Fisher from (FusionBench num_fisher_examples; "
+                                                    "null = all)", validator=positive)
+        num_batches: int | None = option(None, help="at most this many batches per model (null = no limit)", validator=positive)
         split: str = option("train", help="the model pool's data split to read (ModelPool.data(model, split))")
-        normalize: bool = option(True, help="divide each model's Fisher by its global L2 norm before weighting")
+        normalize: Literal["fusionbench", "divide", "none"] | bool = option(
+            "fusionbench", help="'fusionbench': weigh model i by 1/(‖Fᵢ‖+ε) (FusionBench normalize_fisher_weight); "
+                                "'divide' (or true): use Fᵢ/‖Fᵢ‖ (fuse's earlier default); 'none' (or false)"
+        )
         min_fisher: float = option(1e-6, help="ε added to every Fisher value (keeps weights positive)", validator=in_range(0.0, None))
+
+        def __attrs_post_init__(self) -> None:
+            if self.normalize is True or self.normalize is False:  # the earlier boolean form
+                object.__setattr__(self, "normalize", "divide" if self.normalize else "none")
+
+    def estimate(self, model: Any, params: Mapping[str, "torch.Tensor"], batches: Iterable, head: Callable | None, *,
+                 pool: "ModelPool", name: str, ctx: "RunContext") -> tuple[dict[str, "torch.Tensor"], int, str]:
+        """Model ``name``'s diagonal Fisher: (by parameter name, examples used, how it was computed)."""
+        from fusion_core.adapters import labelled
+
+        cfg = self.config
+        if cfg.estimator == "fusionbench":
+            fisher, count = batch_fisher(model, params, batches, head, pool=pool, max_examples=cfg.num_examples,
+                                         max_batches=cfg.num_batches, device=ctx.device)
+            return fisher, count, "batch"
+        pairs = labelled(batches, method=self.name, name=name, split=cfg.split)
+        return diagonal_fisher(model, params, _first_examples(pairs, cfg.num_examples), head, pool=pool,
+                               max_batches=cfg.num_batches, device=ctx.device)
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch
 
-        from fusion_core.adapters import get_classifier, labelled, require_data
+        from fusion_core.adapters import get_classifier, require_data
 
         cfg, names = self.config, list(pool.model_names)
         data = {n: require_data(pool, n, cfg.split, method=self.name) for n in names}
@@ -180,29 +286,24 @@ class FisherMerging(AdaptiveMethod):
         fixed: dict[str, torch.Tensor] = {}
         examples, modes = {}, {}
         aliases: dict[str, str] = {}
-        for name in ctx.track(names, f"Fisher ({self.name})", total=len(names)):
+        for name in progress(ctx, names, f"Fisher ({self.name})", total=len(names), unit="model"):
             model = prepare(pool.load_model(name), ctx.device)
             params = float_params(model)
             aliases = tied_aliases(model)
-            batches = labelled(data[name], method=self.name, name=name, split=cfg.split)
-            fisher, examples[name], modes[name] = diagonal_fisher(
-                model, params, batches, get_classifier(ctx.taskpool, name), pool=pool, max_batches=cfg.num_batches, device=ctx.device
-            )
-            if cfg.normalize:
-                norm = torch.sqrt(sum((f.double() ** 2).sum() for f in fisher.values()))
-                if norm > 0:
-                    fisher = {k: f / norm.to(f.dtype) for k, f in fisher.items()}
+            fisher, examples[name], modes[name] = self.estimate(model, params, data[name], get_classifier(ctx.taskpool, name),
+                                                                pool=pool, name=name, ctx=ctx)
+            weights = fisher_weights(fisher, cfg.normalize, cfg.min_fisher)
             for key, value in model.state_dict().items():
                 value = value.detach()
                 if not value.is_floating_point():
                     fixed.setdefault(key, value)
                     continue
                 total[key] = total[key] + value if key in total else value.clone()
-                if key in fisher:
-                    w = fisher[key] + cfg.min_fisher
+                if key in weights:
+                    w = weights[key]
                     num[key] = num[key] + w * value if key in num else w * value
                     den[key] = den[key] + w if key in den else w.clone()
-            del model, params, fisher
+            del model, params, fisher, weights
         merged = {}
         n = len(names)
         for key, value in total.items():
@@ -214,8 +315,18 @@ class FisherMerging(AdaptiveMethod):
         merged.update(fixed)
         for alias, source in aliases.items():
             merged[alias] = merged[source]
-        note(ctx, self.name, examples=examples, per_example_gradients=modes)
+        note(ctx, self.name, examples=examples, gradients=modes, estimator=cfg.estimator, normalize=cfg.normalize)
         return {k: v.detach().to("cpu") for k, v in merged.items()}
+
+
+def _first_examples(pairs: Iterable[tuple[Any, "torch.Tensor"]], limit: int | None) -> Iterator[tuple[Any, "torch.Tensor"]]:
+    """``(inputs, labels)`` batches until ``limit`` examples were given (the batch reaching it included)."""
+    count = 0
+    for x, y in pairs:
+        if limit is not None and count >= limit:
+            return
+        yield x, y
+        count += int(y.shape[0])
 
 
 METHODS = [FisherMerging]

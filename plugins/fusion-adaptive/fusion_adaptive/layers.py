@@ -7,7 +7,7 @@ This module imports torch at module level: it is imported only when such a metho
   router-weighted sum of task vectors.
 - :class:`SmileLinear` (SMILE): a linear layer plus a sparse mixture of low-rank experts, routed
   zero-shot by the norm of the input's projection on each expert's top right singular vectors.
-- :class:`EnsembleModel`: members run side by side and their logits combined.
+- :class:`EnsembleModel`: members run side by side and their outputs (or logits) combined.
 """
 
 from __future__ import annotations
@@ -29,24 +29,33 @@ def _buffer_name(param_name: str) -> str:
 class Router(nn.Module):
     """``input → weights (..., N)``: ``Linear(d, N)`` or ``Linear(d, h) → ReLU → Linear(h, N)``.
 
-    The last layer starts at weight 0 and bias ``init``, so every expert starts with weight
-    ``init`` (task arithmetic with scale ``init``) whatever the input.
+    ``init="normal"`` (FusionBench's ``Depth_1_Gate``/``Depth_2_Gate``): every weight matrix
+    ~ N(0, 0.01²), the hidden bias 0 and the last bias ``init_lambda``.  ``init="zero_last"`` (fuse's
+    earlier default): the first weight ~ N(0, 1/d), the last weight 0 and its bias ``init_lambda``,
+    so every expert starts with weight exactly ``init_lambda`` whatever the input.  Draws come from
+    ``generator`` in layer order (first weight, then last weight).
     """
 
-    def __init__(self, in_features: int, n_experts: int, hidden: int, init: float, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, in_features: int, n_experts: int, hidden: int, init_lambda: float, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32, init: str = "normal") -> None:
         super().__init__()
+        if init not in ("normal", "zero_last"):
+            raise ValueError(f"unknown router init {init!r}")
         layers: list[nn.Module] = []
         if hidden > 0:
             first = nn.Linear(in_features, hidden, dtype=dtype)
+            std = 0.01 if init == "normal" else in_features**-0.5
             with torch.no_grad():
-                first.weight.copy_(torch.randn(first.weight.shape, generator=generator, dtype=torch.float32) * in_features**-0.5)
+                first.weight.copy_(torch.randn(first.weight.shape, generator=generator, dtype=torch.float32) * std)
                 first.bias.zero_()
             layers += [first, nn.ReLU()]
         last = nn.Linear(hidden if hidden > 0 else in_features, n_experts, dtype=dtype)
         with torch.no_grad():
-            last.weight.zero_()
-            last.bias.fill_(init)
+            if init == "normal":
+                last.weight.copy_(torch.randn(last.weight.shape, generator=generator, dtype=torch.float32) * 0.01)
+            else:
+                last.weight.zero_()
+            last.bias.fill_(init_lambda)
         layers.append(last)
         self.net = nn.Sequential(*layers)
 
@@ -55,15 +64,18 @@ class Router(nn.Module):
 
 
 class WeightEnsemblingMoE(nn.Module):
-    """``f(x; θ₀ + Σᵢ rᵢ(x) τᵢ)``: the base layer with a per-sample, routed sum of task vectors.
+    """``f(x; θ₀ + Σᵢ rᵢ(x) τᵢ)``: the base layer with a routed sum of task vectors.
 
     ``rᵢ(x)`` is the router's output on the layer's input, averaged over every dimension
-    between the batch and the features (tokens), so each sample has one weight per expert.
-    Linear layers use ``x·W₀ᵀ + Σᵢ rᵢ (x·τᵢᵀ)`` (no per-sample weight matrices); other modules
-    are run per sample with ``torch.func.vmap`` over per-sample merged parameters.
+    between the batch and the features (tokens), so each sample has one weight per expert;
+    with ``batch_reduce`` (FusionBench's ``batch_reduce: true``) it is also averaged over the
+    batch: one weight vector per batch, and the module runs once with the merged parameters.
+    Per sample, linear layers use ``x·W₀ᵀ + Σᵢ rᵢ (x·τᵢᵀ)`` (no per-sample weight matrices);
+    other modules are run per sample with ``torch.func.vmap`` over per-sample merged parameters.
     """
 
-    def __init__(self, base: nn.Module, experts: Mapping[str, torch.Tensor], router: Router, *, linear: bool, transposed: bool = False) -> None:
+    def __init__(self, base: nn.Module, experts: Mapping[str, torch.Tensor], router: Router, *, linear: bool, transposed: bool = False,
+                 batch_reduce: bool = False) -> None:
         super().__init__()
         self.base = base
         for p in self.base.parameters():
@@ -72,7 +84,7 @@ class WeightEnsemblingMoE(nn.Module):
         self.param_names = list(experts)
         for name, stacked in experts.items():
             self.register_buffer(_buffer_name(name), stacked.detach().clone())
-        self.linear, self.transposed = linear, transposed
+        self.linear, self.transposed, self.batch_reduce = linear, transposed, batch_reduce
         self.n_experts = int(next(iter(experts.values())).shape[0])
 
     def expert(self, name: str) -> torch.Tensor:
@@ -88,8 +100,18 @@ class WeightEnsemblingMoE(nn.Module):
             r = r.unsqueeze(0)
         return r
 
+    def merged_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The base's parameters plus ``Σᵢ wᵢ τᵢ`` for one weight vector ``weights`` ``(N,)``."""
+        own = dict(self.base.named_parameters())
+        return {name: own[name].detach() + torch.tensordot(weights.to(own[name].dtype), self.expert(name), dims=1)
+                for name in self.param_names}
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         weights = self.routing_weights(x).to(x.dtype)
+        if self.batch_reduce:
+            from torch.func import functional_call
+
+            return functional_call(self.base, self.merged_parameters(weights.mean(dim=0)), (x, *args), kwargs)
         if self.linear:
             return self._linear_forward(x, weights)
         return self._generic_forward(x, weights, args, kwargs)
@@ -157,24 +179,48 @@ class SmileLinear(nn.Module):
         return out + mixed.reshape(out.shape)
 
 
+def combine_structure(outputs: Sequence[Any], combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
+    """Members' outputs combined leaf by leaf: tensors by ``combine``; mappings (and HF ``ModelOutput``s) key by key
+    into a plain dict; tuples and lists item by item; ``None`` stays ``None``.  Other types are an error."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return combine(list(outputs))
+    if isinstance(first, Mapping):
+        return {k: combine_structure([o[k] for o in outputs], combine) for k in first if first[k] is not None}
+    if isinstance(first, (tuple, list)):
+        return tuple(combine_structure([o[i] for o in outputs], combine) for i in range(len(first)))
+    if all(o is None for o in outputs):
+        return None
+    raise TypeError(f"cannot combine model outputs of type {type(first).__name__}")
+
+
 class EnsembleModel(nn.Module):
     """Members run side by side; their outputs (or logits) are combined.
 
-    ``mode="mean"``: ``Σᵢ wᵢ yᵢ`` (weights sum to 1 for a mean).  ``mode="max_probability"``:
-    for each sample (and position), the logits of the member whose softmax has the highest
-    maximum.  :meth:`forward` combines the members' raw outputs (exact for members that
-    output logits, and for affine heads under ``mean``); :meth:`ensemble_logits` applies a
-    task's head to each member first (what :func:`fusion_core.adapters.logits` calls).
+    ``mode="mean"``: ``Σᵢ wᵢ yᵢ`` (weights sum to 1 for a mean).  ``mode="max"``: the element-wise
+    maximum of the members' ``yᵢ``.  ``mode="max_probability"``: for each sample (and position),
+    the logits of the member whose softmax has the highest maximum.
+
+    ``combine_at="outputs"`` (FusionBench's ``EnsembleModule``/``MaxModelPredictor``): the members'
+    raw outputs (every tensor of them, e.g. a vision tower's ``pooler_output``) are combined and the
+    task's head is applied once to the result.  ``combine_at="logits"``: the head is applied to each
+    member first and the logits are combined (needed by ``max_probability``).  :meth:`forward` always
+    combines the raw outputs; :meth:`ensemble_logits` (what :func:`fusion_core.adapters.logits` calls)
+    follows ``combine_at``.
     """
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], mode: str,
-                 forward_fn: Callable[[Any, Any], Any] | None = None) -> None:
+                 forward_fn: Callable[[Any, Any], Any] | None = None, combine_at: str = "logits") -> None:
         super().__init__()
-        if mode not in ("mean", "max_probability"):
+        if mode not in ("mean", "max", "max_probability"):
             raise ValueError(f"unknown ensemble mode {mode!r}")
+        if combine_at not in ("outputs", "logits"):
+            raise ValueError(f"unknown combine_at {combine_at!r}")
+        if mode == "max_probability" and combine_at != "logits":
+            raise ValueError("mode 'max_probability' compares the members' probabilities: it needs combine_at='logits'")
         self.members = nn.ModuleList(members)
         self.register_buffer("weights", torch.tensor([float(w) for w in weights], dtype=torch.float64))
-        self.mode = mode
+        self.mode, self.combine_at = mode, combine_at
         self._forward_fn = forward_fn or forward
 
     def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -185,14 +231,22 @@ class EnsembleModel(nn.Module):
             assert total is not None
             return total
         stacked = torch.stack(list(outputs))  # (M, ..., C)
+        if self.mode == "max":
+            return stacked.amax(dim=0)
         confidence = F.softmax(stacked.float(), dim=-1).amax(dim=-1)  # (M, ...)
         best = confidence.argmax(dim=0, keepdim=True)  # (1, ...)
         index = best.unsqueeze(-1).expand((1,) + tuple(stacked.shape[1:]))
         return stacked.gather(0, index).squeeze(0)
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.combine([output_tensor(m(*args, **kwargs)) for m in self.members])
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = [m(*args, **kwargs) for m in self.members]
+        if self.mode == "max_probability":
+            return self.combine([output_tensor(o) for o in outputs])
+        return combine_structure(outputs, self.combine)
 
     def ensemble_logits(self, inputs: Any, classifier: Callable | None) -> torch.Tensor:
-        """Each member's logits through ``classifier`` (the task's head), then combined."""
+        """The ensemble's logits for one task: head once on the combined outputs, or per member then combined."""
+        if self.combine_at == "outputs":
+            combined = combine_structure([self._forward_fn(m, inputs) for m in self.members], self.combine)
+            return apply_classifier(classifier, combined)
         return self.combine([apply_classifier(classifier, self._forward_fn(m, inputs)) for m in self.members])

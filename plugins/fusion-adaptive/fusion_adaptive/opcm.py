@@ -17,7 +17,15 @@ Closed form: when each ``τ_t`` has row and column spaces orthogonal to those of
 ones, nothing is removed, and ``M_T = (mean_j ‖τ_j‖ / ‖Σ_j τ_j‖) · Σ_j τ_j``.
 
 (FusionBench projects in a full SVD basis, where the completion beyond the rank of ``M`` is
-arbitrary; here components outside ``M``'s row and column spaces are always kept.)
+arbitrary; here components outside ``M``'s row and column spaces are always kept.  The two agree
+whenever ``M``'s weights have full rank, as fine-tuned task vectors do.)
+
+As FusionBench 0.2.33 (``OPCMForCLIP``, ``config/method/opcm/opcm.yaml``): the order is shuffled
+by default (here seeded by the run's seed; FusionBench uses Python's ``random`` with
+``seed: null``), and parameters held directly by a module that has children (CLIP's
+``embeddings.class_embedding``) are not merged after the first model (``non_leaf: skip``):
+``Σ_t = M_{t−1}`` there (no new task vector, no ``λ_{t−1}``), so they only follow the rescaling.  ``non_leaf: merge`` (fuse's earlier default) treats
+them as any other tensor.
 
 After each step the merged model is scored on the tasks seen so far through the task pool's
 ``evaluate`` (the callback of the run context), and the per-step results go to
@@ -27,7 +35,7 @@ After each step the merged model is scored on the tasks seen so far through the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -35,7 +43,7 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option
 from fusion_core.engine.kernel import tensor_seed
 
-from .common import AdaptiveMethod, float_params, note, prepare, state_with, task_vector
+from .common import AdaptiveMethod, float_params, note, prepare, progress, state_with, task_vector
 from .modules import key as pkey
 from .modules import linear_layers, weight_out_in
 
@@ -68,6 +76,15 @@ def project_out(task: "torch.Tensor", merged: "torch.Tensor", alpha: float) -> "
     return (task.double() - removed).to(task.dtype)
 
 
+def non_leaf_parameters(model: Any) -> set[str]:
+    """Names of the parameters held directly by modules that have child modules (FusionBench skips them)."""
+    out = set()
+    for name, module in model.named_modules():
+        if any(True for _ in module.children()):
+            out.update(pkey(name, p) for p, _ in module.named_parameters(recurse=False))
+    return out
+
+
 def global_norm(vector: Mapping[str, "torch.Tensor"]) -> float:
     """The L2 norm of a whole task vector (all tensors)."""
     return float(sum(float((v.double() ** 2).sum()) for v in vector.values())) ** 0.5
@@ -84,7 +101,11 @@ class OPCM(AdaptiveMethod):
     @attrs.frozen
     class Config:
         alpha: float = option(0.5, help="share of the merged vector's singular-value mass whose subspace block is protected", validator=in_range(0.0, 1.0))
-        shuffle: bool = option(False, help="merge the models in a seeded random order instead of pool order")
+        shuffle: bool = option(True, help="merge the models in a seeded random order (FusionBench shuffle_order: true); false = pool order")
+        non_leaf: Literal["skip", "merge"] = option(
+            "skip", help="parameters held directly by modules with children (e.g. CLIP's class_embedding): 'skip' = not merged after "
+                         "the first model (FusionBench); 'merge' = merged like the others (fuse's earlier default)"
+        )
         evaluate_every_step: bool = option(True, help="score the merged model on the tasks seen so far after each step (needs a task pool)")
 
     def order(self, names: list[str], seed: int) -> list[str]:
@@ -104,10 +125,11 @@ class OPCM(AdaptiveMethod):
         base = prepare(pool.load_model(None), ctx.device)
         base_params = float_params(base)
         layouts = {pkey(n, "weight"): m for n, m in linear_layers(base).items()}
+        skipped = non_leaf_parameters(base) if cfg.non_leaf == "skip" else set()
         merged: dict[str, torch.Tensor] | None = None
         scale, norms, steps = 1.0, [], []
         taskpool = ctx.taskpool if cfg.evaluate_every_step else None
-        for t, name in enumerate(ctx.track(order, f"continual merging ({self.name})", total=len(order))):
+        for t, name in enumerate(progress(ctx, order, f"continual merging ({self.name})", total=len(order), unit="model")):
             tv = task_vector(pool, name, base_params, method=self.name, device=ctx.device)
             norms.append(global_norm(tv))
             if merged is None:
@@ -115,6 +137,9 @@ class OPCM(AdaptiveMethod):
             else:
                 total = {}
                 for key, value in tv.items():
+                    if key in skipped:  # FusionBench leaves the tensor as it is (not even times λ_{t−1}) before rescaling
+                        total[key] = merged[key]
+                        continue
                     if key in layouts and value.dim() == 2:
                         module = layouts[key]
                         cleaned = weight_out_in(module, project_out(weight_out_in(module, value), weight_out_in(module, merged[key]), cfg.alpha))

@@ -13,11 +13,24 @@ pseudo-inverse around the average, ``W* = W̄ + (ΣGᵢ)⁺ Σᵢ Gᵢ (Wᵢ −
 Biases are averaged (``bias: average``) or solved with the weight by appending a constant-1
 input feature (``bias: regression``).  Every other tensor is averaged.
 
-RegMean++ differs in the inputs: layer ``l``'s Gram matrices of model ``i`` are computed on
-model ``i``'s data passed through the *merged* layers that run before ``l`` (the merge proceeds
-layer by layer in execution order), so each layer accounts for the errors of the merged layers
-below it.  FusionBench does this per transformer block; here every linear layer is a step,
-which needs no knowledge of the architecture (the order is recorded from one forward pass).
+RegMean++ differs in the inputs: the Gram matrices of model ``i`` are computed on model ``i``'s
+data passed through the *merged* parts of the network below, so each part accounts for the
+errors of the merged parts before it.  ``granularity``:
+
+- ``block`` (default; FusionBench 0.2.33 ``RegMeanAlgorithmPlusPlus`` /
+  ``RegMeanAlgorithmForCLIPPlusPlus``): the transformer blocks (the children of the model's
+  longest ``ModuleList`` of modules holding linear layers) are merged one after the other.  The
+  modules that run before the first block (embeddings, pre-norm) are averaged; block ``l``'s
+  input for model ``i`` is model ``i``'s data through the averaged prefix and the merged blocks
+  ``< l``; inside block ``l`` the Grams of every linear layer come from model ``i``'s own block
+  ``l`` on that input; the block's linear weights are solved, its other tensors averaged.
+  Modules that run after the last block (CLIP's ``post_layernorm``) keep the base's values
+  (``after_blocks: base``, as FusionBench, whose merged model starts from the pretrained one) or
+  are averaged (``after_blocks: average``).  A model without such blocks is merged layer by layer
+  (noted in the report).
+- ``layer`` (fuse's earlier default): every linear layer is a step, in execution order (recorded
+  from one forward pass), its Grams computed through the merged linear layers before it; every
+  other tensor is averaged.  Needs no knowledge of the architecture.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ from fusion_core.components import Capabilities
 from fusion_core.config import in_range, option, positive
 from fusion_core.errors import InputError
 
-from .common import AdaptiveMethod, note, prepare, tied_aliases, to_device
+from .common import AdaptiveMethod, note, prepare, progress, tied_aliases, to_device
 from .modules import execution_order, select_modules, transposed
 from .modules import key as pkey
 
@@ -114,11 +127,21 @@ def stacked_weight(is_transposed: bool, state: Mapping[str, "torch.Tensor"], pre
 
 
 def regmean_solve(gram_sum: "torch.Tensor", gram_weight_sum: "torch.Tensor", mean_weight: "torch.Tensor") -> "torch.Tensor":
-    """``W̄ + (ΣG)⁺ (ΣGW − ΣG·W̄)`` in float64: the RegMean closed form, the average where no data reached."""
+    """``W̄ + (ΣG)⁺ (ΣGW − ΣG·W̄)`` in float64: the RegMean closed form, the average where no data reached.
+
+    A positive definite ``ΣG`` (every input direction reached) is solved by Cholesky (n³/3 flops); a singular one
+    by the pseudo-inverse (an eigendecomposition, many times slower).
+    """
+    import torch
+
     g = gram_sum.double()
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:  # invertible: W̄ + G⁻¹(ΣGW − G·W̄) = G⁻¹ ΣGW
+        solved = torch.cholesky_solve(gram_weight_sum.double(), factor)
+        if bool(torch.isfinite(solved).all()):
+            return solved
     w_bar = mean_weight.double()
-    rhs = gram_weight_sum.double() - g @ w_bar
-    return w_bar + torch_pinv(g) @ rhs
+    return w_bar + torch_pinv(g) @ (gram_weight_sum.double() - g @ w_bar)
 
 
 def torch_pinv(g: "torch.Tensor") -> "torch.Tensor":
@@ -239,7 +262,7 @@ class RegMean(_RegMeanBase):
         layer_names: list[str] | None = None
         aliases: dict[str, str] = {}
         forward = pool.forward
-        for name in ctx.track(names, f"Gram matrices ({self.name})", total=len(names)):
+        for name in progress(ctx, names, f"Gram matrices ({self.name})", total=len(names), unit="model"):
             model = prepare(pool.load_model(name), ctx.device)
             layers = select_modules(model, None, method=self.name, field="exclude", exclude=cfg.exclude)
             if layer_names is None:
@@ -264,24 +287,170 @@ class RegMean(_RegMeanBase):
         return {k: v.detach().to("cpu") for k, v in out.items()}
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the input of a block was captured."""
+
+
+def find_blocks(model: Any) -> list[str]:
+    """Names of the transformer blocks: the children of the longest ``ModuleList`` whose children hold linear layers."""
+    from .modules import linear_layers
+
+    best: list[str] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ != "ModuleList":
+            continue
+        children = [f"{name}.{child}" if name else child for child, sub in module.named_children() if linear_layers(sub)]
+        if len(children) > len(best):
+            best = children
+    return best
+
+
+def block_inputs(model: Any, block: Any, params: Mapping[str, "torch.Tensor"], batches: Sequence[Any],
+                 pool: "ModelPool | None") -> list[tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` that ``block`` receives when ``model`` (with ``params`` substituted) runs on each batch."""
+    from fusion_core.adapters import functional_forward
+
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        captured.append((tuple(args), dict(kwargs)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for inputs in batches:
+            try:
+                functional_forward(model, params, inputs, pool)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise InputError(f"RegMean++: a forward pass of the model never reached block {type(block).__name__}; use granularity: layer")
+    return captured
+
+
 class RegMeanPlusPlus(_RegMeanBase):
-    """RegMean++ (Nguyen et al., 2025): RegMean whose layer inputs come through the already merged layers."""
+    """RegMean++ (Nguyen et al., 2025): RegMean whose inputs come through the already merged blocks (or layers)."""
 
     name = "regmean_plusplus"
-    summary = "RegMean layer by layer in execution order, each layer's Grams computed through the merged layers before it."
+    summary = "RegMean block by block (FusionBench), each block's Grams computed on inputs through the merged blocks before it."
     reference_url = "https://arxiv.org/abs/2508.03121"
 
+    @attrs.frozen
+    class Config(_RegMeanBase.Config):
+        granularity: Literal["block", "layer"] = option(
+            "block", help="'block': merge transformer block by block (FusionBench); 'layer': linear layer by linear layer in "
+                          "execution order (fuse's earlier default)"
+        )
+        after_blocks: Literal["base", "average"] = option(
+            "base", help="with granularity block, the modules after the last block (e.g. CLIP's post_layernorm): the base's "
+                         "values (FusionBench) or the average"
+        )
+
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+        if self.config.granularity == "block":
+            return self._run_blocks(pool, ctx)
+        return self._run_layers(pool, ctx)
+
+    def _batches(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, list]:
+        names = list(pool.model_names)
+        batches = {n: [to_device(x, ctx.device) for x in self._inputs(pool, n)] for n in names}
+        for n in names:
+            if not batches[n]:
+                raise InputError(f"method {self.name!r}: the {self.config.split!r} data of model {n!r} gave no batches")
+        return batches
+
+    def _run_blocks(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+        import torch
+        from torch.func import functional_call
+
+        cfg, names = self.config, list(pool.model_names)
+        batches = self._batches(pool, ctx)
+        models = [prepare(pool.load_model(n), ctx.device) for n in names]
+        reference = models[0]
+        blocks = find_blocks(reference)
+        if not blocks:
+            note(ctx, self.name, fallback="the model has no ModuleList of blocks holding linear layers: merged layer by layer")
+            return self._run_layers(pool, ctx, batches=batches, models=models)
+        base_state = None
+        if cfg.after_blocks == "base":
+            if not pool.has_base:
+                raise InputError(f"method {self.name!r} with after_blocks: base needs a base model in the pool; "
+                                 "give the pool a base or set after_blocks: average")
+            base_state = {k: v.detach() for k, v in prepare(pool.load_model(None), ctx.device).state_dict().items()}
+        acc = _Accumulator(cfg.reduce_non_diagonal_ratio, cfg.bias == "regression")
+        states = [m.state_dict() for m in models]
+        for state in states:
+            acc.add_state(state)
+        layers = select_modules(reference, None, method=self.name, field="exclude", exclude=cfg.exclude)
+        with torch.no_grad():
+            order = execution_order(reference, lambda: pool.forward(reference, batches[names[0]][0]))
+        in_block = lambda module: any(module == b or module.startswith(b + ".") for b in blocks)  # noqa: E731
+        first = next((i for i, m in enumerate(order) if in_block(m)), len(order))
+        before = {m for m in order[:first] if not in_block(m)}
+        prefix = {}
+        for m in before:
+            for p, _ in reference.get_submodule(m).named_parameters(recurse=False):
+                prefix[pkey(m, p)] = acc.mean(pkey(m, p))
+        solved_all: dict[str, torch.Tensor] = {}
+        dtype = _gram_dtype(reference)
+        with torch.no_grad():
+            inputs = [block_inputs(model, model.get_submodule(blocks[0]), prefix, batches[name], pool)
+                      for model, name in zip(models, names, strict=True)]
+            for index, block_name in enumerate(progress(ctx, blocks, f"merging blocks ({self.name})", total=len(blocks), unit="block")):
+                block_layers = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
+                for model, state, captured in zip(models, states, inputs, strict=True):
+                    targets = {n: model.get_submodule(n) for n in block_layers}
+                    with GramCollector(targets, with_bias=acc.with_bias, dtype=dtype) as grams:
+                        block = model.get_submodule(block_name)
+                        for args, kwargs in captured:
+                            block(*args, **kwargs)
+                    for n, module in targets.items():
+                        gram = grams.mean_gram(n)
+                        if gram is not None:
+                            acc.add_layer(n, module, gram, state)
+                merged_block = {}
+                for n in block_layers:
+                    if n in acc.gram:
+                        solved = acc.solve_layer(n)
+                        solved_all.update(solved)
+                        merged_block.update(solved)
+                relative = {}
+                for p, _ in reference.get_submodule(block_name).named_parameters():
+                    key = pkey(block_name, p)
+                    relative[p] = merged_block[key].to(ctx.device) if key in merged_block else acc.mean(key)
+                if index + 1 < len(blocks):
+                    block = reference.get_submodule(block_name)
+                    inputs = [[_next_input(functional_call(block, relative, args, kwargs, strict=False), args, kwargs)
+                               for args, kwargs in captured] for captured in inputs]
+        out = acc.result(solved_all)
+        kept = []
+        if base_state is not None:
+            done = set(before) | {m for m in order if in_block(m)}
+            for m, module in reference.named_modules():
+                if m in done or in_block(m):
+                    continue
+                for p, _ in module.named_parameters(recurse=False):
+                    key = pkey(m, p)
+                    if key in base_state and key in out:
+                        out[key] = base_state[key]
+                        kept.append(key)
+        for alias, source in tied_aliases(reference).items():
+            out[alias] = out[source]
+        self._note(ctx, list(layers), list(acc.gram))
+        note(ctx, self.name, granularity="block", blocks=blocks, averaged_before_blocks=sorted(prefix), kept_at_base=kept)
+        return {k: v.detach().to("cpu") for k, v in out.items()}
+
+    def _run_layers(self, pool: "ModelPool", ctx: "RunContext", *, batches: dict[str, list] | None = None,
+                    models: list | None = None) -> dict[str, "torch.Tensor"]:
         import torch
 
         from fusion_core.adapters import functional_forward
 
         cfg, names = self.config, list(pool.model_names)
-        batches = {n: [to_device(x, ctx.device) for x in self._inputs(pool, n)] for n in names}
-        for n in names:
-            if not batches[n]:
-                raise InputError(f"method {self.name!r}: the {cfg.split!r} data of model {n!r} gave no batches")
-        models = [prepare(pool.load_model(n), ctx.device) for n in names]
+        batches = self._batches(pool, ctx) if batches is None else batches
+        models = [prepare(pool.load_model(n), ctx.device) for n in names] if models is None else models
         acc = _Accumulator(cfg.reduce_non_diagonal_ratio, cfg.bias == "regression")
         for model in models:
             acc.add_state(model.state_dict())
@@ -292,7 +461,7 @@ class RegMeanPlusPlus(_RegMeanBase):
         merged: dict[str, torch.Tensor] = {}  # tensors of the modules already merged (earlier in execution order)
         solved_all: dict[str, torch.Tensor] = {}
         dtype = _gram_dtype(reference)
-        for module_name in ctx.track(order, f"merging layers ({self.name})", total=len(order)):
+        for module_name in progress(ctx, order, f"merging layers ({self.name})", total=len(order), unit="module"):
             module = reference.get_submodule(module_name)
             own = [pkey(module_name, p) for p, _ in module.named_parameters(recurse=False)]
             if module_name in layers:
@@ -316,8 +485,19 @@ class RegMeanPlusPlus(_RegMeanBase):
         for alias, source in tied_aliases(reference).items():
             out[alias] = out[source]
         self._note(ctx, list(layers), list(acc.gram))
-        note(ctx, self.name, order=[n for n in order if n in layers])
+        note(ctx, self.name, granularity="layer", order=[n for n in order if n in layers])
         return {k: v.detach().to("cpu") for k, v in out.items()}
+
+
+def _next_input(output: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The next block's ``(args, kwargs)``: this block's hidden states (its output, or the output's first item) and the same extras."""
+    import torch
+
+    hidden = output if isinstance(output, torch.Tensor) else output[0]
+    if args:
+        return (hidden, *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+    return (), {**kwargs, key: hidden}
 
 
 METHODS = [RegMean, RegMeanPlusPlus]

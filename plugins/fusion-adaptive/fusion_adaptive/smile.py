@@ -6,13 +6,20 @@ rank-``rank`` truncated SVD of its task vector ``τᵢ = Wᵢ − W₀`` and its
 routed without any training: expert ``i``'s logit is the norm of the input's projection on its
 top ``gate_k`` right singular vectors (an input that lies in the subspace a fine-tune changed
 goes to that expert), the ``top_k`` best are mixed by the softmax of their logits.  Every other
-parameter is the simple average of the fine-tuned models.  With one model, ``top_k = 1`` and a
-full rank, a layer reproduces the fine-tuned layer exactly.
+parameter stays at the base (``others: base``) or is the simple average of the fine-tuned models
+(``others: average``).  With one model, ``top_k = 1`` and a full rank, a layer reproduces the
+fine-tuned layer exactly.
+
+Defaults follow FusionBench 0.2.33 (``config/method/smile_upscaling/smile_upscaling.yaml``,
+``SmileUpscalingAlgorithm``, ``models/smile_moe/linear_from_module.py``): ``k`` (rank) 128,
+``gate_k`` 1, ``top_k`` 1, routing on the task vectors' singular vectors, non-linear modules left
+at the base (``average_experts: false``).  fuse's earlier defaults: rank 32, gate_k 16,
+``others: average``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -20,7 +27,7 @@ from fusion_core.components import Capabilities
 from fusion_core.config import option, positive
 from fusion_core.errors import InputError
 
-from .common import AdaptiveMethod, float_params, note, prepare
+from .common import AdaptiveMethod, float_params, note, prepare, progress
 from .modules import key as pkey
 from .modules import select_modules, set_submodule, weight_out_in
 
@@ -32,10 +39,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def low_rank_factors(delta: "torch.Tensor", rank: int | None, gate_k: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-    """``(U·S, V, V_gate)`` of the rank-``rank`` SVD of ``delta`` (``(out, in)``): ``(out, k)``, ``(in, k)``, ``(in, g)``."""
+    """``(U·S, V, V_gate)`` of the rank-``rank`` SVD of ``delta`` (``(out, in)``): ``(out, k)``, ``(in, k)``, ``(in, g)``.
+
+    The SVD runs in the tensor's precision (float32 or float64; half precisions in float32), as FusionBench's.
+    """
     import torch
 
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
     k = s.shape[0] if rank is None else min(rank, s.shape[0])
     g = min(gate_k, s.shape[0])
     dtype = delta.dtype
@@ -53,9 +64,13 @@ class Smile(AdaptiveMethod):
     @attrs.frozen
     class Config:
         target_modules: list[str] | None = option(None, help="glob patterns of the linear layers to upscale; null = every linear layer")
-        rank: int | None = option(32, help="rank k kept of each task vector's SVD (null = full rank)", validator=positive)
-        gate_k: int = option(16, help="right singular vectors per expert used for routing", validator=positive)
+        rank: int | None = option(128, help="rank k kept of each task vector's SVD (FusionBench k 128; null = full rank)", validator=positive)
+        gate_k: int = option(1, help="right singular vectors per expert used for routing (FusionBench 1)", validator=positive)
         top_k: int = option(1, help="experts mixed per input row", validator=positive)
+        others: Literal["base", "average"] = option(
+            "base", help="parameters outside the upscaled layers: 'base' (FusionBench average_experts: false) or 'average' of the "
+                         "fine-tuned models (fuse's earlier default)"
+        )
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         import torch
@@ -69,9 +84,9 @@ class Smile(AdaptiveMethod):
         targets = select_modules(base, cfg.target_modules, method=self.name, field="target_modules")
         base_params = float_params(base)
         owned = {pkey(t, p) for t, m in targets.items() for p, _ in m.named_parameters()}
-        sums = {k: torch.zeros_like(v) for k, v in base_params.items() if k not in owned}
+        sums = {k: torch.zeros_like(v) for k, v in base_params.items() if k not in owned} if cfg.others == "average" else {}
         factors: dict[str, list] = {t: [] for t in targets}
-        for name in ctx.track(names, f"SVD of task vectors ({self.name})", total=len(names)):
+        for name in progress(ctx, names, f"SVD of task vectors ({self.name})", total=len(names), unit="model"):
             model = pool.load_model(name)
             params = dict(model.named_parameters())
             with torch.no_grad():
@@ -84,9 +99,10 @@ class Smile(AdaptiveMethod):
                     bias_delta = None if bias is None else bias.detach().to(ctx.device) - module.bias
                     factors[target].append((*low_rank_factors(delta, cfg.rank, cfg.gate_k), bias_delta))
             del model, params
-        with torch.no_grad():
-            for key, total in sums.items():
-                base_params[key].copy_(total / len(names))
+        if cfg.others == "average":
+            with torch.no_grad():
+                for key, total in sums.items():
+                    base_params[key].copy_(total / len(names))
         ranks = {}
         for target, module in targets.items():
             parts = factors.pop(target)

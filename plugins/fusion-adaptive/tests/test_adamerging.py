@@ -8,6 +8,7 @@ from fusion_adaptive.adamerging import AdaMerging, entropy_objective, merge_para
 from fusion_adaptive.common import AdaptationTask, float_params, task_vector
 from torch import nn
 
+from fusion_core.config import make_config
 from fusion_core.errors import FuseError
 
 
@@ -66,10 +67,16 @@ def test_same_seed_same_result(world):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_clamp_keeps_coefficients_in_unit_interval_even_with_a_huge_step(world):
+@pytest.mark.parametrize("clamp", ["project", "forward", True])
+def test_clamp_keeps_coefficients_in_unit_interval_even_with_a_huge_step(world, clamp):
     ctx = world.ctx()
-    AdaMerging(AdaMerging.Config(steps=3, lr=5.0, granularity="task")).run(world.pool(), ctx)
+    AdaMerging(make_config(AdaMerging.Config, {"steps": 3, "lr": 5.0, "granularity": "task", "clamp": clamp})).run(world.pool(), ctx)
     assert all(0.0 <= v <= 1.0 for v in ctx.extras["adamerging"]["coefficients"].values())
+
+
+def test_adamerging_defaults_are_fusionbenchs():
+    cfg = AdaMerging.Config()
+    assert (cfg.steps, cfg.clamp, cfg.init, cfg.lr, cfg.granularity, cfg.entropy_eps) == (1000, "none", 0.3, 1e-3, "layer", 1e-8)
 
 
 def test_adaptation_steps_construct_no_module_and_no_parameter(world, monkeypatch):
@@ -118,3 +125,16 @@ def test_nan_loss_stops_with_the_step_and_no_output(world):
     taskpool.tasks["beta"] = dict(taskpool.tasks["beta"], head=NaNAfter(world.tasks["beta"]["head"], calls=3))
     with pytest.raises(FuseError, match=r"adamerging.*loss became nan at step 3; stopped, and no model was output"):
         AdaMerging(AdaMerging.Config(steps=10)).run(world.pool(), world.ctx(taskpool))
+
+
+def test_stacked_merge_equals_the_per_model_merge(world64):
+    from fusion_adaptive.adamerging import merge_stacked, stack_task_vectors
+
+    pool = world64.pool()
+    base = float_params(world64.base)
+    vectors = [task_vector(pool, n, base, method="t", device="cpu") for n in pool.model_names]
+    coefficients = torch.rand(len(vectors), len(base), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = merge_parameters(base, vectors, coefficients)
+    got = merge_stacked(base, stack_task_vectors([dict(v) for v in vectors], list(base)), coefficients)
+    for key in base:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-12)

@@ -27,10 +27,16 @@ def test_a_split_other_than_train_is_named(world):
         RegMean(RegMean.Config(split="val")).run(world.pool(), world.ctx())
 
 
-def test_fisher_without_labels_says_labels_are_missing(world):
+def test_empirical_fisher_without_labels_says_labels_are_missing(world):
     pool = MemoryPool(world.base, world.models, world.data(labelled=False))
     with pytest.raises(InputError, match=r"'fisher_merging' needs labelled batches, but the 'train' data of model 'alpha' gives a Tensor"):
-        FisherMerging().run(pool, world.ctx())
+        FisherMerging(FisherMerging.Config(estimator="empirical")).run(pool, world.ctx())
+
+
+def test_fusionbench_fisher_needs_no_labels(world):
+    pool = MemoryPool(world.base, world.models, world.data(labelled=False))
+    out = FisherMerging(FisherMerging.Config(num_examples=64)).run(pool, world.ctx(world.taskpool()))
+    assert set(out) == set(world.base.state_dict())
 
 
 def test_regmean_does_not_need_labels(world):

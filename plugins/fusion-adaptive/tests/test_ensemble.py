@@ -13,15 +13,49 @@ from fusion_core.config import make_config
 from fusion_core.errors import ConfigError, InputError
 
 
-def test_simple_ensemble_logits_are_the_mean_of_the_members_logits_through_the_head(world):
+class Constant(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out
+
+
+def test_simple_ensemble_applies_the_head_once_to_the_mean_output_by_default_as_fusionbench(world):
     ensemble = SimpleEnsemble().run(world.pool(), world.ctx())
     x = world.tasks["alpha"]["test"][0]
     head = world.tasks["alpha"]["head"]
     nonlinear = lambda f: torch.tanh(head(f)) * 3  # noqa: E731 - a head that is not affine
     with torch.no_grad():
         members = [m(x) for m in world.models.values()]
-        torch.testing.assert_close(logits(ensemble, x, nonlinear), sum(nonlinear(f) for f in members) / 3)
+        torch.testing.assert_close(logits(ensemble, x, nonlinear), nonlinear(sum(members) / 3))
         torch.testing.assert_close(ensemble(x), sum(members) / 3)  # as a plain module: the mean output
+
+
+def test_simple_ensemble_with_combine_logits_averages_the_members_logits_through_the_head(world):
+    method = SimpleEnsemble(make_config(SimpleEnsemble.Config, {"combine": "logits"}))
+    ensemble = method.run(world.pool(), world.ctx())
+    x = world.tasks["alpha"]["test"][0]
+    head = world.tasks["alpha"]["head"]
+    nonlinear = lambda f: torch.tanh(head(f)) * 3  # noqa: E731
+    with torch.no_grad():
+        members = [m(x) for m in world.models.values()]
+        torch.testing.assert_close(logits(ensemble, x, nonlinear), sum(nonlinear(f) for f in members) / 3)
+
+
+def test_max_model_predictor_default_is_the_elementwise_max_of_outputs_mappings_included():
+    a = {"pooler_output": torch.tensor([[4.0, 0.0, -1.0]]), "extra": None}
+    b = {"pooler_output": torch.tensor([[0.0, 1.0, -2.0]]), "extra": None}
+    mode, combine_at = MaxModelPredictor().ensemble_mode()
+    ensemble = EnsembleModel([Constant(a), Constant(b)], [0.5, 0.5], mode, combine_at=combine_at)
+    out = ensemble(torch.zeros(1))
+    assert set(out) == {"pooler_output"}
+    torch.testing.assert_close(out["pooler_output"], torch.tensor([[4.0, 1.0, -1.0]]))
+    head = lambda o: o["pooler_output"] * 2  # noqa: E731
+    torch.testing.assert_close(logits(ensemble, torch.zeros(1), head), torch.tensor([[8.0, 2.0, -2.0]]))
+    with pytest.raises(ValueError, match="needs combine_at='logits'"):
+        EnsembleModel([Constant(a)], [1.0], "max_probability", combine_at="outputs")
 
 
 def test_weighted_ensemble_normalises_the_weights(world):
@@ -37,15 +71,6 @@ def test_weighted_ensemble_normalises_the_weights(world):
         make_config(WeightedEnsemble.Config, {"weights": [1, -1]})
 
 
-class Constant(nn.Module):
-    def __init__(self, out):
-        super().__init__()
-        self.register_buffer("out", out)
-
-    def forward(self, x):
-        return self.out
-
-
 def test_max_model_predictor_takes_each_sample_from_its_most_confident_member():
     a = torch.tensor([[4.0, 0.0, 0.0], [0.1, 0.0, 0.2]])  # confident on sample 0
     b = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 5.0]])  # confident on sample 1
@@ -55,7 +80,7 @@ def test_max_model_predictor_takes_each_sample_from_its_most_confident_member():
 
 def test_ensembles_are_scored_by_the_task_pool_and_flagged_as_ensembles(world):
     taskpool = world.taskpool()
-    ensemble = MaxModelPredictor().run(world.pool(), world.ctx(taskpool))
+    ensemble = MaxModelPredictor(make_config(MaxModelPredictor.Config, {"rule": "max_probability"})).run(world.pool(), world.ctx(taskpool))
     results = taskpool.evaluate(ensemble)
     individual = {t: taskpool.evaluate(world.models[t], tasks=[t])[t]["accuracy"] for t in world.tasks}
     x = world.tasks["gamma"]["test"][0]

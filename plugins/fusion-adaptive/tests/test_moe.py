@@ -35,8 +35,37 @@ def test_wemoe_with_a_fixed_one_hot_route_reproduces_that_fine_tuned_model(world
             torch.testing.assert_close(model(x), world.models[name](x), rtol=1e-5, atol=1e-5)
 
 
+def test_wemoe_defaults_are_fusionbenchs_and_routers_start_normal_001(world):
+    cfg = WEMoE.Config()
+    assert (cfg.lr, cfg.steps, cfg.batch_reduce, cfg.router_init, cfg.targets, cfg.entropy_eps) == (1e-4, 1000, True, "normal", "mlp", 1e-8)
+    model = WEMoE(WEMoE.Config(steps=0)).run(world.pool(), world.ctx())
+    weights = torch.cat([m.router.net[i].weight.flatten() for m in model.modules() if isinstance(m, WeightEnsemblingMoE) for i in (0, 2)])
+    assert weights.numel() == 8 * 8 + 3 * 8 + 16 * 16 + 3 * 16  # fc1 and fc2 (no 'mlp' module here: every linear layer)
+    assert 0.008 < float(weights.std()) < 0.012 and abs(float(weights.mean())) < 2e-3
+    for m in model.modules():
+        if isinstance(m, WeightEnsemblingMoE):
+            assert torch.all(m.router.net[0].bias == 0) and torch.all(m.router.net[2].bias == 0.3)
+
+
+def test_wemoe_batch_reduce_routes_the_whole_batch_with_its_mean_weight(world):
+    model = WEMoE(WEMoE.Config(steps=0, router_hidden=0, router_init="zero_last")).run(world.pool(), world.ctx())
+    layer = model.fc1
+    x = world.tasks["alpha"]["test"][0][:6]
+    with torch.no_grad():
+        last = layer.router.net[-1]
+        last.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        w = layer.routing_weights(x).mean(dim=0)
+        merged = layer.merged_parameters(w)
+        expected = torch.nn.functional.linear(x, merged["weight"], merged["bias"])
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+        layer.batch_reduce = False  # per sample: each row with its own weights
+        per_sample = torch.stack([torch.nn.functional.linear(x[i], *layer.merged_parameters(layer.routing_weights(x[i : i + 1])[0]).values())
+                                  for i in range(6)])
+        torch.testing.assert_close(layer(x), per_sample, rtol=1e-5, atol=1e-5)
+
+
 def test_wemoe_before_training_is_task_arithmetic_with_init_lambda(world):
-    model = WEMoE(WEMoE.Config(steps=0, init_lambda=0.3)).run(world.pool(), world.ctx())
+    model = WEMoE(WEMoE.Config(steps=0, init_lambda=0.3, router_init="zero_last")).run(world.pool(), world.ctx())
     merged = copy.deepcopy(world.base)
     with torch.no_grad():
         for name, p in merged.named_parameters():

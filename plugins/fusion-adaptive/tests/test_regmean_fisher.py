@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from adaptive_fixtures import MemoryPool
-from fusion_adaptive.fisher import FisherMerging, diagonal_fisher, fisher_weighted_average
+from fusion_adaptive.fisher import FisherMerging, batch_fisher, diagonal_fisher, fisher_weighted_average, fisher_weights
 from fusion_adaptive.regmean import RegMean, RegMeanPlusPlus
 from torch import nn
 
@@ -112,6 +112,37 @@ def test_diagonal_fisher_equals_mean_squared_per_example_gradients(world64):
         torch.testing.assert_close(fisher[k], expected[k], rtol=1e-9, atol=1e-12)
 
 
+def test_batch_fisher_squares_the_gradient_of_each_batch_sum_of_sqrt_p_log_p_without_labels(world64):
+    model = world64.models["alpha"]
+    head = world64.tasks["alpha"]["head"]
+    x, _ = world64.tasks["alpha"]["train"]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batches = [x[:12], x[12:20], x[20:32]]
+    fisher, count = batch_fisher(model, params, batches, head, max_examples=20)  # 12 < 20, 20 >= 20: two batches
+    assert count == 20
+    expected = {k: torch.zeros_like(v) for k, v in params.items()}
+    for xb in batches[:2]:
+        model.zero_grad()
+        p = torch.softmax(head(model(xb)), dim=-1)
+        (p.detach().sqrt() * torch.log(p)).sum().backward()
+        for k, q in model.named_parameters():
+            expected[k] += q.grad.detach() ** 2
+    model.zero_grad()
+    for k in params:
+        torch.testing.assert_close(fisher[k], expected[k] / 20, rtol=1e-9, atol=1e-14)
+
+
+def test_fusionbench_normalisation_weighs_each_model_by_the_inverse_norm_of_its_fisher():
+    f1 = {"w": torch.tensor([3.0, 4.0], dtype=torch.float64)}  # norm 5
+    f2 = {"w": torch.tensor([0.0, 1.0], dtype=torch.float64)}  # norm 1
+    eps = 1e-6
+    w1, w2 = fisher_weights(f1, "fusionbench", eps)["w"], fisher_weights(f2, "fusionbench", eps)["w"]
+    torch.testing.assert_close(w1, (f1["w"] + eps) / (5 + eps))
+    torch.testing.assert_close(w2, (f2["w"] + eps) / (1 + eps))
+    torch.testing.assert_close(fisher_weights(f1, "divide", eps)["w"], f1["w"] / 5 + eps)
+    torch.testing.assert_close(fisher_weights(f1, "none", eps)["w"], f1["w"] + eps)
+
+
 class WithUnused(nn.Module):
     def __init__(self):
         super().__init__()
@@ -128,7 +159,7 @@ def test_fisher_merging_uses_fisher_weights_and_averages_parameters_without_grad
     g = torch.Generator().manual_seed(1)
     data = {(n, "train"): [(torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))] for n in models}
     pool = MemoryPool(None, models, data)
-    out = FisherMerging(FisherMerging.Config(normalize=False, min_fisher=0.0, num_batches=None)).run(pool, ctx())
+    out = FisherMerging(FisherMerging.Config(estimator="empirical", normalize=False, min_fisher=0.0, num_batches=None)).run(pool, ctx())
     torch.testing.assert_close(out["unused.weight"], (models["a"].unused.weight + models["b"].unused.weight).detach() / 2)
     fishers, params = [], []
     for n, m in models.items():

@@ -117,7 +117,7 @@ def task_arithmetic_report(clip_assets):
 
 @pytest.mark.parametrize("method", ["regmean", "fisher_merging", "smile"])
 def test_merging_one_model_reproduces_its_scores(clip_assets, clip_ref, method):
-    fields = {"name": method, **({"rank": None} if method == "smile" else {})}  # smile: one full-rank expert
+    fields = {"name": method, **({"rank": None, "others": "average"} if method == "smile" else {})}  # smile: one full-rank expert
     report = run(clip_config(clip_assets, fields, names=["animals"], evaluate_inputs=True))
     merged, own = report["results"]["merged"]["animals"], report["results"]["individual"]["animals"]
     clip, tasks = clip_ref
@@ -141,7 +141,7 @@ def test_fisher_merging_equals_the_fisher_of_the_zero_shot_head(clip_assets, cli
 
     eps = 1e-8
     pool, taskpool = pools(clip_config(clip_assets, {"name": "fisher_merging"}))
-    method = FisherMerging(FisherMerging.Config(normalize=False, min_fisher=eps, num_batches=None))
+    method = FisherMerging(FisherMerging.Config(estimator="empirical", normalize="none", min_fisher=eps, num_examples=None))
     merged = method.run(pool, RunContext(show_progress=False, taskpool=taskpool))
     clip, tasks = clip_ref
     num, den = {}, {}
@@ -217,7 +217,8 @@ def entropy_of_task_arithmetic(clip_assets, clip_ref, batch: int) -> float:
 @pytest.mark.parametrize("method", ["adamerging", "wemoe"])
 def test_test_time_adaptation_starts_at_task_arithmetic(clip_assets, clip_ref, task_arithmetic_report, method):
     """At 0 steps AdaMerging (λ = init) and WEMoE (routers = init) are task arithmetic; step 1's loss is its test entropy."""
-    start = {"name": "adamerging", "granularity": "task", "init": TA_LAMBDA} if method == "adamerging" else {"name": "wemoe", "init_lambda": TA_LAMBDA}
+    start = {"name": "adamerging", "granularity": "task", "init": TA_LAMBDA} if method == "adamerging" else \
+        {"name": "wemoe", "init_lambda": TA_LAMBDA, "router_init": "zero_last"}
     zero = run(clip_config(clip_assets, {**start, "steps": 0}, data=False))
     for task in BOTH:
         expected = task_arithmetic_report["results"]["merged"][task]
@@ -231,8 +232,21 @@ def test_test_time_adaptation_starts_at_task_arithmetic(clip_assets, clip_ref, t
             assert abs(value - TA_LAMBDA) == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_simple_ensemble_scores_the_mean_of_the_members_logits(clip_assets, clip_ref):
+def test_simple_ensemble_scores_the_head_on_the_mean_pooled_output_as_fusionbench(clip_assets, clip_ref):
     report = run(clip_config(clip_assets, {"name": "simple_ensemble"}, data=False))
+    clip, tasks = clip_ref
+    members = [vision(clip_assets, n) for n in BOTH]
+    for task in BOTH:
+        pixels, labels, text = tasks[task]
+        with torch.no_grad():
+            pooled = sum(m(pixel_values=pixels).pooler_output for m in members) / len(members)
+            feats = clip.visual_projection(pooled)
+            logits = (feats / feats.norm(dim=-1, keepdim=True)) @ text.T
+        assert_scores(report["results"]["merged"][task], *scores(logits, labels))
+
+
+def test_simple_ensemble_with_combine_logits_scores_the_mean_of_the_members_logits(clip_assets, clip_ref):
+    report = run(clip_config(clip_assets, {"name": "simple_ensemble", "combine": "logits"}, data=False))
     clip, tasks = clip_ref
     members = [vision(clip_assets, n) for n in BOTH]
     for task in BOTH:
@@ -435,3 +449,26 @@ def test_text_ensemble_scores_the_mean_of_the_members_logits(text_assets, text_p
     mean = sum(text_logits(m, tokenizer, TEST) for m in members) / 2
     for task, labels in text_labels(text_pool).items():
         assert_scores(report["results"]["merged"][task], *scores(mean, labels))
+
+
+def test_regmean_plusplus_merges_clip_block_by_block_keeping_post_layernorm_at_the_base(clip_assets):
+    """FusionBench's RegMean++: blocks in order, embeddings and pre-norm averaged, modules after the blocks at the base."""
+    from fusion_adaptive.regmean import RegMeanPlusPlus
+    from transformers import CLIPVisionModel
+
+    from fusion_core.run_context import RunContext
+
+    pool, taskpool = pools(clip_config(clip_assets, {"name": "regmean_plusplus"}))
+    ctx = RunContext(show_progress=False, taskpool=taskpool)
+    merged = RegMeanPlusPlus(RegMeanPlusPlus.Config()).run(pool, ctx)
+    extras = ctx.extras["regmean_plusplus"]
+    assert extras["granularity"] == "block" and extras["blocks"] == ["encoder.layers.0", "encoder.layers.1"]
+    base = CLIPVisionModel.from_pretrained(clip_assets["base"]).state_dict()
+    models = [vision(clip_assets, n).state_dict() for n in BOTH]
+    for key in ("post_layernorm.weight", "post_layernorm.bias"):
+        torch.testing.assert_close(merged[key], base[key])
+        assert sorted(extras["kept_at_base"]) == ["post_layernorm.bias", "post_layernorm.weight"]
+    for key in ("embeddings.class_embedding", "pre_layrnorm.weight", "encoder.layers.1.layer_norm1.weight"):
+        torch.testing.assert_close(merged[key], sum(m[key] for m in models) / 2)
+    key = "encoder.layers.1.mlp.fc1.weight"
+    assert (merged[key] - sum(m[key] for m in models) / 2).abs().max() > 1e-3  # solved, not averaged

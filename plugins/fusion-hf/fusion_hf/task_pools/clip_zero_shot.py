@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from fusion_core.config import option, positive
-from fusion_core.errors import ConfigError, InputError
+from fusion_core.errors import ConfigError, InputError, did_you_mean
 
 from ..data import DatasetFields
 from .common import HFTaskPool, label_names, label_range
@@ -34,7 +34,8 @@ class ClipTaskFields(DatasetFields):
 @attrs.frozen
 class ClipZeroShotConfig:
     clip_model: str | dict[str, Any] = option(help="The full CLIP model whose text tower and processor build the heads: hub id, folder or {path, revision}.")
-    tasks: dict[str, dict[str, Any]] = option(factory=dict, help="Tasks {name: {dataset, split, config, data_files, image_column, label_column, class_names, templates}}.")
+    tasks: dict[str, dict[str, Any]] = option(factory=dict, help="Tasks {name: {dataset, split, config, data_files, image_column, label_column, class_names, templates}}; "
+                                                                "{fusionbench: <dataset>} fills them with FusionBench's dataset, class names and templates (e.g. sun397; other fields override).")
     templates: list[str] = option(factory=lambda: list(DEFAULT_TEMPLATES), help="Default prompt templates ('{}' is the class name).")
     batch_size: int = option(64, help="Images per batch.", validator=positive)
     cache_dir: str | None = option(None, help="Cache folder for models and datasets (default: HF_HOME's).")
@@ -66,6 +67,18 @@ class ClipZeroShot(HFTaskPool):
         self._clip = None
         self._heads: dict[tuple[str, str], Any] = {}
         self._classifiers: dict[str, ClipHead] = {}
+
+    def task_fields(self, name: str, fields: dict) -> dict:
+        """``{fusionbench: <dataset>, ...}`` expanded with FusionBench's dataset, class names and templates (given fields win)."""
+        preset = fields.get("fusionbench")
+        if preset is None:
+            return fields
+        from .. import fusionbench
+
+        known = fusionbench.clip_tasks()["datasets"]
+        if preset not in known:
+            raise ConfigError(f"taskpool.tasks.{name}.fusionbench: unknown FusionBench dataset {preset!r}{did_you_mean(str(preset), known)}")
+        return {**fusionbench.task_spec(preset), **{k: v for k, v in fields.items() if k != "fusionbench"}}
 
     def columns(self, spec) -> list[str]:
         return [spec.image_column, spec.label_column]

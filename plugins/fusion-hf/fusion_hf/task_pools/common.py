@@ -23,9 +23,14 @@ class HFTaskPool(TaskPool):
     model_field: ClassVar[str] = "tokenizer"
     """The config field naming the companion model/tokenizer (hub id or folder)."""
 
+    def task_fields(self, name: str, fields: dict) -> dict:
+        """A task's fields as given in the config, before they are checked (subclasses expand presets here)."""
+        return fields
+
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        self.specs = {name: make_config(self.TaskFields, fields, where=f"taskpool.tasks.{name}") for name, fields in self.config.tasks.items()}
+        self.specs = {name: make_config(self.TaskFields, self.task_fields(name, fields), where=f"taskpool.tasks.{name}")
+                      for name, fields in self.config.tasks.items()}
         value = getattr(self.config, self.model_field)
         self.companion: ModelSource = parse_entry(self.model_field, value)
         self._data: dict[str, Any] = {}

@@ -1,0 +1,63 @@
+"""Progress of long loops: plain lines (done, rate, ETA) off a terminal, and an up-front estimate after a few steps."""
+
+from __future__ import annotations
+
+import io
+
+from fusion_adaptive.common import ESTIMATE_AFTER, progress
+
+from fusion_core.run_context import RunContext
+
+
+class Clock:
+    """Each step takes 2 s (6 s for the first three): the estimate is made from those."""
+
+    def __init__(self) -> None:
+        self.now, self.calls = 0.0, 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls > 1:
+            self.now += 6.0 if self.calls <= ESTIMATE_AFTER + 1 else 2.0
+        return self.now
+
+
+def test_plain_lines_when_not_a_terminal_with_rate_eta_and_an_estimate_after_three_steps():
+    out = io.StringIO()
+    items = list(progress(RunContext(show_progress=True), range(10), "adapting (x)", total=10, out=out, clock=Clock()))
+    assert items == list(range(10))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "adapting (x): 2/10 steps, 0.167/s, ETA 48.0 s"  # 12 s after the start: 10 s since the last line
+    assert lines[1] == "adapting (x): estimate 60.0 s for 10 steps (6.0 s per step, from the first 3)"
+    assert lines[-1].startswith("adapting (x): 10/10 steps, ") and lines[-1].endswith("ETA 0.0 s")
+
+
+def test_no_output_when_progress_is_off():
+    out = io.StringIO()
+    assert list(progress(RunContext(show_progress=False), range(5), "x", total=5, out=out, clock=Clock())) == list(range(5))
+    assert out.getvalue() == ""
+
+
+class Counting:
+    """A re-iterable source that counts its passes (as a task pool that encodes its test split on every pass)."""
+
+    def __init__(self, batches) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def test_test_batches_are_encoded_once_when_they_fit_and_re_read_otherwise():
+    import itertools
+
+    import torch
+    from fusion_adaptive.common import cached_cycle
+
+    source = Counting([torch.zeros(4, 3), torch.ones(4, 3)])
+    got = list(itertools.islice(cached_cycle(source), 7))
+    assert source.passes == 1 and [float(b[0, 0]) for b in got] == [0, 1, 0, 1, 0, 1, 0]
+    big = Counting([torch.zeros(4, 3), torch.ones(4, 3)])
+    got = list(itertools.islice(cached_cycle(big, budget=60), 7))  # one batch is 48 bytes: the pass does not fit
+    assert big.passes >= 4 and [float(b[0, 0]) for b in got] == [0, 1, 0, 1, 0, 1, 0]
