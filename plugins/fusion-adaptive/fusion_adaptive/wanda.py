@@ -1,0 +1,156 @@
+"""Wanda pruning (Sun et al., 2023): zero the weights with the smallest |W|·‖X‖, row by row.
+
+For a linear layer with weight ``W`` ``(out, in)`` and calibration inputs ``X`` (every row that
+reaches the layer), the score of ``W_ij`` is ``|W_ij| · ‖X_{:,j}‖₂``.  The masks are those of
+:mod:`fusion_merging.pruning` (FusionBench 0.2.33 ``WandaPruningForLlama`` with
+``prune_utils``): per row, the ⌊in·sparsity_ratio⌋ lowest scores (``unstructured``) or the
+``n`` lowest of every ``m`` consecutive weights (``semistructured``).  The column norms are
+collected with RegMean's forward-hook collector (:class:`fusion_adaptive.regmean.GramCollector`,
+keeping only the diagonal ``Σ x_j²``).
+
+FusionBench prunes the transformer blocks one after the other: the inputs of block ``l`` come
+through the blocks ``< l`` already pruned (``sequential: true``, here as one forward pass of the
+model per block — identical inputs); ``sequential: false`` scores every layer on the dense
+model.  The calibration inputs are the pool's own batches (``ModelPool.data(model, split)``, of
+every model in the pool) where FusionBench reads 128 C4 sequences; the model pruned is the
+pool's base (FusionBench's pretrained model), or without one its only model.  FusionBench divides
+``Σ x²`` by the number of sequences; a constant factor per layer does not change any mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from fusion_core.components import Capabilities
+from fusion_core.config import option, positive
+from fusion_core.errors import InputError
+from fusion_merging.pruning import PruneConfig
+
+from .common import AdaptiveMethod, note, prepare, progress, tied_aliases, to_device
+from .modules import key as pkey
+from .modules import linear_layers, transposed, weight_out_in
+from .regmean import GramCollector, batch_inputs, find_blocks
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fusion_core.components import ModelPool
+    from fusion_core.run_context import RunContext
+
+
+class SquaredNormCollector(GramCollector):
+    """RegMean's input collector keeping only ``Σ x_j²`` per input feature (``mean_gram`` → ``Σx²/rows``)."""
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            sq = (x * x).sum(dim=0)
+            self.grams[name] = self.grams[name] + sq if name in self.grams else sq
+            self.rows[name] += int(x.shape[0])
+
+        return hook
+
+    def column_norms(self, name: str) -> "torch.Tensor | None":
+        """``‖X_{:,j}‖₂`` over every row seen (``None`` when no input reached the layer)."""
+        return None if self.rows[name] == 0 else self.grams[name].sqrt()
+
+
+def wanda_scores(weight_out_in: "torch.Tensor", column_norms: "torch.Tensor") -> "torch.Tensor":
+    """``|W_ij| · ‖X_j‖`` for a weight ``(out, in)`` and the input column norms ``(in,)``."""
+    return weight_out_in.abs() * column_norms.reshape(1, -1).to(weight_out_in.dtype)
+
+
+class WandaPruning(AdaptiveMethod):
+    """Prune linear layers by |W|·‖X‖ with calibration inputs from the pool (unstructured or N:M)."""
+
+    name = "wanda_pruning"
+    summary = "Wanda: prunes linear layers by |W|·‖X‖ (inputs from the pool's data), per row or n of every m; block by block."
+    reference_url = "https://arxiv.org/abs/2306.11695"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_data=True)
+    min_models: ClassVar[int] = 0
+
+    @attrs.frozen
+    class Config(PruneConfig):
+        num_batches: int | None = option(8, help="calibration batches read per model of the pool (null = all); FusionBench: "
+                                                 "128 C4 sequences", validator=positive)
+        split: str = option("train", help="the model pool's data split whose inputs calibrate (labels are not used)")
+        sequential: bool = option(True, help="score block l on inputs through the already pruned blocks < l (FusionBench); "
+                                             "false: every layer on the dense model's inputs")
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        super().check_inputs(n_models, has_base)
+        if not has_base and n_models != 1:
+            raise InputError(f"method {self.name!r} prunes one model: give the pool a base or exactly one model, got "
+                             f"{n_models} model(s) and no base")
+        if n_models == 0:
+            raise InputError(f"method {self.name!r} reads calibration inputs from the pool's models' data; the pool has no model")
+
+    def _batches(self, pool: "ModelPool", ctx: "RunContext") -> list:
+        from fusion_core.adapters import require_data
+
+        out = []
+        for name in pool.model_names:
+            data: Iterable = require_data(pool, name, self.config.split, method=self.name)
+            for index, batch in enumerate(data):
+                if self.config.num_batches is not None and index >= self.config.num_batches:
+                    break
+                out.append(to_device(batch_inputs(batch), ctx.device))
+        if not out:
+            raise InputError(f"method {self.name!r}: the {self.config.split!r} data of the pool gave no batches")
+        return out
+
+    def _groups(self, model: Any, layers: dict[str, Any]) -> list[list[str]]:
+        """The layers pruned together: one group per block (in block order) with ``sequential``, else one group."""
+        if not self.config.sequential:
+            return [list(layers)]
+        blocks = find_blocks(model)
+        groups: dict[str, list[str]] = {}
+        for name in layers:
+            owner = next((b for b in blocks if name.startswith(b + ".")), name)
+            groups.setdefault(owner, []).append(name)
+        order = {b: i for i, b in enumerate(blocks)}
+        return [groups[k] for k in sorted(groups, key=lambda k: (order.get(k, -1), list(groups).index(k)))]
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+        import torch
+
+        from fusion_merging.pruning import pruned_mask, selected
+
+        cfg = self.config
+        batches = self._batches(pool, ctx)
+        model = prepare(pool.load_model(None if pool.has_base else pool.model_names[0]), ctx.device)
+        layers = {n: m for n, m in linear_layers(model).items() if selected(pkey(n, "weight"), m.weight, cfg)}
+        if not layers:
+            raise InputError(f"method {self.name!r}: no linear layer matches include={cfg.include!r} / exclude={cfg.exclude!r}; "
+                             f"layers: {', '.join(list(linear_layers(model))[:10])}")
+        sparsity, unreached = {}, []
+        groups = self._groups(model, layers)
+        for group in progress(ctx, groups, f"pruning ({self.name})", total=len(groups), unit="block"):
+            targets = {n: layers[n] for n in group}
+            dtype = torch.float64 if any(m.weight.dtype == torch.float64 for m in targets.values()) else torch.float32
+            with SquaredNormCollector(targets, with_bias=False, dtype=dtype) as norms, torch.no_grad():
+                for inputs in batches:
+                    pool.forward(model, inputs)
+            with torch.no_grad():
+                for n, module in targets.items():
+                    col = norms.column_norms(n)
+                    if col is None:
+                        unreached.append(n)
+                        continue
+                    w = weight_out_in(module)
+                    mask = pruned_mask(wanda_scores(w, col), cfg)
+                    module.weight.masked_fill_(mask.t() if transposed(module) else mask, 0)
+                    sparsity[n] = float((module.weight == 0).float().mean())
+        note(ctx, self.name, layers_pruned=len(sparsity), layers_without_inputs=unreached, sparsity=sparsity,
+             calibration_batches=len(batches))
+        out = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        for alias, source in tied_aliases(model).items():
+            out[alias] = out[source]
+        return out
+
+
+METHODS = [WandaPruning]
