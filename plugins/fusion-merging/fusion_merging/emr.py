@@ -1,0 +1,110 @@
+"""EMR-Merging: Elect, Mask & Rescale (Huang et al., 2024, arXiv 2405.17461).
+
+With task vectors ``τ_t = θ_t − θ₀`` (FusionBench 0.2.33 ``emr_merging/utils.emr_merge``):
+
+- **elect**: the unified sign ``γ = sign(Σ_t τ_t)``, a zero sum counting as −1 (FusionBench's
+  ``(x > 0)·2 − 1``), and the unified task vector ``τ_uni = γ ⊙ max_t |τ_t|`` over the tasks
+  whose entry agrees with γ (``τ_t·γ > 0``; 0 where none agrees);
+- **mask**: per task ``M_t = (τ_t ⊙ γ > 0)``;
+- **rescale**: per task ``λ_t = Σ_tensors mean|τ_t| / Σ_tensors mean|M_t ⊙ τ_uni|`` (sums over
+  tensors of per-tensor means, as FusionBench).
+
+Task ``t``'s model is ``θ₀ + λ_t · M_t ⊙ τ_uni``.  This method writes the unified model
+``θ₀ + τ_uni`` and records the modulators' summary (``λ_t`` and each mask's density) in the run
+report's ``method_extras``; the masks themselves are one bit per weight per task and are not
+kept.  fuse's task pools score one model on every task, so the per-task modulated models are
+not evaluated (FusionBench's ``EMRModulatedModel`` switches modulators per task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from fusion_core.engine.kernel import KernelContext
+
+from .task_arithmetic import _TaskVectorMethod, task_vectors
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fusion_core.components import ModelPool
+    from fusion_core.run_context import RunContext
+
+
+def emr_elect(deltas: Sequence["torch.Tensor"]) -> tuple["torch.Tensor", list["torch.Tensor"]]:
+    """``(τ_uni, [M_t])`` of one tensor: elected sign (zero sum → −1), agreeing masks, largest agreeing magnitude."""
+    import torch
+
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total += d
+    gamma = torch.where(total > 0, 1.0, -1.0).to(total.dtype)
+    masks = [d * gamma > 0 for d in deltas]
+    largest = torch.zeros_like(total)
+    for d, m in zip(deltas, masks, strict=True):
+        largest = torch.maximum(largest, (d * m).abs())
+    return largest * gamma, masks
+
+
+class _Rescalers:
+    """Running Σ over tensors of mean|τ_t| and mean|M_t ⊙ τ_uni|, per task."""
+
+    def __init__(self) -> None:
+        self.task: list[float] = []
+        self.masked: list[float] = []
+        self.kept: list[int] = []
+        self.entries = 0
+
+    def add(self, deltas: Sequence["torch.Tensor"], unified: "torch.Tensor", masks: Sequence["torch.Tensor"]) -> None:
+        if not self.task:
+            self.task.extend([0.0] * len(deltas))
+            self.masked.extend([0.0] * len(deltas))
+            self.kept.extend([0] * len(deltas))
+        for i, (d, m) in enumerate(zip(deltas, masks, strict=True)):
+            self.task[i] += float(d.abs().mean())
+            self.masked[i] += float((unified * m).abs().mean())
+            self.kept[i] += int(m.sum())
+        self.entries += unified.numel()
+
+    def summary(self, names: Sequence[str]) -> dict[str, Any]:
+        return {
+            "rescalers": {n: (t / m if m else float("nan")) for n, t, m in zip(names, self.task, self.masked, strict=True)},
+            "mask_density": {n: k / max(1, self.entries) for n, k in zip(names, self.kept, strict=True)},
+        }
+
+
+class EmrMerging(_TaskVectorMethod):
+    """EMR-Merging: the unified task vector (elect), with per-task masks and rescalers summarised in the report."""
+
+    name = "emr_merging"
+    summary = "EMR-Merging: elected sign, largest agreeing magnitude (θ₀ + τ_uni); per-task masks and rescalers reported."
+    reference_url = "https://arxiv.org/abs/2405.17461"
+    elementwise = False  # the rescalers average whole tensors
+
+    @attrs.frozen
+    class Config:
+        """FusionBench 0.2.33 ``emr_merging.yaml`` has no parameters; neither has this."""
+
+    _stats: _Rescalers | None = None
+
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        deltas = task_vectors(base, tensors)
+        unified, masks = emr_elect(deltas)
+        if self._stats is not None:
+            self._stats.add(deltas, unified, masks)
+        return base + unified
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
+        self._stats = _Rescalers()
+        try:
+            merged = super().run(pool, ctx)
+            ctx.extras.setdefault(self.name, {}).update(self._stats.summary(list(pool.model_names)))
+        finally:
+            self._stats = None
+        return merged
+
+
+METHODS = [EmrMerging]
