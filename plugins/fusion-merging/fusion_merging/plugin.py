@@ -32,8 +32,10 @@ def fusion_register_recipe_formats(register):
 
 @fusion_core.hookimpl
 def fusion_register_commands(cli):
+    from .analyze import analyze_group
     from .extract_lora import extract_lora_command
     from .moe import moe_command
 
     cli.add_command(extract_lora_command)
     cli.add_command(moe_command)
+    cli.add_command(analyze_group)
