@@ -23,11 +23,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
+from fusion_merging.pruning import PruneConfig
 
 from fusion_core.components import Capabilities
 from fusion_core.config import option, positive
 from fusion_core.errors import InputError
-from fusion_merging.pruning import PruneConfig
 
 from .common import AdaptiveMethod, note, prepare, progress, tied_aliases, to_device
 from .modules import key as pkey
@@ -117,7 +117,6 @@ class WandaPruning(AdaptiveMethod):
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch
-
         from fusion_merging.pruning import pruned_mask, selected
 
         cfg = self.config

@@ -109,8 +109,6 @@ def analyze(base: "TensorReader", models: Sequence["TensorReader"], names: Seque
     Floating-point tensors of the base are read one at a time (every model must have each one, with
     the same shape); tied copies are counted once.  ``group=None`` gives one row per tensor.
     """
-    import torch
-
     if len(models) < 2:
         raise InputError("analyze task-vectors needs at least two models besides the base (--model M1 --model M2)")
     aliases = base.aliases()

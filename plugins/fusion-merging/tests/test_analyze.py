@@ -30,7 +30,7 @@ D = with_tau([0.0, 2.0, 0.0, 0.0], [3.0, 0.0, 0.0], 0.0)    # orthogonal to A
 
 def run(*models, names="ABCD", group=an.block_of):
     names = list(names[: len(models)])
-    return an.analyze(StateDictReader(BASE), [StateDictReader(m, label=n) for m, n in zip(models, names)], names, group=group)
+    return an.analyze(StateDictReader(BASE), [StateDictReader(m, label=n) for m, n in zip(models, names, strict=True)], names, group=group)
 
 
 def test_cosines_identical_opposite_orthogonal():
