@@ -125,6 +125,7 @@ def test_wanda_block_by_block(parity_row, prune_type):
 
 def test_emr_merging(parity_row):
     from fusion_bench.method.emr_merging.utils import emr_merge
+    from fusion_merging.emr import EmrMerging
 
     from fusion_core.run_context import RunContext
 
@@ -137,13 +138,9 @@ def test_emr_merging(parity_row):
         unified, _, rescalers = emr_merge(taus)
         expected = {k: b[k] + v for k, v in unified.items()}
         worst = max(worst, max_abs_diff(expected, got))
-        from fusion_merging.emr import EmrMerging
 
         ctx = RunContext(show_progress=False)
-        pool = Pool(base, {f"m{i}": m for i, m in enumerate(experts)}, {})
-        pool.reader = lambda name, _p=pool: __import__("fusion_core.engine.readers", fromlist=["x"]).StateDictReader(
-            state(_p.load_model(name)))
-        EmrMerging(EmrMerging.Config()).run(pool, ctx)
+        EmrMerging(EmrMerging.Config()).run(Pool(base, {f"m{i}": m for i, m in enumerate(experts)}, {}), ctx)
         ours_scales = list(ctx.extras["emr_merging"]["rescalers"].values())
         worst = max(worst, max(abs(a - float(e)) / max(1.0, abs(float(e))) for a, e in zip(ours_scales, rescalers, strict=True)))
     parity_row("emr_merging", PEER, "fusionbench", worst,
