@@ -159,7 +159,7 @@ class RandomPruning(_Pruning):
 
     name = "random_pruning"
     summary = "Prunes linear layers at random (seeded per tensor), with the same per-row counts as magnitude pruning."
-    reference_url = "https://arxiv.org/abs/2306.11695"
+    reference_url = "https://github.com/tanganke/fusion_bench/blob/main/fusion_bench/method/pruning/llama_random_prune.py"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False, random=True)
 
     def scores(self, target: "torch.Tensor", ctx: KernelContext) -> "torch.Tensor":
