@@ -14,8 +14,9 @@ weights, relevant to one task, and "catastrophic" ones, relevant to none), then 
     θ = θ₀ + α · (Σ_t m_t ≥ k) ⊙ Σ_t τ_t        (consensus task arithmetic)
 
 Each entry is decided on its own, so the kernel is element-wise (the engine may hand it row
-blocks).  FusionBench 0.2.33 has TALL masks (``TallMaskTaskArithmeticAlgorithm``: one
-reconstructed model per task, θ₀ + m_t ⊙ τ_MTL) but no consensus method; its
+blocks).  ``tall_masks`` returns the per-task reconstructions θ₀ + m_t ⊙ τ_MTL (one model per task,
+each scored on every task).  FusionBench 0.2.33 has TALL masks (``TallMaskTaskArithmeticAlgorithm``,
+the same reconstructions) but no consensus method; its
 ``TallMaskTaskArithmeticAlgorithm`` passes the pretrained *weights* where the pretrained task
 vector (zero) belongs, so it compares ``|θ₀ − τ_t|`` rather than ``|τ_t|`` (a peer defect; the
 masks here follow ``generate_task_masks`` in ``tall_mask/utils.py`` and the paper).
@@ -24,10 +25,11 @@ masks here follow ``generate_task_masks`` in ``tall_mask/utils.py`` and the pape
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
+from fusion_core.components import Capabilities, Method
 from fusion_core.config import in_range, option
 from fusion_core.engine.kernel import KernelContext
 
@@ -35,6 +37,9 @@ from .task_arithmetic import _TaskVectorMethod, add_scaled, linear_merge, task_v
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from fusion_core.components import ModelPool
+    from fusion_core.run_context import RunContext
 
 
 def tall_masks(deltas: Sequence["torch.Tensor"], tall_mask_lambda: float) -> list["torch.Tensor"]:
@@ -55,6 +60,14 @@ def consensus_mask(masks: Sequence["torch.Tensor"], min_agreement: int) -> "torc
     return count >= min_agreement
 
 
+def _lambda_option():
+    return option(
+        0.6, help="λ of the TALL masks |τ_t| > λ·|τ_MTL − τ_t| (FusionBench tall_mask/task_arithmetic.yaml: 0.6; "
+                  "the paper picks it per task from 0.2…0.6 on validation data)",
+        validator=in_range(0.0),
+    )
+
+
 class ConsensusTaskArithmetic(_TaskVectorMethod):
     """Task arithmetic restricted to the entries that at least k TALL masks keep."""
 
@@ -65,11 +78,7 @@ class ConsensusTaskArithmetic(_TaskVectorMethod):
 
     @attrs.frozen
     class Config:
-        tall_mask_lambda: float = option(
-            0.6, help="λ of the TALL masks |τ_t| > λ·|τ_MTL − τ_t| (FusionBench tall_mask/task_arithmetic.yaml: 0.6; "
-                      "the paper picks it per task from 0.2…0.6 on validation data)",
-            validator=in_range(0.0),
-        )
+        tall_mask_lambda: float = _lambda_option()
         min_agreement: int = option(
             2, help="k: keep entries that at least k task masks keep (the paper's consensus uses k = 2; k = 1 only drops "
                     "weights no task needs; k = 0 keeps everything = task arithmetic)",
@@ -86,4 +95,49 @@ class ConsensusTaskArithmetic(_TaskVectorMethod):
         return add_scaled(base, merged, self.config.scaling_factor)
 
 
-METHODS = [ConsensusTaskArithmetic]
+class TallMasks(Method):
+    """TALL masks as compression: one model per task, θ₀ + m_t ⊙ τ_MTL (FusionBench ``TallMaskTaskArithmeticAlgorithm``)."""
+
+    name = "tall_masks"
+    summary = "TALL masks: one model per task, θ₀ + m_t ⊙ Σ τ with m_t = |τ_t| > λ·|Σ τ − τ_t|; each scored on every task."
+    reference_url = "https://arxiv.org/abs/2405.07813"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, output="models")
+    min_models: ClassVar[int] = 1
+
+    @attrs.frozen
+    class Config:
+        tall_mask_lambda: float = _lambda_option()
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, dict[str, Any]]:
+        """``{task: state dict}``, tensor by tensor from the pool's readers (every task model is held, as FusionBench)."""
+        import torch
+
+        names = list(pool.model_names)
+        base = pool.reader(None)
+        readers = [pool.reader(n) for n in names]
+        dtype = getattr(torch, ctx.compute_dtype)
+        out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+        kept, entries = [0] * len(names), 0
+        try:
+            for key in base.keys():
+                b = base.get(key)
+                if not b.is_floating_point():
+                    for n in names:
+                        out[n][key] = b
+                    continue
+                b = b.to(dtype)
+                taus = [r.get(key).to(dtype) - b for r in readers]
+                masks = tall_masks(taus, self.config.tall_mask_lambda)
+                total = linear_merge(taus, [1.0] * len(taus))
+                for i, (n, m) in enumerate(zip(names, masks, strict=True)):
+                    out[n][key] = b + total * m
+                    kept[i] += int(m.sum())
+                entries += b.numel()
+        finally:
+            for reader in [base, *readers]:
+                reader.close()
+        ctx.extras.setdefault(self.name, {}).update(mask_density={n: k / max(1, entries) for n, k in zip(names, kept, strict=True)})
+        return out
+
+
+METHODS = [ConsensusTaskArithmetic, TallMasks]

@@ -52,3 +52,29 @@ def test_defaults_and_that_k_zero_is_task_arithmetic():
     base, taus = torch.randn(6, 5, generator=g), [torch.randn(6, 5, generator=g) for _ in range(4)]
     out = merge(base, taus, min_agreement=0)
     torch.testing.assert_close(out, base + 0.3 * sum(taus))
+
+
+def test_tall_masks_gives_one_model_per_task_and_the_program_scores_each():
+    from fusion_merging.consensus import TallMasks
+
+    from fusion_core.engine.readers import StateDictReader
+    from fusion_core.run_context import RunContext
+
+    base = T([1.0, 1.0, 1.0, 1.0])
+
+    class Pool:
+        model_names = ["a", "b", "c"]
+
+        def reader(self, name):
+            tensors = {"w": base, "step": T([7])} if name is None else {"w": base + TAUS["abc".index(name)], "step": T([7])}
+            return StateDictReader(tensors)
+
+    ctx = RunContext(show_progress=False)
+    out = TallMasks(TallMasks.Config(tall_mask_lambda=0.5)).run(Pool(), ctx)
+    # θ₀ + m_t ⊙ τ_MTL with τ_MTL = [4, 0.5, 4, 2] and the masks of test_tall_masks_hand_worked
+    assert out["a"]["w"].tolist() == [5.0, 1.5, 1.0, 3.0]
+    assert out["b"]["w"].tolist() == [1.0, 1.5, 1.0, 1.0]
+    assert out["c"]["w"].tolist() == [1.0, 1.5, 5.0, 3.0]
+    assert out["a"]["step"].tolist() == [7]  # integer tensors are the base's
+    assert ctx.extras["tall_masks"]["mask_density"] == {"a": 3 / 4, "b": 1 / 4, "c": 3 / 4}
+    assert TallMasks.capabilities.output == "models"
