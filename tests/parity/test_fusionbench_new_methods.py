@@ -192,3 +192,26 @@ def test_task_vector_cosine(parity_row, tmp_path):
     parity_row("analyze task-vectors", PEER, "fusionbench", diff,
                "TaskVectorCosSimilarity.run on tiny CLIP vision (its CSV; it subtracts in the stored fp32, fuse in fp64)")
     assert diff <= TOL
+
+
+def test_tall_masks_reconstructions(parity_row):
+    from fusion_bench.method.tall_mask import TallMaskTaskArithmeticAlgorithm
+    from fusion_merging.consensus import TallMasks
+    from parity_kit import fusionbench_pool
+
+    from fusion_core.run_context import RunContext
+
+    base, experts = toy_models(3)
+    try:
+        result = TallMaskTaskArithmeticAlgorithm(tall_mask_lambda=0.6).run(fusionbench_pool(base, experts))
+    except TypeError:  # its strict state-dict type check: Parameters (keep_vars=True) mixed with Tensors
+        parity_row("tall_masks", PEER, "fusionbench", None,
+                   "peer crashes: TallMaskTaskArithmeticAlgorithm.run raises TypeError 'Tensor type mismatch … expected Parameter, "
+                   "got Tensor' (its own state-dict type check); its masks would also "
+                   "compare |θ₀ − τ_t| (the pretrained weights) where its tall_mask/utils.py and the paper use |τ_t|; the masks "
+                   "are compared with utils.generate_task_masks (row consensus_ta)")
+        return
+    pool = Pool(base, {f"model_{i}": m for i, m in enumerate(experts)}, {})
+    got = TallMasks(TallMasks.Config(tall_mask_lambda=0.6)).run(pool, RunContext(show_progress=False))
+    diff = max(max_abs_diff(state(model), got[name]) for name, model in result["models"].items())
+    parity_row("tall_masks", PEER, "fusionbench", diff, "TallMaskTaskArithmeticAlgorithm on toy models (N=3)")
