@@ -11,7 +11,8 @@ For task vectors ``τ_i = θ_i − θ₀`` (in float64) it reports, for the whol
 - magnitudes per model: ‖τ‖₂, mean |τ|, max |τ|, and the fraction of exact zeros.
 
 Only dot products, counts and sums are kept (an N×N matrix per layer), and tensors are read in
-row blocks of about 2²⁰ entries per model, so memory does not depend on the model's size.  Torch is imported inside.
+row blocks of 2¹⁶ entries per model (small, uniform allocations: larger blocks let glibc's heap grow with the
+number of tensors), so memory does not depend on the model's size.  Torch is imported inside.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fusion_core.engine.readers import TensorReader
 
 EPS = 1e-8
-BLOCK = 1 << 20
+BLOCK = 1 << 16
 """Entries read per model at a time (row blocks), so memory does not grow with the tensor."""
 WHOLE = "(whole model)"
 
