@@ -137,7 +137,7 @@ PUBLIC_MODULES = {"fusion_core", "fusion_core.adapters"}
 
 #: the deliberate exceptions, (plugin file relative to plugins/, module, name) → why
 ALLOWED_INTERNAL_IMPORTS = {
-    ("fusion-merging/fusion_merging/stacking.py", "fusion_core.engine.executor", "merge_pool"):
+    ("fusion-merging/fusion_merging/stacking.py", "fusion_core.engine.stream", "merge_pool"):
         "layer stacking drives the streaming engine with its own plan",
     ("fusion-merging/fusion_merging/stacking.py", "fusion_core.engine.validate", "PASSTHROUGH"):
         "layer stacking builds the engine's plan (copied tensors)",

@@ -199,7 +199,7 @@ class LayerStack(Method):
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         """Stack the pool's models in memory; returns the new state dict."""
-        from fusion_core.engine.executor import merge_pool
+        from fusion_core.engine.stream import merge_pool
 
         return merge_pool(self, pool, ctx)
 

@@ -1,4 +1,4 @@
-"""The streaming merge executor: one tensor name at a time, reading ahead on a thread.
+"""The streaming merge loop: one tensor name at a time, reading ahead on a thread.
 
 Two entry points share one loop:
 
