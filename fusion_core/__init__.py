@@ -12,7 +12,7 @@ first use, so ``import fusion_core`` (and ``fuse --help``) stays light.
   :class:`PassthroughMethod`, :class:`KernelContext`, :func:`tensor_seed` (the per-tensor seed);
 - configs: :func:`option`, :func:`in_range`, :func:`positive`, :func:`make_config`,
   :func:`config_fields`, :func:`config_to_dict`, :func:`describe_fields`, :func:`parse_value`,
-  :func:`parse_override`, :func:`plain_override`, :func:`split_top_level`, :func:`read_yaml`,
+  :func:`parse_override`, :func:`plain_override`, :func:`read_yaml`,
   :func:`load_yaml_file`, :func:`dump_yaml`, :func:`clip_text`;
 - run configs (for tools that compose runs): :class:`RunSettings`, :func:`raw_run_config`,
   :func:`resolve_run_config`, :data:`COMPONENT_KEYS`, :data:`DEFAULT_BENCHMARK`;
@@ -48,7 +48,7 @@ _EXPORTS = {
     "KernelContext": ".engine.kernel", "tensor_seed": ".engine.kernel",
     "option": ".config", "in_range": ".config", "positive": ".config", "make_config": ".config",
     "config_fields": ".config", "config_to_dict": ".config", "describe_fields": ".config", "parse_value": ".config",
-    "parse_override": ".config", "plain_override": ".config", "split_top_level": ".config", "read_yaml": ".config",
+    "parse_override": ".config", "plain_override": ".config", "read_yaml": ".config",
     "load_yaml_file": ".config", "dump_yaml": ".safe_yaml:dump", "clip_text": ".config:clip",
     "RunSettings": ".runconfig", "raw_run_config": ".runconfig", "resolve_run_config": ".runconfig",
     "COMPONENT_KEYS": ".runconfig", "DEFAULT_BENCHMARK": ".runconfig",
@@ -86,7 +86,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         plain_override,
         positive,
         read_yaml,
-        split_top_level,
     )
     from .consoles import console, error_console  # noqa: F401
     from .engine.kernel import KernelContext, KernelMethod, PassthroughMethod, TwoPhaseKernel, tensor_seed  # noqa: F401

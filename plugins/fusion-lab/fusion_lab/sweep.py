@@ -27,7 +27,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core import ConfigError, did_you_mean, read_yaml, split_top_level
+from fusion_core import ConfigError, did_you_mean, read_yaml
 
 VAL_SPLITS = ("val", "validation", "valid", "dev")
 TEST_SPLITS = ("test",)
@@ -36,6 +36,28 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
 # --------------------------------------------------------------------------- grid syntax
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets, braces, parentheses and quotes."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
 
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import click
 
-from fusion_core import read_yaml, split_top_level
+from fusion_core import read_yaml
 
 # --------------------------------------------------------------------------- method specs
 
@@ -22,6 +22,8 @@ from fusion_core import read_yaml, split_top_level
 def parse_method_spec(text: str) -> dict:
     """``ties:density=0.2,scaling_factor=1.0`` → ``{"name": "ties", "density": 0.2, "scaling_factor": 1.0}``."""
     from fusion_core import ConfigError, parse_value
+
+    from ..sweep import split_top_level
 
     name, _, fields = text.partition(":")
     name = name.strip()
