@@ -109,7 +109,7 @@ def pools_hash(config_dict: Mapping[str, Any]) -> str:
 
 def method_summary(run_config) -> str:
     """The method's fields that differ from their defaults, as ``k=v, k=v`` (``''`` for all defaults)."""
-    from fusion_core.config import config_to_dict
+    from fusion_core import config_to_dict
 
     cls = run_config.method.cls
     current = config_to_dict(run_config.method.config)
