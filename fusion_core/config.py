@@ -119,28 +119,6 @@ def summarize(value: Any, *, limit: int = 80) -> str:
 _KEY_SEGMENT = __import__("re").compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
-def split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside brackets, braces, parentheses and quotes."""
-    parts, depth, quote, current = [], 0, None, []
-    for ch in text:
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(ch)
-    parts.append("".join(current))
-    return parts
-
-
 def plain_override(key: str, value: Any) -> str:
     """``key=value`` with the value written so that :func:`parse_override` reads it back (for messages)."""
     import json

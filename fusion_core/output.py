@@ -306,14 +306,6 @@ def atomic_output(
         raise OutputError(os_error_line(exc, raw)) from None
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> Iterator[Path]:
-    """:func:`atomic_output` for a folder: the temporary folder exists when yielded."""
-    with atomic_output(path, overwrite=overwrite, **kwargs) as tmp:
-        tmp.mkdir()
-        yield tmp
-
-
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` (creating its folder) through a temp file in the same folder."""
     path = Path(path)

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from .errors import InputError
-from .output import atomic_dir, check_output_path, write_json_atomic
+from .output import atomic_output, check_output_path, write_json_atomic
 from .report import build_report, is_state_dict, provenance
 from .run_context import RunContext
 from .runconfig import RunConfig, load_run_config
@@ -233,7 +233,8 @@ def _write_outputs(output_dir: Path, report: dict, models: Mapping[str, Any], po
 
     ``guard``: what :func:`~fusion_core.output.check_output_path` needs (overwrite, the inputs, make_parent).
     """
-    with atomic_dir(output_dir, **guard) as tmp:
+    with atomic_output(output_dir, **guard) as tmp:
+        tmp.mkdir()
         if save_model:
             with hooks.phase(ctx, "save"):
                 for label, model in models.items():

@@ -44,6 +44,6 @@ class RunContext:
             return
         from rich.progress import track
 
-        from .console import error_console
+        from .consoles import error_console
 
         yield from track(iterable, description=description, total=total, console=error_console(), transient=True)

@@ -126,3 +126,55 @@ def test_the_import_graph_sees_lazy_imports_and_skips_type_checking_ones():
     graph = import_graph()
     assert "fusion_core.program" in graph["fusion_core.cli.run"]  # imported inside the command function
     assert "fusion_core.run_context" not in graph["fusion_core.components"]  # only under TYPE_CHECKING
+
+
+# --------------------------------------------------------------------------- plugins use the public API
+
+PLUGINS = CORE.parent / "plugins"
+
+#: modules of the core a plugin may import from: the package itself (its ``__all__``) and the adapter protocol
+PUBLIC_MODULES = {"fusion_core", "fusion_core.adapters"}
+
+#: the deliberate exceptions, (plugin file relative to plugins/, module, name) → why
+ALLOWED_INTERNAL_IMPORTS = {
+    ("fusion-merging/fusion_merging/stacking.py", "fusion_core.engine.stream", "merge_pool"):
+        "layer stacking drives the streaming engine with its own plan",
+    ("fusion-merging/fusion_merging/stacking.py", "fusion_core.engine.validate", "PASSTHROUGH"):
+        "layer stacking builds the engine's plan (copied tensors)",
+    ("fusion-merging/fusion_merging/stacking.py", "fusion_core.engine.validate", "TensorPlan"):
+        "layer stacking builds the engine's plan",
+}
+
+
+def internal_imports(root: pathlib.Path = PLUGINS) -> set[tuple[str, str, str]]:
+    """(file, module, name) of every import of a non-public core module in the plugins' packages (not their tests)."""
+    found = set()
+    for path in sorted(root.glob("*/fusion_*/**/*.py")):
+        rel = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                pairs = [(node.module, alias.name) for alias in node.names]
+            elif isinstance(node, ast.Import):
+                pairs = [(alias.name, "") for alias in node.names]
+            else:
+                continue
+            found.update((rel, module, name) for module, name in pairs
+                         if module.split(".")[0] == "fusion_core" and module not in PUBLIC_MODULES)
+    return found
+
+
+def test_plugins_import_the_public_api():
+    new = sorted(internal_imports() - set(ALLOWED_INTERNAL_IMPORTS))
+    assert not new, ("plugins import names from fusion_core's public API (`from fusion_core import X`; add X to "
+                     f"fusion_core.__init__ if a plugin legitimately needs it), not from internal modules: {new}")
+
+
+def test_the_allowed_internal_imports_are_still_used():
+    assert set(ALLOWED_INTERNAL_IMPORTS) <= internal_imports(), "remove exceptions no plugin needs any more"
+
+
+def test_every_public_name_resolves():
+    import fusion_core
+
+    missing = [name for name in fusion_core.__all__ if getattr(fusion_core, name, None) is None]
+    assert missing == []

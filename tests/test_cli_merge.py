@@ -25,7 +25,7 @@ from merge_testkit import (  # noqa: E402
     use_test_plugins,
 )
 
-from fusion_core.engine.executor import MergeOptions, merge_readers  # noqa: E402
+from fusion_core.engine.stream import MergeOptions, merge_readers  # noqa: E402
 from fusion_core.output import MARKER  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fusion_core.cli.main import main
-from fusion_core.tables import Column, fit_columns, format_duration, format_score
+from fusion_core.tables import Column, fit_columns
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def narrow_terminal(monkeypatch):
     """The rich console as an 80-column terminal; returns a function giving what was printed."""
     from rich.console import Console
 
-    import fusion_core.console as console_module
+    import fusion_core.consoles as console_module
 
     buf = io.StringIO()
     term = Console(file=buf, width=80, force_terminal=True, color_system=None)
@@ -72,14 +72,3 @@ def test_fit_columns_drops_least_important_first_and_gives_flex_the_rest():
     assert 1 + sum(3 + w for w in widths.values()) == 80  # exactly the width
     shown, widths = fit_columns(records, columns, 50)
     assert [c.key for c in shown] == ["name", "plugin", "summary"] and 1 + sum(3 + w for w in widths.values()) == 50
-
-
-@pytest.mark.parametrize(("value", "metric", "text"), [(0.7, "accuracy", "70.0 %"), (0.69532, "f1", "69.5 %"),
-                                                       (12.3456, "perplexity", "12.35"), (None, "accuracy", "–")])
-def test_scores_read_in_percent(value, metric, text):
-    assert format_score(value, metric) == text
-
-
-@pytest.mark.parametrize(("seconds", "text"), [(4.2, "4.2 s"), (42, "42 s"), (75, "1 min 15 s"), (4000, "1 h 06 min")])
-def test_durations(seconds, text):
-    assert format_duration(seconds) == text

@@ -14,7 +14,7 @@ PLURAL_KINDS = {plural: kind for kind, plural in KIND_PLURALS.items()}
 
 
 def _console():
-    from ..console import console
+    from ..consoles import console
 
     return console()
 

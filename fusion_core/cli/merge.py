@@ -46,7 +46,7 @@ def _split_recipe(text: str) -> tuple[str, str]:
 
 def _merge_imported(pm, fmt, file, output, allow_pickle, dtype, start, quiet, options_for) -> None:
     """``fuse merge`` of a foreign recipe: the format's plugin builds the method and opens the inputs."""
-    from ..engine.executor import merge_to_path
+    from ..engine.stream import merge_to_path
     from ..recipes import import_recipe
 
     imported = import_recipe(pm, fmt, file, allow_pickle=allow_pickle)
@@ -211,7 +211,7 @@ def merge_command(
     """
     from ..cleanup import terminate_as_interrupt
     from ..config import SEED_MAX, check_device, summarize
-    from ..engine.executor import MergeOptions
+    from ..engine.stream import MergeOptions
 
     def options_for(recipe: dict, out_dtype: str | None, finish=None, inputs=()) -> MergeOptions:
         return MergeOptions(
@@ -254,8 +254,8 @@ def merge_command(
 def _merge_spec(spec: MergeSpec, instance, output: str, options, *, allow_pickle: bool, allow_duplicates: bool):
     """Check the output against the inputs (before anything is read), open them, refuse duplicates, merge."""
     from ..engine.duplicates import check_duplicates
-    from ..engine.executor import merge_to_path
     from ..engine.protocol import Passthrough
+    from ..engine.stream import merge_to_path
     from ..output import check_output_path
 
     inputs = [p for p in [spec.base, *spec.models] if p]

@@ -58,7 +58,7 @@ def run_command(state, args, print_config, dry_run, overwrite, as_json):
         click.echo(dump(config.to_dict(), sort_keys=False).rstrip())
         return
     from ..cleanup import terminate_as_interrupt
-    from ..console import console
+    from ..consoles import console
     from ..program import run
     from ..report import render_report
 

@@ -1,4 +1,4 @@
-"""The tensor merge engine: kernels, lazy tensor readers, a streaming executor and a sharded writer.
+"""The tensor merge engine: kernels, lazy tensor readers, the streaming merge loop (stream.py) and a sharded writer.
 
 Import the submodules you need; this package imports nothing heavy on its own.
 """

@@ -2,7 +2,7 @@
 
 A method that works tensor by tensor subclasses :class:`KernelMethod` and writes
 only :meth:`KernelMethod.kernel`; reading, casting, validation, seeding, chunking
-and writing are the engine's job (:mod:`fusion_core.engine.executor`).  What the
+and writing are the engine's job (:mod:`fusion_core.engine.stream`).  What the
 engine may do with a method is declared in :mod:`fusion_core.engine.protocol`.
 """
 
@@ -46,7 +46,7 @@ class KernelMethod(Method, Kernel):
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         """Merge the pool in memory, tensor by tensor, and return the merged state dict."""
-        from .executor import merge_pool
+        from .stream import merge_pool
 
         return merge_pool(self, pool, ctx)
 
@@ -56,6 +56,6 @@ class PassthroughMethod(Method, Passthrough):
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         """Copy the pool's tensors by the plan, in memory; return the state dict."""
-        from .executor import merge_pool
+        from .stream import merge_pool
 
         return merge_pool(self, pool, ctx)

@@ -1,6 +1,6 @@
 """The engine's protocol: what a method declares so that the merge engine can stream it.
 
-The engine (:mod:`fusion_core.engine.executor`) asks these interfaces, never probes
+The engine (:mod:`fusion_core.engine.stream`) asks these interfaces, never probes
 attributes: :class:`Kernel` (a per-tensor kernel), :class:`TwoPhaseKernel` (optional: a
 per-input statistic, then row blocks), :class:`Passthrough` (a copy plan instead of
 arithmetic).  Methods implement them through :class:`~fusion_core.engine.kernel.KernelMethod`

@@ -88,7 +88,7 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def ours(method: str, config: Mapping | None, base: torch.nn.Module | None, models: Sequence[torch.nn.Module], *, seed: int = 0, chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Our merge through the streaming engine, the way ``fuse merge`` runs it."""
     from fusion_core.config import make_config
-    from fusion_core.engine.executor import MergeOptions, merge_readers
+    from fusion_core.engine.stream import MergeOptions, merge_readers
     from fusion_core.plugins import get_plugin_manager
     from fusion_core.registry import build_registry
 

@@ -40,7 +40,7 @@ from fusionbench_kit import (  # noqa: E402
 )
 
 TOL = 1e-5
-PEER = "fusion_bench 0.2.33"
+PEER = "fusionbench"
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fusion_core.cli.main import main  # noqa: E402
 
-PEER = "mergekit 0.1.5"
+PEER = "mergekit"
 WORDS = "apple banana cherry grape car truck bus train red green blue black".split()
 
 DRIVER = """

@@ -1,8 +1,8 @@
 import torch
 from fusion_example import Median, MedianConfig
 
+from fusion_core import KernelContext
 from fusion_core.cli.main import main
-from fusion_core.engine.kernel import KernelContext
 
 
 def test_median_of_three_ignores_the_outlier():

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option, positive
+from fusion_core import Capabilities, in_range, option, positive
 
 from .common import (
     AdaptationTask,
@@ -47,8 +46,7 @@ from .common import (
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 def merge_parameters(base: Mapping[str, "torch.Tensor"], task_vectors: Sequence[Mapping[str, "torch.Tensor"]],

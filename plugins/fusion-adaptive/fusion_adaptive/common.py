@@ -9,14 +9,12 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fusion_core.components import Method
-from fusion_core.errors import FuseError, InputError
+from fusion_core import FuseError, InputError, Method
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool, TaskPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext, TaskPool
 
 
 class AdaptiveMethod(Method):

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option, positive
+from fusion_core import Capabilities, in_range, option, positive
 
 from .common import AdaptiveMethod, check_finite, float_params, note, prepare, progress, state_with, task_vector
 from .modules import key as pkey
@@ -39,8 +38,7 @@ from .modules import linear_layers, weight_out_in
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 def shared_projection(vectors: "torch.Tensor", subspace: int) -> "torch.Tensor":

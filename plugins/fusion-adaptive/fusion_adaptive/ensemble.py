@@ -21,15 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import option
-from fusion_core.errors import InputError
+from fusion_core import Capabilities, InputError, option
 
 from .common import AdaptiveMethod, note, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 COMBINE_HELP = ("'outputs' (FusionBench): combine the members' raw outputs and apply the task's head once; "

@@ -31,17 +31,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option, positive
-from fusion_core.errors import FuseError, InputError
+from fusion_core import Capabilities, FuseError, InputError, in_range, option, positive
 
 from .common import AdaptiveMethod, batch_size, float_params, note, prepare, progress, tied_aliases, to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 GRAD_BUDGET = 2**25
 """Most per-example gradient elements held at once (per-example gradients come in chunks of examples)."""

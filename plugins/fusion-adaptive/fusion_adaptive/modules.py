@@ -10,7 +10,7 @@ import fnmatch
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -39,9 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option
-from fusion_core.engine.kernel import tensor_seed
+from fusion_core import Capabilities, in_range, option, tensor_seed
 
 from .common import AdaptiveMethod, float_params, note, prepare, progress, state_with, task_vector
 from .modules import key as pkey
@@ -50,8 +48,7 @@ from .modules import linear_layers, weight_out_in
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 RANK_TOLERANCE = 1e-7
 """Singular values below this fraction of the largest count as zero (outside the merged subspace)."""

@@ -40,9 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option, positive
-from fusion_core.errors import InputError
+from fusion_core import Capabilities, InputError, in_range, option, positive
 
 from .common import AdaptiveMethod, note, prepare, progress, tied_aliases, to_device
 from .modules import execution_order, select_modules, transposed
@@ -51,8 +49,7 @@ from .modules import key as pkey
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 def batch_inputs(batch: Any) -> Any:

@@ -23,9 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import option, positive
-from fusion_core.errors import InputError
+from fusion_core import Capabilities, InputError, option, positive
 
 from .common import AdaptiveMethod, float_params, note, prepare, progress
 from .modules import key as pkey
@@ -34,8 +32,7 @@ from .modules import select_modules, set_submodule, weight_out_in
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 def low_rank_factors(delta: "torch.Tensor", rank: int | None, gate_k: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:

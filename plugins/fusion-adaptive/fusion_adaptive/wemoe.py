@@ -24,9 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option, positive
-from fusion_core.engine.kernel import tensor_seed
+from fusion_core import Capabilities, in_range, option, positive, tensor_seed
 
 from .common import (
     AdaptiveMethod,
@@ -46,8 +44,7 @@ from .modules import key as pkey
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 def input_features(model: Any, targets: dict[str, Any], run) -> dict[str, int]:
@@ -75,7 +72,7 @@ def input_features(model: Any, targets: dict[str, Any], run) -> dict[str, int]:
         finally:
             for handle in handles:
                 handle.remove()
-    from fusion_core.errors import InputError
+    from fusion_core import InputError
 
     missing = [n for n in targets if n not in dims]
     if missing:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 from .sources import ModelSource
 
@@ -62,7 +62,7 @@ def check_recorded_base(source: ModelSource, adapter_config: dict[str, Any], bas
 
 def lora_shapes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     """``{module path: {"A": shape, "B": shape}}`` from the adapter's safetensors header (nothing is read)."""
-    from fusion_core.engine.readers import SafetensorsFile
+    from fusion_core import SafetensorsFile
 
     path = folder / "adapter_model.safetensors"
     if not path.exists():

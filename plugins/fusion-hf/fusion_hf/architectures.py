@@ -64,7 +64,7 @@ SIZE_FIELDS: tuple[tuple[str, ...], ...] = (
 def model_class(name: str):
     """The ``transformers`` class called ``name`` from the allowlist."""
     if name not in AUTO_CLASSES:
-        from fusion_core.errors import ConfigError, did_you_mean
+        from fusion_core import ConfigError, did_you_mean
 
         raise ConfigError(f"auto class {name!r} is not allowed{did_you_mean(name, AUTO_CLASSES)}")
     import transformers

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 
 class ImageEncoder:

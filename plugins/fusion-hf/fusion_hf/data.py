@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from fusion_core.config import option
-from fusion_core.errors import ConfigError, FuseError, InputError
+from fusion_core import ConfigError, FuseError, InputError, option
 
 from . import hub
 from .sources import HUB_ID

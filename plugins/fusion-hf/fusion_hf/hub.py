@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 TRUE = {"1", "true", "yes", "on"}
 DEFAULT_ENDPOINT = "https://huggingface.co"

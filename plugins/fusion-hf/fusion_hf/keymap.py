@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from fusion_core.engine.readers import TensorReader
+from fusion_core import TensorReader
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -85,7 +85,7 @@ class MappedReader(TensorReader):
         try:
             return self._map[name]
         except KeyError:
-            from fusion_core.errors import InputError
+            from fusion_core import InputError
 
             raise InputError(f"{self.label} has no tensor {name!r}") from None
 

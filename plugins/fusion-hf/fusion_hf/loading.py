@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 from . import hub
 from .sources import CACHED, LOCAL, Location
@@ -140,7 +140,7 @@ def warn_remote_code(pool_name: str, code: dict[str, list[str]]) -> None:
     """One warning line naming the code ``trust_remote_code`` lets run, per pool."""
     import warnings
 
-    from fusion_core.config import clip
+    from fusion_core import clip_text as clip
 
     if code:
         listed = "; ".join(f"{label}: {', '.join(items)}" for label, items in code.items())

@@ -14,9 +14,7 @@ from typing import Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import ModelPool
-from fusion_core.config import make_config, option, positive
-from fusion_core.errors import ConfigError, InputError, did_you_mean
+from fusion_core import ConfigError, InputError, ModelPool, did_you_mean, make_config, option, positive
 
 from .architectures import AUTO_CLASSES, TASKS, describe_signature, signature, signature_difference
 from .sources import REMOTE, Location, ModelSource, parse_entry
@@ -250,7 +248,7 @@ class HFModelPool(ModelPool):
 
     def reader(self, name: str | None = None):
         """Lazy tensors of model ``name`` under the model's own names (streamed from safetensors when possible)."""
-        from fusion_core.engine.readers import ShardedReader, StateDictReader
+        from fusion_core import ShardedReader, StateDictReader
 
         label = "base" if name is None else str(name)
         source, loc = self.source(name), self.location(name)

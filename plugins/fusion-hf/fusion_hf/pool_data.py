@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import attrs
 
-from fusion_core.config import option
+from fusion_core import option
 
 from .data import DataFiles, DatasetFields
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fusion_core.output import plain_data
+from fusion_core import plain_data
 
 CARD_TITLE = "# Merged model"
 
@@ -117,7 +117,7 @@ def write_card(folder: Path, recipe: Mapping[str, Any], base: str | None,
 def save_model_folder(model, path: str | os.PathLike, *, recipe: Mapping[str, Any], base: str | None = None,
                       processor=None, overwrite: bool = False) -> Path:
     """Write ``model`` with ``save_pretrained`` into a temp folder beside ``path``, then rename it into place."""
-    from fusion_core.engine.writer import atomic_output
+    from fusion_core import atomic_output
 
     path = Path(path)
     with atomic_output(path, overwrite=overwrite) as tmp:

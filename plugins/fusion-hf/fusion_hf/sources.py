@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.errors import ConfigError, InputError
+from fusion_core import ConfigError, InputError
 
 from . import hub
 
@@ -144,7 +144,7 @@ def parse_entry(label: str, value: Any) -> ModelSource:
         raise ConfigError(f"{label}: expected a hub id, a folder or a mapping {{path, revision, subfolder}}, got {value!r}")
     unknown = set(value) - ENTRY_KEYS
     if unknown:
-        from fusion_core.errors import did_you_mean
+        from fusion_core import did_you_mean
 
         key = sorted(unknown)[0]
         raise ConfigError(f"{label}: unknown key {key!r}{did_you_mean(key, ENTRY_KEYS)}")

@@ -124,7 +124,7 @@ def test_auto_class_is_an_allowlist_in_the_config():
 def test_causal_lm_pool_merges_tied_weights_and_rebuilds_the_model(text_assets):
     from fusion_merging.basic import METHODS
 
-    from fusion_core.engine.executor import merge_pool
+    from fusion_core.engine.stream import merge_pool
     from fusion_core.run_context import RunContext
 
     average = next(m for m in METHODS if m.name == "simple_average")

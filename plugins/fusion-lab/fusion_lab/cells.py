@@ -53,7 +53,7 @@ def run_cells(cells: Sequence[PlannedCell], db, executor, *, registry, plugin_ma
     individual models while the database has none for their pools hash (with ``force``: once
     per call).  The executor must be started (and is not stopped) by the caller.
     """
-    from fusion_core.report import provenance
+    from fusion_core import provenance
 
     from .executors import Job, WorkerEnv
     from .results_db import pools_hash, store_failure, store_report

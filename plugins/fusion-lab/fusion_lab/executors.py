@@ -124,7 +124,7 @@ def run_job(job: Job, env: WorkerEnv | None = None, *, plugin_manager=None, regi
     """
     import time
 
-    from fusion_core.program import run
+    from fusion_core import run
 
     from .recording import recording
 
@@ -241,7 +241,7 @@ def executor_from_options(registry, name: str, options: Mapping[str, Any]) -> Ex
 
     Options the executor's Config has no field for are refused, naming the executor.
     """
-    from fusion_core.config import config_fields, make_config
+    from fusion_core import config_fields, make_config
 
     if name not in registry.entries["executor"] and name == "ray":
         raise ConfigError("unknown executor 'ray': install the fusion-ray plugin (pip install fusion-ray)")

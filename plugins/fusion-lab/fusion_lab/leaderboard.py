@@ -18,9 +18,8 @@ from pathlib import Path
 
 import attrs
 
+from .formatting import PERCENT_METRICS
 from .results_db import Row
-
-PERCENT_METRICS = ("accuracy", "acc", "top1", "f1")
 
 
 @attrs.frozen
@@ -162,7 +161,7 @@ def to_csv(board: Leaderboard) -> str:
 def render_rich(board: Leaderboard, console, fmt: str | None = None) -> None:
     """A table fitted to the terminal (per-task columns left out, all together, when they do not fit);
     piped, the title and then one tab-separated record per row (``fmt``: see :mod:`fusion_core.tables`)."""
-    from fusion_core.tables import Column, default_format, emit
+    from fusion_core import Column, default_format, emit
 
     fmt = fmt or default_format()
     unit = f"{board.metric} (%)" if board.percent else board.metric

@@ -109,7 +109,7 @@ def pools_hash(config_dict: Mapping[str, Any]) -> str:
 
 def method_summary(run_config) -> str:
     """The method's fields that differ from their defaults, as ``k=v, k=v`` (``''`` for all defaults)."""
-    from fusion_core.config import config_to_dict
+    from fusion_core import config_to_dict
 
     cls = run_config.method.cls
     current = config_to_dict(run_config.method.config)
@@ -525,8 +525,10 @@ def store_report(db: ResultsDB, report: Mapping[str, Any], config_dict: Mapping[
     method = config_dict["method"]["name"]
     results = report.get("results") or {}
     metric = report.get("primary_metric")
-    prov = {"versions": report.get("versions") or {}, "timings": report.get("timings") or {},
-            "duration_s": report.get("duration_s")}
+    timings = dict(report.get("timings") or {})
+    if report.get("peak_rss_mb") is not None:  # the run's peak memory travels with its timings
+        timings["peak_rss_mb"] = report["peak_rss_mb"]
+    prov = {"versions": report.get("versions") or {}, "timings": timings, "duration_s": report.get("duration_s")}
     merged = {method_label(k, method): v for k, v in results.items() if k not in BASELINE_LABELS}
     written = db.record_ok(method_cell(config_dict, summary=summary, source=source, benchmark=benchmark, sweep=sweep),
                            merged, metric=metric, **prov)

@@ -27,8 +27,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core import ConfigError, did_you_mean
-from fusion_core.config import read_yaml, split_top_level
+from fusion_core import ConfigError, did_you_mean, read_yaml
 
 VAL_SPLITS = ("val", "validation", "valid", "dev")
 TEST_SPLITS = ("test",)
@@ -37,6 +36,28 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
 # --------------------------------------------------------------------------- grid syntax
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets, braces, parentheses and quotes."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
 
 
 
@@ -67,7 +88,7 @@ def parse_range(text: str, where: str) -> list:
 
 def parse_axis(arg: str) -> tuple[str, list]:
     """``key=a,b,range(0,1,0.5)`` → ``("key", ["a", "b", 0.0, 0.5])`` (YAML-typed items)."""
-    from fusion_core.config import parse_override, parse_value
+    from fusion_core import parse_override, parse_value
 
     if "=" not in arg:
         raise ConfigError(f"malformed grid axis {arg!r}: expected key=a,b,c or key=range(start, stop, step)")
@@ -133,8 +154,8 @@ class Point:
 
 def override_value_text(value: Any) -> str:
     """A value written so that YAML reads it back identically (``'0.1'`` stays a string)."""
-    from fusion_core.config import parse_value
-    from fusion_core.safe_yaml import dump
+    from fusion_core import dump_yaml as dump
+    from fusion_core import parse_value
 
     text = dump(value, default_flow_style=True, width=10**9).strip()
     if text.endswith("\n..."):
@@ -187,7 +208,7 @@ class Splits:
 
 def splits_for(run_config, select_on: str) -> Splits:
     """Validation/test values of the task pool's ``split`` field; refuses selection without one unless asked."""
-    from fusion_core.config import config_fields
+    from fusion_core import config_fields
 
     taskpool = run_config.taskpool
     if taskpool is None:
@@ -222,7 +243,7 @@ def _split_value(field, names: Sequence[str], taskpool: str, what: str) -> str:
 def resolve_point(sources: Sequence[Any], fixed: Sequence[str], point: Point, registry, *, split: str | None,
                   settings: Mapping[str, Any] | None = None):
     """The RunConfig of ``point``: config files, then fixed overrides, the point, the split and settings."""
-    from fusion_core.runconfig import raw_run_config, resolve_run_config
+    from fusion_core import raw_run_config, resolve_run_config
 
     overrides = [*fixed, *(f"{k}={override_value_text(v)}" for k, v in point.overrides)]
     if split is not None:
@@ -241,8 +262,7 @@ def check_keys(sources: Sequence[Any], fixed: Sequence[str], keys: Sequence[str]
 
     Fields of a component that itself varies (``method=ties,dare``) are checked per point instead.
     """
-    from fusion_core.config import config_fields
-    from fusion_core.runconfig import COMPONENT_KEYS, RunSettings, raw_run_config, resolve_run_config
+    from fusion_core import COMPONENT_KEYS, RunSettings, config_fields, raw_run_config, resolve_run_config
 
     allowed = set(COMPONENT_KEYS) | {f.name for f in attrs.fields(RunSettings)}
     try:
@@ -417,7 +437,7 @@ def _select_and_finish(plan: SweepPlan, db, executor, registry, plugin_manager) 
                   "selected on the TEST split (explicitly requested with --select-on test): the final score is optimistic")
     margin = None if runner_up is None else abs(best.score - runner_up.score)
     direction = "lowest" if plan.minimize else "highest"
-    from fusion_core.tables import format_delta, format_score
+    from .formatting import format_delta, format_score
 
     why = (f"point {best.point.index + 1} ({best.point.label}) has the {direction} mean {metric} on the "
            f"{plan.splits.select or 'test'} split: {format_score(best.score, metric)}"
@@ -456,7 +476,7 @@ def _primary_metric(db, key: str, seed: int) -> str:
 
 def _final_evaluation(plan: SweepPlan, point: Point, db, executor, registry, plugin_manager) -> dict:
     """The winner on the test split (reused when selection already ran on test, or when stored)."""
-    from fusion_core.report import averages
+    from fusion_core import averages
 
     from .cells import PlannedCell, run_cells
     from .results_db import config_hash, pools_hash

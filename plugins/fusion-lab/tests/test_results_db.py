@@ -85,6 +85,14 @@ def test_report_is_stored_per_label_and_task_with_provenance(tmp_path):
         assert db.has_baselines(pools_hash(cd))
 
 
+def test_peak_memory_of_a_report_is_stored_with_its_timings(tmp_path):
+    cd = config()
+    with open_db(tmp_path / "r.sqlite") as db:
+        store_report(db, {**report(cd, {"merged": {"a": {"accuracy": 0.5}}}), "peak_rss_mb": 532.8}, cd, summary="", source="bench")
+        (row,) = db.rows()
+        assert row.timings == {"method": 0.5, "peak_rss_mb": 532.8}
+
+
 def test_rewriting_a_cell_replaces_it_and_failed_cells_are_not_done(tmp_path):
     cd = config()
     key = config_hash(cd)

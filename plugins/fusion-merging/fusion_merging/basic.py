@@ -10,10 +10,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option
-from fusion_core.engine.kernel import KernelContext, KernelMethod
-from fusion_core.errors import InputError
+from fusion_core import Capabilities, InputError, KernelContext, KernelMethod, in_range, option
 
 from .mergekit.mapping import MergekitMapping, Param
 

@@ -20,8 +20,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.config import option
-from fusion_core.errors import InputError
+from fusion_core import InputError, option
 
 CONVENTIONS = ("fusionbench", "mergekit", "paper")
 

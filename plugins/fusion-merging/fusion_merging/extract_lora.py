@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from fusion_core.errors import ConfigError, InputError
+from fusion_core import ConfigError, InputError
 
 
 def _rank(text: str) -> int | None:
@@ -85,13 +85,12 @@ def extract(
     import torch
     from torch import nn
 
-    from fusion_core.engine.readers import open_reader
-    from fusion_core.engine.writer import atomic_output, save_state_dict_folder
+    from fusion_core import atomic_output, open_reader, save_state_dict_folder
 
     from .mergekit import require_transformers
 
     require_transformers("fuse extract-lora")
-    from fusion_core.output import check_output_path
+    from fusion_core import check_output_path
 
     check_output_path(output, overwrite=overwrite, inputs=(base, model))  # before any work: never an input or its folder
     for path in (base, model):
@@ -224,7 +223,7 @@ def extract_lora_command(base, model, rank_text, output, embed_lora, modules_to_
     )
     from rich.table import Table
 
-    from fusion_core.console import console
+    from fusion_core import console
 
     table = Table(title=f"LoRA extracted to {output}: relative reconstruction error per layer")
     table.add_column("module")

@@ -15,10 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option, positive
-from fusion_core.engine.kernel import KernelMethod
-from fusion_core.errors import InputError
+from fusion_core import Capabilities, InputError, KernelMethod, in_range, option, positive
 
 from .conventions import by_convention, convention_option, resolve
 from .mergekit.mapping import MergekitMapping, Param

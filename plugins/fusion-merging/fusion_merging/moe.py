@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from fusion_core.errors import ConfigError, InputError
+from fusion_core import ConfigError, InputError
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
@@ -53,7 +53,7 @@ def _experts(value: Any, where: str, what: str) -> list[dict]:
 
 def read_config(path: str) -> dict:
     """Validate a mergekit-moe YAML; refuse what cannot be honoured by name."""
-    from fusion_core.config import load_yaml_file
+    from fusion_core import load_yaml_file
 
     where = f"moe config {path}"
     data = load_yaml_file(path)
@@ -123,7 +123,7 @@ def gate_vectors(config: dict, base_cfg, tokenizer, seed: int, experts: list[dic
         scale = math.sqrt(1.0 / hidden)
         return torch.rand((layers, len(experts), hidden), generator=gen) * 2 * scale - scale
     if mode == "cheap_embed":
-        from fusion_core.engine.readers import open_reader
+        from fusion_core import open_reader
 
         with open_reader(config["base_model"]) as reader:
             embed = reader.get("model.embed_tokens.weight").float()
@@ -191,10 +191,7 @@ def build(config: dict, output: str, *, seed: int = 0, overwrite: bool = False) 
     import torch
     import transformers
 
-    from fusion_core.engine.readers import open_reader
-    from fusion_core.engine.validate import parse_dtype
-    from fusion_core.engine.writer import ModelWriter, atomic_output, write_model_card
-    from fusion_core.output import check_output_path
+    from fusion_core import ModelWriter, atomic_output, check_output_path, open_reader, parse_dtype, write_model_card
 
     where = config["where"]
     models = [config["base_model"]] + [e["source_model"] for e in config["experts"] + config["shared_experts"]]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-    from fusion_core.engine.kernel import KernelContext
+    from fusion_core import KernelContext
 
 L1_NORM_FLOOR = 1e-7
 """L1 rescaling is skipped when either norm is below this (mergekit's guard)."""

@@ -16,19 +16,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from fusion_core.components import Capabilities, Method
-from fusion_core.config import option
-from fusion_core.errors import InputError
+from fusion_core import Capabilities, InputError, Method, option
 
 from .mergekit.mapping import MergekitMapping, Param
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.engine.readers import TensorReader
+    from fusion_core import ModelPool, RunContext, TensorReader
     from fusion_core.engine.validate import TensorPlan
-    from fusion_core.run_context import RunContext
 
 DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\."
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -203,7 +199,7 @@ class LayerStack(Method):
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         """Stack the pool's models in memory; returns the new state dict."""
-        from fusion_core.engine.executor import merge_pool
+        from fusion_core.engine.stream import merge_pool
 
         return merge_pool(self, pool, ctx)
 

@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option
-from fusion_core.engine.kernel import KernelMethod
+from fusion_core import Capabilities, KernelMethod, in_range, option
 
 from .geometric import _work
 

@@ -26,9 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option
-from fusion_core.engine.kernel import KernelContext, KernelMethod
+from fusion_core import Capabilities, KernelContext, KernelMethod, in_range, option
 
 from . import sparsify
 from .basic import check_weight_sum, resolve_weights
@@ -388,7 +386,7 @@ class _TaskVectorMethod(KernelMethod):
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         super().check_inputs(n_models, has_base)
-        from fusion_core.errors import InputError
+        from fusion_core import InputError
 
         for key in self.per_model_fields:
             value = getattr(self.config, key, None)

@@ -14,8 +14,8 @@ from fusion_merging import sparsify
 from fusion_merging import task_arithmetic as ta
 from fusion_merging.task_arithmetic import Dare, Ties
 
-from fusion_core.engine.executor import MergeOptions, merge_readers
 from fusion_core.engine.kernel import KernelContext
+from fusion_core.engine.stream import MergeOptions, merge_readers
 
 torch.set_num_threads(1)
 

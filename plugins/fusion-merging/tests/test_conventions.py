@@ -10,7 +10,7 @@ from fusion_merging.model_trim import KthMagnitude, fusionbench_rank
 from fusion_merging.task_arithmetic import Dare, MagMax, TaskArithmetic, Ties
 
 from fusion_core.config import make_config
-from fusion_core.engine.executor import MergeOptions, merge_readers
+from fusion_core.engine.stream import MergeOptions, merge_readers
 from fusion_core.errors import InputError
 from fusion_core.plugins import get_plugin_manager
 from fusion_core.registry import build_registry

@@ -19,8 +19,8 @@ from fusion_merging.mergekit.mapping import all_mappings  # noqa: E402
 from fusion_merging.mergekit.recipe import build, plan, translate  # noqa: E402
 from merge_testkit import fuse, perturbed, save_hf, tiny_gpt2, tiny_llama, word_tokenizer  # noqa: E402
 
-from fusion_core.engine.executor import MergeOptions, merge_readers  # noqa: E402
 from fusion_core.engine.readers import StateDictReader  # noqa: E402
+from fusion_core.engine.stream import MergeOptions, merge_readers  # noqa: E402
 from fusion_core.errors import ConfigError, InputError  # noqa: E402
 
 FLOAT = schema.converter(float, "x")

@@ -17,7 +17,7 @@ from fusion_merging.stacking import LayerStack  # noqa: E402
 from merge_testkit import fuse, load_hf, logits, perturbed, save_hf, tiny_gpt2, use_test_plugins  # noqa: E402
 
 from fusion_core.config import make_config  # noqa: E402
-from fusion_core.engine.executor import MergeOptions, merge_readers  # noqa: E402
+from fusion_core.engine.stream import MergeOptions, merge_readers  # noqa: E402
 from fusion_core.errors import ConfigError, InputError  # noqa: E402
 
 

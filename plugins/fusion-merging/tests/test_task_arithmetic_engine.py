@@ -9,8 +9,8 @@ from fusion_merging import basic, task_arithmetic
 from fusion_merging.task_arithmetic import Dare, Della, TaskArithmetic, Ties
 
 from fusion_core.config import describe_fields, make_config
-from fusion_core.engine.executor import MergeOptions, merge_readers
 from fusion_core.engine.kernel import KernelContext
+from fusion_core.engine.stream import MergeOptions, merge_readers
 from fusion_core.errors import ConfigError
 
 torch.set_num_threads(1)

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from fusion_core.errors import FuseError
+from fusion_core import FuseError
 
 from .recipe import Recipe, build, recipe_hash
 

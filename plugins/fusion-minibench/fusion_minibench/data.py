@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import attrs
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 SPLITS = ("train", "val", "test")
 
@@ -292,7 +292,7 @@ the fixed zero-shot heads."""
 def load_task(name: str) -> LabelledTexts:
     """The whole labelled pool of task ``name`` (read once per process; immutable)."""
     if name not in LOADERS:
-        from fusion_core.errors import did_you_mean
+        from fusion_core import did_you_mean
 
         raise InputError(f"unknown mini-benchmark task {name!r}{did_you_mean(name, LOADERS)}")
     return LOADERS[name]()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -22,16 +22,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from fusion_core.components import ModelPool, TaskPool
-from fusion_core.config import option
-from fusion_core.errors import InputError
+from fusion_core import InputError, ModelPool, TaskPool, option
 
 from .recipe import Recipe, recipe_hash, recipe_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.run_context import RunContext
+    from fusion_core import RunContext
 
     from .store import Built
 
@@ -155,7 +153,7 @@ class MiniBenchModelPool(_Shared, ModelPool):
         return self._module(built.state_dict(name), built)
 
     def reader(self, name: str | None = None):
-        from fusion_core.engine.readers import StateDictReader
+        from fusion_core import StateDictReader
 
         return StateDictReader(self.built().state_dict(name), label=name or "base")
 
@@ -208,8 +206,7 @@ class MiniBenchTaskPool(_Shared, TaskPool):
         mine, theirs = self.recipe.to_dict(), pool.recipe.to_dict()
         differ = [name for name in mine if mine[name] != theirs[name]]
         if differ:
-            from fusion_core.config import plain_override
-            from fusion_core.errors import ConfigError
+            from fusion_core import ConfigError, plain_override
 
             fixes = " ".join(plain_override(f"taskpool.{name}", theirs[name]) for name in differ)
             raise ConfigError(

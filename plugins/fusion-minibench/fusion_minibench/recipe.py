@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from fusion_core.config import in_range, option, positive
+from fusion_core import in_range, option, positive
 
 from . import data as data_mod
 
@@ -110,7 +110,7 @@ class _Progress:
         self._plain = False
 
     def __enter__(self):
-        from fusion_core.console import error_console
+        from fusion_core import error_console
 
         if self.show and not error_console().is_terminal:
             self._plain = True

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -33,7 +33,7 @@ class Built:
 
     def check_task(self, name: str) -> None:
         if name not in self.tasks:
-            from fusion_core.errors import did_you_mean
+            from fusion_core import did_you_mean
 
             raise InputError(f"the mini benchmark has no task {name!r}{did_you_mean(name, self.tasks)}")
 

@@ -12,8 +12,7 @@ from typing import Any, Literal
 
 import attrs
 
-from fusion_core.config import config_fields, describe_fields, parse_value
-from fusion_core.output import plain_data
+from fusion_core import config_fields, describe_fields, parse_value, plain_data
 
 #: page section → registry kind
 SECTIONS = {"method": "method", "modelpool": "model-pool", "taskpool": "task-pool"}
@@ -95,14 +94,14 @@ def _component(entry) -> dict:
 
 def is_data_free(cls) -> bool:
     """A per-tensor kernel method: ``fuse merge`` can run it on checkpoints on disk."""
-    from fusion_core.engine.kernel import KernelMethod
+    from fusion_core import KernelMethod
 
     return isinstance(cls, type) and issubclass(cls, KernelMethod)
 
 
 def catalog(registry) -> dict:
     """The page's catalog: per section the components grouped by plugin, the benchmarks, the run settings."""
-    from fusion_core.runconfig import DEFAULT_BENCHMARK, RunSettings
+    from fusion_core import DEFAULT_BENCHMARK, RunSettings
 
     out: dict[str, Any] = {"sections": {}, "benchmarks": [], "default_benchmark": DEFAULT_BENCHMARK}
     for section, kind in SECTIONS.items():

@@ -15,9 +15,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.config import config_fields, make_config, parse_value
-from fusion_core.errors import ConfigError, FuseError
-from fusion_core.output import plain_data
+from fusion_core import ConfigError, FuseError, config_fields, make_config, parse_value, plain_data
 
 from .catalog import SECTIONS, default_values, is_data_free
 
@@ -91,7 +89,7 @@ def _section_overrides(section: str, config_cls, values: Mapping, prefix: str, e
 
 def compose(state: Mapping[str, Any], registry) -> Composed:
     """Validate a page state: ``{mode, benchmark, method, modelpool, taskpool, values: {section: {field: text}}}``."""
-    from fusion_core.runconfig import RunSettings, raw_run_config, resolve_run_config
+    from fusion_core import RunSettings, raw_run_config, resolve_run_config
 
     values = state.get("values") or {}
     errors: dict[str, str] = {}
@@ -131,7 +129,7 @@ def compose(state: Mapping[str, Any], registry) -> Composed:
 
 def _extra_overrides(text: str, errors: dict) -> list[str]:
     """Free ``key=value`` arguments typed as on the command line (split like a shell would, never run by one)."""
-    from fusion_core.config import parse_override
+    from fusion_core import parse_override
 
     try:
         args = shlex.split(text)
@@ -192,7 +190,7 @@ def dry_run(state: Mapping[str, Any], registry, plugin_manager) -> dict:
     out = composed.to_json(registry)
     if composed.config is None:
         return out
-    from fusion_core.program import run
+    from fusion_core import run
 
     try:
         report = run(composed.config, registry=registry, plugin_manager=plugin_manager, dry_run=True)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from fusion_core.errors import FuseError
+from fusion_core import FuseError
 
 MAX_LINES = 5000
 STOP_GRACE_S = 10.0

@@ -21,7 +21,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from fusion_core.errors import FuseError
+from fusion_core import FuseError
 
 STATIC = Path(__file__).with_name("static")
 LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")

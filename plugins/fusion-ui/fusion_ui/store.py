@@ -14,7 +14,7 @@ from typing import Any
 from fusion_lab import leaderboard as _lb
 from fusion_lab import results_db as _db
 
-from fusion_core.errors import FuseError
+from fusion_core import FuseError
 
 BASELINES = tuple(_db.BASELINE_LABELS)
 

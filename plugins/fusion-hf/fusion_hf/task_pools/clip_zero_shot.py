@@ -14,8 +14,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.config import option, positive
-from fusion_core.errors import ConfigError, InputError, did_you_mean
+from fusion_core import ConfigError, InputError, did_you_mean, option, positive
 
 from ..data import DatasetFields
 from .common import HFTaskPool, label_names, label_range

@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fusion_core.components import TaskPool
-from fusion_core.config import make_config
-from fusion_core.errors import ConfigError, did_you_mean
+from fusion_core import ConfigError, TaskPool, did_you_mean, make_config
 
 from ..data import DatasetFields, check_columns, check_dataset, describe_dataset, load_split
 from ..sources import REMOTE, ModelSource, parse_entry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fusion_core.run_context import RunContext
+    from fusion_core import RunContext
 
 
 class HFTaskPool(TaskPool):

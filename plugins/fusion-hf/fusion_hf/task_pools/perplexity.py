@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.config import option, positive
+from fusion_core import option, positive
 
 from ..data import DatasetFields
 from .common import HFTaskPool

@@ -6,8 +6,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.config import option, positive
-from fusion_core.errors import InputError
+from fusion_core import InputError, option, positive
 
 from ..data import DatasetFields
 from ..heads import task_head

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import click
 
-from fusion_core.config import read_yaml, split_top_level
+from fusion_core import read_yaml
 
 # --------------------------------------------------------------------------- method specs
 
@@ -21,8 +21,9 @@ from fusion_core.config import read_yaml, split_top_level
 
 def parse_method_spec(text: str) -> dict:
     """``ties:density=0.2,scaling_factor=1.0`` → ``{"name": "ties", "density": 0.2, "scaling_factor": 1.0}``."""
-    from fusion_core import ConfigError
-    from fusion_core.config import parse_value
+    from fusion_core import ConfigError, parse_value
+
+    from ..sweep import split_top_level
 
     name, _, fields = text.partition(":")
     name = name.strip()
@@ -94,8 +95,7 @@ class BenchPlan:
 
 
 def resolve_benchmark(registry, name: str):
-    from fusion_core import ConfigError, did_you_mean
-    from fusion_core.runconfig import DEFAULT_BENCHMARK
+    from fusion_core import DEFAULT_BENCHMARK, ConfigError, did_you_mean
 
     if name not in registry.entries["benchmark"]:
         hint = (" (install the embedded benchmark: pip install -e plugins/fusion-minibench)"
@@ -113,8 +113,7 @@ def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, 
     :param settings: extra run settings (``device``, ``compute_dtype``, ``progress``...).
     :param cells: ``False`` only resolves the benchmark (for ``--show-only``).
     """
-    from fusion_core import ConfigError
-    from fusion_core.runconfig import resolve_run_config
+    from fusion_core import ConfigError, resolve_run_config
 
     from ..results_db import config_hash, method_summary, pools_hash
 
@@ -233,8 +232,9 @@ class Progress:
         self.ran: list[float] = []
 
     def __call__(self, i: int, total: int, outcome: CellOutcome) -> None:
-        from fusion_core.console import error_console
-        from fusion_core.tables import format_duration, format_score
+        from fusion_core import error_console
+
+        from ..formatting import format_duration, format_score
 
         cell = outcome.cell
         where = f"[{i}/{total}] {cell.name} seed {cell.seed}"
@@ -281,8 +281,7 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
       fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png --jobs 2
       fuse bench mini --show-only --csv leaderboard.csv
     """
-    from fusion_core.console import console
-    from fusion_core.output import write_text_atomic
+    from fusion_core import console, write_text_atomic
 
     from ..leaderboard import plot_png, render_rich, to_csv, to_markdown
     from ..results_db import open_db
@@ -318,7 +317,7 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
         console().print(f"[dim]results: {db.path}[/]")
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     if outcomes:
-        from fusion_core.console import error_console
+        from fusion_core import error_console
 
         error_console().print(f"{counts['ok']} run, {counts['skipped']} skipped, {counts['failed']} failed", highlight=False)
     if counts["failed"]:

@@ -9,7 +9,7 @@ import click
 
 
 def _point_line(point, status: str, detail: str | None) -> None:
-    from fusion_core.console import error_console
+    from fusion_core import error_console
 
     text = {
         "resumed": f"point {point.index + 1} ({point.label}): finished before, skipped",
@@ -24,7 +24,7 @@ def render_sweep(report: dict, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from fusion_core.tables import format_score, is_percent
+    from ..formatting import format_score, is_percent
 
     sel = report["selection"]
     unit = " (%)" if is_percent(sel["metric"]) else ""
@@ -73,8 +73,7 @@ def sweep_command(state, args, points_file, select_metric, minimize, select_on, 
       fuse sweep exp.yaml method=ties method.density=range(0.1,0.5,0.1) method.scaling_factor=0.5,1.0 --jobs 2
       fuse sweep exp.yaml --points points.yaml --executor ray --address head:6379
     """
-    from fusion_core.console import console
-    from fusion_core.output import write_text_atomic
+    from fusion_core import console, write_text_atomic
 
     from ..executors import executor_from_options
     from ..results_db import open_db

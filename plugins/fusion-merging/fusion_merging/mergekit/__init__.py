@@ -6,6 +6,6 @@ def require_transformers(what: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:
-        from fusion_core.errors import InputError
+        from fusion_core import InputError
 
         raise InputError(f"{what} needs transformers: pip install 'fusion-merging[hf]' (or pip install transformers)")

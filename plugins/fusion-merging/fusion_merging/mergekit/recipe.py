@@ -31,18 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import option
-from fusion_core.engine.kernel import KernelMethod
-from fusion_core.errors import ConfigError, InputError
+from fusion_core import Capabilities, ConfigError, InputError, KernelMethod, option
 
 from . import schema
 from .mapping import MergekitMapping, all_mappings
 from .routing import Route, SlotReader, Stored, routed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fusion_core.engine.readers import TensorReader
-    from fusion_core.recipes import ImportedMerge
+    from fusion_core import ImportedMerge, TensorReader
 
 POST_PATTERN = re.compile(
     r"(?:^|\.)(?:lm_head|score|classifier|norm|ln_f|norm_f|final_layer_norm|final_layernorm|final_norm)(?:\.|$)"
@@ -110,7 +106,7 @@ def _method_mapping(recipe: schema.Recipe) -> MergekitMapping:
     table = all_mappings()
     mapping = table.get(recipe.merge_method)
     if mapping is None:
-        from fusion_core.errors import did_you_mean
+        from fusion_core import did_you_mean
 
         raise ConfigError(
             f"{recipe.where}: merge_method {recipe.merge_method!r} is not supported by fuse merge"
@@ -341,8 +337,7 @@ def method_class(mapping: MergekitMapping) -> type:
 
 def build(plan_: Plan, readers: Mapping[str, "TensorReader"]) -> tuple[Any, "TensorReader | None", list["TensorReader"]]:
     """The routed method and the slot readers the engine streams."""
-    from fusion_core.config import make_config
-    from fusion_core.engine.validate import parse_dtype
+    from fusion_core import make_config, parse_dtype
 
     cls = method_class(plan_.mapping)
     slot_models: list[str] = []
@@ -472,7 +467,7 @@ def translate(data: Mapping[str, Any], *, path: str | None = None) -> schema.Rec
 
 
 def _open(ref: str, where: str, allow_pickle: bool) -> "TensorReader":
-    from fusion_core.engine.readers import open_reader
+    from fusion_core import open_reader
 
     if not os.path.exists(ref):
         raise InputError(f"{where}: model {ref!r} is not a local path (fuse merge reads local checkpoints only; download it first)")
@@ -481,9 +476,7 @@ def _open(ref: str, where: str, allow_pickle: bool) -> "TensorReader":
 
 def load(path: str | os.PathLike, *, allow_pickle: bool = False) -> "ImportedMerge":
     """Read the mergekit YAML ``path`` and prepare its merge (the ``mergekit`` recipe format)."""
-    from fusion_core.config import load_yaml_file
-    from fusion_core.engine.validate import parse_dtype
-    from fusion_core.recipes import ImportedMerge
+    from fusion_core import ImportedMerge, load_yaml_file, parse_dtype
 
     recipe = translate(load_yaml_file(path), path=str(Path(path)))  # bounded, safe reader first
     text = Path(path).read_text(encoding="utf-8")
@@ -505,7 +498,7 @@ def load(path: str | os.PathLike, *, allow_pickle: bool = False) -> "ImportedMer
         for reader in readers.values():
             reader.close()
         raise
-    from fusion_core.console import error_console
+    from fusion_core import error_console
 
     for note in plan_.notes:
         error_console().print(note, markup=False, highlight=False)

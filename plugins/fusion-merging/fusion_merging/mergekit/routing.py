@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from fusion_core.engine.readers import TensorReader
+from fusion_core import TensorReader
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -192,7 +192,7 @@ def _configured_for(cls: type):
         cache = self.__dict__.setdefault("_configured_cache", {})
         method = cache.get(route.fields)
         if method is None:
-            from fusion_core.config import make_config
+            from fusion_core import make_config
 
             config = make_config(cls.Config, route.field_dict(), where=f"method {cls.name}")
             method = cache[route.fields] = cls(config)

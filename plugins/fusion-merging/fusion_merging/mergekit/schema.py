@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core.errors import ConfigError
+from fusion_core import ConfigError
 
 TOP_LEVEL = (
     "merge_method",

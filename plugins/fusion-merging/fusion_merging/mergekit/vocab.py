@@ -24,12 +24,12 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fusion_core.errors import ConfigError
+from fusion_core import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.engine.readers import TensorReader
+    from fusion_core import TensorReader
 
 VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|lm_head|embed_out)\.weight$")
 """Tensors whose dim 0 is indexed by token (when it has the model's ``vocab_size`` rows)."""

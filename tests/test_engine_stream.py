@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make 
 from merge_testkit import Average, Interrupting, MeanDelta, RandomDrop, TrimMax, leftovers
 from safetensors.torch import load_file, save_file
 
-from fusion_core.engine.executor import MergeOptions, _plan_units, merge_readers, merge_to_path
 from fusion_core.engine.readers import open_reader
+from fusion_core.engine.stream import MergeOptions, _plan_units, merge_readers, merge_to_path
 from fusion_core.engine.validate import TensorPlan
 from fusion_core.errors import InputError, PluginError
 

@@ -1,4 +1,4 @@
-"""The streaming merge executor: one tensor name at a time, reading ahead on a thread.
+"""The streaming merge loop: one tensor name at a time, reading ahead on a thread.
 
 Two entry points share one loop:
 
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _stderr(message: str) -> None:
-    from ..console import error_console
+    from ..consoles import error_console
 
     error_console().print(message, markup=False, highlight=False, soft_wrap=True)
 
@@ -621,7 +621,7 @@ class _cli_progress:
     def __enter__(self) -> Callable[[], None] | None:
         if not self.enabled:
             return None
-        from ..console import error_console
+        from ..consoles import error_console
 
         console = error_console()
         if not console.is_terminal:
