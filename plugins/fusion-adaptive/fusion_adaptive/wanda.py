@@ -25,9 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 from fusion_merging.pruning import PruneConfig
 
-from fusion_core.components import Capabilities
-from fusion_core.config import option, positive
-from fusion_core.errors import InputError
+from fusion_core import Capabilities, InputError, option, positive
 
 from .common import AdaptiveMethod, note, prepare, progress, tied_aliases, to_device
 from .modules import key as pkey
@@ -37,8 +35,7 @@ from .regmean import GramCollector, batch_inputs, find_blocks
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 class SquaredNormCollector(GramCollector):

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fusion_core.errors import InputError
+from fusion_core import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.engine.readers import TensorReader
+    from fusion_core import TensorReader
 
 EPS = 1e-8
 BLOCK = 1 << 16
@@ -179,7 +179,7 @@ def heatmap_png(report: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("--png needs matplotlib: pip install 'fusion-merging[plot]' (or pip install matplotlib)") from None
-    from fusion_core.output import atomic_output
+    from fusion_core import atomic_output
 
     names, matrix = report["models"], report["whole"]["cosine"]
     size = 1.2 + 0.7 * len(names)
@@ -224,9 +224,7 @@ def task_vectors_command(base, models, per, png, json_path, allow_pickle, fmt):
     \b
       fuse analyze task-vectors --base base/ --model a/ --model b/ --model c/ --png cos.png
     """
-    from fusion_core.engine.readers import open_reader
-    from fusion_core.output import check_output_path, write_text_atomic
-    from fusion_core.tables import Column, default_format, emit
+    from fusion_core import Column, check_output_path, default_format, emit, open_reader, write_text_atomic
 
     inputs = [base, *models]
     for out in (png, json_path):

@@ -29,17 +29,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from fusion_core.components import Capabilities, Method
-from fusion_core.config import in_range, option
-from fusion_core.engine.kernel import KernelContext
+from fusion_core import Capabilities, KernelContext, Method, in_range, option
 
 from .task_arithmetic import _TaskVectorMethod, add_scaled, linear_merge, task_vectors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 def tall_masks(deltas: Sequence["torch.Tensor"], tall_mask_lambda: float) -> list["torch.Tensor"]:

@@ -23,15 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from fusion_core.engine.kernel import KernelContext
+from fusion_core import KernelContext
 
 from .task_arithmetic import _TaskVectorMethod, task_vectors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core.components import ModelPool
-    from fusion_core.run_context import RunContext
+    from fusion_core import ModelPool, RunContext
 
 
 def emr_elect(deltas: Sequence["torch.Tensor"]) -> tuple["torch.Tensor", list["torch.Tensor"]]:

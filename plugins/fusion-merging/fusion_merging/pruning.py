@@ -26,10 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import attrs
 
-from fusion_core.components import Capabilities
-from fusion_core.config import in_range, option, positive
-from fusion_core.engine.kernel import KernelContext, KernelMethod
-from fusion_core.errors import InputError
+from fusion_core import Capabilities, InputError, KernelContext, KernelMethod, in_range, option, positive
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

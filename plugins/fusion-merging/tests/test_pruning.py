@@ -114,7 +114,7 @@ def test_defaults_are_fusionbench_yaml():
 
 
 def test_engine_prunes_a_base_alone_and_copies_every_other_tensor():
-    from fusion_core.engine.executor import MergeOptions, merge_readers
+    from fusion_core.engine.stream import MergeOptions, merge_readers
 
     g = torch.Generator().manual_seed(9)
     base = {"model.embed_tokens.weight": torch.randn(10, 8, generator=g), LINEAR: torch.randn(12, 8, generator=g),
