@@ -70,7 +70,8 @@ def test_random_pruning_same_counts(parity_row, prune_type):
         else:
             worst = max(worst, float((value - got[key]).abs().max()))
     parity_row("random_pruning", PEER, f"fusionbench ({prune_type})", worst,
-               "RandomPruningForLlama: random masks (different generators); compared: zeros per row / per group of 4, untouched tensors")
+               "RandomPruningForLlama: random masks (different generators); compared: zeros per row / per group of 4, untouched tensors",
+               statistics=True)
     assert worst == 0.0
 
 
