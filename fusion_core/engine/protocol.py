@@ -76,6 +76,11 @@ class Kernel(abc.ABC):
     """``True`` when the kernel treats elements independently, so the engine may hand it row blocks
     of very large tensors; ``False`` for kernels that need the whole tensor (top-k, norms, SVD)."""
 
+    rowwise: ClassVar[bool] = False
+    """``True`` when the kernel treats each row (slice along dim 0) of a tensor of two or more dims
+    independently (DELLA's per-row ranks): the engine may hand it blocks of whole rows of such
+    tensors, in row order with ``ctx.start`` set, as for ``elementwise``; 0-D/1-D tensors come whole."""
+
     @abc.abstractmethod
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         """Raise :class:`~fusion_core.errors.InputError` when the inputs do not fit."""

@@ -181,13 +181,15 @@ def fused_merge(
     weights: Sequence[float],
     variant: str,
     config: Any,
+    block: int | None = None,
 ) -> "torch.Tensor":
     """θ₀ + λ·merge(sparse τ₁ … τ_N), block by block.
 
     ``fill(i, base_block, model_block, out, flat_offset)`` writes model ``i``'s sparse task
     vector for the block into ``out`` and returns ``False`` when it is all zero (a model
     trimmed to nothing; TIES then leaves it out, which changes nothing).
-    ``offset`` is the flat position of ``base[0]`` in the whole tensor.
+    ``offset`` is the flat position of ``base[0]`` in the whole tensor; ``block`` the
+    entries per block (default :data:`sparsify.BLOCK`; DELLA passes whole rows).
     """
     import torch
 
@@ -197,7 +199,7 @@ def fused_merge(
     out = torch.empty_like(flat_base)
     if n == 0:
         return out.reshape(base.shape)
-    size = min(n, sparsify.BLOCK)
+    size = min(n, block or sparsify.BLOCK)
     ws = _Workspace(len(flats), size, flat_base.dtype, flat_base.device)
     scale = float(config.scaling_factor)
     for start in range(0, n, size):
@@ -394,6 +396,27 @@ class _TaskVectorMethod(KernelMethod):
             value = getattr(self.config, key, None)
             if isinstance(value, (list, tuple)) and len(value) != n_models:
                 raise InputError(f"method {self.name!r}: {key} has {len(value)} value(s) for {n_models} model(s)")
+
+    def _stream(self, ctx: KernelContext, index: int, offset: int) -> list:
+        """Model ``index``'s random stream for this tensor, ``[generator, position]``, positioned at
+        flat ``offset``: the draws of ``ctx.rand_like(τ, salt=str(index))``, continued across row
+        blocks (random methods: DARE, DELLA; re-drawn up to ``offset`` if blocks come out of order)."""
+        import torch
+
+        streams = self.__dict__.setdefault("_streams", {})
+        key = (ctx.name, index)
+        if offset == 0 or key not in streams:
+            if offset == 0:  # a new tensor: forget the others' streams
+                for other in [k for k in streams if k[0] != ctx.name]:
+                    del streams[other]
+            streams[key] = [ctx.generator(str(index)), 0]
+        entry = streams[key]
+        if entry[1] != offset:  # out of order: start over and skip ahead (not taken by the engine)
+            entry[0], entry[1] = ctx.generator(str(index)), 0
+            for start in range(0, offset, sparsify.BLOCK):
+                torch.rand(min(sparsify.BLOCK, offset - start), generator=entry[0], dtype=torch.float32)
+            entry[1] = offset
+        return entry
 
     def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str) -> "torch.Tensor":
         cfg = self.config
@@ -728,29 +751,10 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self._thresholds: list | None = None
-        self._streams: dict = {}
         if self.config.rescale != "l1":
             # masks are drawn in the block loop from one stream per (tensor, model): no per-tensor
             # statistic is needed (the L1 rescale needs the masked norm first: two phases)
             self.elementwise = True
-
-    def _stream(self, ctx: KernelContext, index: int, offset: int) -> "torch.Generator":
-        """Model ``index``'s random stream for this tensor, positioned at flat ``offset``: the draws of
-        ``ctx.rand_like(τ, salt=str(index))``, continued across row blocks (re-drawn if out of order)."""
-        import torch
-
-        key = (ctx.name, index)
-        if offset == 0 or key not in self._streams:
-            if offset == 0:
-                self._streams = {k: v for k, v in self._streams.items() if k[0] == ctx.name}
-            self._streams[key] = [ctx.generator(str(index)), 0]
-        entry = self._streams[key]
-        if entry[1] != offset:  # out of order: start over and skip ahead (not taken by the engine)
-            entry[0], entry[1] = ctx.generator(str(index)), 0
-            for start in range(0, offset, sparsify.BLOCK):
-                torch.rand(min(sparsify.BLOCK, offset - start), generator=entry[0], dtype=torch.float32)
-            entry[1] = offset
-        return entry
 
     def _trims(self) -> bool:
         trim = self.config.ties_trim
@@ -984,25 +988,66 @@ class Della(_TaskVectorMethod):
                         )
             check_weight_sum("della", self.weights, self.normalize and self.variant == "linear")
 
+    # Ranks are taken within rows, so the kernel sees blocks of whole rows (``rowwise``) and
+    # draws each model's mask from its stream inside the fused block loop; blocks of any size
+    # give the same bytes as the reference (``keep_probs``, ``ctx.rand_like(τ, salt=str(i)) <
+    # p``, ``apply_rescale``, ``ties_merge``/``linear_merge`` on the whole tensor).  The L1
+    # rescale needs whole-tensor norms: that path takes whole tensors and the reference operations.
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        if self.config.rescale != "l1":
+            self.rowwise = True
+
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        import torch
+
         cfg = self.config
-        deltas = []
         n = len(tensors)
         densities, epsilons = self._per_model("density", n), self._per_model("epsilon", n)
-        for i, tau in enumerate(task_vectors(base, tensors)):
-            probs = self.keep_probs(tau, densities[i], epsilons[i])
-            mask = sparsify.probability_mask(tau, probs, ctx, salt=str(i))
-            deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, probs))
-        return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
+        weights = self._weights(n)
+        offset = _row_offset(base, ctx.start)
+        streams = [self._stream(ctx, i, offset) for i in range(n)]
+        if cfg.rescale == "l1" or not fused_supported(base):  # the reference operations on this block
+            deltas = []
+            for i, t in enumerate(tensors):
+                tau = t - base
+                probs = self.keep_probs(tau, densities[i], epsilons[i])
+                noise = torch.rand(tau.shape, generator=streams[i][0], dtype=torch.float32).to(tau.device)
+                streams[i][1] = offset + tau.numel()
+                deltas.append(sparsify.apply_rescale(cfg.rescale, tau, noise < probs, probs))
+            return self._combine(base, deltas, weights, cfg.variant)
+        row = math.prod(base.shape[1:]) if base.dim() >= 2 else max(1, base.numel())
+        block = max(1, sparsify.BLOCK // row) * row
+        size = min(base.numel(), block)
+        probs = torch.empty(size, dtype=torch.float32, device=base.device)
+        noise = torch.empty(size, dtype=torch.float32)
+        drop = torch.empty(size, dtype=torch.bool, device=base.device)
 
+        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+            length = out.numel()
+            torch.sub(t, b, out=out)
+            shape = (length // row, *base.shape[1:]) if base.dim() >= 2 else base.shape
+            p = probs[:length]
+            self.keep_probs(out.view(shape), densities[i], epsilons[i], out=p.view(shape))
+            torch.rand(length, generator=streams[i][0], dtype=torch.float32, out=noise[:length])
+            streams[i][1] = at + length
+            torch.ge(noise[:length].to(out.device), p, out=drop[:length])
+            out.masked_fill_(drop[:length], 0.0)  # dropped entries are +0, as torch.where gives
+            if cfg.rescale == "inverse_p":
+                out.div_(p)
+            return True
 
-    def keep_probs(self, tau: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
-        """MagPrune keep probabilities, ranked per row or along dim 1 (``ranking``)."""
+        return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg, block=block)
+
+    def keep_probs(self, tau: "torch.Tensor", density: float, epsilon: float, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """MagPrune keep probabilities, ranked per row or along dim 1 (``ranking``); into ``out`` if given."""
         if self.config.ranking == "dim1" and tau.dim() > 2:
             moved = tau.movedim(1, -1)
             probs = sparsify.della_keep_probs(moved.reshape(-1, moved.shape[-1]), density, epsilon)
-            return probs.reshape(moved.shape).movedim(-1, 1)
-        return sparsify.della_keep_probs(tau, density, epsilon)
+            probs = probs.reshape(moved.shape).movedim(-1, 1)
+            return probs if out is None else out.copy_(probs)
+        return sparsify.della_keep_probs(tau, density, epsilon, out=out)
 
 
 class Sce(_TaskVectorMethod):
