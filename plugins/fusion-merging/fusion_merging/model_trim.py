@@ -9,12 +9,13 @@ Finding ``v`` exactly without holding the model: a non-negative float's bit patt
 as an integer, orders like the float, so ``v`` is found by counting bit patterns in a
 *window* ``[lo, lo + 2^18·2^s)`` of patterns, 2^18 buckets of ``2^s`` patterns each:
 
-- pass 1 reads a strided sample of every tensor (every 16th entry, thinned to at most
-  2^19) and brackets ``v`` between two sample order statistics (±6σ of the rank's
+- pass 1 reads a strided sample of every tensor (every 16th entry, the step doubling as the
+  sample is thinned to at most 2^19) and brackets ``v`` between two sample order statistics (±6σ of the rank's
   sampling error): the first window;
-- each further pass counts the entries below the window and, for those inside it, their
-  bucket (a 262,144-entry histogram); the bucket holding rank k becomes the next window
-  (``s`` drops by 18), until ``s = 0``: the bucket is one bit pattern, ``v`` itself.
+- each further pass counts, in one ``bincount`` of the clamped offsets ``(bits − lo) >> s``,
+  the entries below the window, above it, and in each of its buckets (a 262,144-entry
+  histogram); the bucket holding rank k becomes the next window (``s`` drops by 18), until
+  ``s = 0``: the bucket is one bit pattern, ``v`` itself.
 
 A good bracket spans few patterns, so float32 usually needs the sample pass and one
 counting pass; if the rank falls outside the bracket (a skewed sample), the window
@@ -37,7 +38,8 @@ BINS = 1 << 18
 CHUNK = 1 << 20
 """Entries per block of :meth:`KthMagnitude.add_difference` (its temporaries stay a few MiB)."""
 SAMPLE_STEP = 16
-"""Every SAMPLE_STEP-th entry of each tensor goes into the bracketing sample."""
+"""Every SAMPLE_STEP-th entry of each tensor goes into the bracketing sample, at first (the step
+doubles whenever the sample is thinned)."""
 SAMPLE_CAP = 1 << 18
 """The sample is thinned (every other entry) whenever it grows past twice this."""
 MAX_PASSES = 6
@@ -138,17 +140,18 @@ class KthMagnitude:
         bits = flat.view(self.int_dtype)
         if self.int_dtype == torch.int16:
             bits = bits.to(torch.int32)
-        span = BINS << self.shift
-        if self.lo == 0 and span >= (1 << self.bits):  # the window holds every pattern
-            inside = bits
-        else:
-            if self.lo:
-                self.below += int((bits < self.lo).sum())
-            inside = bits[(bits >= self.lo) & (bits < self.lo + span)]
-        key = inside - self.lo if self.lo else inside
+        if self.lo == 0 and (BINS << self.shift) >= (1 << self.bits):  # the window holds every pattern
+            key = bits >> self.shift if self.shift else bits
+            self.hist += torch.bincount(key, minlength=BINS)[:BINS]
+            return
+        # one histogram op: bucket 0 counts the entries below the window, 1…BINS its buckets, BINS + 1 those above
+        key = bits - self.lo
         if self.shift:
-            key = key >> self.shift
-        self.hist += torch.bincount(key, minlength=BINS)[:BINS]
+            key.bitwise_right_shift_(self.shift)  # floor: entries below the window stay negative
+        key.clamp_(-1, BINS).add_(1)
+        counts = torch.bincount(key, minlength=BINS + 2)
+        self.below += int(counts[0])
+        self.hist += counts[1 : BINS + 1]
 
     def _keep_sample(self, values: "torch.Tensor") -> None:
         import torch
@@ -156,8 +159,10 @@ class KthMagnitude:
         self._sample.append(values.reshape(-1).to(torch.float64))
         self._sampled += values.numel()
         if self._sampled > 2 * SAMPLE_CAP:  # thin it: every other entry, and sample half as often from now on
-            merged = torch.cat(self._sample)[::2]
-            self._sample, self._sampled, self._step = [merged], merged.numel(), self._step * 2
+            merged = torch.cat(self._sample)
+            while merged.numel() > 2 * SAMPLE_CAP:
+                merged, self._step = merged[::2], self._step * 2
+            self._sample, self._sampled = [merged.clone()], merged.numel()
 
     def _pattern(self, value: float, up: bool) -> int:
         """The bit pattern of ``value`` in this dtype (rounded down, or up with ``up``)."""
