@@ -126,6 +126,18 @@ class KthMagnitude:
             torch.sub(a[start : start + part.numel()], b[start : start + part.numel()], out=part)
             self.add(part.abs_())
 
+    @property
+    def sample_step(self) -> int:
+        """In the sampling pass: the stride at which :meth:`add` samples (for :meth:`add_sample`)."""
+        return self._step
+
+    def add_sample(self, sampled: "torch.Tensor", count: int) -> None:
+        """The sampling pass without the whole tensor: ``count`` entries of which ``sampled`` are
+        every :attr:`sample_step`-th magnitude (or values distributed like them: the sample only
+        places the first window, so it changes how many passes run, never the threshold)."""
+        self.count += count
+        self._keep_sample(sampled)
+
     def add(self, magnitudes: "torch.Tensor") -> None:
         """Count the non-negative ``magnitudes`` (any shape, the compute dtype) in this pass."""
         import torch

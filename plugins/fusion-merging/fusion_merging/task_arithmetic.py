@@ -766,16 +766,49 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
         return self._per_model("ties_trim", n) if self._trims() else None
 
     def _feed(self, kth: Any, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
-        """Count model ``index``'s dropped, rescaled |τ| of this tensor, block by block (the mask stays packed)."""
+        """Count model ``index``'s dropped, rescaled |τ| of this tensor, block by block, with the
+        draws of the merge (its stream, in the fused loop's operations).  The sampling pass draws
+        only for the sampled entries, from a stream of their own: they stand for the drop's
+        statistics and place the first window (the threshold itself is counted exactly)."""
+        import torch
 
-        mask = self.chunk_stats(name, base, tensor, index, ctx)
-        density = self.config.density[index] if isinstance(self.config.density, (list, tuple)) else self.config.density
+        cfg = self.config
+        density = cfg.density[index] if isinstance(cfg.density, (list, tuple)) else cfg.density
         a, b = tensor.reshape(-1), base.reshape(-1)
-        for start in range(0, a.numel(), sparsify.BLOCK):
-            tau = a[start : start + sparsify.BLOCK] - b[start : start + sparsify.BLOCK]
-            if not mask.keep_all:
-                tau.mul_(mask.block(start, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
-            kth.add(sparsify.apply_packed_rescale(self.config.rescale, tau, mask, density).abs_())
+        if cfg.rescale == "l1":  # the L1 factor needs the whole masked tensor: the packed mask
+            mask = self.chunk_stats(name, base, tensor, index, ctx)
+            for start in range(0, a.numel(), sparsify.BLOCK):
+                tau = a[start : start + sparsify.BLOCK] - b[start : start + sparsify.BLOCK]
+                if not mask.keep_all:
+                    tau.mul_(mask.block(start, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
+                kth.add(sparsify.apply_packed_rescale(cfg.rescale, tau, mask, density).abs_())
+            return
+        if kth.sampling:
+            step = kth.sample_step
+            tau = a[::step] - b[::step]
+            if 0 < density < 1:
+                noise = torch.rand(tau.numel(), generator=ctx.generator(f"{index}/sample"), dtype=torch.float32)
+                tau.mul_(noise.to(tau.device) < density)
+            elif density <= 0:
+                tau.zero_()
+            kth.add_sample(sparsify.apply_packed_rescale(cfg.rescale, tau, _NO_L1, density).abs_(), a.numel())
+            return
+        generator = ctx.generator(str(index))  # the merge's stream (Dare._stream at offset 0)
+        size = min(a.numel(), sparsify.BLOCK)
+        tau = torch.empty(size, dtype=a.dtype, device=a.device)
+        noise = torch.empty(size, dtype=torch.float32)
+        keep = torch.empty(size, dtype=torch.bool)
+        for start in range(0, a.numel(), size):
+            length = min(size, a.numel() - start)
+            part = tau[:length]
+            torch.sub(a[start : start + length], b[start : start + length], out=part)
+            if density <= 0:
+                part.zero_()
+            elif density < 1:
+                torch.rand(length, generator=generator, dtype=torch.float32, out=noise[:length])
+                torch.lt(noise[:length], density, out=keep[:length])
+                part.mul_(keep[:length].to(part.device))
+            kth.add(sparsify.apply_packed_rescale(cfg.rescale, part, _NO_L1, density).abs_())
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         if getattr(self, "elementwise", False):
