@@ -418,6 +418,35 @@ class _TaskVectorMethod(KernelMethod):
             entry[1] = offset
         return entry
 
+    def _merge_trimmed(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int, variant: str) -> "torch.Tensor":
+        """θ₀ + λ·merge of the τᵢ trimmed by their selections (:class:`sparsify.TopK` or
+        :class:`sparsify.AtLeast`), flat positions ``offset …``: TIES, magnitude_prune."""
+        import torch
+
+        weights = self._weights(len(tensors))
+        if not fused_supported(base):  # the reference operations on this block
+            deltas = []
+            for t, selection in zip(tensors, stats, strict=True):
+                tau = (t - base).reshape(-1)
+                keep = selection.keep_mask(tau.abs(), offset)
+                deltas.append(torch.where(keep, tau, torch.zeros_like(tau)).reshape(base.shape))
+            return self._combine(base, deltas, weights, variant)
+        lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, base.dtype) for s in stats]
+
+        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+            selection = stats[i]
+            if selection.keep_none:
+                out.zero_()
+                return False
+            torch.sub(t, b, out=out)
+            if lambdas[i] is not None:
+                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
+                if selection.threshold != 0:  # at 0 the tied entries are zeros either way
+                    selection.drop_ties(out, at)
+            return True
+
+        return fused_merge(base, tensors, offset, fill, weights, variant, self.config)
+
     def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str) -> "torch.Tensor":
         cfg = self.config
         if variant == "ties":
@@ -478,15 +507,23 @@ class MagnitudePrune(_TaskVectorMethod):
         def __attrs_post_init__(self) -> None:
             check_weight_sum("magnitude_prune", self.weights, self.normalize)
 
-    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
-        import torch
+    # Like TIES (trim: tensor): a per-model top-k selection (phase 1 of the engine's two-phase
+    # protocol), then the trim and the linear merge in the fused block loop (phase 2); the same
+    # bytes as ``torch.where(magnitude_mask(τ, d), τ, 0)`` and ``linear_merge``.
 
-        densities = self._per_model("density", len(tensors))
-        deltas = [
-            torch.where(sparsify.magnitude_mask(tau, d), tau, torch.zeros_like(tau))
-            for tau, d in zip(task_vectors(base, tensors), densities, strict=True)
-        ]
-        return self._combine(base, deltas, self._weights(len(deltas)), "linear")
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
+        return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
+
+    def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.TopK:
+        """Phase 1: the top-``density`` selection of ``|τᵢ|`` over the whole tensor."""
+        density = self.config.density
+        return sparsify.magnitude_top_k(base, tensor, density[index] if isinstance(density, (list, tuple)) else density)
+
+    def kernel_chunk(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext,
+                     stats: Sequence[sparsify.TopK], start: int) -> "torch.Tensor":
+        """Phase 2: rows ``start …`` of the merge, given every model's selection."""
+        return self._merge_trimmed(base, tensors, stats, _row_offset(base, start), "linear")
 
 
 class _WholeModelTrim:
@@ -648,30 +685,7 @@ class Ties(_WholeModelTrim, _TaskVectorMethod):
         return self._merge(base, tensors, stats, _row_offset(base, start))
 
     def _merge(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int) -> "torch.Tensor":
-        import torch
-
-        weights = self._weights(len(tensors))
-        if not fused_supported(base):  # the reference operations on this block
-            deltas = []
-            for t, selection in zip(tensors, stats, strict=True):
-                tau = (t - base).reshape(-1)
-                keep = selection.keep_mask(tau.abs(), offset)
-                deltas.append(torch.where(keep, tau, torch.zeros_like(tau)).reshape(base.shape))
-            return self._combine(base, deltas, weights, "ties")
-        lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, base.dtype) for s in stats]
-
-        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
-            selection = stats[i]
-            if selection.keep_none:
-                return False
-            torch.sub(t, b, out=out)
-            if lambdas[i] is not None:
-                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
-                if selection.threshold != 0:  # at 0 the tied entries are zeros either way
-                    selection.drop_ties(out, at)
-            return True
-
-        return fused_merge(base, tensors, offset, fill, weights, "ties", self.config)
+        return self._merge_trimmed(base, tensors, stats, offset, "ties")
 
 
 DARE_PRESETS: dict[str, dict[str, Any]] = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fusion_merging import sparsify
 from fusion_merging import task_arithmetic as ta
-from fusion_merging.task_arithmetic import Dare, Della, Ties
+from fusion_merging.task_arithmetic import Dare, Della, MagnitudePrune, Ties
 
 from fusion_core.engine.executor import MergeOptions, merge_readers
 from fusion_core.engine.kernel import KernelContext
@@ -147,6 +147,25 @@ def test_dare_chunked_equals_whole_equals_the_oracle(variant, rescale, density, 
             assert same_bytes(chunked[name], whole[name]), (rows, name)
     for name, b in base.items():
         assert same_bytes(whole[name], oracle_dare(name, b, [m[name] for m in models], cfg, seed=9)), name
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["ties", "distinct"])
+@pytest.mark.parametrize(
+    "fields", [{"density": 0.2}, {"density": [0.0, 0.5, 1.0], "weights": [1.0, -2.0, 0.5], "normalize": True}], ids=["one", "per-model"]
+)
+def test_magnitude_prune_chunked_equals_whole_equals_the_oracle(fields, quantized):
+    cfg = MagnitudePrune.Config(scaling_factor=0.7, **fields)
+    method = MagnitudePrune(cfg)
+    base, models = pool(3, 4, quantized)
+    whole = engine(method, base, models, None)
+    for rows in (1, 7, 64):
+        chunked = engine(method, base, models, rows)
+        assert all(same_bytes(chunked[k], whole[k]) for k in base), rows
+    densities = cfg.density if isinstance(cfg.density, list) else [cfg.density] * 3
+    for name, b in base.items():
+        deltas = [oracle_trim(m[name] - b, d) for m, d in zip(models, densities, strict=True)]
+        merged = ta.linear_merge(deltas, cfg.weights or [1.0] * 3, cfg.normalize)
+        assert same_bytes(whole[name], ta.add_scaled(b, merged, cfg.scaling_factor)), name
 
 
 def oracle_della(name, base, tensors, cfg, seed) -> torch.Tensor:
