@@ -12,10 +12,10 @@ as an integer, orders like the float, so ``v`` is found by counting bit patterns
 - pass 1 reads a strided sample of every tensor (every 16th entry, the step doubling as the
   sample is thinned to at most 2^19) and brackets ``v`` between two sample order statistics (±6σ of the rank's
   sampling error): the first window;
-- each further pass counts, in one ``bincount`` of the clamped offsets ``(bits − lo) >> s``,
-  the entries below the window, above it, and in each of its buckets (a 262,144-entry
-  histogram); the bucket holding rank k becomes the next window (``s`` drops by 18), until
-  ``s = 0``: the bucket is one bit pattern, ``v`` itself.
+- each further pass counts, from the offsets ``bits − lo``, the entries below the window and,
+  for the few inside it, their bucket ``offset >> s`` (a 262,144-entry histogram); the bucket
+  holding rank k becomes the next window (``s`` drops by 18), until ``s = 0``: the bucket is
+  one bit pattern, ``v`` itself.
 
 A good bracket spans few patterns, so float32 usually needs the sample pass and one
 counting pass; if the rank falls outside the bracket (a skewed sample), the window
@@ -31,6 +31,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
 BINS = 1 << 18
@@ -156,14 +157,33 @@ class KthMagnitude:
             key = bits >> self.shift if self.shift else bits
             self.hist += torch.bincount(key, minlength=BINS)[:BINS]
             return
-        # one histogram op: bucket 0 counts the entries below the window, 1…BINS its buckets, BINS + 1 those above
+        if bits.device.type == "cpu":
+            self._count_band(bits.numpy())
+            return
+        # elsewhere one histogram op: bucket 0 counts the entries below the window, 1…BINS its buckets, BINS + 1 above
         key = bits - self.lo
         if self.shift:
             key.bitwise_right_shift_(self.shift)  # floor: entries below the window stay negative
         key.clamp_(-1, BINS).add_(1)
-        counts = torch.bincount(key, minlength=BINS + 2)
+        counts = torch.bincount(key, minlength=BINS + 2).cpu()
         self.below += int(counts[0])
         self.hist += counts[1 : BINS + 1]
+
+    def _count_band(self, bits: "np.ndarray") -> None:
+        """Count on CPU: the offsets ``bits − lo``, those below the window (negative) and, for the
+        few inside it (unsigned offset < the window's span), their buckets."""
+        import numpy as np
+        import torch
+
+        key = np.subtract(bits, bits.dtype.type(self.lo))
+        flags = np.less(key, 0)
+        self.below += int(np.count_nonzero(flags))
+        unsigned = key.view(np.uint32 if key.dtype == np.int32 else np.uint64)
+        np.less(unsigned, unsigned.dtype.type(BINS << self.shift), out=flags)
+        inside = key[flags]
+        if self.shift:
+            inside >>= self.shift
+        self.hist += torch.from_numpy(np.bincount(inside, minlength=BINS)[:BINS])
 
     def _keep_sample(self, values: "torch.Tensor") -> None:
         import torch
