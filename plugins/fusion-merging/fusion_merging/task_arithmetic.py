@@ -1069,7 +1069,7 @@ class Della(_TaskVectorMethod):
         size = min(base.numel(), block)
         probs = torch.empty(size, dtype=torch.float32, device=base.device)
         noise = torch.empty(size, dtype=torch.float32)
-        drop = torch.empty(size, dtype=torch.bool, device=base.device)
+        keep = torch.empty(size, dtype=torch.bool, device=base.device)
 
         def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
             length = out.numel()
@@ -1079,10 +1079,11 @@ class Della(_TaskVectorMethod):
             self.keep_probs(out.view(shape), densities[i], epsilons[i], out=p.view(shape))
             torch.rand(length, generator=streams[i][0], dtype=torch.float32, out=noise[:length])
             streams[i][1] = at + length
-            torch.ge(noise[:length].to(out.device), p, out=drop[:length])
-            out.masked_fill_(drop[:length], 0.0)  # dropped entries are +0, as torch.where gives
+            torch.lt(noise[:length].to(out.device), p, out=keep[:length])
+            out.mul_(keep[:length])
             if cfg.rescale == "inverse_p":
                 out.div_(p)
+            out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference (a kept τ = −0 has base +0: no change)
             return True
 
         return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg, block=block)
