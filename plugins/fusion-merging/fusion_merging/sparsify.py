@@ -498,8 +498,8 @@ def row_order(rows: "torch.Tensor") -> "torch.Tensor":
     """Per row of the 2-D ``rows``, the column indices by ascending ``|x|``, equal magnitudes in
     index order (a stable ``argsort``), as int64.
 
-    float32 on CPU: one int64 key per entry, the magnitude's bit pattern (a non-negative float
-    orders like its bits) above the column index, sorted row by row by numpy's vectorised sort
+    float32 on CPU: one int64 key per entry, the magnitude's bit pattern (the float's bits without
+    the sign bit; a non-negative float orders like its bits) above the column index, sorted row by row by numpy's vectorised sort
     (several times faster than a stable argsort); the low bits of the sorted keys are the
     columns.  Other dtypes and devices: ``torch.argsort(stable=True)``.
     """
@@ -510,8 +510,8 @@ def row_order(rows: "torch.Tensor") -> "torch.Tensor":
         return torch.argsort(rows.abs(), dim=1, stable=True)
     width = max(1, (n - 1).bit_length())
     keys = torch.empty(rows.shape, dtype=torch.int64)
-    keys.copy_(rows.abs().view(torch.int32))
-    keys.bitwise_left_shift_(width).bitwise_or_(torch.arange(n))
+    keys.copy_(rows.view(torch.int32))
+    keys.bitwise_and_(0x7FFFFFFF).bitwise_left_shift_(width).bitwise_or_(torch.arange(n))  # |x|'s bits, then the column
     keys.numpy().sort(axis=1)
     return keys.bitwise_and_((1 << width) - 1)
 
