@@ -64,6 +64,16 @@ def oracle_ties(base, tensors, cfg) -> torch.Tensor:
     return ta.add_scaled(base, ta.ties_merge(deltas, weights, cfg.sign_election, cfg.divisor), cfg.scaling_factor)
 
 
+def oracle_combine(base, deltas, cfg) -> torch.Tensor:
+    """θ₀ + λ·(ties_merge or linear_merge) of sparsified task vectors, by ``cfg.variant``."""
+    weights = cfg.weights or [1.0] * len(deltas)
+    if cfg.variant == "ties":
+        merged = ta.ties_merge(deltas, weights, cfg.sign_election, cfg.divisor)
+    else:
+        merged = ta.linear_merge(deltas, weights, cfg.normalize)
+    return ta.add_scaled(base, merged, cfg.scaling_factor)
+
+
 def oracle_dare(name, base, tensors, cfg, seed) -> torch.Tensor:
     ctx = KernelContext(name=name, seed=seed)
     deltas = []
@@ -71,12 +81,7 @@ def oracle_dare(name, base, tensors, cfg, seed) -> torch.Tensor:
         tau = t - base
         keep = ctx.rand_like(tau, salt=str(i)) < cfg.density  # the documented mask
         deltas.append(sparsify.apply_rescale(cfg.rescale, tau, keep, cfg.density))
-    weights = cfg.weights or [1.0] * len(tensors)
-    if cfg.variant == "ties":
-        merged = ta.ties_merge(deltas, weights, cfg.sign_election, cfg.divisor)
-    else:
-        merged = ta.linear_merge(deltas, weights, cfg.normalize)
-    return ta.add_scaled(base, merged, cfg.scaling_factor)
+    return oracle_combine(base, deltas, cfg)
 
 
 def engine(method, base, models, chunk_rows: int | None, seed: int = 0, dtype: str = "float32") -> dict:
@@ -190,12 +195,7 @@ def oracle_della(name, base, tensors, cfg, seed) -> torch.Tensor:
             probs = probs.movedim(-1, 1) if moved is not tau else probs
         keep = ctx.rand_like(tau, salt=str(i)) < probs
         deltas.append(sparsify.apply_rescale(cfg.rescale, tau, keep, probs))
-    weights = cfg.weights or [1.0] * len(tensors)
-    if cfg.variant == "ties":
-        merged = ta.ties_merge(deltas, weights, cfg.sign_election, cfg.divisor)
-    else:
-        merged = ta.linear_merge(deltas, weights, cfg.normalize)
-    return ta.add_scaled(base, merged, cfg.scaling_factor)
+    return oracle_combine(base, deltas, cfg)
 
 
 @pytest.mark.parametrize(
