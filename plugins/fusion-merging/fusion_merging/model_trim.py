@@ -12,15 +12,18 @@ as an integer, orders like the float, so ``v`` is found by counting bit patterns
 - pass 1 reads a strided sample of every tensor (every 16th entry, the step doubling as the
   sample is thinned to at most 2^19) and brackets ``v`` between two sample order statistics (±6σ of the rank's
   sampling error): the first window;
-- each further pass counts, from the offsets ``bits − lo``, the entries below the window and,
-  for the few inside it, their bucket ``offset >> s`` (a 262,144-entry histogram); the bucket
-  holding rank k becomes the next window (``s`` drops by 18), until ``s = 0``: the bucket is
-  one bit pattern, ``v`` itself.
+- each further pass counts, from the offsets ``bits − lo``, the entries below the window and
+  keeps the offsets of the few inside it (on CPU, up to :data:`BAND_CAP`): ``v`` is the one of
+  rank k among them (``np.partition``), whatever the window's width;
+- past the cap (or on other devices) it counts their buckets ``offset >> s`` instead (a
+  262,144-entry histogram); the bucket holding rank k becomes the next window (``s`` drops by
+  18), until ``s = 0``: the bucket is one bit pattern, ``v`` itself.
 
-A good bracket spans few patterns, so float32 usually needs the sample pass and one
-counting pass; if the rank falls outside the bracket (a skewed sample), the window
-restarts at all patterns (2 more passes for float32, 4 for float64).  Memory per model:
-the sample (≤ 4 MiB) and one int64 histogram (2 MiB), whatever the model's size; each
+A good bracket holds few entries, so the sample pass and one counting pass usually suffice;
+if the rank falls outside the bracket (a skewed sample), the window restarts at all
+patterns (2 more passes for float32, 4 for float64).  Memory per model: the sample
+(≤ 4 MiB), the kept offsets (≤ 16 MiB for float32) and one int64 histogram (2 MiB),
+whatever the model's size; each
 pass reads every tensor of every model once, one tensor at a time.  The result is the exact
 value ``kthvalue`` returns (ties need no cut: FusionBench keeps every entry ``≥ v``).
 """
@@ -43,6 +46,9 @@ SAMPLE_STEP = 16
 doubles whenever the sample is thinned)."""
 SAMPLE_CAP = 1 << 18
 """The sample is thinned (every other entry) whenever it grows past twice this."""
+BAND_CAP = 1 << 22
+"""At most this many in-window entries (their offsets, ≤ 16 MiB for float32) are kept per model in a
+counting pass on CPU, for an exact selection among them; past it the pass counts the histogram."""
 MAX_PASSES = 6
 """Sample, then at most 4 counting passes (float64 after a missed bracket) and one spare."""
 
@@ -95,6 +101,8 @@ class KthMagnitude:
         self.shift = 0
         self.below = 0  # entries below the window, counted in this pass
         self.hist = torch.zeros(BINS, dtype=torch.int64)
+        self._band: list | None = []  # this pass's in-window offsets (CPU), None once the histogram counts
+        self._banded = 0
         self.threshold: float | None = None
         self.keep_all = False
 
@@ -154,12 +162,14 @@ class KthMagnitude:
         if self.int_dtype == torch.int16:
             bits = bits.to(torch.int32)
         if self.lo == 0 and (BINS << self.shift) >= (1 << self.bits):  # the window holds every pattern
+            self._flush_band()
             key = bits >> self.shift if self.shift else bits
             self.hist += torch.bincount(key, minlength=BINS)[:BINS]
             return
         if bits.device.type == "cpu":
             self._count_band(bits.numpy())
             return
+        self._flush_band()
         # elsewhere one histogram op: bucket 0 counts the entries below the window, 1…BINS its buckets, BINS + 1 above
         key = bits - self.lo
         if self.shift:
@@ -171,9 +181,8 @@ class KthMagnitude:
 
     def _count_band(self, bits: "np.ndarray") -> None:
         """Count on CPU: the offsets ``bits − lo``, those below the window (negative) and, for the
-        few inside it (unsigned offset < the window's span), their buckets."""
+        few inside it (unsigned offset < the window's span), their offsets (or buckets, past the cap)."""
         import numpy as np
-        import torch
 
         key = np.subtract(bits, bits.dtype.type(self.lo))
         flags = np.less(key, 0)
@@ -181,9 +190,26 @@ class KthMagnitude:
         unsigned = key.view(np.uint32 if key.dtype == np.int32 else np.uint64)
         np.less(unsigned, unsigned.dtype.type(BINS << self.shift), out=flags)
         inside = key[flags]
-        if self.shift:
-            inside >>= self.shift
-        self.hist += torch.from_numpy(np.bincount(inside, minlength=BINS)[:BINS])
+        if self._band is not None:
+            self._band.append(inside)
+            self._banded += inside.size
+            if self._banded > BAND_CAP:
+                self._flush_band()
+            return
+        self._bucket(inside)
+
+    def _bucket(self, offsets: "np.ndarray") -> None:
+        import numpy as np
+        import torch
+
+        key = offsets >> self.shift if self.shift else offsets
+        self.hist += torch.from_numpy(np.bincount(key, minlength=BINS)[:BINS])
+
+    def _flush_band(self) -> None:
+        """Count the kept in-window offsets into the histogram, and count there from now on."""
+        for offsets in self._band or ():
+            self._bucket(offsets)
+        self._band = None
 
     def _keep_sample(self, values: "torch.Tensor") -> None:
         import torch
@@ -237,11 +263,22 @@ class KthMagnitude:
             hi = self._pattern(float(ordered[hi_rank - 1]), up=True) if hi_rank <= m else (1 << self.bits) - 1
             self._window(lo, hi)
             return
-        cumulative = torch.cumsum(self.hist, 0)
         wanted = self.rank - self.below
+        band, self._band, self._banded = self._band, [], 0
+        self.below = 0
+        if band is not None:  # every in-window entry was kept: select among them, exactly
+            import numpy as np
+
+            offsets = np.concatenate(band) if band else np.zeros(0, dtype=np.int64)
+            if not 1 <= wanted <= offsets.size:  # the bracket missed: count every pattern
+                self._window(0, (1 << self.bits) - 1)
+                return
+            pattern = torch.tensor([self.lo + int(np.partition(offsets, wanted - 1)[wanted - 1])], dtype=torch.int64)
+            self.threshold = float(pattern.to(self.int_dtype).view(self.dtype)[0])
+            return
+        cumulative = torch.cumsum(self.hist, 0)
         total = int(cumulative[-1])
         self.hist.zero_()
-        self.below = 0
         if not 1 <= wanted <= total:  # the bracket missed: count every pattern
             self._window(0, (1 << self.bits) - 1)
             return
