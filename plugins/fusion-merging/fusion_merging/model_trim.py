@@ -101,8 +101,9 @@ class KthMagnitude:
         self.shift = 0
         self.below = 0  # entries below the window, counted in this pass
         self.hist = torch.zeros(BINS, dtype=torch.int64)
-        self._band: list | None = []  # this pass's in-window offsets (CPU), None once the histogram counts
+        self._band = True  # this pass keeps its in-window offsets (CPU); False once the histogram counts
         self._banded = 0
+        self._buffer = None  # the kept offsets: one array of BAND_CAP (pages touched as it fills)
         self.threshold: float | None = None
         self.keep_all = False
 
@@ -190,12 +191,13 @@ class KthMagnitude:
         unsigned = key.view(np.uint32 if key.dtype == np.int32 else np.uint64)
         np.less(unsigned, unsigned.dtype.type(BINS << self.shift), out=flags)
         inside = key[flags]
-        if self._band is not None:
-            self._band.append(inside)
+        if self._band and self._banded + inside.size <= BAND_CAP:
+            if self._buffer is None or self._buffer.dtype != inside.dtype:
+                self._buffer = np.empty(BAND_CAP, dtype=inside.dtype)
+            self._buffer[self._banded : self._banded + inside.size] = inside
             self._banded += inside.size
-            if self._banded > BAND_CAP:
-                self._flush_band()
             return
+        self._flush_band()
         self._bucket(inside)
 
     def _bucket(self, offsets: "np.ndarray") -> None:
@@ -207,9 +209,9 @@ class KthMagnitude:
 
     def _flush_band(self) -> None:
         """Count the kept in-window offsets into the histogram, and count there from now on."""
-        for offsets in self._band or ():
-            self._bucket(offsets)
-        self._band = None
+        if self._band and self._banded:
+            self._bucket(self._buffer[: self._banded])
+        self._band, self._banded = False, 0
 
     def _keep_sample(self, values: "torch.Tensor") -> None:
         import torch
@@ -264,16 +266,15 @@ class KthMagnitude:
             self._window(lo, hi)
             return
         wanted = self.rank - self.below
-        band, self._band, self._banded = self._band, [], 0
-        self.below = 0
-        if band is not None:  # every in-window entry was kept: select among them, exactly
+        band, kept = self._band, self._banded
+        self._band, self._banded, self.below = True, 0, 0
+        if band:  # every in-window entry was kept: select among them, exactly
             import numpy as np
 
-            offsets = np.concatenate(band) if band else np.zeros(0, dtype=np.int64)
-            if not 1 <= wanted <= offsets.size:  # the bracket missed: count every pattern
+            if not 1 <= wanted <= kept:  # the bracket missed: count every pattern
                 self._window(0, (1 << self.bits) - 1)
                 return
-            pattern = torch.tensor([self.lo + int(np.partition(offsets, wanted - 1)[wanted - 1])], dtype=torch.int64)
+            pattern = torch.tensor([self.lo + int(np.partition(self._buffer[:kept], wanted - 1)[wanted - 1])], dtype=torch.int64)
             self.threshold = float(pattern.to(self.int_dtype).view(self.dtype)[0])
             return
         cumulative = torch.cumsum(self.hist, 0)
