@@ -28,8 +28,9 @@ that need a statistic of a model's *whole* task vector (FusionBench's TIES trims
 flattened task vector to its global top k%): before merging, the engine makes up to
 ``model_passes(n)`` passes.  Each pass reads, for every merged tensor name, the base and then
 each model's tensor (read ahead on the prefetch thread), so it holds at most two tensors of
-two inputs; the statistic itself must be small (e.g. :mod:`fusion_merging.model_trim`'s
-histograms), so memory stays independent of the model's size.
+two inputs; the statistic itself must be small (e.g. :mod:`fusion_merging.model_trim`'s sample,
+histogram and kept in-window offsets: a few MiB per model, found exactly in a sample pass and
+usually one counting pass), so memory stays independent of the model's size.
 """
 
 from __future__ import annotations

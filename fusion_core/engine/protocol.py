@@ -40,7 +40,7 @@ class KernelContext:
     device: str = "cpu"
     """The device inputs were moved to."""
     start: int = 0
-    """For an ``elementwise`` kernel given a block of rows: the index of its first row in the
+    """For an ``elementwise`` (or ``rowwise``) kernel given a block of rows: the index of its first row in the
     whole tensor (blocks of one tensor come in row order); 0 for whole tensors."""
 
     def generator(self, salt: str = "") -> "torch.Generator":
