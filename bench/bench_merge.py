@@ -18,11 +18,12 @@ with ``--mergekit PYTHON``, through mergekit 0.1.5's ``mergekit-yaml`` on the sa
 
 Rows: ``task_arithmetic``; ``ties`` = per-tensor TIES (``convention=paper``, density 0.2, the
 naive script's trim); ``ties_model`` = FusionBench's TIES, the default (each model's *whole* task
-vector trimmed to its top 20 %, streamed: two extra histogram passes); ``dare`` = DARE-TIES
+vector trimmed to its top 20 %, streamed: a sample pass and a counting pass); ``dare`` = DARE-TIES
 without a TIES trim (``convention=paper``, density 0.2); ``dare_fb`` = FusionBench's DARE-TIES, the
 default (drop 0.5, rescale, then the whole-model TIES trim); ``della`` = DELLA-TIES at its defaults
-(density 0.5, ε 0.15, per-row magnitude ranks).  The summary prints each row's time
-against ``ties``'s (the issue's goals: ``ties_model`` ≤ 1.5×, random methods ≤ 1.2×).
+(density 0.5, ε 0.15, per-row magnitude ranks); ``magnitude_prune`` = per-tensor top 20 %, linear.
+The summary prints each row's time against ``ties``'s (the issue's goals: ``ties_model`` ≤ 1.5×,
+random methods and magnitude_prune ≤ 1.2×).
 
 Targets (issue 3, on the 2-core box): TA N=4 <= 5 s, TIES N=4 <= 12 s, peak RSS <= 1.5 GB at
 N=4 and growing under 15% from N=4 to N=8.
@@ -50,12 +51,13 @@ METHOD_ARGS = {
     "dare": ["--set", "convention=paper", "--set", "variant=ties", "--set", "density=0.2", "--set", "scaling_factor=0.3"],
     "dare_fb": ["--set", "variant=ties"],
     "della": ["--set", "variant=ties", "--set", "scaling_factor=0.3"],
+    "magnitude_prune": ["--set", "density=0.2", "--set", "scaling_factor=0.3"],
 }
 FUSE_METHOD = {"ties_model": "ties", "dare_fb": "dare"}
 """Rows whose `fuse merge` method differs from the row's label."""
 NAIVE = {"task_arithmetic", "ties", "dare"}
 """Rows the naive script implements."""
-RATIO_GOALS = {"ties_model": 1.5, "dare": 1.2, "della": 1.2}
+RATIO_GOALS = {"ties_model": 1.5, "dare": 1.2, "dare_fb": 1.2, "della": 1.2, "magnitude_prune": 1.2}
 """Goals for a row's time over the per-tensor ``ties`` row's at the same N."""
 TARGETS = {("task_arithmetic", 4): 5.0, ("ties", 4): 12.0}
 

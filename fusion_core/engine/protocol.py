@@ -40,7 +40,7 @@ class KernelContext:
     device: str = "cpu"
     """The device inputs were moved to."""
     start: int = 0
-    """For an ``elementwise`` kernel given a block of rows: the index of its first row in the
+    """For an ``elementwise`` (or ``rowwise``) kernel given a block of rows: the index of its first row in the
     whole tensor (blocks of one tensor come in row order); 0 for whole tensors."""
 
     def generator(self, salt: str = "") -> "torch.Generator":
@@ -75,6 +75,11 @@ class Kernel(abc.ABC):
     elementwise: ClassVar[bool] = False
     """``True`` when the kernel treats elements independently, so the engine may hand it row blocks
     of very large tensors; ``False`` for kernels that need the whole tensor (top-k, norms, SVD)."""
+
+    rowwise: ClassVar[bool] = False
+    """``True`` when the kernel treats each row (slice along dim 0) of a tensor of two or more dims
+    independently (DELLA's per-row ranks): the engine may hand it blocks of whole rows of such
+    tensors, in row order with ``ctx.start`` set, as for ``elementwise``; 0-D/1-D tensors come whole."""
 
     @abc.abstractmethod
     def check_inputs(self, n_models: int, has_base: bool) -> None:

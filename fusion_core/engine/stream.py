@@ -13,7 +13,8 @@ every input, or, for large tensors, a block of rows of every input:
 
 - ``method.elementwise`` kernels see row blocks of at most ``chunk_bytes`` in all, in
   row order, with ``ctx.start`` the first row's index (random kernels continue one
-  random stream per tensor across the blocks);
+  random stream per tensor across the blocks); ``method.rowwise`` kernels too, for
+  tensors of two or more dims;
 - kernels that also implement :class:`~fusion_core.engine.protocol.TwoPhaseKernel` see,
   for large tensors, one input at a time (plus the base), then row blocks;
 - other kernels see whole tensors.
@@ -27,8 +28,9 @@ that need a statistic of a model's *whole* task vector (FusionBench's TIES trims
 flattened task vector to its global top k%): before merging, the engine makes up to
 ``model_passes(n)`` passes.  Each pass reads, for every merged tensor name, the base and then
 each model's tensor (read ahead on the prefetch thread), so it holds at most two tensors of
-two inputs; the statistic itself must be small (e.g. :mod:`fusion_merging.model_trim`'s
-histograms), so memory stays independent of the model's size.
+two inputs; the statistic itself must be small (e.g. :mod:`fusion_merging.model_trim`'s sample,
+histogram and kept in-window offsets: a few MiB per model, found exactly in a sample pass and
+usually one counting pass), so memory stays independent of the model's size.
 """
 
 from __future__ import annotations
@@ -261,6 +263,7 @@ def _plan_units(
     method: Any, plans: Sequence[TensorPlan], n_inputs: int, n_models: int, itemsize: int, chunk_bytes: int
 ) -> list[_Unit]:
     elementwise = isinstance(method, Kernel) and method.elementwise
+    rowwise = isinstance(method, Kernel) and method.rowwise
     two_phase = isinstance(method, TwoPhaseKernel)
     units: list[_Unit] = []
     for plan in plans:
@@ -281,13 +284,14 @@ def _plan_units(
                 units.append(_Unit(plan, "pass"))
             continue
         big = big and numel * itemsize * n_inputs > chunk_bytes
-        if big and (elementwise or two_phase):
+        by_rows = elementwise or (rowwise and len(plan.shape) >= 2)
+        if big and (by_rows or two_phase):
             rows = _rows_per_unit(plan, n_inputs, itemsize, chunk_bytes)
-            if two_phase and not elementwise:
+            if two_phase and not by_rows:
                 units += [_Unit(plan, "stats", index=i, last=False) for i in range(n_models)]
             starts = list(range(0, plan.shape[0], rows))
             # rows already checked for NaN/Inf in the stats pass are not checked again
-            index = -2 if (two_phase and not elementwise) else -1
+            index = -2 if (two_phase and not by_rows) else -1
             units += [_Unit(plan, "rows", s, min(s + rows, plan.shape[0]), index=index, last=s == starts[-1]) for s in starts]
         else:
             units.append(_Unit(plan, "whole"))
@@ -416,7 +420,7 @@ def _process(method, unit: _Unit, data: Any, sink, stats: dict, labels: list[str
         shape = (unit.stop - unit.start,) + tuple(plan.shape[1:])
         if name in stats:
             out = method.kernel_chunk(name, base, tensors, kernel_context(name), stats[name], unit.start)
-        else:  # an elementwise kernel on rows [start, stop): ctx.start says where they begin
+        else:  # an elementwise (or rowwise) kernel on rows [start, stop): ctx.start says where they begin
             out = method.kernel(name, base, tensors, attrs.evolve(kernel_context(name), start=unit.start))
         sink.put_rows(name, unit.start, _finish(plan, _check_output(method, name, out, shape), method, check))
         if unit.last:

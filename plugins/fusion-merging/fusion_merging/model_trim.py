@@ -9,17 +9,21 @@ Finding ``v`` exactly without holding the model: a non-negative float's bit patt
 as an integer, orders like the float, so ``v`` is found by counting bit patterns in a
 *window* ``[lo, lo + 2^18·2^s)`` of patterns, 2^18 buckets of ``2^s`` patterns each:
 
-- pass 1 reads a strided sample of every tensor (every 16th entry, thinned to at most
-  2^19) and brackets ``v`` between two sample order statistics (±6σ of the rank's
+- pass 1 reads a strided sample of every tensor (every 16th entry, the step doubling as the
+  sample is thinned to at most 2^19) and brackets ``v`` between two sample order statistics (±6σ of the rank's
   sampling error): the first window;
-- each further pass counts the entries below the window and, for those inside it, their
-  bucket (a 262,144-entry histogram); the bucket holding rank k becomes the next window
-  (``s`` drops by 18), until ``s = 0``: the bucket is one bit pattern, ``v`` itself.
+- each further pass counts, from the offsets ``bits − lo``, the entries below the window and
+  keeps the offsets of the few inside it (on CPU, up to :data:`BAND_CAP`): ``v`` is the one of
+  rank k among them (``np.partition``), whatever the window's width;
+- past the cap (or on other devices) it counts their buckets ``offset >> s`` instead (a
+  262,144-entry histogram); the bucket holding rank k becomes the next window (``s`` drops by
+  18), until ``s = 0``: the bucket is one bit pattern, ``v`` itself.
 
-A good bracket spans few patterns, so float32 usually needs the sample pass and one
-counting pass; if the rank falls outside the bracket (a skewed sample), the window
-restarts at all patterns (2 more passes for float32, 4 for float64).  Memory per model:
-the sample (≤ 4 MiB) and one int64 histogram (2 MiB), whatever the model's size; each
+A good bracket holds few entries, so the sample pass and one counting pass usually suffice;
+if the rank falls outside the bracket (a skewed sample), the window restarts at all
+patterns (2 more passes for float32, 4 for float64).  Memory per model: the sample
+(≤ 4 MiB), the kept offsets (≤ 16 MiB for float32) and one int64 histogram (2 MiB),
+whatever the model's size; each
 pass reads every tensor of every model once, one tensor at a time.  The result is the exact
 value ``kthvalue`` returns (ties need no cut: FusionBench keeps every entry ``≥ v``).
 """
@@ -30,6 +34,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
 BINS = 1 << 18
@@ -37,9 +42,13 @@ BINS = 1 << 18
 CHUNK = 1 << 20
 """Entries per block of :meth:`KthMagnitude.add_difference` (its temporaries stay a few MiB)."""
 SAMPLE_STEP = 16
-"""Every SAMPLE_STEP-th entry of each tensor goes into the bracketing sample."""
+"""Every SAMPLE_STEP-th entry of each tensor goes into the bracketing sample, at first (the step
+doubles whenever the sample is thinned)."""
 SAMPLE_CAP = 1 << 18
 """The sample is thinned (every other entry) whenever it grows past twice this."""
+BAND_CAP = 1 << 22
+"""At most this many in-window entries (their offsets, ≤ 16 MiB for float32) are kept per model in a
+counting pass on CPU, for an exact selection among them; past it the pass counts the histogram."""
 MAX_PASSES = 6
 """Sample, then at most 4 counting passes (float64 after a missed bracket) and one spare."""
 
@@ -92,6 +101,9 @@ class KthMagnitude:
         self.shift = 0
         self.below = 0  # entries below the window, counted in this pass
         self.hist = torch.zeros(BINS, dtype=torch.int64)
+        self._band = True  # this pass keeps its in-window offsets (CPU); False once the histogram counts
+        self._banded = 0
+        self._buffer = None  # the kept offsets: one array of BAND_CAP (pages touched as it fills)
         self.threshold: float | None = None
         self.keep_all = False
 
@@ -124,6 +136,18 @@ class KthMagnitude:
             torch.sub(a[start : start + part.numel()], b[start : start + part.numel()], out=part)
             self.add(part.abs_())
 
+    @property
+    def sample_step(self) -> int:
+        """In the sampling pass: the stride at which :meth:`add` samples (for :meth:`add_sample`)."""
+        return self._step
+
+    def add_sample(self, sampled: "torch.Tensor", count: int) -> None:
+        """The sampling pass without the whole tensor: ``count`` entries of which ``sampled`` are
+        every :attr:`sample_step`-th magnitude (or values distributed like them: the sample only
+        places the first window, so it changes how many passes run, never the threshold)."""
+        self.count += count
+        self._keep_sample(sampled)
+
     def add(self, magnitudes: "torch.Tensor") -> None:
         """Count the non-negative ``magnitudes`` (any shape, the compute dtype) in this pass."""
         import torch
@@ -138,17 +162,56 @@ class KthMagnitude:
         bits = flat.view(self.int_dtype)
         if self.int_dtype == torch.int16:
             bits = bits.to(torch.int32)
-        span = BINS << self.shift
-        if self.lo == 0 and span >= (1 << self.bits):  # the window holds every pattern
-            inside = bits
-        else:
-            if self.lo:
-                self.below += int((bits < self.lo).sum())
-            inside = bits[(bits >= self.lo) & (bits < self.lo + span)]
-        key = inside - self.lo if self.lo else inside
+        if self.lo == 0 and (BINS << self.shift) >= (1 << self.bits):  # the window holds every pattern
+            self._flush_band()
+            key = bits >> self.shift if self.shift else bits
+            self.hist += torch.bincount(key, minlength=BINS)[:BINS]
+            return
+        if bits.device.type == "cpu":
+            self._count_band(bits.numpy())
+            return
+        self._flush_band()
+        # elsewhere one histogram op: bucket 0 counts the entries below the window, 1…BINS its buckets, BINS + 1 above
+        key = bits - self.lo
         if self.shift:
-            key = key >> self.shift
-        self.hist += torch.bincount(key, minlength=BINS)[:BINS]
+            key.bitwise_right_shift_(self.shift)  # floor: entries below the window stay negative
+        key.clamp_(-1, BINS).add_(1)
+        counts = torch.bincount(key, minlength=BINS + 2).cpu()
+        self.below += int(counts[0])
+        self.hist += counts[1 : BINS + 1]
+
+    def _count_band(self, bits: "np.ndarray") -> None:
+        """Count on CPU: the offsets ``bits − lo``, those below the window (negative) and, for the
+        few inside it (unsigned offset < the window's span), their offsets (or buckets, past the cap)."""
+        import numpy as np
+
+        key = np.subtract(bits, bits.dtype.type(self.lo))
+        flags = np.less(key, 0)
+        self.below += int(np.count_nonzero(flags))
+        unsigned = key.view(np.uint32 if key.dtype == np.int32 else np.uint64)
+        np.less(unsigned, unsigned.dtype.type(BINS << self.shift), out=flags)
+        inside = key[flags]
+        if self._band and self._banded + inside.size <= BAND_CAP:
+            if self._buffer is None or self._buffer.dtype != inside.dtype:
+                self._buffer = np.empty(BAND_CAP, dtype=inside.dtype)
+            self._buffer[self._banded : self._banded + inside.size] = inside
+            self._banded += inside.size
+            return
+        self._flush_band()
+        self._bucket(inside)
+
+    def _bucket(self, offsets: "np.ndarray") -> None:
+        import numpy as np
+        import torch
+
+        key = offsets >> self.shift if self.shift else offsets
+        self.hist += torch.from_numpy(np.bincount(key, minlength=BINS)[:BINS])
+
+    def _flush_band(self) -> None:
+        """Count the kept in-window offsets into the histogram, and count there from now on."""
+        if self._band and self._banded:
+            self._bucket(self._buffer[: self._banded])
+        self._band, self._banded = False, 0
 
     def _keep_sample(self, values: "torch.Tensor") -> None:
         import torch
@@ -156,8 +219,10 @@ class KthMagnitude:
         self._sample.append(values.reshape(-1).to(torch.float64))
         self._sampled += values.numel()
         if self._sampled > 2 * SAMPLE_CAP:  # thin it: every other entry, and sample half as often from now on
-            merged = torch.cat(self._sample)[::2]
-            self._sample, self._sampled, self._step = [merged], merged.numel(), self._step * 2
+            merged = torch.cat(self._sample)
+            while merged.numel() > 2 * SAMPLE_CAP:
+                merged, self._step = merged[::2], self._step * 2
+            self._sample, self._sampled = [merged.clone()], merged.numel()
 
     def _pattern(self, value: float, up: bool) -> int:
         """The bit pattern of ``value`` in this dtype (rounded down, or up with ``up``)."""
@@ -200,11 +265,21 @@ class KthMagnitude:
             hi = self._pattern(float(ordered[hi_rank - 1]), up=True) if hi_rank <= m else (1 << self.bits) - 1
             self._window(lo, hi)
             return
-        cumulative = torch.cumsum(self.hist, 0)
         wanted = self.rank - self.below
+        band, kept = self._band, self._banded
+        self._band, self._banded, self.below = True, 0, 0
+        if band:  # every in-window entry was kept: select among them, exactly
+            import numpy as np
+
+            if not 1 <= wanted <= kept:  # the bracket missed: count every pattern
+                self._window(0, (1 << self.bits) - 1)
+                return
+            pattern = torch.tensor([self.lo + int(np.partition(self._buffer[:kept], wanted - 1)[wanted - 1])], dtype=torch.int64)
+            self.threshold = float(pattern.to(self.int_dtype).view(self.dtype)[0])
+            return
+        cumulative = torch.cumsum(self.hist, 0)
         total = int(cumulative[-1])
         self.hist.zero_()
-        self.below = 0
         if not 1 <= wanted <= total:  # the bracket missed: count every pattern
             self._window(0, (1 << self.bits) - 1)
             return

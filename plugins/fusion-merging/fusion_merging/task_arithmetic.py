@@ -179,13 +179,15 @@ def fused_merge(
     weights: Sequence[float],
     variant: str,
     config: Any,
+    block: int | None = None,
 ) -> "torch.Tensor":
     """θ₀ + λ·merge(sparse τ₁ … τ_N), block by block.
 
     ``fill(i, base_block, model_block, out, flat_offset)`` writes model ``i``'s sparse task
     vector for the block into ``out`` and returns ``False`` when it is all zero (a model
     trimmed to nothing; TIES then leaves it out, which changes nothing).
-    ``offset`` is the flat position of ``base[0]`` in the whole tensor.
+    ``offset`` is the flat position of ``base[0]`` in the whole tensor; ``block`` the
+    entries per block (default :data:`sparsify.BLOCK`; DELLA passes whole rows).
     """
     import torch
 
@@ -195,7 +197,7 @@ def fused_merge(
     out = torch.empty_like(flat_base)
     if n == 0:
         return out.reshape(base.shape)
-    size = min(n, sparsify.BLOCK)
+    size = min(n, block or sparsify.BLOCK)
     ws = _Workspace(len(flats), size, flat_base.dtype, flat_base.device)
     scale = float(config.scaling_factor)
     for start in range(0, n, size):
@@ -393,6 +395,56 @@ class _TaskVectorMethod(KernelMethod):
             if isinstance(value, (list, tuple)) and len(value) != n_models:
                 raise InputError(f"method {self.name!r}: {key} has {len(value)} value(s) for {n_models} model(s)")
 
+    def _stream(self, ctx: KernelContext, index: int, offset: int) -> list:
+        """Model ``index``'s random stream for this tensor, ``[generator, position]``, positioned at
+        flat ``offset``: the draws of ``ctx.rand_like(τ, salt=str(index))``, continued across row
+        blocks (random methods: DARE, DELLA; re-drawn up to ``offset`` if blocks come out of order)."""
+        import torch
+
+        streams = self.__dict__.setdefault("_streams", {})
+        key = (ctx.name, index)
+        if offset == 0 or key not in streams:
+            if offset == 0:  # a new tensor: forget the others' streams
+                for other in [k for k in streams if k[0] != ctx.name]:
+                    del streams[other]
+            streams[key] = [ctx.generator(str(index)), 0]
+        entry = streams[key]
+        if entry[1] != offset:  # out of order: start over and skip ahead (not taken by the engine)
+            entry[0], entry[1] = ctx.generator(str(index)), 0
+            for start in range(0, offset, sparsify.BLOCK):
+                torch.rand(min(sparsify.BLOCK, offset - start), generator=entry[0], dtype=torch.float32)
+            entry[1] = offset
+        return entry
+
+    def _merge_trimmed(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int, variant: str) -> "torch.Tensor":
+        """θ₀ + λ·merge of the τᵢ trimmed by their selections (:class:`sparsify.TopK` or
+        :class:`sparsify.AtLeast`), flat positions ``offset …``: TIES, magnitude_prune."""
+        import torch
+
+        weights = self._weights(len(tensors))
+        if not fused_supported(base):  # the reference operations on this block
+            deltas = []
+            for t, selection in zip(tensors, stats, strict=True):
+                tau = (t - base).reshape(-1)
+                keep = selection.keep_mask(tau.abs(), offset)
+                deltas.append(torch.where(keep, tau, torch.zeros_like(tau)).reshape(base.shape))
+            return self._combine(base, deltas, weights, variant)
+        lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, base.dtype) for s in stats]
+
+        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+            selection = stats[i]
+            if selection.keep_none:
+                out.zero_()
+                return False
+            torch.sub(t, b, out=out)
+            if lambdas[i] is not None:
+                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
+                if selection.threshold != 0:  # at 0 the tied entries are zeros either way
+                    selection.drop_ties(out, at)
+            return True
+
+        return fused_merge(base, tensors, offset, fill, weights, variant, self.config)
+
     def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str) -> "torch.Tensor":
         cfg = self.config
         if variant == "ties":
@@ -453,15 +505,23 @@ class MagnitudePrune(_TaskVectorMethod):
         def __attrs_post_init__(self) -> None:
             check_weight_sum("magnitude_prune", self.weights, self.normalize)
 
-    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
-        import torch
+    # Like TIES (trim: tensor): a per-model top-k selection (phase 1 of the engine's two-phase
+    # protocol), then the trim and the linear merge in the fused block loop (phase 2); the same
+    # bytes as ``torch.where(magnitude_mask(τ, d), τ, 0)`` and ``linear_merge``.
 
-        densities = self._per_model("density", len(tensors))
-        deltas = [
-            torch.where(sparsify.magnitude_mask(tau, d), tau, torch.zeros_like(tau))
-            for tau, d in zip(task_vectors(base, tensors), densities, strict=True)
-        ]
-        return self._combine(base, deltas, self._weights(len(deltas)), "linear")
+    def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        stats = [self.chunk_stats(name, base, t, i, ctx) for i, t in enumerate(tensors)]
+        return self.kernel_chunk(name, base, tensors, ctx, stats, 0)
+
+    def chunk_stats(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> sparsify.TopK:
+        """Phase 1: the top-``density`` selection of ``|τᵢ|`` over the whole tensor."""
+        density = self.config.density
+        return sparsify.magnitude_top_k(base, tensor, density[index] if isinstance(density, (list, tuple)) else density)
+
+    def kernel_chunk(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext,
+                     stats: Sequence[sparsify.TopK], start: int) -> "torch.Tensor":
+        """Phase 2: rows ``start …`` of the merge, given every model's selection."""
+        return self._merge_trimmed(base, tensors, stats, _row_offset(base, start), "linear")
 
 
 class _WholeModelTrim:
@@ -623,30 +683,7 @@ class Ties(_WholeModelTrim, _TaskVectorMethod):
         return self._merge(base, tensors, stats, _row_offset(base, start))
 
     def _merge(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int) -> "torch.Tensor":
-        import torch
-
-        weights = self._weights(len(tensors))
-        if not fused_supported(base):  # the reference operations on this block
-            deltas = []
-            for t, selection in zip(tensors, stats, strict=True):
-                tau = (t - base).reshape(-1)
-                keep = selection.keep_mask(tau.abs(), offset)
-                deltas.append(torch.where(keep, tau, torch.zeros_like(tau)).reshape(base.shape))
-            return self._combine(base, deltas, weights, "ties")
-        lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, base.dtype) for s in stats]
-
-        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
-            selection = stats[i]
-            if selection.keep_none:
-                return False
-            torch.sub(t, b, out=out)
-            if lambdas[i] is not None:
-                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
-                if selection.threshold != 0:  # at 0 the tied entries are zeros either way
-                    selection.drop_ties(out, at)
-            return True
-
-        return fused_merge(base, tensors, offset, fill, weights, "ties", self.config)
+        return self._merge_trimmed(base, tensors, stats, offset, "ties")
 
 
 DARE_PRESETS: dict[str, dict[str, Any]] = {
@@ -726,29 +763,10 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self._thresholds: list | None = None
-        self._streams: dict = {}
         if self.config.rescale != "l1":
             # masks are drawn in the block loop from one stream per (tensor, model): no per-tensor
             # statistic is needed (the L1 rescale needs the masked norm first: two phases)
             self.elementwise = True
-
-    def _stream(self, ctx: KernelContext, index: int, offset: int) -> "torch.Generator":
-        """Model ``index``'s random stream for this tensor, positioned at flat ``offset``: the draws of
-        ``ctx.rand_like(τ, salt=str(index))``, continued across row blocks (re-drawn if out of order)."""
-        import torch
-
-        key = (ctx.name, index)
-        if offset == 0 or key not in self._streams:
-            if offset == 0:
-                self._streams = {k: v for k, v in self._streams.items() if k[0] == ctx.name}
-            self._streams[key] = [ctx.generator(str(index)), 0]
-        entry = self._streams[key]
-        if entry[1] != offset:  # out of order: start over and skip ahead (not taken by the engine)
-            entry[0], entry[1] = ctx.generator(str(index)), 0
-            for start in range(0, offset, sparsify.BLOCK):
-                torch.rand(min(sparsify.BLOCK, offset - start), generator=entry[0], dtype=torch.float32)
-            entry[1] = offset
-        return entry
 
     def _trims(self) -> bool:
         trim = self.config.ties_trim
@@ -760,16 +778,49 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
         return self._per_model("ties_trim", n) if self._trims() else None
 
     def _feed(self, kth: Any, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
-        """Count model ``index``'s dropped, rescaled |τ| of this tensor, block by block (the mask stays packed)."""
+        """Count model ``index``'s dropped, rescaled |τ| of this tensor, block by block, with the
+        draws of the merge (its stream, in the fused loop's operations).  The sampling pass draws
+        only for the sampled entries, from a stream of their own: they stand for the drop's
+        statistics and place the first window (the threshold itself is counted exactly)."""
+        import torch
 
-        mask = self.chunk_stats(name, base, tensor, index, ctx)
-        density = self.config.density[index] if isinstance(self.config.density, (list, tuple)) else self.config.density
+        cfg = self.config
+        density = cfg.density[index] if isinstance(cfg.density, (list, tuple)) else cfg.density
         a, b = tensor.reshape(-1), base.reshape(-1)
-        for start in range(0, a.numel(), sparsify.BLOCK):
-            tau = a[start : start + sparsify.BLOCK] - b[start : start + sparsify.BLOCK]
-            if not mask.keep_all:
-                tau.mul_(mask.block(start, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
-            kth.add(sparsify.apply_packed_rescale(self.config.rescale, tau, mask, density).abs_())
+        if cfg.rescale == "l1":  # the L1 factor needs the whole masked tensor: the packed mask
+            mask = self.chunk_stats(name, base, tensor, index, ctx)
+            for start in range(0, a.numel(), sparsify.BLOCK):
+                tau = a[start : start + sparsify.BLOCK] - b[start : start + sparsify.BLOCK]
+                if not mask.keep_all:
+                    tau.mul_(mask.block(start, tau.numel(), tau.device).to(tau.dtype)).add_(0.0)
+                kth.add(sparsify.apply_packed_rescale(cfg.rescale, tau, mask, density).abs_())
+            return
+        if kth.sampling:
+            step = kth.sample_step
+            tau = a[::step] - b[::step]
+            if 0 < density < 1:
+                noise = torch.rand(tau.numel(), generator=ctx.generator(f"{index}/sample"), dtype=torch.float32)
+                tau.mul_(noise.to(tau.device) < density)
+            elif density <= 0:
+                tau.zero_()
+            kth.add_sample(sparsify.apply_packed_rescale(cfg.rescale, tau, _NO_L1, density).abs_(), a.numel())
+            return
+        generator = ctx.generator(str(index))  # the merge's stream (Dare._stream at offset 0)
+        size = min(a.numel(), sparsify.BLOCK)
+        tau = torch.empty(size, dtype=a.dtype, device=a.device)
+        noise = torch.empty(size, dtype=torch.float32)
+        keep = torch.empty(size, dtype=torch.bool)
+        for start in range(0, a.numel(), size):
+            length = min(size, a.numel() - start)
+            part = tau[:length]
+            torch.sub(a[start : start + length], b[start : start + length], out=part)
+            if density <= 0:
+                part.zero_()
+            elif density < 1:
+                torch.rand(length, generator=generator, dtype=torch.float32, out=noise[:length])
+                torch.lt(noise[:length], density, out=keep[:length])
+                part.mul_(keep[:length].to(part.device))
+            kth.add(sparsify.apply_packed_rescale(cfg.rescale, part, _NO_L1, density).abs_())
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         if getattr(self, "elementwise", False):
@@ -982,25 +1033,67 @@ class Della(_TaskVectorMethod):
                         )
             check_weight_sum("della", self.weights, self.normalize and self.variant == "linear")
 
+    # Ranks are taken within rows, so the kernel sees blocks of whole rows (``rowwise``) and
+    # draws each model's mask from its stream inside the fused block loop; blocks of any size
+    # give the same bytes as the reference (``keep_probs``, ``ctx.rand_like(τ, salt=str(i)) <
+    # p``, ``apply_rescale``, ``ties_merge``/``linear_merge`` on the whole tensor).  The L1
+    # rescale needs whole-tensor norms: that path takes whole tensors and the reference operations.
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        if self.config.rescale != "l1":
+            self.rowwise = True
+
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        import torch
+
         cfg = self.config
-        deltas = []
         n = len(tensors)
         densities, epsilons = self._per_model("density", n), self._per_model("epsilon", n)
-        for i, tau in enumerate(task_vectors(base, tensors)):
-            probs = self.keep_probs(tau, densities[i], epsilons[i])
-            mask = sparsify.probability_mask(tau, probs, ctx, salt=str(i))
-            deltas.append(sparsify.apply_rescale(cfg.rescale, tau, mask, probs))
-        return self._combine(base, deltas, self._weights(len(deltas)), cfg.variant)
+        weights = self._weights(n)
+        offset = _row_offset(base, ctx.start)
+        streams = [self._stream(ctx, i, offset) for i in range(n)]
+        if cfg.rescale == "l1" or not fused_supported(base):  # the reference operations on this block
+            deltas = []
+            for i, t in enumerate(tensors):
+                tau = t - base
+                probs = self.keep_probs(tau, densities[i], epsilons[i])
+                noise = torch.rand(tau.shape, generator=streams[i][0], dtype=torch.float32).to(tau.device)
+                streams[i][1] = offset + tau.numel()
+                deltas.append(sparsify.apply_rescale(cfg.rescale, tau, noise < probs, probs))
+            return self._combine(base, deltas, weights, cfg.variant)
+        row = math.prod(base.shape[1:]) if base.dim() >= 2 else max(1, base.numel())
+        block = max(1, sparsify.BLOCK // row) * row
+        size = min(base.numel(), block)
+        probs = torch.empty(size, dtype=torch.float32, device=base.device)
+        noise = torch.empty(size, dtype=torch.float32)
+        keep = torch.empty(size, dtype=torch.bool, device=base.device)
 
+        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+            length = out.numel()
+            torch.sub(t, b, out=out)
+            shape = (length // row, *base.shape[1:]) if base.dim() >= 2 else base.shape
+            p = probs[:length]
+            self.keep_probs(out.view(shape), densities[i], epsilons[i], out=p.view(shape))
+            torch.rand(length, generator=streams[i][0], dtype=torch.float32, out=noise[:length])
+            streams[i][1] = at + length
+            torch.lt(noise[:length].to(out.device), p, out=keep[:length])
+            out.mul_(keep[:length])
+            if cfg.rescale == "inverse_p":
+                out.div_(p)
+            out.add_(0.0)  # a dropped −τ is −0 here and +0 in the reference (a kept τ = −0 has base +0: no change)
+            return True
 
-    def keep_probs(self, tau: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
-        """MagPrune keep probabilities, ranked per row or along dim 1 (``ranking``)."""
+        return fused_merge(base, tensors, offset, fill, weights, cfg.variant, cfg, block=block)
+
+    def keep_probs(self, tau: "torch.Tensor", density: float, epsilon: float, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """MagPrune keep probabilities, ranked per row or along dim 1 (``ranking``); into ``out`` if given."""
         if self.config.ranking == "dim1" and tau.dim() > 2:
             moved = tau.movedim(1, -1)
             probs = sparsify.della_keep_probs(moved.reshape(-1, moved.shape[-1]), density, epsilon)
-            return probs.reshape(moved.shape).movedim(-1, 1)
-        return sparsify.della_keep_probs(tau, density, epsilon)
+            probs = probs.reshape(moved.shape).movedim(-1, 1)
+            return probs if out is None else out.copy_(probs)
+        return sparsify.della_keep_probs(tau, density, epsilon, out=out)
 
 
 class Sce(_TaskVectorMethod):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fusion_merging import sparsify
 from fusion_merging import task_arithmetic as ta
-from fusion_merging.task_arithmetic import Dare, Ties
+from fusion_merging.task_arithmetic import Dare, Della, MagnitudePrune, Ties
 
 from fusion_core.engine.kernel import KernelContext
 from fusion_core.engine.stream import MergeOptions, merge_readers
@@ -64,6 +64,16 @@ def oracle_ties(base, tensors, cfg) -> torch.Tensor:
     return ta.add_scaled(base, ta.ties_merge(deltas, weights, cfg.sign_election, cfg.divisor), cfg.scaling_factor)
 
 
+def oracle_combine(base, deltas, cfg) -> torch.Tensor:
+    """θ₀ + λ·(ties_merge or linear_merge) of sparsified task vectors, by ``cfg.variant``."""
+    weights = cfg.weights or [1.0] * len(deltas)
+    if cfg.variant == "ties":
+        merged = ta.ties_merge(deltas, weights, cfg.sign_election, cfg.divisor)
+    else:
+        merged = ta.linear_merge(deltas, weights, cfg.normalize)
+    return ta.add_scaled(base, merged, cfg.scaling_factor)
+
+
 def oracle_dare(name, base, tensors, cfg, seed) -> torch.Tensor:
     ctx = KernelContext(name=name, seed=seed)
     deltas = []
@@ -71,12 +81,7 @@ def oracle_dare(name, base, tensors, cfg, seed) -> torch.Tensor:
         tau = t - base
         keep = ctx.rand_like(tau, salt=str(i)) < cfg.density  # the documented mask
         deltas.append(sparsify.apply_rescale(cfg.rescale, tau, keep, cfg.density))
-    weights = cfg.weights or [1.0] * len(tensors)
-    if cfg.variant == "ties":
-        merged = ta.ties_merge(deltas, weights, cfg.sign_election, cfg.divisor)
-    else:
-        merged = ta.linear_merge(deltas, weights, cfg.normalize)
-    return ta.add_scaled(base, merged, cfg.scaling_factor)
+    return oracle_combine(base, deltas, cfg)
 
 
 def engine(method, base, models, chunk_rows: int | None, seed: int = 0, dtype: str = "float32") -> dict:
@@ -147,6 +152,104 @@ def test_dare_chunked_equals_whole_equals_the_oracle(variant, rescale, density, 
             assert same_bytes(chunked[name], whole[name]), (rows, name)
     for name, b in base.items():
         assert same_bytes(whole[name], oracle_dare(name, b, [m[name] for m in models], cfg, seed=9)), name
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["ties", "distinct"])
+@pytest.mark.parametrize(
+    "fields", [{"density": 0.2}, {"density": [0.0, 0.5, 1.0], "weights": [1.0, -2.0, 0.5], "normalize": True}], ids=["one", "per-model"]
+)
+def test_magnitude_prune_chunked_equals_whole_equals_the_oracle(fields, quantized):
+    cfg = MagnitudePrune.Config(scaling_factor=0.7, **fields)
+    method = MagnitudePrune(cfg)
+    base, models = pool(3, 4, quantized)
+    whole = engine(method, base, models, None)
+    for rows in (1, 7, 64):
+        chunked = engine(method, base, models, rows)
+        assert all(same_bytes(chunked[k], whole[k]) for k in base), rows
+    densities = cfg.density if isinstance(cfg.density, list) else [cfg.density] * 3
+    for name, b in base.items():
+        deltas = [oracle_trim(m[name] - b, d) for m, d in zip(models, densities, strict=True)]
+        merged = ta.linear_merge(deltas, cfg.weights or [1.0] * 3, cfg.normalize)
+        assert same_bytes(whole[name], ta.add_scaled(b, merged, cfg.scaling_factor)), name
+
+
+def oracle_della(name, base, tensors, cfg, seed) -> torch.Tensor:
+    """DELLA on the whole tensor: stable-argsort ranks per row (or along dim 1), ``ctx.rand_like`` draws."""
+    ctx = KernelContext(name=name, seed=seed)
+    deltas = []
+    for i, t in enumerate(tensors):
+        tau = t - base
+        d = cfg.density[i] if isinstance(cfg.density, list) else cfg.density
+        e = cfg.epsilon[i] if isinstance(cfg.epsilon, list) else cfg.epsilon
+        moved = tau.movedim(1, -1) if cfg.ranking == "dim1" and tau.dim() > 2 else tau
+        rows = moved.reshape(moved.shape[0], -1) if moved.dim() >= 2 else moved.reshape(1, -1)
+        if cfg.ranking == "dim1" and tau.dim() > 2:
+            rows = moved.reshape(-1, moved.shape[-1])
+        n = rows.shape[1]
+        if n <= 1:
+            probs = torch.full(tau.shape, float(d))
+        else:
+            ranks = torch.empty_like(rows, dtype=torch.int64)
+            ranks.scatter_(1, torch.argsort(rows.abs(), dim=1, stable=True), torch.arange(n).expand(rows.shape).contiguous())
+            probs = ((d - e) + (2.0 * e / (n - 1)) * ranks.to(torch.float32)).reshape(moved.shape)
+            probs = probs.movedim(-1, 1) if moved is not tau else probs
+        keep = ctx.rand_like(tau, salt=str(i)) < probs
+        deltas.append(sparsify.apply_rescale(cfg.rescale, tau, keep, probs))
+    return oracle_combine(base, deltas, cfg)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"variant": "linear", "rescale": "none"},
+        {"rescale": "l1", "sign_election": "weighted_sum", "divisor": "weights", "weights": [1.0, 0.5, 2.0]},
+        {"ranking": "dim1", "density": [0.5, 0.3, 0.6], "epsilon": [0.1, 0.2, 0.05]},
+        {"variant": "linear", "weights": [1.0, -1.0, 0.5], "normalize": True},
+    ],
+    ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "defaults",
+)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_della_row_blocks_equal_whole_equal_the_reference(fields, dtype):
+    """The fused, row-blocked DELLA (ranks by key sorts, draws continued across blocks) has the
+    bytes of the whole-tensor reference, whatever the engine's row blocks."""
+    cfg = Della.Config(scaling_factor=0.7, **fields)
+    method = Della(cfg)
+    base, models = pool(3, 5, quantized=True)  # massive ties: ranks must break them by index
+    base["cube"] = torch.randn(5, 6, 7, generator=torch.Generator().manual_seed(1))
+    for m in models:
+        m["cube"] = base["cube"] + torch.randint(-2, 3, (5, 6, 7)).float() * 0.5
+    whole = engine(method, base, models, None, seed=11, dtype=dtype)
+    for rows in (1, 7, 64):
+        chunked = engine(method, base, models, rows, seed=11, dtype=dtype)
+        for name in base:
+            assert same_bytes(chunked[name], whole[name]), (rows, name)
+    for name, b in base.items():
+        t = [m[name] for m in models]
+        dt = getattr(torch, dtype)
+        expected = oracle_della(name, b.to(dt), [x.to(dt) for x in t], cfg, seed=11).to(b.dtype)  # the output dtype: the base's
+        assert same_bytes(whole[name], expected), name
+
+
+def test_della_fused_blocks_of_any_size_give_the_same_bytes(monkeypatch):
+    base, models = pool(3, 6, quantized=False)
+    method = Della(Della.Config(density=0.4, epsilon=0.2))
+    expected = engine(method, base, models, 5, seed=2)
+    for block in (40, 257, 1000, 1 << 20):  # blocks of one row, several rows, the whole unit
+        monkeypatch.setattr(sparsify, "BLOCK", block)
+        got = engine(method, base, models, 5, seed=2)
+        assert all(same_bytes(got[k], expected[k]) for k in base), block
+
+
+def test_della_is_rowwise_unless_the_l1_rescale_needs_whole_tensors():
+    assert Della(Della.Config()).rowwise and not Della(Della.Config(rescale="l1")).rowwise
+    from fusion_core.engine.executor import _plan_units
+    from fusion_core.engine.validate import TensorPlan
+
+    plans = [TensorPlan(name, shape, torch.float32) for name, shape in (("m", (64, 64)), ("v", (4096,)))]
+    units = _plan_units(Della(Della.Config()), plans, 4, 3, 4, chunk_bytes=1024)
+    assert {u.step for u in units if u.plan.name == "m"} == {"rows"}
+    assert [u.step for u in units if u.plan.name == "v"] == ["whole"]  # a 1-D tensor is one row
 
 
 def test_sub_blocks_of_the_fused_loops_do_not_change_the_bytes(monkeypatch):

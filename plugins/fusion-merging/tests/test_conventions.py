@@ -70,6 +70,20 @@ def test_kth_magnitude_brackets_from_a_sample_and_stays_exact_when_it_misses(dty
             assert passes == 4 if skewed else passes == (2 if density == 0.2 else 3) or passes == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_magnitude_counts_a_histogram_past_the_band_cap(dtype, monkeypatch):
+    """Past BAND_CAP in-window entries the counting pass narrows a histogram instead: still exact."""
+    from fusion_merging import model_trim
+
+    monkeypatch.setattr(model_trim, "BAND_CAP", 50)
+    gen = torch.Generator().manual_seed(2)
+    big = torch.randn(600_000, generator=gen).to(dtype).abs()
+    for density in (0.2, 0.7):
+        kth, passes = _kth_of([big[:200_000], big[200_000:]], dtype, density)
+        assert kth.threshold == float(big.kthvalue(fusionbench_rank(big.numel(), density)).values)
+        assert passes >= 3  # the sample, a histogram pass, then the narrowed window
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_kth_magnitude_is_kthvalue_over_all_tensors(dtype):
     gen = torch.Generator().manual_seed(0)

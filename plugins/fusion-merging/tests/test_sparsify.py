@@ -180,3 +180,16 @@ def test_apply_rescale_modes():
     assert torch.equal(sparsify.apply_rescale("l1", tau, mask, 0.5), torch.tensor([2.5, 0.0, 7.5, 0.0]))
     with pytest.raises(ValueError, match="rescale must be one of"):
         sparsify.apply_rescale("l2", tau, mask, 0.5)
+
+
+def test_row_order_is_a_stable_argsort_of_magnitudes():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(-3, 4, (50, 300), generator=gen).float() * 0.5  # many equal magnitudes, ±x
+    rows[0, ::3] = -0.0
+    rows[1, :5] = float("inf")
+    rows[2, :5] = -float("inf")
+    rows[3] = torch.randn(300, generator=gen)
+    for part in (rows, rows[:, :1], rows[:, :2], rows[:7, :129]):
+        expected = torch.argsort(part.abs(), dim=1, stable=True)
+        assert torch.equal(sparsify.row_order(part.contiguous()), expected)
+        assert torch.equal(sparsify.row_order(part.double()), expected)  # the argsort fallback
