@@ -243,7 +243,7 @@ def test_della_fused_blocks_of_any_size_give_the_same_bytes(monkeypatch):
 
 def test_della_is_rowwise_unless_the_l1_rescale_needs_whole_tensors():
     assert Della(Della.Config()).rowwise and not Della(Della.Config(rescale="l1")).rowwise
-    from fusion_core.engine.executor import _plan_units
+    from fusion_core.engine.stream import _plan_units
     from fusion_core.engine.validate import TensorPlan
 
     plans = [TensorPlan(name, shape, torch.float32) for name, shape in (("m", (64, 64)), ("v", (4096,)))]
