@@ -72,7 +72,6 @@ __all__ = ["__version__", "hookimpl", *_EXPORTS, *_MODULES]
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import adapters  # noqa: F401
     from .components import Capabilities, Component, Method, ModelPool, TaskPool  # noqa: F401
-    from .config import clip as clip_text  # noqa: F401
     from .config import (  # noqa: F401
         DefaultBy,
         DefaultCase,
@@ -89,6 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         positive,
         read_yaml,
     )
+    from .config import clip as clip_text  # noqa: F401
     from .consoles import console, error_console  # noqa: F401
     from .engine.kernel import KernelContext, KernelMethod, PassthroughMethod, TwoPhaseKernel, tensor_seed  # noqa: F401
     from .engine.readers import SafetensorsFile, ShardedReader, StateDictReader, TensorReader, open_reader  # noqa: F401
