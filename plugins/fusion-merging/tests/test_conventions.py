@@ -200,7 +200,17 @@ def test_fuse_show_ties_names_the_fusionbench_default_and_the_mergekit_conventio
     assert "'fusionbench'" in text and "mergekit" in text and "merge_method: ties" in text and "fusion_bench method=ties_merging" in text
 
 
-def test_fuse_show_ties_table_gives_each_unset_fields_effective_default_and_its_convention(capsys, monkeypatch):
+@pytest.fixture
+def fresh_console():
+    """The stdout console built for this test's COLUMNS (it is cached), and not left to later tests."""
+    from fusion_core.consoles import console
+
+    console.cache_clear()
+    yield
+    console.cache_clear()
+
+
+def test_fuse_show_ties_table_gives_each_unset_fields_effective_default_and_its_convention(capsys, monkeypatch, fresh_console):
     from fusion_core.cli.main import main
 
     monkeypatch.setenv("COLUMNS", "400")
@@ -213,6 +223,15 @@ def test_fuse_show_ties_table_gives_each_unset_fields_effective_default_and_its_
     assert rows["divisor"][1] == "'none' (convention fusionbench; mergekit: 'weights', paper: 'count')"
     assert rows["weights"][1] == "None" and rows["convention"][1] == "'fusionbench'"
     assert "null" not in " ".join(r[1] for r in rows.values())
+
+def test_fuse_show_on_a_narrow_terminal_wraps_a_long_default_under_its_field(capsys, monkeypatch, fresh_console):
+    from fusion_core.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "80")  # narrow: one block per field; a long default wraps indented under its field
+    assert main(["show", "ties"]) == 0
+    fields = capsys.readouterr().out.split("fields:\n")[1]
+    assert "  trim: 'model' | 'tensor' = 'model' (convention fusionbench; mergekit:\n    'tensor', paper: 'tensor')\n" in fields
+    assert all(line.startswith("  ") and len(line) <= 80 for line in fields.splitlines())
 
 
 def test_fuse_show_json_gives_each_conventions_default_and_the_declaration_is_what_is_filled(capsys):
