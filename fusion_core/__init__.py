@@ -10,7 +10,7 @@ first use, so ``import fusion_core`` (and ``fuse --help``) stays light.
   :class:`Capabilities`, :class:`RunContext`;
 - the merge engine's method protocol: :class:`KernelMethod`, :class:`TwoPhaseKernel`,
   :class:`PassthroughMethod`, :class:`KernelContext`, :func:`tensor_seed` (the per-tensor seed);
-- configs: :func:`option`, :func:`in_range`, :func:`positive`, :func:`make_config`,
+- configs: :func:`option` (:class:`DefaultBy`, :class:`DefaultCase`: a default chosen by another field), :func:`in_range`, :func:`positive`, :func:`make_config`,
   :func:`config_fields`, :func:`config_to_dict`, :func:`describe_fields`, :func:`parse_value`,
   :func:`parse_override`, :func:`plain_override`, :func:`read_yaml`,
   :func:`load_yaml_file`, :func:`dump_yaml`, :func:`clip_text`;
@@ -46,7 +46,7 @@ _EXPORTS = {
     "Capabilities": ".components", "RunContext": ".run_context",
     "KernelMethod": ".engine.kernel", "TwoPhaseKernel": ".engine.kernel", "PassthroughMethod": ".engine.kernel",
     "KernelContext": ".engine.kernel", "tensor_seed": ".engine.kernel",
-    "option": ".config", "in_range": ".config", "positive": ".config", "make_config": ".config",
+    "option": ".config", "DefaultBy": ".config", "DefaultCase": ".config", "in_range": ".config", "positive": ".config", "make_config": ".config",
     "config_fields": ".config", "config_to_dict": ".config", "describe_fields": ".config", "parse_value": ".config",
     "parse_override": ".config", "plain_override": ".config", "read_yaml": ".config",
     "load_yaml_file": ".config", "dump_yaml": ".safe_yaml:dump", "clip_text": ".config:clip",
@@ -72,8 +72,9 @@ __all__ = ["__version__", "hookimpl", *_EXPORTS, *_MODULES]
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import adapters  # noqa: F401
     from .components import Capabilities, Component, Method, ModelPool, TaskPool  # noqa: F401
-    from .config import clip as clip_text  # noqa: F401
     from .config import (  # noqa: F401
+        DefaultBy,
+        DefaultCase,
         config_fields,
         config_to_dict,
         describe_fields,
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         positive,
         read_yaml,
     )
+    from .config import clip as clip_text  # noqa: F401
     from .consoles import console, error_console  # noqa: F401
     from .engine.kernel import KernelContext, KernelMethod, PassthroughMethod, TwoPhaseKernel, tensor_seed  # noqa: F401
     from .engine.readers import SafetensorsFile, ShardedReader, StateDictReader, TensorReader, open_reader  # noqa: F401

@@ -13,12 +13,63 @@ from .errors import ConfigError, did_you_mean
 _NOTHING = attrs.NOTHING
 
 
-def option(default: Any = _NOTHING, *, help: str, validator=None, factory=None):
+@attrs.frozen
+class DefaultCase:
+    """A refinement of :class:`DefaultBy`: under ``choice``, when field ``when`` equals ``equals``, the default is ``value``."""
+
+    choice: str
+    when: str
+    equals: Any
+    value: Any
+
+
+@attrs.frozen
+class DefaultBy:
+    """The default of a field left unset (``None``) that another field of the same config chooses.
+
+    ``values`` maps each value of the choosing ``field`` (e.g. a ``convention`` field) to this
+    field's default; ``cases`` refine it by a third field's value.  The component fills the
+    field at construction (its ``__attrs_post_init__``); this declaration is what ``fuse show``
+    and ``fuse ui`` read to show the effective default and where it comes from.
+    """
+
+    field: str
+    values: Mapping[str, Any] = attrs.field(converter=dict)
+    cases: tuple[DefaultCase, ...] = attrs.field(default=(), converter=tuple)
+
+    @staticmethod
+    def of(field: attrs.Attribute) -> DefaultBy | None:
+        """The :class:`DefaultBy` declared on a config field by ``option(default_by=...)``, if any."""
+        return field.metadata.get("default_by")
+
+    def value_for(self, config: Mapping[str, Any]) -> Any:
+        """This field's default for the other fields' ``config`` values (field name → value)."""
+        choice = config[self.field]
+        for case in self.cases:
+            if case.choice == choice and config.get(case.when) == case.equals:
+                return case.value
+        return self.values[choice]
+
+    def describe(self, config: Mapping[str, Any], show=repr) -> str:
+        """``0.2 (convention fusionbench; mergekit: 1.0, paper: 0.2)``: the value for ``config``, then the others."""
+        choice = config[self.field]
+        others = ", ".join(f"{name}: {show(value)}" for name, value in self.values.items() if name != choice)
+        cases = "".join(f"; {c.choice} with {c.when}={show(c.equals)}: {show(c.value)}" for c in self.cases)
+        return f"{show(self.value_for(config))} ({self.field} {choice}{'; ' + others if others else ''}{cases})"
+
+
+def option(default: Any = _NOTHING, *, help: str, validator=None, factory=None, default_by: DefaultBy | None = None):
     """Declare a config field with its help text (shown by ``fuse show``).
 
     ``default`` may be omitted for a required field; use ``factory`` for mutable defaults.
+    ``default_by`` declares that another field chooses the value of this one when it is left
+    unset (its default must then be ``None``); see :class:`DefaultBy`.
     """
     kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if default_by is not None:
+        if default is not None:
+            raise TypeError("option(default_by=...) needs default=None: the choosing field fills it")
+        kwargs["metadata"]["default_by"] = default_by
     if validator is not None:
         kwargs["validator"] = validator
     if factory is not None:
@@ -396,15 +447,39 @@ def config_to_dict(config) -> dict:
     return plain_data(attrs.asdict(config, recurse=True))
 
 
+def field_defaults(config_cls) -> dict[str, Any]:
+    """Field name → its declared default (a factory's value; required fields left out)."""
+    out = {}
+    for f in config_fields(config_cls):
+        if isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
+            out[f.name] = f.default.factory()
+        elif f.default is not attrs.NOTHING:
+            out[f.name] = f.default
+    return out
+
+
 def describe_fields(config_cls) -> list[dict]:
-    """Name, type, default and help of each field (for ``fuse show``)."""
+    """Name, type, default and help of each field (for ``fuse show``).
+
+    A field whose default another field chooses (:class:`DefaultBy`) shows the value chosen by
+    that field's default and the other choices (``0.2 (convention fusionbench; mergekit: 1.0)``),
+    and gains ``default_by_<field>`` (choice → value) and, if any, ``default_cases``.
+    """
+    from .output import plain_data
+
+    defaults = field_defaults(config_cls)
     out = []
     for f in config_fields(config_cls):
-        if f.default is attrs.NOTHING:
-            default = "(required)"
-        elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
-            default = repr(f.default.factory())
+        chosen = DefaultBy.of(f)
+        row: dict[str, Any] = {"name": f.name, "type": _type_name(f.type)}
+        if chosen is not None:
+            row["default"] = chosen.describe(defaults)
         else:
-            default = repr(f.default)
-        out.append({"name": f.name, "type": _type_name(f.type), "default": default, "help": f.metadata.get("help", "")})
+            row["default"] = repr(defaults[f.name]) if f.name in defaults else "(required)"
+        row["help"] = f.metadata.get("help", "")
+        if chosen is not None:
+            row[f"default_by_{chosen.field}"] = plain_data(chosen.values)
+            if chosen.cases:
+                row["default_cases"] = [plain_data(attrs.asdict(c)) for c in chosen.cases]
+        out.append(row)
     return out

@@ -147,3 +147,26 @@ def test_make_config_required_fields():
     with pytest.raises(ConfigError, match="missing required field"):
         make_config(Needs, {}, where="method")
     assert make_config(Needs, {"t": 1}, where="method").t == 1.0
+
+
+def test_a_default_chosen_by_another_field_is_described_with_each_choice():
+    from fusion_core import DefaultBy, DefaultCase
+    from fusion_core.config import describe_fields
+
+    chooser = DefaultBy("style", {"a": 0.2, "b": 1.0}, [DefaultCase("a", "mode", "x", 0.5)])
+
+    @attrs.frozen
+    class Chosen:
+        style: Literal["a", "b"] = option("a", help="Which style fills lam.")
+        mode: Literal["x", "y"] = option("y", help="A mode.")
+        lam: float = option(None, help="A factor.", default_by=chooser)
+
+    assert DefaultBy.of(attrs.fields(Chosen).lam) is chooser and DefaultBy.of(attrs.fields(Chosen).mode) is None
+    assert [chooser.value_for({"style": s, "mode": m}) for s, m in (("a", "y"), ("b", "y"), ("a", "x"), ("b", "x"))] == [0.2, 1.0, 0.5, 1.0]
+    rows = {row["name"]: row for row in describe_fields(Chosen)}
+    assert rows["lam"] == {"name": "lam", "type": "float", "default": "0.2 (style a; b: 1.0; a with mode='x': 0.5)",
+                           "help": "A factor.", "default_by_style": {"a": 0.2, "b": 1.0},
+                           "default_cases": [{"choice": "a", "when": "mode", "equals": "x", "value": 0.5}]}
+    assert rows["mode"] == {"name": "mode", "type": "'x' | 'y'", "default": "'y'", "help": "A mode."}
+    with pytest.raises(TypeError, match="needs default=None"):
+        option(0.3, help="A factor.", default_by=chooser)

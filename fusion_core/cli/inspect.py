@@ -122,7 +122,10 @@ def _render_show(info: dict, fmt: str | None = None) -> None:
     if console.width < 100:  # narrow: one block per field, its help indented below, instead of a squeezed table
         console.print("fields:")
         for f in info["fields"]:
-            console.print(f"  [bold]{escape(f['name'])}[/]: {escape(f['type'])} = {escape(f['default'])}", highlight=False)
+            head = textwrap.wrap(f"{f['name']}: {f['type']} = {f['default']}", width=max(40, console.width - 1),
+                                 initial_indent="  ", subsequent_indent="    ")  # a long default stays indented
+            rest = "\n".join([head[0][2 + len(f["name"]):], *head[1:]])
+            console.print(f"  [bold]{escape(f['name'])}[/]{escape(rest)}", highlight=False)
             wrapped = textwrap.fill(f["help"], width=max(40, console.width - 6), initial_indent="      ", subsequent_indent="      ")
             console.print(escape(wrapped), highlight=False)
         return

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from fusion_core import InputError, option
+from fusion_core import DefaultBy, DefaultCase, InputError, option
 
 CONVENTIONS = ("fusionbench", "mergekit", "paper")
 
@@ -37,18 +37,36 @@ def convention_option(presets: Mapping[str, Mapping[str, Any]], what: str = ""):
 
 
 def resolve(config: Any, presets: Mapping[str, Mapping[str, Any]]) -> None:
-    """Fill, in place, each ``None`` field of the frozen ``config`` named by its convention's preset."""
+    """Fill, in place, each ``None`` field of the frozen ``config`` named by its convention's preset.
+
+    A field declared with :func:`by_convention` takes the value its declaration chooses (the
+    preset's, or a case's: e.g. FusionBench's DARE λ for ``variant: ties``), so what ``fuse show``
+    and ``fuse ui`` display is what is filled."""
+    fields = attrs.fields_dict(type(config))
+    current = {name: getattr(config, name) for name in fields}
     for key, value in presets[config.convention].items():
         if getattr(config, key) is None:
+            chosen = DefaultBy.of(fields[key])
+            if chosen is not None:
+                value = chosen.value_for(current)
             object.__setattr__(config, key, list(value) if isinstance(value, list) else value)
 
 
-def by_convention(presets: Mapping[str, Mapping[str, Any]], key: str, help: str, validator=None):
-    """A convention-dependent field: ``None`` (= the convention's value) by default; the help names each convention's value.
+def preset_values(presets: Mapping[str, Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """Convention → the value its preset gives ``key`` (the conventions that set it)."""
+    return {name: preset[key] for name, preset in presets.items() if key in preset}
 
-    Annotate it with the plain type (not ``| None``): a value given explicitly must be a real one."""
-    values = ", ".join(f"{name} {preset[key]!r}" for name, preset in presets.items() if key in preset)
-    return option(None, help=f"{help} (unset: by convention — {values})", validator=validator)
+
+def by_convention(presets: Mapping[str, Mapping[str, Any]], key: str, help: str, validator=None,
+                  cases: Sequence[DefaultCase] = ()):
+    """A convention-dependent field: ``None`` (= the convention's value) by default.
+
+    Declared with :class:`fusion_core.DefaultBy` (the ``convention`` field chooses; ``cases``
+    refine a convention's value by another field), so ``fuse show`` and ``fuse ui`` show the
+    effective default and each convention's.  Annotate it with the plain type (not ``| None``):
+    a value given explicitly must be a real one."""
+    chosen = DefaultBy("convention", preset_values(presets, key), tuple(cases))
+    return option(None, help=help, validator=validator, default_by=chosen)
 
 
 def per_model(method: str, key: str, value: float | Sequence[float], n: int) -> list[float]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core import Capabilities, KernelContext, KernelMethod, in_range, option
+from fusion_core import Capabilities, DefaultCase, KernelContext, KernelMethod, in_range, option
 
 from . import sparsify
 from .basic import check_weight_sum, resolve_weights
@@ -728,7 +728,8 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
             validator=attrs.validators.optional(attrs.validators.in_(RESCALES)),
         )
         scaling_factor: float = by_convention(
-            DARE_PRESETS, "scaling_factor", "λ: θ = θ₀ + λ·merged task vector (FusionBench: 0.3 for variant linear, 0.5 for ties)"
+            DARE_PRESETS, "scaling_factor", "λ: θ = θ₀ + λ·merged task vector (FusionBench: 0.3 for variant linear, 0.5 for ties)",
+            cases=[DefaultCase("fusionbench", "variant", "ties", 0.5)],  # FusionBench dare/ties_merging.yaml
         )
         weights: list[float] | None = _weights()
         normalize: bool = _normalize(_LINEAR_ONLY)
@@ -751,8 +752,6 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
         )
 
         def __attrs_post_init__(self) -> None:
-            if self.convention == "fusionbench" and self.scaling_factor is None and self.variant == "ties":
-                object.__setattr__(self, "scaling_factor", 0.5)  # FusionBench dare/ties_merging.yaml
             resolve(self, DARE_PRESETS)
             check_weight_sum("dare", self.weights, self.normalize and self.variant == "linear")
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from fusion_merging.model_trim import KthMagnitude, fusionbench_rank
 from fusion_merging.task_arithmetic import Dare, MagMax, TaskArithmetic, Ties
 
-from fusion_core.config import make_config
+from fusion_core.config import describe_fields, make_config
 from fusion_core.engine.stream import MergeOptions, merge_readers
 from fusion_core.errors import InputError
 from fusion_core.plugins import get_plugin_manager
@@ -197,6 +198,77 @@ def test_fuse_show_ties_names_the_fusionbench_default_and_the_mergekit_conventio
     assert main(["show", "ties"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "'fusionbench'" in text and "mergekit" in text and "merge_method: ties" in text and "fusion_bench method=ties_merging" in text
+
+
+@pytest.fixture
+def fresh_console():
+    """The stdout console built for this test's COLUMNS (it is cached), and not left to later tests."""
+    from fusion_core.consoles import console
+
+    console.cache_clear()
+    yield
+    console.cache_clear()
+
+
+def test_fuse_show_ties_table_gives_each_unset_fields_effective_default_and_its_convention(capsys, monkeypatch, fresh_console):
+    from fusion_core.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["show", "ties"]) == 0
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
+    assert rows["density"][:2] == ["float | list[float]", "0.2 (convention fusionbench; mergekit: 1.0, paper: 0.2)"]
+    assert rows["scaling_factor"][1] == "0.3 (convention fusionbench; mergekit: 1.0, paper: 1.0)"
+    assert rows["trim"][1] == "'model' (convention fusionbench; mergekit: 'tensor', paper: 'tensor')"
+    assert rows["divisor"][1] == "'none' (convention fusionbench; mergekit: 'weights', paper: 'count')"
+    assert rows["weights"][1] == "None" and rows["convention"][1] == "'fusionbench'"
+    assert "null" not in " ".join(r[1] for r in rows.values())
+
+def test_fuse_show_on_a_narrow_terminal_wraps_a_long_default_under_its_field(capsys, monkeypatch, fresh_console):
+    from fusion_core.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "80")  # narrow: one block per field; a long default wraps indented under its field
+    assert main(["show", "ties"]) == 0
+    fields = capsys.readouterr().out.split("fields:\n")[1]
+    assert "  trim: 'model' | 'tensor' = 'model' (convention fusionbench; mergekit:\n    'tensor', paper: 'tensor')\n" in fields
+    assert all(line.startswith("  ") and len(line) <= 80 for line in fields.splitlines())
+
+
+def test_fuse_show_json_gives_each_conventions_default_and_the_declaration_is_what_is_filled(capsys):
+    from fusion_merging.geometric import ModelStock
+
+    from fusion_core.cli.main import main
+
+    assert main(["show", "ties", "--json"]) == 0
+    fields = {f["name"]: f for f in json.loads(capsys.readouterr().out)["fields"]}
+    assert fields["density"]["default"] == "0.2 (convention fusionbench; mergekit: 1.0, paper: 0.2)"
+    assert fields["density"]["default_by_convention"] == {"fusionbench": 0.2, "mergekit": 1.0, "paper": 0.2}
+    assert fields["sign_election"]["default_by_convention"] == {"fusionbench": "sum", "mergekit": "weighted_sum", "paper": "sum"}
+    assert "default_by_convention" not in fields["weights"] and "default_by_convention" not in fields["convention"]
+    assert main(["show", "dare", "--json"]) == 0
+    scaling = next(f for f in json.loads(capsys.readouterr().out)["fields"] if f["name"] == "scaling_factor")
+    assert scaling["default"] == "0.3 (convention fusionbench; mergekit: 1.0, paper: 1.0; fusionbench with variant='ties': 0.5)"
+    assert scaling["default_cases"] == [{"choice": "fusionbench", "when": "variant", "equals": "ties", "value": 0.5}]
+    # what fuse show declares is what each convention's config is built with
+    for cls, extra in ((Ties, {}), (TaskArithmetic, {}), (Dare, {}), (Dare, {"variant": "ties"}), (ModelStock, {})):
+        for row in describe_fields(cls.Config):
+            for convention, value in row.get("default_by_convention", {}).items():
+                built = getattr(cls.Config(convention=convention, **extra), row["name"])
+                case = next((c["value"] for c in row.get("default_cases", []) if c["choice"] == convention
+                             and extra.get(c["when"]) == c["equals"]), value)
+                assert built == case, (cls.name, convention, extra, row["name"])
+
+
+def test_fuse_show_of_a_convention_method_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from fusion_core.cli.main import main\n"
+            "codes = [main(['show', 'ties']), main(['show', 'dare', '--json'])]\n"
+            "print('HEAVY', codes, [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY [0, 0] []" in out.stdout
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 2048])

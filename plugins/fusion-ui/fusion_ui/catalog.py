@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import attrs
 
-from fusion_core import config_fields, describe_fields, parse_value, plain_data
+from fusion_core import DefaultBy, config_fields, describe_fields, parse_value, plain_data
 
 #: page section → registry kind
 SECTIONS = {"method": "method", "modelpool": "model-pool", "taskpool": "task-pool"}
@@ -50,20 +50,40 @@ def _default(field) -> tuple[bool, Any]:
     return True, field.default
 
 
+def chosen_default(chosen: DefaultBy, defaults: dict[str, Any]) -> dict:
+    """A field whose default another field chooses, as the page shows it: the choosing field, each choice's
+    value and the cases (as text), and the value and its description under the other fields' defaults."""
+    return {
+        "field": chosen.field,
+        "values": {choice: value_text(v) for choice, v in chosen.values.items()},
+        "cases": [{"choice": c.choice, "when": c.when, "equals": value_text(c.equals), "value": value_text(c.value)}
+                  for c in chosen.cases],
+        "value": value_text(chosen.value_for(defaults)),
+        "text": chosen.describe(defaults, show=value_text),
+    }
+
+
 def field_info(config_cls) -> list[dict]:
-    """Each field: name, type text, widget (``bool``/``choice``/``text``), default (as text), help, required."""
+    """Each field: name, type text, widget (``bool``/``choice``/``text``), default (as text), help, required.
+
+    A field another field fills when it is left unset (a method's ``convention``) has ``default: ""``
+    (the input stays empty, so the command leaves it out) and ``default_by`` (see :func:`chosen_default`):
+    the page shows the value the current choice gives it."""
     described = {d["name"]: d for d in describe_fields(config_cls)}
+    defaults = default_values(config_cls)
     out = []
     for f in config_fields(config_cls):
         has_default, default = _default(f)
         choices = _choices(f.type)
+        chosen = DefaultBy.of(f)
         widget = "bool" if f.type in (bool, "bool") else "choice" if choices else "text"
         out.append({
             "name": f.name,
             "type": described[f.name]["type"],
             "widget": widget,
             "choices": [value_text(c) for c in choices] if choices else None,
-            "default": value_text(default) if has_default else "",
+            "default": value_text(default) if has_default and chosen is None else "",
+            "default_by": chosen_default(chosen, defaults) if chosen is not None else None,
             "required": not has_default,
             "help": described[f.name]["help"],
         })

@@ -129,11 +129,38 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     WebDriverWait(browser, 10).until(ec.presence_of_element_located((By.ID, "f-method-use_base")))
     assert "example_median" in browser.find_element(By.ID, "method-info").text
 
-    # ties on mini; change density and see the command follow
+    # a default that depends on another field too: FusionBench's DARE λ is 0.5 for variant ties
+    method.select_by_value("dare")
+    wait_text(browser, "command", lambda t: t.endswith("method=dare"))
+    scaling = browser.find_element(By.ID, "f-method-scaling_factor")
+    assert scaling.get_attribute("placeholder") == "0.3 (convention fusionbench)"
+    Select(browser.find_element(By.ID, "f-method-variant")).select_by_value("ties")
+    assert scaling.get_attribute("placeholder") == "0.5 (convention fusionbench)"
+    wait_text(browser, "command", lambda t: t == "fuse run benchmark=mini method=dare method.variant=ties")
+
+    # ties on mini: the fields its convention fills are empty and show the value it gives them
     method.select_by_value("ties")
     assert wait_text(browser, "command", lambda t: t.endswith("method=ties")) == "fuse run benchmark=mini method=ties"
     density = browser.find_element(By.ID, "f-method-density")
-    assert density.get_attribute("value") == "null"  # unset: the convention (FusionBench by default) fills it
+    assert density.get_attribute("value") == ""  # unset: the convention (FusionBench by default) fills it
+    assert density.get_attribute("placeholder") == "0.2 (convention fusionbench)"
+    assert browser.find_element(By.ID, "default-method-density").text == \
+        "default: 0.2 (convention fusionbench; mergekit: 1.0, paper: 0.2)"
+    trim = Select(browser.find_element(By.ID, "f-method-trim"))
+    assert trim.first_selected_option.text == "model (convention fusionbench)"
+    # another convention: the shown defaults follow it, the command adds the convention alone
+    convention = Select(browser.find_element(By.ID, "f-method-convention"))
+    convention.select_by_value("mergekit")
+    wait_text(browser, "command", lambda t: t == "fuse run benchmark=mini method=ties method.convention=mergekit")
+    assert density.get_attribute("placeholder") == "1.0 (convention mergekit)"
+    assert browser.find_element(By.ID, "default-method-density").text == \
+        "default: 1.0 (convention mergekit; fusionbench: 0.2, paper: 0.2)"
+    assert trim.first_selected_option.text == "tensor (convention mergekit)"
+    convention.select_by_value("fusionbench")
+    wait_text(browser, "command", lambda t: t == "fuse run benchmark=mini method=ties")
+    assert density.get_attribute("placeholder") == "0.2 (convention fusionbench)"
+
+    # change density and see the command follow
     set_field(browser, "f-method-density", "0.35")
     wait_text(browser, "command", lambda t: t == "fuse run benchmark=mini method=ties method.density=0.35")
     assert "density: 0.35" in browser.find_element(By.ID, "yaml").text

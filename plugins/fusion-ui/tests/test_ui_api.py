@@ -40,7 +40,18 @@ def test_catalog_groups_components_by_plugin_with_typed_fields(client):
     plugin, ties = methods["ties"]
     assert plugin == "merging" and ties["data_free"] is True
     density = next(f for f in ties["fields"] if f["name"] == "density")
-    assert (density["default"], density["widget"], density["required"]) == ("null", "text", False)  # unset: the convention fills it
+    # unset (an empty input, left out of the command): the convention fills it; the page shows its value
+    assert (density["default"], density["widget"], density["required"]) == ("", "text", False)
+    assert density["default_by"] == {
+        "field": "convention", "values": {"fusionbench": "0.2", "mergekit": "1.0", "paper": "0.2"}, "cases": [],
+        "value": "0.2", "text": "0.2 (convention fusionbench; mergekit: 1.0, paper: 0.2)"}
+    trim = next(f for f in ties["fields"] if f["name"] == "trim")
+    assert (trim["widget"], trim["choices"], trim["default"]) == ("choice", ["model", "tensor"], "")
+    assert trim["default_by"]["text"] == "model (convention fusionbench; mergekit: tensor, paper: tensor)"
+    convention = next(f for f in ties["fields"] if f["name"] == "convention")
+    assert (convention["default"], convention["default_by"]) == ("fusionbench", None)
+    dare_scaling = next(f for f in methods["dare"][1]["fields"] if f["name"] == "scaling_factor")
+    assert dare_scaling["default_by"]["cases"] == [{"choice": "fusionbench", "when": "variant", "equals": "ties", "value": "0.5"}]
     assert "fraction of each task vector" in density["help"]
     # the template's method, a third-party plugin, shows with its field
     plugin, template = methods["example_median"]
@@ -63,6 +74,13 @@ def test_compose_gives_the_command_yaml_and_merge_the_core_accepts(client, regis
     # a value typed back to its default drops out of the command
     same = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"method": {"density": " null "}}}).json()
     assert same["command"] == "fuse run benchmark=mini method=ties"
+    # the page as it loads: convention-filled fields empty, the convention at its default; another convention alone
+    fields = {"convention": "fusionbench", "trim": "", "density": "", "scaling_factor": "", "sign_election": "", "divisor": ""}
+    unchanged = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"method": fields}}).json()
+    assert unchanged["ok"] and unchanged["command"] == "fuse run benchmark=mini method=ties"
+    mergekit = client.post("/api/compose", json={**TIES_ON_MINI, "values": {"method": {**fields, "convention": "mergekit"}}}).json()
+    assert mergekit["command"] == "fuse run benchmark=mini method=ties method.convention=mergekit"
+    assert "density: 1.0" in mergekit["resolved"] and "divisor: weights" in mergekit["resolved"]
 
 
 def test_bad_values_get_the_core_s_own_message_next_to_the_field(client, registry_and_pm):

@@ -61,27 +61,61 @@ function fieldInput(section, field) {
   if (field.widget === "bool" || field.widget === "choice") {
     const choices = field.widget === "bool" ? ["true", "false"] : field.choices;
     input = el("select", { id, "data-section": section, "data-field": field.name });
+    if (field.default_by) input.append(el("option", { value: "", class: "by-default", text: field.default_by.value }));  // unset
     for (const choice of choices) input.append(el("option", { value: choice, text: choice }));
     input.value = field.default;
   } else {
     input = el("input", { id, type: "text", value: field.default, placeholder: field.required ? "(required)" : field.default,
                           spellcheck: "false", autocomplete: "off", "data-section": section, "data-field": field.name });
   }
-  input.addEventListener(input.tagName === "SELECT" ? "change" : "input", scheduleCompose);
+  const changed = () => { showChosenDefaults(section); scheduleCompose(); };
+  input.addEventListener(input.tagName === "SELECT" ? "change" : "input", changed);
   const reset = el("button", { type: "button", class: "reset", title: "back to the default", text: "↺",
-                               onclick: () => { input.value = field.default; scheduleCompose(); } });
+                               onclick: () => { input.value = field.default; changed(); } });
   return el("div", { class: "field", id: `field-${section}-${field.name}` },
     el("label", { for: id }, el("code", { text: field.name }), el("span", { class: "type", text: field.type })),
     el("div", { class: "input-row" }, input, reset),
-    el("div", { class: "help" }, field.help, " ", el("span", { class: "default",
-      text: field.required ? "required" : `default: ${field.default}` })),
+    el("div", { class: "help" }, field.help, " ", el("span", { class: "default", id: `default-${section}-${field.name}`,
+      text: field.required ? "required" : `default: ${field.default_by ? field.default_by.text : field.default}` })),
     el("div", { class: "field-error", id: `error-${section}-${field.name}` }));
+}
+
+const sectionFields = {};
+
+// The text a field of the section holds now (its default when left empty).
+function currentText(section, name) {
+  const field = (sectionFields[section] || []).find((f) => f.name === name);
+  const input = $(`f-${section}-${name}`);
+  const text = input ? input.value.trim() : "";
+  return text === "" && field ? field.default : text;
+}
+
+// A field that another field (a method's convention) fills when it is left unset: the value the
+// current choice gives it, as the core's DefaultBy.describe writes it, in its placeholder and help.
+function showChosenDefaults(section) {
+  for (const field of sectionFields[section] || []) {
+    const by = field.default_by;
+    if (!by) continue;
+    const choice = currentText(section, by.field);
+    const match = by.cases.find((c) => c.choice === choice && currentText(section, c.when) === c.equals);
+    const value = match ? match.value : by.values[choice];
+    const input = $(`f-${section}-${field.name}`);
+    const short = value === undefined ? `set by ${by.field}` : `${value} (${by.field} ${choice})`;
+    if (input.tagName === "SELECT") input.querySelector("option.by-default").textContent = short;
+    else input.placeholder = short;
+    const others = Object.entries(by.values).filter(([c]) => c !== choice).map(([c, v]) => `${c}: ${v}`).join(", ");
+    const cases = by.cases.map((c) => `; ${c.choice} with ${c.when}=${c.equals}: ${c.value}`).join("");
+    $(`default-${section}-${field.name}`).textContent = value === undefined ? `default: set by ${by.field} (${others}${cases})`
+      : `default: ${value} (${by.field} ${choice}${others ? `; ${others}` : ""}${cases})`;
+  }
 }
 
 function renderFields(section, fields) {
   const box = $(`fields-${section}`);
+  sectionFields[section] = fields;
   box.replaceChildren(...fields.map((f) => fieldInput(section, f)));
   if (!fields.length) box.append(el("p", { class: "help", text: "no fields" }));
+  showChosenDefaults(section);
 }
 
 function renderMethodInfo(method) {
