@@ -96,17 +96,20 @@ def test_at_sparsity_0_with_fixed_router_weights_the_layers_equal_wemoes(square)
         assert torch.equal(e(x), w(x))
 
 
-def test_training_lowers_entropy_trains_the_shared_router_only_and_is_deterministic(square):
+def test_training_lowers_entropy_moves_only_the_shared_router_and_is_deterministic(square):
     ctx = square.ctx()
-    a = EWEMoE(EWEMoE.Config(steps=15, lr=0.01)).run(square.pool(), ctx)
+    trained = EWEMoE(EWEMoE.Config(steps=15, lr=0.01)).run(square.pool(), ctx)
     info = ctx.extras["e_wemoe"]
-    assert info["loss_last"] < info["loss_first"] and info["upscaled"] == ["fc1", "fc2"]
-    assert ctx.extras["transductive"]["method"] == "e_wemoe"
-    b = EWEMoE(EWEMoE.Config(steps=15, lr=0.01)).run(square.pool(), square.ctx())
-    x = square.tasks["alpha"]["test"][0]
-    with torch.no_grad():
-        assert torch.equal(a(x), b(x))
-    torch.testing.assert_close(a.fc1.base.weight, square.base.fc1.weight)
+    assert info["loss_last"] < info["loss_first"] and ctx.extras["transductive"]["method"] == "e_wemoe"
+    start = EWEMoE(EWEMoE.Config(steps=0)).run(square.pool(), square.ctx())
+    again = EWEMoE(EWEMoE.Config(steps=15, lr=0.01)).run(square.pool(), square.ctx())
+    moved = {k: float((v - start.fc1.router.state_dict()[k]).abs().max()) for k, v in trained.fc1.router.state_dict().items()}
+    assert min(moved.values()) > 0 and trained.fc2.router is trained.fc1.router
+    for module in ("fc1", "fc2"):  # the sparse experts and the base layers are fixed; the same run gives the same router
+        a, b = getattr(trained, module), getattr(start, module)
+        assert all(torch.equal(a.expert(p), b.expert(p)) for p in ("weight", "bias"))
+        assert torch.equal(a.base.weight, b.base.weight)
+    assert all(torch.equal(v, again.fc1.router.state_dict()[k]) for k, v in trained.fc1.router.state_dict().items())
 
 
 def test_shared_router_over_layers_of_different_widths_is_refused_with_the_fix(world):
