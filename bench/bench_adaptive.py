@@ -17,7 +17,7 @@ starts; peak = the child's peak RSS, VmHWM):
   that was measured at 729 s in issue 15); FusionBench runs ``FisherMergingForCLIPVisionModel``
   (clip) or its ``fisher_merging`` function with a minimal trainer (bert).
 - ``regmean`` (clip): Gram collection + solve.
-- ``adamerging`` / ``wemoe`` (clip): ``--steps`` test-time adaptation steps (steps/s in the note).
+- ``adamerging`` / ``wemoe`` / ``e_wemoe`` (clip): ``--steps`` test-time adaptation steps (steps/s in the note).
 - ``smile`` (clip): the upscaling.
 - ``ensemble`` (clip): evaluating a simple ensemble on every batch of every task (images/s).
 
@@ -46,6 +46,7 @@ ROWS = {  # (pool, method): the sides that run it
     ("clip", "regmean"): ("fusion", "fusionbench"),
     ("clip", "adamerging"): ("fusion", "fusionbench"),
     ("clip", "wemoe"): ("fusion", "fusionbench"),
+    ("clip", "e_wemoe"): ("fusion", "fusionbench"),
     ("clip", "smile"): ("fusion", "fusionbench"),
     ("clip", "ensemble"): ("fusion", "fusionbench"),
 }
@@ -136,6 +137,10 @@ def run_fusion(pool_name: str, method: str, side: str, args):
         from fusion_adaptive.wemoe import WEMoE
 
         WEMoE(WEMoE.Config(steps=args.steps)).run(pool, ctx)
+    elif method == "e_wemoe":
+        from fusion_adaptive.ewemoe import EWEMoE
+
+        EWEMoE(EWEMoE.Config(steps=args.steps)).run(pool, ctx)
     elif method == "smile":
         from fusion_adaptive.smile import Smile
 
@@ -160,7 +165,7 @@ def finish(world, method: str, start: float, args) -> tuple[float, str]:
     seconds = time.perf_counter() - start
     if method == "ensemble":
         return seconds, f"{sum(len(x) for t in world.tasks for x in world.images[t]) / seconds:.1f} images/s"
-    if method in ("adamerging", "wemoe"):
+    if method in ("adamerging", "wemoe", "e_wemoe"):
         return seconds, f"{args.steps / seconds:.3f} steps/s (setup included)"
     return seconds, ""
 
@@ -216,6 +221,13 @@ def run_fusionbench(pool_name: str, method: str, args):
         algorithm = kit.fb_wemoe(world, args.steps)
         start = time.perf_counter()
         algorithm.test_time_adaptation(algorithm.construct_moe_model())
+    elif method == "e_wemoe":
+        from fusion_bench.method.sparse_we_moe import sparse_clip_we_moe
+
+        sparse_clip_we_moe.task_arithmetic_merge = kit.task_arithmetic_merge  # as for WEMoE
+        algorithm = kit.fb_sparse_wemoe(world, args.steps, 0.9)
+        start = time.perf_counter()
+        algorithm.test_time_adaptation(algorithm.construct_moe_model_sharedgate())
     elif method == "smile":
         algorithm, fb_pool = kit.fb_smile(128), world.fb_pool()
         start = time.perf_counter()
@@ -274,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=2, help="batches per CLIP task")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--fisher-examples", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5, help="test-time adaptation steps (adamerging, wemoe)")
+    parser.add_argument("--steps", type=int, default=5, help="test-time adaptation steps (adamerging, wemoe, e_wemoe)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="fusion's device (cpu, cuda); FusionBench's sides run where its code puts them")

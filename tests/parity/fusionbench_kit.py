@@ -272,6 +272,23 @@ def fb_wemoe(world: World, steps: int):
     return algorithm
 
 
+def fb_sparse_wemoe(world: World, steps: int, prune: float):
+    """FusionBench's CLIP E-WEMoE with its yaml defaults (shared gate, 2-layer router, λ 0.3, batch_reduce, lr 1e-4)."""
+    from fusion_bench.method.sparse_we_moe.sparse_clip_we_moe import SparseCLIPWeightEnsemblingMoEAlgorithm
+
+    config = _adaptation_config("sparse_clip_weight_ensembling_moe", steps, world.batch, checkpoint=False, save_checkpoint=False,
+                                router_hidden_layers=2, init_lambda=0.3, batch_reduce=True, tv_prune_ratio=prune,
+                                post_sparse_gate=False, gate_prune_ratio=0.0, shared_gate=True, position_encoding=False,
+                                position_encoding_dim=8, lr=1e-4, use_grad_accumulate=False)
+    algorithm = SparseCLIPWeightEnsemblingMoEAlgorithm(config)
+    world.fb_heads(algorithm)
+    algorithm._fabric = fabric()  # FusionBench builds its Fabric only on CUDA; its CLI would give one
+    algorithm.get_shuffled_test_loader_iter = world.fb_test_iterators()
+    algorithm.on_test_time_adaptation_start = lambda: None
+    algorithm.modelpool = world.fb_pool()
+    return algorithm
+
+
 def task_arithmetic_merge(pretrained_model, finetuned_models, scaling_factor, inplace=True):
     """θ₀ + λ Σ (θᵢ − θ₀), what FusionBench's ``task_arithmetic_merge`` computes (its strict type check rejects its own call)."""
     state = pretrained_model.state_dict()

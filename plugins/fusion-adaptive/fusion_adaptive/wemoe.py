@@ -130,10 +130,22 @@ class WEMoE(AdaptiveMethod):
             return select_modules(model, None, method=self.name, field="target_modules")
         return select_modules(model, mlps, method=self.name, field="target_modules", linear_only=False)
 
+    def make_routers(self, targets: dict[str, Any], dims: dict[str, int], n: int, generator: "torch.Generator") -> dict[str, Any]:
+        """One :class:`~fusion_adaptive.layers.Router` per target module, drawn from ``generator`` in target order."""
+        from .layers import Router
+
+        cfg = self.config
+        return {t: Router(dims[t], n, dims[t] if cfg.router_hidden is None else cfg.router_hidden, cfg.init_lambda, generator,
+                          init=cfg.router_init) for t in targets}
+
+    def expert_tensor(self, stacked: "torch.Tensor") -> "torch.Tensor":
+        """What an expert stores for one parameter, from the stacked task vectors ``(N, *shape)``: WEMoE keeps them whole."""
+        return stacked
+
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         import torch
 
-        from .layers import Router, WeightEnsemblingMoE
+        from .layers import WeightEnsemblingMoE
 
         cfg, names = self.config, list(pool.model_names)
         tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
@@ -149,20 +161,19 @@ class WEMoE(AdaptiveMethod):
                     value.add_(sum(v[key] for v in vectors) * cfg.init_lambda)
         generator = torch.Generator(device="cpu")
         generator.manual_seed(tensor_seed(ctx.seed, self.name, "routers"))
-        routers = []
+        router_of = self.make_routers(targets, dims, len(names), generator)
         for target, module in targets.items():
             experts = {}
             for p, _ in module.named_parameters():
                 key = pkey(target, p)
-                experts[p] = torch.stack([v.pop(key) for v in vectors])
-            hidden = dims[target] if cfg.router_hidden is None else cfg.router_hidden
-            router = Router(dims[target], len(names), hidden, cfg.init_lambda, generator, init=cfg.router_init).to(ctx.device)
-            layer = WeightEnsemblingMoE(module, experts, router, linear=is_linear(module) and set(experts) <= {"weight", "bias"},
+                experts[p] = self.expert_tensor(torch.stack([v.pop(key) for v in vectors]))
+            layer = WeightEnsemblingMoE(module, experts, router_of[target].to(ctx.device),
+                                        linear=is_linear(module) and set(experts) <= {"weight", "bias"},
                                         transposed=is_linear(module) and transposed(module), batch_reduce=cfg.batch_reduce)
             base = set_submodule(base, target, layer)
-            routers += list(router.parameters())
             del experts
         del vectors
+        routers = list({id(p): p for r in router_of.values() for p in r.parameters()}.values())  # a shared router once
         from fusion_core.adapters import apply_classifier
 
         def loss(step: int) -> torch.Tensor:

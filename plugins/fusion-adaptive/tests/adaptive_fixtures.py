@@ -139,10 +139,10 @@ class MemoryTaskPool(TaskPool):
 class World:
     """The base, the fine-tunes, the tasks, and pools over them."""
 
-    def __init__(self, n_tasks: int = 3, dtype=torch.float32, steps: int = 40) -> None:
+    def __init__(self, n_tasks: int = 3, dtype=torch.float32, steps: int = 40, hidden: int = HIDDEN) -> None:
         torch.manual_seed(0)
         self.tasks = {name: make_task(100 + i) for i, name in enumerate(TASKS[:n_tasks])}
-        self.base = Encoder().to(dtype)
+        self.base = Encoder(hidden=hidden).to(dtype)
         for t in self.tasks.values():
             t["head"] = t["head"].to(dtype)
             t["train"] = (t["train"][0].to(dtype), t["train"][1])

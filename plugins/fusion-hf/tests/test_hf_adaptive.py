@@ -214,11 +214,12 @@ def entropy_of_task_arithmetic(clip_assets, clip_ref, batch: int) -> float:
     return total
 
 
-@pytest.mark.parametrize("method", ["adamerging", "wemoe"])
+@pytest.mark.parametrize("method", ["adamerging", "wemoe", "e_wemoe"])
 def test_test_time_adaptation_starts_at_task_arithmetic(clip_assets, clip_ref, task_arithmetic_report, method):
-    """At 0 steps AdaMerging (λ = init) and WEMoE (routers = init) are task arithmetic; step 1's loss is its test entropy."""
+    """At 0 steps AdaMerging (λ = init) and WEMoE / E-WEMoE with dense experts (routers = init; E-WEMoE's one router shared by
+    every block) are task arithmetic; step 1's loss is its test entropy."""
     start = {"name": "adamerging", "granularity": "task", "init": TA_LAMBDA} if method == "adamerging" else \
-        {"name": "wemoe", "init_lambda": TA_LAMBDA, "router_init": "zero_last"}
+        {"name": method, "init_lambda": TA_LAMBDA, "router_init": "zero_last", **({"sparsity": 0.0} if method == "e_wemoe" else {})}
     zero = run(clip_config(clip_assets, {**start, "steps": 0}, data=False))
     for task in BOTH:
         expected = task_arithmetic_report["results"]["merged"][task]
