@@ -1,0 +1,75 @@
+"""FusionBench's tie-break for TIES: a zero vote takes the model-wide majority sign, streamed.
+
+FusionBench 0.2.33 (``ties_merging_utils.resolve_sign``) elects γ = sign(Σᵢ trimmed τᵢ) per
+entry of the flattened merged vector, then sets every γ = 0 (the votes cancel, or nobody
+kept the entry) to sign(Σ γ): the sign of (#entries electing + − #entries electing −) over
+the *whole model*; when that is 0 too the entries stay 0, which its disjoint merge
+(``where(γ > 0, τ > 0, τ < 0)``) treats as − for ``sum`` and ``mean``.
+
+:class:`VoteTally` counts those two numbers exactly (integers; FusionBench sums the ±1
+floats in the model's dtype, which is exact below 2^24 entries) in one extra whole-model
+pass, once the trim thresholds are known: for each tensor name the engine hands it each
+model's tensor in turn; it adds the trimmed votes into one buffer of that tensor's size and
+counts the signs when the next name starts.  Memory: one tensor, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+def trimmed_vote(
+    base: "torch.Tensor", tensor: "torch.Tensor", selection, weight: float, sign_election: str, offset: int = 0
+) -> "torch.Tensor | None":
+    """Model ``i``'s vote for one tensor (flat positions ``offset …`` of it): its trimmed τ (``sum``),
+    wᵢ·τ (``weighted_sum``) or sign(τ) (``count``), flat; ``None`` when the selection keeps nothing."""
+    import torch
+
+    if selection.keep_none:
+        return None
+    tau = (tensor - base).reshape(-1)
+    tau = torch.where(selection.keep_mask(tau.abs(), offset), tau, torch.zeros_like(tau))
+    if sign_election == "weighted_sum":
+        return tau.mul_(weight) if weight != 1.0 else tau
+    if sign_election == "count":
+        return torch.sign(tau)
+    return tau
+
+
+class VoteTally:
+    """Entries electing + and − over a whole model (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.plus = 0
+        self.minus = 0
+        self._name: str | None = None
+        self._votes: "torch.Tensor | None" = None
+
+    def add(self, name: str, vote: "torch.Tensor | None") -> None:
+        """Model ``i``'s vote for tensor ``name`` (models in order, every model of a name in a row)."""
+        if name != self._name:
+            self.flush()
+            self._name = name
+        if vote is None:
+            return
+        if self._votes is None:
+            self._votes = vote.clone()
+        else:
+            self._votes += vote
+
+    def flush(self) -> None:
+        """Count the signs of the summed votes of the current tensor."""
+        import torch
+
+        if self._votes is not None:
+            self.plus += int(torch.count_nonzero(self._votes > 0))
+            self.minus += int(torch.count_nonzero(self._votes < 0))
+        self._name, self._votes = None, None
+
+    @property
+    def zero_sign(self) -> float:
+        """The sign a zero vote elects: +1 when more entries elect + than −, else −1 (FusionBench)."""
+        return 1.0 if self.plus > self.minus else -1.0
