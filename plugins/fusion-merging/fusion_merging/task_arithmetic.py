@@ -312,6 +312,28 @@ def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, d
     return total.div_(count)
 
 
+def trim_fill(stats: Sequence, dtype: "torch.dtype") -> "Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], bool]":
+    """The :func:`fused_merge` ``fill`` of task vectors trimmed by their selections
+    (:class:`sparsify.TopK` or :class:`sparsify.AtLeast`), one per model."""
+    import torch
+
+    lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, dtype) for s in stats]
+
+    def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+        selection = stats[i]
+        if selection.keep_none:
+            out.zero_()
+            return False
+        torch.sub(t, b, out=out)
+        if lambdas[i] is not None:
+            torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
+            if selection.threshold != 0:  # at 0 the tied entries are zeros either way
+                selection.drop_ties(out, at)
+        return True
+
+    return fill
+
+
 def _lambda_below(threshold: float, dtype: "torch.dtype") -> float:
     """The largest value of ``dtype`` below ``threshold``: ``|x| > it`` ⇔ ``|x| ≥ threshold``."""
     import numpy as np
@@ -438,21 +460,7 @@ class _TaskVectorMethod(KernelMethod):
                 keep = selection.keep_mask(tau.abs(), offset)
                 deltas.append(torch.where(keep, tau, torch.zeros_like(tau)).reshape(base.shape))
             return self._combine(base, deltas, weights, variant, zero)
-        lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, base.dtype) for s in stats]
-
-        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
-            selection = stats[i]
-            if selection.keep_none:
-                out.zero_()
-                return False
-            torch.sub(t, b, out=out)
-            if lambdas[i] is not None:
-                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
-                if selection.threshold != 0:  # at 0 the tied entries are zeros either way
-                    selection.drop_ties(out, at)
-            return True
-
-        return fused_merge(base, tensors, offset, fill, weights, variant, self.config, zero=zero)
+        return fused_merge(base, tensors, offset, trim_fill(stats, base.dtype), weights, variant, self.config, zero=zero)
 
     def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str, zero: float = 1.0) -> "torch.Tensor":
         cfg = self.config
@@ -695,11 +703,15 @@ class Ties(_WholeModelTrim, _TaskVectorMethod):
         if not self._voting:
             super().model_pass(pass_index, name, base, tensor, index, ctx)
             return
-        from .ties_votes import trimmed_vote
-
         selection = self._pass_selection(name, base, tensor, index, ctx)
         weight = self._weights(self._n)[index]
-        self._tally.add(name, trimmed_vote(base, tensor, selection, weight, self.config.sign_election, 0))
+        if fused_supported(base):  # the merge's own trim, block by block
+            fill = trim_fill([selection], base.dtype)
+            self._tally.add_blocks(name, base, tensor, lambda b, t, out, at: fill(0, b, t, out, at), weight, self.config.sign_election)
+        else:
+            from .ties_votes import trimmed_vote
+
+            self._tally.add(name, trimmed_vote(base, tensor, selection, weight, self.config.sign_election))
 
     def model_pass_end(self, pass_index: int) -> bool:
         if self._voting:

@@ -15,6 +15,7 @@ counts the signs when the next name starts.  Memory: one tensor, whatever the mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,25 +41,60 @@ def trimmed_vote(
 
 
 class VoteTally:
-    """Entries electing + and − over a whole model (see the module docstring)."""
+    """Entries electing + and − over a whole model (see the module docstring).
+
+    Feed it, for each tensor name in turn, every model's vote in model order (:meth:`add_blocks`
+    or :meth:`add`); it sums them into one buffer (the merge's summation order) and counts the
+    signs when the next name starts (or at :meth:`flush`)."""
 
     def __init__(self) -> None:
         self.plus = 0
         self.minus = 0
         self._name: str | None = None
         self._votes: "torch.Tensor | None" = None
+        self._block: "torch.Tensor | None" = None
 
-    def add(self, name: str, vote: "torch.Tensor | None") -> None:
-        """Model ``i``'s vote for tensor ``name`` (models in order, every model of a name in a row)."""
+    def _start(self, name: str, like: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
         if name != self._name:
             self.flush()
             self._name = name
-        if vote is None:
-            return
         if self._votes is None:
-            self._votes = vote.clone()
-        else:
-            self._votes += vote
+            self._votes = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+        return self._votes
+
+    def add_blocks(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", fill: "Callable", weight: float, sign_election: str) -> None:
+        """Add one model's vote, block by block: ``fill(base_block, model_block, out, flat_offset)``
+        writes its trimmed τ into ``out`` and returns ``False`` when the model keeps nothing."""
+        import torch
+
+        from .sparsify import BLOCK
+
+        votes = self._start(name, base)
+        a, b = tensor.reshape(-1), base.reshape(-1)
+        n = a.numel()
+        if self._block is None or self._block.dtype != a.dtype or self._block.device != a.device:
+            self._block = torch.empty(BLOCK, dtype=a.dtype, device=a.device)
+        for start in range(0, n, BLOCK):
+            stop = min(n, start + BLOCK)
+            out = self._block[: stop - start]
+            if not fill(b[start:stop], a[start:stop], out, start):
+                return  # a model trimmed to nothing votes 0 everywhere
+            if sign_election == "weighted_sum":
+                if weight != 1.0:
+                    out.mul_(weight)
+            elif sign_election == "count":
+                torch.sign(out, out=out)
+            votes[start:stop] += out
+
+    def add(self, name: str, vote: "torch.Tensor | None") -> None:
+        """Add one model's whole vote (:func:`trimmed_vote`; ``None``: it keeps nothing)."""
+        if vote is not None:
+            self._start(name, vote).add_(vote)
+        elif name != self._name:
+            self.flush()
+            self._name = name
 
     def flush(self) -> None:
         """Count the signs of the summed votes of the current tensor."""
