@@ -11,6 +11,9 @@ floats in the model's dtype, which is exact below 2^24 entries) in one extra who
 pass, once the trim thresholds are known: for each tensor name the engine hands it each
 model's tensor in turn; it adds the trimmed votes into one buffer of that tensor's size and
 counts the signs when the next name starts.  Memory: one tensor, whatever the model's size.
+
+The one case left apart: with ``merge_func: max`` (``divisor: max``) and an exact model-wide
+tie, FusionBench multiplies the cancelled entries by γ = 0 (they come out 0); here they take −.
 """
 
 from __future__ import annotations
