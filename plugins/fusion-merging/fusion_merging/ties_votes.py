@@ -55,6 +55,7 @@ class VoteTally:
         self.minus = 0
         self._name: str | None = None
         self._votes: "torch.Tensor | None" = None
+        self._fresh = True  # no model has voted on the current tensor yet (the buffer is uninitialised)
         self._block: "torch.Tensor | None" = None
 
     def _start(self, name: str, like: "torch.Tensor") -> "torch.Tensor":
@@ -64,12 +65,13 @@ class VoteTally:
             self.flush()
             self._name = name
         if self._votes is None:
-            self._votes = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+            self._votes = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
         return self._votes
 
     def add_blocks(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", fill: "Callable", weight: float, sign_election: str) -> None:
         """Add one model's vote, block by block: ``fill(base_block, model_block, out, flat_offset)``
-        writes its trimmed τ into ``out`` and returns ``False`` when the model keeps nothing."""
+        writes its trimmed τ into ``out`` and returns ``False`` when the model keeps nothing (the
+        first voter writes straight into the buffer)."""
         import torch
 
         from .sparsify import BLOCK
@@ -81,32 +83,42 @@ class VoteTally:
             self._block = torch.empty(BLOCK, dtype=a.dtype, device=a.device)
         for start in range(0, n, BLOCK):
             stop = min(n, start + BLOCK)
-            out = self._block[: stop - start]
+            out = votes[start:stop] if self._fresh else self._block[: stop - start]
             if not fill(b[start:stop], a[start:stop], out, start):
-                return  # a model trimmed to nothing votes 0 everywhere
+                return  # a model trimmed to nothing votes 0 everywhere (known at its first block)
             if sign_election == "weighted_sum":
                 if weight != 1.0:
                     out.mul_(weight)
             elif sign_election == "count":
                 torch.sign(out, out=out)
-            votes[start:stop] += out
+            if not self._fresh:
+                votes[start:stop] += out
+        self._fresh = False
 
     def add(self, name: str, vote: "torch.Tensor | None") -> None:
         """Add one model's whole vote (:func:`trimmed_vote`; ``None``: it keeps nothing)."""
-        if vote is not None:
-            self._start(name, vote).add_(vote)
-        elif name != self._name:
-            self.flush()
-            self._name = name
+        if vote is None:
+            if name != self._name:
+                self.flush()
+                self._name = name
+            return
+        votes = self._start(name, vote)
+        if self._fresh:
+            votes.copy_(vote.reshape(-1))
+        else:
+            votes += vote.reshape(-1)
+        self._fresh = False
 
     def flush(self) -> None:
         """Count the signs of the summed votes of the current tensor."""
         import torch
 
-        if self._votes is not None:
-            self.plus += int(torch.count_nonzero(self._votes > 0))
-            self.minus += int(torch.count_nonzero(self._votes < 0))
-        self._name, self._votes = None, None
+        if self._votes is not None and not self._fresh:
+            for start in range(0, self._votes.numel(), 1 << 20):
+                part = self._votes[start : start + (1 << 20)]
+                self.plus += int(torch.count_nonzero(part > 0))
+                self.minus += int(torch.count_nonzero(part < 0))
+        self._name, self._votes, self._fresh = None, None, True
 
     @property
     def zero_sign(self) -> float:
