@@ -18,7 +18,8 @@ with ``--mergekit PYTHON``, through mergekit 0.1.5's ``mergekit-yaml`` on the sa
 
 Rows: ``task_arithmetic``; ``ties`` = per-tensor TIES (``convention=paper``, density 0.2, the
 naive script's trim); ``ties_model`` = FusionBench's TIES, the default (each model's *whole* task
-vector trimmed to its top 20 %, streamed: a sample pass and a counting pass); ``dare`` = DARE-TIES
+vector trimmed to its top 20 %, streamed: a sample pass and a counting pass, then one pass counting the
+elected signs for the zero-vote majority); ``dare`` = DARE-TIES
 without a TIES trim (``convention=paper``, density 0.2); ``dare_fb`` = FusionBench's DARE-TIES, the
 default (drop 0.5, rescale, then the whole-model TIES trim); ``della`` = DELLA-TIES at its defaults
 (density 0.5, ε 0.15, per-row magnitude ranks); ``magnitude_prune`` = per-tensor top 20 %, linear.

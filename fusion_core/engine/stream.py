@@ -30,7 +30,10 @@ flattened task vector to its global top k%): before merging, the engine makes up
 each model's tensor (read ahead on the prefetch thread), so it holds at most two tensors of
 two inputs; the statistic itself must be small (e.g. :mod:`fusion_merging.model_trim`'s sample,
 histogram and kept in-window offsets: a few MiB per model, found exactly in a sample pass and
-usually one counting pass), so memory stays independent of the model's size.
+usually one counting pass), so memory stays independent of the model's size.  A method may
+rely on the order (tensor names in turn, within a name the models in pool order) to sum the
+models' values of one tensor in a tensor-sized buffer (FusionBench's TIES tie-break: one more
+pass counting the elected signs, :mod:`fusion_merging.ties_votes`).
 """
 
 from __future__ import annotations

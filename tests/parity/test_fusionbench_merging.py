@@ -175,30 +175,36 @@ def test_dare(parity_row, variant):
     assert worst <= TOL
 
 
-def test_ties_exactly_cancelling_votes_are_the_one_known_difference(parity_row):
-    """FusionBench elects the model-wide majority sign where the trimmed votes sum to exactly 0;
-    fusion elects + there (a streamed merge cannot know the model-wide majority before the
-    entry is written).  Only those entries differ: shown on a pool built to cancel."""
+@pytest.mark.parametrize("majority", ["-", "+"])
+def test_ties_exactly_cancelling_votes_take_the_model_wide_majority(parity_row, majority):
+    """FusionBench elects the model-wide majority sign where the trimmed votes sum to exactly 0
+    (``resolve_sign``); so does fusion under ``convention: fusionbench`` (``zero_vote: majority``,
+    one more streamed pass), on a pool built to cancel, whichever sign the majority has; with
+    ``zero_vote: plus`` (fusion's other conventions) only the cancelled entries differ."""
     import copy
 
     base, experts = toy_models(2)
     b, first = state(base), state(experts[0])
     opposite = copy.deepcopy(experts[1])
+    step = 1.0 if majority == "+" else -1.0
     with torch.no_grad():
         for name, p in opposite.named_parameters():
             if name == "fc1.weight":
                 p.copy_(2 * b[name] - first[name])  # τ₂ = −τ₁ exactly: every vote cancels
             else:
-                p.sub_(0.5 * p.abs() + 0.1)  # elsewhere mostly negative updates: the majority sign is −
+                p.add_(step * (0.5 * p.abs() + 0.1))  # elsewhere mostly updates of one sign: the majority
     experts = [experts[0], opposite]
     expected = state(_fb("fusion_bench.method.TiesMergingAlgorithm", scaling_factor=0.3, threshold=99, remove_keys=[], merge_func="sum").run(fusionbench_pool(base, experts)))
     got = ours("ties", {"density": 0.99}, base, experts)
-    elsewhere = max_abs_diff(expected, got, [k for k in expected if k != "fc1.weight"])
-    cancelled = max_abs_diff(expected, got, ["fc1.weight"])
-    parity_row("ties", PEER, "fusionbench (votes that cancel exactly)", cancelled,
-               "known difference: where trimmed task vectors cancel exactly FusionBench takes the model-wide majority sign, fusion +; "
-               f"only those entries differ (elsewhere {elsewhere:.1e})")
-    assert elsewhere <= TOL and cancelled > 0
+    worst = max_abs_diff(expected, got)
+    plus = ours("ties", {"density": 0.99, "zero_vote": "plus"}, base, experts)
+    elsewhere = max_abs_diff(expected, plus, [k for k in expected if k != "fc1.weight"])
+    cancelled = max_abs_diff(expected, plus, ["fc1.weight"])
+    parity_row("ties", PEER, f"fusionbench (votes that cancel exactly, majority {majority})", worst,
+               "zero votes take the model-wide majority sign (FusionBench resolve_sign; zero_vote: majority, one more pass); "
+               f"with zero_vote: plus the cancelled entries differ by {cancelled:.2g}" + (" (+ is the majority)" if majority == "+" else ""))
+    assert worst <= TOL and elsewhere <= TOL
+    assert (cancelled > 0) == (majority == "-")
 
 
 def test_ties_threshold_100_crashes_in_fusionbench(parity_row):

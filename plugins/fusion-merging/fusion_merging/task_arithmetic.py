@@ -61,8 +61,8 @@ def linear_merge(deltas: Sequence["torch.Tensor"], weights: Sequence[float], nor
     return total
 
 
-def elect_sign(deltas: Sequence["torch.Tensor"], weights: Sequence[float], sign_election: str) -> "torch.Tensor":
-    """The elected sign γ ∈ {+1, −1} per entry (a zero vote elects +1).
+def elect_sign(deltas: Sequence["torch.Tensor"], weights: Sequence[float], sign_election: str, zero: float = 1.0) -> "torch.Tensor":
+    """The elected sign γ ∈ {+1, −1} per entry (a zero vote elects ``zero``: +1, or −1).
 
     ``sum``: sign of Σ τᵢ (TIES paper, PEFT "total"); ``weighted_sum``: sign of Σ wᵢτᵢ
     (mergekit); ``count``: sign of Σ sign(τᵢ) (a majority vote, PEFT "frequency").
@@ -79,11 +79,14 @@ def elect_sign(deltas: Sequence["torch.Tensor"], weights: Sequence[float], sign_
             votes += w * d
         else:
             votes += torch.sign(d)
-    return torch.where(votes >= 0, torch.ones_like(votes), -torch.ones_like(votes))
+    if zero > 0:
+        return torch.where(votes >= 0, torch.ones_like(votes), -torch.ones_like(votes))
+    return torch.where(votes > 0, torch.ones_like(votes), -torch.ones_like(votes))
 
 
 def ties_merge(
-    deltas: Sequence["torch.Tensor"], weights: Sequence[float], sign_election: str = "sum", divisor: str = "count"
+    deltas: Sequence["torch.Tensor"], weights: Sequence[float], sign_election: str = "sum", divisor: str = "count",
+    zero: float = 1.0,
 ) -> "torch.Tensor":
     """TIES elect + disjoint merge of already-sparsified task vectors.
 
@@ -93,12 +96,13 @@ def ties_merge(
     disjoint mean), ``Σ_agreeing wᵢ`` (``weights``, mergekit ``normalize: true``) or 1
     (``none``, mergekit ``normalize: false``).  Where D = 0 (nobody agrees) it is 0.
     ``max`` (FusionBench ``merge_func: max``) is γ · the largest agreeing ``|wᵢτᵢ|``.
+    ``zero`` is the sign a zero vote elects (:func:`elect_sign`).
     """
     import torch
 
     if divisor not in DIVISORS:
         raise ValueError(f"divisor must be one of {', '.join(DIVISORS)}, got {divisor!r}")
-    gamma = elect_sign(deltas, weights, sign_election)
+    gamma = elect_sign(deltas, weights, sign_election, zero)
     if divisor == "max":
         best = torch.zeros_like(deltas[0])
         for w, d in zip(weights, deltas, strict=True):
@@ -137,7 +141,8 @@ def add_scaled(base: "torch.Tensor", merged: "torch.Tensor", scaling_factor: flo
 #
 # - trim: ``hardshrink(τ, λ)`` with λ the float just below the top-k threshold keeps
 #   exactly the entries with ``|τ| ≥ threshold`` (then :meth:`TopK.drop_ties`);
-# - elect: γ = sign(sign(votes) + ½) is +1 where votes ≥ 0 (also −0) and −1 elsewhere;
+# - elect: γ = sign(sign(votes) + ½) is +1 where votes ≥ 0 (also −0) and −1 elsewhere
+#   (a zero vote electing −1: sign(sign(votes) − ½), +1 only where votes > 0);
 # - agree: ``pᵢ = relu(vᵢ·γ)`` is ``|vᵢ|`` where sign(vᵢ) = γ and 0 elsewhere, so the
 #   disjoint sum is γ·Σ qᵢ (qᵢ = pᵢ, or wᵢ·pᵢ) and the count is Σ sign(pᵢ).  Multiplying
 #   by ±1 is exact and rounding is symmetric, so γ·Σ qᵢ equals Σ γ·qᵢ; ``+ 0.0`` turns the
@@ -180,6 +185,7 @@ def fused_merge(
     variant: str,
     config: Any,
     block: int | None = None,
+    zero: float = 1.0,
 ) -> "torch.Tensor":
     """θ₀ + λ·merge(sparse τ₁ … τ_N), block by block.
 
@@ -187,7 +193,8 @@ def fused_merge(
     vector for the block into ``out`` and returns ``False`` when it is all zero (a model
     trimmed to nothing; TIES then leaves it out, which changes nothing).
     ``offset`` is the flat position of ``base[0]`` in the whole tensor; ``block`` the
-    entries per block (default :data:`sparsify.BLOCK`; DELLA passes whole rows).
+    entries per block (default :data:`sparsify.BLOCK`; DELLA passes whole rows); ``zero`` the
+    sign a zero TIES vote elects.
     """
     import torch
 
@@ -210,7 +217,7 @@ def fused_merge(
             if fill(i, b, t[start:stop], d, offset + start) or variant != "ties":
                 deltas.append((w, d))
         if variant == "ties":
-            merged = _ties_block(deltas, ws, length, config.sign_election, config.divisor)
+            merged = _ties_block(deltas, ws, length, config.sign_election, config.divisor, zero)
         else:
             merged = _linear_block(deltas, ws, length, config.normalize)
         torch.mul(merged, scale, out=merged)
@@ -239,7 +246,7 @@ def _linear_block(deltas: list, ws: _Workspace, length: int, normalize: bool) ->
     return total
 
 
-def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, divisor: str) -> "torch.Tensor":
+def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, divisor: str, zero: float = 1.0) -> "torch.Tensor":
     """:func:`ties_merge` of one block; ``deltas`` are (wᵢ, τᵢ) and τᵢ may be overwritten."""
     import torch
 
@@ -267,7 +274,7 @@ def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, d
         for _, d in deltas[1:]:
             gamma += d
     torch.sign(gamma, out=gamma)
-    gamma.add_(0.5)
+    gamma.add_(0.5 if zero > 0 else -0.5)
     torch.sign(gamma, out=gamma)
     # agreeing entries
     if divisor != "none":
@@ -303,6 +310,28 @@ def _ties_block(deltas: list, ws: _Workspace, length: int, sign_election: str, d
         tmp.add_(1.0)
         count += tmp
     return total.div_(count)
+
+
+def trim_fill(stats: Sequence, dtype: "torch.dtype") -> "Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], bool]":
+    """The :func:`fused_merge` ``fill`` of task vectors trimmed by their selections
+    (:class:`sparsify.TopK` or :class:`sparsify.AtLeast`), one per model."""
+    import torch
+
+    lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, dtype) for s in stats]
+
+    def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
+        selection = stats[i]
+        if selection.keep_none:
+            out.zero_()
+            return False
+        torch.sub(t, b, out=out)
+        if lambdas[i] is not None:
+            torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
+            if selection.threshold != 0:  # at 0 the tied entries are zeros either way
+                selection.drop_ties(out, at)
+        return True
+
+    return fill
 
 
 def _lambda_below(threshold: float, dtype: "torch.dtype") -> float:
@@ -416,7 +445,9 @@ class _TaskVectorMethod(KernelMethod):
             entry[1] = offset
         return entry
 
-    def _merge_trimmed(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int, variant: str) -> "torch.Tensor":
+    def _merge_trimmed(
+        self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int, variant: str, zero: float = 1.0
+    ) -> "torch.Tensor":
         """θ₀ + λ·merge of the τᵢ trimmed by their selections (:class:`sparsify.TopK` or
         :class:`sparsify.AtLeast`), flat positions ``offset …``: TIES, magnitude_prune."""
         import torch
@@ -428,27 +459,13 @@ class _TaskVectorMethod(KernelMethod):
                 tau = (t - base).reshape(-1)
                 keep = selection.keep_mask(tau.abs(), offset)
                 deltas.append(torch.where(keep, tau, torch.zeros_like(tau)).reshape(base.shape))
-            return self._combine(base, deltas, weights, variant)
-        lambdas = [None if s.keep_all or s.keep_none else _lambda_below(s.threshold, base.dtype) for s in stats]
+            return self._combine(base, deltas, weights, variant, zero)
+        return fused_merge(base, tensors, offset, trim_fill(stats, base.dtype), weights, variant, self.config, zero=zero)
 
-        def fill(i: int, b: "torch.Tensor", t: "torch.Tensor", out: "torch.Tensor", at: int) -> bool:
-            selection = stats[i]
-            if selection.keep_none:
-                out.zero_()
-                return False
-            torch.sub(t, b, out=out)
-            if lambdas[i] is not None:
-                torch.ops.aten.hardshrink.out(out, lambdas[i], out=out)
-                if selection.threshold != 0:  # at 0 the tied entries are zeros either way
-                    selection.drop_ties(out, at)
-            return True
-
-        return fused_merge(base, tensors, offset, fill, weights, variant, self.config)
-
-    def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str) -> "torch.Tensor":
+    def _combine(self, base: "torch.Tensor", deltas: list["torch.Tensor"], weights: list[float], variant: str, zero: float = 1.0) -> "torch.Tensor":
         cfg = self.config
         if variant == "ties":
-            merged = ties_merge(deltas, weights, cfg.sign_election, cfg.divisor)
+            merged = ties_merge(deltas, weights, cfg.sign_election, cfg.divisor, zero)
         else:
             merged = linear_merge(deltas, weights, cfg.normalize)
         return add_scaled(base, merged, cfg.scaling_factor)
@@ -584,15 +601,19 @@ class _WholeModelTrim:
 
 
 TIES_PRESETS: dict[str, dict[str, Any]] = {
-    "fusionbench": {"trim": "model", "density": 0.2, "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none"},
-    "mergekit": {"trim": "tensor", "density": 1.0, "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "weights"},
-    "paper": {"trim": "tensor", "density": 0.2, "scaling_factor": 1.0, "sign_election": "sum", "divisor": "count"},
+    "fusionbench": {"trim": "model", "density": 0.2, "scaling_factor": 0.3, "sign_election": "sum", "divisor": "none",
+                    "zero_vote": "majority"},
+    "mergekit": {"trim": "tensor", "density": 1.0, "scaling_factor": 1.0, "sign_election": "weighted_sum", "divisor": "weights",
+                 "zero_vote": "plus"},
+    "paper": {"trim": "tensor", "density": 0.2, "scaling_factor": 1.0, "sign_election": "sum", "divisor": "count",
+              "zero_vote": "plus"},
 }
 """TIES per convention: FusionBench 0.2.33 ``config/method/ties_merging.yaml`` (threshold 20, merge_func sum,
-scaling 0.3, whole-model trim); mergekit 0.1.5 ``ties`` (no trim unless density is given, weighted sign vote,
+scaling 0.3, whole-model trim, zero votes take the model-wide majority sign); mergekit 0.1.5 ``ties`` (no trim unless density is given, weighted sign vote,
 normalize: true); the paper / fusion ≤ 0.1 (per-tensor trim, disjoint mean, λ 1)."""
 
 TRIMS = ("model", "tensor")
+ZERO_VOTES = ("plus", "majority")
 
 
 class Ties(_WholeModelTrim, _TaskVectorMethod):
@@ -625,7 +646,7 @@ class Ties(_WholeModelTrim, _TaskVectorMethod):
             TIES_PRESETS,
             "sign_election",
             "how the sign of each entry is elected: sum = sign of Σ τᵢ (paper, FusionBench, PEFT), "
-            "weighted_sum = sign of Σ wᵢτᵢ (mergekit), count = sign of Σ sign(τᵢ) (majority vote); a zero vote elects +",
+            "weighted_sum = sign of Σ wᵢτᵢ (mergekit), count = sign of Σ sign(τᵢ) (majority vote); a zero vote: see zero_vote",
             validator=attrs.validators.optional(attrs.validators.in_(SIGN_ELECTIONS)),
         )
         divisor: Literal["count", "weights", "none", "max"] = by_convention(
@@ -636,6 +657,14 @@ class Ties(_WholeModelTrim, _TaskVectorMethod):
             "max = the largest agreeing magnitude, signed (FusionBench merge_func: max)",
             validator=attrs.validators.optional(attrs.validators.in_(DIVISORS)),
         )
+        zero_vote: Literal["plus", "majority"] = by_convention(
+            TIES_PRESETS,
+            "zero_vote",
+            "the sign elected where the votes cancel exactly: plus = + (mergekit, the paper); majority = the sign of "
+            "(#entries electing + − #entries electing −) over the whole model, − on a tie (FusionBench resolve_sign; "
+            "one more streamed pass, see fusion_merging.ties_votes)",
+            validator=attrs.validators.optional(attrs.validators.in_(ZERO_VOTES)),
+        )
 
         def __attrs_post_init__(self) -> None:
             resolve(self, TIES_PRESETS)
@@ -643,13 +672,77 @@ class Ties(_WholeModelTrim, _TaskVectorMethod):
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self._thresholds: list | None = None
+        self._tally = None  # zero_vote: majority — the model-wide vote counts (ties_votes.VoteTally)
+        self._voting = False
+        self._majority: float | None = None  # its zero sign, once counted
         if self.config.trim == "model":
             self.elementwise = True  # a global threshold: entries are independent, so any row block works
 
-    # -- the whole-model trim (FusionBench): exact global thresholds from the engine's model passes
+    # -- the whole-model trim (FusionBench): exact global thresholds from the engine's model passes,
+    # then (zero_vote: majority, two models or more) one pass counting the elected signs
 
     def _trim_densities(self, n: int) -> list[float] | None:
         return self._per_model("density", n) if self.config.trim == "model" else None
+
+    def _needs_majority(self, n_models: int) -> bool:
+        """One model's zero votes are entries it does not keep: they merge to 0 whatever γ is."""
+        return self.config.zero_vote == "majority" and n_models > 1
+
+    def model_passes(self, n_models: int) -> int:
+        from .ties_votes import VoteTally
+
+        passes = super().model_passes(n_models)
+        self._tally, self._voting, self._majority, self._n = None, False, None, n_models
+        if not self._needs_majority(n_models):
+            return passes
+        self._tally = VoteTally()
+        self._voting = passes == 0  # no thresholds to find first (trim: tensor)
+        return passes + 1
+
+    def model_pass(self, pass_index: int, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext) -> None:
+        if not self._voting:
+            super().model_pass(pass_index, name, base, tensor, index, ctx)
+            return
+        selection = self._pass_selection(name, base, tensor, index, ctx)
+        weight = self._weights(self._n)[index]
+        if fused_supported(base):  # the merge's own trim, block by block
+            fill = trim_fill([selection], base.dtype)
+            self._tally.add_blocks(name, base, tensor, lambda b, t, out, at: fill(0, b, t, out, at), weight, self.config.sign_election)
+        else:
+            from .ties_votes import trimmed_vote
+
+            self._tally.add(name, trimmed_vote(base, tensor, selection, weight, self.config.sign_election))
+
+    def model_pass_end(self, pass_index: int) -> bool:
+        if self._voting:
+            self._tally.flush()
+            self._voting, self._majority = False, self._tally.zero_sign
+            return True
+        done = super().model_pass_end(pass_index)
+        if done and self._tally is not None:
+            self._voting = True  # one more pass: the model-wide majority sign
+            return False
+        return done
+
+    def _pass_selection(self, name: str, base: "torch.Tensor", tensor: "torch.Tensor", index: int, ctx: KernelContext):
+        if self.config.trim == "model":
+            return sparsify.AtLeast(base.numel(), self._thresholds[index])
+        return self.chunk_stats(name, base, tensor, index, ctx)
+
+    def _zero_sign(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int) -> float:
+        """The sign a zero vote elects: the engine's tally, or (a kernel called on its own) this tensor's."""
+        if not self._needs_majority(len(tensors)):
+            return 1.0
+        if self._majority is not None:
+            return self._majority
+        from .ties_votes import VoteTally, trimmed_vote
+
+        tally = VoteTally()
+        weights = self._weights(len(tensors))
+        for t, selection, w in zip(tensors, stats, weights, strict=True):
+            tally.add("", trimmed_vote(base, t, selection, w, self.config.sign_election, offset))
+        tally.flush()
+        return tally.zero_sign
 
     def _model_selections(self, name: str, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> list:
         return [sparsify.AtLeast(base.numel(), th) for th in self._thresholds_for(name, base, tensors, ctx)]
@@ -683,7 +776,7 @@ class Ties(_WholeModelTrim, _TaskVectorMethod):
         return self._merge(base, tensors, stats, _row_offset(base, start))
 
     def _merge(self, base: "torch.Tensor", tensors: Sequence["torch.Tensor"], stats: Sequence, offset: int) -> "torch.Tensor":
-        return self._merge_trimmed(base, tensors, stats, offset, "ties")
+        return self._merge_trimmed(base, tensors, stats, offset, "ties", self._zero_sign(base, tensors, stats, offset))
 
 
 DARE_PRESETS: dict[str, dict[str, Any]] = {

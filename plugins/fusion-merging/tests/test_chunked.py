@@ -127,6 +127,32 @@ def test_ties_chunked_equals_whole_equals_the_oracle(config, quantized):
         assert same_bytes(whole[name], oracle_ties(b, [m[name] for m in models], cfg)), name
 
 
+@pytest.mark.parametrize("sign_election", ["sum", "weighted_sum", "count"])
+def test_ties_majority_zero_vote_chunked_equals_whole_equals_the_oracle(sign_election):
+    """``zero_vote: majority`` with the per-tensor trim: the vote pass, then row blocks of any
+    size; the oracle counts the elected signs of the whole model by hand."""
+    weights = [0.5, -1.5, 2.0] if sign_election == "weighted_sum" else None
+    cfg = Ties.Config(convention="paper", zero_vote="majority", sign_election=sign_election, weights=weights, divisor="none")
+    base, models = pool(3, 1, quantized=True)
+    whole = engine(Ties(cfg), base, models, None)
+    for rows in (1, 7):
+        chunked = engine(Ties(cfg), base, models, rows)
+        assert all(same_bytes(chunked[k], whole[k]) for k in base), rows
+    ws = weights or [1.0] * 3
+    deltas = {k: [oracle_trim(m[k] - b, cfg.density) for m in models] for k, b in base.items()}
+    plus = minus = 0
+    for ds in deltas.values():
+        votes = torch.zeros_like(ds[0])
+        for w, d in zip(ws, ds, strict=True):
+            votes += w * d if sign_election == "weighted_sum" else torch.sign(d) if sign_election == "count" else d
+        plus, minus = plus + int((votes > 0).sum()), minus + int((votes < 0).sum())
+    zero = 1.0 if plus > minus else -1.0
+    assert zero == -1.0  # this pool's majority is −: the tie-break differs from + wherever votes cancel
+    for k, b in base.items():
+        expected = ta.add_scaled(b, ta.ties_merge(deltas[k], ws, sign_election, "none", zero), cfg.scaling_factor)
+        assert same_bytes(whole[k], expected), k
+
+
 @pytest.mark.parametrize(
     "variant, rescale, density, extra",
     [

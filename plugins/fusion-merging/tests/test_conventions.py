@@ -293,3 +293,86 @@ def test_fusionbench_dare_ties_is_drop_rescale_then_the_whole_model_trim(chunk_b
     expected = _reference_fusionbench_ties(base, dropped, density=0.2, scale=0.5)
     for k in base:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
+
+
+# -- zero votes: FusionBench elects the model-wide majority sign where the trimmed votes cancel
+
+
+def _cancelling_toy(tie: bool):
+    """Two models over a zero base whose votes cancel at a[0,0], a[1,2] and b[0] (worked by hand).
+
+    Elected signs elsewhere — a: −, +, (+ if ``tie`` else −), +; b: −, −: the majority is − by
+    4 to 2, or a 3–3 tie (FusionBench leaves γ = 0 there and its disjoint merge keeps the
+    negative entries: −)."""
+    zero = {"a": torch.zeros(2, 3), "b": torch.zeros(3)}
+    first = {"a": torch.tensor([[1.0, -2.0, 3.0], [4.0, 5.0, -6.0]]), "b": torch.tensor([1.0, -1.0, -1.0])}
+    second = {"a": torch.tensor([[-1.0, -1.0, 1.0], [1.0 if tie else -5.0, 1.0, 6.0]]), "b": torch.tensor([-1.0, -2.0, -1.0])}
+    return zero, [first, second]
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 8])
+@pytest.mark.parametrize("tie", [False, True], ids=["minus-majority", "tie"])
+def test_cancelling_votes_take_the_model_wide_majority_sign_worked_by_hand(tie, chunk_bytes):
+    base, models = _cancelling_toy(tie)
+    opts = MergeOptions(prefetch=False, notify=lambda m: None)
+    if chunk_bytes:
+        opts.chunk_bytes = chunk_bytes  # row blocks of a
+    method = Ties(Ties.Config(density=1.0))  # fusionbench: zero_vote majority, merge by sum, λ 0.3
+    assert method.config.zero_vote == "majority"
+    got = merge_readers(method, base, models, opts)
+    # agreeing entries summed; the cancelled entries take − (the negative model's entry)
+    merged_a = torch.tensor([[-1.0, -3.0, 4.0], [5.0 if tie else -5.0, 6.0, -6.0]])
+    merged_b = torch.tensor([-1.0, -3.0, -2.0])
+    assert torch.equal(got["a"], 0.3 * merged_a) and torch.equal(got["b"], 0.3 * merged_b)
+    plus = merge_readers(Ties(Ties.Config(density=1.0, zero_vote="plus")), base, models, opts)
+    merged_a[0, 0], merged_a[1, 2], merged_b[0] = 1.0, 6.0, 1.0  # + : the positive model's entry
+    assert torch.equal(plus["a"], 0.3 * merged_a) and torch.equal(plus["b"], 0.3 * merged_b)
+
+
+def test_a_majority_of_plus_keeps_the_positive_entries_and_one_model_needs_no_vote_pass():
+    base, (first, second) = _cancelling_toy(False)
+    flipped = [{k: -v for k, v in first.items()}, {k: -v for k, v in second.items()}]
+    got = merge_readers(Ties(Ties.Config(density=1.0)), base, flipped, MergeOptions(prefetch=False))
+    expected = 0.3 * torch.tensor([[1.0, 3.0, -4.0], [5.0, -6.0, 6.0]])  # majority + : the positive entries
+    assert torch.equal(got["a"], expected) and torch.equal(got["b"], 0.3 * torch.tensor([1.0, 3.0, 2.0]))
+    method = Ties(Ties.Config(density=0.5))
+    assert method.model_passes(1) == method.model_passes(2) - 1  # the vote pass only where votes can cancel
+    assert Ties(Ties.Config(convention="paper")).model_passes(2) == 0
+    assert Ties(Ties.Config(convention="paper", zero_vote="majority")).model_passes(2) == 1
+
+
+def test_a_kernel_called_on_its_own_takes_the_majority_of_its_tensor():
+    from fusion_core.engine.kernel import KernelContext
+
+    base, models = _cancelling_toy(False)
+    method = Ties(Ties.Config(density=1.0))
+    got = method.kernel("a", base["a"], [m["a"] for m in models], KernelContext(name="a"))
+    # a alone elects −, +, −, + where the votes do not cancel: a tie, so −
+    assert torch.equal(got, 0.3 * torch.tensor([[-1.0, -3.0, 4.0], [-5.0, 6.0, -6.0]]))
+
+
+def _quantized_models(n: int, seed: int):
+    """Task vectors in multiples of 1/4, mostly negative: many exact cancellations, majority −."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(37, 11, generator=gen), "v": torch.randn(13, generator=gen)}
+    models = []
+    for _ in range(n):
+        models.append({k: b + (torch.randint(-4, 3, b.shape, generator=gen).float() * 0.25) for k, b in base.items()})
+    return base, models
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_zero_votes_in_the_engine_are_fusionbenchs_with_any_row_blocks(n):
+    base, models = _quantized_models(n, 5)
+    expected = _reference_fusionbench_ties(base, models, density=0.6)
+    outputs = []
+    for chunk_bytes in (None, 4 * 11 * (n + 1), 4 * 11 * 5 * (n + 1)):  # whole tensors, rows of 1 and of 5
+        opts = MergeOptions(prefetch=False, notify=lambda m: None)
+        if chunk_bytes:
+            opts.chunk_bytes = chunk_bytes
+        outputs.append(merge_readers(Ties(Ties.Config(density=0.6)), base, models, opts))
+    for k in base:
+        assert all(torch.equal(o[k].view(torch.int32), outputs[0][k].view(torch.int32)) for o in outputs), k
+        torch.testing.assert_close(outputs[0][k], expected[k], rtol=0, atol=1e-6)
+    plus = merge_readers(Ties(Ties.Config(density=0.6, zero_vote="plus")), base, models, MergeOptions(prefetch=False))
+    assert any(not torch.equal(plus[k], outputs[0][k]) for k in base)  # the toy has cancelling votes
