@@ -209,12 +209,12 @@ def check_token_configs(tokens: Any, where: str) -> dict[str, dict]:
         source = cfg.get("source")
         if isinstance(source, Mapping):
             kind = source.get("kind")
-            if kind == "zero" and set(source) == {"kind"}:
-                pass
-            elif kind == "model_token" and isinstance(source.get("model"), str) and set(source) <= {"kind", "model", "token", "token_id"}:
-                if (source.get("token") is None) == (source.get("token_id") is None):
-                    raise ConfigError(f"{where}: {what}.source: give one of token and token_id")
-            else:
+            zero = kind == "zero" and set(source) == {"kind"}
+            model_token = (kind == "model_token" and isinstance(source.get("model"), str)
+                           and set(source) <= {"kind", "model", "token", "token_id"})
+            if model_token and (source.get("token") is None) == (source.get("token_id") is None):
+                raise ConfigError(f"{where}: {what}.source: give one of token and token_id")
+            if not (zero or model_token):
                 raise ConfigError(f"{where}: {what}.source must be a model path, {{kind: zero}} or {{kind: model_token, model, token | token_id}}")
         elif source is not None and not isinstance(source, str):
             raise ConfigError(f"{where}: {what}.source must be a model path, {{kind: zero}} or {{kind: model_token, ...}}")
