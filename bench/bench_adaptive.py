@@ -249,11 +249,27 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pool_name, method, side = args.child
-    if side == "fusionbench":
-        seconds, note = run_fusionbench(pool_name, method, args)
+    run = (lambda: run_fusionbench(pool_name, method, args)) if side == "fusionbench" else (lambda: run_fusion(pool_name, method, side, args))
+    if args.profile:
+        seconds, note = profiled(run, Path(args.profile) / f"{pool_name}-{method}-{side}.txt")
     else:
-        seconds, note = run_fusion(pool_name, method, side, args)
+        seconds, note = run()
     print(json.dumps({"seconds": seconds, "peak_mb": peak_mb(), "note": note}))
+
+
+def profiled(run, path: Path):
+    """``run()`` under cProfile; the functions with the most cumulative time go to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(run)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
+    return result
 
 
 # --------------------------------------------------------------------------- the parent: interleaved rows, the table
@@ -292,12 +308,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="fusion's device (cpu, cuda); FusionBench's sides run where its code puts them")
     parser.add_argument("--no-previous", action="store_true", help="skip fisher[previous] (fusion's earlier Fisher estimator)")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--profile", default=None, help="folder: each child writes its cProfile summary there (cumulative time, top 60)")
     args = parser.parse_args(argv)
     if args.child:
         child(args)
         return
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k in ("tasks", "clip_layers", "bert_models", "batch", "batches", "seq_len", "fisher_examples", "steps", "threads", "device")]
+                 if k in ("tasks", "clip_layers", "bert_models", "batch", "batches", "seq_len", "fisher_examples", "steps", "threads", "device",
+                          "profile") and v is not None]
     peer = have_fusionbench()
     if not peer:
         print("fusion_bench is not importable here: its column is skipped (install fusion-bench==0.2.33 next to fusion)")

@@ -163,3 +163,28 @@ def test_smile_top_k_above_the_number_of_experts_is_refused(world):
 def test_smile_target_that_is_not_a_linear_layer_lists_linear_layers(world):
     with pytest.raises(InputError, match=r"pattern 'act' matches none of the model's linear layers; available: fc1, fc2"):
         Smile(Smile.Config(target_modules=["act"])).run(world.pool(), world.ctx())
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (20, 7), (7, 20)])
+def test_smile_gram_factors_equal_the_lapack_svd(shape):
+    from fusion_adaptive.smile import low_rank_factors
+
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    for rank in (3, None):
+        fast, exact = low_rank_factors(delta, rank, 2, "gram"), low_rank_factors(delta, rank, 2, "lapack")
+        assert [t.shape for t in fast] == [t.shape for t in exact]
+        torch.testing.assert_close(fast[0] @ fast[1].T, exact[0] @ exact[1].T, rtol=0, atol=1e-5)  # U_k S_k V_kᵀ
+        torch.testing.assert_close(fast[2] @ fast[2].T, exact[2] @ exact[2].T, rtol=0, atol=1e-5)  # the gate's projector
+    full = low_rank_factors(delta, None, 1, "gram")
+    torch.testing.assert_close(full[0] @ full[1].T, delta, rtol=0, atol=1e-5)
+
+
+def test_smile_gram_factors_decline_a_rank_deficient_spectrum():
+    from fusion_adaptive.smile import gram_factors, low_rank_factors
+
+    g = torch.Generator().manual_seed(4)
+    delta = torch.randn(9, 2, generator=g) @ torch.randn(2, 6, generator=g)  # rank 2
+    assert gram_factors(delta, 2) is not None and gram_factors(delta, 4) is None
+    assert gram_factors(torch.zeros(5, 3), 1) is None
+    us, v, gate = low_rank_factors(delta, 4, 1, "gram")  # falls back to LAPACK: still exact
+    torch.testing.assert_close(us @ v.T, delta, rtol=0, atol=1e-5)
