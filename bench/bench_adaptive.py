@@ -21,7 +21,10 @@ starts; peak = the child's peak RSS, VmHWM):
 - ``smile`` (clip): the upscaling.
 - ``ensemble`` (clip): evaluating a simple ensemble on every batch of every task (images/s).
 
-Sides alternate (fusion first on odd rounds) over ``--repeat`` rounds; the median time is shown.
+Sides alternate (fusion first on odd rounds) over ``--repeat`` rounds; the median time is shown.  Time is the
+child's CPU time (``time.process_time``, every thread of the process) over the timed part, and the ratio is taken
+on it: on a shared machine wall time swings with the other processes' load (2× between runs was seen), CPU time
+much less; with ``--threads 1`` and an idle machine the two agree.  The wall time is printed next to it.
 
     python bench/bench_adaptive.py                       # needs fusion-bench==0.2.33 next to fusion for its column
     python bench/bench_adaptive.py --only fisher --pools bert
@@ -117,7 +120,7 @@ def run_fusion(pool_name: str, method: str, side: str, args):
     pool = world.pool()
     ctx = world.ctx() if pool_name == "clip" else RunContext(seed=0, show_progress=False)
     ctx.device = args.device
-    start = time.perf_counter()
+    start = now()
     if method == "fisher":
         from fusion_adaptive.fisher import FisherMerging
 
@@ -151,7 +154,7 @@ def run_fusion(pool_name: str, method: str, side: str, args):
         from fusion_core.adapters import logits
 
         ensemble = SimpleEnsemble().run(pool, ctx)
-        start = time.perf_counter()  # throughput of evaluation only
+        start = now()  # throughput of evaluation only
         with torch.inference_mode():
             for task in world.tasks:
                 head = world.head(task)
@@ -160,14 +163,24 @@ def run_fusion(pool_name: str, method: str, side: str, args):
     return finish(world, method, start, args)
 
 
-def finish(world, method: str, start: float, args) -> tuple[float, str]:
-    """(seconds since ``start``, the row's note: images/s of an ensemble, steps/s of an adaptation)."""
-    seconds = time.perf_counter() - start
+def now() -> tuple[float, float]:
+    """(wall clock, this process's CPU time): both are measured; ratios use the CPU time (see the module's doc)."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = now()
+    return wall - start[0], cpu - start[1]
+
+
+def finish(world, method: str, start: tuple[float, float], args) -> tuple[float, float, str]:
+    """(wall and CPU seconds since ``start``, the row's note: images/s of an ensemble, steps/s of an adaptation, on CPU time)."""
+    wall, cpu = since(start)
     if method == "ensemble":
-        return seconds, f"{sum(len(x) for t in world.tasks for x in world.images[t]) / seconds:.1f} images/s"
+        return wall, cpu, f"{sum(len(x) for t in world.tasks for x in world.images[t]) / cpu:.1f} images/s"
     if method in ("adamerging", "wemoe", "e_wemoe"):
-        return seconds, f"{args.steps / seconds:.3f} steps/s (setup included)"
-    return seconds, ""
+        return wall, cpu, f"{args.steps / cpu:.3f} steps/s (setup included)"
+    return wall, cpu, ""
 
 
 class Trainer:
@@ -196,45 +209,45 @@ def run_fusionbench(pool_name: str, method: str, args):
         world = BertWorld(args)
         models = [world.models[n] for n in world.models]
         trainers = [Trainer(world.batches[n], args.batch) for n in world.models]
-        start = time.perf_counter()
+        start = now()
         fisher_merging(models, trainers, exclude_param_names_regex=[], nums_fisher_examples=[args.fisher_examples] * len(models))
-        return time.perf_counter() - start, ""
+        return (*since(start), "")
     world = clip_world(args)
     if method == "fisher":
         algorithm, fb_pool = kit.fb_fisher(world, args.fisher_examples), world.fb_pool()
-        start = time.perf_counter()
+        start = now()
         algorithm.run(fb_pool)
     elif method == "regmean":
         from fusion_bench.method import RegMeanAlgorithmForCLIP
 
         algorithm, fb_pool = kit.fb_regmean(world, RegMeanAlgorithmForCLIP), world.fb_pool()
-        start = time.perf_counter()
+        start = now()
         algorithm.run(fb_pool)
     elif method == "adamerging":
         algorithm, fb_pool = kit.fb_adamerging(world, args.steps, "layer"), world.fb_pool()
-        start = time.perf_counter()
+        start = now()
         algorithm.run(fb_pool)
     elif method == "wemoe":
         from fusion_bench.method.we_moe import clip_we_moe
 
         clip_we_moe.task_arithmetic_merge = kit.task_arithmetic_merge  # FusionBench 0.2.33's own one fails (see the parity suite)
         algorithm = kit.fb_wemoe(world, args.steps)
-        start = time.perf_counter()
+        start = now()
         algorithm.test_time_adaptation(algorithm.construct_moe_model())
     elif method == "e_wemoe":
         from fusion_bench.method.sparse_we_moe import sparse_clip_we_moe
 
         sparse_clip_we_moe.task_arithmetic_merge = kit.task_arithmetic_merge  # as for WEMoE
         algorithm = kit.fb_sparse_wemoe(world, args.steps, 0.9)
-        start = time.perf_counter()
+        start = now()
         algorithm.test_time_adaptation(algorithm.construct_moe_model_sharedgate())
     elif method == "smile":
         algorithm, fb_pool = kit.fb_smile(128), world.fb_pool()
-        start = time.perf_counter()
+        start = now()
         algorithm.run(fb_pool)
     elif method == "ensemble":
         classifier = kit.fb_ensemble_classifier(world, "simple_ensemble", [])
-        start = time.perf_counter()
+        start = now()
         with torch.no_grad():
             for task in world.tasks:
                 classifier.zeroshot_weights = world.text[task]
@@ -251,10 +264,10 @@ def child(args) -> None:
     pool_name, method, side = args.child
     run = (lambda: run_fusionbench(pool_name, method, args)) if side == "fusionbench" else (lambda: run_fusion(pool_name, method, side, args))
     if args.profile:
-        seconds, note = profiled(run, Path(args.profile) / f"{pool_name}-{method}-{side}.txt")
+        wall, cpu, note = profiled(run, Path(args.profile) / f"{pool_name}-{method}-{side}.txt")
     else:
-        seconds, note = run()
-    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb(), "note": note}))
+        wall, cpu, note = run()
+    print(json.dumps({"wall": wall, "seconds": cpu, "peak_mb": peak_mb(), "note": note}))
 
 
 def profiled(run, path: Path):
@@ -322,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [(p, m) for (p, m) in ROWS if p in args.pools and (args.only is None or m in args.only)]
     print(f"# {' '.join(sys.argv)}\n# threads={args.threads} device={args.device} tasks={args.tasks} clip_layers={args.clip_layers} "
           f"bert_models={args.bert_models} batch={args.batch} fisher_examples={args.fisher_examples} steps={args.steps}", flush=True)
-    header = f"{'pool':<5} {'method':<11} {'side':<17} {'time s':>9} {'peak MB':>9} {'ratio':>7}  note"
+    header = f"{'pool':<5} {'method':<11} {'side':<17} {'CPU s':>9} {'wall s':>9} {'peak MB':>9} {'ratio':>7}  note"
     print(header)
     print("-" * len(header), flush=True)
     for row in rows:
@@ -336,16 +349,16 @@ def main(argv: list[str] | None = None) -> None:
             runs = results[side]
             errors = [x["error"] for x in runs if "error" in x]
             if errors:
-                print(f"{row[0]:<5} {row[1]:<11} {side:<17} {'failed':>9} {'':>9} {'':>7}  {errors[0]}", flush=True)
+                print(f"{row[0]:<5} {row[1]:<11} {side:<17} {'failed':>9} {'':>9} {'':>9} {'':>7}  {errors[0]}", flush=True)
                 continue
-            seconds = _median(runs)
+            seconds, wall = _median(runs), _median(runs, "wall")
             peak = max(x["peak_mb"] for x in runs)
             ratio = f"{seconds / reference:.3f}" if reference and side != "fusionbench" else ""
-            print(f"{row[0]:<5} {row[1]:<11} {side:<17} {seconds:>9.2f} {peak:>9.0f} {ratio:>7}  {runs[-1]['note']}", flush=True)
+            print(f"{row[0]:<5} {row[1]:<11} {side:<17} {seconds:>9.2f} {wall:>9.2f} {peak:>9.0f} {ratio:>7}  {runs[-1]['note']}", flush=True)
 
 
-def _median(runs: list[dict]) -> float | None:
-    values = [x["seconds"] for x in runs if "seconds" in x]
+def _median(runs: list[dict], key: str = "seconds") -> float | None:
+    values = [x[key] for x in runs if key in x]
     return statistics.median(values) if values else None
 
 

@@ -25,7 +25,7 @@ first use, so ``import fusion_core`` (and ``fuse --help``) stays light.
   :func:`check_output_path`, :func:`atomic_output`, :func:`write_text_atomic`, :func:`plain_data`;
 - foreign recipes: :class:`ImportedMerge`;
 - reports and listings: :func:`provenance`, :func:`averages`, :class:`Column`, :func:`emit`,
-  :func:`default_format`, :func:`console`, :func:`error_console`;
+  :func:`default_format`, :func:`console`, :func:`error_console`, :class:`Progress` (plain progress lines of a long phase);
 - running: :func:`run` (like ``fuse run``), :func:`load_config` (a validated run config), :func:`get_plugin_manager`,
   :func:`build_registry`; :mod:`fusion_core.adapters` is a public module (the model-adapter
   protocol of data-driven methods: ``forward``, ``functional_forward``, ``apply_classifier``, ...).
@@ -61,7 +61,7 @@ _EXPORTS = {
     "ImportedMerge": ".recipes",
     "provenance": ".report", "averages": ".report",
     "Column": ".tables", "emit": ".tables", "default_format": ".tables",
-    "console": ".consoles", "error_console": ".consoles",
+    "console": ".consoles", "error_console": ".consoles", "Progress": ".progress",
     "get_plugin_manager": ".plugins", "build_registry": ".registry",
     "run": ".program", "load_config": ".runconfig:load_run_config",
 }
@@ -98,6 +98,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .output import atomic_output, check_output_path, plain_data, write_text_atomic  # noqa: F401
     from .plugins import get_plugin_manager  # noqa: F401
     from .program import run  # noqa: F401
+    from .progress import Progress  # noqa: F401
     from .recipes import ImportedMerge  # noqa: F401
     from .registry import build_registry  # noqa: F401
     from .report import averages, provenance  # noqa: F401

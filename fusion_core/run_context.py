@@ -38,12 +38,33 @@ class RunContext:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def track(self, iterable: Iterable, description: str, total: int | None = None) -> Iterator:
-        """Iterate with a rich progress bar (on stderr) when progress is on."""
+        """Iterate reporting progress when progress is on: a rich bar on a terminal, else plain lines on stderr
+        (:mod:`fusion_core.progress`: done/total, rate, ETA, and an estimate of the whole after the first items)."""
         if not self.show_progress:
             yield from iterable
+            return
+        import sys
+
+        from .progress import is_terminal, track_lines
+
+        if not is_terminal(sys.stderr):
+            yield from track_lines(iterable, description, total, unit="item")
             return
         from rich.progress import track
 
         from .consoles import error_console
 
         yield from track(iterable, description=description, total=total, console=error_console(), transient=True)
+
+    def progress(self, description: str, total: int | None = None, *, unit: str = "step") -> Any:
+        """A :class:`fusion_core.progress.Progress` for work counted by hand (``advance(n)``); silent when progress is off."""
+        from .progress import Progress
+
+        return Progress(description, total, unit=unit) if self.show_progress else _Silent()
+
+
+class _Silent:
+    total: int | None = None
+
+    def advance(self, n: int = 1) -> None:
+        pass

@@ -161,18 +161,7 @@ def entropy(logits: "torch.Tensor", eps: float = 0.0) -> "torch.Tensor":
 # --------------------------------------------------------------------------- progress
 
 ESTIMATE_AFTER = 3
-"""Steps timed before a loop prints its estimate of the whole."""
-LOG_EVERY_S = 10.0
-"""Seconds between plain progress lines."""
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.1f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+"""Steps timed before a loop prints its estimate of the whole (fusion_core.progress.ESTIMATE_AFTER)."""
 
 
 def progress(ctx: "RunContext", items: Iterable, description: str, total: int | None = None, *, unit: str = "step",
@@ -180,34 +169,23 @@ def progress(ctx: "RunContext", items: Iterable, description: str, total: int | 
     """Iterate ``items``, reporting progress when ``ctx.show_progress``.
 
     On a terminal: the run context's progress bar.  Otherwise (a log, a pipe): plain lines on
-    stderr, ``<description>: <done>/<total> <unit>s, <rate>/s, ETA <time>`` at most every
-    :data:`LOG_EVERY_S` seconds and at the end.  Either way, after :data:`ESTIMATE_AFTER` timed
-    items of a loop with a known total, one line estimates the whole loop's duration.
+    stderr, ``<description>: <done>/<total> <unit>s, <rate>/s, ETA <time>`` at most every 10 s and at
+    the end.  Either way, after the first :data:`ESTIMATE_AFTER` items of a loop with a known total
+    (fewer when it has fewer), one line estimates the whole loop's duration (``fusion_core.progress``).
     """
     import sys
-    import time
+
+    from fusion_core import Progress
 
     if not getattr(ctx, "show_progress", False):
         yield from items
         return
     out = sys.stderr if out is None else out
-    clock = clock or time.perf_counter
-    terminal = bool(getattr(out, "isatty", lambda: False)())
-    source = ctx.track(items, description, total=total) if terminal else items
-    start = last = clock()
-    done = 0
+    report = Progress(description, total, unit=unit, out=out, clock=clock)
+    source = items if report.lines else ctx.track(items, description, total=total)
     for item in source:
         yield item
-        done += 1
-        now = clock()
-        rate = done / max(now - start, 1e-9)
-        if total and done == ESTIMATE_AFTER < total:
-            print(f"{description}: estimate {format_seconds(total / rate)} for {total} {unit}s "
-                  f"({format_seconds(1 / rate)} per {unit}, from the first {done})", file=out, flush=True)
-        if not terminal and (now - last >= LOG_EVERY_S or done == total):
-            last = now
-            left = f", ETA {format_seconds((total - done) / rate)}" if total else ""
-            print(f"{description}: {done}{f'/{total}' if total else ''} {unit}s, {rate:.3g}/s{left}", file=out, flush=True)
+        report.advance()
 
 
 # --------------------------------------------------------------------------- test-time adaptation

@@ -33,7 +33,7 @@ import attrs
 
 from fusion_core import Capabilities, FuseError, InputError, in_range, option, positive
 
-from .common import AdaptiveMethod, batch_size, float_params, note, prepare, progress, tied_aliases, to_device
+from .common import AdaptiveMethod, batch_size, float_params, note, prepare, tied_aliases, to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -80,7 +80,7 @@ def log_likelihood_loss(logits: "torch.Tensor", labels: "torch.Tensor") -> "torc
 
 def diagonal_fisher(model: Any, params: Mapping[str, "torch.Tensor"], batches: Iterable[tuple[Any, "torch.Tensor"]],
                     head: Callable | None, *, pool: "ModelPool | None" = None, max_batches: int | None = None,
-                    device: str = "cpu") -> tuple[dict[str, "torch.Tensor"], int, str]:
+                    device: str = "cpu", on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, "torch.Tensor"], int, str]:
     """The diagonal empirical Fisher of ``model`` at ``params``: mean over examples of squared per-example gradients.
 
     :returns: (Fisher by parameter name, number of examples, ``"vmap"`` or ``"loop"``: how
@@ -137,6 +137,8 @@ def diagonal_fisher(model: Any, params: Mapping[str, "torch.Tensor"], batches: I
                 fisher[k] += grads[k].detach().pow(2).sum(dim=0)
             del grads
         count += size
+        if on_batch is not None:
+            on_batch(size)
     if count == 0:
         raise InputError("the data gave no examples to estimate the Fisher information from")
     return {k: f / count for k, f in fisher.items()}, count, mode
@@ -180,10 +182,12 @@ def batch_fisher(model: Any, params: Mapping[str, "torch.Tensor"], batches: Iter
             grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
         for k, g in zip(names, grads, strict=True):
             if g is not None:
-                fisher[k] += g.detach() ** 2
-        count += batch_size(x)
+                fisher[k].addcmul_(g, g)
+        del grads, out, loss
+        size = batch_size(x)
+        count += size
         if on_batch is not None:
-            on_batch(count)
+            on_batch(size)
     if count == 0:
         raise InputError("the data gave no examples to estimate the Fisher information from")
     return {k: f / count for k, f in fisher.items()}, count
@@ -257,18 +261,19 @@ class FisherMerging(AdaptiveMethod):
                 object.__setattr__(self, "normalize", "divide" if self.normalize else "none")
 
     def estimate(self, model: Any, params: Mapping[str, "torch.Tensor"], batches: Iterable, head: Callable | None, *,
-                 pool: "ModelPool", name: str, ctx: "RunContext") -> tuple[dict[str, "torch.Tensor"], int, str]:
+                 pool: "ModelPool", name: str, ctx: "RunContext",
+                 on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, "torch.Tensor"], int, str]:
         """Model ``name``'s diagonal Fisher: (by parameter name, examples used, how it was computed)."""
         from fusion_core.adapters import labelled
 
         cfg = self.config
         if cfg.estimator == "fusionbench":
             fisher, count = batch_fisher(model, params, batches, head, pool=pool, max_examples=cfg.num_examples,
-                                         max_batches=cfg.num_batches, device=ctx.device)
+                                         max_batches=cfg.num_batches, device=ctx.device, on_batch=on_batch)
             return fisher, count, "batch"
         pairs = labelled(batches, method=self.name, name=name, split=cfg.split)
         return diagonal_fisher(model, params, _first_examples(pairs, cfg.num_examples), head, pool=pool,
-                               max_batches=cfg.num_batches, device=ctx.device)
+                               max_batches=cfg.num_batches, device=ctx.device, on_batch=on_batch)
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch
@@ -283,12 +288,14 @@ class FisherMerging(AdaptiveMethod):
         fixed: dict[str, torch.Tensor] = {}
         examples, modes = {}, {}
         aliases: dict[str, str] = {}
-        for name in progress(ctx, names, f"Fisher ({self.name})", total=len(names), unit="model"):
+        planned = [planned_examples(data[n], cfg.num_examples, cfg.num_batches) for n in names]
+        report = ctx.progress(f"Fisher ({self.name})", None if None in planned else sum(planned), unit="example")  # type: ignore[arg-type]
+        for name in names:
             model = prepare(pool.load_model(name), ctx.device)
             params = float_params(model)
             aliases = tied_aliases(model)
             fisher, examples[name], modes[name] = self.estimate(model, params, data[name], get_classifier(ctx.taskpool, name),
-                                                                pool=pool, name=name, ctx=ctx)
+                                                                pool=pool, name=name, ctx=ctx, on_batch=report.advance)
             weights = fisher_weights(fisher, cfg.normalize, cfg.min_fisher)
             for key, value in model.state_dict().items():
                 value = value.detach()
@@ -314,6 +321,28 @@ class FisherMerging(AdaptiveMethod):
             merged[alias] = merged[source]
         note(ctx, self.name, examples=examples, gradients=modes, estimator=cfg.estimator, normalize=cfg.normalize)
         return {k: v.detach().to("cpu") for k, v in merged.items()}
+
+
+def planned_examples(data: Any, num_examples: int | None, num_batches: int | None) -> int | None:
+    """How many examples the estimator will read from ``data`` (the batch reaching ``num_examples`` included), when
+    that is known without reading it: a sized ``data`` whose batch size is known (a list's first batch, a loader's
+    ``batch_size``); ``None`` otherwise."""
+    from collections.abc import Sequence
+
+    from .regmean import batch_inputs
+
+    size = getattr(data, "batch_size", None)
+    if size is None and isinstance(data, Sequence) and len(data) > 0:
+        size = batch_size(batch_inputs(data[0]))
+    if not size:
+        return None
+    batches = len(data) if hasattr(data, "__len__") else None
+    if num_batches is not None:
+        batches = num_batches if batches is None else min(batches, num_batches)
+    if num_examples is not None:
+        wanted = -(-num_examples // size)
+        batches = wanted if batches is None else min(batches, wanted)
+    return None if batches is None else batches * size
 
 
 def _first_examples(pairs: Iterable[tuple[Any, "torch.Tensor"]], limit: int | None) -> Iterator[tuple[Any, "torch.Tensor"]]:

@@ -60,25 +60,39 @@ def batch_inputs(batch: Any) -> Any:
 
 
 class GramCollector:
-    """Forward hooks summing ``XᵀX`` (and counting rows) of the inputs of some linear layers."""
+    """Forward hooks summing ``XᵀX`` (and counting rows) of the inputs of some linear layers.
+
+    Layers fed the same tensor in one pass (a block's query, key and value projections) share one product (the
+    tensor's version counter tells an input changed in place in between; so it runs under ``no_grad``, not
+    ``inference_mode``, whose tensors have no version counter).
+    """
 
     def __init__(self, layers: Mapping[str, Any], *, with_bias: bool, dtype: "torch.dtype") -> None:
         self.layers, self.with_bias, self.dtype = dict(layers), with_bias, dtype
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {name: 0 for name in self.layers}
         self._handles: list = []
+        self._last: tuple | None = None  # (input tensor, its XᵀX, its rows, its version): the latest input's product
 
-    def _hook(self, name: str):
+    def batch_gram(self, inputs: "torch.Tensor") -> tuple["torch.Tensor", int]:
+        """``XᵀX`` of one layer input (rows = every leading position), and its number of rows."""
         import torch
 
+        if self._last is not None and self._last[0] is inputs and self._last[3] == inputs._version:
+            return self._last[1], self._last[2]
+        x = inputs.detach()
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if self.with_bias:
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        gram = x.t() @ x
+        self._last = (inputs, gram, int(x.shape[0]), inputs._version)
+        return gram, int(x.shape[0])
+
+    def _hook(self, name: str):
         def hook(module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
-            if self.with_bias:
-                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-            gram = x.t() @ x
+            gram, rows = self.batch_gram(args[0])
             self.grams[name] = self.grams[name] + gram if name in self.grams else gram
-            self.rows[name] += int(x.shape[0])
+            self.rows[name] += rows
 
         return hook
 
@@ -90,6 +104,7 @@ class GramCollector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._last = None
 
     def mean_gram(self, name: str) -> "torch.Tensor | None":
         """``XᵀX / n`` of layer ``name`` (``None`` when no input reached it)."""
@@ -100,11 +115,11 @@ class GramCollector:
 
 def reduce_non_diagonal(gram: "torch.Tensor", ratio: float) -> "torch.Tensor":
     """``ratio·G + (1 − ratio)·diag(G)``: off-diagonal entries scaled by ``ratio``, the diagonal kept."""
-    import torch
-
     if ratio == 1.0:
         return gram
-    return gram * ratio + torch.diag(torch.diagonal(gram)) * (1.0 - ratio)
+    out = gram * ratio
+    out.diagonal().copy_(gram.diagonal())
+    return out
 
 
 def stacked_weight(is_transposed: bool, state: Mapping[str, "torch.Tensor"], prefix: str, with_bias: bool) -> "torch.Tensor":
@@ -252,14 +267,14 @@ class RegMean(_RegMeanBase):
         from fusion_core.adapters import require_data
 
         cfg, names = self.config, list(pool.model_names)
-        for n in names:  # fail before loading anything when a split is missing
-            require_data(pool, n, cfg.split, method=self.name)
+        sizes = [planned_batches(require_data(pool, n, cfg.split, method=self.name), cfg.num_batches) for n in names]  # fails early
+        report = ctx.progress(f"Gram matrices ({self.name})", None if None in sizes else sum(sizes), unit="batch")  # type: ignore[arg-type]
         streams = {n: self._inputs(pool, n) for n in names}
         acc = _Accumulator(cfg.reduce_non_diagonal_ratio, cfg.bias == "regression")
         layer_names: list[str] | None = None
         aliases: dict[str, str] = {}
         forward = pool.forward
-        for name in progress(ctx, names, f"Gram matrices ({self.name})", total=len(names), unit="model"):
+        for name in names:
             model = prepare(pool.load_model(name), ctx.device)
             layers = select_modules(model, None, method=self.name, field="exclude", exclude=cfg.exclude)
             if layer_names is None:
@@ -267,6 +282,7 @@ class RegMean(_RegMeanBase):
             with GramCollector(layers, with_bias=acc.with_bias, dtype=_gram_dtype(model)) as grams, torch.no_grad():
                 for inputs in streams[name]:
                     forward(model, to_device(inputs, ctx.device))
+                    report.advance()
             state = model.state_dict()
             for layer, module in layers.items():
                 gram = grams.mean_gram(layer)
@@ -282,6 +298,13 @@ class RegMean(_RegMeanBase):
             out[alias] = out[source]
         self._note(ctx, layer_names or [], list(acc.gram))
         return {k: v.detach().to("cpu") for k, v in out.items()}
+
+
+def planned_batches(data: Any, num_batches: int | None) -> int | None:
+    """Batches read from ``data``: ``min(len(data), num_batches)``, when ``data`` is sized (else ``num_batches``, or unknown)."""
+    if not hasattr(data, "__len__"):
+        return num_batches
+    return len(data) if num_batches is None else min(len(data), num_batches)
 
 
 class _StopForward(Exception):

@@ -61,3 +61,28 @@ def test_test_batches_are_encoded_once_when_they_fit_and_re_read_otherwise():
     big = Counting([torch.zeros(4, 3), torch.ones(4, 3)])
     got = list(itertools.islice(cached_cycle(big, budget=60), 7))  # one batch is 48 bytes: the pass does not fit
     assert big.passes >= 4 and [float(b[0, 0]) for b in got] == [0, 1, 0, 1, 0, 1, 0]
+
+
+def test_a_short_loop_estimates_after_its_first_item():
+    out = io.StringIO()
+    list(progress(RunContext(show_progress=True), range(2), "Fisher (x)", total=2, unit="model", out=out, clock=Clock()))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "Fisher (x): estimate 12.0 s for 2 models (6.0 s per model, from the first 1)"
+    assert lines[-1].startswith("Fisher (x): 2/2 models, ")
+
+
+def test_progress_counted_by_hand_in_examples():
+    from fusion_core import Progress
+
+    out = io.StringIO()
+    report = Progress("Fisher (x)", 64, unit="example", out=out, clock=Clock(), lines=True)
+    for _ in range(4):
+        report.advance(16)
+    lines = out.getvalue().splitlines()
+    assert "Fisher (x): estimate 24.0 s for 64 examples (0.4 s per example, from the first 48)" in lines  # after 3 of 4 batches
+    assert lines[-1].startswith("Fisher (x): 64/64 examples, ")
+
+
+def test_run_context_track_writes_plain_lines_off_a_terminal(capsys):
+    assert list(RunContext(show_progress=True).track(range(3), "evaluating t", total=3)) == [0, 1, 2]
+    assert "evaluating t: 3/3 items" in capsys.readouterr().err

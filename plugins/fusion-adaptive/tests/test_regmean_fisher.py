@@ -180,3 +180,26 @@ def test_fisher_merging_of_identical_models_returns_that_model(world):
     out = FisherMerging(FisherMerging.Config(num_batches=2)).run(pool, world.ctx(tp))
     for k, v in world.models["alpha"].state_dict().items():
         torch.testing.assert_close(out[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_gram_collector_shares_the_product_of_one_input_fed_to_several_layers_and_sees_in_place_changes():
+    from fusion_adaptive.regmean import GramCollector
+
+    class Fan(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(4, 3) for _ in range(3))
+
+        def forward(self, x):
+            q = self.q(x)
+            k = self.k(x)
+            x.mul_(2.0)  # an in-place change: v must see the new values
+            return q + k + self.v(x)
+
+    model = Fan()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    with GramCollector({"q": model.q, "k": model.k, "v": model.v}, with_bias=False, dtype=torch.float32) as grams, torch.no_grad():
+        model(x.clone())
+    torch.testing.assert_close(grams.mean_gram("q"), x.T @ x / 5)
+    assert grams.grams["k"] is grams.grams["q"]  # one product for the two layers
+    torch.testing.assert_close(grams.mean_gram("v"), 4 * x.T @ x / 5)
