@@ -58,6 +58,19 @@ def to_device(inputs: Any, device: str) -> Any:
     return inputs
 
 
+def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of a batch (tensors in mappings, lists and tuples are sliced on dim 0)."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return inputs[start:stop]
+    if isinstance(inputs, Mapping):
+        return {k: slice_inputs(v, start, stop) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(slice_inputs(v, start, stop) for v in inputs)
+    return inputs
+
+
 def batch_size(inputs: Any) -> int:
     """The leading dimension of the first tensor in ``inputs``."""
     import torch

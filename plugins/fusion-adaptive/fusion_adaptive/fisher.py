@@ -33,7 +33,7 @@ import attrs
 
 from fusion_core import Capabilities, FuseError, InputError, in_range, option, positive
 
-from .common import AdaptiveMethod, batch_size, float_params, note, prepare, tied_aliases, to_device
+from .common import AdaptiveMethod, batch_size, float_params, note, prepare, slice_inputs, tied_aliases, to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,19 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 GRAD_BUDGET = 2**25
 """Most per-example gradient elements held at once (per-example gradients come in chunks of examples)."""
-
-
-def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
-    """Examples ``start:stop`` of a batch (tensors in mappings, lists and tuples are sliced on dim 0)."""
-    import torch
-
-    if isinstance(inputs, torch.Tensor):
-        return inputs[start:stop]
-    if isinstance(inputs, Mapping):
-        return {k: slice_inputs(v, start, stop) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(slice_inputs(v, start, stop) for v in inputs)
-    return inputs
 
 
 def _add_batch_dim(inputs: Any) -> Any:

@@ -35,6 +35,7 @@ from .common import (
     mark_transductive,
     note,
     prepare,
+    slice_inputs,
     summarize_history,
     task_vector,
 )
@@ -59,7 +60,7 @@ def input_features(model: Any, targets: dict[str, Any], run) -> dict[str, int]:
             dims[name] = int(w.shape[0] if transposed(module) else w.shape[1])
         else:
             probe[name] = module
-    if probe:
+    if probe:  # the others answer from a forward pass (``run``)
         handles = []
         for name, module in probe.items():
             def hook(mod, args, name=name):
@@ -151,7 +152,7 @@ class WEMoE(AdaptiveMethod):
         tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
         base = prepare(pool.load_model(None), ctx.device)
         targets = self.select_targets(base)
-        dims = input_features(base, targets, lambda: pool.forward(base, tasks[0].peek_inputs()))
+        dims = input_features(base, targets, lambda: pool.forward(base, slice_inputs(tasks[0].peek_inputs(), 0, 1)))  # one example
         base_params = float_params(base)
         vectors = [task_vector(pool, n, base_params, method=self.name, device=ctx.device) for n in names]
         owned = {pkey(t, p): (t, p) for t, m in targets.items() for p, _ in m.named_parameters()}
