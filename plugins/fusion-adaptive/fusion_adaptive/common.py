@@ -274,14 +274,15 @@ def adaptation_tasks(pool: "ModelPool", taskpool: "TaskPool | None", *, method: 
     return tasks
 
 
-def check_finite(loss: "torch.Tensor", step: int, *, method: str) -> None:
-    """Stop the adaptation on a NaN/Inf loss: no output is kept."""
+def check_finite(loss: "torch.Tensor", step: int, *, method: str) -> float:
+    """Stop the adaptation on a NaN/Inf loss: no output is kept.  Returns the loss's value (one device sync)."""
     value = float(loss.detach())
     if not math.isfinite(value):
         raise FuseError(
             f"method {method!r}: the adaptation loss became {value} at step {step}; stopped, and no model was output "
             "(lower lr, or check the inputs and heads for NaN/Inf)"
         )
+    return value
 
 
 def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tensor"], *, steps: int, lr: float, method: str,
@@ -298,15 +299,15 @@ def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tens
     for step in progress(ctx, range(steps), f"adapting ({method})", total=steps):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(step)
-        check_finite(loss, step, method=method)
+        value = check_finite(loss, step, method=method)
         loss.backward()
-        for p in params:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise FuseError(f"method {method!r}: a gradient became NaN/Inf at step {step}; stopped, and no model was output (lower lr)")
+        finite = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        if finite and not bool(torch.stack(finite).all()):  # one device sync for all gradients
+            raise FuseError(f"method {method!r}: a gradient became NaN/Inf at step {step}; stopped, and no model was output (lower lr)")
         optimizer.step()
         if after_step is not None:
             after_step()
-        history.append(float(loss.detach()))
+        history.append(value)
     return history
 
 
