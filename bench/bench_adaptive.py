@@ -21,6 +21,12 @@ starts; peak = the child's peak RSS, VmHWM):
 - ``smile`` (clip): the upscaling.
 - ``ensemble`` (clip): evaluating a simple ensemble on every batch of every task (images/s).
 
+The ``floor`` side is what no implementation of a row can avoid, as a bare torch loop on the same models and
+batches: the forward passes (regmean, ensemble: every member on every batch) or forward and backward passes
+(fisher: each model's batches, gradients of every parameter; adamerging: steps x tasks, every parameter;
+wemoe / e_wemoe: steps x tasks, gradients reaching the MLPs only) of the row, nothing else (no merge, no Gram,
+no solve, no optimiser).  Its ratio is the best a row could reach.
+
 Sides alternate (fusion first on odd rounds) over ``--repeat`` rounds; the median time is shown.  Time is the
 child's CPU time (``time.process_time``, every thread of the process) over the timed part, and the ratio is taken
 on it: on a shared machine wall time swings with the other processes' load (2× between runs was seen), CPU time
@@ -44,14 +50,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {  # (pool, method): the sides that run it
-    ("clip", "fisher"): ("fusion", "fusion[previous]", "fusionbench"),
-    ("bert", "fisher"): ("fusion", "fusion[previous]", "fusionbench"),
-    ("clip", "regmean"): ("fusion", "fusionbench"),
-    ("clip", "adamerging"): ("fusion", "fusionbench"),
-    ("clip", "wemoe"): ("fusion", "fusionbench"),
-    ("clip", "e_wemoe"): ("fusion", "fusionbench"),
+    ("clip", "fisher"): ("fusion", "fusion[previous]", "fusionbench", "floor"),
+    ("bert", "fisher"): ("fusion", "fusion[previous]", "fusionbench", "floor"),
+    ("clip", "regmean"): ("fusion", "fusionbench", "floor"),
+    ("clip", "adamerging"): ("fusion", "fusionbench", "floor"),
+    ("clip", "wemoe"): ("fusion", "fusionbench", "floor"),
+    ("clip", "e_wemoe"): ("fusion", "fusionbench", "floor"),
     ("clip", "smile"): ("fusion", "fusionbench"),
-    ("clip", "ensemble"): ("fusion", "fusionbench"),
+    ("clip", "ensemble"): ("fusion", "fusionbench", "floor"),
 }
 
 
@@ -173,6 +179,49 @@ def since(start: tuple[float, float]) -> tuple[float, float]:
     return wall - start[0], cpu - start[1]
 
 
+def run_floor(pool_name: str, method: str, args):
+    """The bare forward (and backward) passes of the row (see the module's doc); returns (wall, cpu, note)."""
+    import torch
+
+    world = clip_world(args) if pool_name == "clip" else BertWorld(args)
+    per_model = -(-args.fisher_examples // args.batch)
+    grads: str | None = None
+    if method == "fisher" and pool_name == "bert":
+        plan = [(m, x, None) for n, m in world.models.items() for x in world.batches[n][:per_model]]
+        grads = "all"
+    elif method == "fisher":
+        plan = [(world.models[t], x, world.head(t)) for t in world.tasks for x in world.images[t][:per_model]]
+        grads = "all"
+    elif method in ("adamerging", "wemoe", "e_wemoe"):
+        plan = [(world.base, world.images[t][s % len(world.images[t])], world.head(t)) for s in range(args.steps) for t in world.tasks]
+        grads = "all" if method == "adamerging" else "mlp"
+    elif method == "regmean":
+        plan = [(world.models[t], x, None) for t in world.tasks for x in world.images[t]]
+    elif method == "ensemble":
+        plan = [(m, x, None) for t in world.tasks for x in world.images[t] for m in world.models.values()]
+    else:
+        raise SystemExit(f"no floor for {method}")
+    for model in {id(m): m for m, _, _ in plan}.values():
+        model.to(args.device)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads == "all" or (grads == "mlp" and ".mlp." in name))
+
+    def call(model, x):
+        x = {k: v.to(args.device) for k, v in x.items()} if isinstance(x, dict) else x.to(args.device)
+        return model(**x).logits if isinstance(x, dict) else model(pixel_values=x)
+
+    start = now()
+    for model, x, head in plan:
+        if grads is None:
+            with torch.inference_mode():
+                call(model, x)
+            continue
+        out = call(model, x)
+        (head(out) if head is not None else out).log_softmax(dim=-1).sum().backward()
+    wall, cpu = since(start)
+    return wall, cpu, f"{len(plan)} {'forward' if grads is None else 'forward+backward'} passes"
+
+
 def finish(world, method: str, start: tuple[float, float], args) -> tuple[float, float, str]:
     """(wall and CPU seconds since ``start``, the row's note: images/s of an ensemble, steps/s of an adaptation, on CPU time)."""
     wall, cpu = since(start)
@@ -262,7 +311,12 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pool_name, method, side = args.child
-    run = (lambda: run_fusionbench(pool_name, method, args)) if side == "fusionbench" else (lambda: run_fusion(pool_name, method, side, args))
+    if side == "fusionbench":
+        run = lambda: run_fusionbench(pool_name, method, args)  # noqa: E731
+    elif side == "floor":
+        run = lambda: run_floor(pool_name, method, args)  # noqa: E731
+    else:
+        run = lambda: run_fusion(pool_name, method, side, args)  # noqa: E731
     if args.profile:
         wall, cpu, note = profiled(run, Path(args.profile) / f"{pool_name}-{method}-{side}.txt")
     else:
@@ -319,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="fusion's device (cpu, cuda); FusionBench's sides run where its code puts them")
+    parser.add_argument("--sides", nargs="+", default=None, choices=["fusion", "fusion[previous]", "fusionbench", "floor"],
+                        help="the sides to run (default all)")
     parser.add_argument("--no-previous", action="store_true", help="skip fisher[previous] (fusion's earlier Fisher estimator)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--profile", default=None, help="folder: each child writes its cProfile summary there (cumulative time, top 60)")
@@ -339,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header), flush=True)
     for row in rows:
-        sides = [s for s in ROWS[row] if (s != "fusionbench" or peer) and not (s == "fusion[previous]" and args.no_previous)]
+        sides = [s for s in ROWS[row] if (s != "fusionbench" or peer) and not (s == "fusion[previous]" and args.no_previous)
+                 and (args.sides is None or s in args.sides)]
         results: dict[str, list[dict]] = {s: [] for s in sides}
         for r in range(args.repeat):
             for side in (sides if r % 2 == 0 else list(reversed(sides))):
