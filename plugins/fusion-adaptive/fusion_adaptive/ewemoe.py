@@ -35,7 +35,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def magnitude_threshold(magnitudes: "torch.Tensor", ratio: float) -> "torch.Tensor":
-    """``quantile(magnitudes, ratio)`` with linear interpolation (``torch.quantile``'s), for tensors of any size."""
+    """``quantile(magnitudes, ratio)`` with linear interpolation (``torch.quantile``'s), for tensors of any size.
+
+    One selection (``kthvalue``) for the lower order statistic; the upper one is the least value above it.
+    """
     import torch
 
     flat = magnitudes.flatten()
@@ -43,7 +46,9 @@ def magnitude_threshold(magnitudes: "torch.Tensor", ratio: float) -> "torch.Tens
     lo = int(q)
     hi = min(lo + 1, flat.numel() - 1)
     below = torch.kthvalue(flat, lo + 1).values
-    above = torch.kthvalue(flat, hi + 1).values if hi != lo else below
+    above = below
+    if hi != lo and int((flat <= below).sum()) < hi + 1:  # the next order statistic: the least value above ``below``
+        above = flat[flat > below].min()
     return torch.lerp(below, above, torch.tensor(q - lo, dtype=flat.dtype, device=flat.device))
 
 

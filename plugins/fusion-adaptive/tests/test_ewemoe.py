@@ -46,6 +46,15 @@ def test_magnitude_sparsify_keeps_entries_above_the_interpolated_quantile():
     assert magnitude_sparsify(t, 0.0) is t
 
 
+def test_magnitude_threshold_equals_torch_quantile_with_ties():
+    from fusion_adaptive.ewemoe import magnitude_threshold
+
+    g = torch.Generator().manual_seed(0)
+    for values in (torch.randint(0, 4, (37,), generator=g).float(), torch.rand(101, generator=g), torch.tensor([2.0, 2.0, 2.0])):
+        for ratio in (0.0, 0.3, 0.5, 0.9, 0.99):
+            assert torch.equal(magnitude_threshold(values, ratio), torch.quantile(values, ratio)), (values, ratio)
+
+
 def test_experts_hold_the_task_vectors_sparsified_exactly_as_configured(square):
     ctx = square.ctx()
     model = EWEMoE(EWEMoE.Config(steps=0, sparsity=0.9)).run(square.pool(), ctx)
