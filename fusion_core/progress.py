@@ -7,6 +7,8 @@ A :class:`Progress` counts work as it is done (``advance(n)``) and writes to std
   from the first 3)``;
 - off a terminal, at most every :data:`LOG_EVERY_S` seconds and at the end:
   ``<description>: <done>/<total> <unit>s, <rate>/s, ETA <time>``.
+
+A phase shorter than :data:`LOG_EVERY_S` (estimated, then measured) prints nothing.
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ class Progress:
         total = self.total
         if total and not self.estimated and 0 < self.done < total:
             expected_calls = math.ceil(total * self.calls / self.done)
-            if self.calls >= min(ESTIMATE_AFTER, expected_calls - 1):
+            per = (now - self.start) / self.done
+            if self.calls >= min(ESTIMATE_AFTER, expected_calls - 1) and total * per >= LOG_EVERY_S:
                 self.estimated = True
-                per = (now - self.start) / self.done
                 print(f"{self.description}: estimate {format_seconds(total * per)} for {total} {self.unit}s "
                       f"({format_seconds(per)} per {self.unit}, from the first {self.done})", file=self.out, flush=True)
-        if self.lines and (now - self.last >= LOG_EVERY_S or (total and self.done >= total)):
+        if self.lines and (now - self.last >= LOG_EVERY_S or (total and self.done >= total and now - self.start >= LOG_EVERY_S)):
             self.last = now
             left = f", ETA {format_seconds(max(total - self.done, 0) / rate)}" if total else ""
             print(f"{self.description}: {self.done}{f'/{total}' if total else ''} {self.unit}s, {rate:.3g}/s{left}",

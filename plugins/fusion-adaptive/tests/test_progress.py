@@ -83,6 +83,12 @@ def test_progress_counted_by_hand_in_examples():
     assert lines[-1].startswith("Fisher (x): 64/64 examples, ")
 
 
-def test_run_context_track_writes_plain_lines_off_a_terminal(capsys):
+def test_run_context_track_writes_plain_lines_off_a_terminal_for_long_phases_only(capsys, monkeypatch):
+    import fusion_core.progress
+
     assert list(RunContext(show_progress=True).track(range(3), "evaluating t", total=3)) == [0, 1, 2]
-    assert "evaluating t: 3/3 items" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # a short phase stays quiet
+    monkeypatch.setattr(fusion_core.progress, "LOG_EVERY_S", 0.0)
+    assert list(RunContext(show_progress=True).track(range(3), "evaluating t", total=3)) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "evaluating t: estimate" in err and "evaluating t: 3/3 items" in err
