@@ -177,7 +177,7 @@ def batch_fisher(model: Any, params: Mapping[str, "torch.Tensor"], batches: Iter
             on_batch(size)
     if count == 0:
         raise InputError("the data gave no examples to estimate the Fisher information from")
-    return {k: f / count for k, f in fisher.items()}, count
+    return {k: f.div_(count) for k, f in fisher.items()}, count
 
 
 def fisher_norm(fisher: Mapping[str, "torch.Tensor"]) -> "torch.Tensor":
@@ -284,16 +284,22 @@ class FisherMerging(AdaptiveMethod):
             fisher, examples[name], modes[name] = self.estimate(model, params, data[name], get_classifier(ctx.taskpool, name),
                                                                 pool=pool, name=name, ctx=ctx, on_batch=report.advance)
             weights = fisher_weights(fisher, cfg.normalize, cfg.min_fisher)
-            for key, value in model.state_dict().items():
+            for key, value in model.state_dict().items():  # running sums, in place (no new tensor per model)
                 value = value.detach()
                 if not value.is_floating_point():
                     fixed.setdefault(key, value)
                     continue
-                total[key] = total[key] + value if key in total else value.clone()
+                if key in total:
+                    total[key].add_(value)
+                else:
+                    total[key] = value.clone()
                 if key in weights:
                     w = weights[key]
-                    num[key] = num[key] + w * value if key in num else w * value
-                    den[key] = den[key] + w if key in den else w.clone()
+                    if key in num:
+                        num[key].add_(w * value)
+                        den[key].add_(w)
+                    else:
+                        num[key], den[key] = w * value, w
             del model, params, fisher, weights
         merged = {}
         n = len(names)
