@@ -62,9 +62,9 @@ def batch_inputs(batch: Any) -> Any:
 class GramCollector:
     """Forward hooks summing ``XᵀX`` (and counting rows) of the inputs of some linear layers.
 
-    Layers fed the same tensor in one pass (a block's query, key and value projections) share one product (the
-    tensor's version counter tells an input changed in place in between; so it runs under ``no_grad``, not
-    ``inference_mode``, whose tensors have no version counter).
+    Layers fed the same tensor in one pass (a block's query, key and value projections) share one product; the
+    tensor's version counter tells an input changed in place in between (under ``inference_mode``, whose tensors
+    have none, every layer computes its own).
     """
 
     def __init__(self, layers: Mapping[str, Any], *, with_bias: bool, dtype: "torch.dtype") -> None:
@@ -78,14 +78,15 @@ class GramCollector:
         """``XᵀX`` of one layer input (rows = every leading position), and its number of rows."""
         import torch
 
-        if self._last is not None and self._last[0] is inputs and self._last[3] == inputs._version:
+        version = None if inputs.is_inference() else inputs._version  # inference tensors have no version counter: no sharing
+        if self._last is not None and self._last[0] is inputs and version is not None and self._last[3] == version:
             return self._last[1], self._last[2]
         x = inputs.detach()
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if self.with_bias:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
         gram = x.t() @ x
-        self._last = (inputs, gram, int(x.shape[0]), inputs._version)
+        self._last = (inputs, gram, int(x.shape[0]), version)
         return gram, int(x.shape[0])
 
     def _hook(self, name: str):

@@ -203,3 +203,7 @@ def test_gram_collector_shares_the_product_of_one_input_fed_to_several_layers_an
     torch.testing.assert_close(grams.mean_gram("q"), x.T @ x / 5)
     assert grams.grams["k"] is grams.grams["q"]  # one product for the two layers
     torch.testing.assert_close(grams.mean_gram("v"), 4 * x.T @ x / 5)
+    with GramCollector({"q": model.q, "k": model.k, "v": model.v}, with_bias=False, dtype=torch.float32) as grams, torch.inference_mode():
+        model(x.clone())  # no version counter: nothing shared, still right
+    assert grams.grams["k"] is not grams.grams["q"]
+    torch.testing.assert_close(grams.mean_gram("v"), 4 * x.T @ x / 5)
