@@ -10,7 +10,7 @@ from fusion_adaptive.plugin import all_methods
 
 EXPECTED = {"fisher_merging", "regmean", "regmean_plusplus", "adamerging", "wemoe", "e_wemoe", "smile", "simple_ensemble",
             "weighted_ensemble", "max_model_predictor", "opcm", "doge", "wanda_pruning",
-            "continual_task_arithmetic", "continual_ties", "continual_weight_average", "dop"}
+            "continual_task_arithmetic", "continual_ties", "continual_weight_average", "dop", "sparsegpt_pruning"}
 
 
 def test_every_method_is_registered_with_documented_options():

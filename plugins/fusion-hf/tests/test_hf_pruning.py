@@ -1,0 +1,69 @@
+"""Pruning a causal LM with calibration text from the model pool; perplexity before and after from the task pool."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("fusion_adaptive")
+
+TEXTS = ["this movie is great and the dog is great", "a very good movie", "not good , bad and awful", "the cat is not bad",
+         "fine", "this movie was awful and not good"]
+
+
+@pytest.fixture(scope="module")
+def lm_text(tmp_path_factory):
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("lmtext")
+    pd.DataFrame({"text": TEXTS}).to_csv(root / "calib.csv", index=False)
+    pd.DataFrame({"text": TEXTS[::-1]}).to_csv(root / "test.csv", index=False)
+    return root
+
+
+def lm_config(text_assets, lm_text, method: dict) -> dict:
+    base = str(text_assets["gpt2_base"])
+    return {
+        "method": method,
+        "modelpool": {"name": "hf_causal_lm", "base": base, "models": {"wiki": base}, "batch_size": 3, "max_length": 6,
+                      "datasets": {"wiki": {"dataset": "csv", "data_files": {"train": str(lm_text / "calib.csv")},
+                                            "splits": {"train": "train"}}}},
+        "taskpool": {"name": "causal_lm_perplexity", "tokenizer": base, "batch_size": 4,
+                     "tasks": {"wiki": {"dataset": "csv", "data_files": {"test": str(lm_text / "test.csv")}}}},
+        "seed": 0,
+    }
+
+
+def test_lm_data_are_full_windows_of_the_joined_texts(text_assets, lm_text):
+    from fusion_hf.model_pools import CausalLMPool
+    from transformers import AutoTokenizer
+
+    from fusion_core.config import make_config
+
+    fields = {k: v for k, v in lm_config(text_assets, lm_text, {"name": "dummy"})["modelpool"].items() if k != "name"}
+    pool = CausalLMPool(make_config(CausalLMPool.Config, fields))
+    batches = list(pool.data("wiki", "train"))
+    tok = AutoTokenizer.from_pretrained(text_assets["gpt2_base"])
+    stream = []
+    for text in TEXTS[:3]:
+        stream += tok(text)["input_ids"] + [tok.eos_token_id]
+    first = batches[0]
+    assert first["input_ids"].shape[1] == 6 and bool(first["attention_mask"].all())
+    assert first["input_ids"].flatten().tolist() == stream[: first["input_ids"].numel()]
+    assert first["input_ids"].shape[0] == len(stream) // 6
+
+
+@pytest.mark.parametrize("method", [{"name": "sparsegpt_pruning"}, {"name": "wanda_pruning"}, {"name": "magnitude_pruning"},
+                                    {"name": "sparsegpt_pruning", "prune_type": "semistructured"}])
+def test_pruning_methods_report_perplexity_before_and_after(text_assets, lm_text, method):
+    import fusion_core
+
+    torch.set_num_threads(1)
+    report = fusion_core.run(lm_config(text_assets, lm_text, method), write=False)
+    before, after = report["results"]["pretrained"]["wiki"], report["results"]["merged"]["wiki"]
+    assert report["primary_metric"] == "perplexity"
+    assert before["tokens"] == after["tokens"] > 0
+    assert after["perplexity"] != before["perplexity"] and after["perplexity"] > 1.0
+    if method["name"] != "magnitude_pruning":  # data-driven: the per-layer sparsity is in the report
+        sparsity = report["method_extras"][method["name"]]["sparsity"]
+        assert len(sparsity) == 8 and all(v == pytest.approx(0.5) for v in sparsity.values())  # 2 blocks × 4 Conv1D
