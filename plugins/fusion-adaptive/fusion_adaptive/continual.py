@@ -2,8 +2,9 @@
 
 The protocol is FusionBench 0.2.33's (``method/opcm/*``, ``method/dop/dop.py``): the merge order
 is the pool's or a seeded shuffle of it (``shuffle: true``, FusionBench's default; here seeded by
-the run's seed through :func:`fusion_core.tensor_seed`, where FusionBench calls Python's
-``random.shuffle`` after ``seed_everything``), and after step ``t`` the merged model is scored on
+``order_seed``, by default the run's seed, through :func:`fusion_core.tensor_seed`, the same order
+for every continual method, where FusionBench calls Python's ``random.shuffle`` after
+``seed_everything``), and after step ``t`` the merged model is scored on
 the tasks of the first ``t`` models only (``evaluate_every_step``).  Each step's record goes to
 ``extras.<method>.steps`` of the report: ``step``, ``model``, the method's own facts (OPCM's
 ``lambda``), ``results`` (per task) and ``average`` (mean of the task pool's primary metric over
@@ -47,17 +48,22 @@ def shuffle_option():
     return option(True, help="merge the models in a seeded random order (FusionBench shuffle_order: true); false = pool order")
 
 
+def order_seed_option():
+    return option(None, help="seed of the merge order (shuffle: true); null = the run's seed.  Every continual method draws the same "
+                             "order from the same seed, so runs of different methods compare on one order")
+
+
 def evaluate_option():
     return option(True, help="score the merged model on the tasks seen so far after each step (needs a task pool; "
                              "FusionBench evaluate_on_every_step: true)")
 
 
-def seeded_order(names: list[str], seed: int, salt: str) -> list[str]:
-    """``names`` shuffled by a generator seeded from (``seed``, ``salt``)."""
+def seeded_order(names: list[str], seed: int) -> list[str]:
+    """``names`` shuffled by a generator seeded from ``seed`` (the same for every continual method)."""
     import torch
 
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(tensor_seed(seed, salt, "order"))
+    generator.manual_seed(tensor_seed(seed, "continual", "order"))
     return [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
 
 
@@ -71,8 +77,10 @@ class ContinualMethod(AdaptiveMethod):
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
 
     def order(self, names: list[str], seed: int) -> list[str]:
-        """The merge order: the pool's, or (``shuffle``) a permutation seeded by ``seed``."""
-        return seeded_order(names, seed, self.name) if self.config.shuffle else list(names)
+        """The merge order: the pool's, or (``shuffle``) a permutation seeded by ``order_seed`` (default: the run's ``seed``)."""
+        if not self.config.shuffle:
+            return list(names)
+        return seeded_order(names, seed if self.config.order_seed is None else self.config.order_seed)
 
     def begin(self, model: Any) -> None:
         """Called once with the base model (or the first model without a base) before the first step."""
@@ -130,6 +138,7 @@ class ContinualTaskArithmetic(ContinualMethod):
     class Config:
         scaling_factor: float = option(0.3, help="λ: each arriving task vector is added times λ (FusionBench opcm/task_arithmetic.yaml: 0.3)")
         shuffle: bool = shuffle_option()
+        order_seed: int | None = order_seed_option()
         evaluate_every_step: bool = evaluate_option()
 
     def step(self, t, merged, params, base):
@@ -149,6 +158,7 @@ class ContinualWeightAverage(ContinualMethod):
     @attrs.frozen
     class Config:
         shuffle: bool = shuffle_option()
+        order_seed: int | None = order_seed_option()
         evaluate_every_step: bool = evaluate_option()
 
     def step(self, t, merged, params, base):
@@ -199,6 +209,7 @@ class ContinualTies(ContinualMethod):
         merge_func: Literal["sum", "mean", "max"] = option("sum", help="disjoint merge of the agreeing entries: sum, mean, or "
                                                                          "the largest magnitude (FusionBench merge_func)")
         shuffle: bool = shuffle_option()
+        order_seed: int | None = order_seed_option()
         evaluate_every_step: bool = evaluate_option()
 
     def step(self, t, merged, params, base):

@@ -39,7 +39,7 @@ import attrs
 
 from fusion_core import Capabilities, in_range, option, positive
 
-from .continual import ContinualMethod, evaluate_option, shuffle_option
+from .continual import ContinualMethod, evaluate_option, order_seed_option, shuffle_option
 from .modules import key as pkey
 from .modules import linear_layers, weight_out_in
 from .opcm import non_leaf_parameters
@@ -115,6 +115,7 @@ class DOP(ContinualMethod):
                          "after the first step (FusionBench); 'average' = the mean of the merged and the new model"
         )
         shuffle: bool = shuffle_option()
+        order_seed: int | None = order_seed_option()
         evaluate_every_step: bool = evaluate_option()
 
     def begin(self, model: Any) -> None:

@@ -21,7 +21,7 @@ arbitrary; here components outside ``M``'s row and column spaces are always kept
 whenever ``M``'s weights have full rank, as fine-tuned task vectors do.)
 
 As FusionBench 0.2.33 (``OPCMForCLIP``, ``config/method/opcm/opcm.yaml``): the order is shuffled
-by default (here seeded by the run's seed; FusionBench uses Python's ``random`` with
+by default (here seeded by ``order_seed``, default the run's seed, the order every continual method draws; FusionBench uses Python's ``random`` with
 ``seed: null``), and parameters held directly by a module that has children (CLIP's
 ``embeddings.class_embedding``) are not merged after the first model (``non_leaf: skip``):
 ``Σ_t = M_{t−1}`` there (no new task vector, no ``λ_{t−1}``), so they only follow the rescaling.  ``non_leaf: merge`` (fuse's earlier default) treats
@@ -40,7 +40,7 @@ import attrs
 
 from fusion_core import Capabilities, in_range, option
 
-from .continual import ContinualMethod, evaluate_option, shuffle_option
+from .continual import ContinualMethod, evaluate_option, order_seed_option, shuffle_option
 from .modules import key as pkey
 from .modules import linear_layers, weight_out_in
 
@@ -97,6 +97,7 @@ class OPCM(ContinualMethod):
     class Config:
         alpha: float = option(0.5, help="share of the merged vector's singular-value mass whose subspace block is protected", validator=in_range(0.0, 1.0))
         shuffle: bool = shuffle_option()
+        order_seed: int | None = order_seed_option()
         non_leaf: Literal["skip", "merge"] = option(
             "skip", help="parameters held directly by modules with children (e.g. CLIP's class_embedding): 'skip' = not merged after "
                          "the first model (FusionBench); 'merge' = merged like the others (fuse's earlier default)"

@@ -46,6 +46,8 @@ def test_the_order_is_seeded_and_the_first_step_is_the_first_model(world):
         orders.append(ctx.extras["continual_weight_average"]["order"])
         assert list(steps[0]["results"]) == [orders[-1][0]]  # scored on the first model's task only
     assert orders[0] == orders[1] and len({tuple(o) for o in orders}) > 1
+    same = DOP(DOP.Config(order_seed=2)).order(list(world.models), seed=7)  # one order per seed, whatever the method
+    assert same == orders[3] == ContinualTaskArithmetic(ContinualTaskArithmetic.Config(order_seed=2)).order(list(world.models), 0)
 
 
 def test_whole_vector_trim_keeps_ties_at_the_threshold():

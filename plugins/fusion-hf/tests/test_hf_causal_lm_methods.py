@@ -1,4 +1,4 @@
-"""Pruning a causal LM with calibration text from the model pool; perplexity before and after from the task pool."""
+"""Causal-LM methods end to end: pruning with calibration text from the model pool (perplexity before and after), Mixtral upcycling."""
 
 from __future__ import annotations
 
@@ -67,3 +67,36 @@ def test_pruning_methods_report_perplexity_before_and_after(text_assets, lm_text
     if method["name"] != "magnitude_pruning":  # data-driven: the per-layer sparsity is in the report
         sparsity = report["method_extras"][method["name"]]["sparsity"]
         assert len(sparsity) == 8 and all(v == pytest.approx(0.5) for v in sparsity.values())  # 2 blocks × 4 Conv1D
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    from hf_testkit import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=99, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    LlamaForCausalLM(config).eval().save_pretrained(root / "base")
+    make_tokenizer(max_length=64).save_pretrained(root / "base")
+    return root / "base"
+
+
+def test_mixtral_upcycling_keeps_the_dense_perplexity_and_saves_a_mixtral(llama_folder, lm_text, tmp_path):
+    import fusion_core
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    config = {
+        "method": {"name": "mixtral_upcycling", "num_experts": 4, "experts_per_token": 2},
+        "modelpool": {"name": "hf_causal_lm", "base": str(llama_folder), "models": {"wiki": str(llama_folder)}},  # the pool needs a model
+        "taskpool": {"name": "causal_lm_perplexity", "tokenizer": str(llama_folder), "batch_size": 4,
+                     "tasks": {"wiki": {"dataset": "csv", "data_files": {"test": str(lm_text / "test.csv")}}}},
+        "save_model": True, "output_dir": str(tmp_path / "run"),
+    }
+    report = fusion_core.run(config)
+    before, after = report["results"]["pretrained"]["wiki"], report["results"]["merged"]["wiki"]
+    assert after["perplexity"] == pytest.approx(before["perplexity"], rel=1e-5) and after["tokens"] == before["tokens"] > 0
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert type(saved).__name__ == "MixtralForCausalLM" and saved.config.num_local_experts == 4
