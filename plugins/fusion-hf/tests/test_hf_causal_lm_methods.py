@@ -84,8 +84,9 @@ def llama_folder(tmp_path_factory):
 
 
 def test_mixtral_upcycling_keeps_the_dense_perplexity_and_saves_a_mixtral(llama_folder, lm_text, tmp_path):
-    import fusion_core
     from transformers import AutoModelForCausalLM
+
+    import fusion_core
 
     torch.set_num_threads(1)
     config = {
