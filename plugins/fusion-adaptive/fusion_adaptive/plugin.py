@@ -7,11 +7,26 @@ import fusion_core
 
 def all_methods() -> list[type]:
     """Every method class this plugin provides, module by module."""
-    from . import adamerging, continual, doge, dop, ensemble, ewemoe, fisher, opcm, regmean, smile, sparsegpt, wanda, wemoe
+    from . import (
+        adamerging,
+        continual,
+        doge,
+        dop,
+        ensemble,
+        ewemoe,
+        fisher,
+        opcm,
+        rankone_moe,
+        regmean,
+        smile,
+        sparsegpt,
+        wanda,
+        wemoe,
+    )
 
     return [*fisher.METHODS, *regmean.METHODS, *adamerging.METHODS, *wemoe.METHODS, *ewemoe.METHODS, *smile.METHODS,
             *ensemble.METHODS, *opcm.METHODS, *continual.METHODS, *dop.METHODS, *doge.METHODS, *wanda.METHODS,
-            *sparsegpt.METHODS]
+            *sparsegpt.METHODS, *rankone_moe.METHODS]
 
 
 @fusion_core.hookimpl
