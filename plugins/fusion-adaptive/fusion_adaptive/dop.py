@@ -18,8 +18,10 @@ from ``(alpha, 1 − alpha)`` with decay ``ema_beta`` (``ema``; restarted for ev
 ``mgda`` they are ``(alpha, 1 − alpha)``.  The gradients are the closed forms
 ``∇L_i = 2 (U_i S_i²U_iᵀ Δ_i + Δ_i V_i S_i² V_iᵀ)``, ``Δ_i = W − W_i``.
 
-Closed forms the tests check: with ``mgda: false`` and identical subspaces the optimum is the
-``alpha``-weighted mean of ``W₁`` and ``W₂``; a layer where both models agree does not move.
+Closed forms the tests check: with ``mgda: false`` and ``τ₂ = −τ₁`` (the same subspaces and
+singular values) the result is the ``alpha``-weighted mean of ``W₁`` and ``W₂`` as seen through
+those subspaces (``U_rᵀ W`` and ``W V_r``; Adam may drift in directions neither model uses); a
+layer where both models agree does not move; the gradients are autograd's.
 
 Every other parameter of a module without children (biases, norms, embeddings) is the plain
 mean of the merged and the new model (FusionBench averages the two, not the running mean);
