@@ -151,6 +151,8 @@ class DOP(ContinualMethod):
         return weight.detach()
 
     def step(self, t, merged, params, base):
+        import torch
+
         if merged is None:
             self._optimized = 0
             return {k: v.clone() for k, v in params.items()}
@@ -161,8 +163,10 @@ class DOP(ContinualMethod):
                 out[key] = base[key].clone()
             elif key in self._layers and params[key].dim() == 2:
                 module = self._layers[key]
-                view = [weight_out_in(module, x) for x in (base[key], merged[key], params[key])]
-                out[key] = weight_out_in(module, self.optimize(*view)).contiguous()
+                dtype = params[key].dtype  # half precision is optimised in float32
+                work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+                view = [weight_out_in(module, x).to(work) for x in (base[key], merged[key], params[key])]
+                out[key] = weight_out_in(module, self.optimize(*view)).to(dtype).contiguous()
                 self._optimized += 1
             else:
                 out[key] = (merged[key] + params[key]) / 2

@@ -154,3 +154,16 @@ def test_dop_run_first_step_is_the_first_model_then_averages_what_it_does_not_op
     single = DOP(DOP.Config(shuffle=False)).run(MemoryPool(world.base, {names[0]: world.models[names[0]]}), world.ctx())
     for key, value in first.items():
         assert single[key].equal(value)
+
+
+def test_dop_optimises_half_precision_layers_in_float32(world):
+    import copy
+
+    names = list(world.models)[:2]
+    half = {n: copy.deepcopy(world.models[n]).to(torch.bfloat16) for n in names}
+    base = copy.deepcopy(world.base).to(torch.bfloat16)
+    out = DOP(DOP.Config(shuffle=False, num_steps=3, evaluate_every_step=False)).run(MemoryPool(base, half), world.ctx())
+    full = DOP(DOP.Config(shuffle=False, num_steps=3, evaluate_every_step=False)).run(
+        MemoryPool(base.float(), {n: m.float() for n, m in half.items()}), world.ctx())
+    assert out["fc1.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["fc1.weight"], full["fc1.weight"].to(torch.bfloat16))  # the same float32 optimisation, rounded once
