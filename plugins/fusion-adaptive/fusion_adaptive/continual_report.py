@@ -93,23 +93,44 @@ def read_report(path: str) -> dict[str, Any]:
     return data
 
 
+def mean_over_orders(runs: Sequence[tuple[str, str, Sequence[Mapping[str, Any]]]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Runs of one method (arrival orders drawn from different seeds) → per step the mean and spread of their averages."""
+    import statistics
+
+    grouped: dict[str, list[Sequence[Mapping[str, Any]]]] = {}
+    for method, _, steps in runs:
+        grouped.setdefault(method, []).append(steps)
+    out = []
+    for method, all_steps in grouped.items():
+        rows = []
+        for index in range(min(len(s) for s in all_steps)):
+            values = [float(s[index]["average"]) for s in all_steps if isinstance(s[index].get("average"), (int, float))]
+            if values:
+                rows.append({"step": index + 1, "average": statistics.fmean(values), "std": statistics.pstdev(values),
+                             "orders": len(values)})
+        out.append((method, rows))
+    return out
+
+
 @click.command("continual")
 @click.argument("reports", nargs=-1, required=True, metavar="REPORT.json...")
 @click.option("--png", "png", default=None, metavar="FILE", help="Plot the average on the tasks seen against the number of merged models.")
+@click.option("--mean", "mean", is_flag=True, help="Average the runs of each method (one per arrival order, e.g. order_seed 0..4) step by step.")
 @click.option("--format", "fmt", type=click.Choice(["table", "plain", "json", "csv"]), default=None,
               help="Output format (default: a table on a terminal, tab-separated records when piped).")
-def continual_command(reports, png, fmt):
+def continual_command(reports, png, mean, fmt):
     """The per-step results of continual-merging runs (opcm, dop, continual_*): one row per merged model.
 
     \b
       fuse run method=dop output_dir=runs/dop && fuse continual runs/dop/report.json --png dop.png
+      fuse continual runs/*/report.json --mean      # several order seeds per method: mean ± std per step
     """
     from fusion_core import Column, check_output_path, emit
 
     if png:
         check_output_path(png, overwrite=False, inputs=list(reports))
     runs, records, tasks, metric = [], [], [], None
-    labels = []
+    labels: list[str] = []
     for path in reports:
         report = read_report(path)
         method, steps = continual_steps(report, path)
@@ -119,12 +140,24 @@ def continual_command(reports, png, fmt):
         rows, seen = step_records(method, steps, report.get("primary_metric"), label)
         records += rows
         tasks += [t for t in seen if t not in tasks]
-        runs.append((label, steps))
+        runs.append((method, label, steps))
+    title = f"continual merging: {metric or 'score'} on the tasks seen after each step"
+    if mean:
+        means = mean_over_orders(runs)
+        if png:
+            averages_png(means, metric, Path(png))
+        scale = 100 if metric == "accuracy" else 1
+        records = [{"method": m, "step": str(r["step"]), "average": f"{scale * r['average']:.2f}", "std": f"{scale * r['std']:.2f}",
+                    "orders": str(r["orders"])} for m, rows in means for r in rows]
+        columns = [Column("method", keep=True), Column("step", justify="right", keep=True), Column("average", justify="right", keep=True),
+                   Column("std", justify="right"), Column("orders", justify="right")]
+        emit(records, columns, fmt, title=title + " (mean over runs)", json_data={m: rows for m, rows in means})
+        return
     if png:
-        averages_png(runs, metric, Path(png))
+        averages_png([(label, steps) for _, label, steps in runs], metric, Path(png))
     columns = [Column("run", keep=True), Column("step", justify="right", keep=True), Column("model", keep=True),
                Column("average", justify="right", keep=True), *[Column(t, justify="right", drop=i + 1) for i, t in enumerate(tasks)]]
     if fmt == "json":
-        emit([], columns, "json", json_data={label: steps for label, steps in runs})
+        emit([], columns, "json", json_data={label: steps for _, label, steps in runs})
         return
-    emit(records, columns, fmt, title=f"continual merging: {metric or 'score'} on the tasks seen after each step")
+    emit(records, columns, fmt, title=title)
