@@ -100,24 +100,32 @@ def prepare(model: Any, device: str) -> Any:
     return model
 
 
-def task_vector(pool: "ModelPool", name: str, base: Mapping[str, "torch.Tensor"], *, method: str, device: str) -> dict[str, "torch.Tensor"]:
-    """``θ_name − θ_base`` for every tensor of ``base`` (model ``name`` is loaded, read and dropped)."""
+def load_params(pool: "ModelPool", name: str, reference: Mapping[str, "torch.Tensor"], *, method: str, device: str) -> dict[str, "torch.Tensor"]:
+    """Model ``name``'s tensors named as in ``reference`` (same shapes, ``reference``'s dtypes, on ``device``).
+
+    The model is loaded, read and dropped; a missing tensor or a different shape is an InputError.
+    """
     model = pool.load_model(name)
     params = dict(model.named_parameters())
-    missing = [k for k in base if k not in params]
+    missing = [k for k in reference if k not in params]
     if missing:
         raise InputError(
             f"method {method!r}: model {name!r} lacks parameter(s) of the base: {', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}; all models must share the base's architecture"
         )
     out = {}
-    for key, ref in base.items():
+    for key, ref in reference.items():
         value = params[key].detach().to(device=device, dtype=ref.dtype)
         if value.shape != ref.shape:
             raise InputError(f"method {method!r}: {key!r} of model {name!r} has shape {list(value.shape)}, the base's {list(ref.shape)}")
-        out[key] = value - ref
+        out[key] = value
     del model, params
     return out
+
+
+def task_vector(pool: "ModelPool", name: str, base: Mapping[str, "torch.Tensor"], *, method: str, device: str) -> dict[str, "torch.Tensor"]:
+    """``θ_name − θ_base`` for every tensor of ``base`` (model ``name`` is loaded, read and dropped)."""
+    return {key: value - base[key] for key, value in load_params(pool, name, base, method=method, device=device).items()}
 
 
 def tied_aliases(model: Any) -> dict[str, str]:

@@ -140,6 +140,68 @@ class WeightEnsemblingMoE(nn.Module):
         return vmap(one, in_dims=(0, 0))(params, x)
 
 
+def soft_top_k(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """``w · sigmoid(100 (w − t))`` with ``t`` the ``k``-th largest weight: weights below the top ``k`` fade to ~0 (RankOne-MoE)."""
+    threshold = torch.topk(weights, k, dim=-1).values.min(dim=-1, keepdim=True).values
+    return weights * torch.sigmoid(100 * (weights - threshold))
+
+
+class RankOneMoE(WeightEnsemblingMoE):
+    """``f(x; θ₀ + Σᵢ Σ_r g_{i,r}(x) s_{i,r} u_{i,r} v_{i,r}ᵀ)``: routed rank-one experts (RankOne-MoE).
+
+    Every 2-D parameter of the base module has, per task ``i``, the ``k`` leading singular
+    components of its task vector as experts (``u`` stacked ``(N, k, rows)``, ``s·v`` stacked
+    ``(N, k, cols)``, zero-padded when the rank is below ``k``); the router gives one weight per
+    (task, component), ``N·k`` in all (optionally softly cut to the ``select_k`` largest).  Every
+    other parameter is the base's plus ``fixed`` (the task-arithmetic sum ``λ Σᵢ τᵢ``, not routed).
+    Routing is per sample (averaged over tokens) or, ``batch_reduce``, per batch, as WEMoE's.
+    """
+
+    def __init__(self, base: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], fixed: Mapping[str, torch.Tensor],
+                 router: Router, *, select_k: int = -1, batch_reduce: bool = False) -> None:
+        nn.Module.__init__(self)
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.router = router
+        self.factor_names, self.fixed_names = list(factors), list(fixed)
+        for name, (u, sv) in factors.items():
+            self.register_buffer(_buffer_name(name) + "_u", u.detach().clone())
+            self.register_buffer(_buffer_name(name) + "_sv", sv.detach().clone())
+        for name, delta in fixed.items():
+            self.register_buffer(_buffer_name(name) + "_fixed", delta.detach().clone())
+        self.select_k, self.batch_reduce, self.linear = int(select_k), batch_reduce, False
+        self.param_names = self.factor_names + self.fixed_names
+        self.n_experts = int(next(iter(factors.values()))[0].shape[0]) if factors else 0
+
+    def merged_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The base's parameters with the routed rank-one sum (``weights``: ``(N·k,)``) and the fixed deltas."""
+        own = dict(self.base.named_parameters())
+        if self.select_k > 0:
+            weights = soft_top_k(weights, self.select_k)
+        out = {}
+        for name in self.factor_names:
+            u, sv = getattr(self, _buffer_name(name) + "_u"), getattr(self, _buffer_name(name) + "_sv")
+            g = weights.to(u.dtype).reshape(u.shape[0], u.shape[1])
+            out[name] = own[name].detach() + torch.einsum("nk,nko,nki->oi", g, u, sv)
+        for name in self.fixed_names:
+            out[name] = own[name].detach() + getattr(self, _buffer_name(name) + "_fixed")
+        return out
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        from torch.func import functional_call, vmap
+
+        weights = self.routing_weights(x).to(x.dtype)
+        if self.batch_reduce:
+            return functional_call(self.base, self.merged_parameters(weights.mean(dim=0)), (x, *args), kwargs)
+        params = vmap(self.merged_parameters)(weights)
+
+        def one(p, xb):
+            return functional_call(self.base, p, (xb.unsqueeze(0), *args), kwargs).squeeze(0)
+
+        return vmap(one, in_dims=(0, 0))(params, x)
+
+
 class SmileLinear(nn.Module):
     """A linear layer plus a sparse mixture of low-rank experts (SMILE).
 

@@ -21,15 +21,14 @@ arbitrary; here components outside ``M``'s row and column spaces are always kept
 whenever ``M``'s weights have full rank, as fine-tuned task vectors do.)
 
 As FusionBench 0.2.33 (``OPCMForCLIP``, ``config/method/opcm/opcm.yaml``): the order is shuffled
-by default (here seeded by the run's seed; FusionBench uses Python's ``random`` with
+by default (here seeded by ``order_seed``, default the run's seed, the order every continual method draws; FusionBench uses Python's ``random`` with
 ``seed: null``), and parameters held directly by a module that has children (CLIP's
 ``embeddings.class_embedding``) are not merged after the first model (``non_leaf: skip``):
 ``Σ_t = M_{t−1}`` there (no new task vector, no ``λ_{t−1}``), so they only follow the rescaling.  ``non_leaf: merge`` (fuse's earlier default) treats
 them as any other tensor.
 
-After each step the merged model is scored on the tasks seen so far through the task pool's
-``evaluate`` (the callback of the run context), and the per-step results go to
-``extras.opcm.steps`` of the report.
+The loop (order, evaluation after each step on the tasks seen so far, ``extras.opcm.steps`` of
+the report) is :class:`fusion_adaptive.continual.ContinualMethod`'s.
 """
 
 from __future__ import annotations
@@ -39,16 +38,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
-from fusion_core import Capabilities, in_range, option, tensor_seed
+from fusion_core import Capabilities, in_range, option
 
-from .common import AdaptiveMethod, float_params, note, prepare, progress, state_with, task_vector
+from .continual import ContinualMethod, evaluate_option, order_seed_option, shuffle_option
 from .modules import key as pkey
 from .modules import linear_layers, weight_out_in
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fusion_core import ModelPool, RunContext
 
 RANK_TOLERANCE = 1e-7
 """Singular values below this fraction of the largest count as zero (outside the merged subspace)."""
@@ -87,7 +85,7 @@ def global_norm(vector: Mapping[str, "torch.Tensor"]) -> float:
     return float(sum(float((v.double() ** 2).sum()) for v in vector.values())) ** 0.5
 
 
-class OPCM(AdaptiveMethod):
+class OPCM(ContinualMethod):
     """Orthogonal projection-based continual merging (Tang et al., 2025)."""
 
     name = "opcm"
@@ -98,68 +96,46 @@ class OPCM(AdaptiveMethod):
     @attrs.frozen
     class Config:
         alpha: float = option(0.5, help="share of the merged vector's singular-value mass whose subspace block is protected", validator=in_range(0.0, 1.0))
-        shuffle: bool = option(True, help="merge the models in a seeded random order (FusionBench shuffle_order: true); false = pool order")
+        shuffle: bool = shuffle_option()
+        order_seed: int | None = order_seed_option()
         non_leaf: Literal["skip", "merge"] = option(
             "skip", help="parameters held directly by modules with children (e.g. CLIP's class_embedding): 'skip' = not merged after "
                          "the first model (FusionBench); 'merge' = merged like the others (fuse's earlier default)"
         )
-        evaluate_every_step: bool = option(True, help="score the merged model on the tasks seen so far after each step (needs a task pool)")
+        evaluate_every_step: bool = evaluate_option()
 
-    def order(self, names: list[str], seed: int) -> list[str]:
-        if not self.config.shuffle:
-            return list(names)
-        import torch
+    def begin(self, model: Any) -> None:
+        self._layouts = {pkey(n, "weight"): m for n, m in linear_layers(model).items()}
+        self._skipped = non_leaf_parameters(model) if self.config.non_leaf == "skip" else set()
+        self._vector: dict[str, torch.Tensor] | None = None  # M_t, the merged task vector
+        self._scale, self._norms = 1.0, []
 
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(tensor_seed(seed, self.name, "order"))
-        return [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
+    def step(self, t, merged, params, base):
+        tv = {k: params[k] - base[k] for k in params}
+        self._norms.append(global_norm(tv))
+        if self._vector is None:
+            total = tv
+        else:
+            total = {}
+            for key, value in tv.items():
+                if key in self._skipped:  # FusionBench leaves the tensor as it is (not even times λ_{t−1}) before rescaling
+                    total[key] = self._vector[key]
+                    continue
+                if key in self._layouts and value.dim() == 2:
+                    module = self._layouts[key]
+                    cleaned = weight_out_in(module, project_out(weight_out_in(module, value), weight_out_in(module, self._vector[key]),
+                                                                self.config.alpha))
+                else:
+                    cleaned = value
+                total[key] = self._scale * self._vector[key] + cleaned
+        average = sum(self._norms) / len(self._norms)
+        size = global_norm(total)
+        self._scale = size / average if average > 0 else 1.0
+        self._vector = {k: v / self._scale for k, v in total.items()} if self._scale > 0 else total
+        return {k: base[k] + v for k, v in self._vector.items()}
 
-    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
-        import torch
-
-        cfg = self.config
-        order = self.order(list(pool.model_names), ctx.seed)
-        base = prepare(pool.load_model(None), ctx.device)
-        base_params = float_params(base)
-        layouts = {pkey(n, "weight"): m for n, m in linear_layers(base).items()}
-        skipped = non_leaf_parameters(base) if cfg.non_leaf == "skip" else set()
-        merged: dict[str, torch.Tensor] | None = None
-        scale, norms, steps = 1.0, [], []
-        taskpool = ctx.taskpool if cfg.evaluate_every_step else None
-        for t, name in enumerate(progress(ctx, order, f"continual merging ({self.name})", total=len(order), unit="model")):
-            tv = task_vector(pool, name, base_params, method=self.name, device=ctx.device)
-            norms.append(global_norm(tv))
-            if merged is None:
-                total = tv
-            else:
-                total = {}
-                for key, value in tv.items():
-                    if key in skipped:  # FusionBench leaves the tensor as it is (not even times λ_{t−1}) before rescaling
-                        total[key] = merged[key]
-                        continue
-                    if key in layouts and value.dim() == 2:
-                        module = layouts[key]
-                        cleaned = weight_out_in(module, project_out(weight_out_in(module, value), weight_out_in(module, merged[key]), cfg.alpha))
-                    else:
-                        cleaned = value
-                    total[key] = scale * merged[key] + cleaned
-            average = sum(norms) / len(norms)
-            size = global_norm(total)
-            scale = size / average if average > 0 else 1.0
-            merged = {k: v / scale for k, v in total.items()} if scale > 0 else total
-            record: dict[str, Any] = {"step": t + 1, "model": name, "lambda": scale}
-            if taskpool is not None:
-                seen = [n for n in order[: t + 1] if n in taskpool.task_names]
-                if seen:
-                    with torch.no_grad():
-                        state = state_with(base, {k: base_params[k] + merged[k] for k in merged})
-                    record["results"] = taskpool.evaluate(pool.model_from_state_dict(state), tasks=seen, ctx=ctx)
-            steps.append(record)
-            del tv, total
-        assert merged is not None
-        note(ctx, self.name, order=order, steps=steps)
-        with torch.no_grad():
-            return state_with(base, {k: base_params[k] + merged[k] for k in merged})
+    def facts(self) -> dict[str, Any]:
+        return {"lambda": self._scale}
 
 
 METHODS = [OPCM]

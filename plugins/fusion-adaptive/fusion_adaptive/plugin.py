@@ -7,13 +7,36 @@ import fusion_core
 
 def all_methods() -> list[type]:
     """Every method class this plugin provides, module by module."""
-    from . import adamerging, doge, ensemble, ewemoe, fisher, opcm, regmean, smile, wanda, wemoe
+    from . import (
+        adamerging,
+        continual,
+        doge,
+        dop,
+        ensemble,
+        ewemoe,
+        fisher,
+        opcm,
+        rankone_moe,
+        regmean,
+        smile,
+        sparsegpt,
+        wanda,
+        wemoe,
+    )
 
     return [*fisher.METHODS, *regmean.METHODS, *adamerging.METHODS, *wemoe.METHODS, *ewemoe.METHODS, *smile.METHODS,
-            *ensemble.METHODS, *opcm.METHODS, *doge.METHODS, *wanda.METHODS]
+            *ensemble.METHODS, *opcm.METHODS, *continual.METHODS, *dop.METHODS, *doge.METHODS, *wanda.METHODS,
+            *sparsegpt.METHODS, *rankone_moe.METHODS]
 
 
 @fusion_core.hookimpl
 def fusion_register_methods(register):
     for cls in all_methods():
         register(cls)
+
+
+@fusion_core.hookimpl
+def fusion_register_commands(cli):
+    from .continual_report import continual_command
+
+    cli.add_command(continual_command)

@@ -112,9 +112,24 @@ class WandaPruning(AdaptiveMethod):
         order = {b: i for i, b in enumerate(blocks)}
         return [groups[k] for k in sorted(groups, key=lambda k: (order.get(k, -1), list(groups).index(k)))]
 
+    def collector(self, targets: dict[str, Any], dtype: "torch.dtype") -> GramCollector:
+        """The forward hooks gathering what :meth:`prune_layer` needs of the inputs of ``targets``."""
+        return SquaredNormCollector(targets, with_bias=False, dtype=dtype)
+
+    def prune_layer(self, name: str, module: Any, stats: Any, dtype: "torch.dtype") -> bool:
+        """Prune ``module`` in place from the collected ``stats``; False when no input reached it (left as it is)."""
+        from fusion_merging.pruning import pruned_mask
+
+        col = stats.column_norms(name)
+        if col is None:
+            return False
+        mask = pruned_mask(wanda_scores(weight_out_in(module), col), self.config)
+        module.weight.masked_fill_(mask.t() if transposed(module) else mask, 0)
+        return True
+
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch
-        from fusion_merging.pruning import pruned_mask, selected
+        from fusion_merging.pruning import selected
 
         cfg = self.config
         batches = self._batches(pool, ctx)
@@ -128,18 +143,14 @@ class WandaPruning(AdaptiveMethod):
         for group in progress(ctx, groups, f"pruning ({self.name})", total=len(groups), unit="block"):
             targets = {n: layers[n] for n in group}
             dtype = torch.float64 if any(m.weight.dtype == torch.float64 for m in targets.values()) else torch.float32
-            with SquaredNormCollector(targets, with_bias=False, dtype=dtype) as norms, torch.no_grad():
+            with self.collector(targets, dtype) as stats, torch.no_grad():
                 for inputs in batches:
                     pool.forward(model, inputs)
             with torch.no_grad():
                 for n, module in targets.items():
-                    col = norms.column_norms(n)
-                    if col is None:
+                    if not self.prune_layer(n, module, stats, dtype):
                         unreached.append(n)
                         continue
-                    w = weight_out_in(module)
-                    mask = pruned_mask(wanda_scores(w, col), cfg)
-                    module.weight.masked_fill_(mask.t() if transposed(module) else mask, 0)
                     sparsity[n] = float((module.weight == 0).float().mean())
         note(ctx, self.name, layers_pruned=len(sparsity), layers_without_inputs=unreached, sparsity=sparsity,
              calibration_batches=len(batches))

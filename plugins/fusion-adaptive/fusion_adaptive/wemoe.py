@@ -143,10 +143,16 @@ class WEMoE(AdaptiveMethod):
         """What an expert stores for one parameter, from the stacked task vectors ``(N, *shape)``: WEMoE keeps them whole."""
         return stacked
 
+    def make_layer(self, module: Any, experts: dict[str, "torch.Tensor"], router: Any) -> Any:
+        """The routed layer replacing ``module``, from its parameters' stacked task vectors ``(N, *shape)``."""
+        from .layers import WeightEnsemblingMoE
+
+        experts = {p: self.expert_tensor(stacked) for p, stacked in experts.items()}
+        return WeightEnsemblingMoE(module, experts, router, linear=is_linear(module) and set(experts) <= {"weight", "bias"},
+                                   transposed=is_linear(module) and transposed(module), batch_reduce=self.config.batch_reduce)
+
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         import torch
-
-        from .layers import WeightEnsemblingMoE
 
         cfg, names = self.config, list(pool.model_names)
         tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
@@ -167,11 +173,8 @@ class WEMoE(AdaptiveMethod):
             experts = {}
             for p, _ in module.named_parameters():
                 key = pkey(target, p)
-                experts[p] = self.expert_tensor(torch.stack([v.pop(key) for v in vectors]))
-            layer = WeightEnsemblingMoE(module, experts, router_of[target].to(ctx.device),
-                                        linear=is_linear(module) and set(experts) <= {"weight", "bias"},
-                                        transposed=is_linear(module) and transposed(module), batch_reduce=cfg.batch_reduce)
-            base = set_submodule(base, target, layer)
+                experts[p] = torch.stack([v.pop(key) for v in vectors])
+            base = set_submodule(base, target, self.make_layer(module, experts, router_of[target].to(ctx.device)))
             del experts
         del vectors
         routers = list({id(p): p for r in router_of.values() for p in r.parameters()}.values())  # a shared router once

@@ -47,6 +47,40 @@ class TextEncoder:
         return dict(enc)
 
 
+class TokenWindows:
+    """Rows of plain text → windows of ``max_length`` tokens of their concatenation (no padding): causal-LM calibration inputs.
+
+    The texts of a batch are tokenized, joined (the tokenizer's EOS between them when it has
+    one) and cut into consecutive windows of ``max_length`` tokens; a last partial window is
+    dropped unless it is the only one.  As the C4 windows of FusionBench's pruning (``seqlen``
+    tokens each), every position is a real token.
+    """
+
+    def __init__(self, tokenizer: Any, text_column: str = "text", max_length: int = 128) -> None:
+        self.tokenizer, self.text_column, self.max_length = tokenizer, text_column, int(max_length)
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.text_column]
+
+    def __call__(self, rows: dict) -> dict[str, Any]:
+        import torch
+
+        texts = [t for t in rows[self.text_column] if isinstance(t, str) and t.strip()]
+        eos = self.tokenizer.eos_token_id
+        stream: list[int] = []
+        for text in texts:
+            stream += list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+            if eos is not None:
+                stream.append(eos)
+        if not stream:
+            raise InputError(f"no tokens in a batch of column {self.text_column!r} (every text is empty)")
+        n = self.max_length
+        windows = [stream[i : i + n] for i in range(0, len(stream) - n + 1, n)] or [stream[:n]]
+        ids = torch.tensor(windows, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 class EncodedBatches:
     """Batches of a dataset encoded for a model: ``(inputs, labels)`` pairs, or ``inputs`` alone.
 

@@ -42,13 +42,13 @@ class HFPoolFields:
 
 @attrs.frozen
 class DataPoolFields(HFPoolFields):
-    """Fields of pools whose models can read data (image and sequence classifiers): see :mod:`fusion_hf.pool_data`."""
+    """Fields of pools whose models can read data (image and sequence classifiers, causal LMs): see :mod:`fusion_hf.pool_data`."""
 
     datasets: dict[str, dict[str, Any]] = option(
         factory=dict, help="Data for data-driven methods {model name: {dataset, splits, config, data_files, max_samples, <columns>}}; "
         "splits maps the protocol's train/val/test to the dataset's splits (default {train: train, val: validation, test: test}).")
     batch_size: int = option(32, help="Examples per batch of that data.", validator=positive)
-    max_length: int = option(128, help="Truncate text inputs of that data to this many tokens.", validator=positive)
+    max_length: int = option(128, help="Truncate text inputs of that data to this many tokens (causal LMs: the length of each calibration window).", validator=positive)
 
 
 @attrs.frozen
@@ -288,12 +288,13 @@ class HFModelPool(ModelPool):
 
     def input_kind(self) -> str:
         """``"image"`` or ``"text"``: what the pool's models read; a ConfigError for classes that read no data here."""
-        from .pool_data import IMAGE_CLASSES, TEXT_CLASSES, input_kind
+        from .pool_data import IMAGE_CLASSES, LM_CLASSES, TEXT_CLASSES, input_kind
 
         kind = input_kind(self.auto_class)
         if kind is None:
-            raise ConfigError(f"model pool {self.name!r}: datasets are read for image models ({', '.join(IMAGE_CLASSES)}) and "
-                              f"sequence classifiers ({', '.join(TEXT_CLASSES)}), not for {self.auto_class}; remove modelpool.datasets")
+            raise ConfigError(f"model pool {self.name!r}: datasets are read for image models ({', '.join(IMAGE_CLASSES)}), "
+                              f"sequence classifiers ({', '.join(TEXT_CLASSES)}) and causal LMs ({', '.join(LM_CLASSES)}), "
+                              f"not for {self.auto_class}; remove modelpool.datasets")
         return kind
 
     def _check_datasets(self) -> None:
@@ -337,7 +338,8 @@ class HFModelPool(ModelPool):
                 check_columns(ds, label, columns, describe_dataset(fields))
                 return ds
 
-            self._data[key] = EncodedBatches(load, self._encoder(spec, kind), self.config.batch_size, spec.label_column)
+            labels = None if kind == "lm" else spec.label_column  # causal LMs: plain text (calibration inputs)
+            self._data[key] = EncodedBatches(load, self._encoder(spec, kind), self.config.batch_size, labels)
         return self._data[key]
 
     def _preprocessing_source(self) -> ModelSource:
@@ -365,10 +367,12 @@ class HFModelPool(ModelPool):
         return self._encoder_parts["text"]
 
     def _encoder(self, spec, kind: str):
-        from .batches import ImageEncoder, TextEncoder
+        from .batches import ImageEncoder, TextEncoder, TokenWindows
 
         if kind == "image":
             return ImageEncoder(self.image_processor(), spec.image_column)
+        if kind == "lm":
+            return TokenWindows(self.tokenizer(), spec.text_column, self.config.max_length)
         return TextEncoder(self.tokenizer(), spec.text_column, spec.text_pair_column, self.config.max_length)
 
     def forward(self, model: Any, inputs: Any) -> Any:
@@ -431,7 +435,7 @@ class CausalLMPool(HFModelPool):
 
     name = "hf_causal_lm"
     summary = "Causal language models (AutoModelForCausalLM) with their tokenizer; LoRA adapters merge into the base."
-    Config = HFPoolFields
+    Config = DataPoolFields  # datasets: plain text, read as windows of max_length tokens (calibration of pruning)
     fixed_class = "AutoModelForCausalLM"
 
 

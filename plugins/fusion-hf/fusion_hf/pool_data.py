@@ -24,14 +24,17 @@ DEFAULT_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 IMAGE_CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "AutoModelForImageClassification")
 TEXT_CLASSES = ("AutoModelForSequenceClassification",)
+LM_CLASSES = ("AutoModelForCausalLM",)
 
 
 def input_kind(auto_class: str) -> str | None:
-    """``"image"``, ``"text"``, or ``None`` (no data for models of this class)."""
+    """``"image"``, ``"text"`` (labelled), ``"lm"`` (plain text, calibration only) or ``None`` (no data for models of this class)."""
     if auto_class in IMAGE_CLASSES:
         return "image"
     if auto_class in TEXT_CLASSES:
         return "text"
+    if auto_class in LM_CLASSES:
+        return "lm"
     return None
 
 
@@ -66,5 +69,7 @@ class ModelDataFields:
     def columns(self, kind: str) -> list[str]:
         if kind == "image":
             return [self.image_column, self.label_column]
+        if kind == "lm":
+            return [self.text_column]
         return [self.text_column, self.label_column] + ([self.text_pair_column] if self.text_pair_column else [])
 

@@ -338,10 +338,10 @@ def test_datasets_config_is_checked(clip_assets, text_assets):
     with pytest.raises(ConfigError, match=r"modelpool.datasets: 'animal' is not a model of the pool \(did you mean 'animals'\?\)"):
         CLIPVisionPool(DataPoolFields(base=str(clip_assets["base"]), models={"animals": str(clip_assets["ft"]["animals"])},
                                       datasets={"animal": {"dataset": "x"}}))
-    lm = HFModelPool(HFPoolConfig(auto_class="AutoModelForCausalLM", base=str(text_assets["gpt2_base"]),
-                                  models={"a": str(text_assets["gpt2_ft1"])}, datasets={"a": {"dataset": "csv", "data_files": "x.csv"}}))
-    with pytest.raises(ConfigError, match="datasets are read for image models .* not for AutoModelForCausalLM"):
-        lm.validate()
+    s2s = HFModelPool(HFPoolConfig(auto_class="AutoModelForSeq2SeqLM", base=str(text_assets["t5_base"]),
+                                   models={"a": str(text_assets["t5_ft"])}, datasets={"a": {"dataset": "csv", "data_files": "x.csv"}}))
+    with pytest.raises(ConfigError, match="datasets are read for image models .* causal LMs .* not for AutoModelForSeq2SeqLM"):
+        s2s.validate()
 
 
 # --------------------------------------------------------------------------- text classifiers + text_classification

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fusion_core import ConfigError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
@@ -184,6 +187,39 @@ def output_config(config: dict, base_cfg, dtype_name: str | None):
     return out
 
 
+def moe_tensor(name: str, shape, base: Any, mlp: Any, gates: "torch.Tensor", n: int, where: str) -> "torch.Tensor":
+    """Output tensor ``name`` of a Mixtral / Qwen2-MoE model (transformers 5 layout) from dense parts.
+
+    ``base``: the dense base's tensors (``in`` and ``get(name)``: everything outside the MLPs);
+    ``mlp(i, layer, part)``: expert ``i``'s ``part`` (``gate_proj``, ``up_proj``, ``down_proj``)
+    weight of ``layer`` (``i = n``: the shared expert); ``gates``: ``(layers, experts, hidden)``
+    router rows, the first ``n`` for the routed experts.  Shared by ``fuse moe`` and the
+    ``mixtral_upcycling`` / ``mixtral_merging`` methods (:mod:`fusion_merging.mixtral`).
+    """
+    import torch
+
+    parts = name.split(".")
+    if ".mlp." not in name:
+        if name in base:
+            return base.get(name)
+        if name.endswith("_proj.bias"):  # Qwen2 attention has biases; a Llama/Mistral base has none
+            return torch.zeros(shape)
+        raise InputError(f"{where}: the base has no tensor {name!r}")
+    layer = int(parts[2])
+    tail = ".".join(parts[4:])
+    if tail == "gate.weight":
+        return gates[layer, :n]
+    if tail == "shared_expert_gate.weight":
+        return gates[layer, n:]
+    if tail == "experts.gate_up_proj":
+        return torch.stack([torch.cat([mlp(i, layer, "gate_proj"), mlp(i, layer, "up_proj")]) for i in range(n)])
+    if tail == "experts.down_proj":
+        return torch.stack([mlp(i, layer, "down_proj") for i in range(n)])
+    if tail.startswith("shared_expert."):
+        return mlp(n, layer, tail.split(".")[1])
+    raise InputError(f"{where}: unexpected output tensor {name!r}")
+
+
 def build(config: dict, output: str, *, seed: int = 0, overwrite: bool = False) -> Path:
     from .mergekit import require_transformers
 
@@ -235,27 +271,10 @@ def build(config: dict, output: str, *, seed: int = 0, overwrite: bool = False) 
                 tensor = tensor * expert["residual_scale"]
             return tensor
 
+        experts = config["experts"] + config["shared_experts"]
+
         def tensor_for(name: str, shape):
-            parts = name.split(".")
-            if ".mlp." not in name:
-                if name in base:
-                    return base.get(name)
-                if name.endswith("_proj.bias"):  # Qwen2 attention has biases; a Llama/Mistral base has none
-                    return torch.zeros(shape)
-                raise InputError(f"{where}: the base has no tensor {name!r}")
-            layer = int(parts[2])
-            tail = ".".join(parts[4:])
-            if tail == "gate.weight":
-                return gates[layer, :n]
-            if tail == "shared_expert_gate.weight":
-                return gates[layer, n:]
-            if tail == "experts.gate_up_proj":
-                return torch.stack([torch.cat([mlp(e, layer, "gate_proj"), mlp(e, layer, "up_proj")]) for e in config["experts"]])
-            if tail == "experts.down_proj":
-                return torch.stack([mlp(e, layer, "down_proj") for e in config["experts"]])
-            if tail.startswith("shared_expert."):
-                return mlp(config["shared_experts"][0], layer, tail.split(".")[1])
-            raise InputError(f"{where}: unexpected output tensor {name!r}")
+            return moe_tensor(name, shape, base, lambda i, layer, part: mlp(experts[i], layer, part), gates, n, where)
 
         with atomic_output(Path(output), overwrite=overwrite, inputs=models) as tmp:
             writer = ModelWriter(tmp, entries)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -132,6 +132,14 @@ class _Pruning(KernelMethod):
 
     def scores(self, target: "torch.Tensor", ctx: KernelContext) -> "torch.Tensor":
         raise NotImplementedError
+
+    def run(self, pool: Any, ctx: Any) -> Any:
+        """The engine's in-memory merge, then the pruned layers' sparsity in the report (as Wanda and SparseGPT record it)."""
+        out = super().run(pool, ctx)
+        sparsity = {name.removesuffix(".weight"): float((tensor == 0).float().mean()) for name, tensor in out.items()
+                    if selected(name, tensor, self.config)}
+        ctx.extras.setdefault(self.name, {}).update(layers_pruned=len(sparsity), sparsity=sparsity)
+        return out
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
         target = base if base is not None else tensors[0]
