@@ -35,6 +35,7 @@ much less; with ``--threads 1`` and an idle machine the two agree.  The wall tim
     python bench/bench_adaptive.py                       # needs fusion-bench==0.2.33 next to fusion for its column
     python bench/bench_adaptive.py --only fisher --pools bert
     python bench/bench_adaptive.py --device cuda          # every data-driven method on the GPU (both sides)
+    python bench/bench_adaptive.py --only smile --sides fusion floor --profile prof/   # cProfile summaries per child
 """
 
 from __future__ import annotations
