@@ -76,7 +76,7 @@ def low_rank_factors(delta: "torch.Tensor", rank: int | None, gate_k: int, svd: 
     n = min(work.shape)
     k = n if rank is None else min(rank, n)
     g = min(gate_k, n)
-    factors = gram_factors(work, max(k, g)) if svd == "gram" else None
+    factors = gram_factors(work, max(k, g)) if svd == "gram" and work.device.type != "mps" else None  # mps: no float64
     if factors is None:
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         factors = (u * s, vh.t())
