@@ -1,0 +1,53 @@
+"""Issue 13's data-free and trust-region methods against FusionBench 0.2.33's own code: WUDI-Merging,
+singular value calibration (SVC) around a base method, trust-region task arithmetic (TATR)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fusion_bench")
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the shared helpers importable
+from parity_kit import FROZEN, max_abs_diff, ours, state, tiny_clip_vision, toy_models  # noqa: E402
+
+PEER = "fusionbench"
+TOL = 1e-5
+
+
+def _task_vectors(base, experts) -> list[dict[str, torch.Tensor]]:
+    b = state(base)
+    return [{k: v - b[k] for k, v in state(m).items() if v.is_floating_point()} for m in experts]
+
+
+def test_wudi_merging(parity_row):
+    from fusion_bench.method.wudi.wudi import wudi_merging
+
+    base, experts = tiny_clip_vision(3)
+    got = ours("wudi", {}, base, experts)  # FusionBench's defaults: 400 Adam steps, lr 1e-5
+    merged = wudi_merging(_task_vectors(base, experts), accelerator="cpu", iter_num=400)
+    b = state(base)
+    diff = max_abs_diff({k: b[k] + v.detach() for k, v in merged.items()}, got)
+    parity_row("wudi", PEER, "fusionbench", diff,
+               "wudi/wudi.py wudi_merging on a tiny CLIP vision tower (400 Adam steps, lr 1e-5; every 2-D tensor optimised)")
+    assert diff <= TOL
+
+
+def test_wudi_zero_task_vector_is_a_peer_defect(parity_row):
+    from fusion_bench.method.wudi.wudi import wudi_merging
+
+    base, experts = toy_models(3)
+    got = ours("wudi", {"iter_num": 20}, base, experts)
+    merged = wudi_merging(_task_vectors(base, experts), accelerator="cpu", iter_num=20)
+    key = f"{FROZEN}.weight"
+    assert torch.isnan(merged[key]).all()  # FusionBench divides ‖(τ − τ_i)τ_iᵀ‖² = 0 by ‖τ_i‖² = 0
+    assert torch.equal(got[key], state(base)[key])  # here: no term, τ = Σ τ_i = 0
+    b = state(base)
+    rest = [k for k in merged if not k.startswith(FROZEN)]
+    diff = max_abs_diff({k: b[k] + merged[k].detach() for k in rest}, got, keys=rest)
+    assert diff <= TOL
+    parity_row("wudi", PEER, "fusionbench (a frozen layer)", None,
+               f"peer defect: a tensor every expert left unchanged (τ_i = 0) becomes NaN in wudi_merging (0/0 in the loss); "
+               f"fusion keeps it at θ₀; the other tensors agree to {diff:.1e}")
