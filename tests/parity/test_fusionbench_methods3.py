@@ -87,3 +87,58 @@ def test_svc(parity_row, base_method):
                f"singular_value_calibration ({'SingularValueCalibrationArithmeticTask' if base_method == 'task_arithmetic' else 'generic wrapper'}, "
                "accelerated float64 path) on a tiny CLIP vision tower, α 0.1")
     assert diff <= TOL
+
+
+def _fb_trust_region(zero_shot: bool, q: float = 0.9):
+    from fusion_bench.method.trust_region.clip_task_arithmetic import TaskArithmeticWithTrustRegionForCLIP
+
+    return TaskArithmeticWithTrustRegionForCLIP(scaling_factor=0.3, threshold_quantile=q, max_samples=128, batch_size=8,
+                                                zero_shot=zero_shot)
+
+
+def test_trust_region_zero_shot(parity_row):
+    from fusion_adaptive.trust_region import TrustRegionTaskArithmetic
+    from fusionbench_kit import World, max_diff
+
+    world = World()
+    expected = state(_fb_trust_region(True).run(world.fb_pool()))
+    method = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config(zero_shot=True, threshold_quantile=0.9))
+    got = method.run(world.pool(with_data=False), world.ctx())
+    diff = max_diff(expected, got)
+    parity_row("trust_region_ta", PEER, "fusionbench (zero_shot)", diff,
+               "TaskArithmeticWithTrustRegionForCLIP(zero_shot=True), tiny CLIP world, λ 0.3, q 0.9 (global quantile over the tower)")
+    assert diff <= TOL
+
+
+def test_trust_region_gradients_are_a_peer_defect(parity_row):
+    """FusionBench keys every task's mean |gradient| by the last parameter's name: Ω = 0, its merge is the pretrained model.
+    Its estimator is still compared: the one entry it keeps is the last task's mean |gradient|."""
+    from fusion_adaptive.trust_region import TrustRegionTaskArithmetic, mean_abs_gradients
+    from fusionbench_kit import World, fabric, max_diff
+
+    world = World()
+    peer = _fb_trust_region(False)
+    world.fb_heads(peer)
+    peer._fabric_instance = fabric()
+    pool = world.fb_pool()
+    pool._train_datasets = {n: None for n in world.tasks}  # names only: load_train_dataset is replaced
+    merged = state(peer.run(pool))
+    assert max_diff(merged, state(world.base)) == 0.0  # the defect: nothing merged
+
+    pool = world.fb_pool()
+    pool._train_datasets = {n: None for n in world.tasks}  # names only: load_train_dataset is replaced
+    peer.modelpool = pool
+    estimates = peer.compute_avg_abs_grads(None)
+    (only,) = estimates.values()
+    last = world.tasks[-1]
+    mine, count = mean_abs_gradients(world.pool().load_model(None), world.pool().data(last, "train"), world.head(last),
+                                     pool=world.pool(), max_samples=128, device="cpu")
+    assert count == world.batch * world.n_batches
+    diff = max_diff({k: v for k, v in only.items()}, mine)
+    assert diff <= TOL
+
+    ours_merged = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config(threshold_quantile=0.9)).run(world.pool(), world.ctx())
+    assert max_diff(ours_merged, state(world.base)) > 0
+    parity_row("trust_region_ta", PEER, "fusionbench (gradients)", None,
+               "peer defect: compute_avg_abs_grads stores every task's mean |gradient| under the last parameter's name, so Ω = 0 "
+               f"and the merge returns the pretrained model; the mean |gradient| of the task it keeps agrees to {diff:.1e}")
