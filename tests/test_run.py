@@ -163,6 +163,64 @@ def test_method_returning_several_models_is_evaluated_per_label(files, tmp_path)
     assert report["results"]["merged:x1"]["weights"]["l2_norm"] == 5.0
 
 
+def test_per_task_output_scores_each_task_with_its_own_model_and_saves_the_shared_one(files, tmp_path):
+    from safetensors.torch import load_file
+
+    from fusion_core.adapters import PerTaskModels
+    from fusion_core.components import Capabilities
+    from fusion_core.plugins import get_plugin_manager
+
+    built = []
+
+    class Modulated(Method):
+        name = "per_task_test"
+        summary = "The base scaled by 3 for its task; the base itself shared."
+        capabilities = Capabilities(output="per_task")
+
+        def run(self, pool, ctx):
+            base = pool.load_model(None)
+
+            def build(task):
+                built.append(task)
+                return {n: t * 3 for n, t in base.items()}
+
+            return PerTaskModels(base, build, ["weights"])
+
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_methods(self, register):
+            register(Modulated)
+
+    pm = get_plugin_manager(load_entrypoints=False, extra_plugins=[("undo-per-task", Plugin())])
+    report = fusion_core.run(config(files, tmp_path, method="per_task_test", evaluate_inputs=False, save_model=True), plugin_manager=pm)
+    assert math.isclose(report["results"]["merged"]["weights"]["l2_norm"], 15.0)  # 3 · ‖(1, 2, 2, 4)‖ = 3 · 5
+    assert built == ["weights"]
+    saved = load_file(str(tmp_path / "out" / "model" / "model.safetensors"))
+    assert saved["w"].tolist() == [1.0, 2.0, 2.0]  # the shared model is what is kept
+
+
+def test_per_task_output_must_be_per_task_models(files, tmp_path):
+    from fusion_core.components import Capabilities
+    from fusion_core.plugins import get_plugin_manager
+
+    class Wrong(Method):
+        name = "per_task_wrong"
+        summary = "Declares per-task models, returns a state dict."
+        capabilities = Capabilities(output="per_task")
+
+        def run(self, pool, ctx):
+            return pool.load_model(None)
+
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_methods(self, register):
+            register(Wrong)
+
+    pm = get_plugin_manager(load_entrypoints=False, extra_plugins=[("undo-per-task-wrong", Plugin())])
+    with pytest.raises(InputError, match="PerTaskModels"):
+        fusion_core.run(config(files, tmp_path, method="per_task_wrong", evaluate_inputs=False), plugin_manager=pm)
+
+
 def test_task_pool_can_refuse_the_model_pool_before_anything_loads(files, tmp_path, monkeypatch):
     from fusion_core.builtins.task_pools import WeightStats
     from fusion_core.errors import ConfigError
