@@ -7,11 +7,11 @@ import fusion_core
 
 def all_methods() -> list[type]:
     """Every method class this plugin provides, module by module."""
-    from . import adamerging, doge, ensemble, ewemoe, fisher, opcm, regmean, smile, trust_region, wanda, wemoe
+    from . import adamerging, doge, ensemble, ewemoe, fisher, frank_wolfe, opcm, regmean, smile, trust_region, wanda, wemoe
 
     return [*fisher.METHODS, *regmean.METHODS, *adamerging.METHODS, *wemoe.METHODS, *ewemoe.METHODS, *smile.METHODS,
             *ensemble.METHODS, *opcm.METHODS, *doge.METHODS, *wanda.METHODS,
-            *trust_region.METHODS]
+            *trust_region.METHODS, *frank_wolfe.METHODS]
 
 
 @fusion_core.hookimpl

@@ -9,7 +9,7 @@ import attrs
 from fusion_adaptive.plugin import all_methods
 
 EXPECTED = {"fisher_merging", "regmean", "regmean_plusplus", "adamerging", "wemoe", "e_wemoe", "smile", "simple_ensemble",
-            "weighted_ensemble", "max_model_predictor", "opcm", "doge", "wanda_pruning", "trust_region_ta"}
+            "weighted_ensemble", "max_model_predictor", "opcm", "doge", "wanda_pruning", "trust_region_ta", "fw_merging"}
 
 
 def test_every_method_is_registered_with_documented_options():
