@@ -167,6 +167,29 @@ class PerTaskModels:
         return self._build(task) if task in self.tasks else self.shared
 
 
+def inner_method(wrapper: str, name: str, fields: Mapping[str, Any] | None = None) -> Any:
+    """The method ``name`` (with config ``fields``) that method ``wrapper`` runs first (SVC, representation surgery).
+
+    Built from the registry of the installed plugins; it must output one model.  Unknown names, the
+    wrapper itself and methods of other output kinds are one-line ``ConfigError`` messages.
+    """
+    from .config import make_config
+    from .errors import ConfigError, did_you_mean
+    from .plugins import get_plugin_manager
+    from .registry import build_registry
+
+    registry = build_registry(get_plugin_manager())
+    choices = [n for n in registry.names("method") if n != wrapper]
+    if name not in choices:
+        raise ConfigError(f"method {wrapper}: base={name!r} is not a method it can run first{did_you_mean(str(name), choices)}; "
+                          "`fuse list methods` shows them")
+    cls = registry.get("method", name).cls
+    if cls.capabilities.output != "model":
+        raise ConfigError(f"method {wrapper}: base method {name!r} outputs {cls.capabilities.output!r}, not one model; "
+                          "choose a method that merges into one model")
+    return cls(make_config(cls.Config, dict(fields or {}), where=f"method {wrapper} base_config ({name})"))
+
+
 # --------------------------------------------------------------------------- getting data and heads
 
 
@@ -259,6 +282,7 @@ __all__ = [
     "forward",
     "functional_forward",
     "get_classifier",
+    "inner_method",
     "labelled",
     "logits",
     "output_tensor",

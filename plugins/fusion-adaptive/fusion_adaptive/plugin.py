@@ -7,11 +7,26 @@ import fusion_core
 
 def all_methods() -> list[type]:
     """Every method class this plugin provides, module by module."""
-    from . import adamerging, doge, ensemble, ewemoe, fisher, frank_wolfe, opcm, regmean, smile, trust_region, wanda, wemoe
+    from . import (
+        adamerging,
+        doge,
+        ensemble,
+        ewemoe,
+        fisher,
+        frank_wolfe,
+        opcm,
+        regmean,
+        smile,
+        surgery,
+        trust_region,
+        wanda,
+        wemoe,
+    )
 
     return [*fisher.METHODS, *regmean.METHODS, *adamerging.METHODS, *wemoe.METHODS, *ewemoe.METHODS, *smile.METHODS,
             *ensemble.METHODS, *opcm.METHODS, *doge.METHODS, *wanda.METHODS,
-            *trust_region.METHODS, *frank_wolfe.METHODS]
+            *trust_region.METHODS, *frank_wolfe.METHODS,
+            *surgery.METHODS]
 
 
 @fusion_core.hookimpl

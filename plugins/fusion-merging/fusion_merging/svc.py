@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from fusion_core import Capabilities, ConfigError, Method, in_range, option
+from fusion_core import Capabilities, Method, in_range, option
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -73,19 +73,9 @@ class SingularValueCalibration(Method):
 
     def base_method(self) -> Method:
         """The configured base method, built from the registry of installed plugins."""
-        from fusion_core import build_registry, did_you_mean, get_plugin_manager, make_config
+        from fusion_core.adapters import inner_method
 
-        registry = build_registry(get_plugin_manager())
-        names = registry.names("method")
-        if self.config.base not in names or self.config.base == self.name:
-            choices = [n for n in names if n != self.name]
-            raise ConfigError(f"method svc: base={self.config.base!r} is not a base method{did_you_mean(self.config.base, choices)}; "
-                              "`fuse list methods` shows them")
-        cls = registry.get("method", self.config.base).cls
-        if cls.capabilities.output != "model":
-            raise ConfigError(f"method svc: base method {cls.name!r} outputs {cls.capabilities.output!r}, not one model; "
-                              "choose a method that merges into one model")
-        return cls(make_config(cls.Config, self.config.base_config, where=f"method svc base_config ({cls.name})"))
+        return inner_method(self.name, self.config.base, self.config.base_config)
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         super().check_inputs(n_models, has_base)

@@ -94,7 +94,7 @@ def test_wraps_task_arithmetic_and_calibrates_only_matrices():
 
 
 def test_bad_base_methods_are_one_line_errors():
-    with pytest.raises(ConfigError, match="did you mean 'task_arithmetic'"):
+    with pytest.raises(ConfigError, match="did you mean .task_arithmetic"):
         SingularValueCalibration(SingularValueCalibration.Config(base="task_arithmetc")).check_inputs(2, True)
     with pytest.raises(ConfigError, match="outputs 'models'"):
         SingularValueCalibration(SingularValueCalibration.Config(base="tall_masks")).check_inputs(2, True)
