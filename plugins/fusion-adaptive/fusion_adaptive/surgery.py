@@ -10,7 +10,9 @@ from the representation ``z`` before the task's head:
 
 trained on the task's *unlabelled test inputs* (transductive) to bring ``z_t`` to the expert's
 representation: ``L1(z_t, z^expert_t)`` (mean), Adam (lr 1e-3), ``surgery_steps`` steps of one batch
-per task each (one optimiser step per task, as FusionBench).  ``D_t`` starts as PyTorch's default
+per task each (one optimiser step per task, as FusionBench).  The models are frozen, so both
+representations of every test batch are computed once and the batches then cycle in order
+(FusionBench recomputes them on shuffled batches).  ``D_t`` starts as PyTorch's default
 ``Linear`` initialisation (Kaiming uniform, a = √5), drawn from the run's seed.
 
 The merged model comes from any method that outputs one model (``base``; FusionBench: layer-wise
@@ -25,7 +27,8 @@ CLIP's normalised projected embedding instead (inside its CLIP classifier).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -113,31 +116,43 @@ class RepresentationSurgery(AdaptiveMethod):
 
         inner_method(self.name, self.config.base, self.config.base_config).check_inputs(n_models, has_base)
 
+    @staticmethod
+    def _features(merged: Any, expert: Any, batches: Any, call: Any, device: str) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+        """(merged, expert) representations of the task's test batches, cycled; computed once (the models are frozen)."""
+        import torch
+
+        from fusion_core import InputError
+
+        pairs = []
+        with torch.no_grad():
+            for x in batches:
+                x = to_device(x, device)
+                pairs.append((representation(call(merged, x)).float(), representation(call(expert, x)).float()))
+        del expert
+        if not pairs:
+            raise InputError("method 'surgery': a task gave no unlabelled test batches")
+        return itertools.cycle(pairs)
+
     def run(self, pool: "ModelPool", ctx: "RunContext") -> "PerTaskModels":
         import torch
         import torch.nn.functional as F
 
         from fusion_core.adapters import PerTaskModels, inner_method, pool_forward, require_unlabelled
 
-        from .common import cached_cycle
-
         cfg, names = self.config, list(pool.model_names)
         merged_output = inner_method(self.name, cfg.base, cfg.base_config).run(pool, ctx)
         merged = pool.model_from_state_dict(merged_output) if isinstance(merged_output, Mapping) else merged_output
         merged = prepare(merged, ctx.device)
-        batches = {n: cached_cycle(require_unlabelled(ctx.taskpool, n, method=self.name)) for n in names}
-        experts = {n: prepare(pool.load_model(n), ctx.device) for n in names}
         call = pool_forward(pool)
+        features = {n: self._features(merged, prepare(pool.load_model(n), ctx.device), require_unlabelled(ctx.taskpool, n, method=self.name),
+                                      call, ctx.device) if cfg.surgery_steps else iter(()) for n in names}
         generator = torch.Generator().manual_seed(int(ctx.seed))
         modules: dict[str, torch.nn.Module] = {}
         optimizer: torch.optim.Optimizer | None = None
         losses: dict[str, list[float]] = {n: [] for n in names}
         for _ in progress(ctx, range(cfg.surgery_steps), "surgery", total=cfg.surgery_steps):
             for n in names:
-                x = to_device(next(batches[n]), ctx.device)
-                with torch.no_grad():
-                    z = representation(call(merged, x)).float()
-                    target = representation(call(experts[n], x)).float()
+                z, target = next(features[n])
                 if n not in modules:  # built at its first batch (the width is the representation's); one Adam for all
                     modules[n] = surgery_module(z.shape[-1], cfg.rank, generator).to(ctx.device)
                     if optimizer is None:
@@ -150,7 +165,6 @@ class RepresentationSurgery(AdaptiveMethod):
                     loss.backward()
                 optimizer.step()
                 losses[n].append(float(loss.detach()))
-        del experts
         mark_transductive(ctx, self.name, names)
         note(ctx, self.name, base=cfg.base, steps=cfg.surgery_steps,
              l1_first={n: v[0] for n, v in losses.items() if v}, l1_last={n: v[-1] for n, v in losses.items() if v})
