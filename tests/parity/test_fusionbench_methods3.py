@@ -224,3 +224,84 @@ def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
                  f"per-layer pick is noise; with it: {noisy:.1e})")
     parity_row("fw_merging", PEER, f"fusionbench (hard, granularity {granularity})", diff, note)
     assert diff <= TOL
+
+
+def test_surgery(parity_row, monkeypatch, tmp_path):
+    """FusionBench's AdaMerging+surgery with fixed layer-wise weights 0.3 (its `weights` file: no adaptation, θ₀ + 0.3 Σ τ)
+    against `surgery` around task arithmetic λ 0.3, on the representation FusionBench uses (CLIP's normalised projected
+    embedding: our pool's forward returns it).  Both draw D_t from the same generator (torch's kaiming init patched)."""
+    import math
+
+    import fusion_adaptive.surgery as ours_surgery
+    import transformers.models.clip.modeling_clip as modeling_clip
+    from fusion_adaptive.surgery import RepresentationSurgery
+
+    # FusionBench 0.2.33's surgery wrapper imports CLIPVisionTransformer (a type hint), gone in transformers 5
+    monkeypatch.setattr(modeling_clip, "CLIPVisionTransformer", modeling_clip.CLIPVisionModel, raising=False)
+    import fusionbench_kit
+    from fusion_bench.method.surgery.clip_layer_wise_adamerging_surgery import CLIPLayerWiseAdaMergingSurgeryAlgorithm
+    from fusionbench_kit import Pool, World, _adaptation_config, fabric, max_diff
+
+    world = World()
+    steps = 12
+    for model in [world.base, *world.models.values()]:
+        model.config.projection_dim = world.clip.config.projection_dim  # FusionBench sizes D_t, U_t from it
+    monkeypatch.setattr(fusionbench_kit.V4Layout, "config", property(lambda self: self.vision_model.config), raising=False)
+    weights = tmp_path / "weights.pt"
+    torch.save(torch.full((len(world.tasks), len(list(world.base.parameters()))), 0.3), weights)
+
+    def draws():
+        g = torch.Generator().manual_seed(7)
+        while True:
+            yield g
+
+    source = draws()
+
+    def kaiming(tensor, a=0.0, **kwargs):  # both sides: U(−1/√fan_in, 1/√fan_in) from one shared generator
+        bound = 1 / math.sqrt(tensor.shape[1])
+        with torch.no_grad():
+            return tensor.uniform_(-bound, bound, generator=next(source))
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", kaiming)
+    fields = {"weights": str(weights), "lr": 1e-3, "init_values": 0.3, "clamp_weights": False, "tie_weights": True, "strict": False,
+              "save_merging_weights": False, "surgery_steps": steps, "eval_iterations": 10**9}
+    peer = CLIPLayerWiseAdaMergingSurgeryAlgorithm(_adaptation_config("clip_layer_wise_adamerging_surgery", 0, world.batch, **fields))
+    peer._fabric_instance = fabric()
+    peer.log_hyperparams = lambda *a, **k: None
+    world.fb_heads(peer)
+    peer.get_shuffled_test_loader_iter = world.fb_test_iterators()
+    result = peer.run(world.fb_pool())
+    alpha = result["surgery"]
+
+    source = draws()  # the same draws again, for ours
+    monkeypatch.setattr(ours_surgery, "surgery_module", lambda width, rank, generator: _fb_like_module(width, rank, kaiming))
+    projection = world.clip.visual_projection.weight.detach()
+
+    class Projected(Pool):  # the representation FusionBench's surgery sees
+        def forward(self, model, inputs):
+            feats = torch.nn.functional.linear(model(inputs)["pooler_output"], projection)
+            return feats / feats.norm(p=2, dim=-1, keepdim=True)
+
+    pool = Projected(world.base, world.models, {})
+    method = RepresentationSurgery(RepresentationSurgery.Config(base="task_arithmetic", base_config={"scaling_factor": 0.3},
+                                                                surgery_steps=steps))
+    output = method.run(pool, world.ctx())
+    diff = max_diff(state(result["adamerging"]), output.shared)
+    for task in world.tasks:
+        correction = output.model_for(task).correction
+        down = getattr(alpha, f"feature_mapping_to_head_down_proj_{task}").weight.detach()
+        up = getattr(alpha, f"feature_mapping_to_head_up_proj_{task}").weight.detach()
+        diff = max(diff, float((correction[0].weight - down).abs().max()), float((correction[2].weight - up).abs().max()))
+    parity_row("surgery", PEER, "fusionbench (after fixed layer-wise weights 0.3)", diff,
+               f"CLIPLayerWiseAdaMergingSurgeryAlgorithm (weights file: no adaptation), {steps} surgery steps, tiny CLIP world: merged "
+               "model and every task's D_t, U_t; fusion's pool returns the normalised projected embedding (FusionBench's feature); "
+               "unpatched peer fails to import: CLIPVisionTransformer is gone from transformers 5")
+    assert diff <= TOL
+
+
+def _fb_like_module(width, rank, init):
+    module = torch.nn.Sequential(torch.nn.Linear(width, rank, bias=False), torch.nn.ReLU(), torch.nn.Linear(rank, width, bias=False))
+    init(module[0].weight)
+    with torch.no_grad():
+        module[2].weight.zero_()
+    return module
