@@ -139,9 +139,20 @@ def test_save_model_writes_a_safetensors_folder(files, tmp_path):
     assert f"base_model:\n- {files[0]}" in card and "seed: 0" in card
 
 
+def _manager_with(cls, plugin: str):
+    """A plugin manager (no entry points) with one extra plugin registering method ``cls``."""
+    from fusion_core.plugins import get_plugin_manager
+
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_methods(self, register):
+            register(cls)
+
+    return get_plugin_manager(load_entrypoints=False, extra_plugins=[(plugin, Plugin())])
+
+
 def test_method_returning_several_models_is_evaluated_per_label(files, tmp_path):
     from fusion_core.components import Capabilities
-    from fusion_core.plugins import get_plugin_manager
 
     class Sweep(Method):
         name = "sweep_test"
@@ -152,12 +163,7 @@ def test_method_returning_several_models_is_evaluated_per_label(files, tmp_path)
             base = pool.load_model(None)
             return {f"x{k}": {n: t * k for n, t in base.items()} for k in (1, 2)}
 
-    class Plugin:
-        @fusion_core.hookimpl
-        def fusion_register_methods(self, register):
-            register(Sweep)
-
-    pm = get_plugin_manager(load_entrypoints=False, extra_plugins=[("undo-sweep", Plugin())])
+    pm = _manager_with(Sweep, "undo-sweep")
     report = fusion_core.run(config(files, tmp_path, method="sweep_test", evaluate_inputs=False), plugin_manager=pm)
     assert math.isclose(report["results"]["merged:x2"]["weights"]["l2_norm"], 10.0)
     assert report["results"]["merged:x1"]["weights"]["l2_norm"] == 5.0
@@ -168,7 +174,6 @@ def test_per_task_output_scores_each_task_with_its_own_model_and_saves_the_share
 
     from fusion_core.adapters import PerTaskModels
     from fusion_core.components import Capabilities
-    from fusion_core.plugins import get_plugin_manager
 
     built = []
 
@@ -186,12 +191,7 @@ def test_per_task_output_scores_each_task_with_its_own_model_and_saves_the_share
 
             return PerTaskModels(base, build, ["weights"])
 
-    class Plugin:
-        @fusion_core.hookimpl
-        def fusion_register_methods(self, register):
-            register(Modulated)
-
-    pm = get_plugin_manager(load_entrypoints=False, extra_plugins=[("undo-per-task", Plugin())])
+    pm = _manager_with(Modulated, "undo-per-task")
     report = fusion_core.run(config(files, tmp_path, method="per_task_test", evaluate_inputs=False, save_model=True), plugin_manager=pm)
     assert math.isclose(report["results"]["merged"]["weights"]["l2_norm"], 15.0)  # 3 · ‖(1, 2, 2, 4)‖ = 3 · 5
     assert built == ["weights"]
@@ -201,7 +201,6 @@ def test_per_task_output_scores_each_task_with_its_own_model_and_saves_the_share
 
 def test_per_task_output_must_be_per_task_models(files, tmp_path):
     from fusion_core.components import Capabilities
-    from fusion_core.plugins import get_plugin_manager
 
     class Wrong(Method):
         name = "per_task_wrong"
@@ -211,12 +210,7 @@ def test_per_task_output_must_be_per_task_models(files, tmp_path):
         def run(self, pool, ctx):
             return pool.load_model(None)
 
-    class Plugin:
-        @fusion_core.hookimpl
-        def fusion_register_methods(self, register):
-            register(Wrong)
-
-    pm = get_plugin_manager(load_entrypoints=False, extra_plugins=[("undo-per-task-wrong", Plugin())])
+    pm = _manager_with(Wrong, "undo-per-task-wrong")
     with pytest.raises(InputError, match="PerTaskModels"):
         fusion_core.run(config(files, tmp_path, method="per_task_wrong", evaluate_inputs=False), plugin_manager=pm)
 

@@ -6,37 +6,24 @@ import pytest
 import torch
 from fusion_merging.svc import SingularValueCalibration, calibrate
 
-from fusion_core import ConfigError, ModelPool
+from fusion_core import ConfigError
 from fusion_core.run_context import RunContext
 
 torch.set_num_threads(1)
 
 
-class StatePool(ModelPool):
-    """A pool of plain state dicts (the base under ``None``)."""
+class StatePool:
+    """What the merge engine and SVC read of a pool: names, a base, and a tensor reader per model."""
 
-    name = "state_pool"
-    summary = "state dicts in memory"
+    has_base = True
 
     def __init__(self, base: dict, models: dict) -> None:
-        super().__init__()
-        self._base, self._models = base, models
-
-    @property
-    def model_names(self):
-        return list(self._models)
-
-    @property
-    def has_base(self):
-        return True
-
-    def load_model(self, name=None):
-        return {k: v.clone() for k, v in (self._base if name is None else self._models[name]).items()}
+        self.base, self.models, self.model_names = base, models, list(models)
 
     def reader(self, name=None):
         from fusion_core import StateDictReader
 
-        return StateDictReader(self.load_model(name), label=name or "base")
+        return StateDictReader(dict(self.base if name is None else self.models[name]), label=name or "base")
 
 
 def _rand(*shape, seed=0):
@@ -82,7 +69,7 @@ def test_wraps_task_arithmetic_and_calibrates_only_matrices():
     ctx = RunContext(show_progress=False)
     method = SingularValueCalibration(SingularValueCalibration.Config(base="task_arithmetic", base_config={"scaling_factor": 1.0}))
     out = method.run(pool, ctx)
-    base, models = pool.load_model(None), [pool.load_model(n) for n in pool.model_names]
+    base, models = pool.base, list(pool.models.values())
     merged_w = base["w"] + sum(m["w"] - base["w"] for m in models)
     expected, _ = calibrate(base["w"], [m["w"] for m in models], merged_w, 0.1)
     assert torch.allclose(out["w"], expected, atol=1e-6)
