@@ -207,7 +207,8 @@ def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
 
     iterators = {t: singles(t) for t in world.tasks}
     peer.get_shuffled_loader_iter = lambda task: iterators[task]
-    expected = state(peer.run(world.fb_pool()))
+    with torch.enable_grad():  # run() ends with torch.set_grad_enabled(False), for the whole process: restored on exit
+        expected = state(peer.run(world.fb_pool()))
     ctx = world.ctx()
     method = FrankWolfeMerging(FrankWolfeMerging.Config(max_iters=3, dataset_size=size, granularity=granularity))
     got = method.run(world.pool(), ctx)
