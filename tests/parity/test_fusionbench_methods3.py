@@ -306,3 +306,50 @@ def _fb_like_module(width, rank, init):
     with torch.no_grad():
         module[2].weight.zero_()
     return module
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_frank_wolfe_soft(parity_row, monkeypatch, granularity):
+    """FrankWolfeSoftAlgorithm (merge_fn adamerging) with CUDA moves made no-ops and its loaders replaced by the same
+    examples: training examples one at a time (dataset_size = the split), test batches in order."""
+    from fusion_adaptive.frank_wolfe import FrankWolfeSoftMerging
+    from fusion_bench.method.fw_merging.fw_soft import FrankWolfeSoftAlgorithm
+    from fusionbench_kit import World, fabric, max_diff
+
+    world = World()
+    size = world.batch * world.n_batches
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    peer = FrankWolfeSoftAlgorithm(max_iters=2, dataset_size=size, ada_iters=3, ada_coeff=1e-8, merge_fn="adamerging",
+                                   granularity=granularity)
+    world.fb_heads(peer)
+    peer._fabric_instance = fabric()
+    peer.log_hyperparams = lambda *a, **k: None
+    peer.on_frank_wolfe_iteration_start = lambda: None
+    type(peer).is_debug_mode = property(lambda self: False)
+
+    def singles(task):
+        while True:
+            for xs, ys in zip(world.images[task], world.labels[task], strict=True):
+                for j in range(len(ys)):
+                    yield xs[j : j + 1], ys[j : j + 1]
+
+    train = {t: singles(t) for t in world.tasks}
+    peer.get_shuffled_train_loader_iter = lambda task, batch_size=1: train[task]
+    peer.get_shuffled_test_loader_iter = world.fb_test_iterators()
+    with torch.enable_grad():
+        expected = state(peer.run(world.fb_pool()))
+    ctx = world.ctx()
+    method = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=2, dataset_size=size, ada_iters=3, granularity=granularity))
+    got = method.run(world.pool(), ctx)
+    # k_proj.bias: its gradient, and its AdaMerging coefficient's, is 0 but for rounding; Adam's first step follows the sign
+    noise = [k for k in got if k.endswith("k_proj.bias")]
+    diff = max_diff({k: v for k, v in expected.items() if k.removeprefix("vision_model.") not in noise},
+                    {k: v for k, v in got.items() if k not in noise})
+    note = (f"FrankWolfeSoftAlgorithm (merge_fn adamerging), tiny CLIP world, 2 iterations × 3 AdaMerging steps, dataset_size = "
+            f"the split ({size}); chosen: {ctx.extras['fw_soft']['chosen']}")
+    if noise:
+        note += (f"; k_proj.bias left out (its gradient and its AdaMerging coefficient's are 0 but for rounding: softmax ignores "
+                 f"a shift of every key; Adam's steps follow the noise's sign; with it: {max_diff(expected, got):.1e})")
+    parity_row("fw_soft", PEER, f"fusionbench (soft, granularity {granularity})", diff, note)
+    assert diff <= TOL

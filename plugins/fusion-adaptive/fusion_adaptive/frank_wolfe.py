@@ -14,8 +14,13 @@ The merged weights θ move, by Frank-Wolfe steps, inside the convex hull of the 
 
 θ starts as task arithmetic ``θ₀ + λ Σ τ_i`` (FusionBench ``merge_fn: task_arithmetic``) or at the
 base (``init: base``).  FusionBench draws the examples from a shuffled loader; here they come in
-the split's order (deterministic).  FusionBench's ``merge_fn: ties`` and the soft variant
-(``fw_soft``, AdaMerging inside each step) are not implemented.
+the split's order (deterministic).  FusionBench's ``merge_fn: ties`` is not implemented.
+
+``fw_soft`` (FusionBench ``fw_soft.py``) starts at the base; each iteration takes, task by task, the
+gradient of that task's loss alone and the fine-tuned model most opposed to it (with ``task``
+granularity, one no earlier task of the iteration took), then merges the N picks around θ by
+layer-wise AdaMerging: ``θ + Σ_i λ_ik (θ_i − θ)``, coefficients from 0.3 (first iteration) or
+``ada_coeff``, ``ada_iters`` Adam steps on the tasks' prediction entropy on unlabelled test inputs.
 """
 
 from __future__ import annotations
@@ -89,58 +94,147 @@ class FrankWolfeMerging(AdaptiveMethod):
         split: str = option("train", help="the model pool's labelled split for the gradients (FusionBench: train)")
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+        cfg, names = self.config, list(pool.model_names)
+        setup = _Setup(pool, ctx, self.name, cfg.split)
+        base = setup.base
+        theta = dict(base) if cfg.init == "base" else {
+            k: base[k] + cfg.scaling_factor * sum(setup.candidates[n][k] - base[k] for n in names) for k in base}
+        candidates = {**setup.candidates, "initial": {k: v.clone() for k, v in theta.items()}}
+        chosen: list[Any] = []
+        for step in progress(ctx, range(cfg.max_iters), "Frank-Wolfe", total=cfg.max_iters):
+            grads = setup.gradient(theta, names, cfg.dataset_size)
+            picks, counts = select(grads, candidates, cfg.granularity)
+            gamma = cfg.step_size * 2 / (step + 2) * cfg.scaling_factor
+            theta = {k: theta[k] + gamma * (candidates[picks[k]][k] - theta[k]) for k in theta}
+            chosen.append(picks[next(iter(picks))] if cfg.granularity == "task" else counts)
+        note(ctx, self.name, chosen=chosen, granularity=cfg.granularity)
+        return state_with(setup.model, theta)
+
+
+class _Setup:
+    """What both variants hold: the base module and parameters, the candidates' parameters, the heads and example streams."""
+
+    def __init__(self, pool: "ModelPool", ctx: "RunContext", method: str, split: str) -> None:
+        from fusion_core.adapters import get_classifier, require_data
+
+        self.pool, self.device, self.names = pool, ctx.device, list(pool.model_names)
+        self.streams = {n: examples(require_data(pool, n, split, method=method), n, method) for n in self.names}
+        self.buffers: dict[str, list] = {n: [] for n in self.names}
+        self.heads = {n: get_classifier(ctx.taskpool, n) for n in self.names}
+        self.model = prepare(pool.load_model(None), ctx.device)
+        self.base = {k: v.clone() for k, v in float_params(self.model).items()}
+        self.candidates = {n: {k: v.to(ctx.device) for k, v in float_params(prepare(pool.load_model(n), ctx.device)).items()}
+                           for n in self.names}
+        self.method = method
+
+    def gradient(self, theta: dict[str, "torch.Tensor"], tasks: list[str], dataset_size: int) -> dict[str, "torch.Tensor"]:
+        """∇ of Σ over ``tasks`` of the summed cross entropy of their next ``dataset_size`` examples, / (dataset_size · N)."""
         import torch
         import torch.nn.functional as F
 
-        from fusion_core.adapters import apply_classifier, functional_forward, get_classifier, require_data
+        from fusion_core import FuseError
+        from fusion_core.adapters import apply_classifier, functional_forward
 
-        cfg, names = self.config, list(pool.model_names)
-        streams = {n: examples(require_data(pool, n, cfg.split, method=self.name), n, self.name) for n in names}
-        buffers: dict[str, list] = {n: [] for n in names}
-        heads = {n: get_classifier(ctx.taskpool, n) for n in names}
-        model = prepare(pool.load_model(None), ctx.device)
-        base = {k: v.clone() for k, v in float_params(model).items()}
-        candidates = {n: {k: v.to(ctx.device) for k, v in float_params(prepare(pool.load_model(n), ctx.device)).items()} for n in names}
-        theta = dict(base) if cfg.init == "base" else {
-            k: base[k] + cfg.scaling_factor * sum(candidates[n][k] - base[k] for n in names) for k in base}
-        candidates["initial"] = {k: v.clone() for k, v in theta.items()}
+        leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        grads = {k: torch.zeros_like(v) for k, v in theta.items()}
+        for n in tasks:
+            for x, y in take(self.streams[n], dataset_size, self.buffers[n]):
+                x, y = to_device(x, self.device), y.to(self.device)
+                with torch.enable_grad():
+                    logits = apply_classifier(self.heads[n], functional_forward(self.model, leaves, x, self.pool))
+                    loss = F.cross_entropy(logits.float(), y, reduction="sum") / (dataset_size * len(self.names))
+                    parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                if not math.isfinite(float(loss.detach())):
+                    raise FuseError(f"method {self.method!r}: the loss on task {n!r} is not finite; lower scaling_factor")
+                for k, g in zip(leaves, parts, strict=True):
+                    if g is not None:
+                        grads[k] += g
+        return grads
+
+
+def select(grads: dict[str, "torch.Tensor"], candidates: dict[str, dict[str, "torch.Tensor"]], granularity: str,
+           excluded: Any = ()) -> tuple[dict[str, str], dict[str, int]]:
+    """The oracle: per parameter the chosen candidate (one for all with ``task``), and how often each was chosen.
+
+    ``excluded``: candidates not to choose (``task``: names; ``layer``: per parameter a list of names).
+    """
+    if granularity == "task":
+        scores = {c: sum(alignment(grads[k], w[k]) for k in grads) for c, w in candidates.items() if c not in excluded}
+        pick = min(scores, key=lambda c: scores[c])  # the first of equal scores, as FusionBench's strict <
+        return dict.fromkeys(grads, pick), {pick: len(grads)}
+    picks: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for k in grads:
+        scores = {c: alignment(grads[k], w[k]) for c, w in candidates.items() if c not in (excluded[k] if excluded else ())}
+        picks[k] = min(scores, key=lambda c: scores[c])
+        counts[picks[k]] = counts.get(picks[k], 0) + 1
+    return picks, counts
+
+
+class FrankWolfeSoftMerging(AdaptiveMethod):
+    """Soft Frank-Wolfe merging: per step one oracle model per task, combined by layer-wise AdaMerging around θ."""
+
+    name = "fw_soft"
+    summary = ("Frank-Wolfe merging (soft): per step, per task the model most opposed to that task's gradient, then "
+               "layer-wise AdaMerging of them around θ on unlabelled test inputs.")
+    reference_url = "https://arxiv.org/abs/2503.12649"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True, transductive=True)
+
+    @attrs.frozen
+    class Config:
+        max_iters: int = option(10, help="Frank-Wolfe iterations (FusionBench fw_soft.yaml: 10)", validator=in_range(0))
+        dataset_size: int = option(100, help="training examples of a task for its gradient (FusionBench: 100)", validator=positive)
+        ada_iters: int = option(500, help="AdaMerging steps per iteration (FusionBench: 500)", validator=in_range(0))
+        ada_coeff: float = option(1e-8, help="initial layer-wise coefficient after the first iteration (the first: 0.3; "
+                                             "FusionBench: 1e-8)")
+        lr: float = option(1e-3, help="AdaMerging's Adam learning rate (FusionBench: 1e-3)", validator=positive)
+        granularity: Literal["task", "layer"] = option(
+            "task", help="task: each task picks a model no earlier task of the step picked; layer: per parameter (FusionBench: task)",
+            validator=attrs.validators.in_(("task", "layer")))
+        entropy_eps: float = option(1e-8, help="ε of the entropy −Σ p·log(p + ε) (FusionBench: 1e-8)", validator=in_range(0.0))
+        split: str = option("train", help="the model pool's labelled split for the gradients (FusionBench: train)")
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+        import torch
+
+        from .adamerging import entropy_objective, merge_stacked
+        from .common import adapt, adaptation_tasks, mark_transductive
+
+        cfg = self.config
+        setup = _Setup(pool, ctx, self.name, cfg.split)
+        names = setup.names
+        adaptation = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
+        theta = dict(setup.base)
         chosen: list[Any] = []
-        for step in progress(ctx, range(cfg.max_iters), "Frank-Wolfe", total=cfg.max_iters):
-            leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-            grads = {k: torch.zeros_like(v) for k, v in theta.items()}
-            total = 0.0
+        for step in progress(ctx, range(cfg.max_iters), "Frank-Wolfe (soft)", total=cfg.max_iters, unit="iteration"):
+            excluded: Any = [] if cfg.granularity == "task" else {k: [] for k in theta}
+            selected, step_chosen = [], []
             for n in names:
-                for x, y in take(streams[n], cfg.dataset_size, buffers[n]):
-                    x, y = to_device(x, ctx.device), y.to(ctx.device)
-                    with torch.enable_grad():
-                        logits = apply_classifier(heads[n], functional_forward(model, leaves, x, pool))
-                        loss = F.cross_entropy(logits.float(), y, reduction="sum") / (cfg.dataset_size * len(names))
-                        parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-                    for k, g in zip(leaves, parts, strict=True):
-                        if g is not None:
-                            grads[k] += g
-                    total += float(loss.detach())
-            gamma = cfg.step_size * 2 / (step + 2) * cfg.scaling_factor
-            with torch.no_grad():
+                picks, counts = select(setup.gradient(theta, [n], cfg.dataset_size), setup.candidates, cfg.granularity, excluded)
                 if cfg.granularity == "task":
-                    scores = {c: sum(alignment(grads[k], w[k]) for k in theta) for c, w in candidates.items()}
-                    pick = min(scores, key=lambda c: scores[c])  # the first of equal scores, as FusionBench's strict <
-                    theta = {k: theta[k] + gamma * (candidates[pick][k] - theta[k]) for k in theta}
-                    chosen.append(pick)
+                    excluded.append(picks[next(iter(picks))])
+                    step_chosen.append(picks[next(iter(picks))])
                 else:
-                    counts: dict[str, int] = {}
-                    for k in theta:
-                        scores = {c: alignment(grads[k], w[k]) for c, w in candidates.items()}
-                        pick = min(scores, key=lambda c: scores[c])
-                        theta[k] = theta[k] + gamma * (candidates[pick][k] - theta[k])
-                        counts[pick] = counts.get(pick, 0) + 1
-                    chosen.append(counts)
-            if not math.isfinite(total):
-                from fusion_core import FuseError
+                    for k, c in picks.items():
+                        excluded[k].append(c)
+                    step_chosen.append(counts)
+                selected.append({k: setup.candidates[c][k] for k, c in picks.items()})
+            stacked = {k: torch.stack([m[k] - theta[k] for m in selected]) for k in theta}
+            coefficients = torch.full((len(selected), len(theta)), 0.3 if step == 0 else cfg.ada_coeff, dtype=torch.float32,
+                                      device=ctx.device, requires_grad=True)
+            around = {k: v.detach() for k, v in theta.items()}
 
-                raise FuseError(f"method {self.name!r}: the loss is not finite at iteration {step + 1}; lower scaling_factor")
+            def loss(_: int, around=around, stacked=stacked, coefficients=coefficients) -> "torch.Tensor":
+                merged = merge_stacked(around, stacked, coefficients)
+                return entropy_objective(setup.model, merged, adaptation, [t.next_inputs() for t in adaptation], pool, cfg.entropy_eps)
+
+            adapt([coefficients], loss, steps=cfg.ada_iters, lr=cfg.lr, method=self.name, ctx=ctx)
+            with torch.no_grad():
+                theta = merge_stacked(around, stacked, coefficients.detach())
+            chosen.append(step_chosen)
         note(ctx, self.name, chosen=chosen, granularity=cfg.granularity)
-        return state_with(model, theta)
+        mark_transductive(ctx, self.name, names)
+        return state_with(setup.model, theta)
 
 
-METHODS = [FrankWolfeMerging]
+METHODS = [FrankWolfeMerging, FrankWolfeSoftMerging]

@@ -69,3 +69,25 @@ def test_one_step_by_hand(world64, granularity):
             grads[k].flatten(), candidates[c][k].flatten(), dim=0))) for k in grads}
     for k in grads:
         assert torch.allclose(out[k], start[k] + gamma * (candidates[picks[k]][k] - start[k]), atol=1e-10), k
+
+
+def test_soft_first_iteration_without_adaptation_is_task_arithmetic(world64):
+    # task granularity: the N tasks pick N different models, merged around θ = θ₀ with every coefficient 0.3
+    from fusion_adaptive.frank_wolfe import FrankWolfeSoftMerging
+
+    base, taus = _taus(world64)
+    ctx = world64.ctx()
+    out = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=1, ada_iters=0, dataset_size=20)).run(world64.pool(), ctx)
+    (picked,) = ctx.extras["fw_soft"]["chosen"]
+    assert sorted(picked) == sorted(taus)
+    for k, b in base.items():
+        assert torch.allclose(out[k], b + 0.3 * sum(t[k] for t in taus.values()), atol=1e-12)
+    assert ctx.extras["transductive"]["tasks"] == list(taus)
+
+
+def test_soft_without_iterations_is_the_base(world64):
+    from fusion_adaptive.frank_wolfe import FrankWolfeSoftMerging
+
+    base, _ = _taus(world64)
+    out = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=0)).run(world64.pool(), world64.ctx())
+    assert all(torch.equal(out[k], b) for k, b in base.items())
