@@ -91,3 +91,20 @@ def test_soft_without_iterations_is_the_base(world64):
     base, _ = _taus(world64)
     out = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=0)).run(world64.pool(), world64.ctx())
     assert all(torch.equal(out[k], b) for k, b in base.items())
+
+
+def test_prepared_sparse_embeddings_let_gradients_reach_merge_coefficients():
+    # the mini benchmark's EmbeddingBag(sparse=True): a sparse gradient cannot flow back through θ₀ + λ·τ
+    from fusion_adaptive.adamerging import merge_stacked
+    from fusion_adaptive.common import prepare
+
+    from fusion_core.adapters import functional_forward
+
+    model = prepare(torch.nn.EmbeddingBag(10, 4, mode="mean", sparse=True), "cpu")
+    assert model.sparse is False
+    base = {"weight": model.weight.detach()}
+    stacked = {"weight": torch.randn(2, 10, 4)}
+    coefficients = torch.full((2, 1), 0.3, requires_grad=True)
+    out = functional_forward(model, merge_stacked(base, stacked, coefficients), T([[1, 2], [3, 4]]))
+    out.sum().backward()
+    assert coefficients.grad is not None and torch.isfinite(coefficients.grad).all()
