@@ -179,22 +179,11 @@ def _state_dict_task_arithmetic(pretrained_model, finetuned_models, scaling_fact
     return pretrained_model
 
 
-@pytest.mark.parametrize("granularity", ["task", "layer"])
-def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
-    """FrankWolfeHardAlgorithm with its CUDA moves made no-ops and its shuffled loader replaced by the same
-    examples one at a time: with dataset_size = the split's size, each gradient sees every example once."""
-    from fusion_adaptive.frank_wolfe import FrankWolfeMerging
-    from fusion_bench.method.fw_merging.fw_hard import FrankWolfeHardAlgorithm
-    from fusionbench_kit import World, max_diff
-
-    world = World()
-    size = world.batch * world.n_batches
+def _fb_frank_wolfe(peer, world, monkeypatch) -> dict:
+    """FusionBench's Frank-Wolfe classes on the CPU with the world's heads; per task, the training examples one at a time."""
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    peer = FrankWolfeHardAlgorithm(merge_fn="task_arithmetic", step_size=0.1, max_iters=3, dataset_size=size, granularity=granularity,
-                                   scaling_factor=0.3)
     world.fb_heads(peer)
-    peer.merge_fn = _state_dict_task_arithmetic  # its own task_arithmetic_merge rejects its own call (as WEMoE's)
     peer.log_hyperparams = lambda *a, **k: None
     peer.on_frank_wolfe_iteration_start = lambda: None
     type(peer).is_debug_mode = property(lambda self: False)
@@ -205,7 +194,23 @@ def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
                 for j in range(len(ys)):
                     yield xs[j : j + 1], ys[j : j + 1]
 
-    iterators = {t: singles(t) for t in world.tasks}
+    return {t: singles(t) for t in world.tasks}
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
+    """FrankWolfeHardAlgorithm with its CUDA moves made no-ops and its shuffled loader replaced by the same
+    examples one at a time: with dataset_size = the split's size, each gradient sees every example once."""
+    from fusion_adaptive.frank_wolfe import FrankWolfeMerging
+    from fusion_bench.method.fw_merging.fw_hard import FrankWolfeHardAlgorithm
+    from fusionbench_kit import World, max_diff
+
+    world = World()
+    size = world.batch * world.n_batches
+    peer = FrankWolfeHardAlgorithm(merge_fn="task_arithmetic", step_size=0.1, max_iters=3, dataset_size=size, granularity=granularity,
+                                   scaling_factor=0.3)
+    iterators = _fb_frank_wolfe(peer, world, monkeypatch)
+    peer.merge_fn = _state_dict_task_arithmetic  # its own task_arithmetic_merge rejects its own call (as WEMoE's)
     peer.get_shuffled_loader_iter = lambda task: iterators[task]
     with torch.enable_grad():  # run() ends with torch.set_grad_enabled(False), for the whole process: restored on exit
         expected = state(peer.run(world.fb_pool()))
@@ -318,23 +323,10 @@ def test_frank_wolfe_soft(parity_row, monkeypatch, granularity):
 
     world = World()
     size = world.batch * world.n_batches
-    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     peer = FrankWolfeSoftAlgorithm(max_iters=2, dataset_size=size, ada_iters=3, ada_coeff=1e-8, merge_fn="adamerging",
                                    granularity=granularity)
-    world.fb_heads(peer)
+    train = _fb_frank_wolfe(peer, world, monkeypatch)
     peer._fabric_instance = fabric()
-    peer.log_hyperparams = lambda *a, **k: None
-    peer.on_frank_wolfe_iteration_start = lambda: None
-    type(peer).is_debug_mode = property(lambda self: False)
-
-    def singles(task):
-        while True:
-            for xs, ys in zip(world.images[task], world.labels[task], strict=True):
-                for j in range(len(ys)):
-                    yield xs[j : j + 1], ys[j : j + 1]
-
-    train = {t: singles(t) for t in world.tasks}
     peer.get_shuffled_train_loader_iter = lambda task, batch_size=1: train[task]
     peer.get_shuffled_test_loader_iter = world.fb_test_iterators()
     with torch.enable_grad():
