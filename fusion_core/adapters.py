@@ -26,7 +26,9 @@ Task pool (:class:`~fusion_core.components.TaskPool`)
   read it declare ``capabilities.transductive = True`` and record it in the report.
 - ``evaluate(model, tasks=..., ctx=...)``: as everywhere.  To score an output of kind
   ``ensemble`` correctly, a task pool computes logits with :func:`logits` (which lets an
-  ensemble apply the head to each member) instead of ``head(model(x))``.
+  ensemble apply the head to each member) instead of ``head(model(x))``.  An output of kind
+  ``per_task`` (:class:`PerTaskModels`) needs nothing of the task pool: the run program asks
+  it for each task's own model and scores that model on that task only.
 
 Model names are task names: fine-tuned model ``name`` was trained on task ``name``.
 
@@ -141,6 +143,53 @@ def logits(model: Any, inputs: Any, classifier: Callable | None = None, pool: "M
     return apply_classifier(classifier, pool_forward(pool)(model, inputs))
 
 
+# --------------------------------------------------------------------------- one model per task
+
+
+class PerTaskModels:
+    """The output of a method of kind ``per_task``: each task is scored with its own model.
+
+    ``shared`` is the model the run keeps (saved with ``save_model``: EMR's unified model, a
+    merged model before representation surgery); ``build(task)`` returns task ``task``'s own
+    model (a module or a state dict), called once per evaluated task, when its turn comes, so at
+    most one per-task model is alive at a time.  A task outside ``tasks`` is scored with
+    ``shared``.  The run program evaluates such an output task by task
+    (``taskpool.evaluate(model_for(task), tasks=[task])``), so every task pool honours it.
+    """
+
+    def __init__(self, shared: Any, build: Callable[[str], Any], tasks: Iterable[str]) -> None:
+        self.shared = shared
+        self._build = build
+        self.tasks = list(tasks)
+
+    def model_for(self, task: str) -> Any:
+        """Task ``task``'s own model (``shared`` for a task without one)."""
+        return self._build(task) if task in self.tasks else self.shared
+
+
+def inner_method(wrapper: str, name: str, fields: Mapping[str, Any] | None = None) -> Any:
+    """The method ``name`` (with config ``fields``) that method ``wrapper`` runs first (SVC, representation surgery).
+
+    Built from the registry of the installed plugins; it must output one model.  Unknown names, the
+    wrapper itself and methods of other output kinds are one-line ``ConfigError`` messages.
+    """
+    from .config import make_config
+    from .errors import ConfigError, did_you_mean
+    from .plugins import get_plugin_manager
+    from .registry import build_registry
+
+    registry = build_registry(get_plugin_manager())
+    choices = [n for n in registry.names("method") if n != wrapper]
+    if name not in choices:
+        raise ConfigError(f"method {wrapper}: base={name!r} is not a method it can run first{did_you_mean(str(name), choices)}; "
+                          "`fuse list methods` shows them")
+    cls = registry.get("method", name).cls
+    if cls.capabilities.output != "model":
+        raise ConfigError(f"method {wrapper}: base method {name!r} outputs {cls.capabilities.output!r}, not one model; "
+                          "choose a method that merges into one model")
+    return cls(make_config(cls.Config, dict(fields or {}), where=f"method {wrapper} base_config ({name})"))
+
+
 # --------------------------------------------------------------------------- getting data and heads
 
 
@@ -227,11 +276,13 @@ def cycle(batches: Iterable) -> Iterator:
 
 
 __all__ = [
+    "PerTaskModels",
     "apply_classifier",
     "cycle",
     "forward",
     "functional_forward",
     "get_classifier",
+    "inner_method",
     "labelled",
     "logits",
     "output_tensor",

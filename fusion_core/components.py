@@ -26,7 +26,7 @@ import attrs
 if TYPE_CHECKING:  # pragma: no cover
     from .run_context import RunContext
 
-OUTPUT_KINDS = ("model", "models", "ensemble", "state_dict")
+OUTPUT_KINDS = ("model", "models", "ensemble", "state_dict", "per_task")
 
 
 @attrs.frozen
@@ -46,7 +46,8 @@ class Capabilities:
     random: bool = False
     """The output depends on the seed (DARE, DELLA)."""
     output: str = attrs.field(default="model", validator=attrs.validators.in_(OUTPUT_KINDS))
-    """``model`` (one merged model), ``models`` (several named), ``ensemble`` or ``state_dict``."""
+    """``model`` (one merged model), ``models`` (several named), ``ensemble``, ``state_dict``, or ``per_task``
+    (a :class:`~fusion_core.adapters.PerTaskModels`: each task scored with its own model, e.g. EMR's modulators)."""
 
     def flags(self) -> list[str]:
         """Short labels of the capabilities that are set, for tables."""
@@ -114,7 +115,8 @@ class Method(Component):
 
         :returns: an ``nn.Module``, a state dict (``Mapping[str, Tensor]``, turned into a
             module by :meth:`ModelPool.model_from_state_dict`), or a ``dict`` of such,
-            keyed by a label, when ``capabilities.output == "models"`` (a sweep).
+            keyed by a label, when ``capabilities.output == "models"`` (a sweep), or a
+            :class:`~fusion_core.adapters.PerTaskModels` when it is ``"per_task"``.
         """
 
 

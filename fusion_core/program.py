@@ -195,17 +195,30 @@ def _named_outputs(output: Any, method) -> dict[str, Any]:
         if not isinstance(output, Mapping) or is_state_dict(output):
             raise InputError(f"method {method.name!r} declares several outputs but returned {type(output).__name__}")
         return {f"merged:{label}": value for label, value in output.items()}
+    if method.capabilities.output == "per_task" and not (callable(getattr(output, "model_for", None)) and hasattr(output, "shared")):
+        raise InputError(f"method {method.name!r} declares per-task models but returned {type(output).__name__}, not PerTaskModels")
     return {"merged": output}
 
 
 def _evaluate(outputs: Mapping[str, Any], parts: Components, ctx: RunContext, *, evaluate_inputs: bool):
-    """Each output as a model (state dicts through the pool), scored by the task pool; the inputs too."""
+    """Each output as a model (state dicts through the pool), scored by the task pool; the inputs too.
+
+    A ``per_task`` output (:class:`~fusion_core.adapters.PerTaskModels`) scores each task with its own
+    model and keeps (saves) its shared model."""
     models, results = {}, {}
     pool, taskpool = parts.pool, parts.taskpool
+    per_task = parts.method.capabilities.output == "per_task"
     for label, produced in outputs.items():
-        model = pool.model_from_state_dict(produced) if is_state_dict(produced) else produced
+        if taskpool is not None and per_task:  # each task scored with its own model, built when its turn comes
+            results[label] = {}
+            for task in taskpool.task_names:
+                own = produced.model_for(task)
+                own = pool.model_from_state_dict(own) if is_state_dict(own) else own
+                results[label].update(taskpool.evaluate(own, tasks=[task], ctx=ctx))
+        shared = produced.shared if per_task else produced  # built after the per-task models (a pool may reuse its module)
+        model = pool.model_from_state_dict(shared) if is_state_dict(shared) else shared
         models[label] = model
-        if taskpool is not None:
+        if taskpool is not None and not per_task:
             results[label] = taskpool.evaluate(model, ctx=ctx)
     if taskpool is not None and evaluate_inputs:
         results.update(_evaluate_inputs(pool, taskpool, ctx))

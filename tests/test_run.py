@@ -139,9 +139,20 @@ def test_save_model_writes_a_safetensors_folder(files, tmp_path):
     assert f"base_model:\n- {files[0]}" in card and "seed: 0" in card
 
 
+def _manager_with(cls, plugin: str):
+    """A plugin manager (no entry points) with one extra plugin registering method ``cls``."""
+    from fusion_core.plugins import get_plugin_manager
+
+    class Plugin:
+        @fusion_core.hookimpl
+        def fusion_register_methods(self, register):
+            register(cls)
+
+    return get_plugin_manager(load_entrypoints=False, extra_plugins=[(plugin, Plugin())])
+
+
 def test_method_returning_several_models_is_evaluated_per_label(files, tmp_path):
     from fusion_core.components import Capabilities
-    from fusion_core.plugins import get_plugin_manager
 
     class Sweep(Method):
         name = "sweep_test"
@@ -152,15 +163,56 @@ def test_method_returning_several_models_is_evaluated_per_label(files, tmp_path)
             base = pool.load_model(None)
             return {f"x{k}": {n: t * k for n, t in base.items()} for k in (1, 2)}
 
-    class Plugin:
-        @fusion_core.hookimpl
-        def fusion_register_methods(self, register):
-            register(Sweep)
-
-    pm = get_plugin_manager(load_entrypoints=False, extra_plugins=[("undo-sweep", Plugin())])
+    pm = _manager_with(Sweep, "undo-sweep")
     report = fusion_core.run(config(files, tmp_path, method="sweep_test", evaluate_inputs=False), plugin_manager=pm)
     assert math.isclose(report["results"]["merged:x2"]["weights"]["l2_norm"], 10.0)
     assert report["results"]["merged:x1"]["weights"]["l2_norm"] == 5.0
+
+
+def test_per_task_output_scores_each_task_with_its_own_model_and_saves_the_shared_one(files, tmp_path):
+    from safetensors.torch import load_file
+
+    from fusion_core.adapters import PerTaskModels
+    from fusion_core.components import Capabilities
+
+    built = []
+
+    class Modulated(Method):
+        name = "per_task_test"
+        summary = "The base scaled by 3 for its task; the base itself shared."
+        capabilities = Capabilities(output="per_task")
+
+        def run(self, pool, ctx):
+            base = pool.load_model(None)
+
+            def build(task):
+                built.append(task)
+                return {n: t * 3 for n, t in base.items()}
+
+            return PerTaskModels(base, build, ["weights"])
+
+    pm = _manager_with(Modulated, "undo-per-task")
+    report = fusion_core.run(config(files, tmp_path, method="per_task_test", evaluate_inputs=False, save_model=True), plugin_manager=pm)
+    assert math.isclose(report["results"]["merged"]["weights"]["l2_norm"], 15.0)  # 3 · ‖(1, 2, 2, 4)‖ = 3 · 5
+    assert built == ["weights"]
+    saved = load_file(str(tmp_path / "out" / "model" / "model.safetensors"))
+    assert saved["w"].tolist() == [1.0, 2.0, 2.0]  # the shared model is what is kept
+
+
+def test_per_task_output_must_be_per_task_models(files, tmp_path):
+    from fusion_core.components import Capabilities
+
+    class Wrong(Method):
+        name = "per_task_wrong"
+        summary = "Declares per-task models, returns a state dict."
+        capabilities = Capabilities(output="per_task")
+
+        def run(self, pool, ctx):
+            return pool.load_model(None)
+
+    pm = _manager_with(Wrong, "undo-per-task-wrong")
+    with pytest.raises(InputError, match="PerTaskModels"):
+        fusion_core.run(config(files, tmp_path, method="per_task_wrong", evaluate_inputs=False), plugin_manager=pm)
 
 
 def test_task_pool_can_refuse_the_model_pool_before_anything_loads(files, tmp_path, monkeypatch):

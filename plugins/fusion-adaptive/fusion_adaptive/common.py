@@ -92,11 +92,20 @@ def float_params(model: Any) -> dict[str, "torch.Tensor"]:
 
 
 def prepare(model: Any, device: str) -> Any:
-    """Put ``model`` on ``device`` in eval mode with no parameter requiring gradients."""
+    """Put ``model`` on ``device`` in eval mode with no parameter requiring gradients.
+
+    Embeddings built with ``sparse=True`` get dense gradients (the same values): gradients through
+    merged tensors (``θ₀ + Σ λ·τ``) cannot flow back from a sparse one.
+    """
+    import torch
+
     model = model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse:
+            module.sparse = False
     return model
 
 

@@ -15,18 +15,21 @@ def all_methods() -> list[type]:
         ensemble,
         ewemoe,
         fisher,
+        frank_wolfe,
         opcm,
         rankone_moe,
         regmean,
         smile,
         sparsegpt,
+        surgery,
+        trust_region,
         wanda,
         wemoe,
     )
 
     return [*fisher.METHODS, *regmean.METHODS, *adamerging.METHODS, *wemoe.METHODS, *ewemoe.METHODS, *smile.METHODS,
             *ensemble.METHODS, *opcm.METHODS, *continual.METHODS, *dop.METHODS, *doge.METHODS, *wanda.METHODS,
-            *sparsegpt.METHODS, *rankone_moe.METHODS]
+            *sparsegpt.METHODS, *rankone_moe.METHODS, *trust_region.METHODS, *frank_wolfe.METHODS, *surgery.METHODS]
 
 
 @fusion_core.hookimpl

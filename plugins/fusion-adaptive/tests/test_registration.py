@@ -10,7 +10,8 @@ from fusion_adaptive.plugin import all_methods
 
 EXPECTED = {"fisher_merging", "regmean", "regmean_plusplus", "adamerging", "wemoe", "e_wemoe", "smile", "simple_ensemble",
             "weighted_ensemble", "max_model_predictor", "opcm", "doge", "wanda_pruning",
-            "continual_task_arithmetic", "continual_ties", "continual_weight_average", "dop", "sparsegpt_pruning", "rankone_moe"}
+            "continual_task_arithmetic", "continual_ties", "continual_weight_average", "dop", "sparsegpt_pruning", "rankone_moe",
+            "trust_region_ta", "fw_merging", "fw_soft", "surgery"}
 
 
 def test_every_method_is_registered_with_documented_options():
@@ -21,7 +22,7 @@ def test_every_method_is_registered_with_documented_options():
         for field in attrs.fields(cls.Config):
             assert field.metadata.get("help"), (cls.name, field.name)
     transductive = {n for n, c in methods.items() if c.capabilities.transductive}
-    assert transductive == {"adamerging", "wemoe", "e_wemoe", "rankone_moe"}
+    assert transductive == {"adamerging", "wemoe", "e_wemoe", "rankone_moe", "surgery", "fw_soft"}
     assert {n for n, c in methods.items() if c.capabilities.needs_labels} == set()  # fisher's empirical estimator checks at run time
     assert {n for n, c in methods.items() if c.capabilities.output == "ensemble"} == {"simple_ensemble", "weighted_ensemble", "max_model_predictor"}
 

@@ -9,21 +9,23 @@ With task vectors ``τ_t = θ_t − θ₀`` (FusionBench 0.2.33 ``emr_merging/ut
 - **rescale**: per task ``λ_t = Σ_tensors mean|τ_t| / Σ_tensors mean|M_t ⊙ τ_uni|`` (sums over
   tensors of per-tensor means, as FusionBench).
 
-Task ``t``'s model is ``θ₀ + λ_t · M_t ⊙ τ_uni``.  This method writes the unified model
-``θ₀ + τ_uni`` and records the modulators' summary (``λ_t`` and each mask's density) in the run
-report's ``method_extras``; the masks themselves are one bit per weight per task and are not
-kept.  fuse's task pools score one model on every task, so the per-task modulated models are
-not evaluated (FusionBench's ``EMRModulatedModel`` switches modulators per task).
+Task ``t``'s model is ``θ₀ + λ_t · M_t ⊙ τ_uni`` (FusionBench's ``EMRModulatedModel`` with task
+``t``'s modulator applied).  ``fuse run`` scores each task with its own modulated model (the output
+is of kind ``per_task``: the masks are kept, one byte per weight per task, and task ``t``'s model is
+built when its turn comes); the unified model ``θ₀ + τ_uni`` is what is saved, and what
+``fuse merge emr_merging`` writes.  The modulators' summary (``λ_t`` and each mask's density) is in
+the run report's ``method_extras``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from fusion_core import KernelContext
+from fusion_core import Capabilities, KernelContext
 
 from .task_arithmetic import _TaskVectorMethod, task_vectors
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fusion_core import ModelPool, RunContext
+    from fusion_core.adapters import PerTaskModels
 
 
 def emr_elect(deltas: Sequence["torch.Tensor"]) -> tuple["torch.Tensor", list["torch.Tensor"]]:
@@ -49,13 +52,29 @@ def emr_elect(deltas: Sequence["torch.Tensor"]) -> tuple["torch.Tensor", list["t
 
 
 class _Rescalers:
-    """Running Σ over tensors of mean|τ_t| and mean|M_t ⊙ τ_uni|, per task."""
+    """Running Σ over tensors of mean|τ_t| and mean|M_t ⊙ τ_uni|, per task; and the modulators (base, τ_uni, masks) per tensor."""
 
     def __init__(self) -> None:
         self.task: list[float] = []
         self.masked: list[float] = []
         self.kept: list[int] = []
         self.entries = 0
+        self.modulators: dict[str, tuple["torch.Tensor", "torch.Tensor", list["torch.Tensor"]]] = {}
+
+    def keep(self, name: str, base: "torch.Tensor", unified: "torch.Tensor", masks: Sequence["torch.Tensor"]) -> None:
+        self.modulators[name] = (base, unified, list(masks))
+
+    def rescaler(self, index: int) -> float:
+        return self.task[index] / self.masked[index] if self.masked[index] else float("nan")
+
+    def task_state(self, merged: Mapping[str, "torch.Tensor"], index: int) -> dict[str, "torch.Tensor"]:
+        """Task ``index``'s model: ``θ₀ + λ_t · M_t ⊙ τ_uni`` on every merged float tensor, the rest as merged."""
+        scale = self.rescaler(index)
+        scale = 0.0 if math.isnan(scale) else scale  # no entry agrees with γ anywhere: M_t = 0, θ₀ (FusionBench: NaN)
+        out = dict(merged)
+        for name, (base, unified, masks) in self.modulators.items():
+            out[name] = (base + unified * masks[index] * scale).to(merged[name].dtype)
+        return out
 
     def add(self, deltas: Sequence["torch.Tensor"], unified: "torch.Tensor", masks: Sequence["torch.Tensor"]) -> None:
         if not self.task:
@@ -70,18 +89,19 @@ class _Rescalers:
 
     def summary(self, names: Sequence[str]) -> dict[str, Any]:
         return {
-            "rescalers": {n: (t / m if m else float("nan")) for n, t, m in zip(names, self.task, self.masked, strict=True)},
+            "rescalers": {n: self.rescaler(i) for i, n in enumerate(names)},
             "mask_density": {n: k / max(1, self.entries) for n, k in zip(names, self.kept, strict=True)},
         }
 
 
 class EmrMerging(_TaskVectorMethod):
-    """EMR-Merging: the unified task vector (elect), with per-task masks and rescalers summarised in the report."""
+    """EMR-Merging: the unified task vector (elect), and per task its mask and rescaler applied at evaluation."""
 
     name = "emr_merging"
-    summary = "EMR-Merging: elected sign, largest agreeing magnitude (θ₀ + τ_uni); per-task masks and rescalers reported."
+    summary = "EMR-Merging: elected sign, largest agreeing magnitude (θ₀ + τ_uni); each task scored with θ₀ + λ_t·M_t ⊙ τ_uni."
     reference_url = "https://arxiv.org/abs/2405.17461"
     elementwise = False  # the rescalers average whole tensors
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, output="per_task")
 
     @attrs.frozen
     class Config:
@@ -94,16 +114,21 @@ class EmrMerging(_TaskVectorMethod):
         unified, masks = emr_elect(deltas)
         if self._stats is not None:
             self._stats.add(deltas, unified, masks)
+            self._stats.keep(name, base.clone(), unified, masks)
         return base + unified
 
-    def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
-        self._stats = _Rescalers()
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> "PerTaskModels":
+        """The unified model, and each task's modulated model built on demand (see the module docstring)."""
+        from fusion_core.adapters import PerTaskModels
+
+        stats = self._stats = _Rescalers()
         try:
             merged = super().run(pool, ctx)
-            ctx.extras.setdefault(self.name, {}).update(self._stats.summary(list(pool.model_names)))
         finally:
             self._stats = None
-        return merged
+        names = list(pool.model_names)
+        ctx.extras.setdefault(self.name, {}).update(stats.summary(names))
+        return PerTaskModels(merged, lambda task: stats.task_state(merged, names.index(task)), names)
 
 
 METHODS = [EmrMerging]

@@ -7,10 +7,10 @@ import fusion_core
 
 def all_methods() -> list[type]:
     """Every method class this plugin provides, module by module."""
-    from . import basic, consensus, emr, geometric, mixtral, pruning, stacking, subspace, task_arithmetic
+    from . import basic, consensus, emr, geometric, mixtral, pruning, stacking, subspace, svc, task_arithmetic, wudi
 
     return [*basic.METHODS, *task_arithmetic.METHODS, *geometric.METHODS, *subspace.METHODS, *stacking.METHODS,
-            *pruning.METHODS, *consensus.METHODS, *emr.METHODS, *mixtral.METHODS]
+            *pruning.METHODS, *consensus.METHODS, *emr.METHODS, *mixtral.METHODS, *wudi.METHODS, *svc.METHODS]
 
 
 @fusion_core.hookimpl

@@ -46,7 +46,8 @@ def test_kernel_gives_the_unified_model_and_run_reports_rescalers():
             return StateDictReader(tensors)
 
     ctx = RunContext(show_progress=False)
-    merged = method.run(Pool(), ctx)
+    output = method.run(Pool(), ctx)
+    merged = output.shared
     assert merged["w"].tolist() == [4.0, 5.0, 1.0, -4.0]
     # v: τ_t = t·[1, −2] (t = 1, 2, 3) → Σ = [6, −12], γ = [+, −], every task agrees, τ_uni = [3, −6]
     assert merged["v"].tolist() == [3.0, -6.0]
@@ -59,3 +60,29 @@ def test_kernel_gives_the_unified_model_and_run_reports_rescalers():
         assert math.isclose(extras["rescalers"][name], expected, rel_tol=1e-6), name
     # mask densities over the 6 entries: a keeps 1 (w) + 2 (v), b 0 + 2, c 3 + 2
     assert extras["mask_density"] == {"a": 3 / 6, "b": 2 / 6, "c": 5 / 6}
+
+
+def test_each_task_gets_its_masked_rescaled_model():
+    base = T([1.0, 1.0, 1.0, 1.0])
+    from fusion_core.engine.readers import StateDictReader
+    from fusion_core.run_context import RunContext
+
+    class Pool:
+        model_names = ["a", "b", "c"]
+        has_base = True
+
+        def reader(self, name):
+            return StateDictReader({"w": base if name is None else base + TAUS["abc".index(name)], "n": torch.tensor([7])})
+
+    ctx = RunContext(show_progress=False)
+    output = EmrMerging(EmrMerging.Config()).run(Pool(), ctx)
+    unified = T([3.0, 4.0, 0.0, -5.0])
+    masks = {"a": T([1.0, 0, 0, 0]), "b": T([0.0, 0, 0, 0]), "c": T([1.0, 1, 0, 1])}
+    # λ_t = mean|τ_t| / mean|M_t ⊙ τ_uni| (one tensor): a 6/3, c 11/12; b keeps nothing (λ 0/0): its model is θ₀
+    scales = {"a": 6 / 3, "b": 0.0, "c": 11 / 12}
+    for task in "abc":
+        state = output.model_for(task)
+        assert torch.allclose(state["w"], base + scales[task] * masks[task] * unified, atol=1e-6), task
+        assert torch.equal(state["n"], torch.tensor([7]))
+    assert output.model_for("unknown") is output.shared  # a task without a modulator: the unified model
+    assert torch.equal(output.shared["w"], base + unified)

@@ -7,7 +7,8 @@ from fusion_core.cli.main import main
 EXPECTED = {
     "simple_average", "weighted_average", "linear_interpolation", "task_arithmetic", "ties", "dare", "breadcrumbs",
     "della", "magnitude_prune", "sce", "magmax", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "expo",
-    "tsv_m", "iso_c", "iso_cts", "layer_stack", "magnitude_pruning", "random_pruning", "consensus_ta", "tall_masks", "emr_merging", "mixtral_upcycling", "mixtral_merging",
+    "tsv_m", "iso_c", "iso_cts", "layer_stack", "magnitude_pruning", "random_pruning", "consensus_ta", "tall_masks", "emr_merging",
+    "mixtral_upcycling", "mixtral_merging", "wudi", "svc",
 }
 
 

@@ -1,0 +1,110 @@
+"""Frank-Wolfe merging (hard): the example stream, the oracle's alignment, the start and one step by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fusion_adaptive.frank_wolfe import FrankWolfeMerging, alignment, take
+
+T = torch.tensor
+
+
+def test_take_splits_batches_and_continues_where_it_stopped():
+    stream = iter([(T([1, 2, 3]), T([0, 1, 2])), (T([4, 5]), T([3, 4])), (T([6]), T([5]))])
+    buffer: list = []
+    first = take(stream, 2, buffer)
+    assert [y.tolist() for _, y in first] == [[0, 1]]
+    second = take(stream, 3, buffer)
+    assert [y.tolist() for _, y in second] == [[2], [3, 4]]
+    assert [x.tolist() for x, _ in take(stream, 1, buffer)] == [[6]]
+
+
+def test_alignment_is_the_cosine():
+    assert alignment(T([3.0, 4.0]), T([4.0, -3.0])) == 0.0
+    assert alignment(T([1.0, 1.0]), T([-2.0, -2.0])) == pytest.approx(-1.0)
+    assert alignment(T([0.0, 0.0]), T([1.0, 2.0])) == 0.0  # no gradient: no preference (FusionBench: NaN)
+
+
+def _taus(world):
+    base = dict(world.base.named_parameters())
+    return base, {n: {k: v.detach() - base[k].detach() for k, v in m.named_parameters()} for n, m in world.models.items()}
+
+
+def test_no_iteration_is_the_start(world64):
+    base, taus = _taus(world64)
+    out = FrankWolfeMerging(FrankWolfeMerging.Config(max_iters=0, scaling_factor=0.4)).run(world64.pool(), world64.ctx())
+    for k, b in base.items():
+        assert torch.allclose(out[k], b + 0.4 * sum(t[k] for t in taus.values()), atol=1e-12)
+    out = FrankWolfeMerging(FrankWolfeMerging.Config(max_iters=0, init="base")).run(world64.pool(), world64.ctx())
+    assert all(torch.equal(out[k], b) for k, b in base.items())
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_one_step_by_hand(world64, granularity):
+    base, taus = _taus(world64)
+    names = list(taus)
+    start = {k: b.detach() + 0.3 * sum(taus[n][k] for n in names) for k, b in base.items()}
+    model = world64.pool().load_model(None)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(start[k])
+    model.zero_grad()
+    for n in names:  # the first 40 training examples of each task
+        x, y = world64.tasks[n]["train"]
+        loss = torch.nn.functional.cross_entropy(world64.tasks[n]["head"](model(x[:40])), y[:40], reduction="sum") / (40 * len(names))
+        loss.backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    candidates = {n: {k: v.detach() for k, v in world64.models[n].named_parameters()} for n in names} | {"initial": start}
+    gamma = 0.1 * 2 / 2 * 0.3
+    ctx = world64.ctx()
+    out = FrankWolfeMerging(FrankWolfeMerging.Config(max_iters=1, dataset_size=40, granularity=granularity)).run(world64.pool(), ctx)
+    if granularity == "task":
+        scores = {c: sum(float(torch.nn.functional.cosine_similarity(grads[k].flatten(), w[k].flatten(), dim=0)) for k in grads)
+                  for c, w in candidates.items()}
+        pick = min(scores, key=scores.get)
+        assert ctx.extras["fw_merging"]["chosen"] == [pick]
+        picks = {k: pick for k in grads}
+    else:
+        picks = {k: min(candidates, key=lambda c: float(torch.nn.functional.cosine_similarity(
+            grads[k].flatten(), candidates[c][k].flatten(), dim=0))) for k in grads}
+    for k in grads:
+        assert torch.allclose(out[k], start[k] + gamma * (candidates[picks[k]][k] - start[k]), atol=1e-10), k
+
+
+def test_soft_first_iteration_without_adaptation_is_task_arithmetic(world64):
+    # task granularity: the N tasks pick N different models, merged around θ = θ₀ with every coefficient 0.3
+    from fusion_adaptive.frank_wolfe import FrankWolfeSoftMerging
+
+    base, taus = _taus(world64)
+    ctx = world64.ctx()
+    out = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=1, ada_iters=0, dataset_size=20)).run(world64.pool(), ctx)
+    (picked,) = ctx.extras["fw_soft"]["chosen"]
+    assert sorted(picked) == sorted(taus)
+    for k, b in base.items():
+        assert torch.allclose(out[k], b + 0.3 * sum(t[k] for t in taus.values()), atol=1e-12)
+    assert ctx.extras["transductive"]["tasks"] == list(taus)
+
+
+def test_soft_without_iterations_is_the_base(world64):
+    from fusion_adaptive.frank_wolfe import FrankWolfeSoftMerging
+
+    base, _ = _taus(world64)
+    out = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=0)).run(world64.pool(), world64.ctx())
+    assert all(torch.equal(out[k], b) for k, b in base.items())
+
+
+def test_prepared_sparse_embeddings_let_gradients_reach_merge_coefficients():
+    # the mini benchmark's EmbeddingBag(sparse=True): a sparse gradient cannot flow back through θ₀ + λ·τ
+    from fusion_adaptive.adamerging import merge_stacked
+    from fusion_adaptive.common import prepare
+
+    from fusion_core.adapters import functional_forward
+
+    model = prepare(torch.nn.EmbeddingBag(10, 4, mode="mean", sparse=True), "cpu")
+    assert model.sparse is False
+    base = {"weight": model.weight.detach()}
+    stacked = {"weight": torch.randn(2, 10, 4)}
+    coefficients = torch.full((2, 1), 0.3, requires_grad=True)
+    out = functional_forward(model, merge_stacked(base, stacked, coefficients), T([[1, 2], [3, 4]]))
+    out.sum().backward()
+    assert coefficients.grad is not None and torch.isfinite(coefficients.grad).all()
