@@ -51,7 +51,7 @@ class Recipe:
     seed: int = option(0, help="seed of the splits, the initialisation and the training order (0 to 2**53; "
                        "per-task generators take seed * 1000 + task)", validator=in_range(0, 2**53))
     tasks: tuple[str, ...] = option(
-        tuple(data_mod.LOADERS), help="tasks to build (each gets a split, a head and an expert)", validator=_task_names
+        data_mod.DEFAULT_TASKS, help="tasks to build (each gets a split, a head and an expert)", validator=_task_names
     )
     n_train: int = option(1000, help="at most this many training examples per task", validator=positive)
     n_val: int = option(200, help="at most this many validation examples per task (≤ 15% of a task's pool)", validator=positive)
