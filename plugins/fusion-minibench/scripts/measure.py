@@ -24,7 +24,7 @@ from pathlib import Path
 METHODS = {
     "simple_average": ["method=simple_average"],
     "task_arithmetic (λ=0.3)": ["method=task_arithmetic", "method.scaling_factor=0.3"],
-    "ties (k=0.2, λ=1)": ["method=ties"],
+    "ties (default: k=0.2, λ=0.3)": ["method=ties"],
 }
 
 
