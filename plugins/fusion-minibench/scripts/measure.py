@@ -28,8 +28,12 @@ METHODS = {
 }
 
 
-def timed_fuse_run(cache: Path, out: Path, extra: list[str]) -> tuple[float, float, dict]:
-    """Wall seconds, peak RSS (GB) and report of ``fuse run`` in a child process."""
+def timed_fuse_run(cache: Path, out: Path, extra: list[str]) -> tuple[float, float, float, dict]:
+    """Wall seconds, CPU seconds (user + system), peak RSS (GB) and report of ``fuse run`` in a child process.
+
+    On a shared machine the CPU time of a one-thread run (``--threads 1``) is the better estimate
+    of its wall time on an idle one.
+    """
     env = dict(os.environ, FUSE_CACHE_DIR=str(cache))
     start = time.perf_counter()
     child = subprocess.Popen(["fuse", "run", f"output_dir={out}", *extra], env=env, stdout=subprocess.DEVNULL)
@@ -37,7 +41,8 @@ def timed_fuse_run(cache: Path, out: Path, extra: list[str]) -> tuple[float, flo
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"fuse run failed (exit {os.waitstatus_to_exitcode(status)})")
-    return wall, usage.ru_maxrss / 1e6, json.loads((out / "report.json").read_text())
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss / 1e6, json.loads((out / "report.json").read_text())
 
 
 def load() -> str:
@@ -59,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("/tmp/minibench-measure"))
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold/cached fuse run timings")
+    parser.add_argument("--threads", type=int, default=None, help="threads= of the timed fuse runs (default: fuse's own default)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -67,12 +73,14 @@ def main() -> None:
         stamp = int(time.time())
         cold_cache = cache = args.out / f"cold-cache-{stamp}"  # the seed runs reuse its build
         before = load()
-        t_cold, rss_cold, report = timed_fuse_run(cold_cache, args.out / f"run-cold-{stamp}", [])
+        extra = [f"threads={args.threads}"] if args.threads else []
+        t_cold, cpu_cold, rss_cold, report = timed_fuse_run(cold_cache, args.out / f"run-cold-{stamp}", extra)
         between = load()
-        t_warm, rss_warm, report2 = timed_fuse_run(cold_cache, args.out / f"run-cached-{stamp}", [])
-        lines.append(f"cold `fuse run` (build + TIES + evaluate): {t_cold:.1f} s, peak RSS {rss_cold:.2f} GB "
-                     f"(load average 1/5/15 min before: {before}, after: {between})")
-        lines.append(f"cached `fuse run`: {t_warm:.1f} s, peak RSS {rss_warm:.2f} GB (load average after: {load()})")
+        t_warm, cpu_warm, rss_warm, report2 = timed_fuse_run(cold_cache, args.out / f"run-cached-{stamp}", extra)
+        lines.append(f"cold `fuse run {' '.join(extra)}` (build + TIES + evaluate): {t_cold:.1f} s wall, {cpu_cold:.1f} s CPU, "
+                     f"peak RSS {rss_cold:.2f} GB (load average 1/5/15 min before: {before}, after: {between})")
+        lines.append(f"cached `fuse run {' '.join(extra)}`: {t_warm:.1f} s wall, {cpu_warm:.1f} s CPU, peak RSS {rss_warm:.2f} GB "
+                     f"(load average after: {load()})")
         lines.append(f"cold-run averages: {json.dumps({k: round(v, 4) for k, v in averages(report).items()})}")
         lines.append(f"cached run identical results: {report['results'] == report2['results']}")
         meta = next((cold_cache / "minibench").glob("*/meta.json"))
