@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("/tmp/minibench-measure"))
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold/cached fuse run timings")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="print the table of earlier runs' --out folders (e.g. one seed each, run in parallel) and stop")
     parser.add_argument("--threads", type=int, default=None, help="threads= of the timed fuse runs (default: fuse's own default)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -88,17 +90,27 @@ def main() -> None:
         lines.append(f"build timings (s, {built['threads']} thread): {built['timings_s']}")
         lines.append(f"run phases (s): {report.get('timings')}")
 
+    table: dict[str, dict[int, float]] = {}
+    per_task: dict[str, dict[int, dict[str, float]]] = {}
+    if args.combine:
+        for folder in args.combine:
+            saved = json.loads((folder / "results.json").read_text())
+            for name, by_seed in saved.items():
+                per_task.setdefault(name, {}).update({int(s): v for s, v in by_seed.items()})
+        args.seeds = sorted(per_task["pretrained"])
+        table = {name: {s: mean(v.values()) for s, v in by_seed.items()} for name, by_seed in per_task.items()}
+        print_table(args, lines, table, per_task)
+        return
     import fusion_core
 
     os.environ["FUSE_CACHE_DIR"] = str(cache)
-    table: dict[str, dict[int, float]] = {}
-    per_task: dict[str, dict[int, dict[str, float]]] = {}
     for seed in args.seeds:
         recipe = [
             "modelpool=minibench",
             f"modelpool.seed={seed}",
             "taskpool=minibench",
             f"taskpool.seed={seed}",
+            "threads=1",
             "progress=false",
         ]
         for label, overrides in METHODS.items():
@@ -109,6 +121,12 @@ def main() -> None:
                 name = label if key == "merged" else key
                 table.setdefault(name, {})[seed] = value
                 per_task.setdefault(name, {})[seed] = {t: v["accuracy"] for t, v in report["results"][key].items()}
+    (args.out / "results.json").write_text(json.dumps(per_task, indent=1))
+    print_table(args, lines, table, per_task)
+
+
+def print_table(args, lines: list[str], table: dict, per_task: dict) -> None:
+    """The Markdown table (per task: mean over seeds), the gaps, written to ``--out/measure.md``."""
     order = ["pretrained", "individual", *METHODS]
     tasks = list(per_task["pretrained"][args.seeds[0]])
     lines.append("")
