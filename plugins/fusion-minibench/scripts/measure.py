@@ -71,7 +71,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
     cache = args.out / "cache"
-    if not args.skip_cold:
+    if not args.skip_cold and not args.combine:
         stamp = int(time.time())
         cold_cache = cache = args.out / f"cold-cache-{stamp}"  # the seed runs reuse its build
         before = load()
