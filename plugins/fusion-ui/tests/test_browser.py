@@ -185,7 +185,7 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "dry-run").is_enabled())
     browser.find_element(By.ID, "dry-run").click()
     plan = wait_text(browser, "dry-run-output", lambda t: "nothing was loaded" in t or t.startswith("error"), timeout=60)
-    assert "nothing was loaded" in plan and "density: 0.35" in plan and "rt_sentiment" in plan
+    assert "nothing was loaded" in plan and "density: 0.35" in plan and "roget_category" in plan
     assert browser.find_element(By.ID, "run-start").is_displayed()  # served on 127.0.0.1: runs may start here
     screenshot(browser, "compose.png", 1320)
 
