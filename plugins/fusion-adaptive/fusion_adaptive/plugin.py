@@ -7,10 +7,11 @@ import fusion_core
 
 def all_methods() -> list[type]:
     """Every method class this plugin provides, module by module."""
-    from . import adamerging, doge, ensemble, ewemoe, fisher, opcm, regmean, smile, wanda, wemoe
+    from . import adamerging, concrete, doge, ensemble, ewemoe, fisher, opcm, regmean, safe, smile, wanda, wemoe
 
     return [*fisher.METHODS, *regmean.METHODS, *adamerging.METHODS, *wemoe.METHODS, *ewemoe.METHODS, *smile.METHODS,
-            *ensemble.METHODS, *opcm.METHODS, *doge.METHODS, *wanda.METHODS]
+            *ensemble.METHODS, *opcm.METHODS, *doge.METHODS, *wanda.METHODS,
+            *concrete.METHODS, *safe.METHODS]
 
 
 @fusion_core.hookimpl
