@@ -94,13 +94,19 @@ def js_unshared(perturbed: "torch.Tensor", ref_perturbed: "torch.Tensor", shared
     return js[~shared].sum(dim=1).sum() / perturbed.shape[0]
 
 
+def poisoned_samples(clean: "torch.Tensor", ref_clean: "torch.Tensor", ref_perturbed: "torch.Tensor") -> "torch.Tensor":
+    """Samples whose perturbed prediction by the unmasked merge differs from both clean predictions (masked and unmasked)."""
+    ref_label = ref_perturbed.argmax(dim=1)
+    return (ref_label != clean.argmax(dim=1)) & (ref_label != ref_clean.argmax(dim=1))
+
+
 def shared_loss(perturbed: "torch.Tensor", ref_clean: "torch.Tensor", ref_perturbed: "torch.Tensor", clean: "torch.Tensor") -> "torch.Tensor":
     """SAU's shared-adversarial loss: on samples the unmasked merge is attacked on, push down the class it is attacked to."""
     import torch
     import torch.nn.functional as F
 
     ref_label = ref_perturbed.argmax(dim=1)
-    poisoned = (ref_label != clean.argmax(dim=1)) & (ref_label != ref_clean.argmax(dim=1))
+    poisoned = poisoned_samples(clean, ref_clean, ref_perturbed)
     if not bool(poisoned.any()):
         return perturbed.new_zeros(())
     one_hot = F.one_hot(ref_label, num_classes=perturbed.shape[1]).to(perturbed.dtype)
@@ -159,6 +165,8 @@ class PostMergeDefense(ConcreteMethod):
 
     reference_url: ClassVar[str] = PAPER
     capabilities: ClassVar[Capabilities] = ConcreteMethod.capabilities
+    poisoned: int = 0
+    """Samples of the mask steps that SAU's shared loss acted on (reported as ``shared_attack_samples``; AWM: 0)."""
 
     def attack(self, setup: Setup, index: int, params, ref) -> "torch.Tensor":
         raise NotImplementedError
@@ -172,6 +180,7 @@ class PostMergeDefense(ConcreteMethod):
         cfg = self.config
         setup = Setup(self, pool, ctx)
         self._perturb = perturbations(setup, cfg.perturb_site, self.name)
+        self.poisoned = 0
         coefficients = effective(setup.coefficients(cfg.scaling_factor, False).detach(), cfg.clamp_weights)
         ref = {k: v.detach() for k, v in masked_merge(setup.params, setup.vectors, coefficients, None).items()}
         optimizer = torch.optim.Adam(setup.mask.parameters(), lr=cfg.lr)
@@ -188,7 +197,7 @@ class PostMergeDefense(ConcreteMethod):
             history.append(optimise(optimizer, loss, step, method=self.name))
         with torch.no_grad():
             final = setup.mask.sample(cfg.eval_mask, cfg.temperature, setup.generator)
-        self.finish(setup, ctx, history, perturb_site=self._perturb.site,
+        self.finish(setup, ctx, history, perturb_site=self._perturb.site, shared_attack_samples=self.poisoned,
                     perturbation_l2=[float(d.detach().norm()) for d in self._perturb.parameters()])
         return setup.state(final, coefficients)
 
@@ -230,10 +239,11 @@ class SAU(PostMergeDefense):
         beta1: float = option(0.5, help="weight of the attack loss in the perturbation step (beta1)")
         beta2: float = option(0.5, help="weight of the unshared Jensen–Shannon term in the perturbation step (beta2)")
 
-    def _ref_logits(self, setup: Setup, index: int, both: Any, ref) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def _ref_logits(self, setup: Setup, index: int, both: Any, ref, *, track: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """The unmasked merge's logits on the same batch (``track``: differentiable in δ, as the attack step's JS term is)."""
         import torch
 
-        with torch.no_grad(), self._perturb.applied(index, both, track=False, replay=True) as again:
+        with torch.set_grad_enabled(track), self._perturb.applied(index, both, track=track, replay=True) as again:
             logits = setup.logits(setup.tasks[index], ref, again)
         half = logits.shape[0] // 2
         return logits[:half], logits[half:]
@@ -241,7 +251,7 @@ class SAU(PostMergeDefense):
     def attack(self, setup, index, params, ref):
         cfg = self.config
         clean, perturbed, both = clean_and_perturbed(setup, self._perturb, index, params, track=True, clamp=False)
-        ref_clean, ref_perturbed = self._ref_logits(setup, index, both, ref)
+        ref_clean, ref_perturbed = self._ref_logits(setup, index, both, ref, track=True)
         shared = ((perturbed.argmax(1) != clean.argmax(1)) & (ref_perturbed.argmax(1) != ref_clean.argmax(1))
                   & (perturbed.argmax(1) == ref_perturbed.argmax(1)))
         return cfg.beta1 * attack_loss(clean, perturbed) + cfg.beta2 * js_unshared(perturbed, ref_perturbed, shared)
@@ -249,7 +259,8 @@ class SAU(PostMergeDefense):
     def mask_term(self, setup, index, params, ref):
         cfg = self.config
         clean, perturbed, both = clean_and_perturbed(setup, self._perturb, index, params, track=False, clamp=cfg.perturb_clamp)
-        ref_clean, ref_perturbed = self._ref_logits(setup, index, both, ref)
+        ref_clean, ref_perturbed = self._ref_logits(setup, index, both, ref, track=False)
+        self.poisoned += int(poisoned_samples(clean, ref_clean, ref_perturbed).sum())
         return (entropy(clean, cfg.entropy_eps) + cfg.adv_weight * entropy(perturbed, cfg.entropy_eps)
                 + cfg.shared_weight * shared_loss(perturbed, ref_clean, ref_perturbed, clean))
 
