@@ -110,7 +110,10 @@ def test_safe_concrete_adamerging_matches_fusionbench(world, granularity, parity
     passes ``layer_vector_dtype`` to ``LayerWiseMergedModel``, which has no such argument (TypeError); the row records it,
     and the comparison gives that name the algorithm's own config and drops the argument (``merge_dtype`` is None)."""
     from fusion_adaptive.safe import SafeConcreteAdaMerging
-    from fusion_bench.method.concrete_subspace import ConcreteSafeLayerWiseAdaMergingForCLIP, ConcreteSafeTaskWiseAdaMergingForCLIP
+    from fusion_bench.method.concrete_subspace import (
+        ConcreteSafeLayerWiseAdaMergingForCLIP,
+        ConcreteSafeTaskWiseAdaMergingForCLIP,
+    )
     from fusion_bench.method.concrete_subspace import clip_safe_concrete_adamerging as peer_module
 
     steps = 3

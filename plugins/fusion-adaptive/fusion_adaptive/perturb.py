@@ -110,16 +110,15 @@ class Perturbations:
         else:
             self.key = None
             self.module = input_embeddings(model, method=method)
-            shapes = []
-            for probe in probes:
-                seen: list = []
-                handle = self.module.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape[1:])))
-                try:
-                    with torch.no_grad():
+            seen: list = []
+            handle = self.module.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape[1:])))
+            try:
+                with torch.no_grad():
+                    for probe in probes:
                         run(probe)
-                finally:
-                    handle.remove()
-                shapes.append(seen[0])
+            finally:
+                handle.remove()
+            shapes = seen[: len(probes)]
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.deltas = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True) for shape in shapes]

@@ -33,9 +33,9 @@ import attrs
 
 from fusion_core import Capabilities, in_range, option, positive
 
+from .common import check_finite, entropy, progress
 from .concrete import PAPER as CONCRETE_PAPER
 from .concrete import ConcreteAdaMerging, ConcreteMethod, MaskFields, Setup, effective, masked_merge, optimise
-from .common import check_finite, entropy, progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
