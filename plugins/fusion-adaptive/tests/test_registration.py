@@ -9,7 +9,9 @@ import attrs
 from fusion_adaptive.plugin import all_methods
 
 EXPECTED = {"fisher_merging", "regmean", "regmean_plusplus", "adamerging", "wemoe", "e_wemoe", "smile", "simple_ensemble",
-            "weighted_ensemble", "max_model_predictor", "opcm", "doge", "wanda_pruning"}
+            "weighted_ensemble", "max_model_predictor", "opcm", "doge", "wanda_pruning", "concrete_task_arithmetic",
+            "concrete_adamerging", "safe_concrete_adamerging", "awm", "sau"}
+CONCRETE = {"concrete_task_arithmetic", "concrete_adamerging", "safe_concrete_adamerging", "awm", "sau"}
 
 
 def test_every_method_is_registered_with_documented_options():
@@ -20,7 +22,7 @@ def test_every_method_is_registered_with_documented_options():
         for field in attrs.fields(cls.Config):
             assert field.metadata.get("help"), (cls.name, field.name)
     transductive = {n for n, c in methods.items() if c.capabilities.transductive}
-    assert transductive == {"adamerging", "wemoe", "e_wemoe"}
+    assert transductive == {"adamerging", "wemoe", "e_wemoe"} | CONCRETE
     assert {n for n, c in methods.items() if c.capabilities.needs_labels} == set()  # fisher's empirical estimator checks at run time
     assert {n for n, c in methods.items() if c.capabilities.output == "ensemble"} == {"simple_ensemble", "weighted_ensemble", "max_model_predictor"}
 
