@@ -79,14 +79,15 @@ def attack_success_rate(model: Any, taskpool: TriggerableTaskPool, task: str, *,
 class BackdoorTaskPool(TaskPool):
     """A triggerable task pool's metrics plus ``asr`` (attack success rate) per task.
 
-    ``BackdoorTaskPool(inner)`` wraps an instance; a plugin can also subclass it next to its own
-    triggerable task pool (``evaluate`` then calls the next ``evaluate`` of the class hierarchy).
+    ``BackdoorTaskPool(inner=pool)`` wraps an instance; a plugin can also subclass it next to its own
+    triggerable task pool (``class P(BackdoorTaskPool, MyTaskPool)``: ``evaluate`` then calls the
+    next ``evaluate`` of the class hierarchy for the clean metrics).
     """
 
     name = "backdoor"
     summary = "Clean metrics and attack success rate (ASR) of a task pool whose inputs can carry a trigger."
 
-    def __init__(self, inner: TaskPool | None = None, config: Any = None) -> None:
+    def __init__(self, config: Any = None, *, inner: TaskPool | None = None) -> None:
         super().__init__(config if inner is None else inner.config)
         if inner is not None and not isinstance(inner, TriggerableTaskPool):
             raise InputError(

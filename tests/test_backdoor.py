@@ -68,10 +68,18 @@ def test_asr_counts_only_non_target_inputs():
 
 
 def test_wrapper_reports_clean_accuracy_and_asr_side_by_side():
-    results = BackdoorTaskPool(Triggerable(1.0)).evaluate(Model())
+    results = BackdoorTaskPool(inner=Triggerable(1.0)).evaluate(Model())
     assert results == {"t": {"accuracy": 1.0, "asr": 1.0}}
 
 
 def test_wrapper_refuses_a_pool_without_the_protocol():
     with pytest.raises(InputError, match="cannot carry a trigger"):
-        BackdoorTaskPool(Clean())
+        BackdoorTaskPool(inner=Clean())
+
+
+def test_subclassing_next_to_a_triggerable_pool_adds_asr_to_its_own_metrics():
+    class Pool(BackdoorTaskPool, Triggerable):
+        name = "toy_backdoor"
+
+    pool = Pool(0.5)  # the config argument goes down the hierarchy (here: Triggerable's poisoned fraction)
+    assert pool.evaluate(Model()) == {"t": {"accuracy": 1.0, "asr": 0.5}}
