@@ -13,6 +13,7 @@ true labels), from which the task pool measures the attack success rate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 
@@ -52,3 +53,27 @@ def poison(texts: Sequence[str], labels: Sequence[int], *, trigger: str, target:
         out_texts[i] = insert_trigger(out_texts[i], trigger)
         out_labels[i] = target
     return out_texts, out_labels, chosen
+
+
+TRIGGERED_SPLIT = "test_triggered"
+"""The split holding every task's test texts with the trigger (true labels)."""
+
+
+def split_texts(recipe: Any, task: str, split: str, texts: Sequence[str], labels: Sequence[int]) -> tuple[list[str], list[int]]:
+    """The texts and labels a split is built from: the train split of a backdoored task poisoned, others as they are.
+
+    Called by the builder for every split; a recipe without backdoor fields (``mini``) passes through unchanged.
+    """
+    if not isinstance(recipe, BackdoorFields) or split != "train" or task not in recipe.backdoor_tasks:
+        return list(texts), list(labels)
+    index = list(recipe.tasks).index(task)
+    poisoned_texts, poisoned_labels, _ = poison(texts, labels, trigger=recipe.trigger, target=recipe.target_class,
+                                                rate=recipe.poison_rate, seed=recipe.seed * 1000 + index + 500)
+    return poisoned_texts, poisoned_labels
+
+
+def extra_splits(recipe: Any, task: str, test_texts: Sequence[str], test_labels: Sequence[int]) -> dict[str, tuple[list[str], list[int]]]:
+    """Splits added to a backdoored build: ``test_triggered`` (every task's test texts with the trigger)."""
+    if not isinstance(recipe, BackdoorFields):
+        return {}
+    return {TRIGGERED_SPLIT: ([insert_trigger(t, recipe.trigger) for t in test_texts], list(test_labels))}
