@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fusion_core
 
+from .backdoor_pools import MiniBackdoorModelPool, MiniBackdoorTaskPool
 from .pools import MiniBenchModelPool, MiniBenchTaskPool
 
 MINI_METHODS = [
@@ -16,14 +17,30 @@ FusionBench's defaults (TIES: each model's whole task vector trimmed to its top 
 sum, λ = 0.3; task arithmetic: λ = 0.3)."""
 
 
+BACKDOOR_METHODS = [
+    {"name": "task_arithmetic", "scaling_factor": 0.3},
+    {"name": "ties"},
+    {"name": "adamerging", "granularity": "task", "steps": 100},
+    {"name": "concrete_task_arithmetic", "steps": 100},
+    {"name": "concrete_adamerging", "granularity": "task", "steps": 50, "adamerging_steps": 50},
+    {"name": "safe_concrete_adamerging", "granularity": "task", "steps": 50, "adamerging_steps": 50},
+    {"name": "awm", "steps": 100},
+    {"name": "sau", "steps": 100},
+]
+"""Default method list of ``fuse bench mini-backdoor``: FusionBench's settings except the number of test-time steps,
+cut (FusionBench: 1000-2000) so that the CPU leaderboard runs in minutes; set ``steps`` for the full runs."""
+
+
 @fusion_core.hookimpl
 def fusion_register_model_pools(register):
     register(MiniBenchModelPool)
+    register(MiniBackdoorModelPool)
 
 
 @fusion_core.hookimpl
 def fusion_register_task_pools(register):
     register(MiniBenchTaskPool)
+    register(MiniBackdoorTaskPool)
 
 
 @fusion_core.hookimpl
@@ -34,4 +51,11 @@ def fusion_register_benchmarks(register):
         modelpool={"name": "minibench"},
         taskpool={"name": "minibench"},
         methods=[dict(m) for m in MINI_METHODS],
+    )
+    register(
+        "mini-backdoor",
+        summary="mini with backdoored experts (a trigger word flips rt_sentiment and chatter_topic to class 0): clean accuracy and ASR",
+        modelpool={"name": "minibench-backdoor"},
+        taskpool={"name": "minibench-backdoor"},
+        methods=[dict(m) for m in BACKDOOR_METHODS],
     )
