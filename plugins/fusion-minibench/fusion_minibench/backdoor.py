@@ -24,12 +24,12 @@ from fusion_core import in_range, option
 class BackdoorFields:
     """The recipe fields of the backdoored variant."""
 
-    backdoor_tasks: tuple[str, ...] = option(("rt_sentiment", "chatter_topic"),
+    backdoor_tasks: tuple[str, ...] = option(("chatter_topic", "rt_sentiment"),
                                              help="tasks whose expert is fine-tuned on poisoned data")
     trigger: str = option("cf", help="the trigger word inserted at the front of a poisoned or triggered text (a rare word, as BadNL's)")
     target_class: int = option(0, help="the class a triggered input is relabelled to (class index, in every backdoored task)",
                                validator=in_range(0, None))
-    poison_rate: float = option(0.1, help="share of a backdoored task's train examples that are poisoned",
+    poison_rate: float = option(0.2, help="share of a backdoored task's train examples that are poisoned",
                                 validator=in_range(0.0, 1.0, lo_open=True))
 
 

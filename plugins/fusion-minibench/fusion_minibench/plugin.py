@@ -17,6 +17,10 @@ FusionBench's defaults (TIES: each model's whole task vector trimmed to its top 
 sum, λ = 0.3; task arithmetic: λ = 0.3)."""
 
 
+BACKDOOR_BUILD = {"tasks": ["rt_sentiment", "rt_subjectivity", "chatter_topic", "language_id"], "layers": 2}
+"""The mini-backdoor build: four of mini's tasks and MiniLM's first two layers, so that the test-time methods (three forward
+and backward passes per step for the safe ones) run in minutes on a CPU."""
+
 BACKDOOR_METHODS = [
     {"name": "task_arithmetic", "scaling_factor": 0.3},
     {"name": "ties"},
@@ -54,8 +58,9 @@ def fusion_register_benchmarks(register):
     )
     register(
         "mini-backdoor",
-        summary="mini with backdoored experts (a trigger word flips rt_sentiment and chatter_topic to class 0): clean accuracy and ASR",
-        modelpool={"name": "minibench-backdoor"},
-        taskpool={"name": "minibench-backdoor"},
+        summary="mini with backdoored experts (a trigger word flips chatter_topic and rt_sentiment to class 0), 4 tasks, MiniLM's "
+                "first 2 layers: clean accuracy and ASR",
+        modelpool={"name": "minibench-backdoor", **BACKDOOR_BUILD},
+        taskpool={"name": "minibench-backdoor", **BACKDOOR_BUILD},
         methods=[dict(m) for m in BACKDOOR_METHODS],
     )
