@@ -23,7 +23,8 @@ minimising the prediction entropy (Adam), as FusionBench 0.2.33 does
 
 Limits: T → ∞ gives m ≡ ½, so m / mean(m) ≡ 1 and the merge is plain task arithmetic / AdaMerging;
 logits → +∞ give m ≡ 1 (the same).  Draws come from one generator seeded from the run's seed, in
-the base's parameter order, so a seed fixes the result.
+the base's parameter order, so a seed fixes the result.  Tensors whose task vectors are zero in every
+model (embedding tables frozen during fine-tuning) carry no mask: masking a zero changes nothing.
 
 Test-time adaptation: the methods read the *test* inputs (never labels) and are ``transductive``.
 """
@@ -114,14 +115,18 @@ class ConcreteMask:
 
 def masked_merge(base: Mapping[str, "torch.Tensor"], stacked: Mapping[str, "torch.Tensor"], coefficients: "torch.Tensor",
                  mask: Mapping[str, "torch.Tensor"] | None) -> dict[str, "torch.Tensor"]:
-    """``θ₀ₖ + mₖ ⊙ Σᵢ λᵢₖ τᵢₖ`` per tensor ``k`` (``coefficients`` ``(N, 1)`` task-wise or ``(N, K)`` layer-wise)."""
+    """``θ₀ₖ + mₖ ⊙ Σᵢ λᵢₖ τᵢₖ`` per tensor ``k`` (``coefficients`` ``(N, 1)`` task-wise or ``(N, K)`` layer-wise).
+
+    A tensor without a mask (``mask`` ``None`` or without its key) is merged unmasked.
+    """
     import torch
 
     layer_wise = coefficients.shape[1] > 1
     out = {}
     for k, (key, value) in enumerate(base.items()):
         delta = torch.tensordot(coefficients[:, k if layer_wise else 0].to(value.dtype), stacked[key], dims=1)
-        out[key] = value + (delta if mask is None else mask[key].to(value.dtype) * delta)
+        m = None if mask is None else mask.get(key)
+        out[key] = value + (delta if m is None else m.to(value.dtype) * delta)
     return out
 
 
@@ -145,7 +150,8 @@ class Setup:
                                           list(self.params))
         self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(tensor_seed(ctx.seed, method.name, "mask"))
-        self.mask = ConcreteMask(self.params, method.config.initial_logits)
+        # tensors whose task vectors are all zero (frozen in every fine-tune: embedding tables) get no mask: m ⊙ 0 = 0
+        self.mask = ConcreteMask({k: v for k, v in self.params.items() if bool(self.vectors[k].any())}, method.config.initial_logits)
 
     def coefficients(self, value: float, layer_wise: bool) -> "torch.Tensor":
         import torch
