@@ -107,8 +107,10 @@ class BackdoorTaskPool(TaskPool):
     def classifier(self, task: str):
         return self.inner.classifier(task) if self.inner is not None else super().classifier(task)
 
-    def unlabelled_batches(self, task: str):
-        return self.inner.unlabelled_batches(task) if self.inner is not None else super().unlabelled_batches(task)
+    def unlabelled_batches(self, task: str, *args: Any, **kwargs: Any):
+        if self.inner is not None:
+            return self.inner.unlabelled_batches(task, *args, **kwargs)
+        return super().unlabelled_batches(task, *args, **kwargs)  # type: ignore[call-arg]
 
     def primary_metric(self) -> str:
         return self.inner.primary_metric() if self.inner is not None else super().primary_metric()
