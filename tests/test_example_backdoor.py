@@ -38,3 +38,20 @@ def test_the_readme_commands_name_the_shipped_config():
     text = (EXAMPLE / "README.md").read_text(encoding="utf-8")
     assert "fuse run examples/backdoor_safe_merging/config.yaml" in text
     assert "fuse bench mini-backdoor" in text and "--metric asr" in text
+
+
+def test_the_methods_file_plans_on_the_mini_backdoor_benchmark():
+    pytest.importorskip("fusion_minibench", reason="the example runs on the mini benchmark (plugins/fusion-minibench)")
+    pytest.importorskip("fusion_adaptive", reason="the example's methods are in plugins/fusion-adaptive")
+    from fusion_lab.cli.bench import load_methods_file, plan_bench
+
+    from fusion_core.plugins import get_plugin_manager
+    from fusion_core.registry import build_registry
+
+    specs = load_methods_file(str(EXAMPLE / "methods.yaml"))
+    plan = plan_bench(build_registry(get_plugin_manager()), "mini-backdoor", specs, (0,))
+    names = [cell.config_dict["method"]["name"] for cell in plan.cells]
+    assert names[:2] == ["task_arithmetic", "ties"] and "safe_concrete_adamerging" in names and len(names) == 7
+    from fusion_minibench.plugin import BACKDOOR_METHODS
+
+    assert specs == BACKDOOR_METHODS  # the file is the benchmark's own list
