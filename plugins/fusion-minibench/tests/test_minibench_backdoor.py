@@ -77,3 +77,16 @@ def test_recipe_and_pool_checks(small):
     with pytest.raises(ConfigError, match="modelpool=minibench-backdoor"):
         taskpool.check_pool(MiniBenchModelPool(MiniBenchConfig(**plain)))
     taskpool.check_pool(pool)
+
+
+def test_plugin_registers_the_backdoor_pools_and_benchmark():
+    from fusion_minibench import plugin
+
+    pools, taskpools, benches = [], [], []
+    plugin.fusion_register_model_pools(pools.append)
+    plugin.fusion_register_task_pools(taskpools.append)
+    plugin.fusion_register_benchmarks(lambda name, **kw: benches.append((name, kw)))
+    assert MiniBackdoorModelPool in pools and MiniBackdoorTaskPool in taskpools
+    spec = dict(benches)["mini-backdoor"]
+    assert spec["modelpool"] == {"name": "minibench-backdoor", **plugin.BACKDOOR_BUILD} and spec["taskpool"]["name"] == "minibench-backdoor"
+    assert [m["name"] for m in spec["methods"]][:3] == ["task_arithmetic", "ties", "adamerging"]
