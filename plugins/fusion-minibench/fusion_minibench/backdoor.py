@@ -24,7 +24,7 @@ from fusion_core import in_range, option
 class BackdoorFields:
     """The recipe fields of the backdoored variant."""
 
-    backdoor_tasks: tuple[str, ...] = option(("chatter_topic", "rt_sentiment"),
+    backdoor_tasks: tuple[str, ...] = option(("chatter_topic",),
                                              help="tasks whose expert is fine-tuned on poisoned data")
     trigger: str = option("cf", help="the trigger word inserted at the front of a poisoned or triggered text (a rare word, as BadNL's)")
     target_class: int = option(0, help="the class a triggered input is relabelled to (class index, in every backdoored task)",

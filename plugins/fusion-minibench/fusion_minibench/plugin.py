@@ -17,7 +17,8 @@ FusionBench's defaults (TIES: each model's whole task vector trimmed to its top 
 sum, λ = 0.3; task arithmetic: λ = 0.3)."""
 
 
-BACKDOOR_BUILD = {"tasks": ["rt_sentiment", "rt_subjectivity", "chatter_topic", "language_id"], "layers": 2}
+BACKDOOR_BUILD = {"tasks": ["rt_sentiment", "rt_subjectivity", "chatter_topic", "language_id"], "layers": 2,
+                  "backdoor_tasks": ["chatter_topic", "rt_sentiment"]}
 """The mini-backdoor build: four of mini's tasks and MiniLM's first two layers, so that the test-time methods (three forward
 and backward passes per step for the safe ones) run in minutes on a CPU."""
 

@@ -31,8 +31,6 @@ from fusion_core import InputError, ModelPool, TaskPool, option
 from .recipe import Recipe, recipe_hash, recipe_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from fusion_core import RunContext
 
     from .store import Built
@@ -145,9 +143,8 @@ class MiniBenchModelPool(_Shared, ModelPool):
         return self._module(built.state_dict(name), built)
 
     def reader(self, name: str | None = None):
-        from fusion_core import StateDictReader
-
-        return StateDictReader(self.built().state_dict(name), label=name or "base")
+        """A lazy ``TensorReader`` over expert ``name``'s state dict (``None``: the base); tensors are read on demand."""
+        return self.built().reader(name)
 
     def model_from_state_dict(self, state_dict: Mapping[str, Any]):
         """An encoder holding ``state_dict``; tensors it lacks come from the base."""

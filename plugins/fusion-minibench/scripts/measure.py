@@ -1,10 +1,13 @@
 """Measure the mini benchmark end to end: a cold ``fuse run`` (build + merge + evaluate), a cached
-``fuse run``, and pretrained / individual / merged accuracies over several recipe seeds.
+``fuse run`` (wall time and peak RSS of each), and pretrained / individual / merged accuracies over
+several recipe seeds, with the zero-shot → individual gap of every task.
 
     python plugins/fusion-minibench/scripts/measure.py --seeds 0 1 2 --out /tmp/minibench-measure
 
-Each seed is its own recipe (splits, initialisation, training order), built once into
-``--out/cache``.  The cold run uses an empty cache folder of its own.  Prints a Markdown table.
+Each seed is its own recipe (splits, training order, dropout), built once into ``--out/cache``.
+The cold run uses an empty cache folder of its own.  The load average before and after each
+timed run is printed with it (the figures mean something on an idle machine only).  Prints
+Markdown and writes it to ``--out/measure.md``.
 """
 
 from __future__ import annotations
@@ -21,15 +24,29 @@ from pathlib import Path
 METHODS = {
     "simple_average": ["method=simple_average"],
     "task_arithmetic (λ=0.3)": ["method=task_arithmetic", "method.scaling_factor=0.3"],
-    "ties (k=0.2, λ=1)": ["method=ties"],
+    "ties (default: k=0.2, λ=0.3)": ["method=ties"],
 }
 
 
-def timed_fuse_run(cache: Path, out: Path, extra: list[str]) -> tuple[float, dict]:
+def timed_fuse_run(cache: Path, out: Path, extra: list[str]) -> tuple[float, float, float, dict]:
+    """Wall seconds, CPU seconds (user + system), peak RSS (GB) and report of ``fuse run`` in a child process.
+
+    On a shared machine the CPU time of a one-thread run (``--threads 1``) is the better estimate
+    of its wall time on an idle one.
+    """
     env = dict(os.environ, FUSE_CACHE_DIR=str(cache))
     start = time.perf_counter()
-    subprocess.run(["fuse", "run", f"output_dir={out}", "threads=1", *extra], check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start, json.loads((out / "report.json").read_text())
+    child = subprocess.Popen(["fuse", "run", f"output_dir={out}", *extra], env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"fuse run failed (exit {os.waitstatus_to_exitcode(status)})")
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss / 1e6, json.loads((out / "report.json").read_text())
+
+
+def load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def mean(values) -> float:
@@ -47,25 +64,46 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("/tmp/minibench-measure"))
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold/cached fuse run timings")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="print the table of earlier runs' --out folders (e.g. one seed each, run in parallel) and stop")
+    parser.add_argument("--threads", type=int, default=None, help="threads= of the timed fuse runs (default: fuse's own default)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
+    cache = args.out / "cache"
     if not args.skip_cold:
         stamp = int(time.time())
-        cold_cache = args.out / f"cold-cache-{stamp}"
-        t_cold, report = timed_fuse_run(cold_cache, args.out / f"run-cold-{stamp}", [])
-        t_warm, report2 = timed_fuse_run(cold_cache, args.out / f"run-cached-{stamp}", [])
-        lines.append(f"cold `fuse run` (build + TIES + evaluate): {t_cold:.1f} s; cached `fuse run`: {t_warm:.1f} s")
+        cold_cache = cache = args.out / f"cold-cache-{stamp}"  # the seed runs reuse its build
+        before = load()
+        extra = [f"threads={args.threads}"] if args.threads else []
+        t_cold, cpu_cold, rss_cold, report = timed_fuse_run(cold_cache, args.out / f"run-cold-{stamp}", extra)
+        between = load()
+        t_warm, cpu_warm, rss_warm, report2 = timed_fuse_run(cold_cache, args.out / f"run-cached-{stamp}", extra)
+        lines.append(f"cold `fuse run {' '.join(extra)}` (build + TIES + evaluate): {t_cold:.1f} s wall, {cpu_cold:.1f} s CPU, "
+                     f"peak RSS {rss_cold:.2f} GB (load average 1/5/15 min before: {before}, after: {between})")
+        lines.append(f"cached `fuse run {' '.join(extra)}`: {t_warm:.1f} s wall, {cpu_warm:.1f} s CPU, peak RSS {rss_warm:.2f} GB "
+                     f"(load average after: {load()})")
         lines.append(f"cold-run averages: {json.dumps({k: round(v, 4) for k, v in averages(report).items()})}")
         lines.append(f"cached run identical results: {report['results'] == report2['results']}")
         meta = next((cold_cache / "minibench").glob("*/meta.json"))
-        lines.append(f"build timings (s): {json.loads(meta.read_text())['timings_s']}")
+        built = json.loads(meta.read_text())
+        lines.append(f"build timings (s, {built['threads']} thread): {built['timings_s']}")
+        lines.append(f"run phases (s): {report.get('timings')}")
 
-    import fusion_core
-
-    os.environ["FUSE_CACHE_DIR"] = str(args.out / "cache")
     table: dict[str, dict[int, float]] = {}
     per_task: dict[str, dict[int, dict[str, float]]] = {}
+    if args.combine:
+        for folder in args.combine:
+            saved = json.loads((folder / "results.json").read_text())
+            for name, by_seed in saved.items():
+                per_task.setdefault(name, {}).update({int(s): v for s, v in by_seed.items()})
+        args.seeds = sorted(per_task["pretrained"])
+        table = {name: {s: mean(v.values()) for s, v in by_seed.items()} for name, by_seed in per_task.items()}
+        print_table(args, lines, table, per_task)
+        return
+    import fusion_core
+
+    os.environ["FUSE_CACHE_DIR"] = str(cache)
     for seed in args.seeds:
         recipe = [
             "modelpool=minibench",
@@ -83,6 +121,12 @@ def main() -> None:
                 name = label if key == "merged" else key
                 table.setdefault(name, {})[seed] = value
                 per_task.setdefault(name, {})[seed] = {t: v["accuracy"] for t, v in report["results"][key].items()}
+    (args.out / "results.json").write_text(json.dumps(per_task, indent=1))
+    print_table(args, lines, table, per_task)
+
+
+def print_table(args, lines: list[str], table: dict, per_task: dict) -> None:
+    """The Markdown table (per task: mean over seeds), the gaps, written to ``--out/measure.md``."""
     order = ["pretrained", "individual", *METHODS]
     tasks = list(per_task["pretrained"][args.seeds[0]])
     lines.append("")
@@ -102,6 +146,9 @@ def main() -> None:
     gaps = {s: table["individual"][s] - table["pretrained"][s] for s in args.seeds}
     sa = {s: table["individual"][s] - table["simple_average"][s] for s in args.seeds}
     lines.append("")
+    task_gaps = {t: 100 * mean(per_task["individual"][s][t] - per_task["pretrained"][s][t] for s in args.seeds) for t in tasks}
+    lines.append("individual − pretrained per task (mean over seeds): "
+                 + ", ".join(f"{t} {g:.1f}" for t, g in task_gaps.items()) + f"; smallest {min(task_gaps.values()):.1f}")
     lines.append("individual − pretrained: " + ", ".join(f"{100 * g:.1f}" for g in gaps.values()) + " points")
     lines.append("individual − simple average: " + ", ".join(f"{100 * g:.1f}" for g in sa.values()) + " points")
     text = "\n".join(lines)
