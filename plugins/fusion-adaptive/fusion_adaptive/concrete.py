@@ -261,7 +261,7 @@ class ConcreteAdaMerging(ConcreteMethod):
     class Config(MaskFields):
         granularity: Literal["task", "layer"] = option("layer", help="one λ per model (task) or per model and parameter tensor (layer)")
         init: float = option(0.3, help="initial λ of every coefficient, restored before each inner step (scaling_factor)")
-        steps: int = option(1000, help="meta-learning steps of the mask (max_steps); each reads two test batches per task",
+        steps: int = option(1000, help="meta-learning steps of the mask (max_steps); each reads two test batches per task (the safe variant: three)",
                             validator=in_range(0, None))
         lr: float = option(1e-3, help="Adam learning rate of the mask logits (lr)", validator=positive)
         base_lr: float = option(1.0, help="Adam learning rate of the inner step on λ (base_lr)", validator=positive)
