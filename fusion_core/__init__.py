@@ -28,7 +28,8 @@ first use, so ``import fusion_core`` (and ``fuse --help``) stays light.
   :func:`default_format`, :func:`console`, :func:`error_console`, :class:`Progress` (plain progress lines of a long phase);
 - running: :func:`run` (like ``fuse run``), :func:`load_config` (a validated run config), :func:`get_plugin_manager`,
   :func:`build_registry`; :mod:`fusion_core.adapters` is a public module (the model-adapter
-  protocol of data-driven methods: ``forward``, ``functional_forward``, ``apply_classifier``, ...).
+  protocol of data-driven methods: ``forward``, ``functional_forward``, ``apply_classifier``, ...), and so is
+  :mod:`fusion_core.backdoor` (task pools whose inputs can carry a trigger, the attack success rate).
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ _EXPORTS = {
     "get_plugin_manager": ".plugins", "build_registry": ".registry",
     "run": ".program", "load_config": ".runconfig:load_run_config",
 }
-_MODULES = {"adapters": ".adapters"}
+_MODULES = {"adapters": ".adapters", "backdoor": ".backdoor"}
 
 __all__ = ["__version__", "hookimpl", *_EXPORTS, *_MODULES]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from . import adapters  # noqa: F401
+    from . import adapters, backdoor  # noqa: F401
     from .components import Capabilities, Component, Method, ModelPool, TaskPool  # noqa: F401
     from .config import (  # noqa: F401
         DefaultBy,

@@ -9,6 +9,7 @@ def all_methods() -> list[type]:
     """Every method class this plugin provides, module by module."""
     from . import (
         adamerging,
+        concrete,
         continual,
         doge,
         dop,
@@ -19,6 +20,7 @@ def all_methods() -> list[type]:
         opcm,
         rankone_moe,
         regmean,
+        safe,
         smile,
         sparsegpt,
         surgery,
@@ -29,7 +31,8 @@ def all_methods() -> list[type]:
 
     return [*fisher.METHODS, *regmean.METHODS, *adamerging.METHODS, *wemoe.METHODS, *ewemoe.METHODS, *smile.METHODS,
             *ensemble.METHODS, *opcm.METHODS, *continual.METHODS, *dop.METHODS, *doge.METHODS, *wanda.METHODS,
-            *sparsegpt.METHODS, *rankone_moe.METHODS, *trust_region.METHODS, *frank_wolfe.METHODS, *surgery.METHODS]
+            *sparsegpt.METHODS, *rankone_moe.METHODS, *trust_region.METHODS, *frank_wolfe.METHODS, *surgery.METHODS,
+            *concrete.METHODS, *safe.METHODS]
 
 
 @fusion_core.hookimpl

@@ -11,7 +11,9 @@ from fusion_adaptive.plugin import all_methods
 EXPECTED = {"fisher_merging", "regmean", "regmean_plusplus", "adamerging", "wemoe", "e_wemoe", "smile", "simple_ensemble",
             "weighted_ensemble", "max_model_predictor", "opcm", "doge", "wanda_pruning",
             "continual_task_arithmetic", "continual_ties", "continual_weight_average", "dop", "sparsegpt_pruning", "rankone_moe",
-            "trust_region_ta", "fw_merging", "fw_soft", "surgery"}
+            "trust_region_ta", "fw_merging", "fw_soft", "surgery", "concrete_task_arithmetic",
+            "concrete_adamerging", "safe_concrete_adamerging", "awm", "sau"}
+CONCRETE = {"concrete_task_arithmetic", "concrete_adamerging", "safe_concrete_adamerging", "awm", "sau"}
 
 
 def test_every_method_is_registered_with_documented_options():
@@ -22,7 +24,7 @@ def test_every_method_is_registered_with_documented_options():
         for field in attrs.fields(cls.Config):
             assert field.metadata.get("help"), (cls.name, field.name)
     transductive = {n for n, c in methods.items() if c.capabilities.transductive}
-    assert transductive == {"adamerging", "wemoe", "e_wemoe", "rankone_moe", "surgery", "fw_soft"}
+    assert transductive == {"adamerging", "wemoe", "e_wemoe", "rankone_moe", "surgery", "fw_soft"} | CONCRETE
     assert {n for n, c in methods.items() if c.capabilities.needs_labels} == set()  # fisher's empirical estimator checks at run time
     assert {n for n, c in methods.items() if c.capabilities.output == "ensemble"} == {"simple_ensemble", "weighted_ensemble", "max_model_predictor"}
 

@@ -6,7 +6,7 @@ person reads them (:func:`format_score`).
 
 from __future__ import annotations
 
-PERCENT_METRICS = ("accuracy", "acc", "top1", "f1")
+PERCENT_METRICS = ("accuracy", "acc", "top1", "f1", "asr")
 
 
 def is_percent(metric: str | None) -> bool:

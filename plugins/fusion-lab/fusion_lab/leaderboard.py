@@ -134,6 +134,32 @@ def to_markdown(board: Leaderboard) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_markdown_side_by_side(boards: Sequence[Leaderboard]) -> str:
+    """One Markdown table of several metrics of the same runs (e.g. clean accuracy and attack success rate).
+
+    Rows are those of the first board, in its order; for each metric, its per-task columns and its average.
+    """
+    if len(boards) == 1:
+        return to_markdown(boards[0])
+    first = boards[0]
+    lookup = [{(row.label, row.config): row for row in board.rows} for board in boards]
+    header = ["#", "method", "config", "seeds"]
+    for board in boards:
+        header += [f"{board.metric}: {t}" for t in board.tasks] + [f"{board.metric}: average"]
+    units = ", ".join(f"{b.metric} (%)" if b.percent else b.metric for b in boards)
+    lines = [f"**{first.title}** — {units}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join(["---:", "---", "---", "---:"] + ["---:"] * (len(header) - 4)) + "|"]
+    for rank, row in enumerate(first.rows, 1):
+        label = f"*{row.label}*" if row.kind == "baseline" else row.label
+        cells = [str(rank), label, row.config or "–", _seed_text(row)]
+        for board, rows in zip(boards, lookup, strict=True):
+            other = rows.get((row.label, row.config))
+            cells += [format_stat(other.tasks.get(t) if other else None, board.percent) for t in board.tasks]
+            cells.append(f"**{format_stat(other.average if other else None, board.percent)}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _num(value: float | None) -> str:
     return "" if value is None else repr(round(value, 6))
 
@@ -156,6 +182,17 @@ def to_csv(board: Leaderboard) -> str:
         writer.writerow([rank, row.label, row.kind, row.config, _seed_text(row), " ".join(map(str, row.seeds)), *means,
                          _num(avg.mean if avg else None), *stds, _num(avg.std if avg else None)])
     return buf.getvalue()
+
+
+def to_csv_long(boards: Sequence[Leaderboard]) -> str:
+    """Several metrics in one CSV: :func:`to_csv` of each board with a leading ``metric`` column (tasks must agree)."""
+    lines: list[str] = []
+    for i, board in enumerate(boards):
+        body = to_csv(board).splitlines()
+        if i == 0:
+            lines.append("metric," + body[0])
+        lines += [f"{board.metric},{line}" for line in body[1:]]
+    return "\n".join(lines) + "\n"
 
 
 def render_rich(board: Leaderboard, console, fmt: str | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fusion_core
 
+from .backdoor_pools import MiniBackdoorModelPool, MiniBackdoorTaskPool
 from .pools import MiniBenchModelPool, MiniBenchTaskPool
 
 MINI_METHODS = [
@@ -16,14 +17,35 @@ FusionBench's defaults (TIES: each model's whole task vector trimmed to its top 
 sum, λ = 0.3; task arithmetic: λ = 0.3)."""
 
 
+BACKDOOR_BUILD = {"tasks": ["rt_sentiment", "rt_subjectivity", "chatter_topic", "language_id"], "layers": 2,
+                  "backdoor_tasks": ["chatter_topic", "rt_sentiment"]}
+"""The mini-backdoor build: four of mini's tasks and MiniLM's first two layers, so that the test-time methods (three forward
+and backward passes per step for the safe ones) run in minutes on a CPU."""
+
+BACKDOOR_METHODS = [
+    {"name": "task_arithmetic", "scaling_factor": 0.3},
+    {"name": "ties"},
+    {"name": "adamerging", "granularity": "task", "steps": 30},
+    {"name": "safe_concrete_adamerging", "granularity": "task", "steps": 20, "adamerging_steps": 20, "lr": 0.05, "adv_lr": 0.01},
+    {"name": "concrete_adamerging", "granularity": "task", "steps": 20, "adamerging_steps": 20, "lr": 0.05},
+    {"name": "awm", "steps": 20, "lr": 0.05, "adv_lr": 0.01},
+    {"name": "sau", "steps": 20, "lr": 0.05, "adv_lr": 0.01},
+]
+"""Default method list of ``fuse bench mini-backdoor`` (also ``examples/backdoor_safe_merging/methods.yaml``): FusionBench's
+settings except the number of test-time steps (FusionBench: 1000-2000 on a GPU), cut so that the CPU leaderboard runs in
+about an hour, and, to compensate, the mask's lr (1e-3 there) and the perturbation's adv_lr (1e-4 there)."""
+
+
 @fusion_core.hookimpl
 def fusion_register_model_pools(register):
     register(MiniBenchModelPool)
+    register(MiniBackdoorModelPool)
 
 
 @fusion_core.hookimpl
 def fusion_register_task_pools(register):
     register(MiniBenchTaskPool)
+    register(MiniBackdoorTaskPool)
 
 
 @fusion_core.hookimpl
@@ -34,4 +56,12 @@ def fusion_register_benchmarks(register):
         modelpool={"name": "minibench"},
         taskpool={"name": "minibench"},
         methods=[dict(m) for m in MINI_METHODS],
+    )
+    register(
+        "mini-backdoor",
+        summary="mini with backdoored experts (a trigger word flips chatter_topic and rt_sentiment to class 0), 4 tasks, MiniLM's "
+                "first 2 layers: clean accuracy and ASR",
+        modelpool={"name": "minibench-backdoor", **BACKDOOR_BUILD},
+        taskpool={"name": "minibench-backdoor", **BACKDOOR_BUILD},
+        methods=[dict(m) for m in BACKDOOR_METHODS],
     )

@@ -27,6 +27,7 @@ import attrs
 
 from fusion_core import in_range, option, positive
 
+from . import backdoor
 from . import data as data_mod
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,11 +205,14 @@ def _build(recipe: Recipe, out_dir: Path, *, show_progress: bool) -> dict[str, A
     for name in recipe.tasks:
         task = data_mod.load_task(name)
         splits = data_mod.split_task(task, seed=recipe.seed, n_train=recipe.n_train, n_val=recipe.n_val, n_test=recipe.n_test)
-        for split, idx in splits.items():  # stored sorted by length (stable): evaluation batches carry little padding
-            ids = minilm.encode([task.texts[i] for i in idx], recipe.max_tokens)
+        texts = {s: backdoor.split_texts(recipe, name, s, [task.texts[i] for i in idx], [task.labels[i] for i in idx])
+                 for s, idx in splits.items()}  # a backdoored recipe (mini-backdoor) poisons texts here; mini's pass through
+        texts.update(backdoor.extra_splits(recipe, name, *texts["test"]))
+        for split, (split_texts, split_labels) in texts.items():  # stored sorted by length (stable): little padding per batch
+            ids = minilm.encode(split_texts, recipe.max_tokens)
             by_length = torch.sort((ids != 0).sum(1), stable=True).indices
             tensors_data[f"{name}/{split}/ids"] = ids[by_length]
-            tensors_data[f"{name}/{split}/labels"] = torch.tensor([task.labels[i] for i in idx], dtype=torch.long)[by_length]
+            tensors_data[f"{name}/{split}/labels"] = torch.tensor(split_labels, dtype=torch.long)[by_length]
         tasks_meta[name] = {
             "classes": list(task.classes),
             "prompts": [list(p) for p in data_mod.CLASS_PROMPTS[name]],

@@ -183,8 +183,8 @@ def test_plugin_registers_pools_and_the_mini_benchmark():
     plugin.fusion_register_model_pools(pools.append)
     plugin.fusion_register_task_pools(taskpools.append)
     plugin.fusion_register_benchmarks(lambda name, **kw: benches.append((name, kw)))
-    assert pools == [MiniBenchModelPool] and taskpools == [MiniBenchTaskPool]
-    ((name, spec),) = benches
+    assert pools[0] is MiniBenchModelPool and taskpools[0] is MiniBenchTaskPool  # then mini-backdoor's (test_minibench_backdoor)
+    (name, spec), *_ = benches
     assert name == "mini" and spec["modelpool"] == {"name": "minibench"} and spec["taskpool"] == {"name": "minibench"}
     assert spec["methods"][0] == {"name": "ties"}
     assert {m["name"] for m in spec["methods"]} >= {"ties", "simple_average", "task_arithmetic"}

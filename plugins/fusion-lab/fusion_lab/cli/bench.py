@@ -270,9 +270,12 @@ class Progress:
 @click.option("--jobs", type=int, default=None, help="Cells at once (local: worker processes; ray: CPUs of a local Ray).")
 @click.option("--executor", "executor_name", default="local", show_default=True, help="Where cells run: local, or ray (fusion-ray plugin).")
 @click.option("--address", default=None, metavar="ADDR", help="Cluster address for the executor (ray: host:port of the head).")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Metric to show (repeatable: one table per metric, Markdown side by side, e.g. --metric accuracy --metric asr). "
+                   "Default: the task pool's primary metric.")
 @click.pass_obj
 def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, markdown, csv_path, plot, show_only, jobs,
-                  executor_name, address):
+                  executor_name, address, metrics):
     """Run methods on a benchmark, store every result in SQLite and show the leaderboard.
 
     \b
@@ -280,10 +283,11 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
       fuse bench mini --method ties:density=0.2 --method task_arithmetic:scaling_factor=0.3
       fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png --jobs 2
       fuse bench mini --show-only --csv leaderboard.csv
+      fuse bench mini-backdoor --metric accuracy --metric asr --markdown BACKDOOR.md
     """
     from fusion_core import console, write_text_atomic
 
-    from ..leaderboard import plot_png, render_rich, to_csv, to_markdown
+    from ..leaderboard import plot_png, render_rich, to_csv, to_csv_long, to_markdown_side_by_side
     from ..results_db import open_db
 
     registry = state.registry
@@ -303,15 +307,17 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
                        f"{len(plan.cells) - to_run} done before (results: {db.path})", err=True)
             outcomes = run_bench(plan, db, force=force, registry=registry, plugin_manager=state.pm, executor=executor,
                                  on_cell=Progress(to_run))
-        board = bench_leaderboard(db, plan)
-        render_rich(board, console())
+        boards = [bench_leaderboard(db, plan, metric=m) for m in metrics] or [bench_leaderboard(db, plan)]
+        board = boards[0]
+        for shown in boards:
+            render_rich(shown, console())
         for row in failed_cells(db, plan):
             summary = f" ({row.config_summary})" if row.config_summary else ""
             console().print(f"[red]failed[/]: {row.label}{summary} seed {row.seed}: {row.error}", highlight=False)
         if markdown:
-            write_text_atomic(markdown, to_markdown(board))
+            write_text_atomic(markdown, to_markdown_side_by_side(boards))
         if csv_path:
-            write_text_atomic(csv_path, to_csv(board))
+            write_text_atomic(csv_path, to_csv(board) if len(boards) == 1 else to_csv_long(boards))
         if plot:
             plot_png(board, plot)
         console().print(f"[dim]results: {db.path}[/]")
