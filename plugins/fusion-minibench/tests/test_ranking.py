@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from fusion_minibench.ranking import FUSIONBENCH_CLIP_B32, Reference, Row, bootstrap_tau, compare, kendall, match, to_markdown
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_fusionbench.py"
