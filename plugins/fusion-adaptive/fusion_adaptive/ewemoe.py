@@ -60,7 +60,8 @@ def moe_statistics(model: Any) -> dict[str, int]:
     from .layers import WeightEnsemblingMoE
 
     layers = [m for m in model.modules() if isinstance(m, WeightEnsemblingMoE)]
-    routers = {id(p): p for layer in layers for p in layer.router.parameters()}
+    routed = [layer for layer in layers if layer.router is not None]
+    routers = {id(p): p for layer in routed for p in layer.router.parameters()}
     experts = [layer.expert(name) for layer in layers for name in layer.param_names]
     params = {id(p): p for p in model.parameters()}
     expert_entries = sum(e.numel() for e in experts)
@@ -70,7 +71,7 @@ def moe_statistics(model: Any) -> dict[str, int]:
     return {
         "parameters_total": sum(p.numel() for p in params.values()) + expert_entries,
         "router_parameters": sum(p.numel() for p in routers.values()),
-        "routers": len({id(layer.router) for layer in layers}),
+        "routers": len({id(layer.router) for layer in routed}),
         "expert_entries": expert_entries,
         "expert_entries_kept": kept,
         "memory_bytes": sum(p.numel() * p.element_size() for p in params.values()) + expert_bytes,

@@ -20,6 +20,7 @@ fuse's earlier defaults: ``targets: linear``, ``router_init: zero_last``, ``batc
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
@@ -38,8 +39,12 @@ from .common import (
     summarize_history,
     task_vector,
 )
-from .modules import is_linear, select_modules, set_submodule, transposed
+from .modules import is_linear, linear_layers, select_modules, set_submodule, transposed
 from .modules import key as pkey
+from .regmean import find_blocks
+
+ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+"""Submodule names of a block's attention (left out of the block MLP of a model with no ``mlp`` modules)."""
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -117,18 +122,40 @@ class WEMoE(AdaptiveMethod):
         lr: float = option(1e-4, help="Adam learning rate of the routers (FusionBench 1e-4)", validator=positive)
         steps: int = option(1000, help="adaptation steps (one unlabelled test batch per task each; FusionBench max_steps 1000)",
                             validator=in_range(0, None))
+        batch_size: int | None = option(16, help="unlabelled test inputs per task in a step (FusionBench batch_size 16; the task "
+                                                  "pool's batches are cut to it); null = the task pool's batches", validator=positive)
 
     def select_targets(self, model: Any) -> dict[str, Any]:
-        """The modules to upscale: ``target_modules``, else per ``targets`` (every ``*.mlp`` module, or every linear layer)."""
+        """The modules to upscale (see :meth:`target_groups`)."""
+        return self.target_groups(model)[0]
+
+    def target_groups(self, model: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        """The modules to upscale and, for those routed by another target, that target's name.
+
+        ``target_modules``, else per ``targets``: ``linear``, every linear layer; ``mlp``, every module
+        named ``mlp`` (a CLIP block's MLP); in a model without such modules but with transformer
+        blocks (BERT: ``intermediate.dense`` and ``output.dense``), the linear layers of each block
+        outside its attention, which route together on the first one's input as one block MLP does;
+        with neither, every linear layer.
+        """
         cfg = self.config
         if cfg.target_modules is not None:
-            return select_modules(model, cfg.target_modules, method=self.name, field="target_modules", linear_only=False)
+            return select_modules(model, cfg.target_modules, method=self.name, field="target_modules", linear_only=False), {}
         if cfg.targets == "linear":
-            return select_modules(model, None, method=self.name, field="target_modules")
+            return select_modules(model, None, method=self.name, field="target_modules"), {}
         mlps = [n for n, _ in model.named_modules() if n.rpartition(".")[2] == "mlp"]
-        if not mlps:  # no transformer-block MLPs (e.g. a plain MLP classifier): every linear layer
-            return select_modules(model, None, method=self.name, field="target_modules")
-        return select_modules(model, mlps, method=self.name, field="target_modules", linear_only=False)
+        if mlps:
+            return select_modules(model, mlps, method=self.name, field="target_modules", linear_only=False), {}
+        targets, leader_of = {}, {}
+        for block in find_blocks(model):
+            chain = [n for n in linear_layers(model.get_submodule(block)) if not ATTENTION.search(n)]
+            for name in chain:
+                targets[f"{block}.{name}"] = model.get_submodule(f"{block}.{name}")
+                if name != chain[0]:
+                    leader_of[f"{block}.{name}"] = f"{block}.{chain[0]}"
+        if not targets:  # no transformer blocks (e.g. a plain MLP classifier): every linear layer
+            return select_modules(model, None, method=self.name, field="target_modules"), {}
+        return targets, leader_of
 
     def make_routers(self, targets: dict[str, Any], dims: dict[str, int], n: int, generator: "torch.Generator") -> dict[str, Any]:
         """One :class:`~fusion_adaptive.layers.Router` per target module, drawn from ``generator`` in target order."""
@@ -145,13 +172,14 @@ class WEMoE(AdaptiveMethod):
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         import torch
 
-        from .layers import WeightEnsemblingMoE
+        from .layers import SharedRouting, WeightEnsemblingMoE
 
         cfg, names = self.config, list(pool.model_names)
-        tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
+        tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device, batch_size=cfg.batch_size)
         base = prepare(pool.load_model(None), ctx.device)
-        targets = self.select_targets(base)
-        dims = input_features(base, targets, lambda: pool.forward(base, tasks[0].peek_inputs()))
+        targets, leader_of = self.target_groups(base)
+        leaders = {t: m for t, m in targets.items() if t not in leader_of}
+        dims = input_features(base, leaders, lambda: pool.forward(base, tasks[0].peek_inputs()))
         base_params = float_params(base)
         vectors = [task_vector(pool, n, base_params, method=self.name, device=ctx.device) for n in names]
         owned = {pkey(t, p): (t, p) for t, m in targets.items() for p, _ in m.named_parameters()}
@@ -161,15 +189,18 @@ class WEMoE(AdaptiveMethod):
                     value.add_(sum(v[key] for v in vectors) * cfg.init_lambda)
         generator = torch.Generator(device="cpu")
         generator.manual_seed(tensor_seed(ctx.seed, self.name, "routers"))
-        router_of = self.make_routers(targets, dims, len(names), generator)
+        router_of = self.make_routers(leaders, dims, len(names), generator)
+        groups = {leader: SharedRouting() for leader in set(leader_of.values())}
         for target, module in targets.items():
             experts = {}
             for p, _ in module.named_parameters():
                 key = pkey(target, p)
                 experts[p] = self.expert_tensor(torch.stack([v.pop(key) for v in vectors]))
-            layer = WeightEnsemblingMoE(module, experts, router_of[target].to(ctx.device),
+            leader = leader_of.get(target, target)
+            layer = WeightEnsemblingMoE(module, experts, None if target in leader_of else router_of[target].to(ctx.device),
                                         linear=is_linear(module) and set(experts) <= {"weight", "bias"},
-                                        transposed=is_linear(module) and transposed(module), batch_reduce=cfg.batch_reduce)
+                                        transposed=is_linear(module) and transposed(module), batch_reduce=cfg.batch_reduce,
+                                        shared=groups.get(leader))
             base = set_submodule(base, target, layer)
             del experts
         del vectors
@@ -189,7 +220,7 @@ class WEMoE(AdaptiveMethod):
             p.requires_grad_(False)
         base.eval()
         note(ctx, self.name, upscaled=list(targets), experts=names, router_parameters=sum(p.numel() for p in routers),
-             **summarize_history(history))
+             **({"routed_with": leader_of} if leader_of else {}), **summarize_history(history))
         mark_transductive(ctx, self.name, names)
         return base
 

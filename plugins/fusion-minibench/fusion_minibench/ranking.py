@@ -50,12 +50,13 @@ FUSIONBENCH_CLIP_B32: tuple[Reference, ...] = (
     Reference("task-wise AdaMerging", 68.7, "adamerging", (("granularity", "task"),)),
     Reference("layer-wise AdaMerging", 82.6, "adamerging", (("granularity", "layer"),)),
     Reference("WEMoE", 89.2, "wemoe"),
-    Reference("E-WEMoE (90 %)", 89.1, "ewemoe"),
+    Reference("E-WEMoE (90 %)", 89.1, "e_wemoe"),
     Reference("Iso-C (α = 1.5)", 82.8, "iso_c"),
     Reference("Iso-CTS (α = 1.5)", 82.7, "iso_cts"),
     Reference("simple ensemble", 75.8, "simple_ensemble"),
     Reference("Concrete TA (λ = 0.3)", 77.6, "concrete_task_arithmetic"),
     Reference("WUDI-merging", 84.5, "wudi"),
+    Reference("Concrete layer-wise AdaMerging", 84.4, "concrete_adamerging", (("granularity", "layer"),)),
 )
 """FusionBench's CLIP-ViT-B/32 eight-task averages (TSV-M has no B/32 eight-task figure there)."""
 

@@ -115,4 +115,4 @@ def test_script_reads_a_leaderboard_csv(tmp_path, capsys):
     assert _script().main(["--csv", str(csv)]) == 0
     text = capsys.readouterr().out
     assert "**2 of 3**" in text and "no bootstrap interval" in text
-    assert len(FUSIONBENCH_CLIP_B32) == 17
+    assert len(FUSIONBENCH_CLIP_B32) == 18
