@@ -415,3 +415,17 @@ def test_jobs_run_cells_in_worker_processes_with_the_same_results(bench_pm, caps
     assert len(stored) == 16 and {r.status for r in stored} == {"ok"}
     code, _, err = fuse(capsys, "tiny", *METHODS, *SEEDS, "--jobs", "2")
     assert code == 0 and "0 run, 6 skipped, 0 failed" in err  # the same skip logic as in-process
+
+
+def test_set_changes_the_pools_of_every_cell_and_refuses_the_method(bench_pm, capsys):
+    code, _, err = fuse(capsys, "tiny", "--method", "simple_average")
+    assert code == 0, err
+    code, out, err = fuse(capsys, "tiny", "--method", "simple_average", "--set", "taskpool.split=val")
+    assert code == 0, err
+    assert "1 cells, 1 to run" in err  # another pools configuration: nothing is reused
+    stored = [r for r in rows() if r.label == "simple_average"]
+    # w = (0.5, 0.5): 1 − (0.5 − 1)² = 0.75 against the test target, 1 − 0 = 1.0 against the val target
+    assert sorted((r.split, r.value) for r in stored if r.task == "a") == [("test", 0.75), ("val", 1.0)]
+    assert len({r.pools_hash for r in stored}) == 2
+    code, _, err = fuse(capsys, "tiny", "--set", "method.scaling_factor=0.3")
+    assert code == 2 and "--set cannot set the method" in err

@@ -220,6 +220,16 @@ def failed_cells(db, plan: BenchPlan) -> list:
 # --------------------------------------------------------------------------- the command
 
 
+def bench_settings(overrides: Sequence[str]) -> dict:
+    """``--set KEY=VALUE`` arguments as the raw settings of every cell (pool fields, run settings; not the method)."""
+    from fusion_core import ConfigError, raw_run_config
+
+    raw = raw_run_config((), overrides)
+    if "method" in raw:
+        raise ConfigError("--set cannot set the method; give methods with --method NAME:k=v or --methods-file")
+    return raw
+
+
 class Progress:
     """One plain line per cell on stderr (readable piped), with the time left once a cell has run.
 
@@ -263,6 +273,8 @@ class Progress:
 @click.option("--db", "db_path", default=None, metavar="PATH", help="Results database (default runs/results.sqlite).")
 @click.option("--force", is_flag=True, help="Rerun cells that are already in the database.")
 @click.option("--seed", "seeds", multiple=True, type=int, help="Seed (repeatable; mean ± std over seeds). Default 0.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="A pool field or run setting for every cell (repeatable), e.g. --set modelpool.seed=1 --set taskpool.seed=1.")
 @click.option("--markdown", type=click.Path(dir_okay=False), help="Also write the leaderboard as Markdown here.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the leaderboard as CSV here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a PNG plot (per-task score by method) here.")
@@ -271,8 +283,8 @@ class Progress:
 @click.option("--executor", "executor_name", default="local", show_default=True, help="Where cells run: local, or ray (fusion-ray plugin).")
 @click.option("--address", default=None, metavar="ADDR", help="Cluster address for the executor (ray: host:port of the head).")
 @click.pass_obj
-def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, markdown, csv_path, plot, show_only, jobs,
-                  executor_name, address):
+def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, overrides, markdown, csv_path, plot, show_only,
+                  jobs, executor_name, address):
     """Run methods on a benchmark, store every result in SQLite and show the leaderboard.
 
     \b
@@ -280,6 +292,7 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
       fuse bench mini --method ties:density=0.2 --method task_arithmetic:scaling_factor=0.3
       fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png --jobs 2
       fuse bench mini --show-only --csv leaderboard.csv
+      fuse bench mini --set modelpool.seed=1 --set taskpool.seed=1   # the benchmark built with another recipe seed
     """
     from fusion_core import console, write_text_atomic
 
@@ -288,7 +301,7 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
 
     registry = state.registry
     specs = (load_methods_file(methods_file) if methods_file else []) + [parse_method_spec(m) for m in methods]
-    plan = plan_bench(registry, benchmark, specs or None, seeds or (0,), cells=not show_only)
+    plan = plan_bench(registry, benchmark, specs or None, seeds or (0,), bench_settings(overrides), cells=not show_only)
     executor = None
     if not show_only:
         from ..executors import executor_from_options
