@@ -339,13 +339,20 @@ def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tens
     """Minimise ``loss_fn(step)`` over ``params`` with Adam for ``steps`` steps; returns the loss history.
 
     A non-finite loss (or a non-finite gradient) stops the run with a :class:`FuseError` naming the step.
+    The median wall time of a step (the first left out when there are others: it warms caches) is
+    noted as ``seconds_per_step`` (what ``fuse show`` durations are measured from).
     """
+    import statistics
+    import time
+
     import torch
 
     params = list(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
+    durations: list[float] = []
     for step in progress(ctx, range(steps), f"adapting ({method})", total=steps):
+        started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(step)
         check_finite(loss, step, method=method)
@@ -357,6 +364,9 @@ def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tens
         if after_step is not None:
             after_step()
         history.append(float(loss.detach()))
+        durations.append(time.perf_counter() - started)
+    if durations:
+        note(ctx, method, seconds_per_step=statistics.median(durations[1:] or durations))
     return history
 
 

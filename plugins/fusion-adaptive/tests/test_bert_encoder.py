@@ -53,6 +53,7 @@ def test_adamerging_adapts_on_bert(bert, granularity):
     AdaMerging(AdaMerging.Config(steps=8, lr=0.05, granularity=granularity)).run(bert.pool(), ctx)
     info = ctx.extras["adamerging"]
     assert info["steps"] == 8 and info["loss_min"] < info["loss_first"]
+    assert 0 < info["seconds_per_step"] < 10  # the median step time, which `fuse show` durations are measured from
 
 
 @pytest.mark.parametrize("cls", [WEMoE, EWEMoE], ids=["wemoe", "e_wemoe"])
