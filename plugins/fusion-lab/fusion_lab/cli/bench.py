@@ -107,7 +107,7 @@ def resolve_benchmark(registry, name: str):
 
 def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, seeds: Sequence[int] = (0,),
                settings: dict | None = None, *, cells: bool = True) -> BenchPlan:
-    """Resolve and validate every cell (method × seed) before anything runs.
+    """Resolve and validate every cell (seed × method, in that order) before anything runs.
 
     :param methods: method specs ``{"name": ..., field: value}``; default: the benchmark's own list.
     :param settings: extra run settings (``device``, ``compute_dtype``, ``progress``...).
@@ -132,8 +132,8 @@ def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, 
         registry.get("method", str(spec.get("name")))
     planned = []
     seen = set()
-    for spec in specs:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: every method's first seed is done before any method's second
+        for spec in specs:
             try:
                 config = resolve_run_config({**base, "seed": seed, "method": dict(spec)}, registry)
             except ConfigError as exc:
