@@ -420,7 +420,8 @@ def test_jobs_run_cells_in_worker_processes_with_the_same_results(bench_pm, caps
 def test_set_changes_the_pools_of_every_cell_and_refuses_the_method(bench_pm, capsys):
     code, _, err = fuse(capsys, "tiny", "--method", "simple_average")
     assert code == 0, err
-    code, out, err = fuse(capsys, "tiny", "--method", "simple_average", "--set", "taskpool.split=val")
+    # fields of both pools, neither named: both come from the benchmark, with these fields on top
+    code, out, err = fuse(capsys, "tiny", "--method", "simple_average", "--set", "taskpool.split=val", "--set", "modelpool.allow_pickle=true")
     assert code == 0, err
     assert "1 cells, 1 to run" in err  # another pools configuration: nothing is reused
     stored = [r for r in rows() if r.label == "simple_average"]
