@@ -24,24 +24,28 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--benchmark", default="mini")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="pool fields of the build to time on (e.g. modelpool.seed=1 taskpool.seed=1)")
+    parser.add_argument("--only", nargs="*", help="time only these methods")
     args = parser.parse_args(argv)
 
     import attrs
     import torch
 
-    from fusion_core import RunContext, build_registry, get_plugin_manager, resolve_run_config
+    from fusion_core import RunContext, build_registry, get_plugin_manager, raw_run_config, resolve_run_config
     from fusion_core.program import setup  # the run program's component setup (a measurement script, not a plugin)
 
     torch.set_num_threads(args.threads)
     registry = build_registry(get_plugin_manager())
     print("| method | fields | step (s) | default steps | default duration (min) |\n|---|---|---:|---:|---:|")
     for name, fields in TTA + WHOLE:
-        if name not in registry.entries["method"]:
+        if name not in registry.entries["method"] or (args.only and name not in args.only):
             continue
         cls = registry.get("method", name).cls
         stepped = "steps" in attrs.fields_dict(cls.Config)
         spec = {"name": name, **fields, **({"steps": args.steps} if stepped else {})}
-        config = resolve_run_config({"benchmark": args.benchmark, "method": spec, "threads": args.threads}, registry)
+        raw = raw_run_config((), args.overrides)
+        config = resolve_run_config({**raw, "benchmark": args.benchmark, "method": spec, "threads": args.threads}, registry)
         parts = setup(config)
         ctx = RunContext(seed=0, taskpool=parts.taskpool, show_progress=False)
         parts.pool.materialize(ctx)
