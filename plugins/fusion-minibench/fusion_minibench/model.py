@@ -1,50 +1,63 @@
-"""The mergeable encoder (a bag of MiniLM token embeddings and an MLP) and the fixed zero-shot heads.
+"""The mergeable encoder (all-MiniLM-L6-v2, a ``transformers.BertModel``) and the fixed zero-shot heads.
 
-Importing this module imports torch: only the builder and the pools' methods import it.
+Importing this module imports torch and transformers: only the builder and the pools' methods import it.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import BertConfig, BertModel
 
-EMBEDDING_SCALE = 10.0
-"""MiniLM's input embeddings have norms around 1; scaled so the MLP sees unit-scale inputs."""
+FROZEN = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight")
+"""Lookup tables the experts never train (see the README): their task vectors are zero."""
 
 
-class BagEncoder(nn.Module):
-    """Token ids ``(batch, length)`` (0 = padding) → a 384-d vector in MiniLM's sentence space.
+class MiniLMEncoder(BertModel):
+    """all-MiniLM-L6-v2 as a sentence encoder: ``forward(input_ids, attention_mask)`` → ``(batch, 384)``.
 
-    ``embed`` is a mean-mode ``EmbeddingBag`` over the benchmark's vocabulary (row 0 is
-    padding, left out of the mean); ``mlp`` is Linear-GELU-Linear-GELU-Linear.  Its
-    ``state_dict()`` is exactly what methods merge.
+    A plain ``BertModel`` (no pooler), so its ``state_dict()`` keys are BertModel's
+    (``embeddings.*``, ``encoder.layer.<i>.*``) and linear-layer methods (RegMean, WEMoE...) see
+    its ``nn.Linear`` modules; only ``forward`` differs: the last hidden states are mean-pooled
+    over the attention mask and L2-normalised, the model's own sentence-embedding convention.
     """
 
-    def __init__(self, vocab_size: int, hidden: int, dim: int = 384) -> None:
-        super().__init__()
-        self.embed = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=0, sparse=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.embed(ids))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:  # type: ignore[override]
+        if attention_mask is None:
+            attention_mask = (input_ids != 0).long()
+        hidden = super().forward(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.normalize(pooled, dim=-1)
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "BagEncoder":
-        vocab_size, dim = state["embed.weight"].shape
-        hidden = state["mlp.0.weight"].shape[0]
-        model = cls(vocab_size, hidden, dim)
-        model.load_state_dict(dict(state))
-        return model
+    def from_state_dict(cls, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> "MiniLMEncoder":
+        """An encoder of the BERT ``config`` (a dict) holding a copy of ``state`` (BertModel's keys, no pooler)."""
+        model = copy.deepcopy(_template(json.dumps(dict(config), sort_keys=True)))
+        model.load_state_dict(dict(state), strict=True)
+        return model.eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _template(config_json: str) -> MiniLMEncoder:
+    """One initialised encoder per configuration and process (BERT's random init takes about a second)."""
+    bert_config = BertConfig(**json.loads(config_json))
+    bert_config._attn_implementation = "sdpa"
+    return MiniLMEncoder(bert_config, add_pooling_layer=False).eval()
 
 
 class PromptHead(nn.Module):
     """A fixed zero-shot head: ``scale · cos(features, prompt_k)`` for each class ``k``.
 
-    ``prompts`` are MiniLM's normalised sentence embeddings of the class descriptions (the
-    analogue of CLIP's text-embedding heads).  Nothing here trains: both are buffers.
+    ``prompts`` are the pretrained MiniLM's normalised embeddings of the class descriptions
+    (averaged over the templates, as CLIP's text-embedding heads).  Nothing here trains: both are buffers.
     """
 
     def __init__(self, prompts: torch.Tensor, scale: float) -> None:
@@ -56,19 +69,11 @@ class PromptHead(nn.Module):
         return self.scale * F.normalize(features, dim=-1) @ self.prompts.T
 
 
-def pad_ids(rows: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Right-pad lists of vocabulary ids with 0 into a LongTensor (an empty row stays all padding)."""
-    width = max([1] + [len(r) for r in rows])
+def pad_ids(rows: Sequence[Sequence[int]], width: int | None = None) -> torch.Tensor:
+    """Right-pad lists of token ids with 0 ([PAD]) into a LongTensor."""
+    width = width or max([1] + [len(r) for r in rows])
     out = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
             out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out
-
-
-def optimizers(model: BagEncoder, *, lr: float, embed_lr: float) -> list[torch.optim.Optimizer]:
-    """AdamW (no weight decay) on the MLP, SparseAdam on the embedding bag (sparse gradients)."""
-    return [
-        torch.optim.AdamW(model.mlp.parameters(), lr=lr, weight_decay=0.0),
-        torch.optim.SparseAdam([model.embed.weight], lr=embed_lr),
-    ]

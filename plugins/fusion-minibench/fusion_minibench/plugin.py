@@ -30,7 +30,7 @@ def fusion_register_task_pools(register):
 def fusion_register_benchmarks(register):
     register(
         "mini",
-        summary="mini FusionBench: 6 real text tasks, a MiniLM-distilled encoder, fixed zero-shot heads (CPU, offline, cached)",
+        summary="mini FusionBench: 6 real text tasks, the MiniLM transformer fine-tuned per task, fixed zero-shot heads (CPU, offline, cached)",
         modelpool={"name": "minibench"},
         taskpool={"name": "minibench"},
         methods=[dict(m) for m in MINI_METHODS],

@@ -5,19 +5,23 @@ they find the same built pool through the cache, building it on first use.  Leav
 fields at their defaults (or set the same values on both) so the two describe the same build:
 the task pool refuses a minibench model built on other data (a different vocabulary or split).
 
-For data-driven methods:
+For data-driven methods (the adapter protocol of :mod:`fusion_core.adapters`):
 
+- the encoders are :class:`~fusion_minibench.model.MiniLMEncoder` (a ``transformers.BertModel``
+  whose forward returns the normalised mean-pooled sentence features, ``(batch, 384)``); their
+  state-dict keys are BertModel's;
 - ``pool.data(task, split)`` (model pool) and ``taskpool.data(task, split)``: re-iterable
-  batches ``(ids, labels)``; ``ids`` is a LongTensor ``(batch, length)`` of vocabulary rows
-  (0 = padding), which the encoder takes as is; ``labels`` a LongTensor of class indices.
-- ``taskpool.head(task)``: the task's fixed head, an ``nn.Module`` mapping encoder outputs
-  ``(batch, 384)`` to logits ``(batch, classes)``; the task's loss is
-  ``F.cross_entropy(head(encoder(ids)), labels)`` (what the experts were fine-tuned on).
+  batches ``(inputs, labels)``; ``inputs`` is ``{"input_ids", "attention_mask"}`` (LongTensors
+  ``(batch, length)``), taken as ``encoder(**inputs)``; ``labels`` a LongTensor of class indices;
+- ``taskpool.head(task)`` / ``classifier(task)``: the task's fixed head, an ``nn.Module`` mapping
+  encoder outputs ``(batch, 384)`` to logits ``(batch, classes)``; the task's loss is
+  ``F.cross_entropy(head(encoder(**inputs)), labels)`` (what the experts were fine-tuned on);
+- ``taskpool.unlabelled_batches(task)``: the test split's ``inputs`` without labels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -34,6 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .store import Built
 
 REFERENCE = "https://github.com/tanganke/fusion_bench"
+EVAL_BATCH = 128
+"""Texts per evaluation forward pass (each split is sorted by length, so batches carry little padding)."""
 
 
 @attrs.frozen
@@ -53,20 +59,6 @@ class MiniBenchTaskPoolConfig(MiniBenchConfig):
     split: Literal["val", "test"] = option(
         "test", help="split scored by evaluate(): val for selecting hyperparameters (fuse sweep), test for reporting"
     )
-
-
-class Batches:
-    """Re-iterable ``(ids, labels)`` batches of one split, in a fixed order."""
-
-    def __init__(self, ids: "torch.Tensor", labels: "torch.Tensor", batch_size: int) -> None:
-        self.ids, self.labels, self.batch_size = ids, labels, batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-        for start in range(0, len(self.labels), self.batch_size):
-            yield self.ids[start : start + self.batch_size], self.labels[start : start + self.batch_size]
 
 
 class _Shared:
@@ -105,8 +97,10 @@ class _Shared:
         """Build the pool (or check the cache) before the run's method phase; quiet when the run is."""
         self.built(show_progress=ctx is None or ctx.show_progress)
 
-    def data(self, name: str, split: str, batch_size: int | None = None) -> Batches:
-        """Labelled batches of task ``name``'s ``split`` (train, val or test)."""
+    def data(self, name: str, split: str, batch_size: int | None = None):
+        """Labelled ``(inputs, labels)`` batches of task ``name``'s ``split`` (train, val or test), texts sorted by length."""
+        from .batching import Batches
+
         ids, labels = self.built().split(name, split)
         return Batches(ids, labels, batch_size or self.config.batch_size)
 
@@ -119,10 +113,10 @@ def _data_key(built: "Built") -> str:
 
 
 class MiniBenchModelPool(_Shared, ModelPool):
-    """The mini benchmark's encoders: a student of MiniLM pretrained on real text, one expert per task."""
+    """The mini benchmark's encoders: the pretrained all-MiniLM-L6-v2 and one fine-tuned expert per task."""
 
     name = "minibench"
-    summary = "six real text tasks, a MiniLM-distilled bag-of-tokens encoder and one fine-tuned expert per task (built and cached on first use)"
+    summary = "six real text tasks, the pretrained MiniLM transformer and one fine-tuned expert per task (built and cached on first use)"
     Config = MiniBenchConfig
     reference_url = REFERENCE
 
@@ -141,14 +135,12 @@ class MiniBenchModelPool(_Shared, ModelPool):
         return {"models": self.model_names, "has_base": True, **self._describe()}
 
     def _module(self, state: Mapping[str, Any], built: "Built"):
-        from .model import BagEncoder
-
-        model = BagEncoder.from_state_dict(state).eval()
+        model = built.encoder(dict(state))
         model.minibench_data = _data_key(built)
         return model
 
     def load_model(self, name: str | None = None):
-        """The encoder of expert ``name`` (``None``: the pretrained base), an ``nn.Module`` in eval mode."""
+        """The encoder of expert ``name`` (``None``: the pretrained base), a MiniLMEncoder in eval mode."""
         built = self.built()
         return self._module(built.state_dict(name), built)
 
@@ -219,9 +211,11 @@ class MiniBenchTaskPool(_Shared, TaskPool):
         return self.head(task)
 
     def unlabelled_batches(self, task: str, batch_size: int = 64):
-        """Test-split token ids of ``task`` without labels, for test-time adaptation (transductive methods)."""
+        """Test-split ``inputs`` of ``task`` without labels, for test-time adaptation (transductive methods)."""
+        from .batching import inputs
+
         ids, _ = self.built().split(task, "test")
-        return [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+        return [inputs(ids[start : start + batch_size]) for start in range(0, len(ids), batch_size)]
 
     def evaluate(
         self, model: Any, *, tasks: list[str] | None = None, ctx: "RunContext | None" = None, split: str | None = None
@@ -232,7 +226,7 @@ class MiniBenchTaskPool(_Shared, TaskPool):
 
         from fusion_core import adapters
 
-        from .model import BagEncoder
+        from .batching import Batches
 
         split = split or self.config.split
         built = self.built()
@@ -240,17 +234,12 @@ class MiniBenchTaskPool(_Shared, TaskPool):
         for name in names:
             built.check_task(name)
         if isinstance(model, Mapping):
-            model = BagEncoder.from_state_dict(model)
+            model = built.encoder(dict(model))
         key = getattr(model, "minibench_data", None)
         if key is not None and key != _data_key(built):
             raise InputError(
                 "this model was built on other minibench data than the task pool's (different recipe fields); "
                 "give the model pool and the task pool the same recipe fields"
-            )
-        embed = getattr(model, "embed", None)
-        if embed is not None and hasattr(embed, "weight") and embed.weight.shape[0] != built.vocab_size:
-            raise InputError(
-                f"the model's vocabulary has {embed.weight.shape[0]} rows, the task pool's build has {built.vocab_size}"
             )
         was_training = getattr(model, "training", False)
         model.eval()
@@ -260,9 +249,8 @@ class MiniBenchTaskPool(_Shared, TaskPool):
                 head = built.head(name)
                 ids, labels = built.split(name, split)
                 correct, loss = 0, 0.0
-                for start in range(0, len(labels), 1024):
-                    logits = adapters.logits(model, ids[start : start + 1024], head).float()
-                    y = labels[start : start + 1024]
+                for inputs, y in Batches(ids, labels, EVAL_BATCH):
+                    logits = adapters.logits(model, inputs, head).float()
                     correct += int((logits.argmax(-1) == y).sum())
                     loss += float(F.cross_entropy(logits, y, reduction="sum"))
                 results[name] = {"accuracy": correct / len(labels), "loss": loss / len(labels)}

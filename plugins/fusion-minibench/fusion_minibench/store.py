@@ -38,13 +38,28 @@ class Built:
             raise InputError(f"the mini benchmark has no task {name!r}{did_you_mean(name, self.tasks)}")
 
     def state_dict(self, name: str | None) -> dict[str, "torch.Tensor"]:
-        """The encoder state dict of the expert ``name`` (``None``: the pretrained base), freshly loaded."""
+        """The encoder state dict of the expert ``name`` (``None``: the pretrained base), freshly loaded.
+
+        An expert's file holds the tensors it trained; the frozen embedding tables are the base's.
+        """
         from safetensors.torch import load_file
 
+        state = load_file(str(self.folder / "encoder-base.safetensors"))
         if name is not None:
             self.check_task(name)
-        file = "encoder-base.safetensors" if name is None else f"expert-{name}.safetensors"
-        return load_file(str(self.folder / file))
+            state.update(load_file(str(self.folder / f"expert-{name}.safetensors")))
+        return state
+
+    @property
+    def bert_config(self) -> dict[str, Any]:
+        """The encoder's BERT configuration (MiniLM's, with the recipe's number of layers)."""
+        return dict(self.meta["bert_config"])
+
+    def encoder(self, state: "dict[str, torch.Tensor]"):
+        """A :class:`~fusion_minibench.model.MiniLMEncoder` in eval mode holding ``state``."""
+        from .model import MiniLMEncoder
+
+        return MiniLMEncoder.from_state_dict(self.bert_config, state)
 
     # Cached tensors must not be inference tensors, even when first read inside
     # ``torch.inference_mode`` (an evaluation): methods that train on them later need autograd.
@@ -64,17 +79,13 @@ class Built:
         return PromptHead(self._heads[task], self.meta["recipe"]["logit_scale"])
 
     def split(self, task: str, split: str) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """``(ids, labels)`` of a split: padded vocabulary ids (int64, 0 = padding) and class labels."""
+        """``(ids, labels)`` of a split: padded token ids (int64, 0 = [PAD]), sorted by length, and class labels."""
         from .data import SPLITS
 
         self.check_task(task)
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
-        return self._data[f"{task}/{split}/ids"].long(), self._data[f"{task}/{split}/labels"]
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
+        return self._data[f"{task}/{split}/ids"], self._data[f"{task}/{split}/labels"]
 
 
 def _load_normal(path: Path) -> dict[str, "torch.Tensor"]:

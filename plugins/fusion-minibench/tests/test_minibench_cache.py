@@ -28,6 +28,8 @@ def test_hash_changes_with_every_field():
             changed = value[:-1]
         elif isinstance(value, float):
             changed = value * 2
+        elif field.name == "layers":
+            changed = value - 1
         else:
             changed = value + 1
         seen.add(recipe_hash(attrs.evolve(base, **{field.name: changed})))

@@ -18,14 +18,13 @@ SMALL = dict(
     n_train=120,
     n_val=40,
     n_test=80,
-    hidden=32,
-    pretrain_headlines=60,
-    pretrain_per_task=20,
-    pretrain_epochs=2,
-    finetune_epochs=3,
-    finetune_lr=1e-3,
+    max_tokens=16,
+    layers=1,
+    epochs=2,
+    lr=5e-4,
     progress=False,
 )
+"""MiniLM's first layer, 120 texts per task, 16 tokens, 2 epochs: a build in seconds."""
 
 
 @pytest.fixture(scope="module")
@@ -52,47 +51,71 @@ def test_build_records_the_recipe_and_the_splits(small):
     for task in SMALL["tasks"]:
         sizes = meta["tasks"][task]["split_sizes"]
         assert abs(sizes["train"] - 120) <= 6 and abs(sizes["val"] - 40) <= 6 and abs(sizes["test"] - 80) <= 6
-        assert len(meta["finetune"][task]["val_curve"]) == SMALL["finetune_epochs"] + 1
-        assert meta["tasks"][task]["prompts"][0].startswith("a ")
-    assert len(meta["pretrain_loss"]) == 2 and all(0 < loss < 2 for loss in meta["pretrain_loss"])
+        assert len(meta["finetune"][task]["val_curve"]) == SMALL["epochs"] + 1
+        assert all(len(templates) == 3 for templates in meta["tasks"][task]["prompts"])
+        assert 3 <= meta["tasks"][task]["mean_tokens"]["test"] <= 16
+    assert meta["bert_config"]["num_hidden_layers"] == 1 and meta["bert_config"]["hidden_size"] == 384
     assert cache.check(built.folder) is None
 
 
 def test_model_pool_serves_encoders_readers_and_data(small):
     import torch
+    from fusion_minibench.model import FROZEN
+    from transformers import BertModel
 
     pool, _ = small
     assert pool.model_names == ["chatter_topic", "language_id"] and pool.has_base
     base = pool.load_model(None)
     expert = pool.load_model("language_id")
-    assert (
-        set(base.state_dict())
-        == set(expert.state_dict())
-        == {"embed.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias"}
-    )
-    assert base.embed.weight.shape == (pool.built().vocab_size, 384)
+    assert isinstance(base, BertModel) and base.pooler is None and len(base.encoder.layer) == 1
+    keys = set(base.state_dict())
+    assert keys == set(expert.state_dict()) and FROZEN[0] in keys and "encoder.layer.0.attention.self.query.weight" in keys
+    assert not any(k.startswith("pooler") for k in keys)
     reader = pool.reader("language_id")
     assert sorted(reader.keys()) == sorted(expert.state_dict())
-    assert torch.equal(reader.get("mlp.0.weight"), expert.state_dict()["mlp.0.weight"])
-    # an expert is the base unless some epoch beat the base on val; the padding row never moves
+    key = "encoder.layer.0.output.dense.weight"
+    assert torch.equal(reader.get(key), expert.state_dict()[key])
+    # the frozen embedding tables never move; an expert moved iff some epoch beat the base on val
     for task in pool.model_names:
-        moved = not torch.equal(base.state_dict()["mlp.0.weight"], pool.load_model(task).state_dict()["mlp.0.weight"])
+        state = pool.load_model(task).state_dict()
+        assert all(torch.equal(base.state_dict()[k], state[k]) for k in FROZEN)
+        moved = not torch.equal(base.state_dict()[key], state[key])
         assert moved == (pool.built().meta["finetune"][task]["best_epoch"] > 0)
     assert pool.built().meta["finetune"]["language_id"]["best_epoch"] > 0
-    assert torch.count_nonzero(expert.embed.weight[0]) == 0
     batches = pool.data("chatter_topic", "train")
     seen = list(batches)
     assert (
         len(seen) == len(batches)
         and sum(len(y) for _, y in seen) == pool.built().meta["tasks"]["chatter_topic"]["split_sizes"]["train"]
     )
-    ids, labels = seen[0]
-    assert ids.dtype == torch.long and ids.shape[0] == labels.shape[0] == 32 and int(labels.max()) < 6
-    assert base(ids).shape == (32, 384)
+    inputs, labels = seen[0]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape and ids.shape[0] == labels.shape[0] == 32
+    assert int(labels.max()) < 6 and bool((ids[:, 0] == 101).all())  # [CLS] first
+    assert torch.equal(mask.bool(), ids != 0) and bool(mask[:, -1].any())  # trimmed to the longest text
+    features = base(**inputs)
+    assert features.shape == (32, 384) and torch.allclose(features.norm(dim=-1), torch.ones(32), atol=1e-5)
     with pytest.raises(InputError, match="unknown split"):
         pool.data("chatter_topic", "dev")
     with pytest.raises(InputError, match="did you mean 'language_id'"):
         pool.load_model("languag_id")
+
+
+def test_pretrained_encoder_is_minilm_sentence_embedding(small):
+    """Mean pooling over the mask, normalised: padding a text further does not change its feature."""
+    import torch
+    import torch.nn.functional as F
+
+    pool, _ = small
+    base = pool.load_model(None)
+    inputs = next(iter(pool.data("language_id", "test", batch_size=4)))[0]
+    padded = {k: F.pad(v, (0, 5)) for k, v in inputs.items()}
+    with torch.no_grad():
+        last = super(type(base), base).forward(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        expected = F.normalize((last * mask).sum(1) / mask.sum(1), dim=-1)
+        assert torch.allclose(base(**inputs), expected, atol=1e-6)
+        assert torch.allclose(base(**padded), expected, atol=1e-5)
 
 
 def test_task_pool_evaluates_through_the_fixed_heads(small):
@@ -106,12 +129,12 @@ def test_task_pool_evaluates_through_the_fixed_heads(small):
     assert set(result) == {"chatter_topic", "language_id"}
     for task, metrics in result.items():
         assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
-        # same numbers by hand: test split → encoder → head
+        # same numbers by hand: the whole test split at once → encoder → head
         ids, labels = pool.built().split(task, "test")
         with torch.no_grad():
-            logits = taskpool.head(task)(base(ids))
-        assert metrics["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()), abs=1e-9)
-        assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+            logits = taskpool.head(task)(base(input_ids=ids, attention_mask=(ids != 0).long()))
+        assert metrics["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()), abs=1.5 / len(labels))
+        assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-4)
     assert taskpool.evaluate(base, tasks=["language_id"]) == {"language_id": result["language_id"]}
     assert taskpool.evaluate(base.state_dict()) == result  # a state dict is accepted too
     # the expert was kept at its best validation epoch, so it is no worse than the base there
@@ -130,15 +153,16 @@ def test_merged_state_dict_becomes_an_encoder(small):
     experts = [pool.reader(name) for name in pool.model_names]
     average = {k: sum(r.get(k) for r in experts) / len(experts) for k in experts[0].keys()}
     merged = pool.model_from_state_dict(average)
-    assert torch.equal(merged.state_dict()["mlp.2.weight"], average["mlp.2.weight"])
-    partial = pool.model_from_state_dict({"mlp.4.bias": average["mlp.4.bias"]})  # the rest comes from the base
-    assert torch.equal(partial.state_dict()["mlp.0.weight"], pool.load_model(None).state_dict()["mlp.0.weight"])
+    key, other = "encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.output.dense.bias"
+    assert torch.equal(merged.state_dict()[key], average[key])
+    partial = pool.model_from_state_dict({other: average[other]})  # the rest comes from the base
+    assert torch.equal(partial.state_dict()[key], pool.load_model(None).state_dict()[key])
     scores = taskpool.evaluate(merged)
     assert all(0 <= m["accuracy"] <= 1 and math.isfinite(m["loss"]) for m in scores.values())
     with pytest.raises(InputError, match="lacks: extra"):
         pool.model_from_state_dict({"extra": torch.zeros(1)})
     with pytest.raises(InputError, match="shape"):
-        pool.model_from_state_dict({"mlp.4.bias": torch.zeros(3)})
+        pool.model_from_state_dict({other: torch.zeros(3)})
 
 
 def test_build_is_deterministic_and_pools_must_agree(small, tmp_path):
@@ -188,7 +212,7 @@ def test_data_first_read_in_inference_mode_still_trains(small):
     assert not fresh._data[f"{pool.model_names[0]}/train/ids"].is_inference()
     assert not any(t.is_inference() for t in fresh._heads.values())
     encoder = pool.load_model(None)
-    loss = torch.nn.functional.cross_entropy(fresh.head(pool.model_names[0])(encoder(fresh.split(pool.model_names[0], "train")[0][:8])), labels[:8])
+    loss = torch.nn.functional.cross_entropy(fresh.head(pool.model_names[0])(encoder(ids[:8])), labels[:8])
     loss.backward()
     assert any(p.grad is not None for p in encoder.parameters())
     assert head is not None
