@@ -430,3 +430,16 @@ def test_set_changes_the_pools_of_every_cell_and_refuses_the_method(bench_pm, ca
     assert len({r.pools_hash for r in stored}) == 2
     code, _, err = fuse(capsys, "tiny", "--set", "method.scaling_factor=0.3")
     assert code == 2 and "--set cannot set the method" in err
+
+
+def test_bench_seeds_limit_a_method_to_some_seeds(bench_pm, capsys, tmp_path):
+    (tmp_path / "methods.yaml").write_text("- shift_test\n- simple_average:bench_seeds=[0]\n- {name: task_arithmetic, bench_seeds: 2}\n")
+    code, out, err = fuse(capsys, "tiny", "--methods-file", "methods.yaml", *SEEDS, "--csv", "lb.csv")
+    assert code == 0, err
+    assert "4 cells, 4 to run" in err
+    assert sorted({(r.label, r.seed) for r in rows() if r.kind == "method"}) == [
+        ("shift_test", 0), ("shift_test", 2), ("simple_average", 0), ("task_arithmetic", 2)]
+    seeds = {line.split(",")[1]: line.split(",")[4] for line in (tmp_path / "lb.csv").read_text().splitlines()[1:]}
+    assert seeds == {"individual": "1", "shift_test": "2", "simple_average": "1", "task_arithmetic": "1", "pretrained": "1"}
+    code, _, err = fuse(capsys, "tiny", "--method", "simple_average:bench_seeds=zero")
+    assert code == 2 and "bench_seeds must be a seed or a list of seeds" in err

@@ -41,7 +41,10 @@ def parse_method_spec(text: str) -> dict:
 
 
 def load_methods_file(path: str) -> list[dict]:
-    """A YAML list (or ``{methods: [...]}``) of ``NAME``, ``NAME:k=v`` strings or ``{name: ..., field: ...}`` mappings."""
+    """A YAML list (or ``{methods: [...]}``) of ``NAME``, ``NAME:k=v`` strings or ``{name: ..., field: ...}`` mappings.
+
+    Besides the method's fields, ``bench_seeds`` (a seed or a list) runs that method on those of the
+    bench's seeds only."""
 
     from fusion_core import ConfigError
 
@@ -105,6 +108,23 @@ def resolve_benchmark(registry, name: str):
     return registry.entries["benchmark"][name]
 
 
+BENCH_SEEDS = "bench_seeds"
+"""Key of a method spec limiting it to some of the bench's seeds (``adamerging:steps=100,bench_seeds=[0]``):
+for a method that draws no random number and is costly, whose other seeds would repeat the first."""
+
+
+def _bench_seeds(spec: dict) -> set[int] | None:
+    from fusion_core import ConfigError
+
+    value = spec.get(BENCH_SEEDS)
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"method {spec.get('name')!r}: {BENCH_SEEDS} must be a seed or a list of seeds, got {value!r}")
+    return set(values)
+
+
 def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, seeds: Sequence[int] = (0,),
                settings: dict | None = None, *, cells: bool = True) -> BenchPlan:
     """Resolve and validate every cell (seed × method, in that order) before anything runs.
@@ -130,12 +150,16 @@ def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, 
         raise ConfigError(f"benchmark {benchmark!r} lists no default methods; give --method NAME (`fuse list methods`)")
     for spec in specs:  # unknown names first, each with did-you-mean, before any field is checked
         registry.get("method", str(spec.get("name")))
+    only = {i: _bench_seeds(spec) for i, spec in enumerate(specs)}
     planned = []
     seen = set()
     for seed in seeds:  # seed-major: every method's first seed is done before any method's second
-        for spec in specs:
+        for i, spec in enumerate(specs):
+            if only[i] is not None and seed not in only[i]:
+                continue
+            method = {k: v for k, v in spec.items() if k != BENCH_SEEDS}
             try:
-                config = resolve_run_config({**base, "seed": seed, "method": dict(spec)}, registry)
+                config = resolve_run_config({**base, "seed": seed, "method": method}, registry)
             except ConfigError as exc:
                 raise ConfigError(f"method {spec.get('name')!r}: {exc}") from None
             cd = config.to_dict()
@@ -269,7 +293,8 @@ class Progress:
 @click.argument("benchmark", required=False, default="mini")
 @click.option("--method", "methods", multiple=True, metavar="NAME[:k=v,...]",
               help="A method to run, with fields (repeatable); default: the benchmark's own list.")
-@click.option("--methods-file", type=click.Path(dir_okay=False), help="YAML list of methods (NAME, 'NAME:k=v' or mappings).")
+@click.option("--methods-file", type=click.Path(dir_okay=False),
+              help="YAML list of methods (NAME, 'NAME:k=v' or mappings); 'bench_seeds=[0]' runs a method on those seeds only.")
 @click.option("--db", "db_path", default=None, metavar="PATH", help="Results database (default runs/results.sqlite).")
 @click.option("--force", is_flag=True, help="Rerun cells that are already in the database.")
 @click.option("--seed", "seeds", multiple=True, type=int, help="Seed (repeatable; mean ± std over seeds). Default 0.")
