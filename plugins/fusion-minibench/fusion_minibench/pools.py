@@ -31,8 +31,6 @@ from fusion_core import InputError, ModelPool, TaskPool, option
 from .recipe import Recipe, recipe_hash, recipe_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from fusion_core import RunContext
 
     from .store import Built

@@ -1,10 +1,13 @@
 """Measure the mini benchmark end to end: a cold ``fuse run`` (build + merge + evaluate), a cached
-``fuse run``, and pretrained / individual / merged accuracies over several recipe seeds.
+``fuse run`` (wall time and peak RSS of each), and pretrained / individual / merged accuracies over
+several recipe seeds, with the zero-shot → individual gap of every task.
 
     python plugins/fusion-minibench/scripts/measure.py --seeds 0 1 2 --out /tmp/minibench-measure
 
-Each seed is its own recipe (splits, initialisation, training order), built once into
-``--out/cache``.  The cold run uses an empty cache folder of its own.  Prints a Markdown table.
+Each seed is its own recipe (splits, training order, dropout), built once into ``--out/cache``.
+The cold run uses an empty cache folder of its own.  The load average before and after each
+timed run is printed with it (the figures mean something on an idle machine only).  Prints
+Markdown and writes it to ``--out/measure.md``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,20 @@ METHODS = {
 }
 
 
-def timed_fuse_run(cache: Path, out: Path, extra: list[str]) -> tuple[float, dict]:
+def timed_fuse_run(cache: Path, out: Path, extra: list[str]) -> tuple[float, float, dict]:
+    """Wall seconds, peak RSS (GB) and report of ``fuse run`` in a child process."""
     env = dict(os.environ, FUSE_CACHE_DIR=str(cache))
     start = time.perf_counter()
-    subprocess.run(["fuse", "run", f"output_dir={out}", "threads=1", *extra], check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start, json.loads((out / "report.json").read_text())
+    child = subprocess.Popen(["fuse", "run", f"output_dir={out}", *extra], env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"fuse run failed (exit {os.waitstatus_to_exitcode(status)})")
+    return wall, usage.ru_maxrss / 1e6, json.loads((out / "report.json").read_text())
+
+
+def load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def mean(values) -> float:
@@ -53,13 +65,19 @@ def main() -> None:
     if not args.skip_cold:
         stamp = int(time.time())
         cold_cache = args.out / f"cold-cache-{stamp}"
-        t_cold, report = timed_fuse_run(cold_cache, args.out / f"run-cold-{stamp}", [])
-        t_warm, report2 = timed_fuse_run(cold_cache, args.out / f"run-cached-{stamp}", [])
-        lines.append(f"cold `fuse run` (build + TIES + evaluate): {t_cold:.1f} s; cached `fuse run`: {t_warm:.1f} s")
+        before = load()
+        t_cold, rss_cold, report = timed_fuse_run(cold_cache, args.out / f"run-cold-{stamp}", [])
+        between = load()
+        t_warm, rss_warm, report2 = timed_fuse_run(cold_cache, args.out / f"run-cached-{stamp}", [])
+        lines.append(f"cold `fuse run` (build + TIES + evaluate): {t_cold:.1f} s, peak RSS {rss_cold:.2f} GB "
+                     f"(load average 1/5/15 min before: {before}, after: {between})")
+        lines.append(f"cached `fuse run`: {t_warm:.1f} s, peak RSS {rss_warm:.2f} GB (load average after: {load()})")
         lines.append(f"cold-run averages: {json.dumps({k: round(v, 4) for k, v in averages(report).items()})}")
         lines.append(f"cached run identical results: {report['results'] == report2['results']}")
         meta = next((cold_cache / "minibench").glob("*/meta.json"))
-        lines.append(f"build timings (s): {json.loads(meta.read_text())['timings_s']}")
+        built = json.loads(meta.read_text())
+        lines.append(f"build timings (s, {built['threads']} thread): {built['timings_s']}")
+        lines.append(f"run phases (s): {report.get('timings')}")
 
     import fusion_core
 
@@ -72,7 +90,6 @@ def main() -> None:
             f"modelpool.seed={seed}",
             "taskpool=minibench",
             f"taskpool.seed={seed}",
-            "threads=1",
             "progress=false",
         ]
         for label, overrides in METHODS.items():
@@ -102,6 +119,9 @@ def main() -> None:
     gaps = {s: table["individual"][s] - table["pretrained"][s] for s in args.seeds}
     sa = {s: table["individual"][s] - table["simple_average"][s] for s in args.seeds}
     lines.append("")
+    task_gaps = {t: 100 * mean(per_task["individual"][s][t] - per_task["pretrained"][s][t] for s in args.seeds) for t in tasks}
+    lines.append("individual − pretrained per task (mean over seeds): "
+                 + ", ".join(f"{t} {g:.1f}" for t, g in task_gaps.items()) + f"; smallest {min(task_gaps.values()):.1f}")
     lines.append("individual − pretrained: " + ", ".join(f"{100 * g:.1f}" for g in gaps.values()) + " points")
     lines.append("individual − simple average: " + ", ".join(f"{100 * g:.1f}" for g in sa.values()) + " points")
     text = "\n".join(lines)
