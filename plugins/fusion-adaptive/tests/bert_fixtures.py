@@ -10,10 +10,8 @@ those tensors' task vectors are exactly zero.
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from adaptive_fixtures import MemoryPool, MemoryTaskPool, batches
+from adaptive_fixtures import MemoryPool, MemoryTaskPool, batches, finetune
 from torch import nn
 
 from fusion_core.run_context import RunContext
@@ -58,23 +56,6 @@ def make_task(seed: int, n_train: int = 96, n_test: int = 48) -> dict:
     return {"train": (ids[:n_train], y[:n_train]), "test": (ids[n_train:], y[n_train:]), "head": head}
 
 
-def finetune(base: nn.Module, task: dict, steps: int = 30, lr: float = 1e-2) -> nn.Module:
-    model = copy.deepcopy(base)
-    model.train()
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in FROZEN)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x, y = task["train"]
-    for step in range(steps):
-        s = (step * 16) % x.shape[0]
-        loss = nn.functional.cross_entropy(task["head"](model(x[s : s + 16])), y[s : s + 16])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model.requires_grad_(False)
-
-
 class BertWorld:
     """The base, three fine-tunes, the tasks, and pools over them (built in about a second)."""
 
@@ -82,7 +63,8 @@ class BertWorld:
         torch.manual_seed(0)
         self.tasks = {name: make_task(200 + i) for i, name in enumerate(TASKS)}
         self.base = BertEncoder().eval()
-        self.models = {name: finetune(self.base, task) for name, task in self.tasks.items()}
+        self.models = {name: finetune(self.base, task, steps=30, lr=1e-2, batch=16, frozen=FROZEN).eval().requires_grad_(False)
+                       for name, task in self.tasks.items()}
 
     def pool(self) -> MemoryPool:
         data = {(n, "train"): batches(*t["train"], size=16) for n, t in self.tasks.items()}
