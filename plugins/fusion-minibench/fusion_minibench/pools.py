@@ -143,9 +143,8 @@ class MiniBenchModelPool(_Shared, ModelPool):
         return self._module(built.state_dict(name), built)
 
     def reader(self, name: str | None = None):
-        from fusion_core import StateDictReader
-
-        return StateDictReader(self.built().state_dict(name), label=name or "base")
+        """A lazy ``TensorReader`` over expert ``name``'s state dict (``None``: the base); tensors are read on demand."""
+        return self.built().reader(name)
 
     def model_from_state_dict(self, state_dict: Mapping[str, Any]):
         """An encoder holding ``state_dict``; tensors it lacks come from the base."""

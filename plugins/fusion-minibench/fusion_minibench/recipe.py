@@ -51,7 +51,7 @@ class Recipe:
     seed: int = option(0, help="seed of the splits, the initialisation and the training order (0 to 2**53; "
                        "per-task generators take seed * 1000 + task)", validator=in_range(0, 2**53))
     tasks: tuple[str, ...] = option(
-        tuple(data_mod.LOADERS), help="tasks to build (each gets a split, a head and an expert)", validator=_task_names
+        data_mod.DEFAULT_TASKS, help="tasks to build (each gets a split, a head and an expert)", validator=_task_names
     )
     n_train: int = option(1000, help="at most this many training examples per task", validator=positive)
     n_val: int = option(200, help="at most this many validation examples per task (≤ 15% of a task's pool)", validator=positive)
@@ -235,12 +235,12 @@ def _build(recipe: Recipe, out_dir: Path, *, show_progress: bool) -> dict[str, A
                 per_class.append(F.normalize(features.mean(0), dim=0))
             heads_tensors[name] = torch.stack(per_class).clone()
     heads = {name: PromptHead(heads_tensors[name], recipe.logit_scale) for name in recipe.tasks}
+    del base
     t = lap("heads", t)
 
     def split_batches(name: str, split: str) -> Batches:
         return Batches(tensors_data[f"{name}/{split}/ids"], tensors_data[f"{name}/{split}/labels"], 256)
 
-    experts: dict[str, dict[str, torch.Tensor]] = {}
     finetune_log: dict[str, Any] = {}
     with _Progress(show_progress) as progress:
         for task_index, name in enumerate(recipe.tasks):
@@ -272,13 +272,14 @@ def _build(recipe: Recipe, out_dir: Path, *, show_progress: bool) -> dict[str, A
                 if acc > best_acc:
                     best_acc, best_epoch = acc, epoch
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in FROZEN}
-            experts[name] = best_state or {k: v.clone() for k, v in base_state.items() if k not in FROZEN}
+            if best_state is None:
+                best_state = {k: v for k, v in base_state.items() if k not in FROZEN}
+            save_file({k: v.contiguous() for k, v in best_state.items()}, str(out_dir / f"expert-{name}.safetensors"))
+            del model, optimizer, best_state  # written: memory holds one expert at a time
             finetune_log[name] = {"best_epoch": best_epoch, "best_val_accuracy": round(best_acc, 4), "val_curve": val_curve}
     t = lap("finetune", t)
 
     save_file({k: v.contiguous() for k, v in base_state.items()}, str(out_dir / "encoder-base.safetensors"))
-    for name, state in experts.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / f"expert-{name}.safetensors"))
     save_file(heads_tensors, str(out_dir / "heads.safetensors"))
     save_file({k: v.contiguous() for k, v in tensors_data.items()}, str(out_dir / "data.safetensors"))
     lap("write", t)

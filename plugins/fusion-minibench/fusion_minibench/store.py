@@ -1,4 +1,7 @@
-"""Read access to one built pool (a verified cache folder): encoders, heads, tokenised splits, meta."""
+"""Read access to one built pool (a verified cache folder): encoders, heads, tokenised splits, meta.
+
+Imports torch (through the readers): the pools import it inside their methods only.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusion_core import InputError
+from fusion_core import InputError, SafetensorsFile, TensorReader
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -50,6 +53,12 @@ class Built:
             state.update(load_file(str(self.folder / f"expert-{name}.safetensors")))
         return state
 
+    def reader(self, name: str | None):
+        """A lazy reader of the same tensors as :meth:`state_dict` (read one by one from the files)."""
+        if name is not None:
+            self.check_task(name)
+        return BuildReader(self.folder, name)
+
     @property
     def bert_config(self) -> dict[str, Any]:
         """The encoder's BERT configuration (MiniLM's, with the recipe's number of layers)."""
@@ -86,6 +95,49 @@ class Built:
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
         return self._data[f"{task}/{split}/ids"], self._data[f"{task}/{split}/labels"]
+
+
+class BuildReader(TensorReader):
+    """An expert's tensors read lazily from its file, the frozen ones from the base's file.
+
+    Merges stream tensor by tensor, so memory holds neither six full experts nor six copies of
+    the frozen embedding tables.
+    """
+
+    def __init__(self, folder: Path, name: str | None) -> None:
+        self.label = name or "base"
+        self._base = SafetensorsFile(folder / "encoder-base.safetensors")
+        self._own = SafetensorsFile(folder / f"expert-{name}.safetensors") if name is not None else self._base
+        self._keys = list(self._base.names)
+
+    def _file(self, key: str) -> SafetensorsFile:
+        if key in self._own.entries:
+            return self._own
+        if key in self._base.entries:
+            return self._base
+        raise InputError(f"minibench {self.label} has no tensor {key!r}")
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._file(key).entries[key][1]
+
+    def dtype(self, key: str) -> "torch.dtype":
+        return self._file(key).entries[key][0]
+
+    def get(self, key: str) -> "torch.Tensor":
+        return self._file(key).read(key)
+
+    def get_rows(self, key: str, start: int, stop: int) -> "torch.Tensor":
+        return self._file(key).read(key, start, stop)
+
+    def location(self, key: str) -> tuple[str, int]:
+        return ("", self._base.entries[key][2])
+
+    def close(self) -> None:
+        self._base.close()
+        self._own.close()
 
 
 def _load_normal(path: Path) -> dict[str, "torch.Tensor"]:

@@ -24,7 +24,7 @@ from pathlib import Path
 METHODS = {
     "simple_average": ["method=simple_average"],
     "task_arithmetic (λ=0.3)": ["method=task_arithmetic", "method.scaling_factor=0.3"],
-    "ties (k=0.2, λ=1)": ["method=ties"],
+    "ties (default: k=0.2, λ=0.3)": ["method=ties"],
 }
 
 
@@ -62,9 +62,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
+    cache = args.out / "cache"
     if not args.skip_cold:
         stamp = int(time.time())
-        cold_cache = args.out / f"cold-cache-{stamp}"
+        cold_cache = cache = args.out / f"cold-cache-{stamp}"  # the seed runs reuse its build
         before = load()
         t_cold, rss_cold, report = timed_fuse_run(cold_cache, args.out / f"run-cold-{stamp}", [])
         between = load()
@@ -81,7 +82,7 @@ def main() -> None:
 
     import fusion_core
 
-    os.environ["FUSE_CACHE_DIR"] = str(args.out / "cache")
+    os.environ["FUSE_CACHE_DIR"] = str(cache)
     table: dict[str, dict[int, float]] = {}
     per_task: dict[str, dict[int, dict[str, float]]] = {}
     for seed in args.seeds:

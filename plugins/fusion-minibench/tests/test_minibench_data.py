@@ -16,6 +16,7 @@ EXPECTED = {
     "chatter_topic": (data.TOPICS, [161, 194, 245, 119, 534, 73]),
     "moral_foundation": (data.FOUNDATIONS, [170, 271, 115, 222, 137, 28, 278, 116, 265, 381]),
     "language_id": (data.LANGUAGES, [1865, 884, 1154, 691, 621, 321]),
+    "roget_category": (tuple(c.lower() for c in data.ROGET), [2144, 1470, 1024, 883, 955, 867, 830, 934, 906, 798]),
 }
 
 
@@ -42,6 +43,9 @@ def test_texts_are_what_the_sources_hold():
     assert sum(" que " in f" {t.lower()} " for t in spanish) > 100
     debate = data.load_task("debate_party")
     assert min(len(t.split()) for t in debate.texts) >= 4
+    assert set(data.DEFAULT_TASKS) < set(data.LOADERS) and "rt_sentiment" not in data.DEFAULT_TASKS
+    roget = data.load_task("roget_category")
+    assert roget.labels[roget.texts.index("stapes")] == data.ROGET.index("THE BODY")
     moral = data.load_task("moral_foundation")
     assert moral.labels[moral.texts.index("compassion")] == data.FOUNDATIONS.index("care.virtue")
 
