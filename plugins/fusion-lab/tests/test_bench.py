@@ -443,3 +443,23 @@ def test_bench_seeds_limit_a_method_to_some_seeds(bench_pm, capsys, tmp_path):
     assert seeds == {"individual": "1", "shift_test": "2", "simple_average": "1", "task_arithmetic": "1", "pretrained": "1"}
     code, _, err = fuse(capsys, "tiny", "--method", "simple_average:bench_seeds=zero")
     assert code == 2 and "bench_seeds must be a seed or a list of seeds" in err
+
+
+def test_a_cell_stored_meanwhile_by_another_run_is_not_repeated(bench_pm):
+    from fusion_lab.cli.bench import plan_bench, run_bench
+
+    from fusion_core.registry import build_registry
+
+    registry = build_registry(bench_pm)
+    plan = plan_bench(registry, "tiny", [{"name": "shift_test"}], seeds=[0, 1])
+    other = plan_bench(registry, "tiny", [{"name": "shift_test"}], seeds=[1])
+
+    def meanwhile(i, total, outcome):  # after the first cell, another run on the database stores the second
+        if i == 1:
+            with open_db("runs/results.sqlite") as db2:
+                run_bench(other, db2, registry=registry, plugin_manager=bench_pm)
+
+    with open_db("runs/results.sqlite") as db:
+        outcomes = run_bench(plan, db, registry=registry, plugin_manager=bench_pm, on_cell=meanwhile)
+    assert [(o.cell.seed, o.status) for o in outcomes] == [(0, "ok"), (1, "skipped")]
+    assert Shift.calls == 2  # seed 0 here, seed 1 in the other run: none twice
