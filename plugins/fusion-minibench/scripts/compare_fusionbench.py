@@ -27,7 +27,8 @@ from fusion_minibench.ranking import FUSIONBENCH_CLIP_B32, FUSIONBENCH_SOURCE, R
 
 
 def _without_seed(component) -> str:
-    return json.dumps({k: v for k, v in (component or {}).items() if k != "seed"}, sort_keys=True, default=str)
+    """A pool config without the fields that name the recipe seed's build (``seed``, ``cache_dir``)."""
+    return json.dumps({k: v for k, v in (component or {}).items() if k not in ("seed", "cache_dir")}, sort_keys=True, default=str)
 
 
 def rows_from_db(path: str, benchmark: str, unit: str) -> tuple[list[Row], str]:
@@ -38,7 +39,7 @@ def rows_from_db(path: str, benchmark: str, unit: str) -> tuple[list[Row], str]:
         stored = db.rows("benchmark = ? AND status = 'ok'", (benchmark,))
     if not stored:
         raise SystemExit(f"{path}: no finished cells of benchmark {benchmark!r}; run `fuse bench {benchmark} --db {path}` first")
-    # the pools may differ only in their recipe seed; keep the family with the most rows
+    # the pools may differ only in their recipe seed (and where it is built); keep the family with the most rows
     families: dict[str, list] = defaultdict(list)
     for r in stored:
         families[_without_seed(r.config.get("modelpool")) + _without_seed(r.config.get("taskpool"))].append(r)
