@@ -10,7 +10,9 @@ architecture with routed layers): memory is the base + N task vectors of the tar
 
 Defaults follow FusionBench 0.2.33 (``CLIPWeightEnsemblingMoEAlgorithm``,
 ``config/method/wemoe/weight_ensembling_moe.yaml``, ``models/we_moe.py``): the MLP of each
-transformer block is upscaled (``targets: mlp``), both router layers start ~ N(0, 0.01²)
+transformer block is upscaled (``targets: mlp``; in a model whose blocks have no ``mlp`` module,
+as BERT's ``intermediate.dense`` and ``output.dense``, the block's linear layers outside attention,
+routed together on the first one's input), both router layers start ~ N(0, 0.01²)
 (``router_init: normal``), one routing weight vector per batch (``batch_reduce: true``; FusionBench
 resets the flag on the wrapper after training, not on the MoE layers, so its evaluation is batch
 reduced too, as here), Adam with lr 1e-4 for 1000 steps, entropy ``−Σ p log(p + 1e-8)``.
@@ -88,10 +90,12 @@ def input_features(model: Any, targets: dict[str, Any], run) -> dict[str, int]:
 class WEMoE(AdaptiveMethod):
     """Weight-ensembling MoE (Tang et al., ICML 2024).
 
-    Defaults are FusionBench's (lr 1e-4, 1000 steps).  Duration: a step is a forward and backward
-    pass per task, as in AdaMerging, whose step took 4.6 s on the ``mini`` benchmark on a loaded 2-core
-    CPU: expect over an hour for the default 1000 steps there (set ``steps`` lower for a quick
-    run).  The run prints its own estimate after three steps.
+    Defaults are FusionBench's (lr 1e-4, 1000 steps, batch 16 per task).  Duration on the ``mini``
+    benchmark (MiniLM; a step is a forward and backward pass per task, as in AdaMerging): 2.7 s per
+    step with the 2-core machine shared by other jobs (load ≈ 10; ``python
+    plugins/fusion-minibench/scripts/time_adaptive.py --steps 5``), so the default 1000 steps take
+    about 45 min there, and about 50 s per step at load 14 (the leaderboard's run, 20 steps).  The
+    run prints its own estimate after three steps, and notes ``seconds_per_step``.
     """
 
     name = "wemoe"
