@@ -31,8 +31,20 @@ def _without_seed(component) -> str:
     return json.dumps({k: v for k, v in (component or {}).items() if k not in ("seed", "cache_dir")}, sort_keys=True, default=str)
 
 
-def rows_from_db(path: str, benchmark: str, unit: str) -> tuple[list[Row], str]:
-    """Leaderboard rows with their per-unit averages, from every ``ok`` cell of ``benchmark`` in the database."""
+def read_extra(path: str | None) -> dict[tuple[str, str], dict[int, float]]:
+    """``--extra-units``: a CSV ``label,config,recipe_seed,average`` (average in percent) of results measured
+    outside the database (e.g. ``measure.py --seeds 1 2``), as (label, config) → recipe seed → average."""
+    out: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    if path:
+        with open(path, newline="") as handle:
+            for r in csv.DictReader(handle):
+                out[(r["label"], r.get("config") or "")][int(r["recipe_seed"])] = float(r["average"])
+    return out
+
+
+def rows_from_db(path: str, benchmark: str, unit: str, extra: dict | None = None) -> tuple[list[Row], str]:
+    """Leaderboard rows with their per-unit averages, from every ``ok`` cell of ``benchmark`` in the database
+    (and ``extra`` averages per recipe seed, see :func:`read_extra`)."""
     from fusion_lab.results_db import open_db
 
     with open_db(path, readonly=True) as db:
@@ -55,8 +67,9 @@ def rows_from_db(path: str, benchmark: str, unit: str) -> tuple[list[Row], str]:
         settings[key] = method
         recipe = (r.config.get("modelpool") or {}).get("seed", 0)
         cells[key][(recipe, r.seed)][r.task] = 100.0 * float(r.value)
+    extra = extra or {}
     if unit == "auto":
-        unit = "recipe" if any(len({rc for rc, _ in by_unit}) > 1 for by_unit in cells.values()) else "run"
+        unit = "recipe" if extra or any(len({rc for rc, _ in by_unit}) > 1 for by_unit in cells.values()) else "run"
     rows = []
     for key, by_unit in cells.items():
         averages = {u: math.fsum(t.values()) / len(t) for u, t in by_unit.items()}
@@ -65,6 +78,7 @@ def rows_from_db(path: str, benchmark: str, unit: str) -> tuple[list[Row], str]:
             for (recipe, _), value in averages.items():
                 per_recipe[recipe].append(value)
             units = {rc: math.fsum(v) / len(v) for rc, v in per_recipe.items()}
+            units.update({rc: v for rc, v in extra.get(key[:2], {}).items() if rc not in units})
         else:  # run seeds of the first recipe seed the row has
             first = min(rc for rc, _ in averages)
             units = {s: v for (rc, s), v in averages.items() if rc == first}
@@ -88,12 +102,13 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmark", default="mini")
     parser.add_argument("--unit", choices=("auto", "recipe", "run"), default="auto",
                         help="what the bootstrap resamples (default: recipe seeds when there are several, else run seeds)")
+    parser.add_argument("--extra-units", help="CSV label,config,recipe_seed,average (%%) of results measured outside the database")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--markdown", help="also write the comparison here")
     args = parser.parse_args(argv)
     if args.db:
-        rows, unit = rows_from_db(args.db, args.benchmark, args.unit)
+        rows, unit = rows_from_db(args.db, args.benchmark, args.unit, read_extra(args.extra_units))
     else:
         rows, unit = rows_from_csv(args.csv), "row mean"
     try:

@@ -116,3 +116,23 @@ def test_script_reads_a_leaderboard_csv(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "**2 of 3**" in text and "no bootstrap interval" in text
     assert len(FUSIONBENCH_CLIP_B32) == 18
+
+
+def test_script_adds_recipe_seeds_measured_outside_the_database(tmp_path, capsys):
+    fusion_lab = pytest.importorskip("fusion_lab.results_db")
+    db_path = tmp_path / "r.sqlite"
+    pools = {"modelpool": {"name": "minibench", "seed": 0}, "taskpool": {"name": "minibench", "seed": 0}}
+    with fusion_lab.open_db(db_path) as db:
+        for label, value in {"pretrained": 0.5, "individual": 0.9, "simple_average": 0.7, "ties": 0.68}.items():
+            kind = "baseline" if label in ("pretrained", "individual") else "method"
+            config = {**pools, "method": {"name": label}} if kind == "method" else pools
+            cell = fusion_lab.Cell(kind=kind, config_hash=label, pools_hash="p0", config=config, config_summary="", seed=0, benchmark="mini")
+            db.record_ok(cell, {label: {"t": {"accuracy": value}}}, metric="accuracy", versions=None, timings=None, duration_s=1.0)
+    extra = tmp_path / "extra.csv"
+    extra.write_text("label,config,recipe_seed,average\nsimple_average,,1,60.0\nsimple_average,,2,61.0\nties,,1,69.0\n")
+    assert _script().main(["--db", str(db_path), "--extra-units", str(extra), "--resamples", "400"]) == 0
+    text = capsys.readouterr().out
+    # simple average over recipe seeds 0, 1, 2: (70 + 60 + 61) / 3 = 63.7; TIES (68 + 69) / 2 = 68.5
+    assert "| simple average | 66.5 | 3 | simple_average | 63.7 | 3 | 3 |" in text
+    assert "| TIES-merging (λ = 0.3) | 72.2 | 2 | ties | 68.5 | 2 | 2 |" in text
+    assert "recipe seeds, with replacement" in text
