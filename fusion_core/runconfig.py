@@ -190,7 +190,7 @@ def resolve_run_config(raw: Mapping[str, Any], registry) -> RunConfig:
     settings = make_config(RunSettings, {k: v for k, v in raw.items() if k not in COMPONENT_KEYS}, where="run")
 
     merge_only = _check_pools(raw, settings)
-    needs_bench = "modelpool" not in raw or "taskpool" not in raw or not raw.get("method", {}).get("name")
+    needs_bench = not _named(raw, "modelpool") or not _named(raw, "taskpool") or not raw.get("method", {}).get("name")
     if merge_only and not raw.get("method", {}).get("name"):
         raise ConfigError("no method given; set method=NAME (`fuse list methods` shows them)")
     bench_name = settings.benchmark or (DEFAULT_BENCHMARK if needs_bench and not merge_only else None)

@@ -67,23 +67,33 @@ def merge_parameters(base: Mapping[str, "torch.Tensor"], task_vectors: Sequence[
 
 
 def stack_task_vectors(task_vectors: Sequence[dict[str, "torch.Tensor"]], keys: Sequence[str]) -> dict[str, "torch.Tensor"]:
-    """Per tensor ``k``, the models' ``τᵢₖ`` stacked ``(N, *shape)`` (each model's tensors are released as they are stacked)."""
+    """Per tensor ``k``, the models' ``τᵢₖ`` stacked ``(N, *shape)`` (each model's tensors are released as they are stacked).
+
+    Tensors no model changed (every ``τᵢₖ = 0``: e.g. a frozen embedding table) are left out: the merge
+    keeps the base's value there whatever the coefficients, with no (N, *shape) stack or contraction.
+    """
     import torch
 
-    return {key: torch.stack([tv.pop(key) for tv in task_vectors]) for key in keys}
+    out = {}
+    for key in keys:
+        parts = [tv.pop(key) for tv in task_vectors]
+        if any(bool(p.any()) for p in parts):
+            out[key] = torch.stack(parts)
+    return out
 
 
 def merge_stacked(base: Mapping[str, "torch.Tensor"], stacked: Mapping[str, "torch.Tensor"], coefficients: "torch.Tensor") -> dict[str, "torch.Tensor"]:
     """:func:`merge_parameters` on stacked task vectors: ``θ₀ₖ + λ·ₖ ⊗ τ·ₖ``, one contraction per tensor.
 
     One fused op per tensor instead of N additions: no per-model intermediate in the autograd graph,
-    and the coefficients' gradient is one matrix product per tensor.
+    and the coefficients' gradient is one matrix product per tensor.  A tensor of ``base`` missing
+    from ``stacked`` (no model changed it) is the base's.
     """
     import torch
 
     layer_wise = coefficients.shape[1] > 1
     return {key: value + torch.tensordot(coefficients[:, k if layer_wise else 0].to(value.dtype), stacked[key], dims=1)
-            for k, (key, value) in enumerate(base.items())}
+            if key in stacked else value for k, (key, value) in enumerate(base.items())}
 
 
 def entropy_objective(model: Any, params: Mapping[str, "torch.Tensor"], tasks: Sequence[AdaptationTask], batches: Sequence[Any],
@@ -102,10 +112,14 @@ def entropy_objective(model: Any, params: Mapping[str, "torch.Tensor"], tasks: S
 class AdaMerging(AdaptiveMethod):
     """AdaMerging (Yang et al., ICLR 2024), task-wise or layer-wise.
 
-    Defaults are FusionBench's (1000 steps, no clamping).  Duration: on the ``mini`` benchmark a step
-    took 4.6 s on a loaded 2-core CPU (``fuse run method=adamerging method.steps=6``: 0.23 steps/s), so
-    the default 1000 steps take about 75 min there; set ``steps`` lower for a quick run.  The run
-    prints its own estimate after three steps.
+    Defaults are FusionBench's (1000 steps, batch 16 per task, no clamping).  Duration on the ``mini``
+    benchmark (MiniLM, six tasks; a step is a forward and backward pass of the merged encoder on 16
+    test texts of each task): 2.0 s (layer-wise) to 2.9 s (task-wise) per step with the 2-core machine
+    shared by other jobs (load ≈ 10; ``python plugins/fusion-minibench/scripts/time_adaptive.py
+    --steps 5``), so the default 1000 steps take 35–50 min there, and about 50 s per step at load 14
+    (the leaderboard's run, which uses 20 steps).  Tensors that no model changed (mini's frozen
+    embedding tables) are not stacked nor contracted.  The run prints its own estimate after three
+    steps, and notes ``seconds_per_step``.
     """
 
     name = "adamerging"
@@ -126,6 +140,8 @@ class AdaMerging(AdaptiveMethod):
         )
         entropy_eps: float = option(1e-8, help="ε of the entropy −Σ p·log(p + ε) (FusionBench 1e-8; 0 = exact log-softmax)",
                                     validator=in_range(0.0, None))
+        batch_size: int | None = option(16, help="unlabelled test inputs per task in a step (FusionBench batch_size 16; the task "
+                                                  "pool's batches are cut to it); null = the task pool's batches", validator=positive)
 
         def __attrs_post_init__(self) -> None:
             if self.clamp is True or self.clamp is False:  # the earlier boolean form
@@ -135,7 +151,7 @@ class AdaMerging(AdaptiveMethod):
         import torch
 
         cfg, names = self.config, list(pool.model_names)
-        tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
+        tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device, batch_size=cfg.batch_size)
         base = prepare(pool.load_model(None), ctx.device)
         base_params = float_params(base)
         vectors = stack_task_vectors([task_vector(pool, n, base_params, method=self.name, device=ctx.device) for n in names],
@@ -161,7 +177,8 @@ class AdaMerging(AdaptiveMethod):
             state = state_with(base, merged)
         final = effective(coefficients.detach()).cpu()
         per_model = {n: (float(final[i, 0]) if width == 1 else float(final[i].mean())) for i, n in enumerate(names)}
-        note(ctx, self.name, granularity=cfg.granularity, coefficients=per_model, **summarize_history(history))
+        note(ctx, self.name, granularity=cfg.granularity, coefficients=per_model, tensors_unchanged=len(base_params) - len(vectors),
+             **summarize_history(history))
         mark_transductive(ctx, self.name, names)
         return state
 

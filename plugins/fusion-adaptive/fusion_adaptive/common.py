@@ -280,14 +280,55 @@ def cached_cycle(batches: Iterable, budget: int = CACHE_BYTES) -> Iterator:
         yield from cycle(batches)
 
 
-def adaptation_tasks(pool: "ModelPool", taskpool: "TaskPool | None", *, method: str, device: str) -> list[AdaptationTask]:
-    """One :class:`AdaptationTask` per fine-tuned model (its name is the task), or a clear InputError."""
+def split_batch(batch: Any, size: int) -> list:
+    """``batch`` (a tensor, or mappings/lists/tuples of tensors sharing their first dimension) cut along
+    its first dimension into pieces of at most ``size`` rows (a batch of ``size`` rows or fewer: itself)."""
+    import torch
+
+    rows = batch_size(batch)
+    if rows <= size:
+        return [batch]
+
+    def piece(value: Any, start: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[start : start + size] if value.dim() and value.shape[0] == rows else value
+        if isinstance(value, Mapping):
+            return {k: piece(v, start) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(piece(v, start) for v in value)
+        return value
+
+    return [piece(batch, start) for start in range(0, rows, size)]
+
+
+class Rebatched:
+    """Re-iterable: ``batches`` with each one cut into pieces of at most ``size`` rows."""
+
+    def __init__(self, batches: Iterable, size: int) -> None:
+        self.batches, self.size = batches, size
+
+    def __iter__(self) -> Iterator:
+        for batch in self.batches:
+            yield from split_batch(batch, self.size)
+
+
+def rebatched(batches: Iterable, size: int | None) -> Iterable:
+    """``batches`` with each one cut into pieces of at most ``size`` rows (``None``: as they are)."""
+    return batches if size is None else Rebatched(batches, size)
+
+
+def adaptation_tasks(pool: "ModelPool", taskpool: "TaskPool | None", *, method: str, device: str,
+                     batch_size: int | None = None) -> list[AdaptationTask]:
+    """One :class:`AdaptationTask` per fine-tuned model (its name is the task), or a clear InputError.
+
+    ``batch_size``: each step reads at most this many test inputs per task (the task pool's batches
+    are cut to it; ``None``: the task pool's batches as they are)."""
     from fusion_core.adapters import get_classifier, require_unlabelled
 
     tasks = []
     for name in pool.model_names:
         batches = require_unlabelled(taskpool, name, method=method)
-        tasks.append(AdaptationTask(name, get_classifier(taskpool, name), cached_cycle(batches), device))
+        tasks.append(AdaptationTask(name, get_classifier(taskpool, name), cached_cycle(rebatched(batches, batch_size)), device))
     return tasks
 
 
@@ -307,13 +348,20 @@ def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tens
     """Minimise ``loss_fn(step)`` over ``params`` with Adam for ``steps`` steps; returns the loss history.
 
     A non-finite loss (or a non-finite gradient) stops the run with a :class:`FuseError` naming the step.
+    The median wall time of a step (the first left out when there are others: it warms caches) is
+    noted as ``seconds_per_step`` (what ``fuse show`` durations are measured from).
     """
+    import statistics
+    import time
+
     import torch
 
     params = list(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
+    durations: list[float] = []
     for step in progress(ctx, range(steps), f"adapting ({method})", total=steps):
+        started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(step)
         value = check_finite(loss, step, method=method)
@@ -325,6 +373,9 @@ def adapt(params: Iterable["torch.Tensor"], loss_fn: Callable[[int], "torch.Tens
         if after_step is not None:
             after_step()
         history.append(value)
+        durations.append(time.perf_counter() - started)
+    if durations:
+        note(ctx, method, seconds_per_step=statistics.median(durations[1:] or durations))
     return history
 
 

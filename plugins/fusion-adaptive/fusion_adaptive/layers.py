@@ -63,6 +63,15 @@ class Router(nn.Module):
         return self.net(x)
 
 
+class SharedRouting:
+    """The routing weights of a group of :class:`WeightEnsemblingMoE` layers that run one after the other
+    (a transformer block's feed-forward split into two linear layers, as BERT's): the first layer of the
+    group routes on its own input and stores the weights here; the others reuse them."""
+
+    def __init__(self) -> None:
+        self.weights: torch.Tensor | None = None
+
+
 class WeightEnsemblingMoE(nn.Module):
     """``f(x; θ₀ + Σᵢ rᵢ(x) τᵢ)``: the base layer with a routed sum of task vectors.
 
@@ -72,11 +81,18 @@ class WeightEnsemblingMoE(nn.Module):
     batch: one weight vector per batch, and the module runs once with the merged parameters.
     Per sample, linear layers use ``x·W₀ᵀ + Σᵢ rᵢ (x·τᵢᵀ)`` (no per-sample weight matrices);
     other modules are run per sample with ``torch.func.vmap`` over per-sample merged parameters.
+
+    ``shared``: the layer belongs to a group that routes once (:class:`SharedRouting`): with a
+    ``router`` it routes and stores the weights there; without one (``router=None``) it reuses
+    the weights the group's router stored during the same forward pass.
     """
 
-    def __init__(self, base: nn.Module, experts: Mapping[str, torch.Tensor], router: Router, *, linear: bool, transposed: bool = False,
-                 batch_reduce: bool = False) -> None:
+    def __init__(self, base: nn.Module, experts: Mapping[str, torch.Tensor], router: Router | None, *, linear: bool,
+                 transposed: bool = False, batch_reduce: bool = False, shared: SharedRouting | None = None) -> None:
         super().__init__()
+        if router is None and shared is None:
+            raise ValueError("a WeightEnsemblingMoE layer without a router needs the SharedRouting of its group")
+        self.shared = shared
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -107,7 +123,14 @@ class WeightEnsemblingMoE(nn.Module):
                 for name in self.param_names}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        weights = self.routing_weights(x).to(x.dtype)
+        if self.router is not None:
+            weights = self.routing_weights(x).to(x.dtype)
+            if self.shared is not None:
+                self.shared.weights = weights
+        else:
+            weights = self.shared.weights
+            if weights is None or weights.shape[0] != x.shape[0]:
+                raise RuntimeError("a WeightEnsemblingMoE layer without a router ran before the layer that routes its group")
         if self.batch_reduce:
             from torch.func import functional_call
 

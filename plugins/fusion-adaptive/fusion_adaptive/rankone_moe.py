@@ -76,7 +76,11 @@ class RankOneMoEMethod(WEMoE):
         """WEMoE's routers with one output per (task, component): ``n · rank_k``."""
         return super().make_routers(targets, dims, n * self.config.rank_k, generator)
 
-    def make_layer(self, module: Any, experts: dict[str, "torch.Tensor"], router: Any) -> Any:
+    def target_groups(self, model: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        """WEMoE's modules, each with a router of its own (no shared routing groups)."""
+        return super().target_groups(model)[0], {}
+
+    def make_layer(self, module: Any, experts: dict[str, "torch.Tensor"], router: Any, shared: Any = None) -> Any:
         from .layers import RankOneMoE
 
         factors, fixed = {}, {}

@@ -10,7 +10,9 @@ architecture with routed layers): memory is the base + N task vectors of the tar
 
 Defaults follow FusionBench 0.2.33 (``CLIPWeightEnsemblingMoEAlgorithm``,
 ``config/method/wemoe/weight_ensembling_moe.yaml``, ``models/we_moe.py``): the MLP of each
-transformer block is upscaled (``targets: mlp``), both router layers start ~ N(0, 0.01²)
+transformer block is upscaled (``targets: mlp``; in a model whose blocks have no ``mlp`` module,
+as BERT's ``intermediate.dense`` and ``output.dense``, the block's linear layers outside attention,
+routed together on the first one's input), both router layers start ~ N(0, 0.01²)
 (``router_init: normal``), one routing weight vector per batch (``batch_reduce: true``; FusionBench
 resets the flag on the wrapper after training, not on the MoE layers, so its evaluation is batch
 reduced too, as here), Adam with lr 1e-4 for 1000 steps, entropy ``−Σ p log(p + 1e-8)``.
@@ -20,6 +22,7 @@ fuse's earlier defaults: ``targets: linear``, ``router_init: zero_last``, ``batc
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
@@ -39,8 +42,12 @@ from .common import (
     summarize_history,
     task_vector,
 )
-from .modules import is_linear, select_modules, set_submodule, transposed
+from .modules import is_linear, linear_layers, select_modules, set_submodule, transposed
 from .modules import key as pkey
+from .regmean import find_blocks
+
+ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+"""Submodule names of a block's attention (left out of the block MLP of a model with no ``mlp`` modules)."""
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -84,10 +91,12 @@ def input_features(model: Any, targets: dict[str, Any], run) -> dict[str, int]:
 class WEMoE(AdaptiveMethod):
     """Weight-ensembling MoE (Tang et al., ICML 2024).
 
-    Defaults are FusionBench's (lr 1e-4, 1000 steps).  Duration: a step is a forward and backward
-    pass per task, as in AdaMerging, whose step took 4.6 s on the ``mini`` benchmark on a loaded 2-core
-    CPU: expect over an hour for the default 1000 steps there (set ``steps`` lower for a quick
-    run).  The run prints its own estimate after three steps.
+    Defaults are FusionBench's (lr 1e-4, 1000 steps, batch 16 per task).  Duration on the ``mini``
+    benchmark (MiniLM; a step is a forward and backward pass per task, as in AdaMerging): 2.7 s per
+    step with the 2-core machine shared by other jobs (load ≈ 10; ``python
+    plugins/fusion-minibench/scripts/time_adaptive.py --steps 5``), so the default 1000 steps take
+    about 45 min there, and about 50 s per step at load 14 (the leaderboard's run, 20 steps).  The
+    run prints its own estimate after three steps, and notes ``seconds_per_step``.
     """
 
     name = "wemoe"
@@ -118,18 +127,40 @@ class WEMoE(AdaptiveMethod):
         lr: float = option(1e-4, help="Adam learning rate of the routers (FusionBench 1e-4)", validator=positive)
         steps: int = option(1000, help="adaptation steps (one unlabelled test batch per task each; FusionBench max_steps 1000)",
                             validator=in_range(0, None))
+        batch_size: int | None = option(16, help="unlabelled test inputs per task in a step (FusionBench batch_size 16; the task "
+                                                  "pool's batches are cut to it); null = the task pool's batches", validator=positive)
 
     def select_targets(self, model: Any) -> dict[str, Any]:
-        """The modules to upscale: ``target_modules``, else per ``targets`` (every ``*.mlp`` module, or every linear layer)."""
+        """The modules to upscale (see :meth:`target_groups`)."""
+        return self.target_groups(model)[0]
+
+    def target_groups(self, model: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        """The modules to upscale and, for those routed by another target, that target's name.
+
+        ``target_modules``, else per ``targets``: ``linear``, every linear layer; ``mlp``, every module
+        named ``mlp`` (a CLIP block's MLP); in a model without such modules but with transformer
+        blocks (BERT: ``intermediate.dense`` and ``output.dense``), the linear layers of each block
+        outside its attention, which route together on the first one's input as one block MLP does;
+        with neither, every linear layer.
+        """
         cfg = self.config
         if cfg.target_modules is not None:
-            return select_modules(model, cfg.target_modules, method=self.name, field="target_modules", linear_only=False)
+            return select_modules(model, cfg.target_modules, method=self.name, field="target_modules", linear_only=False), {}
         if cfg.targets == "linear":
-            return select_modules(model, None, method=self.name, field="target_modules")
+            return select_modules(model, None, method=self.name, field="target_modules"), {}
         mlps = [n for n, _ in model.named_modules() if n.rpartition(".")[2] == "mlp"]
-        if not mlps:  # no transformer-block MLPs (e.g. a plain MLP classifier): every linear layer
-            return select_modules(model, None, method=self.name, field="target_modules")
-        return select_modules(model, mlps, method=self.name, field="target_modules", linear_only=False)
+        if mlps:
+            return select_modules(model, mlps, method=self.name, field="target_modules", linear_only=False), {}
+        targets, leader_of = {}, {}
+        for block in find_blocks(model):
+            chain = [n for n in linear_layers(model.get_submodule(block)) if not ATTENTION.search(n)]
+            for name in chain:
+                targets[f"{block}.{name}"] = model.get_submodule(f"{block}.{name}")
+                if name != chain[0]:
+                    leader_of[f"{block}.{name}"] = f"{block}.{chain[0]}"
+        if not targets:  # no transformer blocks (e.g. a plain MLP classifier): every linear layer
+            return select_modules(model, None, method=self.name, field="target_modules"), {}
+        return targets, leader_of
 
     def make_routers(self, targets: dict[str, Any], dims: dict[str, int], n: int, generator: "torch.Generator") -> dict[str, Any]:
         """One :class:`~fusion_adaptive.layers.Router` per target module, drawn from ``generator`` in target order."""
@@ -143,22 +174,27 @@ class WEMoE(AdaptiveMethod):
         """What an expert stores for one parameter, from the stacked task vectors ``(N, *shape)``: WEMoE keeps them whole."""
         return stacked
 
-    def make_layer(self, module: Any, experts: dict[str, "torch.Tensor"], router: Any) -> Any:
-        """The routed layer replacing ``module``, from its parameters' stacked task vectors ``(N, *shape)``."""
+    def make_layer(self, module: Any, experts: dict[str, "torch.Tensor"], router: Any, shared: Any = None) -> Any:
+        """The routed layer replacing ``module``, from its parameters' stacked task vectors ``(N, *shape)``;
+        ``router`` is ``None`` for a layer that reuses its group's routing (``shared``)."""
         from .layers import WeightEnsemblingMoE
 
         experts = {p: self.expert_tensor(stacked) for p, stacked in experts.items()}
         return WeightEnsemblingMoE(module, experts, router, linear=is_linear(module) and set(experts) <= {"weight", "bias"},
-                                   transposed=is_linear(module) and transposed(module), batch_reduce=self.config.batch_reduce)
+                                   transposed=is_linear(module) and transposed(module), batch_reduce=self.config.batch_reduce,
+                                   shared=shared)
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
         import torch
 
+        from .layers import SharedRouting
+
         cfg, names = self.config, list(pool.model_names)
-        tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
+        tasks = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device, batch_size=cfg.batch_size)
         base = prepare(pool.load_model(None), ctx.device)
-        targets = self.select_targets(base)
-        dims = input_features(base, targets, lambda: pool.forward(base, slice_inputs(tasks[0].peek_inputs(), 0, 1)))  # one example
+        targets, leader_of = self.target_groups(base)
+        leaders = {t: m for t, m in targets.items() if t not in leader_of}
+        dims = input_features(base, leaders, lambda: pool.forward(base, slice_inputs(tasks[0].peek_inputs(), 0, 1)))  # one example
         base_params = float_params(base)
         vectors = [task_vector(pool, n, base_params, method=self.name, device=ctx.device) for n in names]
         owned = {pkey(t, p): (t, p) for t, m in targets.items() for p, _ in m.named_parameters()}
@@ -168,13 +204,15 @@ class WEMoE(AdaptiveMethod):
                     value.add_(sum(v[key] for v in vectors) * cfg.init_lambda)
         generator = torch.Generator(device="cpu")
         generator.manual_seed(tensor_seed(ctx.seed, self.name, "routers"))
-        router_of = self.make_routers(targets, dims, len(names), generator)
+        router_of = self.make_routers(leaders, dims, len(names), generator)
+        groups = {leader: SharedRouting() for leader in set(leader_of.values())}
         for target, module in targets.items():
             experts = {}
             for p, _ in module.named_parameters():
                 key = pkey(target, p)
                 experts[p] = torch.stack([v.pop(key) for v in vectors])
-            base = set_submodule(base, target, self.make_layer(module, experts, router_of[target].to(ctx.device)))
+            router = None if target in leader_of else router_of[target].to(ctx.device)
+            base = set_submodule(base, target, self.make_layer(module, experts, router, shared=groups.get(leader_of.get(target, target))))
             del experts
         del vectors
         routers = list({id(p): p for r in router_of.values() for p in r.parameters()}.values())  # a shared router once
@@ -193,7 +231,7 @@ class WEMoE(AdaptiveMethod):
             p.requires_grad_(False)
         base.eval()
         note(ctx, self.name, upscaled=list(targets), experts=names, router_parameters=sum(p.numel() for p in routers),
-             **summarize_history(history))
+             **({"routed_with": leader_of} if leader_of else {}), **summarize_history(history))
         mark_transductive(ctx, self.name, names)
         return base
 

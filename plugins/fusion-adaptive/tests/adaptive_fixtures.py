@@ -52,13 +52,17 @@ def batches(x, y, size: int = 32, labelled: bool = True):
     return out
 
 
-def finetune(base: nn.Module, task: dict, steps: int = 40, lr: float = 0.02) -> nn.Module:
+def finetune(base: nn.Module, task: dict, steps: int = 40, lr: float = 0.02, batch: int = 32, frozen: tuple[str, ...] = ()) -> nn.Module:
+    """A copy of ``base`` trained with Adam through the task's head; parameters named in ``frozen`` stay at the base's."""
     model = copy.deepcopy(base)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     x, y = task["train"]
     for step in range(steps):
-        s = (step * 32) % x.shape[0]
-        loss = nn.functional.cross_entropy(task["head"](model(x[s : s + 32])), y[s : s + 32])
+        s = (step * batch) % x.shape[0]
+        loss = nn.functional.cross_entropy(task["head"](model(x[s : s + batch])), y[s : s + batch])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -49,6 +49,9 @@ def run_cells(cells: Sequence[PlannedCell], db, executor, *, registry, plugin_ma
               on_cell: OnCell | None = None) -> None:
     """Run the cells not stored yet (all with ``force``) on ``executor``; store each result as it arrives.
 
+    In this process (no worker processes) each cell is checked again just before it runs, so
+    several ``fuse bench`` runs on one database share its cells instead of repeating them.
+
     Cells with the same key run once.  ``baselines``: let cells evaluate the pretrained and
     individual models while the database has none for their pools hash (with ``force``: once
     per call).  The executor must be started (and is not stopped) by the caller.
@@ -95,6 +98,10 @@ def run_cells(cells: Sequence[PlannedCell], db, executor, *, registry, plugin_ma
 
     if env is None:  # in this process: one job at a time, so each decides its baselines when it starts
         for cell in pending.values():
+            if not force and db.is_done(cell.config_hash, cell.seed):  # stored meanwhile by another process on this database
+                if on_cell:
+                    on_cell(cell, "skipped", None)
+                continue
             executor.map([job_of(cell)], None, store, plugin_manager=plugin_manager, registry=registry)
     elif pending:
         executor.map([job_of(cell) for cell in pending.values()], env, store, plugin_manager=plugin_manager, registry=registry)

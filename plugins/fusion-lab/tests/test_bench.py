@@ -415,3 +415,51 @@ def test_jobs_run_cells_in_worker_processes_with_the_same_results(bench_pm, caps
     assert len(stored) == 16 and {r.status for r in stored} == {"ok"}
     code, _, err = fuse(capsys, "tiny", *METHODS, *SEEDS, "--jobs", "2")
     assert code == 0 and "0 run, 6 skipped, 0 failed" in err  # the same skip logic as in-process
+
+
+def test_set_changes_the_pools_of_every_cell_and_refuses_the_method(bench_pm, capsys):
+    code, _, err = fuse(capsys, "tiny", "--method", "simple_average")
+    assert code == 0, err
+    # fields of both pools, neither named: both come from the benchmark, with these fields on top
+    code, out, err = fuse(capsys, "tiny", "--method", "simple_average", "--set", "taskpool.split=val", "--set", "modelpool.allow_pickle=true")
+    assert code == 0, err
+    assert "1 cells, 1 to run" in err  # another pools configuration: nothing is reused
+    stored = [r for r in rows() if r.label == "simple_average"]
+    # w = (0.5, 0.5): 1 − (0.5 − 1)² = 0.75 against the test target, 1 − 0 = 1.0 against the val target
+    assert sorted((r.split, r.value) for r in stored if r.task == "a") == [("test", 0.75), ("val", 1.0)]
+    assert len({r.pools_hash for r in stored}) == 2
+    code, _, err = fuse(capsys, "tiny", "--set", "method.scaling_factor=0.3")
+    assert code == 2 and "--set cannot set the method" in err
+
+
+def test_bench_seeds_limit_a_method_to_some_seeds(bench_pm, capsys, tmp_path):
+    (tmp_path / "methods.yaml").write_text("- shift_test\n- simple_average:bench_seeds=[0]\n- {name: task_arithmetic, bench_seeds: 2}\n")
+    code, out, err = fuse(capsys, "tiny", "--methods-file", "methods.yaml", *SEEDS, "--csv", "lb.csv")
+    assert code == 0, err
+    assert "4 cells, 4 to run" in err
+    assert sorted({(r.label, r.seed) for r in rows() if r.kind == "method"}) == [
+        ("shift_test", 0), ("shift_test", 2), ("simple_average", 0), ("task_arithmetic", 2)]
+    seeds = {line.split(",")[1]: line.split(",")[4] for line in (tmp_path / "lb.csv").read_text().splitlines()[1:]}
+    assert seeds == {"individual": "1", "shift_test": "2", "simple_average": "1", "task_arithmetic": "1", "pretrained": "1"}
+    code, _, err = fuse(capsys, "tiny", "--method", "simple_average:bench_seeds=zero")
+    assert code == 2 and "bench_seeds must be a seed or a list of seeds" in err
+
+
+def test_a_cell_stored_meanwhile_by_another_run_is_not_repeated(bench_pm):
+    from fusion_lab.cli.bench import plan_bench, run_bench
+
+    from fusion_core.registry import build_registry
+
+    registry = build_registry(bench_pm)
+    plan = plan_bench(registry, "tiny", [{"name": "shift_test"}], seeds=[0, 1])
+    other = plan_bench(registry, "tiny", [{"name": "shift_test"}], seeds=[1])
+
+    def meanwhile(i, total, outcome):  # after the first cell, another run on the database stores the second
+        if i == 1:
+            with open_db("runs/results.sqlite") as db2:
+                run_bench(other, db2, registry=registry, plugin_manager=bench_pm)
+
+    with open_db("runs/results.sqlite") as db:
+        outcomes = run_bench(plan, db, registry=registry, plugin_manager=bench_pm, on_cell=meanwhile)
+    assert [(o.cell.seed, o.status) for o in outcomes] == [(0, "ok"), (1, "skipped")]
+    assert Shift.calls == 2  # seed 0 here, seed 1 in the other run: none twice

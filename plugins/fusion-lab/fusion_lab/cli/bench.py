@@ -41,7 +41,10 @@ def parse_method_spec(text: str) -> dict:
 
 
 def load_methods_file(path: str) -> list[dict]:
-    """A YAML list (or ``{methods: [...]}``) of ``NAME``, ``NAME:k=v`` strings or ``{name: ..., field: ...}`` mappings."""
+    """A YAML list (or ``{methods: [...]}``) of ``NAME``, ``NAME:k=v`` strings or ``{name: ..., field: ...}`` mappings.
+
+    Besides the method's fields, ``bench_seeds`` (a seed or a list) runs that method on those of the
+    bench's seeds only."""
 
     from fusion_core import ConfigError
 
@@ -105,9 +108,26 @@ def resolve_benchmark(registry, name: str):
     return registry.entries["benchmark"][name]
 
 
+BENCH_SEEDS = "bench_seeds"
+"""Key of a method spec limiting it to some of the bench's seeds (``adamerging:steps=100,bench_seeds=[0]``):
+for a method that draws no random number and is costly, whose other seeds would repeat the first."""
+
+
+def _bench_seeds(spec: dict) -> set[int] | None:
+    from fusion_core import ConfigError
+
+    value = spec.get(BENCH_SEEDS)
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"method {spec.get('name')!r}: {BENCH_SEEDS} must be a seed or a list of seeds, got {value!r}")
+    return set(values)
+
+
 def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, seeds: Sequence[int] = (0,),
                settings: dict | None = None, *, cells: bool = True) -> BenchPlan:
-    """Resolve and validate every cell (method × seed) before anything runs.
+    """Resolve and validate every cell (seed × method, in that order) before anything runs.
 
     :param methods: method specs ``{"name": ..., field: value}``; default: the benchmark's own list.
     :param settings: extra run settings (``device``, ``compute_dtype``, ``progress``...).
@@ -130,12 +150,16 @@ def plan_bench(registry, benchmark: str, methods: Sequence[dict] | None = None, 
         raise ConfigError(f"benchmark {benchmark!r} lists no default methods; give --method NAME (`fuse list methods`)")
     for spec in specs:  # unknown names first, each with did-you-mean, before any field is checked
         registry.get("method", str(spec.get("name")))
+    only = {i: _bench_seeds(spec) for i, spec in enumerate(specs)}
     planned = []
     seen = set()
-    for spec in specs:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: every method's first seed is done before any method's second
+        for i, spec in enumerate(specs):
+            if only[i] is not None and seed not in only[i]:
+                continue
+            method = {k: v for k, v in spec.items() if k != BENCH_SEEDS}
             try:
-                config = resolve_run_config({**base, "seed": seed, "method": dict(spec)}, registry)
+                config = resolve_run_config({**base, "seed": seed, "method": method}, registry)
             except ConfigError as exc:
                 raise ConfigError(f"method {spec.get('name')!r}: {exc}") from None
             cd = config.to_dict()
@@ -220,6 +244,16 @@ def failed_cells(db, plan: BenchPlan) -> list:
 # --------------------------------------------------------------------------- the command
 
 
+def bench_settings(overrides: Sequence[str]) -> dict:
+    """``--set KEY=VALUE`` arguments as the raw settings of every cell (pool fields, run settings; not the method)."""
+    from fusion_core import ConfigError, raw_run_config
+
+    raw = raw_run_config((), overrides)
+    if "method" in raw:
+        raise ConfigError("--set cannot set the method; give methods with --method NAME:k=v or --methods-file")
+    return raw
+
+
 class Progress:
     """One plain line per cell on stderr (readable piped), with the time left once a cell has run.
 
@@ -259,10 +293,13 @@ class Progress:
 @click.argument("benchmark", required=False, default="mini")
 @click.option("--method", "methods", multiple=True, metavar="NAME[:k=v,...]",
               help="A method to run, with fields (repeatable); default: the benchmark's own list.")
-@click.option("--methods-file", type=click.Path(dir_okay=False), help="YAML list of methods (NAME, 'NAME:k=v' or mappings).")
+@click.option("--methods-file", type=click.Path(dir_okay=False),
+              help="YAML list of methods (NAME, 'NAME:k=v' or mappings); 'bench_seeds=[0]' runs a method on those seeds only.")
 @click.option("--db", "db_path", default=None, metavar="PATH", help="Results database (default runs/results.sqlite).")
 @click.option("--force", is_flag=True, help="Rerun cells that are already in the database.")
 @click.option("--seed", "seeds", multiple=True, type=int, help="Seed (repeatable; mean ± std over seeds). Default 0.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="A pool field or run setting for every cell (repeatable), e.g. --set modelpool.seed=1 --set taskpool.seed=1.")
 @click.option("--markdown", type=click.Path(dir_okay=False), help="Also write the leaderboard as Markdown here.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the leaderboard as CSV here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a PNG plot (per-task score by method) here.")
@@ -274,8 +311,8 @@ class Progress:
               help="Metric to show (repeatable: one table per metric, Markdown side by side, e.g. --metric accuracy --metric asr). "
                    "Default: the task pool's primary metric.")
 @click.pass_obj
-def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, markdown, csv_path, plot, show_only, jobs,
-                  executor_name, address, metrics):
+def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds, overrides, markdown, csv_path, plot, show_only,
+                  jobs, executor_name, address, metrics):
     """Run methods on a benchmark, store every result in SQLite and show the leaderboard.
 
     \b
@@ -284,6 +321,7 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
       fuse bench mini --seed 0 --seed 1 --seed 2 --markdown LEADERBOARD.md --plot leaderboard.png --jobs 2
       fuse bench mini --show-only --csv leaderboard.csv
       fuse bench mini-backdoor --metric accuracy --metric asr --markdown BACKDOOR.md
+      fuse bench mini --set modelpool.seed=1 --set taskpool.seed=1   # the benchmark built with another recipe seed
     """
     from fusion_core import console, write_text_atomic
 
@@ -292,7 +330,7 @@ def bench_command(state, benchmark, methods, methods_file, db_path, force, seeds
 
     registry = state.registry
     specs = (load_methods_file(methods_file) if methods_file else []) + [parse_method_spec(m) for m in methods]
-    plan = plan_bench(registry, benchmark, specs or None, seeds or (0,), cells=not show_only)
+    plan = plan_bench(registry, benchmark, specs or None, seeds or (0,), bench_settings(overrides), cells=not show_only)
     executor = None
     if not show_only:
         from ..executors import executor_from_options
