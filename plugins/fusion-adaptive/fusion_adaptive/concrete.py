@@ -124,6 +124,9 @@ def masked_merge(base: Mapping[str, "torch.Tensor"], stacked: Mapping[str, "torc
     layer_wise = coefficients.shape[1] > 1
     out = {}
     for k, (key, value) in enumerate(base.items()):
+        if key not in stacked:  # no model changed it (stack_task_vectors leaves it out): the base's value
+            out[key] = value
+            continue
         delta = torch.tensordot(coefficients[:, k if layer_wise else 0].to(value.dtype), stacked[key], dims=1)
         m = None if mask is None else mask.get(key)
         out[key] = value + (delta if m is None else m.to(value.dtype) * delta)
@@ -143,15 +146,17 @@ class Setup:
 
         self.method, self.pool, self.ctx = method.name, pool, ctx
         self.names = list(pool.model_names)
-        self.tasks = adaptation_tasks(pool, ctx.taskpool, method=method.name, device=ctx.device)
+        self.tasks = adaptation_tasks(pool, ctx.taskpool, method=method.name, device=ctx.device,
+                                        batch_size=method.config.batch_size)
         self.base = prepare(pool.load_model(None), ctx.device)
         self.params = float_params(self.base)
         self.vectors = stack_task_vectors([task_vector(pool, n, self.params, method=method.name, device=ctx.device) for n in self.names],
                                           list(self.params))
         self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(tensor_seed(ctx.seed, method.name, "mask"))
-        # tensors whose task vectors are all zero (frozen in every fine-tune: embedding tables) get no mask: m ⊙ 0 = 0
-        self.mask = ConcreteMask({k: v for k, v in self.params.items() if bool(self.vectors[k].any())}, method.config.initial_logits)
+        # tensors whose task vectors are all zero (frozen in every fine-tune: embedding tables) are not stacked and
+        # get no mask: m ⊙ 0 = 0
+        self.mask = ConcreteMask({k: v for k, v in self.params.items() if k in self.vectors}, method.config.initial_logits)
 
     def coefficients(self, value: float, layer_wise: bool) -> "torch.Tensor":
         import torch
@@ -201,6 +206,9 @@ class MaskFields:
         "continuous", help="the final mask: one relaxed draw (FusionBench's eval_mask_type default) or a Bernoulli draw")
     entropy_eps: float = option(1e-8, help="ε of the entropy −Σ p·log(p + ε) (FusionBench 1e-8; 0 = exact)", validator=in_range(0.0, None))
     clamp_weights: bool = option(False, help="merge with clamp(λ, 0, 1) (FusionBench clamp_weights)")
+    batch_size: int | None = option(16, help="unlabelled test inputs per task in a batch (FusionBench batch_size 16; the task "
+                                             "pool's batches are cut to it, as AdaMerging's); null = the task pool's batches",
+                                    validator=positive)
 
 
 def effective(coefficients: "torch.Tensor", clamp: bool) -> "torch.Tensor":
