@@ -117,3 +117,42 @@ def test_workers_exit_when_the_driver_dies(tmp_path, sig):
         for p in tmp_path.glob("*.pid"):
             if _alive(int(p.stem)):
                 os.kill(int(p.stem), signal.SIGKILL)
+
+
+THREAD_REPORTERS = SLEEPERS.replace('"Writes its pid, then sleeps for two minutes."', '"Writes its torch thread count."').replace(
+    '''        with open(os.path.join(self.config.folder, f"{os.getpid()}.pid"), "w") as fh:
+            fh.write("running")
+        time.sleep(120)''',
+    '''        import torch
+
+        with open(os.path.join(self.config.folder, f"{os.getpid()}.threads"), "w") as fh:
+            fh.write(str(torch.get_num_threads()))''')
+
+
+def test_threads_per_worker_shares_the_cpus_out():
+    from fusion_lab.executors import threads_per_worker
+
+    assert [threads_per_worker(w, cpus=16) for w in (1, 2, 3, 16, 40)] == [16, 8, 5, 1, 1]
+    assert threads_per_worker(2, cpus=2) == 1
+
+
+@pytest.mark.parametrize("preset", [None, "3"], ids=["default", "user-set"])
+def test_workers_share_the_cpus_unless_the_user_set_threads(tmp_path, monkeypatch, preset):
+    """Two workers on this machine: each one's torch uses CPUs // 2 threads (a user's OMP_NUM_THREADS is kept)."""
+    from fusion_lab.executors import THREAD_VARIABLES, threads_per_worker
+
+    reporters = THREAD_REPORTERS
+    assert reporters != SLEEPERS and "get_num_threads" in reporters
+    (tmp_path / "sleepers.py").write_text(textwrap.dedent(reporters))
+    (tmp_path / "driver.py").write_text(textwrap.dedent(DRIVER))
+    for variable in THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    if preset:
+        monkeypatch.setenv("OMP_NUM_THREADS", preset)
+    subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path)], check=True, timeout=240,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    counts = sorted(int(p.read_text()) for p in tmp_path.glob("*.threads"))
+    probe = "import torch; print(torch.get_num_threads())"  # what torch makes of the user's setting here
+    expected = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout) if preset \
+        else threads_per_worker(2)
+    assert counts == [expected, expected]
