@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from fusion_core import ConfigError, option, positive
+from fusion_core import ConfigError
 from fusion_core.backdoor import BackdoorTaskPool
 
 from .backdoor import TRIGGERED_SPLIT, BackdoorFields
@@ -38,9 +38,6 @@ class MiniBackdoorConfig(MiniBenchConfig, BackdoorFields):
 @attrs.frozen
 class MiniBackdoorTaskPoolConfig(MiniBenchTaskPoolConfig, BackdoorFields):
     """The recipe fields, the backdoor fields and the split that is scored (ASR: always the triggered test split)."""
-
-    adapt_batch_size: int = option(16, help="texts per unlabelled test batch given to test-time adaptation (FusionBench's batch_size 16)",
-                                   validator=positive)
 
 
 def backdoor_recipe(config: Any) -> BackdoorRecipe:
@@ -87,10 +84,6 @@ class MiniBackdoorTaskPool(_BackdoorShared, BackdoorTaskPool, MiniBenchTaskPool)
     summary = "the mini benchmark's tasks: clean accuracy and attack success rate (ASR) of a trigger word, per task"
     Config = MiniBackdoorTaskPoolConfig
     reference_url = REFERENCE
-
-    def unlabelled_batches(self, task: str, batch_size: int | None = None):
-        """Test-split inputs without labels, ``adapt_batch_size`` texts per batch."""
-        return super().unlabelled_batches(task, batch_size or self.config.adapt_batch_size)
 
     def backdoor_target(self, task: str) -> int:
         return int(self.config.target_class)

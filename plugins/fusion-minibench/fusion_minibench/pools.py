@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from fusion_core import InputError, ModelPool, TaskPool, option
+from fusion_core import InputError, ModelPool, TaskPool, option, positive
 
 from .recipe import Recipe, recipe_hash, recipe_of
 
@@ -56,6 +56,14 @@ class MiniBenchTaskPoolConfig(MiniBenchConfig):
 
     split: Literal["val", "test"] = option(
         "test", help="split scored by evaluate(): val for selecting hyperparameters (fuse sweep), test for reporting"
+    )
+    adapt_batch_size: int = option(16, help="texts per unlabelled test batch given to test-time adaptation (FusionBench's batch_size 16)",
+                                   validator=positive)
+    adapt_order: Literal["shuffled", "sorted"] = option(
+        "shuffled",
+        help="order of the unlabelled test batches: shuffled = batches of similar-length texts in a random order "
+        "seeded by the recipe seed (every text once per pass, as FusionBench's shuffled test loader); sorted = "
+        "shortest texts first (the stored order: a short adaptation would see only the shortest texts)",
     )
 
 
@@ -207,12 +215,25 @@ class MiniBenchTaskPool(_Shared, TaskPool):
         """The protocol name of :meth:`head` (see :mod:`fusion_core.adapters`)."""
         return self.head(task)
 
-    def unlabelled_batches(self, task: str, batch_size: int = 64):
-        """Test-split ``inputs`` of ``task`` without labels, for test-time adaptation (transductive methods)."""
+    def unlabelled_batches(self, task: str, batch_size: int | None = None):
+        """Test-split ``inputs`` of ``task`` without labels, for test-time adaptation (transductive methods).
+
+        ``adapt_batch_size`` texts per batch (``batch_size`` overrides it).  Each batch holds texts of
+        similar length (the split is stored sorted by length), so a step pads little; with
+        ``adapt_order: shuffled`` the batches come in a random order drawn from the recipe seed and
+        the task, so the first steps of an adaptation see texts of every length, not the shortest.
+        """
+        import torch
+
         from .batching import inputs
 
+        size = batch_size or self.config.adapt_batch_size
         ids, _ = self.built().split(task, "test")
-        return [inputs(ids[start : start + batch_size]) for start in range(0, len(ids), batch_size)]
+        batches = [inputs(ids[start : start + size]) for start in range(0, len(ids), size)]
+        if self.config.adapt_order == "shuffled":
+            generator = torch.Generator().manual_seed(self.config.seed * 1000 + self.task_names.index(task) + 1)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
 
     def evaluate(
         self, model: Any, *, tasks: list[str] | None = None, ctx: "RunContext | None" = None, split: str | None = None

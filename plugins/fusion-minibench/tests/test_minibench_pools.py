@@ -42,6 +42,26 @@ def test_task_pool_split_field_selects_the_scored_split(small):
     assert taskpool.evaluate(base) == taskpool.evaluate(base, split="test")
 
 
+def test_unlabelled_batches_cover_the_test_split_once_in_a_seeded_shuffled_order(small):
+    """Test-time adaptation reads every test text once per pass, in similar-length batches whose order is
+    drawn from the recipe seed (not the stored shortest-first order); sorted keeps the stored order."""
+    import torch
+
+    pool, taskpool = small
+    ids, _ = taskpool.built().split("chatter_topic", "test")
+    ids = ids.long()
+    shuffled = taskpool.unlabelled_batches("chatter_topic")
+    stored = MiniBenchTaskPool(attrs.evolve(taskpool.config, adapt_order="sorted")).unlabelled_batches("chatter_topic")
+    assert [len(b["input_ids"]) for b in stored] == [16] * 5  # 80 test texts, adapt_batch_size 16
+    assert torch.equal(torch.cat([b["attention_mask"].sum(1) for b in stored]), (ids != 0).sum(1))  # stored order
+    key = [tuple(map(tuple, b["input_ids"].tolist())) for b in shuffled]
+    assert sorted(key) == sorted(tuple(map(tuple, b["input_ids"].tolist())) for b in stored)  # the same batches
+    assert key != [tuple(map(tuple, b["input_ids"].tolist())) for b in stored]  # in another order
+    again = MiniBenchTaskPool(taskpool.config).unlabelled_batches("chatter_topic")
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(shuffled, again))  # deterministic
+    assert sorted(len(b["input_ids"]) for b in taskpool.unlabelled_batches("chatter_topic", batch_size=64)) == [16, 64]
+
+
 def test_build_records_the_recipe_and_the_splits(small):
     pool, _ = small
     built = pool.built()
