@@ -114,12 +114,12 @@ class AdaMerging(AdaptiveMethod):
 
     Defaults are FusionBench's (1000 steps, batch 16 per task, no clamping).  Duration on the ``mini``
     benchmark (MiniLM, six tasks; a step is a forward and backward pass of the merged encoder on 16
-    test texts of each task): 2.0 s (layer-wise) to 2.9 s (task-wise) per step with the 2-core machine
-    shared by other jobs (load ≈ 10; ``python plugins/fusion-minibench/scripts/time_adaptive.py
-    --steps 5``), so the default 1000 steps take 35–50 min there, and about 50 s per step at load 14
-    (the leaderboard's run, which uses 20 steps).  Tensors that no model changed (mini's frozen
-    embedding tables) are not stacked nor contracted.  The run prints its own estimate after three
-    steps, and notes ``seconds_per_step``.
+    test texts of each task, up to 32 tokens each): about 2.9 s per step, task- or layer-wise, with
+    one thread while another leaderboard cell ran on the other core (the leaderboard's run of
+    2026-12-01: 100 steps and the evaluation in 296 s), so the default 1000 steps take about 50 min
+    of one core there.  Tensors that no model changed (mini's frozen embedding tables) are not
+    stacked nor contracted.  The run prints its own estimate after three steps, and notes
+    ``seconds_per_step``.
     """
 
     name = "adamerging"
