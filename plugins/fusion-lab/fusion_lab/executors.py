@@ -225,8 +225,9 @@ def threads_per_worker(workers: int, cpus: int | None = None) -> int:
 
     Without this each worker's torch would start one thread per CPU, so N workers run N × CPUs
     threads on CPUs threads' worth of cores; OpenMP's spinning threads then slow every run many
-    times over (measured on a 2-core machine, two AdaMerging cells at once: 12 s a step with 2
-    threads each against 0.65 s alone with 1).  A run's own ``threads`` setting still wins.
+    times over (measured on a 2-core machine, two AdaMerging cells of ``mini`` at once, the same
+    steps: 12 s a step with two threads each, 2.6 s with one).  A run's own ``threads`` setting
+    still wins.
     """
     cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return max(1, cpus // max(1, workers))
