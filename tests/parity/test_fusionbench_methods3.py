@@ -179,6 +179,11 @@ def _state_dict_task_arithmetic(pretrained_model, finetuned_models, scaling_fact
     return pretrained_model
 
 
+def _steady_key_bias(gradients: dict) -> dict:
+    """``gradients`` with every attention key bias's gradient (0 but for rounding) set to the same constant."""
+    return {k: torch.full_like(g, 1e-3) if k.endswith("k_proj.bias") else g for k, g in gradients.items()}
+
+
 def _fb_frank_wolfe(peer, world, monkeypatch) -> dict:
     """FusionBench's Frank-Wolfe classes on the CPU with the world's heads; per task, the training examples one at a time."""
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
@@ -197,25 +202,36 @@ def _fb_frank_wolfe(peer, world, monkeypatch) -> dict:
     return {t: singles(t) for t in world.tasks}
 
 
+@pytest.mark.parametrize("merge_fn", ["task_arithmetic", "ties"])
 @pytest.mark.parametrize("granularity", ["task", "layer"])
-def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
+def test_frank_wolfe_hard(parity_row, monkeypatch, granularity, merge_fn):
     """FrankWolfeHardAlgorithm with its CUDA moves made no-ops and its shuffled loader replaced by the same
-    examples one at a time: with dataset_size = the split's size, each gradient sees every example once."""
+    examples one at a time: with dataset_size = the split's size, each gradient sees every example once.
+    merge_fn ties: its own ties_merge (whole-model TIES, threshold 20) for the start and every step."""
     from fusion_adaptive.frank_wolfe import FrankWolfeMerging
     from fusion_bench.method.fw_merging.fw_hard import FrankWolfeHardAlgorithm
     from fusionbench_kit import World, max_diff
 
     world = World()
     size = world.batch * world.n_batches
-    peer = FrankWolfeHardAlgorithm(merge_fn="task_arithmetic", step_size=0.1, max_iters=3, dataset_size=size, granularity=granularity,
-                                   scaling_factor=0.3)
+    peer = FrankWolfeHardAlgorithm(merge_fn=merge_fn, step_size=0.1, max_iters=3, dataset_size=size, granularity=granularity,
+                                   scaling_factor=0.3, threshold=20)
     iterators = _fb_frank_wolfe(peer, world, monkeypatch)
-    peer.merge_fn = _state_dict_task_arithmetic  # its own task_arithmetic_merge rejects its own call (as WEMoE's)
+    if merge_fn == "task_arithmetic":
+        peer.merge_fn = _state_dict_task_arithmetic  # its own task_arithmetic_merge rejects its own call (as WEMoE's)
     peer.get_shuffled_loader_iter = lambda task: iterators[task]
+    if merge_fn == "ties":
+        # k_proj.bias's gradient is 0 but for rounding (see below); its cosine with any candidate is then noise that can flip
+        # a whole-model pick, and a whole-model TIES trim spreads a flip to every tensor: both sides see the same stand-in
+        import fusion_adaptive.frank_wolfe as fw
+
+        gradient, iteration = fw._Setup.gradient, peer.frank_wolfe_iteration
+        monkeypatch.setattr(fw._Setup, "gradient", lambda self, *a, **k: _steady_key_bias(gradient(self, *a, **k)))
+        peer.frank_wolfe_iteration = lambda model: _steady_key_bias(iteration(model))
     with torch.enable_grad():  # run() ends with torch.set_grad_enabled(False), for the whole process: restored on exit
         expected = state(peer.run(world.fb_pool()))
     ctx = world.ctx()
-    method = FrankWolfeMerging(FrankWolfeMerging.Config(max_iters=3, dataset_size=size, granularity=granularity))
+    method = FrankWolfeMerging(FrankWolfeMerging.Config(max_iters=3, dataset_size=size, granularity=granularity, merge_fn=merge_fn))
     got = method.run(world.pool(), ctx)
     # k_proj's bias shifts every key by the same q·b: softmax ignores it, its gradient is 0 up to rounding, and the
     # layer-wise pick there follows the rounding noise (per-example sums in FusionBench, batched sums here)
@@ -223,12 +239,17 @@ def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
     diff = max_diff({k: v for k, v in expected.items() if k.removeprefix("vision_model.") not in noise},
                     {k: v for k, v in got.items() if k not in noise})
     noisy = max_diff(expected, got)
-    note = (f"FrankWolfeHardAlgorithm (its task_arithmetic_merge patched: it rejects its own call), tiny CLIP world, 3 iterations, "
+    how = ("its task_arithmetic_merge patched: it rejects its own call" if merge_fn == "task_arithmetic" else
+           "merge_fn ties: its own ties_merge, threshold 20")
+    note = (f"FrankWolfeHardAlgorithm ({how}), tiny CLIP world, 3 iterations, "
             f"dataset_size = the split ({size}); chosen: {ctx.extras['fw_merging']['chosen']}")
-    if granularity == "layer":
+    if merge_fn == "ties":
+        note += "; k_proj.bias's gradient (0 up to rounding) replaced by the same constant on both sides"
+    elif granularity == "layer":
         note += (f"; k_proj.bias left out (its gradient is 0 but for rounding: softmax ignores a shift of every key, so its "
                  f"per-layer pick is noise; with it: {noisy:.1e})")
-    parity_row("fw_merging", PEER, f"fusionbench (hard, granularity {granularity})", diff, note)
+    label = f"granularity {granularity}" + ("" if merge_fn == "task_arithmetic" else f", merge_fn {merge_fn}")
+    parity_row("fw_merging", PEER, f"fusionbench (hard, {label})", diff, note)
     assert diff <= TOL
 
 

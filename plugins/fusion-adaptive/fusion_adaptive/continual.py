@@ -183,15 +183,20 @@ def trim_whole(vector: "torch.Tensor", density: float) -> "torch.Tensor":
     return torch.where(vector.abs() >= threshold, vector, torch.zeros_like(vector))
 
 
-def ties_pair(merged: "torch.Tensor", task: "torch.Tensor", density: float, merge_func: str) -> "torch.Tensor":
-    """FusionBench's TIES of two flat vectors: trim each, elect signs (zero → model-wide majority), disjoint merge."""
+def ties_whole(vectors: "list[torch.Tensor]", density: float, merge_func: str) -> "torch.Tensor":
+    """FusionBench's TIES of flat whole-model vectors: trim each, elect signs (zero → model-wide majority), disjoint merge."""
     import torch
     from fusion_merging.task_arithmetic import ties_merge
 
-    trimmed = [trim_whole(merged, density), trim_whole(task, density)]
-    signs = torch.sign(trimmed[0] + trimmed[1])
+    trimmed = [trim_whole(v, density) for v in vectors]
+    signs = torch.sign(sum(trimmed[1:], trimmed[0]))
     zero = 1.0 if float(signs.sum()) > 0 else -1.0
-    return ties_merge(trimmed, [1.0, 1.0], "sum", MERGE_FUNCS[merge_func], zero=zero)
+    return ties_merge(trimmed, [1.0] * len(trimmed), "sum", MERGE_FUNCS[merge_func], zero=zero)
+
+
+def ties_pair(merged: "torch.Tensor", task: "torch.Tensor", density: float, merge_func: str) -> "torch.Tensor":
+    """:func:`ties_whole` of the merged task vector and the arriving one."""
+    return ties_whole([merged, task], density, merge_func)
 
 
 class ContinualTies(ContinualMethod):

@@ -12,9 +12,19 @@ The merged weights θ move, by Frank-Wolfe steps, inside the convex hull of the 
    parameter the candidate of lowest ``cos(g_p, θ_c,p)`` (``granularity: layer``);
 3. ``θ ← θ + γ_t · λ · (θ_c − θ)`` with ``γ_t = step_size · 2 / (t + 2)``.
 
-θ starts as task arithmetic ``θ₀ + λ Σ τ_i`` (FusionBench ``merge_fn: task_arithmetic``) or at the
-base (``init: base``).  FusionBench draws the examples from a shuffled loader; here they come in
-the split's order (deterministic).  FusionBench's ``merge_fn: ties`` is not implemented.
+θ starts as the ``merge_fn`` of the fine-tuned models with λ (``init: merge_fn``, FusionBench's
+default) or at the base (``init: base``).  ``merge_fn`` is also how each step moves:
+
+- ``task_arithmetic`` (FusionBench ``fw_hard.yaml``): start ``θ₀ + λ Σ τ_i``; step 3 as above;
+- ``ties`` (FusionBench ``merge_fn: ties``): start ``θ₀ + λ·TIES(τ_1..τ_N)``, and each step
+  ``θ ← θ + γ_t·λ·TIES(θ_c − θ)``, where TIES is FusionBench's over the whole flattened model: each
+  vector trimmed to its ``density`` largest magnitudes (``threshold`` 20 = 0.2; ties at the
+  threshold kept), signs elected by the sum (a zero sum takes the model-wide majority), the
+  agreeing entries summed (``merge_func: sum``).  A step on one candidate is thus the trimmed
+  difference ``θ_c − θ``.
+
+FusionBench draws the examples from a shuffled loader; here they come in the split's order
+(deterministic).
 
 ``fw_soft`` (FusionBench ``fw_soft.py``) starts at the base; each iteration takes, task by task, the
 gradient of that task's loss alone and the fine-tuned model most opposed to it (with ``task``
@@ -88,27 +98,49 @@ class FrankWolfeMerging(AdaptiveMethod):
         granularity: Literal["task", "layer"] = option(
             "task", help="task: one candidate per step (Σ of per-parameter cosines); layer: a candidate per parameter (FusionBench: task)",
             validator=attrs.validators.in_(("task", "layer")))
-        init: Literal["task_arithmetic", "base"] = option(
-            "task_arithmetic", help="the start: task arithmetic with λ (FusionBench merge_fn: task_arithmetic) or the base "
-                                    "(FusionBench init_weight: base)", validator=attrs.validators.in_(("task_arithmetic", "base")))
+        merge_fn: Literal["task_arithmetic", "ties"] = option(
+            "task_arithmetic", help="how the start and every step merge: task_arithmetic (θ + λ·Σ(θ_c − θ)) or ties (the same "
+                                    "differences TIES-merged over the whole model; FusionBench merge_fn, fw_hard.yaml: task_arithmetic)",
+            validator=attrs.validators.in_(("task_arithmetic", "ties")))
+        density: float = option(0.2, help="merge_fn ties: fraction of each whole-model difference kept by magnitude (FusionBench "
+                                          "threshold: 20 = 0.2)", validator=in_range(0.0, 1.0))
+        init: Literal["merge_fn", "base"] = option(
+            "merge_fn", help="the start: the merge_fn of the fine-tuned models with λ (FusionBench init_weight empty) or the base "
+                             "(FusionBench init_weight: base)", validator=attrs.validators.in_(("merge_fn", "base")))
         split: str = option("train", help="the model pool's labelled split for the gradients (FusionBench: train)")
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         cfg, names = self.config, list(pool.model_names)
         setup = _Setup(pool, ctx, self.name, cfg.split)
         base = setup.base
-        theta = dict(base) if cfg.init == "base" else {
-            k: base[k] + cfg.scaling_factor * sum(setup.candidates[n][k] - base[k] for n in names) for k in base}
+        theta = dict(base) if cfg.init == "base" else self.merge(base, [setup.candidates[n] for n in names], cfg.scaling_factor)
         candidates = {**setup.candidates, "initial": {k: v.clone() for k, v in theta.items()}}
         chosen: list[Any] = []
         for step in progress(ctx, range(cfg.max_iters), "Frank-Wolfe", total=cfg.max_iters):
             grads = setup.gradient(theta, names, cfg.dataset_size)
             picks, counts = select(grads, candidates, cfg.granularity)
             gamma = cfg.step_size * 2 / (step + 2) * cfg.scaling_factor
-            theta = {k: theta[k] + gamma * (candidates[picks[k]][k] - theta[k]) for k in theta}
+            theta = self.merge(theta, [{k: candidates[picks[k]][k] for k in theta}], gamma)
             chosen.append(picks[next(iter(picks))] if cfg.granularity == "task" else counts)
         note(ctx, self.name, chosen=chosen, granularity=cfg.granularity)
         return state_with(setup.model, theta)
+
+    def merge(self, theta: dict[str, "torch.Tensor"], models: list[dict[str, "torch.Tensor"]], scale: float) -> dict[str, "torch.Tensor"]:
+        """``θ + scale·Σ_m (m − θ)`` (task_arithmetic), or ``θ + scale·TIES(m − θ for m)`` over the whole model (ties)."""
+        if self.config.merge_fn == "task_arithmetic":
+            return {k: theta[k] + scale * sum(m[k] - theta[k] for m in models) for k in theta}
+        import torch
+
+        from .continual import ties_whole
+
+        keys = list(theta)
+        merged = ties_whole([torch.cat([(m[k] - theta[k]).reshape(-1) for k in keys]) for m in models], self.config.density, "sum")
+        out, at = {}, 0
+        for k in keys:
+            n = theta[k].numel()
+            out[k] = theta[k] + scale * merged[at : at + n].reshape(theta[k].shape)
+            at += n
+        return out
 
 
 class _Setup:
