@@ -355,6 +355,19 @@ def test_defaults_are_fusionbench(parity_row, row: Defaults):
     assert not problems, f"{row.method} vs FusionBench {row.yaml}: " + "; ".join(problems)
 
 
+def test_each_method_names_the_config_of_its_defaults():
+    """``fusionbench_config`` (what ``fuse show`` prints) is the yaml of the method's row without overrides."""
+    from fusion_core.plugins import get_plugin_manager
+    from fusion_core.registry import build_registry
+
+    registry = build_registry(get_plugin_manager())
+    default_rows = {row.method: row.yaml for row in TABLE if not row.config}
+    assert len(default_rows) == len({row.method for row in TABLE}), "every method needs a row without overrides"
+    for name in registry.names("method"):
+        declared = registry.get("method", name).cls.fusionbench_config
+        assert declared == default_rows.get(name), f"{name}: fusionbench_config {declared!r}, its defaults row {default_rows.get(name)!r}"
+
+
 def test_every_fusionbench_method_of_ours_is_in_the_table():
     """A method we have from FusionBench (its help or reference names FusionBench) must have a row here."""
     from fusion_core.plugins import get_plugin_manager

@@ -133,6 +133,7 @@ class ContinualTaskArithmetic(ContinualMethod):
     name = "continual_task_arithmetic"
     summary = "Continual task arithmetic: each arriving model adds λ times its task vector; scored on the tasks seen after each step."
     reference_url = "https://arxiv.org/abs/2212.04089"
+    fusionbench_config = "opcm/task_arithmetic.yaml"
 
     @attrs.frozen
     class Config:
@@ -153,6 +154,7 @@ class ContinualWeightAverage(ContinualMethod):
     name = "continual_weight_average"
     summary = "Continual weight averaging: the running mean of the models seen; scored on the tasks seen after each step."
     reference_url = "https://arxiv.org/abs/2203.05482"
+    fusionbench_config = "opcm/weight_average.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False)
 
     @attrs.frozen
@@ -205,6 +207,7 @@ class ContinualTies(ContinualMethod):
     name = "continual_ties"
     summary = "Continual TIES: each arriving task vector is TIES-merged with the merged task vector (whole-model trim) and added times λ."
     reference_url = "https://arxiv.org/abs/2306.01708"
+    fusionbench_config = "opcm/ties_merging.yaml"
 
     @attrs.frozen
     class Config:

@@ -86,6 +86,7 @@ class FrankWolfeMerging(AdaptiveMethod):
     name = "fw_merging"
     summary = "Frank-Wolfe merging (hard): per step, move θ toward the model (or per layer) most opposed to the multi-task gradient."
     reference_url = "https://arxiv.org/abs/2503.12649"
+    fusionbench_config = "fw_merging/fw_hard.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True)
 
     @attrs.frozen
@@ -210,6 +211,7 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
     summary = ("Frank-Wolfe merging (soft): per step, per task the model most opposed to that task's gradient, then "
                "layer-wise AdaMerging of them around θ on unlabelled test inputs.")
     reference_url = "https://arxiv.org/abs/2503.12649"
+    fusionbench_config = "fw_merging/fw_soft.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True, transductive=True)
 
     @attrs.frozen

@@ -100,6 +100,7 @@ class TrustRegionTaskArithmetic(AdaptiveMethod):
     summary = ("Task arithmetic in the trust region: drops parameters with the largest Ω = Σ_{i≠j} |∇ℓ_i| ⊙ |τ_j| "
                "(top 1 − q of the model), then θ₀ + λ·Σ τ.")
     reference_url = "https://openreview.net/forum?id=q3ztjJRQuJ"
+    fusionbench_config = "trust_region/clip_task_arithmetic.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True)  # labels: checked at run time (zero_shot reads none)
 
     @attrs.frozen

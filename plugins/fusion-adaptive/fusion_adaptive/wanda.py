@@ -67,6 +67,7 @@ class WandaPruning(AdaptiveMethod):
     name = "wanda_pruning"
     summary = "Wanda: prunes linear layers by |W|·‖X‖ (inputs from the pool's data), per row or n of every m; block by block."
     reference_url = "https://arxiv.org/abs/2306.11695"
+    fusionbench_config = "pruning/llama_wanda_pruning.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_data=True)
     min_models: ClassVar[int] = 0
 

@@ -154,6 +154,7 @@ class MagnitudePruning(_Pruning):
     name = "magnitude_pruning"
     summary = "Prunes linear layers by |W|, row by row: a fraction per row (unstructured) or n of every m (N:M)."
     reference_url = "https://arxiv.org/abs/1506.02626"
+    fusionbench_config = "pruning/llama_magnitude_pruning.yaml"
 
     def scores(self, target: "torch.Tensor", ctx: KernelContext) -> "torch.Tensor":
         return target.abs()
@@ -165,6 +166,7 @@ class RandomPruning(_Pruning):
     name = "random_pruning"
     summary = "Prunes linear layers at random (seeded per tensor), with the same per-row counts as magnitude pruning."
     reference_url = "https://github.com/tanganke/fusion_bench/blob/main/fusion_bench/method/pruning/llama_random_prune.py"
+    fusionbench_config = "pruning/llama_random_pruning.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False, random=True)
 
     def scores(self, target: "torch.Tensor", ctx: KernelContext) -> "torch.Tensor":
