@@ -89,11 +89,37 @@ def test_svc(parity_row, base_method):
     assert diff <= TOL
 
 
-def _fb_trust_region(zero_shot: bool, q: float = 0.9):
+def _fb_trust_region(zero_shot: bool, q: float = 0.9, scaling_factor=0.3):
     from fusion_bench.method.trust_region.clip_task_arithmetic import TaskArithmeticWithTrustRegionForCLIP
 
-    return TaskArithmeticWithTrustRegionForCLIP(scaling_factor=0.3, threshold_quantile=q, max_samples=128, batch_size=8,
+    return TaskArithmeticWithTrustRegionForCLIP(scaling_factor=scaling_factor, threshold_quantile=q, max_samples=128, batch_size=8,
                                                 zero_shot=zero_shot)
+
+
+def test_trust_region_lambda_list_is_a_peer_defect(parity_row):
+    """FusionBench's list of λ deep-copies the pretrained model, then adds λ·masked Σ τ to the *pretrained model* instead of
+    the copy: its model for λ_k is θ₀ + (λ_1 + … + λ_{k−1})·masked Σ τ.  That exact form is asserted against ours."""
+    from fusion_adaptive.trust_region import TrustRegionTaskArithmetic
+    from fusionbench_kit import World, max_diff
+
+    world = World()
+    lambdas = [0.3, 0.5, 0.7]
+    peer = _fb_trust_region(True, scaling_factor=lambdas).run(world.fb_pool())
+    assert list(peer) == lambdas
+    shifted = [0.0, 0.3, 0.8]  # what the peer's model for each λ holds: the sum of the λ before it
+    ours = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config(zero_shot=True, threshold_quantile=0.9,
+                                                                      scaling_factor=shifted)).run(world.pool(with_data=False), world.ctx())
+    defect = max(max_diff(state(peer[lam]), ours[f"{s:g}"]) for lam, s in zip(lambdas, shifted, strict=True))
+    assert defect <= TOL
+    right = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config(zero_shot=True, threshold_quantile=0.9,
+                                                                     scaling_factor=lambdas)).run(world.pool(with_data=False), world.ctx())
+    assert all(max_diff(state(peer[lam]), right[f"{lam:g}"]) > 1e-3 for lam in lambdas)
+    single = max_diff(state(_fb_trust_region(True, scaling_factor=0.5).run(world.fb_pool())), right["0.5"])
+    assert single <= TOL
+    parity_row("trust_region_ta", PEER, "fusionbench (zero_shot, scaling_factor list)", None,
+               "peer defect: for a list of λ it deep-copies the pretrained model and then adds λ·mask ⊙ Σ τ to the pretrained model, "
+               f"not the copy, so its model for λ_k is θ₀ + (λ_1 + … + λ_(k−1))·mask ⊙ Σ τ (ours with those sums: {defect:.1e}); "
+               f"fuse returns θ₀ + λ_k·mask ⊙ Σ τ, as FusionBench's single λ (λ 0.5: {single:.1e})")
 
 
 def test_trust_region_zero_shot(parity_row):
@@ -142,6 +168,23 @@ def test_trust_region_gradients_are_a_peer_defect(parity_row):
     parity_row("trust_region_ta", PEER, "fusionbench (gradients)", None,
                "peer defect: compute_avg_abs_grads stores every task's mean |gradient| under the last parameter's name, so Ω = 0 "
                f"and the merge returns the pretrained model; the mean |gradient| of the task it keeps agrees to {diff:.1e}")
+
+    # the defect worked around: its own estimator run once per task (a pool naming that task alone), keyed by the task
+    estimate = peer.compute_avg_abs_grads
+
+    def per_task(pretrained_model):
+        out = {}
+        for task in world.tasks:
+            peer.modelpool._train_datasets = {task: None}
+            (out[task],) = estimate(pretrained_model).values()
+        return out
+
+    peer.compute_avg_abs_grads = per_task
+    fixed = max_diff(state(peer.run(world.fb_pool())), ours_merged)
+    parity_row("trust_region_ta", PEER, "fusionbench (gradients, peer's keying worked around)", fixed,
+               "TaskArithmeticWithTrustRegionForCLIP(zero_shot=False), its compute_avg_abs_grads called once per task and keyed by "
+               "the task; tiny CLIP world, λ 0.3, q 0.9, every training example (24 per task, one backward each)")
+    assert fixed <= TOL
 
 
 def test_emr_per_task_models(parity_row):
