@@ -117,7 +117,7 @@ def test_wanda_block_by_block(parity_row, prune_type):
 
     pool = Pool(model, {"calib": model}, {("calib", "train"): [(inps[j : j + 1], torch.zeros(1)) for j in range(nsamples)]})
     method = WandaPruning(WandaPruning.Config(prune_type=prune_type, num_batches=None))
-    got = method.run(pool, RunContext(show_progress=False))
+    got = method.run(pool, RunContext(show_progress=False)).shared
     diff = max_abs_diff(state(fb_model), got)
     parity_row("wanda_pruning", PEER, f"fusionbench ({prune_type})", diff,
                "WandaPruningForLlama.prune_using_calibration_data_ on 3 residual MLP blocks (C4 loading not run offline)")
