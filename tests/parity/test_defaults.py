@@ -197,8 +197,8 @@ TABLE: tuple[Defaults, ...] = (
         Same("max_iters", "max_iters"), Same("dataset_size", "dataset_size"), Same("ada_iters", "ada_iters"),
         Same("ada_coeff", "ada_coeff"), Same("granularity", "granularity"),
         Same("lr", Code("method/fw_merging/fw_soft.py", r"torch\.optim\.Adam\(\[module\.merge_weight\], lr=([\d.e-]+)\)")),
-        Differs(None, "merge_fn", None, "adamerging", "fw_soft's inner merge is always AdaMerging (FusionBench's only "
-                "merge_fn for the soft variant); no field"))),
+        Same("merge_fn", "merge_fn"), Same("step_size", "step_size"),
+        Same("scaling_factor", Code("method/fw_merging/fw_soft.py", r"models_dict_to_merge, ([\d.]+) \* step")))),
     Defaults("svc", "singular_value_calibration/task_arithmetic.yaml", (
         Same("alpha", "alpha"),
         Same("base", "_target_", mapping({

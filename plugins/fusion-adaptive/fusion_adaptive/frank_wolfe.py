@@ -30,7 +30,10 @@ FusionBench draws the examples from a shuffled loader; here they come in the spl
 gradient of that task's loss alone and the fine-tuned model most opposed to it (with ``task``
 granularity, one no earlier task of the iteration took), then merges the N picks around θ by
 layer-wise AdaMerging: ``θ + Σ_i λ_ik (θ_i − θ)``, coefficients from 0.3 (first iteration) or
-``ada_coeff``, ``ada_iters`` Adam steps on the tasks' prediction entropy on unlabelled test inputs.
+``ada_coeff``, ``ada_iters`` Adam steps on the tasks' prediction entropy on unlabelled test inputs
+(``merge_fn: adamerging``, FusionBench's ``fw_soft.yaml``).  FusionBench's other ``merge_fn``
+(``task_arithmetic``) adds the N picks by task arithmetic instead, with no test inputs:
+``θ + λ·γ_t·Σ_i (θ_i − θ)``, ``γ_t = step_size · 2/(t + 2)`` and ``γ_0 = 1`` (λ 0.3, fixed there).
 """
 
 from __future__ import annotations
@@ -227,6 +230,13 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
             validator=attrs.validators.in_(("task", "layer")))
         entropy_eps: float = option(1e-8, help="ε of the entropy −Σ p·log(p + ε) (FusionBench: 1e-8)", validator=in_range(0.0))
         split: str = option("train", help="the model pool's labelled split for the gradients (FusionBench: train)")
+        merge_fn: Literal["adamerging", "task_arithmetic"] = option(
+            "adamerging", help="how each iteration merges the N picks around θ: layer-wise AdaMerging on unlabelled test inputs, or "
+                               "task arithmetic θ + λ·γ_t·Σ(θ_i − θ) with no test inputs (FusionBench merge_fn; fw_soft.yaml: adamerging)",
+            validator=attrs.validators.in_(("adamerging", "task_arithmetic")))
+        step_size: float = option(0.1, help="merge_fn task_arithmetic: γ_t = step_size·2/(t + 2), γ_0 = 1 (FusionBench: 0.1)",
+                                  validator=in_range(0.0))
+        scaling_factor: float = option(0.3, help="merge_fn task_arithmetic: λ of each step (FusionBench: a fixed 0.3)")
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch
@@ -237,7 +247,8 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
         cfg = self.config
         setup = _Setup(pool, ctx, self.name, cfg.split)
         names = setup.names
-        adaptation = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
+        adamerging = cfg.merge_fn == "adamerging"
+        adaptation = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device) if adamerging else []
         theta = dict(setup.base)
         chosen: list[Any] = []
         for step in progress(ctx, range(cfg.max_iters), "Frank-Wolfe (soft)", total=cfg.max_iters, unit="iteration"):
@@ -253,6 +264,11 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
                         excluded[k].append(c)
                     step_chosen.append(counts)
                 selected.append({k: setup.candidates[c][k] for k, c in picks.items()})
+            chosen.append(step_chosen)
+            if not adamerging:
+                scale = cfg.scaling_factor * (1.0 if step == 0 else 2 / (step + 2) * cfg.step_size)
+                theta = {k: theta[k] + scale * sum(m[k] - theta[k] for m in selected) for k in theta}
+                continue
             stacked = {k: torch.stack([m[k] - theta[k] for m in selected]) for k in theta}
             coefficients = torch.full((len(selected), len(theta)), 0.3 if step == 0 else cfg.ada_coeff, dtype=torch.float32,
                                       device=ctx.device, requires_grad=True)
@@ -265,9 +281,9 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
             adapt([coefficients], loss, steps=cfg.ada_iters, lr=cfg.lr, method=self.name, ctx=ctx)
             with torch.no_grad():
                 theta = merge_stacked(around, stacked, coefficients.detach())
-            chosen.append(step_chosen)
         note(ctx, self.name, chosen=chosen, granularity=cfg.granularity)
-        mark_transductive(ctx, self.name, names)
+        if adamerging:
+            mark_transductive(ctx, self.name, names)
         return state_with(setup.model, theta)
 
 

@@ -131,6 +131,27 @@ def test_soft_first_iteration_without_adaptation_is_task_arithmetic(world64):
     assert ctx.extras["transductive"]["tasks"] == list(taus)
 
 
+def test_soft_task_arithmetic_steps_by_hand_without_test_inputs(world64):
+    # merge_fn task_arithmetic (FusionBench fw_soft's other merge_fn): iteration 0 adds λ·Σ(θ_i − θ) of the N distinct picks
+    # (task arithmetic from the base); iteration t ≥ 1 adds λ·step_size·2/(t+2)·Σ(θ_i − θ); no unlabelled test input is read
+    from fusion_adaptive.frank_wolfe import FrankWolfeSoftMerging
+
+    base, taus = _taus(world64)
+    ctx = world64.ctx(taskpool=world64.taskpool(unlabelled=False))
+    config = dict(dataset_size=20, merge_fn="task_arithmetic", scaling_factor=0.4, step_size=0.2)
+    first = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=1, **config)).run(world64.pool(), ctx)
+    for k, b in base.items():
+        assert torch.allclose(first[k], b + 0.4 * sum(t[k] for t in taus.values()), atol=1e-12)
+    assert "transductive" not in ctx.extras
+    two = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=2, **config)).run(world64.pool(), ctx := world64.ctx())
+    picks = ctx.extras["fw_soft"]["chosen"][1]
+    assert sorted(picks) == sorted(taus)  # task granularity: every model once per iteration
+    models = {n: dict(m.named_parameters()) for n, m in world64.models.items()}
+    for k in base:
+        expected = first[k] + 0.4 * 0.2 * 2 / 3 * sum(models[n][k].detach() - first[k] for n in picks)
+        assert torch.allclose(two[k], expected, atol=1e-12)
+
+
 def test_soft_without_iterations_is_the_base(world64):
     from fusion_adaptive.frank_wolfe import FrankWolfeSoftMerging
 
