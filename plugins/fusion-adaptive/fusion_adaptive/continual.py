@@ -196,6 +196,16 @@ def ties_whole(vectors: "list[torch.Tensor]", density: float, merge_func: str) -
     return ties_merge(trimmed, [1.0] * len(trimmed), "sum", MERGE_FUNCS[merge_func], zero=zero)
 
 
+def add_flat(theta: "dict[str, torch.Tensor]", flat: "torch.Tensor", scale: float, keys: "list[str]") -> "dict[str, torch.Tensor]":
+    """``θ + scale·flat``, ``flat`` laid out as the tensors of ``keys`` one after another (in ``θ``'s dtypes)."""
+    out, at = dict(theta), 0
+    for k in keys:
+        n = theta[k].numel()
+        out[k] = theta[k] + scale * flat[at : at + n].reshape(theta[k].shape).to(theta[k].dtype)
+        at += n
+    return out
+
+
 def ties_pair(merged: "torch.Tensor", task: "torch.Tensor", density: float, merge_func: str) -> "torch.Tensor":
     """:func:`ties_whole` of the merged task vector and the arriving one."""
     return ties_whole([merged, task], density, merge_func)
@@ -230,12 +240,7 @@ class ContinualTies(ContinualMethod):
         keys = sorted(tv)  # FusionBench flattens the state dict in sorted key order
         current = torch.cat([(merged[k] - base[k]).reshape(-1) for k in keys])
         flat = ties_pair(current, torch.cat([tv[k].reshape(-1) for k in keys]), self.config.density, self.config.merge_func)
-        out, at = {}, 0
-        for k in keys:
-            n = tv[k].numel()
-            out[k] = merged[k] + lam * flat[at : at + n].reshape(tv[k].shape).to(tv[k].dtype)
-            at += n
-        return out
+        return add_flat({k: merged[k] for k in keys}, flat, lam, keys)
 
 
 METHODS = [ContinualTaskArithmetic, ContinualTies, ContinualWeightAverage]

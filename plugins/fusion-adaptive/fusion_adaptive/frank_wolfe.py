@@ -135,16 +135,11 @@ class FrankWolfeMerging(AdaptiveMethod):
             return {k: theta[k] + scale * sum(m[k] - theta[k] for m in models) for k in theta}
         import torch
 
-        from .continual import ties_whole
+        from .continual import add_flat, ties_whole
 
         keys = list(theta)
         merged = ties_whole([torch.cat([(m[k] - theta[k]).reshape(-1) for k in keys]) for m in models], self.config.density, "sum")
-        out, at = {}, 0
-        for k in keys:
-            n = theta[k].numel()
-            out[k] = theta[k] + scale * merged[at : at + n].reshape(theta[k].shape)
-            at += n
-        return out
+        return add_flat(theta, merged, scale, keys)
 
 
 class _Setup:
