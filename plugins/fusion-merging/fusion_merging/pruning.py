@@ -167,6 +167,22 @@ def selected(name: str, tensor: "torch.Tensor", config) -> bool:
     return tensor.dim() == 2 and bool(re.search(config.include, name)) and not (config.exclude and re.search(config.exclude, name))
 
 
+class _OneModel:
+    """Model ``name`` of ``pool`` (``None``: its base) seen as a pool of that one model and no base (what the kernel prunes)."""
+
+    has_base = False
+
+    def __init__(self, pool: Any, name: str | None) -> None:
+        self.pool, self.name = pool, name
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.name or "base"]
+
+    def reader(self, name: str | None = None) -> Any:
+        return self.pool.reader(self.name)
+
+
 class _Pruning(KernelMethod):
     """Prunes the base (FusionBench's pretrained model) or, without one, the only model; or each model (``target: each``)."""
 
@@ -186,14 +202,7 @@ class _Pruning(KernelMethod):
         return pruned_per_task(self.config, pool, lambda name: self._prune(pool, ctx, name))
 
     def _prune(self, pool: Any, ctx: Any, name: str | None) -> dict[str, "torch.Tensor"]:
-        from fusion_core.engine.stream import MergeOptions, merge_readers
-
-        reader = pool.reader(name)
-        try:
-            out = merge_readers(self, None, [reader], MergeOptions(seed=ctx.seed, compute_dtype=ctx.compute_dtype, device=ctx.device,
-                                                                   prefetch=False))
-        finally:
-            reader.close()
+        out = super().run(_OneModel(pool, name), ctx)  # the engine's in-memory merge of that model alone
         sparsity = {key.removesuffix(".weight"): float((tensor == 0).float().mean()) for key, tensor in out.items()
                     if selected(key, tensor, self.config)}
         record_sparsity(ctx, self.name, name if self.config.target == "each" else None, sparsity)
