@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,23 @@ from typing import Any
 import attrs
 import pytest
 
-if importlib.util.find_spec("fusion_bench") is None or importlib.util.find_spec("fusion_bench_config") is None:
+
+def _package_dir(name: str) -> Path | None:
+    """Where package ``name`` is installed, without importing it (FusionBench's lazy module has no ``__spec__`` once
+    imported, so ``find_spec`` then fails: read ``__path__``)."""
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__path__", None):
+        return Path(list(module.__path__)[0])
+    spec = importlib.util.find_spec(name)
+    return Path(list(spec.submodule_search_locations)[0]) if spec is not None and spec.submodule_search_locations else None
+
+
+if _package_dir("fusion_bench") is None or _package_dir("fusion_bench_config") is None:
     pytest.skip("FusionBench is not installed (tox -e parity installs it)", allow_module_level=True)
 
 PEER = "fusionbench"
-CONFIGS = Path(importlib.util.find_spec("fusion_bench_config").submodule_search_locations[0]) / "method"
-SOURCES = Path(importlib.util.find_spec("fusion_bench").submodule_search_locations[0])
+CONFIGS = _package_dir("fusion_bench_config") / "method"
+SOURCES = _package_dir("fusion_bench")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
