@@ -123,6 +123,7 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
     name = "safe_concrete_adamerging"
     summary = "Concrete AdaMerging whose shared mask is learned to resist a learned trigger-like perturbation (backdoor-safe merging)."
     reference_url: ClassVar[str] = PAPER
+    fusionbench_config = "concrete_subspace/clip_safe_concrete_layer_wise_adamerging.yaml"
     carry_outer_gradient: ClassVar[bool] = True
 
     @attrs.frozen
@@ -214,6 +215,7 @@ class AWM(PostMergeDefense):
     """AWM (adversarial weight masking), as FusionBench's post-merge defense: a Concrete mask on the merged task vector."""
 
     name = "awm"
+    fusionbench_config = "concrete_subspace/clip_post_defense_AWM.yaml"
     summary = "Post-merge backdoor defense: a Concrete mask on a task-arithmetic merge learned to resist a learned perturbation (AWM)."
     Config = DefenseFields
 
@@ -231,6 +233,7 @@ class SAU(PostMergeDefense):
     """SAU (shared adversarial unlearning), as FusionBench's post-merge defense, against the unmasked merge as reference."""
 
     name = "sau"
+    fusionbench_config = "concrete_subspace/clip_post_defense_SAU.yaml"
     summary = "Post-merge backdoor defense: AWM plus shared-adversarial terms against the unmasked merge (SAU)."
 
     @attrs.frozen
