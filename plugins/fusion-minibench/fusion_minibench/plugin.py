@@ -30,7 +30,7 @@ BACKDOOR_METHODS = [
     {"name": "concrete_adamerging", "granularity": "task", "steps": 200, "adamerging_steps": 200, **_TRAVEL},
     {"name": "safe_concrete_adamerging", "granularity": "task", "steps": 200, "adamerging_steps": 200, **_TRAVEL, "adv_lr": 0.0005},
     {"name": "safe_concrete_adamerging", "granularity": "task", "steps": 200, "adamerging_steps": 200, **_TRAVEL, "adv_lr": 0.0005,
-     "perturb_site": "prefix"},
+     "perturb_site": "prefix", "bench_seeds": [0]},
     {"name": "awm", "steps": 200, "lr": 0.005, "adv_lr": 0.0005, "bench_seeds": [0]},
     {"name": "sau", "steps": 200, "lr": 0.005, "adv_lr": 0.0005, "bench_seeds": [0]},
 ]
@@ -38,7 +38,7 @@ BACKDOOR_METHODS = [
 settings except the number of test-time steps, 200 (FusionBench: 1000-2000 on a GPU), with the learning rates raised 5× (mask
 and AdaMerging 5e-3, FusionBench 1e-3; perturbation 5e-4, FusionBench 1e-4) so that Adam travels as far as in FusionBench's
 1000 steps; Safe Concrete AdaMerging twice, with FusionBench's perturbation (added to the embeddings) and with a learned soft
-trigger token (``perturb_site: prefix``); AWM and SAU on seed 0 only."""
+trigger token (``perturb_site: prefix``); the prefix variant, AWM and SAU on seed 0 only."""
 
 
 @fusion_core.hookimpl
