@@ -52,8 +52,10 @@ class AdversaryFields:
     """The adversarial perturbation's fields (FusionBench's names in parentheses)."""
 
     adv_lr: float = option(1e-4, help="Adam learning rate of the perturbations δ (adv_lr)", validator=positive)
-    perturb_site: Literal["auto", "input", "embeddings"] = option(
-        "auto", help="where δ is added: the float input (images), the input-embedding output (tokens), or auto")
+    perturb_site: Literal["auto", "input", "embeddings", "prefix"] = option(
+        "auto", help="where δ acts: added to the float input (images) or to the input-embedding output (tokens), auto (FusionBench's "
+                     "convention: input for float batches, else embeddings), or prefix (tokens: δ is a learned soft token inserted "
+                     "after the first token, as a trigger word)")
     perturb_clamp: bool = option(True, help="clamp x + δ to [0, 1] in the mask step, as FusionBench (input site only)")
 
 
