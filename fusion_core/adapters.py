@@ -184,10 +184,11 @@ def inner_method(wrapper: str, name: str, fields: Mapping[str, Any] | None = Non
         raise ConfigError(f"method {wrapper}: base={name!r} is not a method it can run first{did_you_mean(str(name), choices)}; "
                           "`fuse list methods` shows them")
     cls = registry.get("method", name).cls
-    if cls.capabilities.output != "model":
-        raise ConfigError(f"method {wrapper}: base method {name!r} outputs {cls.capabilities.output!r}, not one model; "
+    method = cls(make_config(cls.Config, dict(fields or {}), where=f"method {wrapper} base_config ({name})"))
+    if method.capabilities.output != "model":  # the instance's: a config may make several (a list of λ)
+        raise ConfigError(f"method {wrapper}: base method {name!r} outputs {method.capabilities.output!r}, not one model; "
                           "choose a method that merges into one model")
-    return cls(make_config(cls.Config, dict(fields or {}), where=f"method {wrapper} base_config ({name})"))
+    return method
 
 
 # --------------------------------------------------------------------------- getting data and heads

@@ -86,6 +86,9 @@ class BackdoorTaskPool(TaskPool):
 
     name = "backdoor"
     summary = "Clean metrics and attack success rate (ASR) of a task pool whose inputs can carry a trigger."
+    asr_forward: Any = None
+    """What runs a model on a triggered batch: an object with ``forward(model, inputs)`` (as a model pool), passed to
+    :func:`attack_success_rate` as ``pool``; ``None``: :func:`fusion_core.adapters.forward`."""
 
     def __init__(self, config: Any = None, *, inner: TaskPool | None = None) -> None:
         super().__init__(config if inner is None else inner.config)
@@ -130,7 +133,8 @@ class BackdoorTaskPool(TaskPool):
             model.eval()
         try:
             for task in results:
-                results[task] = {**results[task], "asr": attack_success_rate(model, self._pool, task, device=device)}
+                results[task] = {**results[task], "asr": attack_success_rate(model, self._pool, task, pool=self.asr_forward,
+                                                                              device=device)}
         finally:
             if was_training:
                 model.train()

@@ -8,7 +8,8 @@ against it *before* anything heavy is imported:
 - ``summary``: one line.
 - ``Config``: a frozen attrs class; each field has a type, a default and
   ``metadata={"help": ...}`` (use :func:`fusion_core.config.option`).
-- ``reference_url``: the paper or documentation, optional.
+- ``reference_url``: the paper or documentation (required of methods unless ``from_paper = False``).
+- ``fusionbench_config``: the FusionBench method config whose defaults the method's are, if any.
 - ``capabilities``: what the component needs and gives (:class:`Capabilities`).
 
 Modules that define components must not import torch/transformers/datasets at
@@ -70,6 +71,12 @@ class Component(abc.ABC):  # noqa: B024 - the kinds below declare the abstract m
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = EmptyConfig
     reference_url: ClassVar[str | None] = None
+    from_paper: ClassVar[bool] = True
+    """False for a component that comes from no paper or document (``dummy``): it then needs no ``reference_url``."""
+    fusionbench_config: ClassVar[str | None] = None
+    """The FusionBench 0.2.33 config whose settings this method's defaults are (a path under
+    ``fusion_bench_config/method/``, e.g. ``ties_merging.yaml``); ``fuse show`` prints it and the parity
+    suite (``tests/parity/test_defaults.py``) checks every mapped field against it."""
     capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, config: Any = None) -> None:

@@ -51,7 +51,7 @@ def test_the_methods_file_plans_on_the_mini_backdoor_benchmark():
     specs = load_methods_file(str(EXAMPLE / "methods.yaml"))
     plan = plan_bench(build_registry(get_plugin_manager()), "mini-backdoor", specs, (0,))
     names = [cell.config_dict["method"]["name"] for cell in plan.cells]
-    assert names[:2] == ["task_arithmetic", "ties"] and "safe_concrete_adamerging" in names and len(names) == 7
+    assert names[:2] == ["task_arithmetic", "ties"] and names.count("safe_concrete_adamerging") == 2 and len(names) == 8
     from fusion_minibench.plugin import BACKDOOR_METHODS
 
     assert specs == BACKDOOR_METHODS  # the file is the benchmark's own list

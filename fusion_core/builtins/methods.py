@@ -11,6 +11,7 @@ class Dummy(Method):
 
     name = "dummy"
     summary = "Return the base model unchanged (a smoke test for pools and task pools)."
+    from_paper = False
     capabilities = Capabilities(output="model")
 
     def run(self, pool, ctx):

@@ -87,7 +87,8 @@ def show_command(state, name, kind, as_json, fmt):
         else:
             cls = entry.cls
             info = {"kind": entry.kind, "name": entry.name, "plugin": entry.plugin, "summary": cls.summary,
-                    "reference": cls.reference_url, "capabilities": cls.capabilities.flags(),
+                    "reference": cls.reference_url, "fusionbench_config": cls.fusionbench_config,
+                    "capabilities": cls.capabilities.flags(),
                     "fields": describe_fields(cls.Config), "doc": _cleandoc(cls.__doc__)}
         if as_json or fmt == "json":
             click.echo(json.dumps(info, indent=2, ensure_ascii=False))
@@ -114,6 +115,8 @@ def _render_show(info: dict, fmt: str | None = None) -> None:
         console.print(escape(info["doc"]))
     if info.get("reference"):
         console.print(f"reference: {info['reference']}")
+    if info.get("fusionbench_config"):
+        console.print(f"defaults: FusionBench's fusion_bench_config/method/{info['fusionbench_config']} (checked by the parity suite)")
     if info.get("capabilities"):
         console.print(f"capabilities: {' '.join(info['capabilities'])}")
     if not info["fields"]:

@@ -89,11 +89,37 @@ def test_svc(parity_row, base_method):
     assert diff <= TOL
 
 
-def _fb_trust_region(zero_shot: bool, q: float = 0.9):
+def _fb_trust_region(zero_shot: bool, q: float = 0.9, scaling_factor=0.3):
     from fusion_bench.method.trust_region.clip_task_arithmetic import TaskArithmeticWithTrustRegionForCLIP
 
-    return TaskArithmeticWithTrustRegionForCLIP(scaling_factor=0.3, threshold_quantile=q, max_samples=128, batch_size=8,
+    return TaskArithmeticWithTrustRegionForCLIP(scaling_factor=scaling_factor, threshold_quantile=q, max_samples=128, batch_size=8,
                                                 zero_shot=zero_shot)
+
+
+def test_trust_region_lambda_list_is_a_peer_defect(parity_row):
+    """FusionBench's list of λ deep-copies the pretrained model, then adds λ·masked Σ τ to the *pretrained model* instead of
+    the copy: its model for λ_k is θ₀ + (λ_1 + … + λ_{k−1})·masked Σ τ.  That exact form is asserted against ours."""
+    from fusion_adaptive.trust_region import TrustRegionTaskArithmetic
+    from fusionbench_kit import World, max_diff
+
+    world = World()
+    lambdas = [0.3, 0.5, 0.7]
+    peer = _fb_trust_region(True, scaling_factor=lambdas).run(world.fb_pool())
+    assert list(peer) == lambdas
+    shifted = [0.0, 0.3, 0.8]  # what the peer's model for each λ holds: the sum of the λ before it
+    ours = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config(zero_shot=True, threshold_quantile=0.9,
+                                                                      scaling_factor=shifted)).run(world.pool(with_data=False), world.ctx())
+    defect = max(max_diff(state(peer[lam]), ours[f"{s:g}"]) for lam, s in zip(lambdas, shifted, strict=True))
+    assert defect <= TOL
+    right = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config(zero_shot=True, threshold_quantile=0.9,
+                                                                     scaling_factor=lambdas)).run(world.pool(with_data=False), world.ctx())
+    assert all(max_diff(state(peer[lam]), right[f"{lam:g}"]) > 1e-3 for lam in lambdas)
+    single = max_diff(state(_fb_trust_region(True, scaling_factor=0.5).run(world.fb_pool())), right["0.5"])
+    assert single <= TOL
+    parity_row("trust_region_ta", PEER, "fusionbench (zero_shot, scaling_factor list)", None,
+               "peer defect: for a list of λ it deep-copies the pretrained model and then adds λ·mask ⊙ Σ τ to the pretrained model, "
+               f"not the copy, so its model for λ_k is θ₀ + (λ_1 + … + λ_(k−1))·mask ⊙ Σ τ (ours with those sums: {defect:.1e}); "
+               f"fuse returns θ₀ + λ_k·mask ⊙ Σ τ, as FusionBench's single λ (λ 0.5: {single:.1e})")
 
 
 def test_trust_region_zero_shot(parity_row):
@@ -143,6 +169,23 @@ def test_trust_region_gradients_are_a_peer_defect(parity_row):
                "peer defect: compute_avg_abs_grads stores every task's mean |gradient| under the last parameter's name, so Ω = 0 "
                f"and the merge returns the pretrained model; the mean |gradient| of the task it keeps agrees to {diff:.1e}")
 
+    # the defect worked around: its own estimator run once per task (a pool naming that task alone), keyed by the task
+    estimate = peer.compute_avg_abs_grads
+
+    def per_task(pretrained_model):
+        out = {}
+        for task in world.tasks:
+            peer.modelpool._train_datasets = {task: None}
+            (out[task],) = estimate(pretrained_model).values()
+        return out
+
+    peer.compute_avg_abs_grads = per_task
+    fixed = max_diff(state(peer.run(world.fb_pool())), ours_merged)
+    parity_row("trust_region_ta", PEER, "fusionbench (gradients, peer's keying worked around)", fixed,
+               "TaskArithmeticWithTrustRegionForCLIP(zero_shot=False), its compute_avg_abs_grads called once per task and keyed by "
+               "the task; tiny CLIP world, λ 0.3, q 0.9, every training example (24 per task, one backward each)")
+    assert fixed <= TOL
+
 
 def test_emr_per_task_models(parity_row):
     """Each task's modulated model against FusionBench's EMRModulatedModel with that task's modulator applied."""
@@ -179,6 +222,11 @@ def _state_dict_task_arithmetic(pretrained_model, finetuned_models, scaling_fact
     return pretrained_model
 
 
+def _steady_key_bias(gradients: dict) -> dict:
+    """``gradients`` with every attention key bias's gradient (0 but for rounding) set to the same constant."""
+    return {k: torch.full_like(g, 1e-3) if k.endswith("k_proj.bias") else g for k, g in gradients.items()}
+
+
 def _fb_frank_wolfe(peer, world, monkeypatch) -> dict:
     """FusionBench's Frank-Wolfe classes on the CPU with the world's heads; per task, the training examples one at a time."""
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
@@ -197,25 +245,36 @@ def _fb_frank_wolfe(peer, world, monkeypatch) -> dict:
     return {t: singles(t) for t in world.tasks}
 
 
+@pytest.mark.parametrize("merge_fn", ["task_arithmetic", "ties"])
 @pytest.mark.parametrize("granularity", ["task", "layer"])
-def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
+def test_frank_wolfe_hard(parity_row, monkeypatch, granularity, merge_fn):
     """FrankWolfeHardAlgorithm with its CUDA moves made no-ops and its shuffled loader replaced by the same
-    examples one at a time: with dataset_size = the split's size, each gradient sees every example once."""
+    examples one at a time: with dataset_size = the split's size, each gradient sees every example once.
+    merge_fn ties: its own ties_merge (whole-model TIES, threshold 20) for the start and every step."""
     from fusion_adaptive.frank_wolfe import FrankWolfeMerging
     from fusion_bench.method.fw_merging.fw_hard import FrankWolfeHardAlgorithm
     from fusionbench_kit import World, max_diff
 
     world = World()
     size = world.batch * world.n_batches
-    peer = FrankWolfeHardAlgorithm(merge_fn="task_arithmetic", step_size=0.1, max_iters=3, dataset_size=size, granularity=granularity,
-                                   scaling_factor=0.3)
+    peer = FrankWolfeHardAlgorithm(merge_fn=merge_fn, step_size=0.1, max_iters=3, dataset_size=size, granularity=granularity,
+                                   scaling_factor=0.3, threshold=20)
     iterators = _fb_frank_wolfe(peer, world, monkeypatch)
-    peer.merge_fn = _state_dict_task_arithmetic  # its own task_arithmetic_merge rejects its own call (as WEMoE's)
+    if merge_fn == "task_arithmetic":
+        peer.merge_fn = _state_dict_task_arithmetic  # its own task_arithmetic_merge rejects its own call (as WEMoE's)
     peer.get_shuffled_loader_iter = lambda task: iterators[task]
+    if merge_fn == "ties":
+        # k_proj.bias's gradient is 0 but for rounding (see below); its cosine with any candidate is then noise that can flip
+        # a whole-model pick, and a whole-model TIES trim spreads a flip to every tensor: both sides see the same stand-in
+        import fusion_adaptive.frank_wolfe as fw
+
+        gradient, iteration = fw._Setup.gradient, peer.frank_wolfe_iteration
+        monkeypatch.setattr(fw._Setup, "gradient", lambda self, *a, **k: _steady_key_bias(gradient(self, *a, **k)))
+        peer.frank_wolfe_iteration = lambda model: _steady_key_bias(iteration(model))
     with torch.enable_grad():  # run() ends with torch.set_grad_enabled(False), for the whole process: restored on exit
         expected = state(peer.run(world.fb_pool()))
     ctx = world.ctx()
-    method = FrankWolfeMerging(FrankWolfeMerging.Config(max_iters=3, dataset_size=size, granularity=granularity))
+    method = FrankWolfeMerging(FrankWolfeMerging.Config(max_iters=3, dataset_size=size, granularity=granularity, merge_fn=merge_fn))
     got = method.run(world.pool(), ctx)
     # k_proj's bias shifts every key by the same q·b: softmax ignores it, its gradient is 0 up to rounding, and the
     # layer-wise pick there follows the rounding noise (per-example sums in FusionBench, batched sums here)
@@ -223,12 +282,17 @@ def test_frank_wolfe_hard(parity_row, monkeypatch, granularity):
     diff = max_diff({k: v for k, v in expected.items() if k.removeprefix("vision_model.") not in noise},
                     {k: v for k, v in got.items() if k not in noise})
     noisy = max_diff(expected, got)
-    note = (f"FrankWolfeHardAlgorithm (its task_arithmetic_merge patched: it rejects its own call), tiny CLIP world, 3 iterations, "
+    how = ("its task_arithmetic_merge patched: it rejects its own call" if merge_fn == "task_arithmetic" else
+           "merge_fn ties: its own ties_merge, threshold 20")
+    note = (f"FrankWolfeHardAlgorithm ({how}), tiny CLIP world, 3 iterations, "
             f"dataset_size = the split ({size}); chosen: {ctx.extras['fw_merging']['chosen']}")
-    if granularity == "layer":
+    if merge_fn == "ties":
+        note += "; k_proj.bias's gradient (0 up to rounding) replaced by the same constant on both sides"
+    elif granularity == "layer":
         note += (f"; k_proj.bias left out (its gradient is 0 but for rounding: softmax ignores a shift of every key, so its "
                  f"per-layer pick is noise; with it: {noisy:.1e})")
-    parity_row("fw_merging", PEER, f"fusionbench (hard, granularity {granularity})", diff, note)
+    label = f"granularity {granularity}" + ("" if merge_fn == "task_arithmetic" else f", merge_fn {merge_fn}")
+    parity_row("fw_merging", PEER, f"fusionbench (hard, {label})", diff, note)
     assert diff <= TOL
 
 
@@ -313,27 +377,48 @@ def _fb_like_module(width, rank, init):
     return module
 
 
+@pytest.mark.parametrize("merge_fn", ["adamerging", "task_arithmetic"])
 @pytest.mark.parametrize("granularity", ["task", "layer"])
-def test_frank_wolfe_soft(parity_row, monkeypatch, granularity):
-    """FrankWolfeSoftAlgorithm (merge_fn adamerging) with CUDA moves made no-ops and its loaders replaced by the same
-    examples: training examples one at a time (dataset_size = the split), test batches in order."""
+def test_frank_wolfe_soft(parity_row, monkeypatch, granularity, merge_fn):
+    """FrankWolfeSoftAlgorithm with CUDA moves made no-ops and its loaders replaced by the same examples: training
+    examples one at a time (dataset_size = the split), test batches in order.  merge_fn task_arithmetic: its own
+    task_arithmetic_merge of the picks (λ 0.3 · γ_t), 3 iterations."""
     from fusion_adaptive.frank_wolfe import FrankWolfeSoftMerging
     from fusion_bench.method.fw_merging.fw_soft import FrankWolfeSoftAlgorithm
     from fusionbench_kit import World, fabric, max_diff
 
     world = World()
     size = world.batch * world.n_batches
-    peer = FrankWolfeSoftAlgorithm(max_iters=2, dataset_size=size, ada_iters=3, ada_coeff=1e-8, merge_fn="adamerging",
-                                   granularity=granularity)
+    iters = 2 if merge_fn == "adamerging" else 3
+    peer = FrankWolfeSoftAlgorithm(max_iters=iters, dataset_size=size, ada_iters=3, ada_coeff=1e-8, merge_fn=merge_fn,
+                                   granularity=granularity, step_size=0.1)
     train = _fb_frank_wolfe(peer, world, monkeypatch)
     peer._fabric_instance = fabric()
     peer.get_shuffled_train_loader_iter = lambda task, batch_size=1: train[task]
     peer.get_shuffled_test_loader_iter = world.fb_test_iterators()
+    if merge_fn == "task_arithmetic":  # no AdaMerging to absorb it: k_proj.bias's noise would pick (see test_frank_wolfe_hard)
+        import fusion_adaptive.frank_wolfe as fw
+
+        gradient, iteration = fw._Setup.gradient, peer.frank_wolfe_iteration
+        monkeypatch.setattr(fw._Setup, "gradient", lambda self, *a, **k: _steady_key_bias(gradient(self, *a, **k)))
+        peer.frank_wolfe_iteration = lambda model, task: _steady_key_bias(iteration(model, task))
+        # its task_arithmetic_merge rejects its own call (a Parameter state dict against plain ones), as fw_hard's
+        monkeypatch.setattr("fusion_bench.method.fw_merging.fw_soft.task_arithmetic_merge", _state_dict_task_arithmetic)
     with torch.enable_grad():
         expected = state(peer.run(world.fb_pool()))
     ctx = world.ctx()
-    method = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=2, dataset_size=size, ada_iters=3, granularity=granularity))
+    method = FrankWolfeSoftMerging(FrankWolfeSoftMerging.Config(max_iters=iters, dataset_size=size, ada_iters=3, granularity=granularity,
+                                                                merge_fn=merge_fn))
     got = method.run(world.pool(), ctx)
+    if merge_fn == "task_arithmetic":
+        diff = max_diff(expected, got)
+        parity_row("fw_soft", PEER, f"fusionbench (soft, granularity {granularity}, merge_fn task_arithmetic)", diff,
+                   f"FrankWolfeSoftAlgorithm (merge_fn task_arithmetic, 0.3·γ_t; its task_arithmetic_merge patched: it rejects its own "
+                   f"call), tiny CLIP world, "
+                   f"{iters} iterations, dataset_size = the split ({size}); chosen: {ctx.extras['fw_soft']['chosen']}; k_proj.bias's "
+                   "gradient (0 up to rounding) replaced by the same constant on both sides")
+        assert diff <= TOL
+        return
     # k_proj.bias: its gradient, and its AdaMerging coefficient's, is 0 but for rounding; Adam's first step follows the sign
     noise = [k for k in got if k.endswith("k_proj.bias")]
     diff = max_diff({k: v for k, v in expected.items() if k.removeprefix("vision_model.") not in noise},

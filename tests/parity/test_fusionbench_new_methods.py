@@ -117,7 +117,7 @@ def test_wanda_block_by_block(parity_row, prune_type):
 
     pool = Pool(model, {"calib": model}, {("calib", "train"): [(inps[j : j + 1], torch.zeros(1)) for j in range(nsamples)]})
     method = WandaPruning(WandaPruning.Config(prune_type=prune_type, num_batches=None))
-    got = method.run(pool, RunContext(show_progress=False))
+    got = method.run(pool, RunContext(show_progress=False)).shared
     diff = max_abs_diff(state(fb_model), got)
     parity_row("wanda_pruning", PEER, f"fusionbench ({prune_type})", diff,
                "WandaPruningForLlama.prune_using_calibration_data_ on 3 residual MLP blocks (C4 loading not run offline)")
@@ -209,10 +209,54 @@ def test_tall_masks_reconstructions(parity_row):
         parity_row("tall_masks", PEER, "fusionbench", None,
                    "peer crashes: TallMaskTaskArithmeticAlgorithm.run raises TypeError 'Tensor type mismatch … expected Parameter, "
                    "got Tensor' (its own state-dict type check); its masks would also "
-                   "compare |θ₀ − τ_t| (the pretrained weights) where its tall_mask/utils.py and the paper use |τ_t|; the masks "
-                   "are compared with utils.generate_task_masks (row consensus_ta)")
+                   "compare |θ₀ − τ_t| (the pretrained weights) where its tall_mask/utils.py and the paper use |τ_t|; with both "
+                   "worked around its run matches fuse (row 'run, its type check and θ₀ worked around')")
         return
     pool = Pool(base, {f"model_{i}": m for i, m in enumerate(experts)}, {})
     got = TallMasks(TallMasks.Config(tall_mask_lambda=0.6)).run(pool, RunContext(show_progress=False))
     diff = max(max_abs_diff(state(model), got[name]) for name, model in result["models"].items())
     parity_row("tall_masks", PEER, "fusionbench", diff, "TallMaskTaskArithmeticAlgorithm on toy models (N=3)")
+
+
+def test_tall_masks_run_with_the_peer_defects_worked_around(parity_row, monkeypatch):
+    """TallMaskTaskArithmeticAlgorithm.run with its two defects worked around: its state-dict helpers given plain tensors
+    (its type check refuses the Parameters it passes itself), and generate_task_masks given zeros where run passes θ₀
+    (the masks compare |τ_t| with λ·|Σ τ − τ_t| in task-vector space, as tall_mask/utils.py and the paper)."""
+    import fusion_bench.method.tall_mask.task_arithmetic as peer_module
+    from fusion_merging.consensus import TallMasks
+    from parity_kit import fusionbench_pool
+
+    from fusion_core.run_context import RunContext
+
+    def plain(value):
+        return {k: v.detach() for k, v in value.items()} if isinstance(value, dict) else value
+
+    for name in ("state_dict_add", "state_dict_sub", "state_dict_sum", "state_dict_hadamard_product", "state_dict_diff_abs",
+                 "state_dict_binary_mask", "state_dict_mul"):
+        helper = getattr(peer_module, name)
+        monkeypatch.setattr(peer_module, name, lambda *a, helper=helper, **k: helper(
+            *[[plain(x) for x in v] if isinstance(v, list) else plain(v) for v in a], **k))
+    masks = peer_module.generate_task_masks
+    counts = {"changed": 0, "entries": 0}
+
+    def task_space(multi, task, pretrained, tall_mask_lambda):  # run passes θ₀; the mask is defined against 0
+        defined = masks(multi, task, {k: torch.zeros_like(v) for k, v in pretrained.items()}, tall_mask_lambda=tall_mask_lambda)
+        as_run = masks(multi, task, pretrained, tall_mask_lambda=tall_mask_lambda)
+        counts["changed"] += sum(int((defined[k] != as_run[k]).sum()) for k in defined)
+        counts["entries"] += sum(v.numel() for v in defined.values())
+        return defined
+
+    monkeypatch.setattr(peer_module, "generate_task_masks", task_space)
+    worst = 0.0
+    for base, experts in (toy_models(3), tiny_clip_vision(3)):
+        result = peer_module.TallMaskTaskArithmeticAlgorithm(tall_mask_lambda=0.6).run(fusionbench_pool(base, experts))
+        pool = Pool(base, {f"model_{i}": m for i, m in enumerate(experts)}, {})
+        got = TallMasks(TallMasks.Config(tall_mask_lambda=0.6)).run(pool, RunContext(show_progress=False))
+        worst = max(worst, max(max_abs_diff(state(model), got[name]) for name, model in result["models"].items()))
+    share = counts["changed"] / counts["entries"]
+    assert share > 0.01  # the θ₀ defect is real: run's masks are not the defined ones
+    parity_row("tall_masks", PEER, "fusionbench (run, its type check and θ₀ worked around)", worst,
+               "TallMaskTaskArithmeticAlgorithm.run on toy and tiny CLIP vision (N=3, λ 0.6), every task's reconstruction "
+               "θ₀ + m_t ⊙ Σ τ: its state-dict helpers given plain tensors (its own type check refuses the Parameters run passes), "
+               f"generate_task_masks given 0 where run passes θ₀ (with θ₀, {100 * share:.0f} % of the mask entries differ)")
+    assert worst <= TOL

@@ -48,7 +48,7 @@ def test_sparsegpt_block_by_block(parity_row, prune_type, monkeypatch):
     peer.prune_using_calibration_data_(fb_model, inps=inps.clone(), outs=torch.zeros_like(inps), attention_mask=None, position_ids=None)
     pool = Pool(model, {"calib": model}, {("calib", "train"): [(inps[j : j + 1], torch.zeros(1)) for j in range(nsamples)]})
     method = SparseGPTPruning(SparseGPTPruning.Config(prune_type=prune_type, num_batches=None, exact_count=False))
-    got = method.run(pool, RunContext(show_progress=False))
+    got = method.run(pool, RunContext(show_progress=False)).shared
     diff = max_abs_diff(state(fb_model), got)
     parity_row("sparsegpt_pruning", PEER, f"fusionbench ({prune_type}, exact_count false)", diff,
                "SparseGPTPruningForLlama.prune_using_calibration_data_ on 3 residual MLP blocks (C4 loading not run offline); "

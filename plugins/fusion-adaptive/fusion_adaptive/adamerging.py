@@ -125,6 +125,7 @@ class AdaMerging(AdaptiveMethod):
     name = "adamerging"
     summary = "Task arithmetic whose coefficients (per model or per model and tensor) minimise prediction entropy on unlabelled test inputs."
     reference_url = "https://arxiv.org/abs/2310.02575"
+    fusionbench_config = "adamerging/clip.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True, transductive=True)
 
     @attrs.frozen

@@ -230,6 +230,7 @@ class ConcreteTaskArithmetic(ConcreteMethod):
     """Concrete task arithmetic: θ₀ + λ Σᵢ m ⊙ τᵢ with λ fixed and the shared mask m learned by entropy minimisation."""
 
     name = "concrete_task_arithmetic"
+    fusionbench_config = "concrete_subspace/clip_concrete_task_arithmetic.yaml"
     summary = "Task arithmetic through a shared Concrete mask over the task vectors, meta-learned on unlabelled test inputs."
 
     @attrs.frozen
@@ -261,6 +262,7 @@ class ConcreteAdaMerging(ConcreteMethod):
     """Concrete AdaMerging: the shared mask meta-learned through one AdaMerging step per step, then AdaMerging under it."""
 
     name = "concrete_adamerging"
+    fusionbench_config = "concrete_subspace/clip_concrete_layer_wise_adamerging.yaml"
     summary = "AdaMerging (task- or layer-wise) inside a shared Concrete mask over the task vectors, meta-learned on unlabelled test inputs."
     carry_outer_gradient: ClassVar[bool] = False
     """Whether λ's gradient from the mask step is left to add to the next inner step's (FusionBench's safe variant does)."""

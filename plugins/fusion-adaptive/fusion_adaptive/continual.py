@@ -133,6 +133,7 @@ class ContinualTaskArithmetic(ContinualMethod):
     name = "continual_task_arithmetic"
     summary = "Continual task arithmetic: each arriving model adds λ times its task vector; scored on the tasks seen after each step."
     reference_url = "https://arxiv.org/abs/2212.04089"
+    fusionbench_config = "opcm/task_arithmetic.yaml"
 
     @attrs.frozen
     class Config:
@@ -153,6 +154,7 @@ class ContinualWeightAverage(ContinualMethod):
     name = "continual_weight_average"
     summary = "Continual weight averaging: the running mean of the models seen; scored on the tasks seen after each step."
     reference_url = "https://arxiv.org/abs/2203.05482"
+    fusionbench_config = "opcm/weight_average.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False)
 
     @attrs.frozen
@@ -183,15 +185,30 @@ def trim_whole(vector: "torch.Tensor", density: float) -> "torch.Tensor":
     return torch.where(vector.abs() >= threshold, vector, torch.zeros_like(vector))
 
 
-def ties_pair(merged: "torch.Tensor", task: "torch.Tensor", density: float, merge_func: str) -> "torch.Tensor":
-    """FusionBench's TIES of two flat vectors: trim each, elect signs (zero → model-wide majority), disjoint merge."""
+def ties_whole(vectors: "list[torch.Tensor]", density: float, merge_func: str) -> "torch.Tensor":
+    """FusionBench's TIES of flat whole-model vectors: trim each, elect signs (zero → model-wide majority), disjoint merge."""
     import torch
     from fusion_merging.task_arithmetic import ties_merge
 
-    trimmed = [trim_whole(merged, density), trim_whole(task, density)]
-    signs = torch.sign(trimmed[0] + trimmed[1])
+    trimmed = [trim_whole(v, density) for v in vectors]
+    signs = torch.sign(sum(trimmed[1:], trimmed[0]))
     zero = 1.0 if float(signs.sum()) > 0 else -1.0
-    return ties_merge(trimmed, [1.0, 1.0], "sum", MERGE_FUNCS[merge_func], zero=zero)
+    return ties_merge(trimmed, [1.0] * len(trimmed), "sum", MERGE_FUNCS[merge_func], zero=zero)
+
+
+def add_flat(theta: "dict[str, torch.Tensor]", flat: "torch.Tensor", scale: float, keys: "list[str]") -> "dict[str, torch.Tensor]":
+    """``θ + scale·flat``, ``flat`` laid out as the tensors of ``keys`` one after another (in ``θ``'s dtypes)."""
+    out, at = dict(theta), 0
+    for k in keys:
+        n = theta[k].numel()
+        out[k] = theta[k] + scale * flat[at : at + n].reshape(theta[k].shape).to(theta[k].dtype)
+        at += n
+    return out
+
+
+def ties_pair(merged: "torch.Tensor", task: "torch.Tensor", density: float, merge_func: str) -> "torch.Tensor":
+    """:func:`ties_whole` of the merged task vector and the arriving one."""
+    return ties_whole([merged, task], density, merge_func)
 
 
 class ContinualTies(ContinualMethod):
@@ -200,6 +217,7 @@ class ContinualTies(ContinualMethod):
     name = "continual_ties"
     summary = "Continual TIES: each arriving task vector is TIES-merged with the merged task vector (whole-model trim) and added times λ."
     reference_url = "https://arxiv.org/abs/2306.01708"
+    fusionbench_config = "opcm/ties_merging.yaml"
 
     @attrs.frozen
     class Config:
@@ -222,12 +240,7 @@ class ContinualTies(ContinualMethod):
         keys = sorted(tv)  # FusionBench flattens the state dict in sorted key order
         current = torch.cat([(merged[k] - base[k]).reshape(-1) for k in keys])
         flat = ties_pair(current, torch.cat([tv[k].reshape(-1) for k in keys]), self.config.density, self.config.merge_func)
-        out, at = {}, 0
-        for k in keys:
-            n = tv[k].numel()
-            out[k] = merged[k] + lam * flat[at : at + n].reshape(tv[k].shape).to(tv[k].dtype)
-            at += n
-        return out
+        return add_flat({k: merged[k] for k in keys}, flat, lam, keys)
 
 
 METHODS = [ContinualTaskArithmetic, ContinualTies, ContinualWeightAverage]

@@ -114,6 +114,7 @@ class DOGE(AdaptiveMethod):
     name = "doge"
     summary = "Task arithmetic with adaptive per-layer scales and a delta learned off the tasks' shared subspace (projective GD, data-free)."
     reference_url = "https://arxiv.org/abs/2501.01230"
+    fusionbench_config = "doge_ta/doge_ta.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, trains=True)
 
     @attrs.frozen

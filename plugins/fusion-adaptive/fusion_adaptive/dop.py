@@ -96,6 +96,7 @@ class DOP(ContinualMethod):
     name = "dop"
     summary = "Continual merging by dual orthogonal projections: per layer, Adam on subspace-projected distances to the merged and new models, MGDA weights."
     reference_url = "https://github.com/tanganke/fusion_bench/tree/main/fusion_bench/method/dop"  # the NeurIPS 2025 paper's code
+    fusionbench_config = "dop/dop.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
 
     @attrs.frozen

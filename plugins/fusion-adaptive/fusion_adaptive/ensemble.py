@@ -68,6 +68,7 @@ class SimpleEnsemble(_Ensemble):
     name = "simple_ensemble"
     summary = "Runs every fine-tuned model and averages their outputs, the task's head applied once (N times the inference cost)."
     reference_url = "https://tanganke.github.io/fusion_bench/algorithms/simple_ensemble/"
+    fusionbench_config = "ensemble/simple_ensemble.yaml"
 
     @attrs.frozen
     class Config:
@@ -80,6 +81,7 @@ class WeightedEnsemble(_Ensemble):
     name = "weighted_ensemble"
     summary = "Runs every fine-tuned model and sums their outputs with given weights (normalised to sum 1 by default)."
     reference_url = "https://tanganke.github.io/fusion_bench/algorithms/weighted_ensemble/"
+    fusionbench_config = "ensemble/weighted_ensemble.yaml"
 
     @attrs.frozen
     class Config:
@@ -112,6 +114,7 @@ class MaxModelPredictor(_Ensemble):
     name = "max_model_predictor"
     summary = "Runs every fine-tuned model and takes the element-wise maximum of their outputs (or the most confident member)."
     reference_url = "https://tanganke.github.io/fusion_bench/algorithms/max-model_predictor/"
+    fusionbench_config = "ensemble/max_model_predictor.yaml"
 
     @attrs.frozen
     class Config:

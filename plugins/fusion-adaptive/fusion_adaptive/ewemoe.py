@@ -99,6 +99,7 @@ class EWEMoE(WEMoE):
     name = "e_wemoe"
     summary = "WEMoE with magnitude-sparsified task-vector experts and one router shared across layers (entropy TTA)."
     reference_url = "https://arxiv.org/abs/2410.21804"
+    fusionbench_config = "wemoe/sparse_weight_ensembling_moe.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True, transductive=True, random=True)
 
     @attrs.frozen

@@ -225,6 +225,7 @@ class FisherMerging(AdaptiveMethod):
     name = "fisher_merging"
     summary = "Per-element average weighted by each model's diagonal Fisher, estimated on train batches (FusionBench's label-free estimator)."
     reference_url = "https://arxiv.org/abs/2111.09832"
+    fusionbench_config = "fisher_merging/clip_fisher_merging.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_data=True)
 
     @attrs.frozen

@@ -12,15 +12,28 @@ The merged weights θ move, by Frank-Wolfe steps, inside the convex hull of the 
    parameter the candidate of lowest ``cos(g_p, θ_c,p)`` (``granularity: layer``);
 3. ``θ ← θ + γ_t · λ · (θ_c − θ)`` with ``γ_t = step_size · 2 / (t + 2)``.
 
-θ starts as task arithmetic ``θ₀ + λ Σ τ_i`` (FusionBench ``merge_fn: task_arithmetic``) or at the
-base (``init: base``).  FusionBench draws the examples from a shuffled loader; here they come in
-the split's order (deterministic).  FusionBench's ``merge_fn: ties`` is not implemented.
+θ starts as the ``merge_fn`` of the fine-tuned models with λ (``init: merge_fn``, FusionBench's
+default) or at the base (``init: base``).  ``merge_fn`` is also how each step moves:
+
+- ``task_arithmetic`` (FusionBench ``fw_hard.yaml``): start ``θ₀ + λ Σ τ_i``; step 3 as above;
+- ``ties`` (FusionBench ``merge_fn: ties``): start ``θ₀ + λ·TIES(τ_1..τ_N)``, and each step
+  ``θ ← θ + γ_t·λ·TIES(θ_c − θ)``, where TIES is FusionBench's over the whole flattened model: each
+  vector trimmed to its ``density`` largest magnitudes (``threshold`` 20 = 0.2; ties at the
+  threshold kept), signs elected by the sum (a zero sum takes the model-wide majority), the
+  agreeing entries summed (``merge_func: sum``).  A step on one candidate is thus the trimmed
+  difference ``θ_c − θ``.
+
+FusionBench draws the examples from a shuffled loader; here they come in the split's order
+(deterministic).
 
 ``fw_soft`` (FusionBench ``fw_soft.py``) starts at the base; each iteration takes, task by task, the
 gradient of that task's loss alone and the fine-tuned model most opposed to it (with ``task``
 granularity, one no earlier task of the iteration took), then merges the N picks around θ by
 layer-wise AdaMerging: ``θ + Σ_i λ_ik (θ_i − θ)``, coefficients from 0.3 (first iteration) or
-``ada_coeff``, ``ada_iters`` Adam steps on the tasks' prediction entropy on unlabelled test inputs.
+``ada_coeff``, ``ada_iters`` Adam steps on the tasks' prediction entropy on unlabelled test inputs
+(``merge_fn: adamerging``, FusionBench's ``fw_soft.yaml``).  FusionBench's other ``merge_fn``
+(``task_arithmetic``) adds the N picks by task arithmetic instead, with no test inputs:
+``θ + λ·γ_t·Σ_i (θ_i − θ)``, ``γ_t = step_size · 2/(t + 2)`` and ``γ_0 = 1`` (λ 0.3, fixed there).
 """
 
 from __future__ import annotations
@@ -76,6 +89,7 @@ class FrankWolfeMerging(AdaptiveMethod):
     name = "fw_merging"
     summary = "Frank-Wolfe merging (hard): per step, move θ toward the model (or per layer) most opposed to the multi-task gradient."
     reference_url = "https://arxiv.org/abs/2503.12649"
+    fusionbench_config = "fw_merging/fw_hard.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True)
 
     @attrs.frozen
@@ -88,27 +102,44 @@ class FrankWolfeMerging(AdaptiveMethod):
         granularity: Literal["task", "layer"] = option(
             "task", help="task: one candidate per step (Σ of per-parameter cosines); layer: a candidate per parameter (FusionBench: task)",
             validator=attrs.validators.in_(("task", "layer")))
-        init: Literal["task_arithmetic", "base"] = option(
-            "task_arithmetic", help="the start: task arithmetic with λ (FusionBench merge_fn: task_arithmetic) or the base "
-                                    "(FusionBench init_weight: base)", validator=attrs.validators.in_(("task_arithmetic", "base")))
+        merge_fn: Literal["task_arithmetic", "ties"] = option(
+            "task_arithmetic", help="how the start and every step merge: task_arithmetic (θ + λ·Σ(θ_c − θ)) or ties (the same "
+                                    "differences TIES-merged over the whole model; FusionBench merge_fn, fw_hard.yaml: task_arithmetic)",
+            validator=attrs.validators.in_(("task_arithmetic", "ties")))
+        density: float = option(0.2, help="merge_fn ties: fraction of each whole-model difference kept by magnitude (FusionBench "
+                                          "threshold: 20 = 0.2)", validator=in_range(0.0, 1.0))
+        init: Literal["merge_fn", "base"] = option(
+            "merge_fn", help="the start: the merge_fn of the fine-tuned models with λ (FusionBench init_weight empty) or the base "
+                             "(FusionBench init_weight: base)", validator=attrs.validators.in_(("merge_fn", "base")))
         split: str = option("train", help="the model pool's labelled split for the gradients (FusionBench: train)")
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         cfg, names = self.config, list(pool.model_names)
         setup = _Setup(pool, ctx, self.name, cfg.split)
         base = setup.base
-        theta = dict(base) if cfg.init == "base" else {
-            k: base[k] + cfg.scaling_factor * sum(setup.candidates[n][k] - base[k] for n in names) for k in base}
+        theta = dict(base) if cfg.init == "base" else self.merge(base, [setup.candidates[n] for n in names], cfg.scaling_factor)
         candidates = {**setup.candidates, "initial": {k: v.clone() for k, v in theta.items()}}
         chosen: list[Any] = []
         for step in progress(ctx, range(cfg.max_iters), "Frank-Wolfe", total=cfg.max_iters):
             grads = setup.gradient(theta, names, cfg.dataset_size)
             picks, counts = select(grads, candidates, cfg.granularity)
             gamma = cfg.step_size * 2 / (step + 2) * cfg.scaling_factor
-            theta = {k: theta[k] + gamma * (candidates[picks[k]][k] - theta[k]) for k in theta}
+            theta = self.merge(theta, [{k: candidates[picks[k]][k] for k in theta}], gamma)
             chosen.append(picks[next(iter(picks))] if cfg.granularity == "task" else counts)
         note(ctx, self.name, chosen=chosen, granularity=cfg.granularity)
         return state_with(setup.model, theta)
+
+    def merge(self, theta: dict[str, "torch.Tensor"], models: list[dict[str, "torch.Tensor"]], scale: float) -> dict[str, "torch.Tensor"]:
+        """``θ + scale·Σ_m (m − θ)`` (task_arithmetic), or ``θ + scale·TIES(m − θ for m)`` over the whole model (ties)."""
+        if self.config.merge_fn == "task_arithmetic":
+            return {k: theta[k] + scale * sum(m[k] - theta[k] for m in models) for k in theta}
+        import torch
+
+        from .continual import add_flat, ties_whole
+
+        keys = list(theta)
+        merged = ties_whole([torch.cat([(m[k] - theta[k]).reshape(-1) for k in keys]) for m in models], self.config.density, "sum")
+        return add_flat(theta, merged, scale, keys)
 
 
 class _Setup:
@@ -178,6 +209,7 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
     summary = ("Frank-Wolfe merging (soft): per step, per task the model most opposed to that task's gradient, then "
                "layer-wise AdaMerging of them around θ on unlabelled test inputs.")
     reference_url = "https://arxiv.org/abs/2503.12649"
+    fusionbench_config = "fw_merging/fw_soft.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True, transductive=True)
 
     @attrs.frozen
@@ -193,6 +225,13 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
             validator=attrs.validators.in_(("task", "layer")))
         entropy_eps: float = option(1e-8, help="ε of the entropy −Σ p·log(p + ε) (FusionBench: 1e-8)", validator=in_range(0.0))
         split: str = option("train", help="the model pool's labelled split for the gradients (FusionBench: train)")
+        merge_fn: Literal["adamerging", "task_arithmetic"] = option(
+            "adamerging", help="how each iteration merges the N picks around θ: layer-wise AdaMerging on unlabelled test inputs, or "
+                               "task arithmetic θ + λ·γ_t·Σ(θ_i − θ) with no test inputs (FusionBench merge_fn; fw_soft.yaml: adamerging)",
+            validator=attrs.validators.in_(("adamerging", "task_arithmetic")))
+        step_size: float = option(0.1, help="merge_fn task_arithmetic: γ_t = step_size·2/(t + 2), γ_0 = 1 (FusionBench: 0.1)",
+                                  validator=in_range(0.0))
+        scaling_factor: float = option(0.3, help="merge_fn task_arithmetic: λ of each step (FusionBench: a fixed 0.3)")
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch
@@ -203,7 +242,8 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
         cfg = self.config
         setup = _Setup(pool, ctx, self.name, cfg.split)
         names = setup.names
-        adaptation = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device)
+        adamerging = cfg.merge_fn == "adamerging"
+        adaptation = adaptation_tasks(pool, ctx.taskpool, method=self.name, device=ctx.device) if adamerging else []
         theta = dict(setup.base)
         chosen: list[Any] = []
         for step in progress(ctx, range(cfg.max_iters), "Frank-Wolfe (soft)", total=cfg.max_iters, unit="iteration"):
@@ -219,6 +259,11 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
                         excluded[k].append(c)
                     step_chosen.append(counts)
                 selected.append({k: setup.candidates[c][k] for k, c in picks.items()})
+            chosen.append(step_chosen)
+            if not adamerging:
+                scale = cfg.scaling_factor * (1.0 if step == 0 else 2 / (step + 2) * cfg.step_size)
+                theta = {k: theta[k] + scale * sum(m[k] - theta[k] for m in selected) for k in theta}
+                continue
             stacked = {k: torch.stack([m[k] - theta[k] for m in selected]) for k in theta}
             coefficients = torch.full((len(selected), len(theta)), 0.3 if step == 0 else cfg.ada_coeff, dtype=torch.float32,
                                       device=ctx.device, requires_grad=True)
@@ -231,9 +276,9 @@ class FrankWolfeSoftMerging(AdaptiveMethod):
             adapt([coefficients], loss, steps=cfg.ada_iters, lr=cfg.lr, method=self.name, ctx=ctx)
             with torch.no_grad():
                 theta = merge_stacked(around, stacked, coefficients.detach())
-            chosen.append(step_chosen)
         note(ctx, self.name, chosen=chosen, granularity=cfg.granularity)
-        mark_transductive(ctx, self.name, names)
+        if adamerging:
+            mark_transductive(ctx, self.name, names)
         return state_with(setup.model, theta)
 
 

@@ -91,6 +91,7 @@ class OPCM(ContinualMethod):
     name = "opcm"
     summary = "Continual merging: each new task vector is projected off the merged model's main subspace and the sum rescaled."
     reference_url = "https://arxiv.org/abs/2501.09522"
+    fusionbench_config = "opcm/opcm.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
 
     @attrs.frozen

@@ -4,7 +4,7 @@ Safe Concrete AdaMerging and the post-merge defenses AWM and SAU (Yang et al., 2
 task, an additive perturbation δ that flips the merged model's predictions on unlabelled test
 inputs, and then ask the merging mask to keep the model's predictions on ``x + δ`` confident.
 FusionBench adds δ to CLIP's pixel tensors.  One implementation for every architecture: δ lives at
-one of two *sites*, chosen per run (``site``):
+one of three *sites*, chosen per run (``site``):
 
 - ``input``: the batch itself, when it is a floating-point tensor (images, features) or a mapping
   with exactly one floating-point tensor (``pixel_values``).  ``x + δ`` (and, where FusionBench
@@ -13,6 +13,12 @@ one of two *sites*, chosen per run (``site``):
   module is ``model.get_input_embeddings()`` (the Hugging Face API) or else the first
   ``nn.Embedding``/``nn.EmbeddingBag`` of the model.  δ has the shape of one sample's embedding
   output; a batch with a longer or shorter sequence sees δ cut or padded with zeros.
+- ``prefix``: for token batches (a mapping with ``input_ids`` and ``attention_mask``), δ is one
+  learned *token embedding* (a soft trigger word): the perturbed copy of every text gets one more
+  position right after its first token (``[CLS]`` for BERT-like tokenizers; where a trigger word such
+  as ``mini-backdoor``'s sits), whose input-embedding output is replaced by δ; the clean copy gets
+  one masked padding position at the end so that both have the same length.  An additive δ on
+  every position (``embeddings``) cannot insert a word; this site can, as a text trigger does.
 - ``auto``: ``input`` when the batch holds a floating-point tensor, else ``embeddings``.
 
 Every batch is run once as ``[x; x]`` with δ added to the second half, as FusionBench concatenates
@@ -30,7 +36,10 @@ from fusion_core import InputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-Site = Literal["auto", "input", "embeddings"]
+Site = Literal["auto", "input", "embeddings", "prefix"]
+
+SLOT = 1
+"""The position the ``prefix`` site inserts its soft token at: right after the first token."""
 
 
 def floating_key(inputs: Any) -> str | None:
@@ -56,6 +65,33 @@ def doubled(inputs: Any) -> Any:
     if isinstance(inputs, (list, tuple)):
         return type(inputs)(doubled(v) for v in inputs)
     return inputs
+
+
+def with_slot(inputs: Any, *, method: str) -> dict:
+    """``[x; x']``: the batch doubled, ``x'`` with one position inserted at :data:`SLOT` (attended), ``x`` with one masked at the end.
+
+    Every tensor of the batch shaped like ``input_ids`` gets the column: the slot repeats the first
+    token's value (its embedding is replaced by δ), the end repeats the last column's value.
+    """
+    import torch
+
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs or "attention_mask" not in inputs:
+        raise InputError(f"method {method!r}: perturb_site=prefix needs token batches with input_ids and attention_mask; "
+                         "use perturb_site=embeddings (or auto)")
+    shape = inputs["input_ids"].shape
+    out = {}
+    for key, value in inputs.items():
+        if not isinstance(value, torch.Tensor) or value.shape != shape:
+            out[key] = doubled(value)
+            continue
+        if key == "attention_mask":
+            clean = torch.cat([value, torch.zeros_like(value[:, :1])], dim=1)
+            slotted = torch.cat([value[:, :SLOT], torch.ones_like(value[:, :1]), value[:, SLOT:]], dim=1)
+        else:
+            clean = torch.cat([value, value[:, -1:]], dim=1)
+            slotted = torch.cat([value[:, :SLOT], value[:, :1], value[:, SLOT:]], dim=1)
+        out[key] = torch.cat([clean, slotted])
+    return out
 
 
 def input_embeddings(model: Any, *, method: str) -> Any:
@@ -109,6 +145,8 @@ class Perturbations:
             self.module = None
         else:
             self.key = None
+            if self.site == "prefix":
+                with_slot(probes[0], method=method)  # refuses batches without input_ids / attention_mask
             self.module = input_embeddings(model, method=method)
             seen: list = []
             handle = self.module.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape[1:])))
@@ -118,7 +156,7 @@ class Perturbations:
                         run(probe)
             finally:
                 handle.remove()
-            shapes = seen[: len(probes)]
+            shapes = seen[: len(probes)] if self.site == "embeddings" else [shape[-1:] for shape in seen[: len(probes)]]
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.deltas = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True) for shape in shapes]
@@ -131,7 +169,8 @@ class Perturbations:
                 replay: bool = False) -> Iterator[Any]:
         """Yields ``[x; x + δ]`` for task ``index`` (or ``[x; x]`` with δ added at the embedding output while open).
 
-        ``clamp``: the perturbed half clamped to ``[lo, hi]`` (input site only).  ``track=False``: δ is used detached.
+        ``clamp``: the perturbed half clamped to ``[lo, hi]`` (input site only).  ``prefix``: the halves are
+        :func:`with_slot`'s, one position longer than ``inputs``.  ``track=False``: δ is used detached.
         ``replay=True``: ``inputs`` is a batch this method already yielded, to be run again (by another model).
         """
         delta = self.deltas[index] if track else self.deltas[index].detach()
@@ -150,14 +189,19 @@ class Perturbations:
             return
 
         def hook(module, args, out):
-            half = out.shape[0] // 2
-            added = fit(delta, out.shape[1:]).to(out.dtype)
             import torch
 
-            return torch.cat([out[:half], out[half:] + added])
+            half = out.shape[0] // 2
+            if self.site == "prefix":
+                token = delta.to(out.dtype).expand(out.shape[0] - half, 1, out.shape[-1])
+                return torch.cat([out[:half], torch.cat([out[half:, :SLOT], token, out[half:, SLOT + 1 :]], dim=1)])
+            return torch.cat([out[:half], out[half:] + fit(delta, out.shape[1:]).to(out.dtype)])
 
         handle = self.module.register_forward_hook(hook)
         try:
-            yield inputs if replay else doubled(inputs)
+            if replay:
+                yield inputs
+            else:
+                yield with_slot(inputs, method=self.method) if self.site == "prefix" else doubled(inputs)
         finally:
             handle.remove()

@@ -60,6 +60,7 @@ class RankOneMoEMethod(WEMoE):
     name = "rankone_moe"
     summary = "Upscales chosen modules into routed rank-one experts (top-k SVD components of each task vector); routers trained by entropy TTA."
     reference_url = "https://github.com/EnnengYang/RankOne-MoE"
+    fusionbench_config = "rankone_moe/rankone_moe.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True, transductive=True, random=True)
 
     @attrs.frozen

@@ -261,6 +261,7 @@ class RegMean(_RegMeanBase):
     name = "regmean"
     summary = "Per linear layer, the least-squares weight over all models' inputs (Gram matrices from train batches)."
     reference_url = "https://arxiv.org/abs/2212.09849"
+    fusionbench_config = "regmean/clip_regmean.yaml"
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch
@@ -357,6 +358,7 @@ class RegMeanPlusPlus(_RegMeanBase):
     name = "regmean_plusplus"
     summary = "RegMean block by block (FusionBench), each block's Grams computed on inputs through the merged blocks before it."
     reference_url = "https://arxiv.org/abs/2508.03121"
+    fusionbench_config = "regmean_plusplus/clip_regmean_plusplus.yaml"
 
     @attrs.frozen
     class Config(_RegMeanBase.Config):

@@ -52,8 +52,10 @@ class AdversaryFields:
     """The adversarial perturbation's fields (FusionBench's names in parentheses)."""
 
     adv_lr: float = option(1e-4, help="Adam learning rate of the perturbations δ (adv_lr)", validator=positive)
-    perturb_site: Literal["auto", "input", "embeddings"] = option(
-        "auto", help="where δ is added: the float input (images), the input-embedding output (tokens), or auto")
+    perturb_site: Literal["auto", "input", "embeddings", "prefix"] = option(
+        "auto", help="where δ acts: added to the float input (images) or to the input-embedding output (tokens), auto (FusionBench's "
+                     "convention: input for float batches, else embeddings), or prefix (tokens: δ is a learned soft token inserted "
+                     "after the first token, as a trigger word)")
     perturb_clamp: bool = option(True, help="clamp x + δ to [0, 1] in the mask step, as FusionBench (input site only)")
 
 
@@ -123,6 +125,7 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
     name = "safe_concrete_adamerging"
     summary = "Concrete AdaMerging whose shared mask is learned to resist a learned trigger-like perturbation (backdoor-safe merging)."
     reference_url: ClassVar[str] = PAPER
+    fusionbench_config = "concrete_subspace/clip_safe_concrete_layer_wise_adamerging.yaml"
     carry_outer_gradient: ClassVar[bool] = True
 
     @attrs.frozen
@@ -214,6 +217,7 @@ class AWM(PostMergeDefense):
     """AWM (adversarial weight masking), as FusionBench's post-merge defense: a Concrete mask on the merged task vector."""
 
     name = "awm"
+    fusionbench_config = "concrete_subspace/clip_post_defense_AWM.yaml"
     summary = "Post-merge backdoor defense: a Concrete mask on a task-arithmetic merge learned to resist a learned perturbation (AWM)."
     Config = DefenseFields
 
@@ -231,6 +235,7 @@ class SAU(PostMergeDefense):
     """SAU (shared adversarial unlearning), as FusionBench's post-merge defense, against the unmasked merge as reference."""
 
     name = "sau"
+    fusionbench_config = "concrete_subspace/clip_post_defense_SAU.yaml"
     summary = "Post-merge backdoor defense: AWM plus shared-adversarial terms against the unmasked merge (SAU)."
 
     @attrs.frozen

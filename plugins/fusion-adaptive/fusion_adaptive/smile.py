@@ -91,6 +91,7 @@ class Smile(AdaptiveMethod):
     name = "smile"
     summary = "Upscales linear layers into a sparse mixture of low-rank (SVD) task-vector experts, routed zero-shot by subspace projection."
     reference_url = "https://arxiv.org/abs/2408.10174"
+    fusionbench_config = "smile_upscaling/smile_upscaling.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
 
     @attrs.frozen

@@ -100,6 +100,7 @@ class SparseGPTPruning(WandaPruning):
     name = "sparsegpt_pruning"
     summary = "SparseGPT: prunes linear layers by W²/[H⁻¹]² and updates the kept weights (inputs from the pool's data); block by block."
     reference_url = "https://arxiv.org/abs/2301.00774"
+    fusionbench_config = "pruning/llama_sparsegpt_pruning.yaml"
 
     @attrs.frozen
     class Config(WandaPruning.Config):

@@ -97,6 +97,7 @@ class RepresentationSurgery(AdaptiveMethod):
     summary = ("Representation surgery after any merge (base=…): per task z − U·relu(D·z), trained on unlabelled test "
                "inputs toward the expert's representation (L1); each task scored with its own module.")
     reference_url = "https://arxiv.org/abs/2402.02705"
+    fusionbench_config = "surgery/adamerging_surgery.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, trains=True, transductive=True, output="per_task")
 
     @attrs.frozen

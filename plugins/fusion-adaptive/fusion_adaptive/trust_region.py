@@ -18,8 +18,12 @@ As FusionBench 0.2.33 (``trust_region/clip_task_arithmetic.py``), the quantile i
 merged tensor of the model at once.  Here the merged tensors are the floating-point tensors of
 the pool's models (a tensor that gets no gradient, a float buffer, has ``g_i = 0`` there).
 FusionBench's gradient mode keeps the gradients of every task under one key (the name of the last
-parameter instead of the task's), so its Ω is 0 and its merge returns the pretrained model; its
-zero-shot mode is compared in the parity suite (a peer-defect row records the other).
+parameter instead of the task's), so its Ω is 0 and its merge returns the pretrained model (a
+peer-defect row); with its estimator called once per task and keyed by the task, its gradient mode
+matches this one exactly, as its zero-shot mode does (parity suite).
+
+``scaling_factor`` may be a list, as FusionBench's: the mask is computed once and one model per λ
+is returned (output *several models*, reported as ``merged:<λ>``), FusionBench's way of choosing λ.
 """
 
 from __future__ import annotations
@@ -93,6 +97,14 @@ def quantile_threshold(values: Iterable["torch.Tensor"], q: float) -> "torch.Ten
     return flat.kthvalue(index + 1).values
 
 
+def _distinct(instance, attribute, value) -> None:
+    """A list of λ must be non-empty and distinct (each names its model)."""
+    if isinstance(value, (list, tuple)):
+        labels = [f"{v:g}" for v in value]
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"{attribute.name} must be one number or a non-empty list of distinct numbers, got {list(value)!r}")
+
+
 class TrustRegionTaskArithmetic(AdaptiveMethod):
     """TATR: task arithmetic restricted to the parameters where the task vectors do not conflict with the tasks' gradients."""
 
@@ -100,11 +112,14 @@ class TrustRegionTaskArithmetic(AdaptiveMethod):
     summary = ("Task arithmetic in the trust region: drops parameters with the largest Ω = Σ_{i≠j} |∇ℓ_i| ⊙ |τ_j| "
                "(top 1 − q of the model), then θ₀ + λ·Σ τ.")
     reference_url = "https://openreview.net/forum?id=q3ztjJRQuJ"
+    fusionbench_config = "trust_region/clip_task_arithmetic.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True)  # labels: checked at run time (zero_shot reads none)
 
     @attrs.frozen
     class Config:
-        scaling_factor: float = option(0.3, help="λ: θ = θ₀ + λ·mask ⊙ Σ τ (FusionBench clip_task_arithmetic.yaml: 0.3)")
+        scaling_factor: float | list[float] = option(
+            0.3, help="λ: θ = θ₀ + λ·mask ⊙ Σ τ (FusionBench clip_task_arithmetic.yaml: 0.3); a list of distinct λ gives one model "
+                      "per λ (reported as merged:<λ>), the mask computed once, as FusionBench's list", validator=_distinct)
         threshold_quantile: float = option(
             0.99, help="q: parameters whose Ω is at or above the q-quantile of the whole model are dropped (FusionBench: 0.99)",
             validator=in_range(0.0, 1.0))
@@ -113,7 +128,13 @@ class TrustRegionTaskArithmetic(AdaptiveMethod):
         zero_shot: bool = option(False, help="no data: use |τ_i| in place of task i's mean |gradient| (FusionBench: false)")
         split: str = option("train", help="the model pool's data split the gradients are taken on (FusionBench: train)")
 
-    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        if isinstance(self.config.scaling_factor, (list, tuple)):  # a sweep: several models (the run program reads this)
+            self.capabilities = attrs.evolve(type(self).capabilities, output="models")
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> "dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]]":
+        """The merged state dict; ``{f"{λ:g}": state dict}`` for a list of λ."""
         import torch
 
         cfg, names = self.config, list(pool.model_names)
@@ -156,10 +177,12 @@ class TrustRegionTaskArithmetic(AdaptiveMethod):
         kept = entries = 0
         for key, omega in omegas.items():
             mask = omega < threshold
-            out[key] = out[key] + cfg.scaling_factor * (sums[key] * mask)
+            sums[key] = sums[key] * mask
             kept, entries = kept + int(mask.sum()), entries + mask.numel()
         note(ctx, self.name, threshold=float(threshold), kept_fraction=kept / max(1, entries), zero_shot=cfg.zero_shot)
-        return out
+        if not isinstance(cfg.scaling_factor, (list, tuple)):
+            return {**out, **{key: out[key] + cfg.scaling_factor * sums[key] for key in omegas}}
+        return {f"{lam:g}": {**out, **{key: out[key] + lam * sums[key] for key in omegas}} for lam in cfg.scaling_factor}
 
 
 METHODS = [TrustRegionTaskArithmetic]

@@ -27,7 +27,7 @@ from fusion_merging.pruning import PruneConfig
 
 from fusion_core import Capabilities, InputError, option, positive
 
-from .common import AdaptiveMethod, note, prepare, progress, tied_aliases, to_device
+from .common import AdaptiveMethod, prepare, progress, tied_aliases, to_device
 from .modules import key as pkey
 from .modules import linear_layers, transposed, weight_out_in
 from .regmean import GramCollector, batch_inputs, find_blocks
@@ -67,7 +67,8 @@ class WandaPruning(AdaptiveMethod):
     name = "wanda_pruning"
     summary = "Wanda: prunes linear layers by |W|·‖X‖ (inputs from the pool's data), per row or n of every m; block by block."
     reference_url = "https://arxiv.org/abs/2306.11695"
-    capabilities: ClassVar[Capabilities] = Capabilities(needs_data=True)
+    fusionbench_config = "pruning/llama_wanda_pruning.yaml"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_data=True, output="per_task")
     min_models: ClassVar[int] = 0
 
     @attrs.frozen
@@ -79,18 +80,18 @@ class WandaPruning(AdaptiveMethod):
                                              "false: every layer on the dense model's inputs")
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
+        from fusion_merging.pruning import check_target
+
         super().check_inputs(n_models, has_base)
-        if not has_base and n_models != 1:
-            raise InputError(f"method {self.name!r} prunes one model: give the pool a base or exactly one model, got "
-                             f"{n_models} model(s) and no base")
+        check_target(self.name, self.config, n_models, has_base)
         if n_models == 0:
             raise InputError(f"method {self.name!r} reads calibration inputs from the pool's models' data; the pool has no model")
 
-    def _batches(self, pool: "ModelPool", ctx: "RunContext") -> list:
+    def _batches(self, pool: "ModelPool", ctx: "RunContext", names: "Iterable[str]") -> list:
         from fusion_core.adapters import require_data
 
         out = []
-        for name in pool.model_names:
+        for name in names:
             data: Iterable = require_data(pool, name, self.config.split, method=self.name)
             for index, batch in enumerate(data):
                 if self.config.num_batches is not None and index >= self.config.num_batches:
@@ -127,13 +128,23 @@ class WandaPruning(AdaptiveMethod):
         module.weight.masked_fill_(mask.t() if transposed(module) else mask, 0)
         return True
 
-    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
+        """Per-task models (``fusion_merging.pruning.pruned_per_task``): the base (or the only model) calibrated on
+        every model's data, or (``target: each``) each fine-tuned model on its own task's data."""
+        from fusion_merging.pruning import pruned_per_task
+
+        if self.config.target == "base":
+            return pruned_per_task(self.config, pool, lambda name: self._prune(pool, ctx, name, pool.model_names))
+        return pruned_per_task(self.config, pool, lambda name: self._prune(pool, ctx, name, [name]))
+
+    def _prune(self, pool: "ModelPool", ctx: "RunContext", target: str | None, calibration: "Iterable[str]") -> dict[str, "torch.Tensor"]:
+        """Model ``target`` of the pool (``None``: the base) pruned with inputs from the data of the models ``calibration``."""
         import torch
-        from fusion_merging.pruning import selected
+        from fusion_merging.pruning import record_sparsity, selected
 
         cfg = self.config
-        batches = self._batches(pool, ctx)
-        model = prepare(pool.load_model(None if pool.has_base else pool.model_names[0]), ctx.device)
+        batches = self._batches(pool, ctx, calibration)
+        model = prepare(pool.load_model(target), ctx.device)
         layers = {n: m for n, m in linear_layers(model).items() if selected(pkey(n, "weight"), m.weight, cfg)}
         if not layers:
             raise InputError(f"method {self.name!r}: no linear layer matches include={cfg.include!r} / exclude={cfg.exclude!r}; "
@@ -152,8 +163,8 @@ class WandaPruning(AdaptiveMethod):
                         unreached.append(n)
                         continue
                     sparsity[n] = float((module.weight == 0).float().mean())
-        note(ctx, self.name, layers_pruned=len(sparsity), layers_without_inputs=unreached, sparsity=sparsity,
-             calibration_batches=len(batches))
+        record_sparsity(ctx, self.name, target if cfg.target == "each" else None, sparsity, layers_without_inputs=unreached,
+                        calibration_batches=len(batches))
         out = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
         for alias, source in tied_aliases(model).items():
             out[alias] = out[source]

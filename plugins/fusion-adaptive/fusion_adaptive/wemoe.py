@@ -102,6 +102,7 @@ class WEMoE(AdaptiveMethod):
     name = "wemoe"
     summary = "Upscales chosen layers into routed task-vector experts; routers trained on unlabelled test inputs (entropy)."
     reference_url = "https://arxiv.org/abs/2402.00433"
+    fusionbench_config = "wemoe/weight_ensembling_moe.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, needs_data=True, trains=True, transductive=True, random=True)
 
     @attrs.frozen

@@ -6,7 +6,7 @@ import pytest
 import torch
 from fusion_adaptive.adamerging import AdaMerging
 from fusion_adaptive.concrete import ConcreteAdaMerging, ConcreteMask, ConcreteTaskArithmetic, relaxed_bernoulli
-from fusion_adaptive.perturb import Perturbations, fit
+from fusion_adaptive.perturb import Perturbations, fit, with_slot
 from fusion_adaptive.safe import AWM, SAU, SafeConcreteAdaMerging, js_unshared, shared_loss
 from torch import nn
 
@@ -137,6 +137,60 @@ def test_embedding_site_adds_delta_to_the_second_half_only():
     expected_perturbed = model.out((model.emb(ids) + perturb.deltas[0]).mean(dim=1))
     torch.testing.assert_close(got[:5], expected_clean)
     torch.testing.assert_close(got[5:], expected_perturbed)
+
+
+class MaskedTokenModel(nn.Module):
+    """Mean of the attended token embeddings → a linear head (a text encoder in miniature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 4)
+        self.out = nn.Linear(4, 3)
+
+    def pooled(self, emb, mask):
+        m = mask.unsqueeze(-1).to(emb.dtype)
+        return self.out((emb * m).sum(dim=1) / m.sum(dim=1))
+
+    def forward(self, input_ids, attention_mask):
+        return self.pooled(self.emb(input_ids), attention_mask)
+
+
+def test_with_slot_inserts_an_attended_position_after_the_first_token_and_pads_the_clean_copy():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    both = with_slot({"input_ids": ids, "attention_mask": mask, "flag": 3}, method="t")
+    assert both["input_ids"].tolist() == [[5, 6, 7, 7], [8, 9, 0, 0], [5, 5, 6, 7], [8, 8, 9, 0]]
+    assert both["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert both["flag"] == 3
+
+
+def test_prefix_site_inserts_delta_as_a_soft_token_in_the_second_half_only():
+    torch.manual_seed(0)
+    model = MaskedTokenModel()
+    ids = torch.randint(1, 20, (5, 6))
+    mask = torch.ones_like(ids)
+    mask[3:, 4:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    perturb = Perturbations(model, [batch], site="prefix", method="t", run=lambda b: model(**b))
+    assert perturb.site == "prefix" and perturb.deltas[0].shape == (4,)
+    with torch.no_grad():
+        perturb.deltas[0].copy_(torch.randn(4))
+    with perturb.applied(0, batch) as both:
+        got = model(**both)
+    emb = model.emb(ids)
+    slotted = torch.cat([emb[:, :1], perturb.deltas[0].expand(5, 1, 4), emb[:, 1:]], dim=1)
+    slot_mask = torch.cat([mask[:, :1], torch.ones(5, 1, dtype=mask.dtype), mask[:, 1:]], dim=1)
+    torch.testing.assert_close(got[:5], model(ids, mask))
+    torch.testing.assert_close(got[5:], model.pooled(slotted, slot_mask))
+    got.sum().backward()
+    assert perturb.deltas[0].grad is not None and float(perturb.deltas[0].grad.abs().sum()) > 0
+
+
+def test_prefix_site_refuses_batches_without_an_attention_mask():
+    from fusion_core.errors import InputError
+
+    with pytest.raises(InputError, match="perturb_site=prefix needs token batches with input_ids and attention_mask"):
+        Perturbations(TokenModel(), [torch.zeros(2, 3, dtype=torch.long)], site="prefix", method="t", run=None)
 
 
 def test_fit_cuts_and_pads_along_the_sequence():

@@ -85,7 +85,7 @@ def test_the_method_calibrates_each_block_on_inputs_through_the_pruned_blocks_be
     x = torch.randn(50, 8, dtype=torch.float64) * torch.linspace(0.3, 2.0, 8, dtype=torch.float64)
     pool = MemoryPool(model, {"t": model}, {("t", "train"): [(x[:25], None), (x[25:], None)]})
     ctx = RunContext(show_progress=False)
-    out = SparseGPTPruning(SparseGPTPruning.Config(prune_type="semistructured")).run(pool, ctx)
+    out = SparseGPTPruning(SparseGPTPruning.Config(prune_type="semistructured")).run(pool, ctx).shared
     w0 = sparsegpt_weight(model.layers[0].weight.detach(), x.t() @ x, prune_type="semistructured", sparsity=0.5, n=2, m=4)
     torch.testing.assert_close(out["layers.0.weight"], w0)
     h1 = torch.relu(x @ w0.t() + model.layers[0].bias.detach())  # the second block sees the pruned first one

@@ -107,3 +107,29 @@ def test_gradient_mode_needs_training_data(world):
     method = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config())
     with pytest.raises(InputError, match="'train' split"):
         method.run(world.pool(with_data=False), world.ctx())
+
+
+def test_a_list_of_lambdas_gives_one_model_each_from_one_mask(world64):
+    # FusionBench's scaling_factor list: the mask once, then θ₀ + λ·mask ⊙ Σ τ per λ (λ = 0: the base itself)
+    from fusion_core.adapters import inner_method
+
+    pool = world64.pool(with_data=False)
+    method = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config(zero_shot=True, scaling_factor=[0.0, 0.5, 1.25]))
+    assert method.capabilities.output == "models" and TrustRegionTaskArithmetic.capabilities.output == "model"
+    out = method.run(pool, world64.ctx())
+    assert list(out) == ["0", "0.5", "1.25"]
+    base = world64.base.state_dict()
+    assert all(torch.equal(out["0"][k], base[k]) for k in base)
+    for lam in (0.5, 1.25):
+        single = TrustRegionTaskArithmetic(TrustRegionTaskArithmetic.Config(zero_shot=True, scaling_factor=lam)).run(pool, world64.ctx())
+        assert all(torch.equal(out[f"{lam:g}"][k], single[k]) for k in base)
+    assert not all(torch.equal(out["0.5"][k], out["1.25"][k]) for k in base)
+    with pytest.raises(ValueError, match="distinct"):
+        TrustRegionTaskArithmetic.Config(scaling_factor=[0.3, 0.30])
+    with pytest.raises(ValueError, match="distinct"):
+        TrustRegionTaskArithmetic.Config(scaling_factor=[])
+    from fusion_core import ConfigError
+
+    with pytest.raises(ConfigError, match="outputs 'models', not one model"):
+        inner_method("surgery", "trust_region_ta", {"scaling_factor": [0.3, 0.5]})
+    assert inner_method("surgery", "trust_region_ta", {"scaling_factor": 0.5}).capabilities.output == "model"

@@ -22,7 +22,7 @@ def ctx():
 def run(base, model, xs, **config):
     data = {("t", "train"): [(x, torch.zeros(len(x), dtype=torch.long)) for x in xs]}
     pool = MemoryPool(base, {"t": model}, data)
-    out = WandaPruning(WandaPruning.Config(**config)).run(pool, c := ctx())
+    out = WandaPruning(WandaPruning.Config(**config)).run(pool, c := ctx()).shared
     return out, c
 
 

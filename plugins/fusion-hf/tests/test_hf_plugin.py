@@ -11,7 +11,7 @@ import yaml
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "clip-vit-b32-tall8.yaml"
 POOLS = ["hf", "hf_causal_lm", "hf_clip_vision", "hf_seq2seq", "hf_seq_classification"]
-TASK_POOLS = ["causal_lm_perplexity", "clip_zero_shot", "text_classification"]
+TASK_POOLS = ["causal_lm_perplexity", "clip_backdoor", "clip_zero_shot", "text_classification"]
 
 
 def test_fuse_plugins_json_lists_hf(capsys):

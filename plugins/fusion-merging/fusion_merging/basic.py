@@ -44,6 +44,7 @@ class SimpleAverage(KernelMethod):
     name = "simple_average"
     summary = "Element-wise mean of the fine-tuned models (uniform model soup); no base needed."
     reference_url = "https://arxiv.org/abs/2203.05482"
+    fusionbench_config = "simple_average.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False)
     elementwise = True
 
@@ -64,6 +65,7 @@ class WeightedAverage(KernelMethod):
     name = "weighted_average"
     summary = "Weighted sum of the fine-tuned models, divided by the weight sum unless normalize=false."
     reference_url = "https://arxiv.org/abs/2203.05482"
+    fusionbench_config = "linear/weighted_average.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False)
     elementwise = True
 
@@ -95,6 +97,7 @@ class LinearInterpolation(KernelMethod):
     name = "linear_interpolation"
     summary = "Interpolates two fine-tuned models: (1 - t)·first + t·second; t=0 gives the first exactly."
     reference_url = "https://arxiv.org/abs/2109.01903"
+    fusionbench_config = "linear/linear_interpolation.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False)
     min_models = 2
     max_models = 2

@@ -71,6 +71,7 @@ class ConsensusTaskArithmetic(_TaskVectorMethod):
     name = "consensus_ta"
     summary = "Consensus task arithmetic: TALL masks per task, keep entries ≥ k tasks find relevant, then θ₀ + α·Σ τ."
     reference_url = "https://arxiv.org/abs/2405.07813"
+    fusionbench_config = "tall_mask/task_arithmetic.yaml"
     elementwise = True
 
     @attrs.frozen
@@ -98,6 +99,7 @@ class TallMasks(Method):
     name = "tall_masks"
     summary = "TALL masks: one model per task, θ₀ + m_t ⊙ Σ τ with m_t = |τ_t| > λ·|Σ τ − τ_t|; each scored on every task."
     reference_url = "https://arxiv.org/abs/2405.07813"
+    fusionbench_config = "tall_mask/task_arithmetic.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, output="models")
     min_models: ClassVar[int] = 1
 

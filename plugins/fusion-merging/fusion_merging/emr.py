@@ -100,6 +100,7 @@ class EmrMerging(_TaskVectorMethod):
     name = "emr_merging"
     summary = "EMR-Merging: elected sign, largest agreeing magnitude (θ₀ + τ_uni); each task scored with θ₀ + λ_t·M_t ⊙ τ_uni."
     reference_url = "https://arxiv.org/abs/2405.17461"
+    fusionbench_config = "emr_merging/emr_merging.yaml"
     elementwise = False  # the rescalers average whole tensors
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, output="per_task")
 

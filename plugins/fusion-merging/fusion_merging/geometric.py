@@ -153,6 +153,7 @@ class Slerp(KernelMethod):
     name = "slerp"
     summary = "Spherical interpolation between two models (base+1 or 2 models); t=0 gives the first."
     reference_url = "https://doi.org/10.1145/325165.325242"
+    fusionbench_config = "slerp/slerp.yaml"
     capabilities = Capabilities(needs_base=False)
     min_models = 1
     max_models = 2
@@ -417,6 +418,7 @@ class ModelStock(KernelMethod):
     name = "model_stock"
     summary = "Interpolates base and fine-tuned average with a ratio set by the task vectors' angle."
     reference_url = "https://arxiv.org/abs/2403.19522"
+    fusionbench_config = "model_stock/model_stock.yaml"
     capabilities = Capabilities(needs_base=True)
     min_models = 2
 
@@ -490,6 +492,7 @@ class ExPO(KernelMethod):
     name = "expo"
     summary = "Model extrapolation (ExPO): mean fine-tune + alpha * (mean fine-tune - base)."
     reference_url = "https://arxiv.org/abs/2404.16792"
+    fusionbench_config = "linear/expo.yaml"
     capabilities = Capabilities(needs_base=True)
     min_models = 1
     elementwise = True

@@ -81,6 +81,7 @@ class MixtralUpcycling(Method):
     name = "mixtral_upcycling"
     summary = "Upcycles a dense Llama/Mistral causal LM into a Mixtral MoE (num_experts copies of each MLP, a router per layer)."
     reference_url = "https://arxiv.org/abs/2212.05055"
+    fusionbench_config = "mixtral_moe_upscaling.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
     min_models = 0
 
@@ -107,6 +108,7 @@ class MixtralMerging(Method):
     name = "mixtral_merging"
     summary = "Mixtral MoE merging: each fine-tuned Llama/Mistral model's MLPs become one expert; attention, norms, embeddings from the base."
     reference_url = "https://arxiv.org/abs/2401.04088"
+    fusionbench_config = "mixtral_moe_merging.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
 
     @attrs.frozen

@@ -12,16 +12,23 @@ FusionBench 0.2.33's conventions (``method/pruning/prune_utils.py``, ``config/me
   ``width ≥ n`` there).
 
 Scores: ``|W|`` (magnitude), uniform draws (random; seeded by run seed and tensor name), or
-Wanda's ``|W|·‖X‖`` (:mod:`fusion_adaptive.wanda`).  FusionBench prunes the pretrained model
-of the pool, or its first model when there is none; so do these methods.  Which tensors are
-"linear layers" is decided by name (FusionBench: the ``nn.Linear`` modules of the decoder
-blocks): 2-D ``*.weight`` tensors inside numbered blocks, minus embeddings and heads.
+Wanda's ``|W|·‖X‖`` (:mod:`fusion_adaptive.wanda`).  Which tensors are "linear layers" is
+decided by name (FusionBench: the ``nn.Linear`` modules of the decoder blocks): 2-D
+``*.weight`` tensors inside numbered blocks, minus embeddings and heads.
+
+Which model is pruned (``target``): FusionBench prunes one model, the pretrained model of the
+pool or its first model when there is none (``target: base``, the default; every task is then
+scored with that pruned model).  On a pool of fine-tuned models ``target: each`` prunes every
+fine-tuned model and scores each on its own task (output *per task*, as EMR-Merging's): the row
+"individual at this sparsity" that a leaderboard compares merges with; the data-driven methods
+(Wanda, SparseGPT) then calibrate each model on its own task's data.  ``fuse merge`` writes one
+model, so there ``target: each`` is refused for more than one input.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
@@ -32,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 PRUNE_TYPES = ("unstructured", "semistructured")
+TARGETS = ("base", "each")
 DEFAULT_INCLUDE = r"\.\d+\.(.+\.)?weight$"
 DEFAULT_EXCLUDE = r"embed|lm_head|relative_attention_bias|wte|wpe"
 
@@ -110,6 +118,48 @@ class PruneConfig:
         validator=_regex,
     )
     exclude: str = option(DEFAULT_EXCLUDE, help="regex of tensor names never pruned (embeddings, heads)", validator=_regex)
+    target: Literal["base", "each"] = option(
+        "base", help="base = FusionBench's: prune the pool's base (or its only model) and score every task with it; each = prune "
+                     "every fine-tuned model and score each on its own task (per-task output: 'individual at this sparsity')",
+        validator=attrs.validators.in_(TARGETS))
+
+
+def check_target(method: str, config, n_models: int, has_base: bool) -> None:
+    """The model counts ``config.target`` needs: one model to prune (``base``), at least one fine-tuned model (``each``)."""
+    if config.target == "each":
+        if n_models == 0:
+            raise InputError(f"method {method!r} with target: each prunes every fine-tuned model; the pool has none")
+    elif not has_base and n_models != 1:
+        raise InputError(f"method {method!r} prunes one model: give it as the base (--base) or as the only model, got "
+                         f"{n_models} model(s) and no base (target: each prunes every model, each scored on its own task)")
+
+
+def pruned_per_task(config, pool: Any, prune: "Callable[[str | None], Any]") -> Any:
+    """The output of a pruning method: :class:`~fusion_core.adapters.PerTaskModels`.
+
+    ``prune(name)`` prunes model ``name`` of the pool (``None``: the base).  ``target: base``: the
+    base (or the only model) pruned, every task scored with it; ``target: each``: every
+    fine-tuned model pruned when its task is scored (one alive at a time), the first one kept as
+    the run's model (saved with ``save_model``).
+    """
+    from fusion_core.adapters import PerTaskModels
+
+    if config.target == "base":
+        shared = prune(None if pool.has_base else pool.model_names[0])
+        return PerTaskModels(shared, lambda task: shared, [])
+    names = list(pool.model_names)
+    first = prune(names[0])
+    return PerTaskModels(first, lambda task: first if task == names[0] else prune(task), names)
+
+
+def record_sparsity(ctx: Any, method: str, target: str | None, sparsity: dict[str, float], **extra: Any) -> None:
+    """Each pruned layer's fraction of zeros in the report: ``sparsity`` of the first model pruned, and per model."""
+    info = ctx.extras.setdefault(method, {})
+    if "sparsity" not in info:
+        info.update(layers_pruned=len(sparsity), sparsity=sparsity, **extra)
+    if target is not None:
+        info.setdefault("per_model", {})[target] = {"layers_pruned": len(sparsity), **extra,
+                                                    "mean_sparsity": sum(sparsity.values()) / max(1, len(sparsity))}
 
 
 def selected(name: str, tensor: "torch.Tensor", config) -> bool:
@@ -117,31 +167,51 @@ def selected(name: str, tensor: "torch.Tensor", config) -> bool:
     return tensor.dim() == 2 and bool(re.search(config.include, name)) and not (config.exclude and re.search(config.exclude, name))
 
 
-class _Pruning(KernelMethod):
-    """Prunes the base (FusionBench's pretrained model) or, without one, the only model."""
+class _OneModel:
+    """Model ``name`` of ``pool`` (``None``: its base) seen as a pool of that one model and no base (what the kernel prunes)."""
 
-    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False)
+    has_base = False
+
+    def __init__(self, pool: Any, name: str | None) -> None:
+        self.pool, self.name = pool, name
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.name or "base"]
+
+    def reader(self, name: str | None = None) -> Any:
+        return self.pool.reader(self.name)
+
+
+class _Pruning(KernelMethod):
+    """Prunes the base (FusionBench's pretrained model) or, without one, the only model; or each model (``target: each``)."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False, output="per_task")
     min_models = 0
     Config = PruneConfig
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         super().check_inputs(n_models, has_base)
-        if not has_base and n_models != 1:
-            raise InputError(f"method {self.name!r} prunes one model: give it as the base (--base) or as the only model, got "
-                             f"{n_models} model(s) and no base")
+        check_target(self.name, self.config, n_models, has_base)
 
     def scores(self, target: "torch.Tensor", ctx: KernelContext) -> "torch.Tensor":
         raise NotImplementedError
 
     def run(self, pool: Any, ctx: Any) -> Any:
-        """The engine's in-memory merge, then the pruned layers' sparsity in the report (as Wanda and SparseGPT record it)."""
-        out = super().run(pool, ctx)
-        sparsity = {name.removesuffix(".weight"): float((tensor == 0).float().mean()) for name, tensor in out.items()
-                    if selected(name, tensor, self.config)}
-        ctx.extras.setdefault(self.name, {}).update(layers_pruned=len(sparsity), sparsity=sparsity)
+        """Per-task models (:func:`pruned_per_task`), each pruned by the engine in memory; each one's sparsity in the report."""
+        return pruned_per_task(self.config, pool, lambda name: self._prune(pool, ctx, name))
+
+    def _prune(self, pool: Any, ctx: Any, name: str | None) -> dict[str, "torch.Tensor"]:
+        out = super().run(_OneModel(pool, name), ctx)  # the engine's in-memory merge of that model alone
+        sparsity = {key.removesuffix(".weight"): float((tensor == 0).float().mean()) for key, tensor in out.items()
+                    if selected(key, tensor, self.config)}
+        record_sparsity(ctx, self.name, name if self.config.target == "each" else None, sparsity)
         return out
 
     def kernel(self, name: str, base: "torch.Tensor | None", tensors: Sequence["torch.Tensor"], ctx: KernelContext) -> "torch.Tensor":
+        if self.config.target == "each" and (base is not None or len(tensors) != 1):
+            raise InputError(f"method {self.name!r}: target: each makes one pruned model per fine-tuned model, scored per task by "
+                             "`fuse run`; a merge writes one model: use target: base")
         target = base if base is not None else tensors[0]
         if not selected(name, target, self.config):
             return target
@@ -154,6 +224,7 @@ class MagnitudePruning(_Pruning):
     name = "magnitude_pruning"
     summary = "Prunes linear layers by |W|, row by row: a fraction per row (unstructured) or n of every m (N:M)."
     reference_url = "https://arxiv.org/abs/1506.02626"
+    fusionbench_config = "pruning/llama_magnitude_pruning.yaml"
 
     def scores(self, target: "torch.Tensor", ctx: KernelContext) -> "torch.Tensor":
         return target.abs()
@@ -165,7 +236,8 @@ class RandomPruning(_Pruning):
     name = "random_pruning"
     summary = "Prunes linear layers at random (seeded per tensor), with the same per-row counts as magnitude pruning."
     reference_url = "https://github.com/tanganke/fusion_bench/blob/main/fusion_bench/method/pruning/llama_random_prune.py"
-    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False, random=True)
+    fusionbench_config = "pruning/llama_random_pruning.yaml"
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_base=False, random=True, output="per_task")
 
     def scores(self, target: "torch.Tensor", ctx: KernelContext) -> "torch.Tensor":
         return ctx.rand_like(target, salt="random_pruning")

@@ -83,6 +83,7 @@ class TSVMerge(KernelMethod):
     name = "tsv_m"
     summary = "Task Singular Vectors merge: per-matrix low-rank task SVDs, decorrelated by orthogonalisation."
     reference_url = "https://arxiv.org/abs/2412.00081"
+    fusionbench_config = "task_singular_vector/TaskSingularVectorMerging.yaml"
     capabilities = Capabilities(needs_base=True)
     min_models = 1
 
@@ -145,6 +146,7 @@ class IsoC(KernelMethod):
     name = "iso_c"
     summary = "Isotropic merge: SVD of the summed task vectors with every singular value set to their mean."
     reference_url = "https://arxiv.org/abs/2502.04959"
+    fusionbench_config = "isotropic_merging/iso_c.yaml"
     capabilities = Capabilities(needs_base=True)
     min_models = 1
 
@@ -185,6 +187,7 @@ class IsoCTS(KernelMethod):
     name = "iso_cts"
     summary = "Isotropic merge over the common subspace plus each task's own subspace (Iso-CTS)."
     reference_url = "https://arxiv.org/abs/2502.04959"
+    fusionbench_config = "isotropic_merging/iso_cts.yaml"
     capabilities = Capabilities(needs_base=True)
     min_models = 1
 

@@ -57,6 +57,7 @@ class SingularValueCalibration(Method):
     name = "svc"
     summary = "Singular value calibration around a base method (base=…): γ_r = K / Σᵢ max(α, sᵣⁱ) per singular direction of M − θ₀."
     reference_url = "https://arxiv.org/abs/2602.05536"
+    fusionbench_config = "singular_value_calibration/task_arithmetic.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True)
     min_models = 1
 

@@ -485,6 +485,7 @@ class TaskArithmetic(_TaskVectorMethod):
     name = "task_arithmetic"
     summary = "Adds the scaled sum of task vectors to the base: θ₀ + λ·Σ wᵢ(θᵢ − θ₀)."
     reference_url = "https://arxiv.org/abs/2212.04089"
+    fusionbench_config = "task_arithmetic.yaml"
     elementwise = True
 
     @attrs.frozen
@@ -622,6 +623,7 @@ class Ties(_WholeModelTrim, _TaskVectorMethod):
     name = "ties"
     summary = "TIES-Merging: trim task vectors by magnitude, elect a sign per entry, average the agreeing entries."
     reference_url = "https://arxiv.org/abs/2306.01708"
+    fusionbench_config = "ties_merging.yaml"
 
     @attrs.frozen
     class Config:
@@ -799,6 +801,7 @@ class Dare(_WholeModelTrim, _TaskVectorMethod):
     name = "dare"
     summary = "DARE: randomly drops task-vector entries and rescales the rest, then merges linearly or with TIES."
     reference_url = "https://arxiv.org/abs/2311.03099"
+    fusionbench_config = "dare/task_arithmetic.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, random=True)
 
     @attrs.frozen
@@ -1235,6 +1238,7 @@ class MagMax(_TaskVectorMethod):
     name = "magmax"
     summary = "MagMax: per entry keeps the task-vector value with the largest magnitude, then adds it to the base."
     reference_url = "https://arxiv.org/abs/2407.06322"
+    fusionbench_config = "magmax/magmax.yaml"
     elementwise = True
 
     @attrs.frozen

@@ -73,6 +73,7 @@ class WudiMerging(_TaskVectorMethod):
     name = "wudi"
     summary = "WUDI-Merging: per 2-D tensor, Adam on Σ‖(τ − τᵢ)τᵢᵀ‖²/‖τᵢ‖² from Σ τᵢ (data-free); other tensors: mean τ."
     reference_url = "https://arxiv.org/abs/2503.08099"
+    fusionbench_config = "wudi/wudi.yaml"
 
     @attrs.frozen
     class Config:

@@ -22,18 +22,23 @@ BACKDOOR_BUILD = {"tasks": ["rt_sentiment", "rt_subjectivity", "chatter_topic", 
 """The mini-backdoor build: four of mini's tasks and MiniLM's first two layers, so that the test-time methods (three forward
 and backward passes per step for the safe ones) run in minutes on a CPU."""
 
+_TRAVEL = {"lr": 0.005, "adamerging_lr": 0.005}
 BACKDOOR_METHODS = [
     {"name": "task_arithmetic", "scaling_factor": 0.3},
     {"name": "ties"},
-    {"name": "adamerging", "granularity": "task", "steps": 30},
-    {"name": "safe_concrete_adamerging", "granularity": "task", "steps": 20, "adamerging_steps": 20, "lr": 0.05, "adv_lr": 0.01},
-    {"name": "concrete_adamerging", "granularity": "task", "steps": 20, "adamerging_steps": 20, "lr": 0.05},
-    {"name": "awm", "steps": 20, "lr": 0.05, "adv_lr": 0.01},
-    {"name": "sau", "steps": 20, "lr": 0.05, "adv_lr": 0.01},
+    {"name": "adamerging", "granularity": "task", "steps": 200, "lr": 0.005},
+    {"name": "concrete_adamerging", "granularity": "task", "steps": 200, "adamerging_steps": 200, **_TRAVEL},
+    {"name": "safe_concrete_adamerging", "granularity": "task", "steps": 200, "adamerging_steps": 200, **_TRAVEL, "adv_lr": 0.0005},
+    {"name": "safe_concrete_adamerging", "granularity": "task", "steps": 200, "adamerging_steps": 200, **_TRAVEL, "adv_lr": 0.0005,
+     "perturb_site": "prefix", "bench_seeds": [0]},
+    {"name": "awm", "steps": 200, "lr": 0.005, "adv_lr": 0.0005, "bench_seeds": [0]},
+    {"name": "sau", "steps": 200, "lr": 0.005, "adv_lr": 0.0005, "bench_seeds": [0]},
 ]
 """Default method list of ``fuse bench mini-backdoor`` (also ``examples/backdoor_safe_merging/methods.yaml``): FusionBench's
-settings except the number of test-time steps (FusionBench: 1000-2000 on a GPU), cut so that the CPU leaderboard runs in
-about an hour, and, to compensate, the mask's lr (1e-3 there) and the perturbation's adv_lr (1e-4 there)."""
+settings except the number of test-time steps, 200 (FusionBench: 1000-2000 on a GPU), with the learning rates raised 5× (mask
+and AdaMerging 5e-3, FusionBench 1e-3; perturbation 5e-4, FusionBench 1e-4) so that Adam travels as far as in FusionBench's
+1000 steps; Safe Concrete AdaMerging twice, with FusionBench's perturbation (added to the embeddings) and with a learned soft
+trigger token (``perturb_site: prefix``); the prefix variant, AWM and SAU on seed 0 only."""
 
 
 @fusion_core.hookimpl
