@@ -67,4 +67,4 @@ class _Silent:
     total: int | None = None
 
     def advance(self, n: int = 1) -> None:
-        pass
+        """Nothing is shown: a silent run counts nothing."""

@@ -23,7 +23,7 @@ class Model(torch.nn.Module):
 
 @attrs.frozen
 class _Config:
-    pass
+    """The test method takes no fields."""
 
 
 class Clean(TaskPool):

@@ -26,6 +26,7 @@ As FusionBench's safe variant, Safe Concrete AdaMerging zeroes λ's gradient onl
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -171,11 +172,13 @@ class PostMergeDefense(ConcreteMethod):
     poisoned: int = 0
     """Samples of the mask steps that SAU's shared loss acted on (reported as ``shared_attack_samples``; AWM: 0)."""
 
+    @abc.abstractmethod
     def attack(self, setup: Setup, index: int, params, ref) -> "torch.Tensor":
-        raise NotImplementedError
+        """The perturbation's loss on task ``index`` (minimised by its optimiser)."""
 
+    @abc.abstractmethod
     def mask_term(self, setup: Setup, index: int, params, ref) -> "torch.Tensor":
-        raise NotImplementedError
+        """The defense's term of the mask's loss on task ``index``."""
 
     def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, "torch.Tensor"]:
         import torch

@@ -58,7 +58,7 @@ def test_unlabelled_batches_cover_the_test_split_once_in_a_seeded_shuffled_order
     assert sorted(key) == sorted(tuple(map(tuple, b["input_ids"].tolist())) for b in stored)  # the same batches
     assert key != [tuple(map(tuple, b["input_ids"].tolist())) for b in stored]  # in another order
     again = MiniBenchTaskPool(taskpool.config).unlabelled_batches("chatter_topic")
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(shuffled, again))  # deterministic
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(shuffled, again, strict=True))  # deterministic
     assert sorted(len(b["input_ids"]) for b in taskpool.unlabelled_batches("chatter_topic", batch_size=64)) == [16, 64]
 
 
