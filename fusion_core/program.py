@@ -151,7 +151,8 @@ def run(
     with hooks.phase(ctx, "evaluate"):
         models, results = _evaluate(outputs, parts, ctx, evaluate_inputs=settings.evaluate_inputs)
 
-    report = build_report(config, results, parts.taskpool, ctx.timings, started, provenance(plugin_manager), ctx.extras)
+    report = build_report(config, results, parts.taskpool, ctx.timings, started, provenance(plugin_manager), ctx.extras,
+                          capabilities=parts.method.capabilities)
     if write:
         _write_outputs(output_dir, report, models, parts.pool, ctx, hooks, guard=guard, save_model=settings.save_model)
     hooks.run_end(report)

@@ -57,9 +57,11 @@ def averages(results: Mapping[str, Mapping[str, Mapping[str, float]]], metric: s
     return out
 
 
-def build_report(config, results, taskpool, timings, started: float, prov: dict, extras: Mapping | None = None) -> dict:
+def build_report(config, results, taskpool, timings, started: float, prov: dict, extras: Mapping | None = None,
+                 capabilities=None) -> dict:
+    """The run's report; ``capabilities``: the method instance's (a config may change its output kind), else its class's."""
     metric = taskpool.primary_metric() if taskpool is not None else None
-    caps = config.method.cls.capabilities
+    caps = capabilities if capabilities is not None else config.method.cls.capabilities
     return {
         "fusion_report": 1,
         "config": config.to_dict(),

@@ -169,6 +169,39 @@ def test_method_returning_several_models_is_evaluated_per_label(files, tmp_path)
     assert report["results"]["merged:x1"]["weights"]["l2_norm"] == 5.0
 
 
+def test_the_report_names_the_instances_output_kind_where_a_config_changes_it(files, tmp_path):
+    import attrs
+
+    from fusion_core.components import Capabilities
+
+    class MaybeSweep(Method):
+        name = "maybe_sweep_test"
+        summary = "One scaled copy of the base, or one per factor of a list."
+        capabilities = Capabilities()
+
+        @attrs.frozen
+        class Config:
+            factor: float | list[float] = 1.0
+
+        def __init__(self, config=None):
+            super().__init__(config)
+            if isinstance(self.config.factor, list):
+                self.capabilities = attrs.evolve(type(self).capabilities, output="models")
+
+        def run(self, pool, ctx):
+            base = pool.load_model(None)
+            if isinstance(self.config.factor, list):
+                return {f"x{k:g}": {n: t * k for n, t in base.items()} for k in self.config.factor}
+            return {n: t * self.config.factor for n, t in base.items()}
+
+    pm = _manager_with(MaybeSweep, "undo-maybe-sweep")
+    one = fusion_core.run(config(files, tmp_path / "a", method="maybe_sweep_test", evaluate_inputs=False), plugin_manager=pm)
+    assert "output=models" not in one["method_capabilities"] and set(one["results"]) == {"merged"}
+    cfg = config(files, tmp_path / "b", method={"name": "maybe_sweep_test", "factor": [1.0, 2.0]}, evaluate_inputs=False)
+    several = fusion_core.run(cfg, plugin_manager=pm)
+    assert "output=models" in several["method_capabilities"] and set(several["results"]) == {"merged:x1", "merged:x2"}
+
+
 def test_per_task_output_scores_each_task_with_its_own_model_and_saves_the_shared_one(files, tmp_path):
     from safetensors.torch import load_file
 

@@ -58,6 +58,10 @@ class AdversaryFields:
                      "convention: input for float batches, else embeddings), or prefix (tokens: δ is a learned soft token inserted "
                      "after the first token, as a trigger word)")
     perturb_clamp: bool = option(True, help="clamp x + δ to [0, 1] in the mask step, as FusionBench (input site only)")
+    adv_objective: Literal["entropy", "consistency"] = option(
+        "entropy", help="the mask's term on perturbed inputs: their prediction entropy (FusionBench), or consistency: the "
+                        "cross-entropy of the perturbed predictions against the clean predictions' classes, the loss δ "
+                        "maximises (a min-max game; the entropy term does not penalise a confident trigger → target shortcut)")
 
 
 def perturbations(setup: Setup, site: str, method: str) -> "Perturbations":
@@ -86,6 +90,17 @@ def attack_loss(clean: "torch.Tensor", perturbed: "torch.Tensor") -> "torch.Tens
     import torch.nn.functional as F
 
     return -F.cross_entropy(perturbed, clean.argmax(dim=1).long())
+
+
+def perturbed_term(clean: "torch.Tensor", perturbed: "torch.Tensor", objective: str, eps: float) -> "torch.Tensor":
+    """The mask's loss on the perturbed predictions (``adv_objective``), the clean ones as fixed pseudo-labels.
+
+    ``entropy``: ``H(f(x + δ))`` (FusionBench);  ``consistency``: ``CE(f(x + δ), argmax f(x))``, which δ's
+    step maximises (:func:`attack_loss`), so that mask and perturbation play one min-max game.
+    """
+    if objective == "consistency":
+        return -attack_loss(clean.detach(), perturbed)
+    return entropy(perturbed, eps)
 
 
 def js_unshared(perturbed: "torch.Tensor", ref_perturbed: "torch.Tensor", shared: "torch.Tensor") -> "torch.Tensor":
@@ -131,7 +146,7 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
 
     @attrs.frozen
     class Config(ConcreteAdaMerging.Config, AdversaryFields):
-        adv_weight: float = option(0.1, help="weight of the entropy on perturbed inputs in the mask loss (adv_weight)")
+        adv_weight: float = option(0.1, help="weight of the perturbed-input term (adv_objective) in the mask loss (adv_weight)")
 
     def prepare_run(self, setup: Setup) -> None:
         import torch
@@ -154,7 +169,7 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
         total = None
         for index in range(len(setup.tasks)):
             clean, perturbed, _ = clean_and_perturbed(setup, self._perturb, index, params, track=False, clamp=cfg.perturb_clamp)
-            loss = entropy(clean, cfg.entropy_eps) + cfg.adv_weight * entropy(perturbed, cfg.entropy_eps)
+            loss = entropy(clean, cfg.entropy_eps) + cfg.adv_weight * perturbed_term(clean, perturbed, cfg.adv_objective, cfg.entropy_eps)
             total = loss if total is None else total + loss
         assert total is not None
         return total
@@ -213,7 +228,7 @@ class DefenseFields(MaskFields, AdversaryFields):
     scaling_factor: float = option(0.3, help="λ of the task-arithmetic merge that is defended (scaling_factor)")
     steps: int = option(2000, help="steps; each reads two unlabelled test batches per task (max_steps)", validator=in_range(0, None))
     lr: float = option(1e-3, help="Adam learning rate of the mask logits (lr)", validator=positive)
-    adv_weight: float = option(0.01, help="weight of the entropy on perturbed inputs in the mask loss (adv_weight)")
+    adv_weight: float = option(0.01, help="weight of the perturbed-input term (adv_objective) in the mask loss (adv_weight)")
 
 
 class AWM(PostMergeDefense):
@@ -231,7 +246,7 @@ class AWM(PostMergeDefense):
     def mask_term(self, setup, index, params, ref):
         cfg = self.config
         clean, perturbed, _ = clean_and_perturbed(setup, self._perturb, index, params, track=False, clamp=cfg.perturb_clamp)
-        return entropy(clean, cfg.entropy_eps) + cfg.adv_weight * entropy(perturbed, cfg.entropy_eps)
+        return entropy(clean, cfg.entropy_eps) + cfg.adv_weight * perturbed_term(clean, perturbed, cfg.adv_objective, cfg.entropy_eps)
 
 
 class SAU(PostMergeDefense):
@@ -269,7 +284,7 @@ class SAU(PostMergeDefense):
         clean, perturbed, both = clean_and_perturbed(setup, self._perturb, index, params, track=False, clamp=cfg.perturb_clamp)
         ref_clean, ref_perturbed = self._ref_logits(setup, index, both, ref, track=False)
         self.poisoned += int(poisoned_samples(clean, ref_clean, ref_perturbed).sum())
-        return (entropy(clean, cfg.entropy_eps) + cfg.adv_weight * entropy(perturbed, cfg.entropy_eps)
+        return (entropy(clean, cfg.entropy_eps) + cfg.adv_weight * perturbed_term(clean, perturbed, cfg.adv_objective, cfg.entropy_eps)
                 + cfg.shared_weight * shared_loss(perturbed, ref_clean, ref_perturbed, clean))
 
 

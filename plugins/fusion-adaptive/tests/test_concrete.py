@@ -7,7 +7,7 @@ import torch
 from fusion_adaptive.adamerging import AdaMerging
 from fusion_adaptive.concrete import ConcreteAdaMerging, ConcreteMask, ConcreteTaskArithmetic, relaxed_bernoulli
 from fusion_adaptive.perturb import Perturbations, fit, with_slot
-from fusion_adaptive.safe import AWM, SAU, SafeConcreteAdaMerging, js_unshared, shared_loss
+from fusion_adaptive.safe import AWM, SAU, SafeConcreteAdaMerging, js_unshared, perturbed_term, shared_loss
 from torch import nn
 
 
@@ -217,3 +217,19 @@ def test_sau_terms_closed_forms():
     expected = -(torch.log(torch.tensor(1e-6 + (1 - p2))) + torch.log(torch.tensor(1 + 1e-6 - p2))) / 2 / 2
     assert float(shared_loss(perturbed, clean, ref_perturbed, clean)) == pytest.approx(float(expected), rel=1e-5)
     assert float(shared_loss(perturbed, clean, clean, clean)) == 0.0
+
+
+def test_perturbed_term_entropy_or_consistency_closed_forms():
+    clean = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
+    # sample 0 flipped to class 1 with confidence (low entropy), sample 1 kept
+    perturbed = torch.tensor([[0.0, 6.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
+    p = perturbed.detach().softmax(1)
+    h = float(-(p * p.log()).sum(1).mean())
+    assert float(perturbed_term(clean, perturbed, "entropy", 0.0)) == pytest.approx(h, rel=1e-6)
+    ce = float(-(perturbed.detach().log_softmax(1)[[0, 1], [0, 2]]).mean())
+    assert float(perturbed_term(clean, perturbed, "consistency", 0.0)) == pytest.approx(ce, rel=1e-6)
+    # the confident flip is what the consistency term penalises and the entropy term does not
+    assert ce > 2.5 and h < 0.6
+    # the clean predictions are fixed pseudo-labels: no gradient reaches them
+    perturbed_term(clean, perturbed, "consistency", 0.0).backward()
+    assert clean.grad is None and perturbed.grad is not None and float(perturbed.grad.abs().sum()) > 0

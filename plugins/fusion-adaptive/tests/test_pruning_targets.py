@@ -61,6 +61,16 @@ def test_each_model_is_pruned_as_a_pool_of_it_alone_would_prune_it(world, name):
         assert all(torch.equal(out.model_for(task)[k], expected[k]) for k in expected)
 
 
+def test_random_pruning_each_zeroes_the_same_positions_in_every_model_and_another_seed_others(world):
+    def zero_positions(seed):
+        out = method("random_pruning", target="each").run(world.pool(), world.ctx(seed=seed))
+        return [{key: out.model_for(task)[key] == 0 for key in LINEAR} for task in world.models]
+
+    first, *others = zero_positions(0)
+    assert all(torch.equal(first[k], other[k]) for other in others for k in LINEAR)  # one mask (seed, tensor name)
+    assert not torch.equal(first["fc1.weight"], zero_positions(1)[0]["fc1.weight"])
+
+
 def test_base_prunes_the_pretrained_model_and_scores_every_task_with_it(world):
     out = method("magnitude_pruning").run(world.pool(), world.ctx())
     assert out.tasks == []

@@ -15,7 +15,8 @@ weights, relevant to one task, and "catastrophic" ones, relevant to none), then 
 
 Each entry is decided on its own, so the kernel is element-wise (the engine may hand it row
 blocks).  ``tall_masks`` returns the per-task reconstructions θ₀ + m_t ⊙ τ_MTL (one model per task,
-each scored on every task).  FusionBench 0.2.33 has TALL masks (``TallMaskTaskArithmeticAlgorithm``,
+each scored on every task, as FusionBench's program does; ``score: own`` scores each task with its
+own reconstruction, the paper's compression setting and a row beside the merges on a leaderboard).  FusionBench 0.2.33 has TALL masks (``TallMaskTaskArithmeticAlgorithm``,
 the same reconstructions) but no consensus method; its
 ``TallMaskTaskArithmeticAlgorithm`` passes the pretrained *weights* where the pretrained task
 vector (zero) belongs, so it compares ``|θ₀ − τ_t|`` rather than ``|τ_t|`` (a peer defect; the
@@ -25,7 +26,7 @@ masks here follow ``generate_task_masks`` in ``tall_mask/utils.py`` and the pape
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
@@ -97,7 +98,7 @@ class TallMasks(Method):
     """TALL masks as compression: one model per task, θ₀ + m_t ⊙ τ_MTL (FusionBench ``TallMaskTaskArithmeticAlgorithm``)."""
 
     name = "tall_masks"
-    summary = "TALL masks: one model per task, θ₀ + m_t ⊙ Σ τ with m_t = |τ_t| > λ·|Σ τ − τ_t|; each scored on every task."
+    summary = "TALL masks: one model per task, θ₀ + m_t ⊙ Σ τ with m_t = |τ_t| > λ·|Σ τ − τ_t|; scored on every task or its own."
     reference_url = "https://arxiv.org/abs/2405.07813"
     fusionbench_config = "tall_mask/task_arithmetic.yaml"
     capabilities: ClassVar[Capabilities] = Capabilities(needs_base=True, output="models")
@@ -106,9 +107,19 @@ class TallMasks(Method):
     @attrs.frozen
     class Config:
         tall_mask_lambda: float = _lambda_option()
+        score: Literal["every", "own"] = option(
+            "every", help="every: each reconstruction is a model scored on every task (FusionBench); own: each task is scored "
+                          "with its own reconstruction θ₀ + m_t ⊙ τ_MTL (the paper's compression; the run keeps the first "
+                          "model's reconstruction)")
 
-    def run(self, pool: "ModelPool", ctx: "RunContext") -> dict[str, dict[str, Any]]:
-        """``{task: state dict}``, tensor by tensor from the pool's readers (every task model is held, as FusionBench)."""
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        if self.config.score == "own":  # the run program reads the instance's output kind
+            self.capabilities = attrs.evolve(type(self).capabilities, output="per_task")
+
+    def run(self, pool: "ModelPool", ctx: "RunContext") -> Any:
+        """``{task: state dict}`` (every task model is held, as FusionBench), tensor by tensor from the pool's readers;
+        ``score: own``: the same reconstructions as :class:`~fusion_core.adapters.PerTaskModels`."""
         import torch
 
         names = list(pool.model_names)
@@ -136,6 +147,10 @@ class TallMasks(Method):
             for reader in [base, *readers]:
                 reader.close()
         ctx.extras.setdefault(self.name, {}).update(mask_density={n: k / max(1, entries) for n, k in zip(names, kept, strict=True)})
+        if self.config.score == "own":
+            from fusion_core.adapters import PerTaskModels
+
+            return PerTaskModels(out[names[0]], out.__getitem__, names)
         return out
 
 

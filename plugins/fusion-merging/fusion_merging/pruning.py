@@ -231,7 +231,12 @@ class MagnitudePruning(_Pruning):
 
 
 class RandomPruning(_Pruning):
-    """Zero random weights of each linear layer, with FusionBench's per-row counts; draws seeded by (seed, tensor name)."""
+    """Zero random weights of each linear layer, with FusionBench's per-row counts; draws seeded by (seed, tensor name).
+
+    The draws depend on the run seed and the tensor's name only, not on the model: with ``target:
+    each`` every fine-tuned model loses the same positions (one random mask, applied to each
+    expert), and another run seed draws another mask.
+    """
 
     name = "random_pruning"
     summary = "Prunes linear layers at random (seeded per tensor), with the same per-row counts as magnitude pruning."

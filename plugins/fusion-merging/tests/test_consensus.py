@@ -78,3 +78,27 @@ def test_tall_masks_gives_one_model_per_task_and_the_program_scores_each():
     assert out["a"]["step"].tolist() == [7]  # integer tensors are the base's
     assert ctx.extras["tall_masks"]["mask_density"] == {"a": 3 / 4, "b": 1 / 4, "c": 3 / 4}
     assert TallMasks.capabilities.output == "models"
+
+
+def test_tall_masks_score_own_scores_each_task_with_its_own_reconstruction():
+    from fusion_merging.consensus import TallMasks
+
+    from fusion_core.adapters import PerTaskModels
+    from fusion_core.engine.readers import StateDictReader
+    from fusion_core.run_context import RunContext
+
+    base = T([1.0, 1.0, 1.0, 1.0])
+
+    class Pool:
+        model_names = ["a", "b", "c"]
+
+        def reader(self, name):
+            return StateDictReader({"w": base if name is None else base + TAUS["abc".index(name)]})
+
+    method = TallMasks(TallMasks.Config(tall_mask_lambda=0.5, score="own"))
+    assert method.capabilities.output == "per_task" and TallMasks.capabilities.output == "models"
+    out = method.run(Pool(), RunContext(show_progress=False))
+    assert isinstance(out, PerTaskModels) and out.tasks == ["a", "b", "c"]
+    assert out.model_for("b")["w"].tolist() == [1.0, 1.5, 1.0, 1.0]
+    assert out.model_for("c")["w"].tolist() == [1.0, 1.5, 5.0, 3.0]
+    assert out.shared["w"].tolist() == [5.0, 1.5, 1.0, 3.0]  # the first task's, kept by the run

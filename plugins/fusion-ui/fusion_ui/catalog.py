@@ -109,6 +109,7 @@ def _component(entry) -> dict:
     }
     if entry.kind == "method":
         info["data_free"] = is_data_free(cls)
+        info["fusionbench_config"] = cls.fusionbench_config  # the FusionBench yaml its defaults are checked against, or None
     return info
 
 

@@ -132,6 +132,7 @@ def test_compose_validate_dry_run_and_results_in_chromium(server, browser):
     # a default that depends on another field too: FusionBench's DARE λ is 0.5 for variant ties
     method.select_by_value("dare")
     wait_text(browser, "command", lambda t: t.endswith("method=dare"))
+    assert "FusionBench's fusion_bench_config/method/dare/task_arithmetic.yaml" in browser.find_element(By.ID, "method-info").text
     scaling = browser.find_element(By.ID, "f-method-scaling_factor")
     assert scaling.get_attribute("placeholder") == "0.3 (convention fusionbench)"
     Select(browser.find_element(By.ID, "f-method-variant")).select_by_value("ties")

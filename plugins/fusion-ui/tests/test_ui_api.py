@@ -39,6 +39,7 @@ def test_catalog_groups_components_by_plugin_with_typed_fields(client):
     methods = {item["name"]: (group["plugin"], item) for group in catalog["sections"]["method"] for item in group["items"]}
     plugin, ties = methods["ties"]
     assert plugin == "merging" and ties["data_free"] is True
+    assert ties["fusionbench_config"] == "ties_merging.yaml" and methods["example_median"][1]["fusionbench_config"] is None
     density = next(f for f in ties["fields"] if f["name"] == "density")
     # unset (an empty input, left out of the command): the convention fills it; the page shows its value
     assert (density["default"], density["widget"], density["required"]) == ("", "text", False)

@@ -124,6 +124,7 @@ function renderMethodInfo(method) {
     el("p", {}, el("strong", { text: method.name }), ` (plugin ${method.plugin}${method.dist ? `, ${method.dist}` : ""}): ${method.summary}`),
     method.capabilities.length ? el("p", { class: "tags" }, method.capabilities.map((c) => el("span", { class: "tag", text: c }))) : null,
     method.reference ? el("p", {}, "paper: ", el("a", { href: method.reference, rel: "noreferrer noopener", target: "_blank", text: method.reference })) : null,
+    method.fusionbench_config ? el("p", { class: "help", text: `defaults: FusionBench's fusion_bench_config/method/${method.fusionbench_config} (checked by the parity suite)` }) : null,
   );
 }
 
