@@ -15,6 +15,13 @@ shortcut.  Each step, on unlabelled test batches (never labels):
    SAU adds a Jensen–Shannon term that keeps the attacks of the masked and the unmasked merge shared;
 3. the mask logits (Adam ``lr``) minimise ``H(f(x)) + adv_weight · H(f(x + δ))`` with δ fixed (SAU:
    ``+ shared_weight ·`` a loss pushing down the class the unmasked merge is attacked to).
+   ``adv_objective: consistency`` replaces ``H(f(x + δ))`` by ``CE(f(x + δ), argmax f(x))``, the loss
+   δ maximises: entropy does not penalise a perturbation that sends inputs *confidently* to a
+   backdoor's target class, consistency does (fuse's option; FusionBench's is ``entropy``).
+
+The run's notes report what δ does to the mask steps' predictions over the last steps
+(``attack``: per task, the share of flipped predictions and the classes they go to), which tells
+whether the perturbation found a backdoor (its flips go to the target class) or other directions.
 
 AWM and SAU are *post-merge* defenses: FusionBench applies them to a merged model from its pool;
 here the merged model is task arithmetic of the pool with ``scaling_factor`` (FusionBench's configs
@@ -92,6 +99,40 @@ def attack_loss(clean: "torch.Tensor", perturbed: "torch.Tensor") -> "torch.Tens
     return -F.cross_entropy(perturbed, clean.argmax(dim=1).long())
 
 
+TALLY_STEPS = 20
+"""The attack tally (:class:`AttackTally`) counts the mask steps' predictions over the last this-many steps."""
+
+
+class AttackTally:
+    """What the learned perturbation does to the mask steps' predictions, per task, over the last :data:`TALLY_STEPS` steps.
+
+    ``flipped``: share of samples whose perturbed class differs from their clean class;
+    ``to_class``: share of the flipped samples per perturbed class (a perturbation that found a
+    backdoor sends them to its target class).  Reported as ``attack`` in the method's notes.
+    """
+
+    def __init__(self, tasks: int, steps: int) -> None:
+        self.first = max(0, steps - TALLY_STEPS)
+        self.samples = [0] * tasks
+        self.flips: list[dict[int, int]] = [{} for _ in range(tasks)]
+
+    def add(self, index: int, step: int, clean: "torch.Tensor", perturbed: "torch.Tensor") -> None:
+        if step < self.first:
+            return
+        before, after = clean.argmax(dim=1), perturbed.argmax(dim=1)
+        self.samples[index] += int(before.numel())
+        for label in after[after != before].tolist():
+            self.flips[index][label] = self.flips[index].get(label, 0) + 1
+
+    def summary(self, task_names: list[str]) -> dict[str, Any]:
+        out = {}
+        for name, samples, flips in zip(task_names, self.samples, self.flips, strict=True):
+            flipped = sum(flips.values())
+            out[name] = {"samples": samples, "flipped": flipped / samples if samples else 0.0,
+                         "to_class": {str(c): n / flipped for c, n in sorted(flips.items())}}
+        return out
+
+
 def perturbed_term(clean: "torch.Tensor", perturbed: "torch.Tensor", objective: str, eps: float) -> "torch.Tensor":
     """The mask's loss on the perturbed predictions (``adv_objective``), the clean ones as fixed pseudo-labels.
 
@@ -152,6 +193,8 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
         import torch
 
         self._perturb = perturbations(setup, self.config.perturb_site, self.name)
+        self._tally = AttackTally(len(setup.tasks), self.config.steps)
+        self._task_names = [t.name for t in setup.tasks]
         self._adv_optimizer = torch.optim.Adam(self._perturb.parameters(), lr=self.config.adv_lr)
 
     def before_mask_step(self, setup: Setup, params: Mapping[str, "torch.Tensor"], step: int) -> None:
@@ -169,6 +212,7 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
         total = None
         for index in range(len(setup.tasks)):
             clean, perturbed, _ = clean_and_perturbed(setup, self._perturb, index, params, track=False, clamp=cfg.perturb_clamp)
+            self._tally.add(index, step, clean, perturbed)
             loss = entropy(clean, cfg.entropy_eps) + cfg.adv_weight * perturbed_term(clean, perturbed, cfg.adv_objective, cfg.entropy_eps)
             total = loss if total is None else total + loss
         assert total is not None
@@ -176,7 +220,8 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
 
     def extra_notes(self) -> dict[str, Any]:
         return {"perturb_site": self._perturb.site,
-                "perturbation_l2": [float(d.detach().norm()) for d in self._perturb.parameters()]}
+                "perturbation_l2": [float(d.detach().norm()) for d in self._perturb.parameters()],
+                "attack": self._tally.summary(self._task_names)}
 
 
 class PostMergeDefense(ConcreteMethod):
@@ -201,6 +246,7 @@ class PostMergeDefense(ConcreteMethod):
         cfg = self.config
         setup = Setup(self, pool, ctx)
         self._perturb = perturbations(setup, cfg.perturb_site, self.name)
+        self._tally, self._step = AttackTally(len(setup.tasks), cfg.steps), 0
         self.poisoned = 0
         coefficients = effective(setup.coefficients(cfg.scaling_factor, False).detach(), cfg.clamp_weights)
         ref = {k: v.detach() for k, v in masked_merge(setup.params, setup.vectors, coefficients, None).items()}
@@ -208,6 +254,7 @@ class PostMergeDefense(ConcreteMethod):
         adv_optimizer = torch.optim.Adam(self._perturb.parameters(), lr=cfg.adv_lr)
         history = []
         for step in progress(ctx, range(cfg.steps), f"learning the mask ({self.name})", total=cfg.steps):
+            self._step = step
             mask = setup.mask.sample("continuous", cfg.temperature, setup.generator)
             params = masked_merge(setup.params, setup.vectors, coefficients, mask)
             fixed = {k: v.detach() for k, v in params.items()}
@@ -219,6 +266,7 @@ class PostMergeDefense(ConcreteMethod):
         with torch.no_grad():
             final = setup.mask.sample(cfg.eval_mask, cfg.temperature, setup.generator)
         self.finish(setup, ctx, history, perturb_site=self._perturb.site, shared_attack_samples=self.poisoned,
+                    attack=self._tally.summary([t.name for t in setup.tasks]),
                     perturbation_l2=[float(d.detach().norm()) for d in self._perturb.parameters()])
         return setup.state(final, coefficients)
 
@@ -246,6 +294,7 @@ class AWM(PostMergeDefense):
     def mask_term(self, setup, index, params, ref):
         cfg = self.config
         clean, perturbed, _ = clean_and_perturbed(setup, self._perturb, index, params, track=False, clamp=cfg.perturb_clamp)
+        self._tally.add(index, self._step, clean, perturbed)
         return entropy(clean, cfg.entropy_eps) + cfg.adv_weight * perturbed_term(clean, perturbed, cfg.adv_objective, cfg.entropy_eps)
 
 
@@ -282,6 +331,7 @@ class SAU(PostMergeDefense):
     def mask_term(self, setup, index, params, ref):
         cfg = self.config
         clean, perturbed, both = clean_and_perturbed(setup, self._perturb, index, params, track=False, clamp=cfg.perturb_clamp)
+        self._tally.add(index, self._step, clean, perturbed)
         ref_clean, ref_perturbed = self._ref_logits(setup, index, both, ref, track=False)
         self.poisoned += int(poisoned_samples(clean, ref_clean, ref_perturbed).sum())
         return (entropy(clean, cfg.entropy_eps) + cfg.adv_weight * perturbed_term(clean, perturbed, cfg.adv_objective, cfg.entropy_eps)

@@ -7,7 +7,7 @@ import torch
 from fusion_adaptive.adamerging import AdaMerging
 from fusion_adaptive.concrete import ConcreteAdaMerging, ConcreteMask, ConcreteTaskArithmetic, relaxed_bernoulli
 from fusion_adaptive.perturb import Perturbations, fit, with_slot
-from fusion_adaptive.safe import AWM, SAU, SafeConcreteAdaMerging, js_unshared, perturbed_term, shared_loss
+from fusion_adaptive.safe import AWM, SAU, AttackTally, SafeConcreteAdaMerging, js_unshared, perturbed_term, shared_loss
 from torch import nn
 
 
@@ -105,6 +105,20 @@ def test_safe_variant_learns_a_perturbation_at_the_input(world):
     SafeConcreteAdaMerging(SafeConcreteAdaMerging.Config(steps=3, adamerging_steps=1, adv_lr=0.05)).run(world.pool(), ctx)
     info = ctx.extras["safe_concrete_adamerging"]
     assert info["perturb_site"] == "input" and len(info["perturbation_l2"]) == 3 and min(info["perturbation_l2"]) > 0
+    attack = info["attack"]  # every mask step's batch counted (3 steps < the tally's 20)
+    assert len(attack) == 3 and all(a["samples"] > 0 and 0.0 <= a["flipped"] <= 1.0 for a in attack.values())
+
+
+def test_attack_tally_counts_flips_by_class_over_the_last_steps():
+    tally = AttackTally(tasks=2, steps=25)  # counts steps 5..24
+    clean = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    perturbed = torch.tensor([[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]])
+    tally.add(0, 4, clean, perturbed)  # before the window: not counted
+    tally.add(0, 5, clean, perturbed)
+    tally.add(0, 24, clean, clean)
+    out = tally.summary(["a", "b"])
+    assert out["a"] == {"samples": 8, "flipped": 3 / 8, "to_class": {"0": 1 / 3, "2": 2 / 3}}
+    assert out["b"] == {"samples": 0, "flipped": 0.0, "to_class": {}}
 
 
 @pytest.mark.parametrize("cls", [AWM, SAU])
