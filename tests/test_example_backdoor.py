@@ -55,3 +55,18 @@ def test_the_methods_file_plans_on_the_mini_backdoor_benchmark():
     from fusion_minibench.plugin import BACKDOOR_METHODS
 
     assert specs == BACKDOOR_METHODS  # the file is the benchmark's own list
+
+
+def test_the_objective_ablation_file_plans_and_sets_the_consistency_objective():
+    pytest.importorskip("fusion_minibench", reason="the example runs on the mini benchmark (plugins/fusion-minibench)")
+    pytest.importorskip("fusion_adaptive", reason="the example's methods are in plugins/fusion-adaptive")
+    from fusion_lab.cli.bench import load_methods_file, plan_bench
+
+    from fusion_core.plugins import get_plugin_manager
+    from fusion_core.registry import build_registry
+
+    specs = load_methods_file(str(EXAMPLE / "objective_ablation.yaml"))
+    plan = plan_bench(build_registry(get_plugin_manager()), "mini-backdoor", specs, (0,))
+    methods = [cell.config_dict["method"] for cell in plan.cells]
+    assert len(methods) == 6 and all(m["adv_objective"] == "consistency" for m in methods)
+    assert all(m["adamerging_steps"] == 0 for m in methods if m["name"] == "safe_concrete_adamerging")

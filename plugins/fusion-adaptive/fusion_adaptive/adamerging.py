@@ -114,10 +114,10 @@ class AdaMerging(AdaptiveMethod):
 
     Defaults are FusionBench's (1000 steps, batch 16 per task, no clamping).  Duration on the ``mini``
     benchmark (MiniLM, six tasks; a step is a forward and backward pass of the merged encoder on 16
-    test texts of each task, up to 32 tokens each): about 2.9 s per step, task- or layer-wise, with
-    one thread while another leaderboard cell ran on the other core (the leaderboard's run of
-    2026-12-01: 100 steps and the evaluation in 296 s), so the default 1000 steps take about 50 min
-    of one core there.  Tensors that no model changed (mini's frozen embedding tables) are not
+    test texts of each task, up to 32 tokens each): about 1.15 s per step, task- or layer-wise, with
+    one thread while another leaderboard cell ran on the other core of the idle 2-core machine (the
+    leaderboard's run of 2026-12-01: 100 steps and the evaluation in 119–123 s; 296 s when other
+    jobs shared the CPU), so the default 1000 steps take about 20 min of one core there.  Tensors that no model changed (mini's frozen embedding tables) are not
     stacked nor contracted.  The run prints its own estimate after three steps, and notes
     ``seconds_per_step``.
     """

@@ -88,9 +88,9 @@ def moe_statistics(model: Any) -> dict[str, int]:
 class EWEMoE(WEMoE):
     """Efficient WEMoE (Shen, Tang, Yang et al., 2024): WEMoE with sparse experts and one shared router.
 
-    Duration: as WEMoE (a forward and backward pass per task each step; on ``mini`` about 2.5 s per
-    step, 100 steps and the evaluation in 257 s in the leaderboard's run of 2026-12-01, so about 40 min
-    of one core for the default 1000 steps); the experts are stored
+    Duration: as WEMoE (a forward and backward pass per task each step; on ``mini`` about 1.3 s per
+    step, 100 steps and the evaluation in 139 s in the leaderboard's run of 2026-12-01 on the idle
+    machine, so about 22 min of one core for the default 1000 steps); the experts are stored
     dense with zeros, and ``expert_bytes_sparse`` in the report is what an (index, value) storage of
     the kept entries would take.  The shared router needs every upscaled module to take inputs of
     the same width (the blocks of one transformer do).

@@ -92,10 +92,10 @@ class WEMoE(AdaptiveMethod):
     """Weight-ensembling MoE (Tang et al., ICML 2024).
 
     Defaults are FusionBench's (lr 1e-4, 1000 steps, batch 16 per task).  Duration on the ``mini``
-    benchmark (MiniLM; a step is a forward and backward pass per task, as in AdaMerging): about 2.7 s
-    per step with one thread while another leaderboard cell ran on the other core (the leaderboard's
-    run of 2026-12-01: 100 steps and the evaluation in 281 s), so the default 1000 steps take about
-    45 min of one core there.  The run prints its own estimate after three steps, and notes
+    benchmark (MiniLM; a step is a forward and backward pass per task, as in AdaMerging): about 1.3 s
+    per step with one thread while another leaderboard cell ran on the other core of the idle 2-core
+    machine (the leaderboard's run of 2026-12-01: 100 steps and the evaluation in 137 s; 281 s when
+    other jobs shared the CPU), so the default 1000 steps take about 22 min of one core there.  The run prints its own estimate after three steps, and notes
     ``seconds_per_step``.
     """
 
