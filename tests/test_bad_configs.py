@@ -316,10 +316,17 @@ def test_strict_mode_still_makes_a_plugin_exit_fatal(make_dist, monkeypatch, cap
 
 
 def test_a_real_ctrl_c_during_plugin_import_still_interrupts(make_dist, monkeypatch, capsys):
-    # signal.raise_signal delivers SIGINT to this (the main) thread; os.kill may hand it to any thread of the process
-    make_dist("fusion-bad", "fusion_bad_sigint", "import signal\nsignal.raise_signal(signal.SIGINT)\n", entry="bad")
-    monkeypatch.setenv("FUSE_LOAD_PLUGINS", "bad")
-    _, err = fuse(capsys, ["list"], code=130)
+    import signal
+
+    # Python's own SIGINT handler, as in a terminal: a process started in the background by a non-interactive
+    # shell (`nohup cmd &`) inherits SIGINT ignored, and an ignored Ctrl-C interrupts nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        make_dist("fusion-bad", "fusion_bad_sigint", "import signal\nsignal.raise_signal(signal.SIGINT)\n", entry="bad")
+        monkeypatch.setenv("FUSE_LOAD_PLUGINS", "bad")
+        _, err = fuse(capsys, ["list"], code=130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert err == "interrupted; no partial output was kept"
 
 
