@@ -111,10 +111,10 @@ class AttackTally:
     backdoor sends them to its target class).  Reported as ``attack`` in the method's notes.
     """
 
-    def __init__(self, tasks: int, steps: int) -> None:
-        self.first = max(0, steps - TALLY_STEPS)
-        self.samples = [0] * tasks
-        self.flips: list[dict[int, int]] = [{} for _ in range(tasks)]
+    def __init__(self, task_names: list[str], steps: int) -> None:
+        self.names, self.first = list(task_names), max(0, steps - TALLY_STEPS)
+        self.samples = [0] * len(self.names)
+        self.flips: list[dict[int, int]] = [{} for _ in self.names]
 
     def add(self, index: int, step: int, clean: "torch.Tensor", perturbed: "torch.Tensor") -> None:
         if step < self.first:
@@ -124,9 +124,9 @@ class AttackTally:
         for label in after[after != before].tolist():
             self.flips[index][label] = self.flips[index].get(label, 0) + 1
 
-    def summary(self, task_names: list[str]) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         out = {}
-        for name, samples, flips in zip(task_names, self.samples, self.flips, strict=True):
+        for name, samples, flips in zip(self.names, self.samples, self.flips, strict=True):
             flipped = sum(flips.values())
             out[name] = {"samples": samples, "flipped": flipped / samples if samples else 0.0,
                          "to_class": {str(c): n / flipped for c, n in sorted(flips.items())}}
@@ -193,8 +193,7 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
         import torch
 
         self._perturb = perturbations(setup, self.config.perturb_site, self.name)
-        self._tally = AttackTally(len(setup.tasks), self.config.steps)
-        self._task_names = [t.name for t in setup.tasks]
+        self._tally = AttackTally([t.name for t in setup.tasks], self.config.steps)
         self._adv_optimizer = torch.optim.Adam(self._perturb.parameters(), lr=self.config.adv_lr)
 
     def before_mask_step(self, setup: Setup, params: Mapping[str, "torch.Tensor"], step: int) -> None:
@@ -221,7 +220,7 @@ class SafeConcreteAdaMerging(ConcreteAdaMerging):
     def extra_notes(self) -> dict[str, Any]:
         return {"perturb_site": self._perturb.site,
                 "perturbation_l2": [float(d.detach().norm()) for d in self._perturb.parameters()],
-                "attack": self._tally.summary(self._task_names)}
+                "attack": self._tally.summary()}
 
 
 class PostMergeDefense(ConcreteMethod):
@@ -246,7 +245,7 @@ class PostMergeDefense(ConcreteMethod):
         cfg = self.config
         setup = Setup(self, pool, ctx)
         self._perturb = perturbations(setup, cfg.perturb_site, self.name)
-        self._tally, self._step = AttackTally(len(setup.tasks), cfg.steps), 0
+        self._tally, self._step = AttackTally([t.name for t in setup.tasks], cfg.steps), 0
         self.poisoned = 0
         coefficients = effective(setup.coefficients(cfg.scaling_factor, False).detach(), cfg.clamp_weights)
         ref = {k: v.detach() for k, v in masked_merge(setup.params, setup.vectors, coefficients, None).items()}
@@ -266,7 +265,7 @@ class PostMergeDefense(ConcreteMethod):
         with torch.no_grad():
             final = setup.mask.sample(cfg.eval_mask, cfg.temperature, setup.generator)
         self.finish(setup, ctx, history, perturb_site=self._perturb.site, shared_attack_samples=self.poisoned,
-                    attack=self._tally.summary([t.name for t in setup.tasks]),
+                    attack=self._tally.summary(),
                     perturbation_l2=[float(d.detach().norm()) for d in self._perturb.parameters()])
         return setup.state(final, coefficients)
 

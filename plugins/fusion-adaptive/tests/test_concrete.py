@@ -110,13 +110,13 @@ def test_safe_variant_learns_a_perturbation_at_the_input(world):
 
 
 def test_attack_tally_counts_flips_by_class_over_the_last_steps():
-    tally = AttackTally(tasks=2, steps=25)  # counts steps 5..24
+    tally = AttackTally(["a", "b"], steps=25)  # counts steps 5..24
     clean = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
     perturbed = torch.tensor([[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]])
     tally.add(0, 4, clean, perturbed)  # before the window: not counted
     tally.add(0, 5, clean, perturbed)
     tally.add(0, 24, clean, clean)
-    out = tally.summary(["a", "b"])
+    out = tally.summary()
     assert out["a"] == {"samples": 8, "flipped": 3 / 8, "to_class": {"0": 1 / 3, "2": 2 / 3}}
     assert out["b"] == {"samples": 0, "flipped": 0.0, "to_class": {}}
 
@@ -239,9 +239,9 @@ def test_perturbed_term_entropy_or_consistency_closed_forms():
     perturbed = torch.tensor([[0.0, 6.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
     p = perturbed.detach().softmax(1)
     h = float(-(p * p.log()).sum(1).mean())
-    assert float(perturbed_term(clean, perturbed, "entropy", 0.0)) == pytest.approx(h, rel=1e-6)
+    assert float(perturbed_term(clean, perturbed, "entropy", 0.0).detach()) == pytest.approx(h, rel=1e-6)
     ce = float(-(perturbed.detach().log_softmax(1)[[0, 1], [0, 2]]).mean())
-    assert float(perturbed_term(clean, perturbed, "consistency", 0.0)) == pytest.approx(ce, rel=1e-6)
+    assert float(perturbed_term(clean, perturbed, "consistency", 0.0).detach()) == pytest.approx(ce, rel=1e-6)
     # the confident flip is what the consistency term penalises and the entropy term does not
     assert ce > 2.5 and h < 0.6
     # the clean predictions are fixed pseudo-labels: no gradient reaches them
