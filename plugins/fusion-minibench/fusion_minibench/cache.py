@@ -77,8 +77,8 @@ def check(folder: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
         return f"unreadable manifest ({exc})"
-    if not isinstance(manifest, dict) or "meta.json" not in manifest or "encoder-base.safetensors" not in manifest:
-        return "manifest lists no build"
+    if not isinstance(manifest, dict) or "meta.json" not in manifest or not any(name.endswith(".safetensors") for name in manifest):
+        return "manifest lists no build"  # every builder (text, vision) writes meta.json and its tensors as safetensors
     for name, entry in manifest.items():
         path = folder / name
         if not path.is_file():
