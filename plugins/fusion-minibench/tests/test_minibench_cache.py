@@ -73,6 +73,19 @@ def fresh(tmp_path, monkeypatch):
     return tmp_path / "root"
 
 
+def test_a_build_is_its_meta_and_its_safetensors_whatever_the_builder(tmp_path):
+    """The text build's encoder files and the vision build's base/expert files both count; a manifest of meta alone does not."""
+    for weights in ("encoder-base.safetensors", "base.safetensors"):
+        folder = tmp_path / weights
+        folder.mkdir()
+        (folder / "meta.json").write_text("{}")
+        cache.write_manifest(folder)
+        assert cache.check(folder) == "manifest lists no build"
+        (folder / weights).write_bytes(b"tensors")
+        cache.write_manifest(folder)
+        assert cache.check(folder) is None
+
+
 def test_cache_hit_does_not_rebuild(fresh, monkeypatch):
     builder = FakeBuilder()
     recipe = Recipe(seed=7)
