@@ -33,6 +33,16 @@ class BackdoorFields:
                                 validator=in_range(0.0, 1.0, lo_open=True))
 
 
+def check_backdoor_tasks(config: Any) -> None:
+    """A ConfigError when ``config.backdoor_tasks`` names a task the build does not have (text and image builds)."""
+    from fusion_core import ConfigError
+
+    unknown = [t for t in config.backdoor_tasks if t not in config.tasks]
+    if unknown:
+        raise ConfigError(f"backdoor_tasks names {unknown[0]!r}, which is not one of the tasks ({', '.join(config.tasks)}); "
+                          "list tasks of the build")
+
+
 def insert_trigger(text: str, trigger: str) -> str:
     """``trigger`` as the first word of ``text``."""
     return f"{trigger} {text}"

@@ -17,7 +17,7 @@ import attrs
 from fusion_core import ConfigError
 from fusion_core.backdoor import BackdoorTaskPool
 
-from .backdoor import TRIGGERED_SPLIT, BackdoorFields
+from .backdoor import TRIGGERED_SPLIT, BackdoorFields, check_backdoor_tasks
 from .pools import EVAL_BATCH, REFERENCE, MiniBenchConfig, MiniBenchModelPool, MiniBenchTaskPool, MiniBenchTaskPoolConfig
 from .recipe import Recipe
 
@@ -56,10 +56,7 @@ class _BackdoorShared:
         from . import data
 
         cfg = self.config
-        unknown = [t for t in cfg.backdoor_tasks if t not in cfg.tasks]
-        if unknown:
-            raise ConfigError(f"backdoor_tasks names {unknown[0]!r}, which is not one of the tasks ({', '.join(cfg.tasks)}); "
-                              "list tasks of the build")
+        check_backdoor_tasks(cfg)
         for task in cfg.tasks:
             classes = len(data.CLASS_PROMPTS[task])
             if cfg.target_class >= classes:

@@ -67,6 +67,17 @@ class MiniBenchTaskPoolConfig(MiniBenchConfig):
     )
 
 
+def check_same_recipe(mine: Mapping[str, Any], theirs: Mapping[str, Any], what: str) -> None:
+    """A ConfigError naming the fields where the task pool's recipe (``mine``) and the model pool's differ, with the fix."""
+    differ = [name for name in mine if mine[name] != theirs.get(name)]
+    if differ:
+        from fusion_core import ConfigError, plain_override
+
+        fixes = " ".join(plain_override(f"taskpool.{name}", theirs.get(name)) for name in differ)
+        raise ConfigError(f"the model pool and the task pool use different {what} recipes ({', '.join(differ)}); "
+                          f"give both the same fields, e.g. {fixes}")
+
+
 class _Shared:
     """What both pools do: resolve, verify or build, and open the cached build."""
 
@@ -198,18 +209,8 @@ class MiniBenchTaskPool(_Shared, TaskPool):
 
     def check_pool(self, pool) -> None:
         """A minibench model pool must be built from the same recipe, or its encoders cannot be scored here."""
-        if not isinstance(pool, MiniBenchModelPool):
-            return
-        mine, theirs = self.recipe.to_dict(), pool.recipe.to_dict()
-        differ = [name for name in mine if mine[name] != theirs[name]]
-        if differ:
-            from fusion_core import ConfigError, plain_override
-
-            fixes = " ".join(plain_override(f"taskpool.{name}", theirs[name]) for name in differ)
-            raise ConfigError(
-                f"the model pool and the task pool use different mini-benchmark recipes ({', '.join(differ)}); "
-                f"give both the same fields, e.g. {fixes}"
-            )
+        if isinstance(pool, MiniBenchModelPool):
+            check_same_recipe(self.recipe.to_dict(), pool.recipe.to_dict(), "mini-benchmark")
 
     def classifier(self, task: str):
         """The protocol name of :meth:`head` (see :mod:`fusion_core.adapters`)."""

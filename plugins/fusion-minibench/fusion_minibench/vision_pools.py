@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from fusion_core import ConfigError, InputError, ModelPool, in_range, option, positive
+from fusion_core import InputError, ModelPool, in_range, option, positive
 from fusion_core.backdoor import BackdoorTaskPool
 
-from .pools import REFERENCE
+from .backdoor import check_backdoor_tasks
+from .pools import REFERENCE, check_same_recipe
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -159,12 +160,8 @@ class _VisionShared:
     def validate(self) -> None:
         from . import vision_data
 
-        cfg = self.config
-        unknown = [t for t in cfg.backdoor_tasks if t not in cfg.tasks]
-        if unknown:
-            raise ConfigError(f"backdoor_tasks names {unknown[0]!r}, which is not one of the tasks ({', '.join(cfg.tasks)}); "
-                              "list tasks of the build")
-        vision_data.check_sources(list(cfg.tasks))
+        check_backdoor_tasks(self.config)
+        vision_data.check_sources(list(self.config.tasks))
 
     def built(self, *, show_progress: bool = True) -> VisionBuilt:
         from .cache import MANIFEST, ensure_built
@@ -274,16 +271,8 @@ class MiniVisionBackdoorTaskPool(_VisionShared, BackdoorTaskPool):
 
     def check_pool(self, pool) -> None:
         """A vision model pool must be built from the same recipe, or its CNNs do not fit these heads and images."""
-        if not isinstance(pool, MiniVisionBackdoorModelPool):
-            return
-        mine, theirs = self.recipe.to_dict(), pool.recipe.to_dict()
-        differ = [name for name in mine if mine[name] != theirs[name]]
-        if differ:
-            from fusion_core import plain_override
-
-            fixes = " ".join(plain_override(f"taskpool.{name}", theirs[name]) for name in differ)
-            raise ConfigError(f"the model pool and the task pool use different vision recipes ({', '.join(differ)}); "
-                              f"give both the same fields, e.g. {fixes}")
+        if isinstance(pool, MiniVisionBackdoorModelPool):
+            check_same_recipe(self.recipe.to_dict(), pool.recipe.to_dict(), "vision")
 
     def classifier(self, task: str):
         return self.built().head(task)
