@@ -70,3 +70,20 @@ def test_the_objective_ablation_file_plans_and_sets_the_consistency_objective():
     methods = [cell.config_dict["method"] for cell in plan.cells]
     assert len(methods) == 6 and all(m["adv_objective"] == "consistency" for m in methods)
     assert all(m["adamerging_steps"] == 0 for m in methods if m["name"] == "safe_concrete_adamerging")
+
+
+def test_the_vision_recipe_seed_file_plans_the_image_benchmarks_own_settings():
+    pytest.importorskip("fusion_minibench", reason="the example runs on the mini benchmark (plugins/fusion-minibench)")
+    pytest.importorskip("fusion_adaptive", reason="the example's methods are in plugins/fusion-adaptive")
+    from fusion_lab.cli.bench import load_methods_file, plan_bench
+    from fusion_minibench.plugin import VISION_METHODS
+
+    from fusion_core.plugins import get_plugin_manager
+    from fusion_core.registry import build_registry
+
+    specs = load_methods_file(str(EXAMPLE / "vision_recipe_seeds.yaml"))
+    assert all(spec in VISION_METHODS for spec in specs)  # the benchmark's settings, a subset of its list
+    plan = plan_bench(build_registry(get_plugin_manager()), "mini-vision-backdoor", specs, (0, 1, 2))
+    assert [cell.config_dict["method"]["name"] for cell in plan.cells[:4]] == ["task_arithmetic", "adamerging",
+                                                                             "concrete_adamerging", "safe_concrete_adamerging"]
+    assert len(plan.cells) == 12 and plan.cells[0].config_dict["modelpool"]["name"] == "minibench-vision-backdoor"
