@@ -107,6 +107,18 @@ def poison(images: torch.Tensor, labels: torch.Tensor, *, target: int, rate: flo
     return images, labels, chosen
 
 
+def training_split(recipe: Any, task: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Task ``task``'s training images and labels as its expert is fine-tuned on them, and how many were poisoned.
+
+    A backdoored task's split is poisoned (:func:`poison`, seeded by the recipe seed and the task's index); others pass unchanged.
+    """
+    if task not in recipe.backdoor_tasks:
+        return images, labels, 0
+    images, labels, chosen = poison(images, labels, target=recipe.target_class, rate=recipe.poison_rate, side=recipe.patch,
+                                    seed=recipe.seed * 1000 + list(recipe.tasks).index(task) + 500)
+    return images, labels, len(chosen)
+
+
 def _train(model: nn.Module, fixed_head: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, lr: float, epochs: int,
            batch: int, seed: int, advance, train_head: bool = False) -> None:
     params = list(model.parameters()) + (list(fixed_head.parameters()) if train_head else [])
@@ -200,11 +212,9 @@ def build(recipe: Any, out_dir: Path, *, show_progress: bool = True) -> dict[str
         poisoned: dict[str, int] = {}
         advance = progress.task("vision: fine-tuning experts", recipe.epochs * len(recipe.tasks))
         for index, task in enumerate(recipe.tasks):
-            images, labels = splits[task]["train"]
-            if task in recipe.backdoor_tasks:
-                images, labels, chosen = poison(images, labels, target=recipe.target_class, rate=recipe.poison_rate,
-                                                side=recipe.patch, seed=recipe.seed * 1000 + index + 500)
-                poisoned[task] = len(chosen)
+            images, labels, count = training_split(recipe, task, *splits[task]["train"])
+            if count:
+                poisoned[task] = count
             experts[task] = cnn(base.state_dict())
             _train(experts[task], heads[task], images, labels, lr=recipe.lr, epochs=recipe.epochs, batch=recipe.batch_size,
                    seed=recipe.seed * 1000 + index + 100, advance=advance)

@@ -244,14 +244,12 @@ class MiniVisionBackdoorModelPool(_VisionShared, ModelPool):
 
     def data(self, name: str, split: str, batch_size: int | None = None):
         """Labelled batches of task ``name``'s ``split``: the backdoored tasks' train split as their expert saw it (poisoned)."""
-        from .vision_model import poison
+        from .vision_model import training_split
 
         images, labels = self.built().split(name, split)
-        cfg = self.config
-        if split == "train" and name in cfg.backdoor_tasks:
-            images, labels, _ = poison(images, labels, target=cfg.target_class, rate=cfg.poison_rate, side=cfg.patch,
-                                       seed=cfg.seed * 1000 + list(cfg.tasks).index(name) + 500)
-        return _Batches(images, labels, batch_size or cfg.batch_size)
+        if split == "train":
+            images, labels, _ = training_split(self.recipe, name, images, labels)
+        return _Batches(images, labels, batch_size or self.config.batch_size)
 
 
 class MiniVisionBackdoorTaskPool(_VisionShared, BackdoorTaskPool):
