@@ -184,7 +184,7 @@ def build(recipe: Any, out_dir: Path, *, show_progress: bool = True) -> dict[str
     timings: dict[str, float] = {}
     started = time.perf_counter()
     threads = torch.get_num_threads()
-    with _Progress(show_progress) as progress:
+    with torch.random.fork_rng(devices=[]), _Progress(show_progress) as progress:  # seeds its own draws, leaves the caller's
         splits = {task: _splits(recipe, task, i) for i, task in enumerate(recipe.tasks)}
         timings["data_s"] = time.perf_counter() - started
 

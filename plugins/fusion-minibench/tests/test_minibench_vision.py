@@ -100,7 +100,10 @@ def test_build_is_cached_complete_and_deterministic(small, tmp_path):
     assert meta["recipe"]["kind"] == "vision-backdoor" and meta["poisoned"] == {"mnist": 30}  # round(0.25 · 120)
     assert meta["sizes"] == {"mnist": {"train": 120, "test": 40}, "fashion": {"train": 120, "test": 40},
                              "digits": {"train": 120, "test": 40}}
+    torch.manual_seed(12345)  # the caller's global generator state does not reach the build, nor does the build change it
+    state = torch.random.get_rng_state()
     again = MiniVisionBackdoorModelPool(VisionConfig(cache_dir=str(tmp_path), **SMALL)).built()  # a second, independent build
+    assert torch.equal(torch.random.get_rng_state(), state)
     for name in ("base", "expert-mnist", "expert-digits"):
         assert (built.folder / f"{name}.safetensors").read_bytes() == (again.folder / f"{name}.safetensors").read_bytes()
 
