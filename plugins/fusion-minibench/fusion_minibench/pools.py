@@ -67,6 +67,21 @@ class MiniBenchTaskPoolConfig(MiniBenchConfig):
     )
 
 
+def on_base(base: dict[str, Any], state_dict: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """``base`` (a state dict, updated in place) with the tensors of ``state_dict`` on CPU in base's dtypes.
+
+    A key ``base`` lacks or a tensor of another shape is an InputError naming ``model``.
+    """
+    unexpected = [k for k in state_dict if k not in base]
+    if unexpected:
+        raise InputError(f"merged state dict has keys {model} lacks: {', '.join(unexpected[:5])}")
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(base[key].shape):
+            raise InputError(f"merged tensor {key!r} has shape {tuple(value.shape)}, {model} needs {tuple(base[key].shape)}")
+        base[key] = value.detach().to("cpu", base[key].dtype)
+    return base
+
+
 def check_same_recipe(mine: Mapping[str, Any], theirs: Mapping[str, Any], what: str) -> None:
     """A ConfigError naming the fields where the task pool's recipe (``mine``) and the model pool's differ, with the fix."""
     differ = [name for name in mine if mine[name] != theirs.get(name)]
@@ -168,17 +183,7 @@ class MiniBenchModelPool(_Shared, ModelPool):
     def model_from_state_dict(self, state_dict: Mapping[str, Any]):
         """An encoder holding ``state_dict``; tensors it lacks come from the base."""
         built = self.built()
-        state = built.state_dict(None)
-        unexpected = [k for k in state_dict if k not in state]
-        if unexpected:
-            raise InputError(f"merged state dict has keys the minibench encoder lacks: {', '.join(unexpected[:5])}")
-        for key, value in state_dict.items():
-            if tuple(value.shape) != tuple(state[key].shape):
-                raise InputError(
-                    f"merged tensor {key!r} has shape {tuple(value.shape)}, the encoder needs {tuple(state[key].shape)}"
-                )
-            state[key] = value.detach().to("cpu", state[key].dtype)
-        return self._module(state, built)
+        return self._module(on_base(built.state_dict(None), state_dict, "the minibench encoder"), built)
 
     def head(self, task: str):
         """The fixed head of ``task`` (see the module docstring)."""

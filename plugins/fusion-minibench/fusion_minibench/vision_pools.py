@@ -30,7 +30,7 @@ from fusion_core import InputError, ModelPool, in_range, option, positive
 from fusion_core.backdoor import BackdoorTaskPool
 
 from .backdoor import check_backdoor_tasks
-from .pools import REFERENCE, check_same_recipe
+from .pools import REFERENCE, check_same_recipe, on_base
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -235,12 +235,7 @@ class MiniVisionBackdoorModelPool(_VisionShared, ModelPool):
         """A CNN holding ``state_dict``; tensors it lacks come from the base."""
         from .vision_model import cnn
 
-        state = self.built().state_dict(None)
-        unexpected = [k for k in state_dict if k not in state]
-        if unexpected:
-            raise InputError(f"merged state dict has keys the vision CNN lacks: {', '.join(unexpected[:5])}")
-        state.update({k: v.detach().to("cpu", state[k].dtype) for k, v in state_dict.items()})
-        return cnn(state)
+        return cnn(on_base(self.built().state_dict(None), state_dict, "the vision CNN"))
 
     def data(self, name: str, split: str, batch_size: int | None = None):
         """Labelled batches of task ``name``'s ``split``: the backdoored tasks' train split as their expert saw it (poisoned)."""

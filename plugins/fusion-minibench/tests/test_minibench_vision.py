@@ -165,6 +165,10 @@ def test_safe_concrete_adamerging_perturbs_the_pixels(small):
     assert info["perturb_site"] == "input"  # auto: the batches are float pixel tensors
     model = pool.model_from_state_dict(merged)
     assert isinstance(model, vision_model.VisionCNN) and set(taskpool.evaluate(model)["mnist"]) == {"accuracy", "loss", "asr"}
+    with pytest.raises(InputError, match="'fc.bias' has shape"):
+        pool.model_from_state_dict({"fc.bias": torch.zeros(3)})
+    with pytest.raises(InputError, match="keys the vision CNN lacks: head.weight"):
+        pool.model_from_state_dict({"head.weight": torch.zeros(3)})
 
 
 def test_checks_and_missing_sources(small, monkeypatch, tmp_path):
